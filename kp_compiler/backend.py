@@ -1,0 +1,113 @@
+"""The Dynamo backend: ``torch.compile(model, backend="kernelpytorch")``.
+
+Registered through the ``torch_dynamo_backends`` entry point, so no import is
+needed. Per graph Dynamo captures::
+
+    Dynamo graph -> canonicalize (pre-dispatch ATen, fake mode)
+                 -> passes (recorded, checked, rolled back on failure)
+                 -> lowering (inductor | eager | xla)
+                 -> CompiledGraph
+
+It never turns a working eager model into an exception: if canonicalization
+or the lowering of the rewritten graph fails, the Dynamo graph is lowered
+unchanged and the report says why (``strict=True`` raises instead).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Any, Mapping, Optional, Sequence
+
+from torch import fx
+
+from . import passes as _builtin_passes  # noqa: F401  (registers the built-in passes)
+from .core.canonicalize import canonicalize
+from .core.dump import GraphDump, append_report, next_graph_id
+from .core.pass_manager import PassManager, default_passes, resolve
+from .core.report import GraphRecord, new_record, publish
+from .lowering import lower, select
+from .lowering.xla import XlaUnavailable
+from .options import Options, parse_options
+from .runtime import CompiledGraph
+
+log = logging.getLogger("kp_compiler")
+
+
+def kernelpytorch(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    mode: Optional[str] = None,
+    options: Optional[Mapping[str, Any]] = None,
+) -> CompiledGraph:
+    """Compile one Dynamo graph. See ``kp_compiler.options`` for ``options``."""
+    opts = parse_options(mode, options)
+    chosen = resolve(opts.passes if opts.passes is not None else default_passes())
+    record = new_record()
+    record.mode = opts.mode
+    record.lowering = select(opts.lowering, example_inputs)
+    dump = None
+    if opts.dump_dir:
+        dump = GraphDump(opts.dump_dir, next_graph_id(opts.dump_dir))
+        record.dump = dump.folder
+    start = time.perf_counter()
+    try:
+        fn = _compile(gm, example_inputs, opts, chosen, record, dump)
+    finally:
+        record.compile_ms = (time.perf_counter() - start) * 1e3
+        _finish(record, opts)
+    return CompiledGraph(fn, record)
+
+
+def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dump):
+    if dump is not None:
+        dump.write("dynamo", gm.graph, "dynamo graph (torch IR)", numbered=False)
+    try:
+        cgm, fake_mode, fake_inputs = canonicalize(gm, example_inputs)
+    except Exception as e:  # noqa: BLE001 - fall back rather than break the model
+        if opts.strict:
+            raise
+        return _fallback(gm, example_inputs, opts, record, f"canonicalization failed ({_brief(e)})")
+    record.nodes_in = len(cgm.graph.nodes)
+    if dump is not None:
+        dump.write("input", cgm.graph, "canonical input")
+    manager = PassManager(
+        chosen, record, fake_mode, fake_inputs, example_inputs,
+        strict=opts.strict, verify=opts.verify, dump=dump,
+    )
+    manager.run(cgm)
+    record.nodes_out = len(cgm.graph.nodes)
+    try:
+        return lower(record.lowering, cgm, example_inputs, opts.mode, opts.inductor_config)
+    except XlaUnavailable:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if opts.strict:
+            raise
+        return _fallback(gm, example_inputs, opts, record, f"lowering the rewritten graph failed ({_brief(e)})")
+
+
+def _fallback(gm, example_inputs, opts: Options, record: GraphRecord, why: str):
+    record.fallback(f"{why}; lowered the Dynamo graph unchanged with {record.lowering}")
+    msg = f"kp_compiler: graph {record.id}: {record.fallbacks[-1]}"
+    log.warning(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    return lower(record.lowering, gm, example_inputs, opts.mode, opts.inductor_config)
+
+
+def _brief(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _finish(record: GraphRecord, opts: Options) -> None:
+    if opts.dump_dir:
+        append_report(opts.dump_dir, record.to_json())
+    publish(record)
+    summary = ", ".join(f"{p.name}={p.matches}" + ("" if p.status == "ok" else f" [{p.status}]") for p in record.passes)
+    log.info(
+        "graph %d: lowering=%s passes: %s; %.1f ms%s",
+        record.id, record.lowering, summary or "none", record.compile_ms,
+        f"; fallbacks: {record.fallbacks}" if record.fallbacks else "",
+    )

@@ -1,0 +1,88 @@
+"""Dynamo graph -> canonical pre-dispatch ATen IR.
+
+Dynamo hands a backend a torch-IR ``GraphModule`` (calls to ``torch.*``,
+``nn.functional.*``, tensor methods) and example inputs. Passes want one
+spelling per op, so the graph is re-traced with ``make_fx(pre_dispatch=True)``
+under Dynamo's own fake mode: ``x @ w``, ``torch.matmul`` and ``x.matmul`` all
+become ``aten.matmul.default``; ``F.linear`` becomes ``aten.linear.default``.
+Autograd has not run yet, so a replacement op that owns its backward (SDPA,
+``flex_attention``, a ``torch.library`` op with ``register_autograd``) gets a
+correct backward for free when the lowering runs AOTAutograd.
+
+Symbolic shapes survive: the fake inputs come from ``fake_mode.from_tensor``,
+which returns the (memoized) fake tensors Dynamo traced with, sizes such as
+``s0`` included; SymInt inputs stay SymInt placeholders.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import fx
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+
+def fake_mode_of(example_inputs: Sequence[Any]) -> FakeTensorMode:
+    """The fake mode Dynamo traced with, or a fresh one outside Dynamo."""
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode(example_inputs)
+    if mode is not None:
+        return mode
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def fakeify(fake_mode: FakeTensorMode, example_inputs: Sequence[Any]) -> list[Any]:
+    """Fake versions of the inputs (memoized: Dynamo's own fake tensors)."""
+    out = []
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and not isinstance(
+            x, torch._subclasses.FakeTensor
+        ):
+            x = fake_mode.from_tensor(x)
+        out.append(x)
+    return out
+
+
+def canonicalize(
+    gm: fx.GraphModule, example_inputs: Sequence[Any]
+) -> tuple[fx.GraphModule, FakeTensorMode, list[Any]]:
+    """Trace ``gm`` to pre-dispatch ATen IR.
+
+    Returns the canonical graph module (same calling convention as ``gm``,
+    every node carrying ``meta["val"]``), the fake mode, and the fake inputs
+    that shape propagation reuses later.
+
+    Before (Dynamo, torch IR)::
+
+        %l_x_ = placeholder()
+        %matmul = call_function[torch.matmul](%l_x_, %l_w_)
+        %gelu = call_function[torch.nn.functional.gelu](%matmul)
+
+    After::
+
+        %l_x_ = input() : f32[4, 16]
+        %matmul = aten.matmul.default(%l_x_, %l_w_) : f32[4, 32]
+        %gelu = aten.gelu.default(%matmul) : f32[4, 32]
+    """
+    fake_mode = fake_mode_of(example_inputs)
+    fake_inputs = fakeify(fake_mode, example_inputs)
+    with fake_mode:
+        cgm = make_fx(gm, pre_dispatch=True)(*fake_inputs)
+    _copy_placeholder_names(gm, cgm)
+    cgm.meta["kp_source"] = "canonical"
+    return cgm, fake_mode, fake_inputs
+
+
+def _copy_placeholder_names(src: fx.GraphModule, dst: fx.GraphModule) -> None:
+    """Keep Dynamo's readable input names (``l_x_``) instead of ``arg0_1``."""
+    old = [n for n in src.graph.nodes if n.op == "placeholder"]
+    new = [n for n in dst.graph.nodes if n.op == "placeholder"]
+    if len(old) != len(new) or not hasattr(fx.Node, "_rename"):
+        return
+    for o, n in zip(old, new):
+        n._rename(o.name)
+        n.target = n.name
+    dst.recompile()

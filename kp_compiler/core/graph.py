@@ -1,0 +1,155 @@
+"""Graph utilities every pass leans on: metadata, snapshots, aliasing facts.
+
+Nothing here knows about a particular rewrite. Passes import these helpers to
+prove their preconditions (same shape and dtype, no mutation through an
+alias, not turning a graph output into an alias of an input).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+
+def val(node: Any) -> Any:
+    """The fake value (tensor, SymInt, tuple, ...) recorded on a node, or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    return node.meta.get("val")
+
+
+def propagate_shapes(gm: fx.GraphModule, fake_mode, fake_inputs: Sequence[Any]) -> None:
+    """Recompute ``meta["val"]`` for every node; raises if the graph is ill-typed."""
+    FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*fake_inputs)
+
+
+def snapshot(gm: fx.GraphModule) -> fx.Graph:
+    """A copy of ``gm.graph`` (node metadata included) to restore on rollback."""
+    copy = fx.Graph(owning_module=gm)
+    out = copy.graph_copy(gm.graph, {})
+    copy.output(out)
+    return copy
+
+
+def restore(gm: fx.GraphModule, graph: fx.Graph) -> None:
+    gm.graph = graph
+    gm.recompile()
+
+
+def fingerprint(graph: fx.Graph) -> tuple:
+    """A cheap structural identity: changes whenever a node, target or edge does."""
+    return tuple(
+        (id(n), n.op, n.target, tuple(id(a) for a in n.all_input_nodes), len(n.args))
+        for n in graph.nodes
+    )
+
+
+def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Shapes provably equal, symbolic sizes included; never adds a guard."""
+    if a.dim() != b.dim():
+        return False
+    return all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
+
+
+def same_tensor_meta(a: Any, b: Any) -> bool:
+    """Both nodes hold tensors of provably the same shape, dtype and device."""
+    va, vb = val(a), val(b)
+    if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
+        return False
+    return va.dtype == vb.dtype and va.device == vb.device and same_shape(va, vb)
+
+
+def _schema(node: fx.Node):
+    return getattr(node.target, "_schema", None)
+
+
+def is_mutating(node: fx.Node) -> bool:
+    """True for in-place and ``out=`` ops (any argument written to)."""
+    if node.op != "call_function":
+        return False
+    schema = _schema(node)
+    if schema is None:
+        return False
+    return any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+
+
+def _mutated_args(node: fx.Node) -> Iterable[fx.Node]:
+    schema = _schema(node)
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        if isinstance(value, fx.Node):
+            yield value
+
+
+def _is_view(node: fx.Node) -> bool:
+    schema = _schema(node)
+    if schema is None or not schema.returns:
+        return False
+    ret = schema.returns[0].alias_info
+    return ret is not None and not ret.is_write
+
+
+class AliasFacts:
+    """Which nodes may share storage with a tensor that the graph mutates.
+
+    Views (ops whose schema returns an alias of an input) join their input's
+    alias class; a class is "mutated" if any member is written by an in-place
+    or ``out=`` op. Forwarding one value in place of another is only safe when
+    neither lies in a mutated class.
+    """
+
+    def __init__(self, graph: fx.Graph):
+        self._parent: dict[fx.Node, fx.Node] = {}
+        mutated = []
+        for node in graph.nodes:
+            if node.op != "call_function":
+                continue
+            if _is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+                self._union(node, node.args[0])
+            if is_mutating(node):
+                mutated.extend(_mutated_args(node))
+                self._union(node, *list(_mutated_args(node))[:1])
+        self._mutated = {self._find(n) for n in mutated}
+        self._inputs = {self._find(n) for n in graph.nodes if n.op in ("placeholder", "get_attr")}
+
+    def _find(self, n: fx.Node) -> fx.Node:
+        while self._parent.get(n, n) is not n:
+            n = self._parent[n]
+        return n
+
+    def _union(self, a: fx.Node, *others: fx.Node) -> None:
+        for b in others:
+            ra, rb = self._find(a), self._find(b)
+            if ra is not rb:
+                self._parent[ra] = rb
+
+    def is_mutated(self, node: fx.Node) -> bool:
+        return self._find(node) in self._mutated
+
+    def aliases_input(self, node: fx.Node) -> bool:
+        """``node`` is, or is a view of, a graph input or a module attribute."""
+        return self._find(node) in self._inputs
+
+
+def feeds_output(node: fx.Node) -> bool:
+    return any(u.op == "output" for u in node.users)
+
+
+def can_forward(root: fx.Node, value: fx.Node, aliases: AliasFacts) -> bool:
+    """May uses of ``root`` read ``value`` instead?
+
+    Requires provably equal shape, dtype and device, no mutation through either
+    value's aliases, and never makes a graph output alias a graph input (a
+    user mutating the output would then write to their input).
+    """
+    if not same_tensor_meta(root, value):
+        return False
+    if aliases.is_mutated(root) or aliases.is_mutated(value):
+        return False
+    return not (feeds_output(root) and aliases.aliases_input(value))

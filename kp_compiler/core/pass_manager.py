@@ -1,0 +1,170 @@
+"""The pass registry and the manager that runs passes safely.
+
+A pass is any ``fn(gm: torch.fx.GraphModule) -> int`` that rewrites ``gm``
+in place and returns how many rewrites it made (a ``RuleSet`` is one). The
+manager runs the chosen passes in order and, for each one:
+
+- times it and records its match count (per rule, for rule sets);
+- checks the result: ``graph.lint()`` and shape propagation under the fake
+  mode must pass, which also refreshes ``meta["val"]`` for the next pass;
+- with ``verify``, runs the graph before and after on random inputs and
+  compares;
+- on any failure restores the graph as it was before the pass, records
+  ``rolled_back`` with the reason and warns; with ``strict`` it raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Any, Callable, Optional, Sequence
+
+from torch import fx
+
+from . import graph as g
+from .dump import GraphDump
+from .report import GraphRecord, PassRecord
+from .verify import VerifyError, check_same_outputs
+
+log = logging.getLogger("kp_compiler.passes")
+
+PassFn = Callable[[fx.GraphModule], int]
+
+_REGISTRY: dict[str, PassFn] = {}
+_DEFAULT: list[str] = []
+
+
+class PassError(RuntimeError):
+    """A pass failed under ``strict=True``."""
+
+
+def register_pass(name: str, fn: PassFn, *, default: bool = False, replace: bool = False) -> PassFn:
+    """Register ``fn`` as the pass ``name`` so ``options={"passes": [...]}`` can select it.
+
+    Args:
+        name: unique name, kebab-case by convention (``"fuse-my-op"``).
+        fn: ``fn(gm) -> int``; rewrites ``gm`` in place, returns the number
+            of rewrites (``0`` if nothing matched).
+        default: also append it to ``default_passes()`` (built-ins use this).
+        replace: allow re-registering an existing name.
+
+    Returns:
+        ``fn``, so this works as a decorator via ``functools.partial``.
+    """
+    if not callable(fn):
+        raise TypeError(f"register_pass({name!r}, ...): fn must be callable, got {type(fn).__name__}")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"pass name must be a non-empty string, got {name!r}")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"a pass named {name!r} is already registered; pass replace=True to override it")
+    _REGISTRY[name] = fn
+    if default and name not in _DEFAULT:
+        _DEFAULT.append(name)
+    return fn
+
+
+def unregister_pass(name: str) -> None:
+    _REGISTRY.pop(name, None)
+    if name in _DEFAULT:
+        _DEFAULT.remove(name)
+
+
+def registered_passes() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def default_passes() -> list[str]:
+    """The default pass list, in order (a copy: insert your own and pass it back)."""
+    return list(_DEFAULT)
+
+
+def resolve(names: Sequence[str]) -> list[tuple[str, PassFn]]:
+    unknown = [n for n in names if n not in _REGISTRY]
+    if unknown:
+        raise ValueError(
+            f"unknown pass name(s) {unknown} in options['passes']; registered passes: "
+            f"{registered_passes()} (register yours with kp_compiler.register_pass)"
+        )
+    return [(n, _REGISTRY[n]) for n in names]
+
+
+class PassManager:
+    """Runs named passes over one canonical graph, recording each in ``record``."""
+
+    def __init__(
+        self,
+        passes: Sequence[tuple[str, PassFn]],
+        record: GraphRecord,
+        fake_mode,
+        fake_inputs: Sequence[Any],
+        real_inputs: Sequence[Any],
+        strict: bool = False,
+        verify: bool = False,
+        dump: Optional[GraphDump] = None,
+    ):
+        self.passes = list(passes)
+        self.record = record
+        self.fake_mode = fake_mode
+        self.fake_inputs = list(fake_inputs)
+        self.real_inputs = list(real_inputs)
+        self.strict = strict
+        self.verify = verify
+        self.dump = dump
+
+    def run(self, gm: fx.GraphModule) -> fx.GraphModule:
+        for name, fn in self.passes:
+            rec = PassRecord(name=name)
+            self.record.passes.append(rec)
+            self._run_one(gm, name, fn, rec)
+            log.debug("pass %s: %s, %d matches, %.2f ms", name, rec.status, rec.matches, rec.ms)
+            if self.dump is not None:
+                header = f"after {name} | status {rec.status} | matches {rec.matches}"
+                self.dump.write(name, gm.graph, header)
+        return gm
+
+    def _run_one(self, gm: fx.GraphModule, name: str, fn: PassFn, rec: PassRecord) -> None:
+        before = g.snapshot(gm)
+        before_print = g.fingerprint(gm.graph)
+        start = time.perf_counter()
+        try:
+            result = fn(gm)
+            rec.ms = (time.perf_counter() - start) * 1e3
+            rec.matches = _as_count(name, result)
+            rec.by_rule = {k: v for k, v in getattr(result, "by_rule", {}).items() if v}
+            changed = g.fingerprint(gm.graph) != before_print
+            if changed:
+                self._check(gm, before)
+        except Exception as e:  # noqa: BLE001 - any pass failure is rolled back
+            rec.ms = (time.perf_counter() - start) * 1e3
+            self._fail(gm, before, name, rec, e)
+
+    def _check(self, gm: fx.GraphModule, before: fx.Graph) -> None:
+        gm.graph.lint()
+        gm.recompile()
+        g.propagate_shapes(gm, self.fake_mode, self.fake_inputs)
+        if self.verify:
+            reference = fx.GraphModule(gm, before)
+            check_same_outputs(reference, gm, self.real_inputs)
+
+    def _fail(self, gm, before, name: str, rec: PassRecord, err: Exception) -> None:
+        g.restore(gm, before)
+        rec.matches = 0
+        rec.by_rule = {}
+        kind = "verify" if isinstance(err, VerifyError) else type(err).__name__
+        rec.reason = f"{kind}: {err}"
+        if self.strict:
+            rec.status = "failed"
+            raise PassError(f"pass {name!r} failed (strict=True): {rec.reason}") from err
+        rec.status = "rolled_back"
+        msg = f"kp_compiler: pass {name!r} was rolled back: {rec.reason}"
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+
+def _as_count(name: str, result: Any) -> int:
+    if isinstance(result, bool) or not isinstance(result, int):
+        raise TypeError(f"pass {name!r} must return the number of rewrites (an int), got {result!r}")
+    if result < 0:
+        raise ValueError(f"pass {name!r} returned a negative match count {result}")
+    return int(result)

@@ -1,0 +1,112 @@
+"""``explain``: compile a model once and say exactly what the backend did.
+
+    >>> report = kp_compiler.explain(model, x)
+    >>> print(report)
+    kernelpytorch explain: 1 graph, 0 graph breaks
+    graph 0  lowering=inductor  nodes 14 -> 12  compile 812.4 ms
+      pass               status  matches      ms
+      noop-elimination   ok            2    0.41
+          mul-by-one (noop.py:58)  x1
+    ...
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .core.report import GraphRecord, collect
+
+
+@dataclass
+class ExplainReport:
+    """What happened when the model was compiled and run once."""
+
+    graphs: list = field(default_factory=list)  # GraphRecord per compiled graph
+    graph_breaks: dict = field(default_factory=dict)  # reason -> count
+    output: Any = None
+
+    @property
+    def graph_count(self) -> int:
+        return len(self.graphs)
+
+    @property
+    def graph_break_count(self) -> int:
+        return sum(self.graph_breaks.values())
+
+    def to_json(self) -> dict:
+        return {
+            "graphs": [g.to_json() for g in self.graphs],
+            "graph_breaks": dict(self.graph_breaks),
+        }
+
+    def __str__(self) -> str:
+        lines = [
+            f"kernelpytorch explain: {self.graph_count} graph(s), "
+            f"{self.graph_break_count} graph break(s)"
+        ]
+        for reason, count in self.graph_breaks.items():
+            lines.append(f"  graph break x{count}: {_one_line(reason)}")
+        for g in self.graphs:
+            lines.extend(_graph_lines(g))
+        return "\n".join(lines)
+
+
+def _one_line(text: str, width: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _graph_lines(g: GraphRecord) -> list[str]:
+    lines = [
+        f"graph {g.id}  lowering={g.lowering}  mode={g.mode}  nodes {g.nodes_in} -> {g.nodes_out}"
+        f"  compile {g.compile_ms:.1f} ms" + (f"  dump={g.dump}" if g.dump else "")
+    ]
+    if g.passes:
+        width = max(len("pass"), *(len(p.name) for p in g.passes))
+        lines.append(f"  {'pass':<{width}}  {'status':<11}  {'matches':>7}  {'ms':>8}")
+        for p in g.passes:
+            lines.append(f"  {p.name:<{width}}  {p.status:<11}  {p.matches:>7}  {p.ms:>8.2f}")
+            for rule, n in p.by_rule.items():
+                lines.append(f"      {rule}  x{n}")
+            if p.reason:
+                lines.append(f"      reason: {_one_line(p.reason)}")
+    for why in g.fallbacks:
+        lines.append(f"  fallback: {_one_line(why)}")
+    return lines
+
+
+def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> ExplainReport:
+    """Compile ``model_or_fn`` with the kernelpytorch backend, run it once, report.
+
+    Args:
+        model_or_fn: an ``nn.Module`` or function.
+        *example_inputs: positional inputs for one call.
+        **options: backend options (``lowering=``, ``passes=``, ``mode=``, ...).
+
+    Returns:
+        An ``ExplainReport``; ``print()`` it for a table of graphs, graph
+        breaks with reasons, passes with matches and time, lowerings and
+        fallbacks. ``report.output`` holds the call's result.
+
+    Dynamo's caches are reset first so that every graph is compiled afresh.
+    """
+    from torch._dynamo.utils import counters
+
+    from .backend import kernelpytorch
+
+    torch._dynamo.reset()
+    before = Counter(counters["graph_break"])
+    compiled = torch.compile(model_or_fn, backend=kernelpytorch, options=options or None)
+    with collect() as records:
+        output = compiled(*example_inputs)
+    breaks = Counter(counters["graph_break"])
+    breaks.subtract(before)
+    return ExplainReport(
+        graphs=list(records),
+        graph_breaks={k: v for k, v in breaks.items() if v > 0},
+        output=output,
+    )

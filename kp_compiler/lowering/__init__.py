@@ -1,0 +1,9 @@
+"""Lowerings: turn a rewritten ATen graph into the callable Dynamo runs.
+
+``select`` picks one by device and options; each lowering lives in its own
+module and shares the signature ``lower(gm, example_inputs, mode, config)``.
+"""
+
+from .select import LOWERINGS, lower, select
+
+__all__ = ["LOWERINGS", "lower", "select"]

@@ -1,0 +1,35 @@
+"""Which lowering runs a graph: ``auto`` decides by the inputs' device."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import eager, inductor, xla
+
+LOWERINGS: dict[str, Callable] = {
+    "inductor": inductor.lower,
+    "eager": eager.lower,
+    "xla": xla.lower,
+}
+
+
+def input_devices(example_inputs: Sequence[Any]) -> set[str]:
+    return {x.device.type for x in example_inputs if isinstance(x, torch.Tensor)}
+
+
+def select(requested: str, example_inputs: Sequence[Any]) -> str:
+    """``requested`` unless it is ``"auto"``: then XLA for XLA tensors, else Inductor.
+
+    Inductor covers CUDA, ROCm (reported as ``cuda``), XPU, MPS and the CPU.
+    """
+    if requested != "auto":
+        return requested
+    if "xla" in input_devices(example_inputs):
+        return "xla"
+    return "inductor"
+
+
+def lower(name: str, gm, example_inputs, mode: str, inductor_config: dict):
+    return LOWERINGS[name](gm, example_inputs, mode, inductor_config)

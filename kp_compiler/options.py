@@ -1,0 +1,82 @@
+"""The backend's options: ``torch.compile(..., mode=..., options={...})``.
+
+| key               | values                                            | default |
+|-------------------|---------------------------------------------------|---------|
+| ``lowering``      | ``"auto"``, ``"inductor"``, ``"eager"``, ``"xla"`` | ``"auto"``: XLA for XLA tensors, else Inductor |
+| ``passes``        | list of registered pass names, run in order        | ``default_passes()`` |
+| ``dump_dir``      | a folder for graph dumps and ``report.json``        | ``$KP_DUMP_DIR`` or off |
+| ``strict``        | ``bool``: a failing pass raises                    | ``False``: rolled back |
+| ``verify``        | ``bool``: check each pass on random inputs         | ``False`` |
+| ``mode``          | as ``torch.compile``'s ``mode`` (which cannot be given together with ``options``) | ``"default"`` |
+| ``inductor_config`` | dict of ``torch._inductor.config`` patches        | ``{}`` |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+LOWERINGS = ("auto", "inductor", "eager", "xla")
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class Options:
+    lowering: str = "auto"
+    passes: Optional[tuple] = None
+    dump_dir: Optional[str] = None
+    strict: bool = False
+    verify: bool = False
+    mode: str = "default"
+    inductor_config: dict = field(default_factory=dict)
+
+
+VALID_KEYS = tuple(Options.__dataclass_fields__)
+
+
+def parse_options(mode: Optional[str] = None, options: Optional[Mapping[str, Any]] = None) -> Options:
+    """Validate ``mode`` and ``options``; raise ``ValueError`` naming the bad key."""
+    options = dict(options or {})
+    unknown = sorted(k for k in options if k not in VALID_KEYS)
+    if unknown:
+        raise ValueError(
+            f"kernelpytorch: unknown option(s) {unknown}; valid options are {list(VALID_KEYS)}"
+        )
+    if mode is not None and options.get("mode", mode) != mode:
+        raise ValueError(f"kernelpytorch: mode={mode!r} and options['mode']={options['mode']!r} disagree")
+    mode = options.pop("mode", mode) or "default"
+    _check_choice("mode", mode, MODES)
+    _check_choice("lowering", options.get("lowering", "auto"), LOWERINGS)
+    for key in ("strict", "verify"):
+        if key in options and not isinstance(options[key], bool):
+            raise ValueError(f"kernelpytorch: options[{key!r}] must be True or False, got {options[key]!r}")
+    passes = options.get("passes")
+    if passes is not None:
+        if isinstance(passes, str) or not all(isinstance(p, str) for p in passes):
+            raise ValueError(f"kernelpytorch: options['passes'] must be a list of pass names, got {passes!r}")
+        options["passes"] = tuple(passes)
+    dump_dir = options.get("dump_dir", os.environ.get("KP_DUMP_DIR") or None)
+    if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
+        raise ValueError(f"kernelpytorch: options['dump_dir'] must be a path, got {dump_dir!r}")
+    options["dump_dir"] = os.fspath(dump_dir) if dump_dir is not None else None
+    inductor_config = options.get("inductor_config", {})
+    _check_inductor_config(inductor_config)
+    options["inductor_config"] = dict(inductor_config)
+    return Options(mode=mode, **options)
+
+
+def _check_choice(key: str, value: Any, valid: tuple) -> None:
+    if value not in valid:
+        raise ValueError(f"kernelpytorch: {key}={value!r} is not valid; choose one of {list(valid)}")
+
+
+def _check_inductor_config(patches: Any) -> None:
+    if not isinstance(patches, Mapping):
+        raise ValueError(f"kernelpytorch: options['inductor_config'] must be a dict, got {patches!r}")
+    from torch._inductor import config
+
+    known = set(config.get_config_copy())
+    unknown = sorted(k for k in patches if k not in known)
+    if unknown:
+        raise ValueError(f"kernelpytorch: unknown Inductor config key(s) {unknown} in options['inductor_config']")

@@ -1,0 +1,9 @@
+"""Built-in rewrite passes, registered in their default order on import.
+
+Each module holds one pass; this file is the one place that orders them.
+"""
+
+from ..core.pass_manager import register_pass
+from .noop import noop_elimination
+
+register_pass("noop-elimination", noop_elimination, default=True)
