@@ -20,6 +20,8 @@ import time
 import warnings
 from typing import Any, Mapping, Optional, Sequence
 
+import torch
+import torch._dynamo
 from torch import fx
 
 from . import passes as _builtin_passes  # noqa: F401  (registers the built-in passes)
@@ -54,9 +56,11 @@ def kernelpytorch(
     start = time.perf_counter()
     try:
         fn = _compile(gm, example_inputs, opts, chosen, record, dump)
-    finally:
-        record.compile_ms = (time.perf_counter() - start) * 1e3
-        _finish(record, opts)
+    except Exception as e:
+        if not _dynamo_control_flow(e):  # a restarted trace is not a compiled graph
+            _finish(record, opts, start)
+        raise
+    _finish(record, opts, start)
     return CompiledGraph(fn, record)
 
 
@@ -66,7 +70,7 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
     try:
         cgm, fake_mode, fake_inputs = canonicalize(gm, example_inputs)
     except Exception as e:  # noqa: BLE001 - fall back rather than break the model
-        if opts.strict:
+        if opts.strict or _dynamo_control_flow(e):
             raise
         return _fallback(gm, example_inputs, opts, record, f"canonicalization failed ({_brief(e)})")
     record.nodes_in = len(cgm.graph.nodes)
@@ -83,7 +87,7 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
     except XlaUnavailable:
         raise
     except Exception as e:  # noqa: BLE001
-        if opts.strict:
+        if opts.strict or _dynamo_control_flow(e):
             raise
         return _fallback(gm, example_inputs, opts, record, f"lowering the rewritten graph failed ({_brief(e)})")
 
@@ -96,12 +100,20 @@ def _fallback(gm, example_inputs, opts: Options, record: GraphRecord, why: str):
     return lower(record.lowering, gm, example_inputs, opts.mode, opts.inductor_config)
 
 
+def _dynamo_control_flow(e: Exception) -> bool:
+    """Dynamo signals "restart tracing" or "skip this frame" with exceptions: never swallow them."""
+    exc = torch._dynamo.exc
+    kinds = tuple(getattr(exc, n) for n in ("RestartAnalysis", "SkipFrame") if hasattr(exc, n))
+    return isinstance(e, kinds)
+
+
 def _brief(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
-def _finish(record: GraphRecord, opts: Options) -> None:
+def _finish(record: GraphRecord, opts: Options, start: float) -> None:
+    record.compile_ms = (time.perf_counter() - start) * 1e3
     if opts.dump_dir:
         append_report(opts.dump_dir, record.to_json())
     publish(record)

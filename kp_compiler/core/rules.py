@@ -273,7 +273,7 @@ class RuleSet:
         erased: set[int] = set()
         state: dict = {}  # analyses rules may cache for this round
         for node in list(graph.nodes):
-            if id(node) in erased or node.op != "call_function":
+            if id(node) in erased or node.op != "call_function" or not node.users:
                 continue
             for rule in self.rules:
                 captures: dict = {}
@@ -283,7 +283,7 @@ class RuleSet:
                 if new is None or new is node:
                     continue
                 node.replace_all_uses_with(new)
-                _erase_dead(node, erased)
+                _erase_replaced(node, erased)
                 counts[rule.key] += 1
                 fired += 1
                 break
@@ -297,9 +297,18 @@ def _kwargs(captures: dict) -> dict:
     return {k: v for k, v in captures.items() if k.isidentifier()}
 
 
-def _erase_dead(node: fx.Node, erased: set) -> None:
-    """Erase ``node`` and whatever it alone kept alive, if side-effect free."""
-    work = [node]
+def _erase_replaced(root: fx.Node, erased: set) -> None:
+    """Erase a replaced root, then whatever it alone kept alive if side-effect free.
+
+    The root goes even if FX calls it impure for drawing random numbers (a
+    rule replaced it, so its value is not needed); in-place ops never go.
+    """
+    if root.users or is_mutating(root):
+        return
+    inputs = root.all_input_nodes
+    root.graph.erase_node(root)
+    erased.add(id(root))
+    work = list(inputs)
     while work:
         n = work.pop()
         if id(n) in erased or n.users or n.op != "call_function" or n.is_impure() or is_mutating(n):

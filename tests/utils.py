@@ -1,0 +1,63 @@
+"""Helpers shared by the tests: compile, compare with eager, read dumps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from kp_compiler.core.report import collect
+
+
+def compile_and_collect(model, inputs, **options):
+    """Compile with the backend, run once; return (output, [GraphRecord])."""
+    compiled = torch.compile(model, backend="kernelpytorch", options=options or None)
+    with collect() as records:
+        out = compiled(*inputs)
+    return compiled, out, records
+
+
+def check_forward_backward(model, compiled, make_inputs, rtol=1e-4, atol=1e-5):
+    """Forward outputs and parameter/input gradients equal eager on fresh random inputs."""
+    for inputs in make_inputs():
+        ref_in = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+        got_in = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+        model.zero_grad()
+        ref = model(*ref_in)
+        ref.square().mean().backward()
+        ref_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        got = compiled(*got_in)
+        got.square().mean().backward()
+        got_grads = [p.grad.clone() for p in model.parameters()]
+        torch.testing.assert_close(got, ref, rtol=rtol, atol=atol)
+        for a, b in zip(got_grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+        for a, b in zip(got_in, ref_in):
+            if b.grad is not None:
+                torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
+
+
+def load_report(dump_dir) -> dict:
+    with open(os.path.join(dump_dir, "report.json")) as f:
+        return json.load(f)
+
+
+def filecheck(check_text: str, input_text: str) -> None:
+    """Run the ``filecheck`` tool; fail the test with its message on mismatch."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".check", delete=False) as f:
+        f.write(check_text)
+        path = f.name
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "filecheck", path],
+            input=input_text, capture_output=True, text=True,
+        )
+    finally:
+        os.unlink(path)
+    assert proc.returncode == 0, f"FileCheck failed:\n{proc.stdout}\n{proc.stderr}\n--- input ---\n{input_text}"
