@@ -70,7 +70,6 @@ def _same_dtype_to(m, x, **_):
 
 RULES = [
     Rule(P(aten.mul.Tensor, x, P.lit(1)), _forward_x, name="mul-by-one"),
-    Rule(P(aten.mul.Tensor, P.lit(1), x), _forward_x, name="one-times"),
     Rule(P(aten.div.Tensor, x, P.lit(1)), _forward_x, name="div-by-one"),
     Rule(P(aten.add.Tensor, x, P.lit(0)), _forward_x, name="add-zero"),
     Rule(P(aten.sub.Tensor, x, P.lit(0)), _forward_x, name="sub-zero"),
