@@ -1,0 +1,25 @@
+"""The docs' examples run as written."""
+
+import re
+from pathlib import Path
+
+import kp_compiler
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def python_blocks(path: Path):
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+def test_writing_passes_example_runs(capsys):
+    (example,) = python_blocks(DOCS / "writing-passes.md")
+    try:
+        exec(compile(example, "writing-passes.md", "exec"), {})
+    finally:
+        for name in ("my-cleanup", "count-matmuls"):
+            kp_compiler.unregister_pass(name)
+    printed = capsys.readouterr().out
+    assert "my-cleanup        ok                 2" in printed
+    assert "double-neg (writing-passes.md:" in printed and "square (writing-passes.md:" in printed
+    assert "count-matmuls     ok                 1" in printed
