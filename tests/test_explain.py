@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 
@@ -54,7 +55,8 @@ def test_cli_on_a_python_file(tmp_path):
             return model, (torch.randn(2, 8),)
     """))
     out_json = tmp_path / "r.json"
-    for cmd in (["kp-explain"], [sys.executable, "-m", "kp_compiler", "explain"]):
+    script = str(Path(sys.executable).parent / "kp-explain")  # the console script beside this Python
+    for cmd in ([script], [sys.executable, "-m", "kp_compiler", "explain"]):
         proc = subprocess.run(cmd + [str(model_file), "--option", "lowering=eager", "--json", str(out_json)],
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
