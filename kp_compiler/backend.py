@@ -29,7 +29,7 @@ from .core.canonicalize import canonicalize
 from .core.dump import GraphDump, append_report, next_graph_id
 from .core.pass_manager import PassManager, default_passes, resolve
 from .core.report import GraphRecord, new_record, publish
-from .lowering import lower, select
+from .lowering import input_devices, lower, select
 from .lowering.xla import XlaUnavailable
 from .options import Options, parse_options
 from .runtime import CompiledGraph
@@ -48,7 +48,7 @@ def kernelpytorch(
     chosen = resolve(opts.passes if opts.passes is not None else default_passes())
     record = new_record()
     record.mode = opts.mode
-    record.lowering = select(opts.lowering, example_inputs)
+    record.lowering = select(opts.lowering, input_devices(example_inputs))
     dump = None
     if opts.dump_dir:
         dump = GraphDump(opts.dump_dir, next_graph_id(opts.dump_dir))

@@ -4,6 +4,6 @@
 module and shares the signature ``lower(gm, example_inputs, mode, config)``.
 """
 
-from .registry import LOWERINGS, lower, select
+from .registry import LOWERINGS, input_devices, lower, select
 
-__all__ = ["LOWERINGS", "lower", "select"]
+__all__ = ["LOWERINGS", "input_devices", "lower", "select"]

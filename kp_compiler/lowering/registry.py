@@ -19,14 +19,15 @@ def input_devices(example_inputs: Sequence[Any]) -> set[str]:
     return {x.device.type for x in example_inputs if isinstance(x, torch.Tensor)}
 
 
-def select(requested: str, example_inputs: Sequence[Any]) -> str:
-    """``requested`` unless it is ``"auto"``: then XLA for XLA tensors, else Inductor.
+def select(requested: str, devices: set[str]) -> str:
+    """``requested`` unless it is ``"auto"``: then XLA if any input is on an XLA device, else Inductor.
 
-    Inductor covers CUDA, ROCm (reported as ``cuda``), XPU, MPS and the CPU.
+    ``devices`` holds the inputs' device types (``input_devices``). Inductor
+    covers CUDA, ROCm (reported as ``cuda``), XPU, MPS and the CPU.
     """
     if requested != "auto":
         return requested
-    if "xla" in input_devices(example_inputs):
+    if "xla" in devices:
         return "xla"
     return "inductor"
 
