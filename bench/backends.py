@@ -1,0 +1,46 @@
+"""The backends every case runs under, side by side."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    backend: Optional[str] = None  # None: eager, no torch.compile
+    mode: Optional[str] = None
+    options: dict = field(default_factory=dict)
+
+    def wrap(self, model: Any) -> Any:
+        if self.backend is None:
+            return model
+        if self.options:
+            return torch.compile(model, backend=self.backend, options=dict(self.options))
+        return torch.compile(model, backend=self.backend, mode=self.mode)
+
+
+STANDARD = {
+    "eager": Backend("eager"),
+    "inductor": Backend("inductor", "inductor"),
+    "inductor-max-autotune": Backend("inductor-max-autotune", "inductor", mode="max-autotune-no-cudagraphs"),
+    "kernelpytorch": Backend("kernelpytorch", "kernelpytorch"),
+}
+DEFAULT = ("eager", "inductor", "inductor-max-autotune", "kernelpytorch")
+
+
+def choose(names: list[str], kp_options: Optional[str]) -> list[Backend]:
+    """The backends named (``--backends``), plus kernelpytorch with ``--kp-options`` if given."""
+    unknown = [n for n in names if n not in STANDARD]
+    if unknown:
+        raise SystemExit(f"unknown backend(s) {unknown}; choose from {list(STANDARD)}")
+    chosen = [STANDARD[n] for n in names]
+    if kp_options:
+        opts = json.loads(kp_options)
+        label = ",".join(f"{k}={v}" for k, v in opts.items())
+        chosen.append(Backend(f"kernelpytorch[{label}]", "kernelpytorch", options=opts))
+    return chosen

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
+#   bash bench/gpu_run.sh micro|e2e   (each stage stops itself before the 10-minute call limit)
+set -uo pipefail
+stage=${1:?micro or e2e}
+budget=${2:-540}
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "editable install failed"
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+start=$(date +%s)
+left() { echo $(( budget - ($(date +%s) - start) )); }
+case "$stage" in
+  micro)
+    timeout "$(left)" python3 -m bench --groups attention linear fp8-sized moe \
+      --cases 'attention-*' 'linear-*' 'moe-e8-top2' --backends eager inductor kernelpytorch \
+      --reps 30 --out "$out" --stem cuda-micro 2>"$out/micro.log" | tail -40
+    ;;
+  e2e)
+    timeout "$(( $(left) - 150 ))" python3 -m bench --cases 'gpt-*' 'hf-llama-*' --backends eager inductor kernelpytorch \
+      --reps 20 --out "$out" --stem cuda-e2e 2>"$out/e2e.log" | tail -20
+    timeout "$(left)" python3 -m tests.zoo.conformance --device cuda --json-out "$out/zoo-cuda.json" 2>>"$out/e2e.log" | tail -20
+    ;;
+esac
+echo "stage $stage done after $(( $(date +%s) - start )) s"

@@ -1,0 +1,165 @@
+"""Run one case under every backend: time, compile time, memory, error vs a reference.
+
+The reference is the eager model in float64 (CPU) or float32 (GPU). Error is
+the relative L2 error of the output (inference) or of all gradients, input
+and parameter (training, first step before the optimizer moves anything).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+import traceback
+from typing import Any
+
+import torch
+
+from .backends import Backend
+from .cases import Case, Scale, Workload
+from .timing import time_fn
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def _dynamo_config(patches: dict):
+    import torch._dynamo.config as cfg
+
+    old = {k: getattr(cfg, k) for k in patches}
+    for k, v in patches.items():
+        setattr(cfg, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(cfg, k, v)
+
+
+def _upcast(x: Any, dtype: torch.dtype) -> Any:
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.detach().to(dtype).requires_grad_(x.requires_grad)
+    return x
+
+
+def _grads(model: Any, inputs: tuple) -> list[torch.Tensor]:
+    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad] + params
+    return [t.grad.detach().clone() for t in leaves if t.grad is not None]
+
+
+class Step:
+    """One call of the workload: inference under no_grad, or a full training step."""
+
+    def __init__(self, wl: Workload, model: Any, compiled: Any, train: bool, device: str):
+        self.wl, self.model, self.compiled, self.train = wl, model, compiled, train
+        self.inputs = tuple(_upcast(x, x.dtype) if isinstance(x, torch.Tensor) else x for x in wl.inputs)
+        self.opt = None
+        if train and isinstance(model, torch.nn.Module):
+            self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+
+    def __call__(self, capture: bool = False):
+        if not self.train:
+            with torch.no_grad():
+                out = self.compiled(*self.inputs)
+            return self.wl.output(out) if capture else None
+        loss = self.wl.loss(self.compiled(*self.inputs))
+        loss.backward()
+        grads = _grads(self.model, self.inputs) if capture else None
+        if self.opt is not None:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        for t in self.inputs:
+            if isinstance(t, torch.Tensor):
+                t.grad = None
+        return grads
+
+
+def reference(wl: Workload, train: bool, scale: Scale) -> list[torch.Tensor]:
+    dtype = torch.float64 if scale.device == "cpu" else torch.float32
+    model = wl.model
+    if isinstance(model, torch.nn.Module):
+        model = copy.deepcopy(model).to(dtype)
+    ref_wl = copy.copy(wl)
+    ref_wl.inputs = tuple(_upcast(x, dtype) for x in wl.inputs)
+    ref_wl.model = model
+    step = Step(ref_wl, model, model, train, scale.device)
+    out = step(capture=True)
+    return [out] if not train else out
+
+
+def rel_error(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    num = sum(((g.double() - r.double()) ** 2).sum().item() for g, r in zip(got, ref))
+    den = sum((r.double() ** 2).sum().item() for r in ref)
+    if len(got) != len(ref) or any(g.shape != r.shape for g, r in zip(got, ref)):
+        return float("nan")
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def run_backend(case: Case, wl: Workload, backend: Backend, ref, scale: Scale, reps: int) -> dict:
+    torch._dynamo.reset()
+    model = copy.deepcopy(wl.model) if isinstance(wl.model, torch.nn.Module) else wl.model
+    row: dict = {"backend": backend.name}
+    try:
+        with _dynamo_config(wl.dynamo_config):
+            step = Step(wl, model, backend.wrap(model), case.train, scale.device)
+            _sync(scale.device)
+            t0 = time.perf_counter()
+            first = step(capture=True)
+            _sync(scale.device)
+            first_ms = (time.perf_counter() - t0) * 1e3
+            got = [first] if not case.train else first
+            row["error"] = rel_error(got, ref)
+            if scale.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            timing = time_fn(step, scale.device, reps)
+    except Exception as e:  # noqa: BLE001 - one backend failing must not stop the run
+        row["failed"] = _describe(e)
+        row["traceback"] = traceback.format_exc()[-2000:]
+        return row
+    row.update(timing.to_json())
+    row["compile_s"] = max(0.0, first_ms - timing.median_ms) / 1e3
+    row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30 if scale.device == "cuda" else None
+    if wl.flops:
+        row["tflops"] = wl.flops / (timing.median_ms * 1e-3) / 1e12
+    if wl.bytes:
+        row["gb_per_s"] = wl.bytes / (timing.median_ms * 1e-3) / 1e9
+    return row
+
+
+def _describe(e: Exception) -> str:
+    inner = getattr(e, "inner_exception", None) or e  # Dynamo wraps backend errors
+    text = " ".join(str(inner).split())
+    return f"{type(inner).__name__}: {text}"[:300]
+
+
+def run_case(case: Case, backends: list[Backend], scale: Scale, reps: int, progress=None) -> dict:
+    result = {"case": case.name, "group": case.group, "train": case.train, "rows": []}
+    try:
+        wl = case.build(scale)
+        with _dynamo_config(wl.dynamo_config):
+            ref = reference(wl, case.train, scale)
+    except Exception as e:  # noqa: BLE001
+        result["failed"] = _describe(e)
+        return result
+    result["flops"], result["bytes"] = wl.flops, wl.bytes
+    for backend in backends:
+        result["rows"].append(run_backend(case, wl, backend, ref, scale, reps))
+        if progress is not None:
+            progress(f"{case.name} / {backend.name}")
+    del ref
+    _add_speedups(result)
+    return result
+
+
+def _add_speedups(result: dict) -> None:
+    base = next((r for r in result["rows"] if r["backend"] == "inductor" and "median_ms" in r), None)
+    for r in result["rows"]:
+        if base is not None and "median_ms" in r:
+            r["speedup_vs_inductor"] = base["median_ms"] / r["median_ms"]
+            lo, hi = r["ci95_ms"]
+            blo, bhi = base["ci95_ms"]
+            r["speedup_ci95"] = [blo / hi, bhi / lo]

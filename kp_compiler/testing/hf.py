@@ -1,0 +1,66 @@
+"""Hugging Face transformers models from small configs, random weights, no downloads.
+
+``build(name, size)`` returns ``(model, vocab)``; ``size`` is ``"tiny"`` (CPU
+tests and smoke runs) or ``"bench"`` (the GPU benchmark: the anchors'
+8-layer d=1024 Llama shape and peers of similar cost).
+"""
+
+from __future__ import annotations
+
+SIZES = {
+    "tiny": dict(d=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=256, positions=128, window=16, experts=4),
+    "bench": dict(d=1024, layers=8, heads=16, kv_heads=4, ffn=2816, vocab=32000, positions=2048, window=512, experts=16),
+}
+
+# experts_implementation values that capture in one Dynamo graph (the eager
+# experts loop iterates over a nonzero() result and graph-breaks).
+EXPERTS_ONE_GRAPH = ("grouped_mm", "batched_mm")
+
+
+def _llama_like(cfg_cls, s, **extra):
+    return cfg_cls(
+        vocab_size=s["vocab"], hidden_size=s["d"], intermediate_size=s["ffn"],
+        num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"], max_position_embeddings=s["positions"], **extra,
+    )
+
+
+def config(name: str, size: str = "tiny"):
+    import transformers as tf
+
+    s = SIZES[size]
+    if name == "llama":
+        return _llama_like(tf.LlamaConfig, s)
+    if name == "mistral":
+        return _llama_like(tf.MistralConfig, s, sliding_window=s["window"])
+    if name == "mixtral":
+        return _llama_like(tf.MixtralConfig, s, num_local_experts=s["experts"], num_experts_per_tok=2)
+    if name == "qwen2_moe":
+        return _llama_like(
+            tf.Qwen2MoeConfig, s, num_experts=s["experts"], num_experts_per_tok=2,
+            moe_intermediate_size=s["ffn"] // 2, shared_expert_intermediate_size=s["ffn"],
+            decoder_sparse_step=1, mlp_only_layers=[],
+        )
+    if name == "gpt2":
+        return tf.GPT2Config(vocab_size=s["vocab"], n_embd=s["d"], n_layer=s["layers"], n_head=s["heads"],
+                             n_positions=s["positions"], bos_token_id=0, eos_token_id=0)
+    if name == "bert":
+        return tf.BertConfig(vocab_size=s["vocab"], hidden_size=s["d"], num_hidden_layers=s["layers"],
+                             num_attention_heads=s["heads"], intermediate_size=s["ffn"],
+                             max_position_embeddings=s["positions"])
+    raise ValueError(f"unknown model {name!r}")
+
+
+def build(name: str, size: str = "tiny", attn: str = "eager", experts: str | None = None):
+    """A randomly initialised model in eval mode (dropout off), and its vocab size."""
+    import torch
+    import transformers as tf
+
+    cfg = config(name, size)
+    kwargs = {"attn_implementation": attn}
+    if experts is not None:
+        kwargs["experts_implementation"] = experts
+    torch.manual_seed(0)
+    auto = tf.AutoModelForMaskedLM if name == "bert" else tf.AutoModelForCausalLM
+    model = auto.from_config(cfg, **kwargs)
+    return model.eval(), cfg.vocab_size

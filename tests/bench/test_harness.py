@@ -1,0 +1,76 @@
+"""The benchmark harness: statistics, reports, and a CPU smoke run of every group."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bench import report
+from bench.cases import load_all
+from bench.timing import median_ci
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE_CASES = ["attention-causal", "attention-documents-fwd-bwd", "moe-e8-top2-fwd-bwd",
+               "linear-gelu", "linear-1024x1024x1024", "gpt-train", "hf-llama-infer"]
+
+
+def test_median_and_ci():
+    t = median_ci([5.0, 1.0, 3.0, 2.0, 4.0] * 4)
+    assert t.median_ms == 3.0
+    assert t.ci_low_ms <= 3.0 <= t.ci_high_ms
+    assert (t.ci_low_ms, t.ci_high_ms) != (1.0, 5.0), "the interval should tighten with 20 samples"
+
+
+def test_every_group_has_cases():
+    groups = {c.group for c in load_all().values()}
+    assert groups == {"attention", "moe", "linear", "fp8-sized", "e2e"}
+    names = set(load_all())
+    for must in ("attention-alibi", "attention-gqa-causal-fwd-bwd", "moe-e64-top8-decode",
+                 "hf-mistral-train", "hf-bert-infer", "hf-gpt2-train", "moe-loop-gpt-train"):
+        assert must in names
+
+
+def test_smoke_run_writes_json_markdown_png_and_compares(tmp_path):
+    cmd = [sys.executable, "-m", "bench", "--smoke", "--cases", *SMOKE_CASES, "--reps", "3",
+           "--out", str(tmp_path), "--stem", "run"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run.json").read_text())
+    assert results["meta"]["torch"] and "git_commit" in results["meta"]
+    assert sorted(c["case"] for c in results["cases"]) == sorted(SMOKE_CASES)
+    for c in results["cases"]:
+        assert [r["backend"] for r in c["rows"]] == ["eager", "inductor", "inductor-max-autotune", "kernelpytorch"]
+        for r in c["rows"]:
+            assert "failed" not in r, r
+            assert r["median_ms"] > 0 and r["ci95_ms"][0] <= r["median_ms"] <= r["ci95_ms"][1]
+            assert r["error"] < 1e-4, (c["case"], r)  # fp32 against an fp64 reference
+            assert r["speedup_vs_inductor"] > 0
+    first = next(c for c in results["cases"] if c["case"] == "attention-causal")
+    assert first["rows"][1]["speedup_vs_inductor"] == 1.0
+    assert first["rows"][0]["tflops"] > 0
+    md = (tmp_path / "run.md").read_text()
+    assert md.count("| attention-causal |") == 4
+    assert (tmp_path / "run.png").stat().st_size > 1000
+
+    # --compare: the run against a baseline where kernelpytorch was a million times faster is flagged.
+    baseline = json.loads(json.dumps(results))
+    for c in baseline["cases"]:
+        for r in c["rows"]:
+            if r["backend"] == "kernelpytorch":
+                r["speedup_ci95"] = [1e6, 2e6]
+    flags = report.compare(results, baseline)
+    assert len(flags) == len(SMOKE_CASES) and all("kernelpytorch" in f and "slower" in f for f in flags)
+    assert report.compare(results, results) == [], "a run always lies inside its own interval"
+
+
+def test_failed_backend_is_reported_not_fatal(tmp_path):
+    from bench.backends import Backend
+    from bench.cases import Scale
+    from bench.runner import run_case
+
+    bad = Backend("kernelpytorch[bogus]", "kernelpytorch", options={"no_such_option": 1})
+    case = load_all()["attention-plain"]
+    result = run_case(case, [Backend("eager"), bad], Scale("cpu", __import__("torch").float32, True), reps=2)
+    assert "median_ms" in result["rows"][0]
+    assert "no_such_option" in result["rows"][1]["failed"]

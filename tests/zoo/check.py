@@ -1,0 +1,107 @@
+"""Run one zoo model under the backend and compare it with eager.
+
+Forward logits and every parameter gradient (of a cross-entropy loss) are
+compared by relative L2 error; the report says which passes fired, how
+often, and how many graphs and graph breaks Dynamo made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kp_compiler.core.report import collect
+
+from .entries import Entry
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+@dataclass
+class ZooResult:
+    name: str
+    device: str
+    dtype: str
+    forward_error: float = float("nan")
+    grad_error: float = float("nan")
+    graphs: int = 0
+    graph_breaks: int = 0
+    break_reasons: list = field(default_factory=list)
+    passes: dict = field(default_factory=dict)  # pass name -> total matches
+    rolled_back: list = field(default_factory=list)
+    fallbacks: list = field(default_factory=list)
+    failed: str = ""
+
+    def ok(self, tol: float) -> bool:
+        return not self.failed and self.forward_error < tol and self.grad_error < tol
+
+
+@contextlib.contextmanager
+def dynamo_config(patches: dict):
+    import torch._dynamo.config as cfg
+
+    old = {k: getattr(cfg, k) for k in patches}
+    try:
+        for k, v in patches.items():
+            setattr(cfg, k, v)
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(cfg, k, v)
+
+
+def _logits(out):
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _rel(got: list, ref: list) -> float:
+    num = sum(((g.double() - r.double()) ** 2).sum().item() for g, r in zip(got, ref))
+    den = sum((r.double() ** 2).sum().item() for r in ref)
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def _run(model, ids):
+    logits = _logits(model(ids))
+    loss = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
+    loss.backward()
+    grads = [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return logits.detach(), grads
+
+
+def check(entry: Entry, device: str = "cpu", dtype: torch.dtype = torch.float32, **options) -> ZooResult:
+    from torch._dynamo.utils import counters
+
+    result = ZooResult(entry.name, device, str(dtype).replace("torch.", ""))
+    torch.manual_seed(0)
+    model = entry.build().to(device, dtype)
+    ids = torch.randint(0, entry.vocab, (2, 24), device=device)
+    ref_logits, ref_grads = _run(model, ids)
+    torch._dynamo.reset()
+    before = Counter(counters["graph_break"])
+    try:
+        with dynamo_config(entry.dynamo_config), collect() as records:
+            compiled = torch.compile(copy.deepcopy(model), backend="kernelpytorch", options=options or None)
+            logits, grads = _run(compiled, ids)
+    except Exception as e:  # noqa: BLE001 - reported, and the test fails on it
+        result.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        return result
+    breaks = Counter(counters["graph_break"])
+    breaks.subtract(before)
+    result.forward_error = _rel([logits], [ref_logits])
+    result.grad_error = _rel(grads, ref_grads) if len(grads) == len(ref_grads) else float("inf")
+    result.graphs = len(records)
+    result.graph_breaks = sum(v for v in breaks.values() if v > 0)
+    result.break_reasons = [k.splitlines()[0] for k, v in breaks.items() if v > 0]
+    for rec in records:
+        result.fallbacks += rec.fallbacks
+        for p in rec.passes:
+            result.passes[p.name] = result.passes.get(p.name, 0) + p.matches
+            if p.status != "ok":
+                result.rolled_back.append(f"{p.name}: {p.reason}")
+    return result
