@@ -67,9 +67,10 @@ def main(argv=None) -> int:
         functorch_config.enable_autograd_cache = False
 
     cases = load_all()
-    selected = [c for n, c in cases.items()
-                if any(fnmatch.fnmatch(n, pat) for pat in args.cases)
-                and (args.groups is None or c.group in args.groups)]
+    selected = []  # in the order of the patterns, so a time-limited run does the first ones first
+    for pat in args.cases:
+        selected += [c for n, c in cases.items() if fnmatch.fnmatch(n, pat) and c not in selected
+                     and (args.groups is None or c.group in args.groups)]
     if args.list:
         print("\n".join(f"{c.group:10s} {c.name}" for c in selected))
         return 0

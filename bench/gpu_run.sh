@@ -4,6 +4,7 @@
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
+extra=${KP_BENCH_EXTRA:-}  # e.g. --smoke for a dry run on the CPU
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -16,13 +17,13 @@ left() { echo $(( budget - ($(date +%s) - start) )); }
 case "$stage" in
   micro)
     timeout "$(left)" python3 -m bench --groups attention linear fp8-sized moe \
-      --cases 'attention-*' 'linear-*' 'moe-e8-top2' --backends eager inductor kernelpytorch \
-      --reps 30 --out "$out" --stem cuda-micro 2>"$out/micro.log" | tail -40
+      --cases 'linear-*' 'moe-e8-top2' 'attention-causal' 'attention-sliding-window' 'attention-documents' 'attention-*' --backends eager inductor kernelpytorch \
+      --reps 30 $extra --out "$out" --stem cuda-micro 2>"$out/micro.log" | tail -40
     ;;
   e2e)
     timeout "$(( $(left) - 150 ))" python3 -m bench --cases 'gpt-*' 'hf-llama-*' --backends eager inductor kernelpytorch \
-      --reps 20 --out "$out" --stem cuda-e2e 2>"$out/e2e.log" | tail -20
-    timeout "$(left)" python3 -m tests.zoo.conformance --device cuda --json-out "$out/zoo-cuda.json" 2>>"$out/e2e.log" | tail -20
+      --reps 20 $extra --out "$out" --stem cuda-e2e 2>"$out/e2e.log" | tail -20
+    timeout "$(left)" python3 -m tests.zoo.conformance --device ${KP_ZOO_DEVICE:-cuda} --json-out "$out/zoo-cuda.json" 2>>"$out/e2e.log" | tail -20
     ;;
 esac
 echo "stage $stage done after $(( $(date +%s) - start )) s"

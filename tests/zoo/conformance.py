@@ -28,15 +28,19 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 DOC = os.path.join(ROOT, "docs", "conformance.md")
 
 
-def run(device: str, dtype: torch.dtype) -> dict:
-    rows = []
+def run(device: str, dtype: torch.dtype, path: str) -> dict:
+    """Check every entry, rewriting ``path`` after each one (a cut-off run keeps what it has)."""
+    res = {"meta": {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                    "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
+                    "date": time.strftime("%Y-%m-%d"), "tolerance": TOLERANCE[dtype]},
+           "rows": []}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     for entry in ENTRIES:
         print(f"zoo: {entry.name} ...", file=sys.stderr, flush=True)
-        rows.append(dataclasses.asdict(check(entry, device, dtype)))
-    return {"meta": {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                     "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
-                     "date": time.strftime("%Y-%m-%d"), "tolerance": TOLERANCE[dtype]},
-            "rows": rows}
+        res["rows"].append(dataclasses.asdict(check(entry, device, dtype)))
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
 
 
 def render(results: list[dict]) -> str:
@@ -71,11 +75,8 @@ def main(argv=None) -> int:
     failed = 0
     if not args.render_only:
         dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
-        res = run(args.device, dtype)
         path = args.json_out or os.path.join(RESULTS, f"zoo-{args.device}.json")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(res, f, indent=1)
+        res = run(args.device, dtype, path)
         tol = TOLERANCE[dtype]
         failed = sum(1 for r in res["rows"] if r["failed"] or not (r["forward_error"] < tol and r["grad_error"] < tol))
     saved = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(RESULTS, "zoo-*.json")))]
