@@ -21,9 +21,17 @@ case "$stage" in
       --reps 30 $extra --out "$out" --stem cuda-micro 2>"$out/micro.log" | tail -40
     ;;
   e2e)
-    timeout "$(( $(left) - 150 ))" python3 -m bench --cases 'gpt-*' 'hf-llama-*' --backends eager inductor kernelpytorch \
+    timeout "$(( $(left) - 150 ))" python3 -m bench --cases 'gpt-*' 'hf-llama-*' 'hf-mistral-*' 'hf-gpt2-*' 'hf-bert-*' 'moe-loop-gpt-*' --backends eager inductor kernelpytorch \
       --reps 20 $extra --out "$out" --stem cuda-e2e 2>"$out/e2e.log" | tail -20
     timeout "$(left)" python3 -m tests.zoo.conformance --device ${KP_ZOO_DEVICE:-cuda} --json-out "$out/zoo-cuda.json" 2>>"$out/e2e.log" | tail -20
+    ;;
+  rest)
+    timeout 90 python3 -m tests.zoo.conformance --device cuda --json-out "$out/zoo-cuda-rest.json" \
+      --only hf-mixtral-batched_mm hf-qwen2_moe-grouped_mm hf-qwen2_moe-batched_mm 2>"$out/rest.log" | tail -3
+    timeout "$(( $(left) - 70 ))" python3 -m bench --cases 'moe-loop-gpt-*' 'moe-e64-top8-decode' 'moe-e64-top8' 'moe-*' \
+      --backends eager inductor kernelpytorch --reps 20 $extra --out "$out" --stem cuda-moe 2>>"$out/rest.log" | tail -3
+    timeout "$(left)" python3 -m bench --cases 'linear-gelu' 'attention-causal' --backends inductor inductor-max-autotune kernelpytorch \
+      --reps 20 $extra --out "$out" --stem cuda-autotune 2>>"$out/rest.log" | tail -3
     ;;
 esac
 echo "stage $stage done after $(( $(date +%s) - start )) s"

@@ -28,7 +28,7 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 DOC = os.path.join(ROOT, "docs", "conformance.md")
 
 
-def run(device: str, dtype: torch.dtype, path: str) -> dict:
+def run(device: str, dtype: torch.dtype, path: str, only=None) -> dict:
     """Check every entry, rewriting ``path`` after each one (a cut-off run keeps what it has)."""
     res = {"meta": {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                     "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
@@ -36,6 +36,8 @@ def run(device: str, dtype: torch.dtype, path: str) -> dict:
            "rows": []}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     for entry in ENTRIES:
+        if only and entry.name not in only:
+            continue
         print(f"zoo: {entry.name} ...", file=sys.stderr, flush=True)
         res["rows"].append(dataclasses.asdict(check(entry, device, dtype)))
         with open(path, "w") as f:
@@ -71,12 +73,13 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="float32 on the CPU, bfloat16 on the GPU by default")
     p.add_argument("--json-out", default=None)
     p.add_argument("--render-only", action="store_true")
+    p.add_argument("--only", nargs="*", default=None, help="only these zoo entries")
     args = p.parse_args(argv)
     failed = 0
     if not args.render_only:
         dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
         path = args.json_out or os.path.join(RESULTS, f"zoo-{args.device}.json")
-        res = run(args.device, dtype, path)
+        res = run(args.device, dtype, path, args.only)
         tol = TOLERANCE[dtype]
         failed = sum(1 for r in res["rows"] if r["failed"] or not (r["forward_error"] < tol and r["grad_error"] < tol))
     saved = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(RESULTS, "zoo-*.json")))]
