@@ -95,3 +95,32 @@ def test_modes_compile_and_match():
         with collect() as records:
             torch.testing.assert_close(compiled(x), model(x))
         assert records[0].mode == mode
+
+
+def test_parameters_stay_static_inputs_for_inductor():
+    """Dynamo's input metadata reaches AOTAutograd: parameters are static inputs.
+
+    Without it CUDA graphs would copy every parameter on every replay.
+    """
+    import logging
+
+    logger = logging.getLogger("torch._inductor.compile_fx.__cudagraph_static_inputs")
+    seen = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Grab(level=logging.DEBUG)
+    torch._logging.set_logs(cudagraph_static_inputs=True)
+    logger.addHandler(handler)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        for backend in ("inductor", "kernelpytorch"):
+            torch._dynamo.reset()
+            torch.compile(model, backend=backend)(torch.randn(2, 16))
+    finally:
+        logger.removeHandler(handler)
+        torch._logging.set_logs()
+    idxs = [m for m in seen if m.startswith("static input idxs compile_fx_inner")]
+    assert idxs == ["static input idxs compile_fx_inner: [0, 1, 3, 4]"] * 2, seen

@@ -71,18 +71,34 @@ def canonicalize(
     fake_inputs = fakeify(fake_mode, example_inputs)
     with fake_mode:
         cgm = make_fx(gm, pre_dispatch=True)(*fake_inputs)
-    _copy_placeholder_names(gm, cgm)
+    _carry_dynamo_metadata(gm, cgm)
     cgm.meta["kp_source"] = "canonical"
     return cgm, fake_mode, fake_inputs
 
 
-def _copy_placeholder_names(src: fx.GraphModule, dst: fx.GraphModule) -> None:
-    """Keep Dynamo's readable input names (``l_x_``) instead of ``arg0_1``."""
+def _carry_dynamo_metadata(src: fx.GraphModule, dst: fx.GraphModule) -> None:
+    """Give the canonical graph what Dynamo attached to its own.
+
+    AOTAutograd reads ``gm.meta["dynamo_compile_id"]``, ``gm._param_name_to_source``
+    and each placeholder's ``_dynamo_source`` and ``meta["tensor_dict"]`` to learn
+    which inputs are parameters (static): without them CUDA graphs copy every
+    parameter on every replay and Inductor checks every input's alignment.
+    Placeholders also keep Dynamo's readable names (``l_x_``, not ``arg0_1``).
+    """
     old = [n for n in src.graph.nodes if n.op == "placeholder"]
     new = [n for n in dst.graph.nodes if n.op == "placeholder"]
-    if len(old) != len(new) or not hasattr(fx.Node, "_rename"):
+    if len(old) != len(new):
         return
+    for key, value in src.meta.items():
+        dst.meta.setdefault(key, value)
+    if hasattr(src, "_param_name_to_source"):
+        dst._param_name_to_source = src._param_name_to_source
     for o, n in zip(old, new):
-        n._rename(o.name)
-        n.target = n.name
+        for key, value in o.meta.items():
+            n.meta.setdefault(key, value)
+        if hasattr(o, "_dynamo_source"):
+            n._dynamo_source = o._dynamo_source
+        if hasattr(fx.Node, "_rename"):
+            n._rename(o.name)
+            n.target = n.name
     dst.recompile()
