@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 from typing import Optional
 
@@ -18,11 +19,14 @@ def provenance(device: str) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip() or None
-    except OSError:
-        commit = None
+    commit = os.environ.get("KP_GIT_COMMIT")  # set by callers whose copy has no .git (the device machine)
+    if not commit:
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                 cwd=os.path.dirname(__file__)).stdout.strip()
+            commit = out if re.fullmatch(r"[0-9a-f]{40}", out) else None
+        except OSError:
+            commit = None
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     return {"device": device, "device_name": name, "torch": torch.__version__,
             "triton": triton_version, "git_commit": commit, "python": platform.python_version()}

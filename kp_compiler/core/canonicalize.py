@@ -76,6 +76,19 @@ def canonicalize(
     return cgm, fake_mode, fake_inputs
 
 
+def _unregister_traced_constants(gm: fx.GraphModule, known: set) -> None:
+    """Keep make_fx's tensor constants (``_tensor_constant0``) as plain attributes.
+
+    make_fx registers them as buffers; AOTAutograd then looks every buffer up
+    in Dynamo's ``_param_name_to_source`` and fails on these, which have no
+    source. As plain attributes they are constants to AOTAutograd, as in
+    Dynamo's own graphs.
+    """
+    for name in [n for n in gm._buffers if n not in known]:
+        tensor = gm._buffers.pop(name)
+        setattr(gm, name, tensor)
+
+
 def _carry_dynamo_metadata(src: fx.GraphModule, dst: fx.GraphModule) -> None:
     """Give the canonical graph what Dynamo attached to its own.
 
@@ -93,6 +106,7 @@ def _carry_dynamo_metadata(src: fx.GraphModule, dst: fx.GraphModule) -> None:
         dst.meta.setdefault(key, value)
     if hasattr(src, "_param_name_to_source"):
         dst._param_name_to_source = src._param_name_to_source
+        _unregister_traced_constants(dst, set(src._param_name_to_source))
     for o, n in zip(old, new):
         for key, value in o.meta.items():
             n.meta.setdefault(key, value)
