@@ -124,3 +124,16 @@ def test_parameters_stay_static_inputs_for_inductor():
         torch._logging.set_logs()
     idxs = [m for m in seen if m.startswith("static input idxs compile_fx_inner")]
     assert idxs == ["static input idxs compile_fx_inner: [0, 1, 3, 4]"] * 2, seen
+
+
+def test_tensor_constants_do_not_force_a_fallback():
+    """make_fx lifts torch.tensor(...) constants; AOTAutograd must still accept the graph."""
+    lin = torch.nn.Linear(2, 2)
+
+    def f(x):
+        return lin(x) * torch.tensor([1.0, 2.0]) + torch.tensor([]).numel()
+
+    x = torch.randn(3, 2)
+    _, out, records = compile_and_collect(f, (x,))
+    torch.testing.assert_close(out, f(x))
+    assert records[0].fallbacks == []
