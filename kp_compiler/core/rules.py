@@ -283,7 +283,7 @@ class RuleSet:
                 if new is None or new is node:
                     continue
                 node.replace_all_uses_with(new)
-                _erase_replaced(node, erased)
+                erase_unused(node, erased)
                 counts[rule.key] += 1
                 fired += 1
                 break
@@ -297,12 +297,13 @@ def _kwargs(captures: dict) -> dict:
     return {k: v for k, v in captures.items() if k.isidentifier()}
 
 
-def _erase_replaced(root: fx.Node, erased: set) -> None:
-    """Erase a replaced root, then whatever it alone kept alive if side-effect free.
+def erase_unused(root: fx.Node, erased: Optional[set] = None) -> None:
+    """Erase a replaced ``root``, then whatever it alone kept alive if side-effect free.
 
     The root goes even if FX calls it impure for drawing random numbers (a
     rule replaced it, so its value is not needed); in-place ops never go.
     """
+    erased = set() if erased is None else erased
     if root.users or is_mutating(root):
         return
     inputs = root.all_input_nodes

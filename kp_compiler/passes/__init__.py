@@ -4,6 +4,8 @@ Each module holds one pass; this file is the one place that orders them.
 """
 
 from ..core.pass_manager import register_pass
+from .attention import attention_to_sdpa
 from .noop import noop_elimination
 
 register_pass("noop-elimination", noop_elimination, default=True)
+register_pass("attention-to-sdpa", attention_to_sdpa, default=True)

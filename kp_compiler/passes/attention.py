@@ -1,0 +1,267 @@
+"""``attention-to-sdpa``: plain-PyTorch attention onto ``scaled_dot_product_attention``.
+
+Matches, around every ``softmax`` over the last dim::
+
+    scores = matmul(q', k'^T)                # matmul or bmm; k'^T a transpose of k or any tensor
+    scores = scores * c | scores / c         # any number of scalar scalings (also on q' or k')
+    scores = scores.float()                  # optional upcast (anywhere before the softmax)
+    scores = scores + bias                   # optional additive float mask (at most one)
+    scores = scores.masked_fill(~keep, -inf) # optional boolean mask (at most one)
+    p = softmax(scores, -1)[.to(dtype)]      # optional cast back
+    p = dropout(p, prob, train)              # optional
+    out = matmul(p, v)
+
+Emits ``aten.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p,
+is_causal, scale=c)``; ``is_causal=True`` (and no mask) when the boolean mask
+is proven causal (``attention_masks.is_causal_keep_mask``), else the mask
+tensor (bias and boolean mask combined into one float mask if both).
+
+Preconditions (else the graph is left as it is): every intermediate (scores,
+probabilities) has exactly one user, so attention weights that are returned
+or reused elsewhere block the rewrite; scalings come before any mask or bias
+(``(s + bias) * c`` would scale the bias too); the mask fill is ``-inf``;
+q, k, v, and the output share one floating dtype; q, k, v have the same rank
+(3 or 4) and provably equal batch dims.
+
+Before::
+
+    %matmul = aten.matmul.default(%q, %transpose) : f32[1, 2, 8, 8]
+    %div = aten.div.Tensor(%matmul, 2.0) : f32[1, 2, 8, 8]
+    %masked_fill = aten.masked_fill.Scalar(%div, %bitwise_not, -inf) : f32[1, 2, 8, 8]
+    %softmax = aten.softmax.int(%masked_fill, -1) : f32[1, 2, 8, 8]
+    %matmul_1 = aten.matmul.default(%softmax, %v) : f32[1, 2, 8, 4]
+
+After::
+
+    %sdpa = aten.scaled_dot_product_attention.default(%q, %k, %v, is_causal=True, scale=0.5) : f32[1, 2, 8, 4]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import fx
+
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..core.graph import val
+from ..core.rules import Matches, erase_unused
+from .attention_masks import is_causal_keep_mask
+
+aten = torch.ops.aten
+
+SOFTMAX = (aten.softmax.int, aten._softmax.default)
+MATMUL = (aten.matmul.default, aten.bmm.default)
+CASTS = (aten.to.dtype, aten._to_copy.default)
+SCALES = (aten.mul.Tensor, aten.div.Tensor)
+
+
+@dataclass
+class Attention:
+    q: fx.Node
+    k_t: fx.Node  # the right operand of q @ k^T
+    v: fx.Node
+    out: fx.Node
+    scale: float = 1.0
+    keep_mask: Optional[fx.Node] = None  # bool, True = attend
+    bias: Optional[fx.Node] = None  # additive float mask
+    dropout_p: float = 0.0
+    removed: list = field(default_factory=list)
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _single_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _cast_dtype(node: fx.Node):
+    if node.target is aten.to.dtype:
+        return node.args[1]
+    if node.target is aten._to_copy.default and set(node.kwargs) <= {"dtype"}:
+        return node.kwargs.get("dtype")
+    return None
+
+
+def _forward(softmax: fx.Node, att: Attention) -> bool:
+    """From the softmax down to ``matmul(p, v)``; every step single-user."""
+    cur = softmax
+    while True:
+        user = _single_user(cur)
+        if user is None or user.op != "call_function":
+            return False
+        if user.target in CASTS and _cast_dtype(user) is not None:
+            att.removed.append(user)
+            cur = user
+            continue
+        if user.target is aten.dropout.default:
+            p, train = user.args[1], user.args[2]
+            att.dropout_p = float(p) if train else 0.0
+            att.removed.append(user)
+            cur = user
+            continue
+        if user.target in MATMUL and user.args[0] is cur and user.args[1] is not cur:
+            att.v, att.out = user.args[1], user
+            return True
+        return False
+
+
+def _backward(scores: fx.Node, att: Attention) -> bool:
+    """From the softmax input up to ``matmul(q, k^T)``: masks first, then scalings."""
+    cur, phase = scores, "mask"
+    while True:
+        if not isinstance(cur, fx.Node) or cur.op != "call_function" or len(cur.users) != 1:
+            return False
+        t = cur.target
+        if t in CASTS and _cast_dtype(cur) is not None:
+            nxt = cur.args[0]
+        elif t is aten.masked_fill.Scalar and phase == "mask" and att.keep_mask is None:
+            if cur.args[2] != -math.inf:
+                return False
+            att.keep_mask = _invert(cur.args[1])
+            nxt = cur.args[0]
+        elif t is aten.add.Tensor and phase == "mask" and att.bias is None and len(cur.args) == 2:
+            a, b = cur.args
+            if cur.kwargs.get("alpha", 1) != 1:
+                return False
+            nxt, att.bias = (a, b) if _reaches_matmul(a) else (b, a)
+            if not isinstance(att.bias, fx.Node):
+                return False
+        elif t in SCALES and _number(cur.args[1]) and cur.args[1] != 0:
+            phase = "scale"
+            c = cur.args[1]
+            att.scale *= c if t is aten.mul.Tensor else 1.0 / c
+            nxt = cur.args[0]
+        elif t in MATMUL:
+            att.q, att.k_t = _peel_scale(cur.args[0], att), _peel_scale(cur.args[1], att)
+            att.removed.append(cur)
+            return True
+        else:
+            return False
+        att.removed.append(cur)
+        cur = nxt
+
+
+def _reaches_matmul(node, depth: int = 8) -> bool:
+    for _ in range(depth):
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            return False
+        if node.target in MATMUL:
+            return True
+        if node.target not in CASTS + SCALES + (aten.masked_fill.Scalar,):
+            return False
+        node = node.args[0]
+    return False
+
+
+def _peel_scale(node, att: Attention):
+    while isinstance(node, fx.Node) and node.target in SCALES and _number(node.args[1]) and node.args[1] != 0:
+        c = node.args[1]
+        att.scale *= c if node.target is aten.mul.Tensor else 1.0 / c
+        node = node.args[0]
+    return node
+
+
+def _invert(not_keep):
+    """The keep mask for ``masked_fill(s, not_keep, -inf)``: peel a ``~``, else mark for inversion."""
+    if isinstance(not_keep, fx.Node) and not_keep.target in (aten.bitwise_not.default, aten.logical_not.default):
+        return not_keep.args[0]
+    return ("not", not_keep)
+
+
+def match(softmax: fx.Node) -> Optional[Attention]:
+    """The attention around ``softmax``, or None if any precondition fails."""
+    x, dim = softmax.args[0], softmax.args[1]
+    vx = val(x)
+    if not isinstance(vx, torch.Tensor) or dim % vx.dim() != vx.dim() - 1:
+        return None
+    att = Attention(q=None, k_t=None, v=None, out=None, removed=[softmax])
+    if not _forward(softmax, att) or not _backward(x, att):
+        return None
+    return att if _shapes_ok(att) else None
+
+
+def _shapes_ok(att: Attention) -> bool:
+    q, kt, v, out = (val(n) for n in (att.q, att.k_t, att.v, att.out))
+    if not all(isinstance(t, torch.Tensor) for t in (q, kt, v, out)):
+        return False
+    if q.dim() not in (3, 4) or not (q.dim() == kt.dim() == v.dim() == out.dim()):
+        return False
+    if not (q.dtype == kt.dtype == v.dtype == out.dtype) or not q.is_floating_point():
+        return False
+    batch_ok = all(statically_known_true(a == b) for t in (kt, v) for a, b in zip(q.shape[:-2], t.shape[:-2]))
+    return batch_ok and statically_known_true(q.shape[-1] == kt.shape[-2])
+
+
+def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
+    g = gm.graph
+    q_val = val(att.q)
+    L, S = q_val.shape[-2], val(att.k_t).shape[-1]
+    with g.inserting_before(att.out):
+        k = _untranspose(g, att.k_t)
+        mask, causal = _mask(g, att, L, S, q_val.dtype)
+        kwargs = {"attn_mask": mask, "dropout_p": att.dropout_p, "is_causal": causal, "scale": att.scale}
+        sdpa = g.call_function(aten.scaled_dot_product_attention.default, (att.q, k, att.v), kwargs)
+    kind = "causal" if causal else ("mask-tensor" if mask is not None else "no-mask")
+    sdpa.meta["kp_attention"] = {"mask": kind}
+    att.out.replace_all_uses_with(sdpa)
+    erase_unused(att.out)
+    _erase_matched(att.removed)  # dropout is "impure" to FX; SDPA took it over
+    return kind
+
+
+def _erase_matched(nodes: list) -> None:
+    pending = [n for n in nodes if not getattr(n, "_erased", False)]
+    while pending:
+        dead = [n for n in pending if not n.users]
+        if not dead:
+            return
+        for n in dead:
+            inputs = n.all_input_nodes
+            n.graph.erase_node(n)
+            for i in inputs:
+                erase_unused(i) if not i.users and i.op == "call_function" else None
+        pending = [n for n in pending if not getattr(n, "_erased", False)]
+
+
+def _untranspose(g: fx.Graph, k_t: fx.Node) -> fx.Node:
+    rank = val(k_t).dim()
+    if k_t.target is aten.transpose.int and {k_t.args[1] % rank, k_t.args[2] % rank} == {rank - 2, rank - 1}:
+        return k_t.args[0]
+    return g.call_function(aten.transpose.int, (k_t, -2, -1))
+
+
+def _mask(g: fx.Graph, att: Attention, L, S, dtype):
+    keep = att.keep_mask
+    if isinstance(keep, tuple):
+        keep = g.call_function(aten.logical_not.default, (keep[1],))
+    if att.bias is None and keep is not None and is_causal_keep_mask(keep, L, S):
+        return None, True
+    if att.bias is None:
+        return keep, False
+    bias = att.bias
+    if val(bias) is None or val(bias).dtype != dtype:
+        bias = g.call_function(aten.to.dtype, (bias, dtype))
+    if keep is not None:
+        bias = g.call_function(aten.masked_fill.Scalar, (bias, g.call_function(aten.logical_not.default, (keep,)), -math.inf))
+    return bias, False
+
+
+def attention_to_sdpa(gm: fx.GraphModule) -> Matches:
+    """Rewrite every provable attention in ``gm`` to SDPA; matches counted per mask kind."""
+    counts = {"causal": 0, "mask-tensor": 0, "no-mask": 0}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in SOFTMAX or getattr(node, "_erased", False):
+            continue
+        att = match(node)
+        if att is not None:
+            counts[_rewrite(gm, att)] += 1
+    if any(counts.values()):
+        gm.recompile()
+    return Matches(counts)
