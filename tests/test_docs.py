@@ -20,6 +20,6 @@ def test_writing_passes_example_runs(capsys):
         for name in ("my-cleanup", "count-matmuls"):
             kp_compiler.unregister_pass(name)
     printed = capsys.readouterr().out
-    assert "my-cleanup        ok                 2" in printed
+    assert "my-cleanup         ok                 2" in printed
     assert "double-neg (writing-passes.md:" in printed and "square (writing-passes.md:" in printed
-    assert "count-matmuls     ok                 1" in printed
+    assert "count-matmuls      ok                 1" in printed

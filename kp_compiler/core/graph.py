@@ -30,8 +30,13 @@ def propagate_shapes(gm: fx.GraphModule, fake_mode, fake_inputs: Sequence[Any]) 
 def snapshot(gm: fx.GraphModule) -> fx.Graph:
     """A copy of ``gm.graph`` (node metadata included) to restore on rollback."""
     copy = fx.Graph(owning_module=gm)
-    out = copy.graph_copy(gm.graph, {})
+    val_map: dict = {}
+    out = copy.graph_copy(gm.graph, val_map)
     copy.output(out)
+    for old, new in val_map.items():
+        # Dynamo's input sources live on the Node object, not in meta (AOTAutograd reads them).
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
     return copy
 
 

@@ -50,7 +50,8 @@ def test_report_json_schema_and_numbering(tmp_path):
     assert p["name"] == "noop-elimination" and p["status"] == "ok"
     assert isinstance(p["matches"], int) and isinstance(p["ms"], float)
     for g in report["graphs"]:
-        assert sorted(os.listdir(g["dump"])) == ["00-input.txt", "01-noop-elimination.txt", "dynamo.txt"]
+        assert sorted(os.listdir(g["dump"])) == ["00-input.txt", "01-noop-elimination.txt",
+                                                 "02-attention-to-sdpa.txt", "dynamo.txt"]
     json.dumps(report)  # plain JSON all the way down
 
 

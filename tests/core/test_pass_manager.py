@@ -58,15 +58,15 @@ def test_user_pass_selected_counted_and_dumped(register, tmp_path):
     assert len(seen) == 1 and isinstance(seen[0], torch.fx.GraphModule)
     report = load_report(tmp_path)
     (graph,) = report["graphs"]
-    assert [p["name"] for p in graph["passes"]] == ["noop-elimination", "count-linears"]
-    assert graph["passes"][1] | {"ms": 0} == {
+    assert [p["name"] for p in graph["passes"]] == ["noop-elimination", "attention-to-sdpa", "count-linears"]
+    assert graph["passes"][2] | {"ms": 0} == {
         "name": "count-linears", "matches": 2, "ms": 0, "status": "ok", "reason": "", "by_rule": {}}
     assert sorted(os.listdir(graph["dump"])) == [
-        "00-input.txt", "01-noop-elimination.txt", "02-count-linears.txt", "dynamo.txt"]
+        "00-input.txt", "01-noop-elimination.txt", "02-attention-to-sdpa.txt", "03-count-linears.txt", "dynamo.txt"]
     filecheck(
         "CHECK: after count-linears | status ok | matches 2\n"
         "CHECK: aten.linear.default\nCHECK: aten.relu.default\nCHECK: aten.linear.default\nCHECK: return\n",
-        open(os.path.join(graph["dump"], "02-count-linears.txt")).read(),
+        open(os.path.join(graph["dump"], "03-count-linears.txt")).read(),
     )
 
 
@@ -83,6 +83,7 @@ def test_raising_pass_is_rolled_back(register, tmp_path):
     with pytest.warns(RuntimeWarning, match="pass 'explodes' was rolled back: RuntimeError: boom"):
         _, out, records = compile_and_collect(model, (x,), passes=["explodes"], dump_dir=str(tmp_path))
     torch.testing.assert_close(out, model(x))
+    assert records[0].fallbacks == [], "the restored graph must still lower (Dynamo metadata kept)"
     (rec,) = load_report(tmp_path)["graphs"][0]["passes"]
     assert (rec["status"], rec["matches"], rec["reason"]) == ("rolled_back", 0, "RuntimeError: boom")
     dumped = open(os.path.join(tmp_path, "graph-000", "01-explodes.txt")).read()
@@ -137,6 +138,7 @@ def test_verify_catches_a_wrong_pass(register):
         _, out, records = compile_and_collect(model, (x,), passes=["relu-to-sigmoid"], verify=True)
     assert records[0].passes[0].status == "rolled_back"
     assert records[0].passes[0].reason.startswith("verify:")
+    assert records[0].fallbacks == []
     torch.testing.assert_close(out, model(x))
 
 

@@ -199,3 +199,25 @@ def test_through_the_backend_dump_shows_is_causal(tmp_path):
         "CHECK-NOT: softmax\nCHECK-NOT: arange\n",
         text,
     )
+
+
+def test_active_dropout_moves_into_sdpa_and_stays_unbiased():
+    """Dropout in training cannot match eager bit for bit: check it statistically.
+
+    Both eager dropout and SDPA's dropout_p are unbiased, so the mean over many
+    draws converges to the dropout-free output; compare within 6 standard errors.
+    """
+    def fn(q, k, v):
+        return F.dropout(torch.softmax(q @ k.transpose(-2, -1), -1), p=0.3, training=True) @ v
+
+    inputs = [torch.randn(1, 2, 8, 4) for _ in range(3)]
+    gm = canonical(fn, inputs)
+    assert attention_to_sdpa(gm) == 1
+    (node,) = sdpa_nodes(gm)
+    assert node.kwargs["dropout_p"] == 0.3
+    q, k, v = inputs
+    exact = torch.softmax(q @ k.transpose(-2, -1), -1) @ v
+    draws = torch.stack([gm(q, k, v) for _ in range(2000)])
+    stderr = draws.std(0) / math.sqrt(draws.shape[0])
+    assert ((draws.mean(0) - exact).abs() <= 6 * stderr + 1e-6).all()
+    assert draws.std(0).mean() > 0.01, "dropout must actually be applied"
