@@ -19,7 +19,9 @@ tensor (bias and boolean mask combined into one float mask if both).
 Preconditions (else the graph is left as it is): every intermediate (scores,
 probabilities) has exactly one user, so attention weights that are returned
 or reused elsewhere block the rewrite; scalings come before any mask or bias
-(``(s + bias) * c`` would scale the bias too); the mask fill is ``-inf``;
+(``(s + bias) * c`` would scale the bias too); the mask fill is ``-inf`` or
+at most -1e4 (``finfo.min``: then passed as an additive mask, so even fully
+masked rows match eager);
 q, k, v, and the output share one floating dtype; q, k, v have the same rank
 (3 or 4) and provably equal batch dims.
 
@@ -53,10 +55,12 @@ from .attention_masks import is_causal_keep_mask
 
 aten = torch.ops.aten
 
-SOFTMAX = (aten.softmax.int, aten._softmax.default)
+SOFTMAX = (aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)
 MATMUL = (aten.matmul.default, aten.bmm.default)
-CASTS = (aten.to.dtype, aten._to_copy.default)
-SCALES = (aten.mul.Tensor, aten.div.Tensor)
+CASTS = (aten.to.dtype, aten._to_copy.default, aten.type_as.default)
+SCALES = (aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar)
+MULS = (aten.mul.Tensor, aten.mul.Scalar)
+FILLS = (aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.where.ScalarOther)
 
 
 @dataclass
@@ -67,6 +71,8 @@ class Attention:
     out: fx.Node
     scale: float = 1.0
     keep_mask: Optional[fx.Node] = None  # bool, True = attend
+    fill: float = -math.inf  # what masked-out scores were set to
+    fill_then_bias: bool = False  # masked_fill before the bias add: masked scores = fill + bias
     bias: Optional[fx.Node] = None  # additive float mask
     dropout_p: float = 0.0
     removed: list = field(default_factory=list)
@@ -82,10 +88,37 @@ def _single_user(node: fx.Node) -> Optional[fx.Node]:
 
 
 def _cast_dtype(node: fx.Node):
+    """The dtype a pure cast converts to (None if ``node`` is not one)."""
     if node.target is aten.to.dtype:
-        return node.args[1]
+        return node.args[1] if len(node.args) > 1 else node.kwargs.get("dtype")
     if node.target is aten._to_copy.default and set(node.kwargs) <= {"dtype"}:
         return node.kwargs.get("dtype")
+    if node.target is aten.type_as.default and isinstance(val(node.args[1]), torch.Tensor):
+        return val(node.args[1]).dtype
+    return None
+
+
+def _const_scalar(arg) -> Optional[float]:
+    """A Python number, or the value of a 0-dim ``full([], c)`` / ``scalar_tensor(c)`` node."""
+    if _number(arg):
+        return arg
+    if not isinstance(arg, fx.Node) or arg.op != "call_function":
+        return None
+    if arg.target is aten.full.default and list(arg.args[0]) == [] and _number(arg.args[1]):
+        return arg.args[1]
+    if arg.target is aten.scalar_tensor.default and _number(arg.args[0]):
+        return arg.args[0]
+    return None
+
+
+def _fill_parts(node: fx.Node):
+    """(scores, not_keep or ("keep", keep), fill) for masked_fill / where, else None."""
+    if node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+        fill = _const_scalar(node.args[2])
+        return None if fill is None else (node.args[0], node.args[1], fill)
+    if node.target in (aten.where.self, aten.where.ScalarOther):
+        fill = _const_scalar(node.args[2])
+        return None if fill is None else (node.args[1], ("keep", node.args[0]), fill)
     return None
 
 
@@ -116,16 +149,18 @@ def _backward(scores: fx.Node, att: Attention) -> bool:
     """From the softmax input up to ``matmul(q, k^T)``: masks first, then scalings."""
     cur, phase = scores, "mask"
     while True:
-        if not isinstance(cur, fx.Node) or cur.op != "call_function" or len(cur.users) != 1:
+        if not isinstance(cur, fx.Node) or cur.op != "call_function" or len(_value_users(cur)) != 1:
             return False
         t = cur.target
         if t in CASTS and _cast_dtype(cur) is not None:
             nxt = cur.args[0]
-        elif t is aten.masked_fill.Scalar and phase == "mask" and att.keep_mask is None:
-            if cur.args[2] != -math.inf:
+        elif t in FILLS and phase == "mask" and att.keep_mask is None and _fill_parts(cur) is not None:
+            nxt, not_keep, att.fill = _fill_parts(cur)
+            att.fill_then_bias = att.bias is not None
+            if not (att.fill == -math.inf or att.fill <= -1e4):
                 return False
-            att.keep_mask = _invert(cur.args[1])
-            nxt = cur.args[0]
+            att.keep_mask = not_keep[1] if isinstance(not_keep, tuple) else _invert(not_keep)
+            att.keep_mask = _unbroadcast(att.keep_mask)
         elif t is aten.add.Tensor and phase == "mask" and att.bias is None and len(cur.args) == 2:
             a, b = cur.args
             if cur.kwargs.get("alpha", 1) != 1:
@@ -133,10 +168,10 @@ def _backward(scores: fx.Node, att: Attention) -> bool:
             nxt, att.bias = (a, b) if _reaches_matmul(a) else (b, a)
             if not isinstance(att.bias, fx.Node):
                 return False
-        elif t in SCALES and _number(cur.args[1]) and cur.args[1] != 0:
+        elif t in SCALES and _const_scalar(cur.args[1]) not in (None, 0):
             phase = "scale"
-            c = cur.args[1]
-            att.scale *= c if t is aten.mul.Tensor else 1.0 / c
+            c = _const_scalar(cur.args[1])
+            att.scale *= c if t in MULS else 1.0 / c
             nxt = cur.args[0]
         elif t in MATMUL:
             att.q, att.k_t = _peel_scale(cur.args[0], att), _peel_scale(cur.args[1], att)
@@ -148,22 +183,40 @@ def _backward(scores: fx.Node, att: Attention) -> bool:
         cur = nxt
 
 
+def _value_users(node: fx.Node) -> list:
+    """Users that read ``node``'s values (``expand_as(mask, node)`` reads only its shape)."""
+    return [u for u in node.users if not (u.target is aten.expand_as.default and u.args[1] is node
+                                          and u.args[0] is not node)]
+
+
+def _unbroadcast(mask):
+    """Drop ``expand_as``/``expand`` around a mask: SDPA broadcasts ``attn_mask`` itself."""
+    if isinstance(mask, tuple):
+        return (mask[0], _unbroadcast(mask[1]))
+    while isinstance(mask, fx.Node) and mask.target in (aten.expand_as.default, aten.expand.default):
+        mask = mask.args[0]
+    return mask
+
+
 def _reaches_matmul(node, depth: int = 8) -> bool:
     for _ in range(depth):
         if not isinstance(node, fx.Node) or node.op != "call_function":
             return False
         if node.target in MATMUL:
             return True
-        if node.target not in CASTS + SCALES + (aten.masked_fill.Scalar,):
+        if node.target in FILLS and _fill_parts(node) is not None:
+            node = _fill_parts(node)[0]
+            continue
+        if node.target not in CASTS + SCALES:
             return False
         node = node.args[0]
     return False
 
 
 def _peel_scale(node, att: Attention):
-    while isinstance(node, fx.Node) and node.target in SCALES and _number(node.args[1]) and node.args[1] != 0:
-        c = node.args[1]
-        att.scale *= c if node.target is aten.mul.Tensor else 1.0 / c
+    while isinstance(node, fx.Node) and node.target in SCALES and _const_scalar(node.args[1]) not in (None, 0):
+        c = _const_scalar(node.args[1])
+        att.scale *= c if node.target in MULS else 1.0 / c
         node = node.args[0]
     return node
 
@@ -231,26 +284,36 @@ def _erase_matched(nodes: list) -> None:
 
 
 def _untranspose(g: fx.Graph, k_t: fx.Node) -> fx.Node:
+    """k from k^T: peel a transpose (or permute) of the last two dims, else transpose back."""
     rank = val(k_t).dim()
     if k_t.target is aten.transpose.int and {k_t.args[1] % rank, k_t.args[2] % rank} == {rank - 2, rank - 1}:
+        return k_t.args[0]
+    swap_last = list(range(rank - 2)) + [rank - 1, rank - 2]
+    if k_t.target is aten.permute.default and [d % rank for d in k_t.args[1]] == swap_last:
         return k_t.args[0]
     return g.call_function(aten.transpose.int, (k_t, -2, -1))
 
 
 def _mask(g: fx.Graph, att: Attention, L, S, dtype):
+    """(attn_mask, is_causal) for SDPA from the matched keep mask, fill and bias."""
     keep = att.keep_mask
     if isinstance(keep, tuple):
         keep = g.call_function(aten.logical_not.default, (keep[1],))
     if att.bias is None and keep is not None and is_causal_keep_mask(keep, L, S):
-        return None, True
-    if att.bias is None:
+        return None, True  # no row is fully masked, so -inf and a finite fill agree
+    if att.bias is None and att.fill == -math.inf:
         return keep, False
     bias = att.bias
-    if val(bias) is None or val(bias).dtype != dtype:
+    if bias is not None and (val(bias) is None or val(bias).dtype != dtype):
         bias = g.call_function(aten.to.dtype, (bias, dtype))
-    if keep is not None:
-        bias = g.call_function(aten.masked_fill.Scalar, (bias, g.call_function(aten.logical_not.default, (keep,)), -math.inf))
-    return bias, False
+    if keep is None:
+        return bias, False
+    masked_out = g.call_function(aten.logical_not.default, (keep,))
+    if bias is not None and not att.fill_then_bias:
+        return g.call_function(aten.masked_fill.Scalar, (bias, masked_out, att.fill)), False
+    zeros = g.call_function(aten.zeros_like.default, (keep,), {"dtype": dtype})
+    fill = g.call_function(aten.masked_fill.Scalar, (zeros, masked_out, att.fill))
+    return (fill if bias is None else g.call_function(aten.add.Tensor, (bias, fill))), False
 
 
 def attention_to_sdpa(gm: fx.GraphModule) -> Matches:

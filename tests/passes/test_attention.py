@@ -155,9 +155,9 @@ def scale_after_bias(q, k, v):
     return torch.softmax((q @ k.transpose(-2, -1) + bias) * 0.5, -1) @ v
 
 
-def finite_fill(q, k, v):
+def soft_penalty_fill(q, k, v):
     keep = torch.arange(L)[None, :] <= torch.arange(L)[:, None]
-    s = (q @ k.transpose(-2, -1)).masked_fill(~keep, -1e4)
+    s = (q @ k.transpose(-2, -1)).masked_fill(~keep, -10.0)  # a soft penalty, not a mask
     return torch.softmax(s, -1) @ v
 
 
@@ -166,7 +166,7 @@ def weights_mixed(q, k, v):
     return p @ v + p.sum()
 
 
-@pytest.mark.parametrize("fn", [weights_returned, softmax_other_dim, scale_after_bias, finite_fill, weights_mixed])
+@pytest.mark.parametrize("fn", [weights_returned, softmax_other_dim, scale_after_bias, soft_penalty_fill, weights_mixed])
 def test_negative_cases_untouched(fn):
     inputs = qkv()
     gm = canonical(fn, inputs)
@@ -221,3 +221,72 @@ def test_active_dropout_moves_into_sdpa_and_stays_unbiased():
     stderr = draws.std(0) / math.sqrt(draws.shape[0])
     assert ((draws.mean(0) - exact).abs() <= 6 * stderr + 1e-6).all()
     assert draws.std(0).mean() > 0.01, "dropout must actually be applied"
+
+
+def _inductor_patterns():
+    """Every ``_sfdp_pattern_N`` that Inductor's fuse_attention.py defines in the installed torch."""
+    import inspect
+
+    from torch._inductor.fx_passes import fuse_attention
+
+    found = sorted((int(n.rsplit("_", 1)[1]), fn) for n, fn in vars(fuse_attention).items()
+                   if n.startswith("_sfdp_pattern_") and n.rsplit("_", 1)[1].isdigit())
+    return [(n, fn, inspect.getsource(fn)) for n, fn in found]
+
+
+INDUCTOR_PATTERNS = _inductor_patterns()
+# Pattern 24 (MBart) adds the mask between views that merge batch and heads; not matched yet.
+NOT_YET = {24}
+
+
+def _pattern_args(fn, src: str):
+    import inspect
+
+    dtype = torch.float16 if "float16" in src or "torch.half" in src else torch.float32
+    permuted = "permute([0, 2, 1, 3])" in src or "permute(0, 2, 1, 3)" in src
+    three_d = "torch.bmm(query" in src
+    shape = (B, L, H, D) if permuted else (B * H, L, D) if three_d else (B, H, L, D)
+    tensors, consts = [], {}
+    for name in inspect.signature(fn).parameters:
+        if name in ("query", "key", "value"):
+            tensors.append((name, torch.randn(shape, dtype=dtype)))
+        elif name in ("attn_mask", "attention_mask"):
+            if "attn_mask == 0" in src:
+                m = torch.ones(B, L, dtype=dtype)
+                m[:, -2:] = 0
+            else:
+                m = torch.randn((B, 1, L, L) if name == "attention_mask" else (B, 1, 1, L), dtype=dtype)
+            tensors.append((name, m))
+        elif name == "causal_mask":
+            tensors.append((name, torch.ones(1, 1, L, L, dtype=torch.bool).tril()))
+        elif name == "dropout_p":
+            consts[name] = 0.0
+        else:  # inv_scale, scale_factor, inv_scale_factor
+            consts[name] = 2.0
+    return tensors, consts, dtype
+
+
+@pytest.mark.parametrize("num, fn, src", INDUCTOR_PATTERNS, ids=[f"sfdp-{n}" for n, _, _ in INDUCTOR_PATTERNS])
+def test_every_inductor_fuse_attention_pattern(num, fn, src):
+    tensors, consts, dtype = _pattern_args(fn, src)
+    names = [n for n, _ in tensors]
+
+    def call(*ts):
+        return fn(**dict(zip(names, ts)), **consts)
+
+    inputs = [t for _, t in tensors]
+    gm = canonical(call, inputs)
+    matched = attention_to_sdpa(gm)
+    if num in NOT_YET:
+        assert matched == 0
+        return
+    assert matched == 1, f"pattern {num} not rewritten"
+    assert not [n for n in gm.graph.nodes if n.target in (aten.softmax.int, aten._safe_softmax.default)]
+    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    fresh = [torch.randn_like(t) if t.is_floating_point() and n in ("query", "key", "value") else t
+             for n, t in tensors]
+    want, got = call(*fresh), gm(*fresh)
+    want = want if isinstance(want, tuple) else (want,)
+    got = got if isinstance(got, tuple) else (got,)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
