@@ -66,7 +66,7 @@ FILLS = (aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten
 @dataclass
 class Attention:
     q: fx.Node
-    k_t: fx.Node  # the right operand of q @ k^T
+    k_t: Optional[fx.Node]  # the right operand of q @ k^T (matmul spellings)
     v: fx.Node
     out: fx.Node
     scale: float = 1.0
@@ -76,6 +76,7 @@ class Attention:
     bias: Optional[fx.Node] = None  # additive float mask
     dropout_p: float = 0.0
     removed: list = field(default_factory=list)
+    k: Optional[fx.Node] = None  # k itself, [..., S, E] (einsum spellings)
 
 
 def _number(x) -> bool:
@@ -142,6 +143,10 @@ def _forward(softmax: fx.Node, att: Attention) -> bool:
         if user.target in MATMUL and user.args[0] is cur and user.args[1] is not cur:
             att.v, att.out = user.args[1], user
             return True
+        operands = _einsum_operands(user, "pv")
+        if operands is not None and operands[0] is cur and operands[1] is not cur:
+            att.v, att.out = operands[1], user
+            return True
         return False
 
 
@@ -177,10 +182,38 @@ def _backward(scores: fx.Node, att: Attention) -> bool:
             att.q, att.k_t = _peel_scale(cur.args[0], att), _peel_scale(cur.args[1], att)
             att.removed.append(cur)
             return True
+        elif _einsum_operands(cur, "qk") is not None:
+            q, k = _einsum_operands(cur, "qk")
+            att.q, att.k = _peel_scale(q, att), _peel_scale(k, att)
+            att.removed.append(cur)
+            return True
         else:
             return False
         att.removed.append(cur)
         cur = nxt
+
+
+def _einsum_operands(node: fx.Node, kind: str):
+    """(a, b) for a two-operand einsum that is ``q k^T`` (kind "qk") or ``p v`` (kind "pv")."""
+    if node.op != "call_function" or node.target is not aten.einsum.default:
+        return None
+    equation, operands = node.args[0], node.args[1]
+    if len(operands) != 2 or "->" not in equation:
+        return None
+    lhs, out = equation.replace(" ", "").replace("...", "@").split("->")
+    a, b = lhs.split(",") if lhs.count(",") == 1 else ("", "")
+    if len({len(a), len(b), len(out)}) != 1 or len(a) < 3 or len(set(a)) != len(a):
+        return None
+    batch = a[:-2]
+    if b[:-2] != batch or out[:-2] != batch:
+        return None
+    i, x = a[-2:]
+    y, z = b[-2:]
+    if kind == "qk":  # "...id,...jd->...ij"
+        ok = x == z and y != i and out[-2:] == i + y and len({i, x, y}) == 3
+    else:  # "...ij,...je->...ie"
+        ok = x == y and z not in (i, x) and out[-2:] == i + z and i != x
+    return tuple(operands) if ok else None
 
 
 def _value_users(node: fx.Node) -> list:
@@ -202,7 +235,7 @@ def _reaches_matmul(node, depth: int = 8) -> bool:
     for _ in range(depth):
         if not isinstance(node, fx.Node) or node.op != "call_function":
             return False
-        if node.target in MATMUL:
+        if node.target in MATMUL or _einsum_operands(node, "qk") is not None:
             return True
         if node.target in FILLS and _fill_parts(node) is not None:
             node = _fill_parts(node)[0]
@@ -240,24 +273,35 @@ def match(softmax: fx.Node) -> Optional[Attention]:
     return att if _shapes_ok(att) else None
 
 
+def _k_shape(att: Attention):
+    """k's shape as [..., S, E], whichever spelling matched."""
+    if att.k is not None:
+        return val(att.k).shape
+    kt = val(att.k_t).shape
+    return (*kt[:-2], kt[-1], kt[-2])
+
+
 def _shapes_ok(att: Attention) -> bool:
-    q, kt, v, out = (val(n) for n in (att.q, att.k_t, att.v, att.out))
-    if not all(isinstance(t, torch.Tensor) for t in (q, kt, v, out)):
+    key = att.k if att.k is not None else att.k_t
+    q, k, v, out = (val(n) for n in (att.q, key, att.v, att.out))
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v, out)):
         return False
-    if q.dim() not in (3, 4) or not (q.dim() == kt.dim() == v.dim() == out.dim()):
+    if q.dim() not in (3, 4) or not (q.dim() == k.dim() == v.dim() == out.dim()):
         return False
-    if not (q.dtype == kt.dtype == v.dtype == out.dtype) or not q.is_floating_point():
+    if not (q.dtype == k.dtype == v.dtype == out.dtype) or not q.is_floating_point():
         return False
-    batch_ok = all(statically_known_true(a == b) for t in (kt, v) for a, b in zip(q.shape[:-2], t.shape[:-2]))
-    return batch_ok and statically_known_true(q.shape[-1] == kt.shape[-2])
+    k_shape = _k_shape(att)
+    batch_ok = all(statically_known_true(a == b) for t in (k_shape, v.shape)
+                   for a, b in zip(q.shape[:-2], t[:-2]))
+    return batch_ok and statically_known_true(q.shape[-1] == k_shape[-1])
 
 
 def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
     g = gm.graph
     q_val = val(att.q)
-    L, S = q_val.shape[-2], val(att.k_t).shape[-1]
+    L, S = q_val.shape[-2], _k_shape(att)[-2]
     with g.inserting_before(att.out):
-        k = _untranspose(g, att.k_t)
+        k = att.k if att.k is not None else _untranspose(g, att.k_t)
         mask, causal = _mask(g, att, L, S, q_val.dtype)
         kwargs = {"attn_mask": mask, "dropout_p": att.dropout_p, "is_causal": causal, "scale": att.scale}
         sdpa = g.call_function(aten.scaled_dot_product_attention.default, (att.q, k, att.v), kwargs)

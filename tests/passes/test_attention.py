@@ -98,6 +98,7 @@ SPELLINGS = {
     "softmax-dtype-upcast": (upcast, {"no-mask": 1}),
     "float-upcast": (upcast_float, {"no-mask": 1}),
     "dropout-in-eval": (dropout_off, {"no-mask": 1}),
+    "einsum": (einsum_spelled, {"no-mask": 1}),
 }
 
 
@@ -121,10 +122,14 @@ def test_layouts(fn, dim, heads_kv):
     check_grads(fn, gm, inputs)
 
 
-def test_einsum_spelling_is_left_alone_for_now():
-    """einsum is not matched yet; it must stay correct and untouched."""
+def test_einsum_lookalikes_untouched():
+    """An einsum that is not q k^T (here q k without the transpose) is not attention."""
+    def fn(q, k, v):
+        w = torch.einsum("bhqd,bhdk->bhqk", q, k.transpose(-2, -1).contiguous())
+        return torch.einsum("bhqk,bhkd->bhqd", torch.softmax(w, -1), v)
+
     inputs = qkv()
-    gm = canonical(einsum_spelled, inputs)
+    gm = canonical(fn, inputs)
     assert attention_to_sdpa(gm) == 0
 
 
