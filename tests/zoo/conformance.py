@@ -28,11 +28,18 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 DOC = os.path.join(ROOT, "docs", "conformance.md")
 
 
+def _commit():
+    from bench.report import provenance
+
+    return provenance("cpu")["git_commit"]
+
+
 def run(device: str, dtype: torch.dtype, path: str, only=None) -> dict:
     """Check every entry, rewriting ``path`` after each one (a cut-off run keeps what it has)."""
     res = {"meta": {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                     "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
-                    "date": time.strftime("%Y-%m-%d"), "tolerance": TOLERANCE[dtype]},
+                    "date": time.strftime("%Y-%m-%d"), "tolerance": TOLERANCE[dtype],
+                    "git_commit": _commit()},
            "rows": []}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     for entry in ENTRIES:
@@ -52,7 +59,9 @@ def render(results: list[dict]) -> str:
            "(cross-entropy loss) compared with eager by relative L2 error.", ""]
     for res in results:
         m = res["meta"]
-        out += [f"## {m['device_name']} ({m['device']}), torch {m['torch']}, {m['dtype']}, {m['date']}", "",
+        commit = str(m.get("git_commit") or "unknown")[:10]
+        out += [f"## {m['device_name']} ({m['device']}), torch {m['torch']}, {m['dtype']}, {m['date']}, commit {commit}", "",
+                m.get("note", ""), "",
                 f"Pass when both errors are below {m['tolerance']:g}.", "",
                 "| model | result | fwd error | grad error | graphs | graph breaks | passes fired (matches) | notes |",
                 "|---|---|---|---|---|---|---|---|"]
