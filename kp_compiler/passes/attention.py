@@ -89,14 +89,18 @@ def _single_user(node: fx.Node) -> Optional[fx.Node]:
 
 
 def _cast_dtype(node: fx.Node):
-    """The dtype a pure cast converts to (None if ``node`` is not one)."""
+    """The floating dtype a pure cast converts to (None if ``node`` is not one).
+
+    Casts to integer or bool dtypes truncate: they are never looked through.
+    """
+    dtype = None
     if node.target is aten.to.dtype:
-        return node.args[1] if len(node.args) > 1 else node.kwargs.get("dtype")
-    if node.target is aten._to_copy.default and set(node.kwargs) <= {"dtype"}:
-        return node.kwargs.get("dtype")
-    if node.target is aten.type_as.default and isinstance(val(node.args[1]), torch.Tensor):
-        return val(node.args[1]).dtype
-    return None
+        dtype = node.args[1] if len(node.args) > 1 else node.kwargs.get("dtype")
+    elif node.target is aten._to_copy.default and set(node.kwargs) <= {"dtype"}:
+        dtype = node.kwargs.get("dtype")
+    elif node.target is aten.type_as.default and isinstance(val(node.args[1]), torch.Tensor):
+        dtype = val(node.args[1]).dtype
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 def _const_scalar(arg) -> Optional[float]:

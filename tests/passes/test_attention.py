@@ -166,12 +166,17 @@ def soft_penalty_fill(q, k, v):
     return torch.softmax(s, -1) @ v
 
 
+def truncating_cast(q, k, v):
+    return torch.softmax((q @ k.transpose(-2, -1) * 4).int().float(), -1) @ v
+
+
 def weights_mixed(q, k, v):
     p = torch.softmax(q @ k.transpose(-2, -1), -1)
     return p @ v + p.sum()
 
 
-@pytest.mark.parametrize("fn", [weights_returned, softmax_other_dim, scale_after_bias, soft_penalty_fill, weights_mixed])
+@pytest.mark.parametrize("fn", [weights_returned, softmax_other_dim, scale_after_bias, soft_penalty_fill, weights_mixed,
+                                truncating_cast])
 def test_negative_cases_untouched(fn):
     inputs = qkv()
     gm = canonical(fn, inputs)
