@@ -60,8 +60,9 @@ def render(results: list[dict]) -> str:
     for res in results:
         m = res["meta"]
         commit = str(m.get("git_commit") or "unknown")[:10]
-        out += [f"## {m['device_name']} ({m['device']}), torch {m['torch']}, {m['dtype']}, {m['date']}, commit {commit}", "",
-                m.get("note", ""), "",
+        out += [f"## {m['device_name']} ({m['device']}), torch {m['torch']}, {m['dtype']}, {m['date']}, commit {commit}", ""]
+        out += [m["note"], ""] if m.get("note") else []
+        out += [
                 f"Pass when both errors are below {m['tolerance']:g}.", "",
                 "| model | result | fwd error | grad error | graphs | graph breaks | passes fired (matches) | notes |",
                 "|---|---|---|---|---|---|---|---|"]
