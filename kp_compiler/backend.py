@@ -25,6 +25,7 @@ import torch._dynamo
 from torch import fx
 
 from . import passes as _builtin_passes  # noqa: F401  (registers the built-in passes)
+from .core import graph as g
 from .core.canonicalize import canonicalize
 from .core.dump import GraphDump, append_report, next_graph_id
 from .core.pass_manager import PassManager, default_passes, resolve
@@ -55,13 +56,13 @@ def kernelpytorch(
         record.dump = dump.folder
     start = time.perf_counter()
     try:
-        fn = _compile(gm, example_inputs, opts, chosen, record, dump)
+        fn, guards, fallback = _compile(gm, example_inputs, opts, chosen, record, dump)
     except Exception as e:
         if not _dynamo_control_flow(e):  # a restarted trace is not a compiled graph
             _finish(record, opts, start)
         raise
     _finish(record, opts, start)
-    return CompiledGraph(fn, record)
+    return CompiledGraph(fn, record, guards, fallback)
 
 
 def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dump):
@@ -72,24 +73,30 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
     except Exception as e:  # noqa: BLE001 - fall back rather than break the model
         if opts.strict or _dynamo_control_flow(e):
             raise
-        return _fallback(gm, example_inputs, opts, record, f"canonicalization failed ({_brief(e)})")
+        return _fallback(gm, example_inputs, opts, record, f"canonicalization failed ({_brief(e)})"), (), None
     record.nodes_in = len(cgm.graph.nodes)
     if dump is not None:
         dump.write("input", cgm.graph, "canonical input")
+    unrewritten = g.snapshot(cgm)
     manager = PassManager(
         chosen, record, fake_mode, fake_inputs, example_inputs,
         strict=opts.strict, verify=opts.verify, dump=dump,
     )
     manager.run(cgm)
     record.nodes_out = len(cgm.graph.nodes)
+    record.guards = [guard.to_json() for guard in manager.guards]
+    # If a guarded input changes, the canonical graph without any rewrite runs op by op.
+    fallback = fx.GraphModule(cgm, unrewritten) if manager.guards else None
     try:
-        return lower(record.lowering, cgm, example_inputs, opts.mode, opts.inductor_config)
+        fn = lower(record.lowering, cgm, example_inputs, opts.mode, opts.inductor_config)
     except XlaUnavailable:
         raise
     except Exception as e:  # noqa: BLE001
         if opts.strict or _dynamo_control_flow(e):
             raise
-        return _fallback(gm, example_inputs, opts, record, f"lowering the rewritten graph failed ({_brief(e)})")
+        why = f"lowering the rewritten graph failed ({_brief(e)})"
+        return _fallback(gm, example_inputs, opts, record, why), (), None
+    return fn, manager.guards, fallback
 
 
 def _fallback(gm, example_inputs, opts: Options, record: GraphRecord, why: str):

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from torch import fx
 
+from . import context
 from . import graph as g
 from .dump import GraphDump
 from .report import GraphRecord, PassRecord
@@ -111,6 +112,7 @@ class PassManager:
         self.strict = strict
         self.verify = verify
         self.dump = dump
+        self.guards: list = []  # runtime guards the kept rewrites rely on
 
     def run(self, gm: fx.GraphModule) -> fx.GraphModule:
         for name, fn in self.passes:
@@ -126,26 +128,31 @@ class PassManager:
     def _run_one(self, gm: fx.GraphModule, name: str, fn: PassFn, rec: PassRecord) -> None:
         before = g.snapshot(gm)
         before_print = g.fingerprint(gm.graph)
+        ctx = context.for_graph(gm, self.real_inputs)
         start = time.perf_counter()
         try:
-            result = fn(gm)
+            with context.active(ctx):
+                result = fn(gm)
             rec.ms = (time.perf_counter() - start) * 1e3
             rec.matches = _as_count(name, result)
             rec.by_rule = {k: v for k, v in getattr(result, "by_rule", {}).items() if v}
             changed = g.fingerprint(gm.graph) != before_print
             if changed:
-                self._check(gm, before)
+                self._check(gm, before, self.guards + ctx.guards)
         except Exception as e:  # noqa: BLE001 - any pass failure is rolled back
             rec.ms = (time.perf_counter() - start) * 1e3
             self._fail(gm, before, name, rec, e)
+            return
+        self.guards += ctx.guards
 
-    def _check(self, gm: fx.GraphModule, before: fx.Graph) -> None:
+    def _check(self, gm: fx.GraphModule, before: fx.Graph, guards: list) -> None:
         gm.graph.lint()
         gm.recompile()
         g.propagate_shapes(gm, self.fake_mode, self.fake_inputs)
         if self.verify:
             reference = fx.GraphModule(gm, before)
-            check_same_outputs(reference, gm, self.real_inputs)
+            # Guarded inputs keep their example values: the rewrite is only claimed for those.
+            check_same_outputs(reference, gm, self.real_inputs, keep={gd.index for gd in guards})
 
     def _fail(self, gm, before, name: str, rec: PassRecord, err: Exception) -> None:
         g.restore(gm, before)

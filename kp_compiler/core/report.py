@@ -36,6 +36,7 @@ class GraphRecord:
     nodes_out: int = 0
     passes: list = field(default_factory=list)
     fallbacks: list = field(default_factory=list)
+    guards: list = field(default_factory=list)  # runtime guards the rewrites rely on
     dump: Optional[str] = None
     compile_ms: float = 0.0
 

@@ -38,12 +38,13 @@ def concrete(x: Any) -> Any:
     return x
 
 
-def random_inputs(examples: Sequence[Any], seed: int = 0) -> list[Any]:
+def random_inputs(examples: Sequence[Any], seed: int = 0, keep: frozenset = frozenset()) -> list[Any]:
+    """Fresh normal floats for every float input except those in ``keep`` (kept as given)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for x in examples:
+    for i, x in enumerate(examples):
         x = concrete(x)
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and i not in keep:
             r = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.dtype)
             out.append(r.to(x.device))
         elif isinstance(x, torch.Tensor):
@@ -76,9 +77,10 @@ def _desc(t: Any) -> str:
     return type(t).__name__
 
 
-def check_same_outputs(before: fx.GraphModule, after: fx.GraphModule, examples: Sequence[Any]) -> None:
-    """Raise ``VerifyError`` unless both graphs agree on fresh random inputs."""
-    inputs = random_inputs(examples)
+def check_same_outputs(before: fx.GraphModule, after: fx.GraphModule, examples: Sequence[Any],
+                       keep=frozenset()) -> None:
+    """Raise ``VerifyError`` unless both graphs agree on fresh random inputs (``keep``: indices left as given)."""
+    inputs = random_inputs(examples, keep=frozenset(keep))
     with torch.no_grad():
         torch.manual_seed(1234)
         ref = before(*[_fresh(x) for x in inputs])

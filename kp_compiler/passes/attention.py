@@ -49,9 +49,10 @@ from torch import fx
 
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..core import context
 from ..core.graph import val
 from ..core.rules import Matches, erase_unused
-from .attention_masks import is_causal_keep_mask
+from .attention_masks import holds_lower_triangle, is_causal_keep_mask, tril_buffer_source
 
 aten = torch.ops.aten
 
@@ -331,6 +332,23 @@ def _erase_matched(nodes: list) -> None:
         pending = [n for n in pending if not getattr(n, "_erased", False)]
 
 
+def _guarded_tril_buffer(keep, L, S) -> bool:
+    """A registered ``tril`` buffer sliced ``[:L, :S]`` (nanoGPT): causal while it is unchanged.
+
+    Checked on the example value and guarded at run time (same tensor, same
+    version counter); the compiled graph falls back when the guard fails.
+    """
+    ctx = context.current()
+    buffer = tril_buffer_source(keep, L, S)
+    if ctx is None or buffer is None:
+        return False
+    value = ctx.example_value(buffer)
+    if not isinstance(value, torch.Tensor) or not holds_lower_triangle(value):
+        return False
+    ctx.guard_unchanged(buffer, f"{buffer.name} holds a lower triangle (causal mask)")
+    return True
+
+
 def _untranspose(g: fx.Graph, k_t: fx.Node) -> fx.Node:
     """k from k^T: peel a transpose (or permute) of the last two dims, else transpose back."""
     rank = val(k_t).dim()
@@ -345,6 +363,8 @@ def _untranspose(g: fx.Graph, k_t: fx.Node) -> fx.Node:
 def _mask(g: fx.Graph, att: Attention, L, S, dtype):
     """(attn_mask, is_causal) for SDPA from the matched keep mask, fill and bias."""
     keep = att.keep_mask
+    if att.bias is None and keep is not None and _guarded_tril_buffer(keep, L, S):
+        return None, True
     if isinstance(keep, tuple):
         keep = g.call_function(aten.logical_not.default, (keep[1],))
     if att.bias is None and keep is not None and is_causal_keep_mask(keep, L, S):

@@ -119,3 +119,46 @@ def is_causal_keep_mask(node, L, S) -> bool:
     if isinstance(v, torch.Tensor) and v.dtype is not torch.bool:
         return False
     return _compare_is_causal(node, L, S) or _tril_ones_is_causal(node, L, S)
+
+
+def _top_left_slice_source(node, L, S) -> Optional[fx.Node]:
+    """The placeholder ``P`` when ``node`` is ``P[..., :L, :S]`` (slices from 0, step 1)."""
+    v = val(node)
+    if not isinstance(v, torch.Tensor) or v.dim() < 2:
+        return None
+    if not (_same(v.shape[-2], L) and _same(v.shape[-1], S)):
+        return None
+    rank = v.dim()
+    while isinstance(node, fx.Node) and node.target is aten.slice.Tensor:
+        args = list(node.args) + [None] * (5 - len(node.args))
+        dim, start, step = args[1], args[2], args[4]
+        if dim % rank not in (rank - 2, rank - 1) or start not in (None, 0) or step not in (None, 1):
+            return None
+        node = node.args[0]
+    return node if isinstance(node, fx.Node) and node.op == "placeholder" else None
+
+
+def tril_buffer_source(keep, L, S) -> Optional[fx.Node]:
+    """The buffer ``P`` when the keep mask reads ``P[..., :L, :S] != 0`` (or ``not (... == 0)``).
+
+    Only the structure is checked here; whether ``P`` really holds a lower
+    triangle of ones is a fact about its value, which the caller must check
+    on the example input and guard at run time.
+    """
+    if isinstance(keep, tuple):  # ("not", not_keep)
+        not_keep = keep[1]
+        if isinstance(not_keep, fx.Node) and not_keep.target is aten.eq.Scalar and not_keep.args[1] == 0:
+            return _top_left_slice_source(not_keep.args[0], L, S)
+        return None
+    if isinstance(keep, fx.Node) and keep.target is aten.ne.Scalar and keep.args[1] == 0:
+        return _top_left_slice_source(keep.args[0], L, S)
+    return None
+
+
+def holds_lower_triangle(buffer: torch.Tensor) -> bool:
+    """Every trailing square of ``buffer`` is a lower triangle of nonzeros with zeros above."""
+    if buffer.dim() < 2:
+        return False
+    n, m = buffer.shape[-2:]
+    tril = torch.ones(n, m, dtype=torch.bool, device=buffer.device).tril()
+    return bool(torch.equal(buffer != 0, tril.expand_as(buffer)))

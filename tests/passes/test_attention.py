@@ -300,3 +300,65 @@ def test_every_inductor_fuse_attention_pattern(num, fn, src):
     got = got if isinstance(got, tuple) else (got,)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def _block_and_input():
+    from kp_compiler.testing.models import Block
+
+    return Block(d=32, heads=4, max_len=16), torch.randn(2, 8, 32)
+
+
+def test_tril_buffer_is_causal_under_a_runtime_guard():
+    """nanoGPT's registered tril buffer, sliced [:T, :T]: is_causal while the buffer is unchanged."""
+    model, x = _block_and_input()
+    compiled, out, records = compile_and_collect(model, (x,), lowering="eager")
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    (rec,) = [p for p in records[0].passes if p.name == "attention-to-sdpa"]
+    assert rec.by_rule == {"causal": 1}
+    assert len(records[0].guards) == 1 and "lower triangle" in records[0].guards[0]["reason"]
+
+    # The user changes the buffer in place (here: no masking at all): the guard fails,
+    # the unrewritten graph runs, and results follow the new buffer.
+    with torch.no_grad():
+        model.attn.bias.fill_(1.0)
+    with pytest.warns(RuntimeWarning, match="an input changed since compile time"):
+        got = compiled(x)
+    torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+    assert any("changed since compile time" in f for f in records[0].fallbacks)
+
+
+def test_tril_buffer_guard_fallback_in_training():
+    model, x = _block_and_input()
+    xa = x.clone().requires_grad_()
+    compiled, out, records = compile_and_collect(model, (xa,))
+    assert records[0].guards
+    with torch.no_grad():
+        model.attn.bias.fill_(1.0)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with pytest.warns(RuntimeWarning, match="an input changed since compile time"):
+        got = compiled(xa)
+    want = model(xb)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.square().sum().backward()
+    want.square().sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_buffer_that_is_not_a_triangle_is_not_claimed_causal():
+    model, x = _block_and_input()
+    with torch.no_grad():
+        model.attn.bias[..., 3, 1] = 0.0  # a hole: not a lower triangle any more
+    compiled, out, records = compile_and_collect(model, (x,), lowering="eager")
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    (rec,) = [p for p in records[0].passes if p.name == "attention-to-sdpa"]
+    assert rec.by_rule == {"mask-tensor": 1}
+    assert records[0].guards == []
+
+
+def test_guarded_rewrite_survives_verify():
+    """verify keeps guarded inputs at their example values (the rewrite is claimed only for those)."""
+    model, x = _block_and_input()
+    compiled, out, records = compile_and_collect(model, (x,), verify=True)
+    (rec,) = [p for p in records[0].passes if p.name == "attention-to-sdpa"]
+    assert rec.status == "ok" and rec.by_rule == {"causal": 1}
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
