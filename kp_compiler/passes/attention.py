@@ -307,9 +307,15 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
     L, S = q_val.shape[-2], _k_shape(att)[-2]
     with g.inserting_before(att.out):
         k = att.k if att.k is not None else _untranspose(g, att.k_t)
+        v = att.v
         mask, causal = _mask(g, att, L, S, q_val.dtype)
         kwargs = {"attn_mask": mask, "dropout_p": att.dropout_p, "is_causal": causal, "scale": att.scale}
-        sdpa = g.call_function(aten.scaled_dot_product_attention.default, (att.q, k, att.v), kwargs)
+        k0, v0 = _gqa_source(k), _gqa_source(v)
+        # Only without a mask tensor: SDPA's flash and math kernels take enable_gqa, the
+        # memory-efficient one (the masked path) does not.
+        if mask is None and k0 and v0 and k0[1] == v0[1]:
+            k, v, kwargs["enable_gqa"] = k0[0], v0[0], True
+        sdpa = g.call_function(aten.scaled_dot_product_attention.default, (att.q, k, v), kwargs)
     kind = "causal" if causal else ("mask-tensor" if mask is not None else "no-mask")
     sdpa.meta["kp_attention"] = {"mask": kind}
     att.out.replace_all_uses_with(sdpa)
@@ -330,6 +336,33 @@ def _erase_matched(nodes: list) -> None:
             for i in inputs:
                 erase_unused(i) if not i.users and i.op == "call_function" else None
         pending = [n for n in pending if not getattr(n, "_erased", False)]
+
+
+def _gqa_source(node):
+    """(kv, groups) when ``node`` repeats 4-D ``kv``'s heads ``groups`` times (each head in a row).
+
+    Spellings: ``repeat_interleave(kv, groups, dim=1)`` and Hugging Face's
+    ``repeat_kv``: ``kv[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)``.
+    """
+    if not isinstance(node, fx.Node) or val(node) is None or val(node).dim() != 4:
+        return None
+    if node.target is aten.repeat_interleave.self_int and len(node.args) >= 3:
+        groups, dim = node.args[1], node.args[2]
+        return (node.args[0], groups) if dim in (1, -3) and _number(groups) else None
+    if node.target not in (aten.reshape.default, aten.view.default):
+        return None
+    expand = node.args[0]
+    if not isinstance(expand, fx.Node) or expand.target is not aten.expand.default:
+        return None
+    unsq = expand.args[0]
+    if not isinstance(unsq, fx.Node) or unsq.target is not aten.unsqueeze.default or unsq.args[1] not in (2, -3):
+        return None
+    kv = unsq.args[0]
+    b, h, s_, d = val(kv).shape
+    groups = list(expand.args[1])[2]
+    shape_ok = (statically_known_true(val(expand).shape[2] == groups)
+                and all(statically_known_true(a == c) for a, c in zip(val(node).shape, (b, h * groups, s_, d))))
+    return (kv, groups) if _number(groups) and shape_ok else None
 
 
 def _guarded_tril_buffer(keep, L, S) -> bool:

@@ -114,11 +114,33 @@ def test_spelling_rewritten_and_equal(name):
     check_grads(fn, gm, inputs)
 
 
-@pytest.mark.parametrize("fn, dim, heads_kv", [(bmm_3d, 3, H), (cases.gqa_causal, 4, H // 2)])
-def test_layouts(fn, dim, heads_kv):
+def repeat_kv(h, n):
+    b, kvh, s, d = h.shape
+    return h[:, :, None, :, :].expand(b, kvh, n, s, d).reshape(b, kvh * n, s, d)
+
+
+def hf_gqa_causal(q, k, v):
+    return cases.causal(q, repeat_kv(k, 2), repeat_kv(v, 2))
+
+
+def gqa_with_bias(q, k, v):
+    return additive_mask(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1))
+
+
+@pytest.mark.parametrize("fn, dim, heads_kv, gqa", [
+    (bmm_3d, 3, H, False),
+    (cases.gqa_causal, 4, H // 2, True),
+    (hf_gqa_causal, 4, H // 2, True),
+    (gqa_with_bias, 4, H // 2, False),  # a mask tensor: keep k, v repeated (no GQA in that kernel)
+])
+def test_layouts(fn, dim, heads_kv, gqa):
     inputs = qkv(heads_kv=heads_kv, dim=dim)
     gm = canonical(fn, inputs)
     assert attention_to_sdpa(gm) == 1
+    (node,) = sdpa_nodes(gm)
+    assert node.kwargs.get("enable_gqa", False) is gqa
+    if gqa:
+        assert [a.name for a in node.args[1:]] == ["k_1", "v_1"], "the unrepeated k and v"
     check_grads(fn, gm, inputs)
 
 
