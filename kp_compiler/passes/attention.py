@@ -78,6 +78,7 @@ class Attention:
     dropout_p: float = 0.0
     removed: list = field(default_factory=list)
     k: Optional[fx.Node] = None  # k itself, [..., S, E] (einsum spellings)
+    sqrt_head_dim: Optional[fx.Node] = None  # scores were divided by sqrt(E), E symbolic
 
 
 def _number(x) -> bool:
@@ -115,6 +116,17 @@ def _const_scalar(arg) -> Optional[float]:
     if arg.target is aten.scalar_tensor.default and _number(arg.args[0]):
         return arg.args[0]
     return None
+
+
+def _sym_sqrt_of(arg) -> Optional[fx.Node]:
+    """The SymInt node ``e`` when ``arg`` is ``sqrt(float(e))`` (``math.sqrt(q.size(-1))`` traced)."""
+    if not isinstance(arg, fx.Node) or getattr(arg.target, "__name__", "") != "_sym_sqrt":
+        return None
+    inner = arg.args[0]
+    if not isinstance(inner, fx.Node) or getattr(inner.target, "__name__", "") != "sym_float":
+        return None
+    e = inner.args[0]
+    return e if isinstance(e, fx.Node) and isinstance(val(e), torch.SymInt) else None
 
 
 def _fill_parts(node: fx.Node):
@@ -178,6 +190,10 @@ def _backward(scores: fx.Node, att: Attention) -> bool:
             nxt, att.bias = (a, b) if _reaches_matmul(a) else (b, a)
             if not isinstance(att.bias, fx.Node):
                 return False
+        elif t in (aten.div.Tensor, aten.div.Scalar) and att.sqrt_head_dim is None and _sym_sqrt_of(cur.args[1]):
+            phase = "scale"  # / sqrt(E) with a symbolic E: SDPA's default scale, checked in _shapes_ok
+            att.sqrt_head_dim = _sym_sqrt_of(cur.args[1])
+            nxt = cur.args[0]
         elif t in SCALES and _const_scalar(cur.args[1]) not in (None, 0):
             phase = "scale"
             c = _const_scalar(cur.args[1])
@@ -298,6 +314,10 @@ def _shapes_ok(att: Attention) -> bool:
     k_shape = _k_shape(att)
     batch_ok = all(statically_known_true(a == b) for t in (k_shape, v.shape)
                    for a, b in zip(q.shape[:-2], t[:-2]))
+    if att.sqrt_head_dim is not None:
+        # Only "/ sqrt(E)" alone is SDPA's default scale; with other factors it is a symbolic product.
+        if att.scale != 1.0 or not statically_known_true(val(att.sqrt_head_dim) == q.shape[-1]):
+            return False
     return batch_ok and statically_known_true(q.shape[-1] == k_shape[-1])
 
 
@@ -309,7 +329,8 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
         k = att.k if att.k is not None else _untranspose(g, att.k_t)
         v = att.v
         mask, causal = _mask(g, att, L, S, q_val.dtype)
-        kwargs = {"attn_mask": mask, "dropout_p": att.dropout_p, "is_causal": causal, "scale": att.scale}
+        scale = None if att.sqrt_head_dim is not None else att.scale  # None: SDPA's 1/sqrt(E)
+        kwargs = {"attn_mask": mask, "dropout_p": att.dropout_p, "is_causal": causal, "scale": scale}
         k0, v0 = _gqa_source(k), _gqa_source(v)
         # Only without a mask tensor: SDPA's flash and math kernels take enable_gqa, the
         # memory-efficient one (the masked path) does not.

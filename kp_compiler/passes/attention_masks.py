@@ -44,14 +44,26 @@ def _arange_length(node) -> Optional[int]:
     return end
 
 
+def _skip_full_slices(node):
+    """``x[:]`` along any dim (start 0, no end, step 1) is ``x``; dynamic traces keep them."""
+    while isinstance(node, fx.Node) and node.target is aten.slice.Tensor:
+        args = list(node.args) + [None] * (5 - len(node.args))
+        start, end, step = args[2], args[3], args[4]
+        if start not in (None, 0) or step not in (None, 1) or not (end is None or end >= 2**62):
+            return node
+        node = node.args[0]
+    return node
+
+
 def _axis(node) -> Optional[tuple[str, object]]:
     """("q", n) for an index column ``[n, 1]``, ("k", n) for an index row ``[n]`` / ``[1, n]``."""
+    node = _skip_full_slices(node)
     n = _arange_length(node)
     if n is not None:
         return ("k", n)
     if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
         return None
-    inner = _arange_length(node.args[0])
+    inner = _arange_length(_skip_full_slices(node.args[0]))
     if inner is None:
         return None
     if node.target in _UNSQUEEZE:
@@ -69,8 +81,10 @@ def _axis(node) -> Optional[tuple[str, object]]:
 def _same(a, b) -> bool:
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-    if isinstance(a, fx.Node) or isinstance(b, fx.Node):
-        return a is b
+    a = val(a) if isinstance(a, fx.Node) else a  # a SymInt input node stands for its symbol
+    b = val(b) if isinstance(b, fx.Node) else b
+    if a is None or b is None:
+        return False
     try:
         return bool(statically_known_true(a == b))
     except Exception:  # noqa: BLE001 - unknown symbolic relation: not proven

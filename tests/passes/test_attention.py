@@ -384,3 +384,17 @@ def test_guarded_rewrite_survives_verify():
     (rec,) = [p for p in records[0].passes if p.name == "attention-to-sdpa"]
     assert rec.status == "ok" and rec.by_rule == {"causal": 1}
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_sequence_length_stays_causal():
+    """With a symbolic sequence length the arange-built mask is still proven causal."""
+    from kp_compiler.core.report import collect
+
+    compiled = torch.compile(cases.causal, backend="kernelpytorch", dynamic=True)
+    with collect() as records:
+        for seq in (8, 12, 20):
+            q, k, v = (torch.randn(2, 4, seq, 16) for _ in range(3))
+            torch.testing.assert_close(compiled(q, k, v), cases.causal(q, k, v), rtol=1e-5, atol=1e-5)
+    assert len(records) == 1
+    (rec,) = [p for p in records[0].passes if p.name == "attention-to-sdpa"]
+    assert rec.by_rule == {"causal": 1}
