@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -32,6 +32,13 @@ case "$stage" in
       --backends eager inductor kernelpytorch --reps 20 $extra --out "$out" --stem cuda-moe 2>>"$out/rest.log" | tail -3
     timeout "$(left)" python3 -m bench --cases 'linear-gelu' 'attention-causal' --backends inductor inductor-max-autotune kernelpytorch \
       --reps 20 $extra --out "$out" --stem cuda-autotune 2>>"$out/rest.log" | tail -3
+    ;;
+  attention)
+    # Issue 4 targets: kernelpytorch vs Inductor on the naive attention code, then the attention-heavy models.
+    timeout "$(( $(left) - 240 ))" python3 -m bench --cases 'attention-causal' 'attention-sliding-window' 'attention-documents' 'attention-*' \
+      --backends eager inductor kernelpytorch --reps 30 $extra --out "$out" --stem cuda-attention 2>"$out/attention.log" | tail -30
+    timeout "$(left)" python3 -m bench --cases 'gpt-*' 'hf-llama-*' 'hf-mistral-*' \
+      --backends eager inductor kernelpytorch --reps 20 $extra --out "$out" --stem cuda-attention-e2e 2>>"$out/attention.log" | tail -15
     ;;
 esac
 echo "stage $stage done after $(( $(date +%s) - start )) s"
