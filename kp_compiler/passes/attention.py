@@ -345,18 +345,26 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
     return kind
 
 
+def _erased(node: fx.Node) -> bool:
+    return getattr(node, "_erased", False)
+
+
 def _erase_matched(nodes: list) -> None:
-    pending = [n for n in nodes if not getattr(n, "_erased", False)]
+    """Erase the matched chain's nodes that nothing uses any more, and what only they used."""
+    pending = [n for n in nodes if not _erased(n)]
     while pending:
         dead = [n for n in pending if not n.users]
         if not dead:
             return
         for n in dead:
+            if _erased(n):  # already gone with an earlier node's inputs
+                continue
             inputs = n.all_input_nodes
             n.graph.erase_node(n)
             for i in inputs:
-                erase_unused(i) if not i.users and i.op == "call_function" else None
-        pending = [n for n in pending if not getattr(n, "_erased", False)]
+                if not _erased(i) and not i.users and i.op == "call_function":
+                    erase_unused(i)
+        pending = [n for n in pending if not _erased(n)]
 
 
 def _gqa_source(node):
@@ -442,7 +450,7 @@ def attention_to_sdpa(gm: fx.GraphModule) -> Matches:
     """Rewrite every provable attention in ``gm`` to SDPA; matches counted per mask kind."""
     counts = {"causal": 0, "mask-tensor": 0, "no-mask": 0}
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in SOFTMAX or getattr(node, "_erased", False):
+        if node.op != "call_function" or node.target not in SOFTMAX or _erased(node):
             continue
         att = match(node)
         if att is not None:
