@@ -137,3 +137,40 @@ def test_tensor_constants_do_not_force_a_fallback():
     _, out, records = compile_and_collect(f, (x,))
     torch.testing.assert_close(out, f(x))
     assert records[0].fallbacks == []
+
+
+class _ConvBN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu_(self.bn(self.conv(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("lowering", ["inductor", "eager"])
+def test_mutations_match_eager(lowering):
+    """Buffer updates (BatchNorm running stats) and in-place ops on inputs behave as in eager."""
+    import copy
+
+    model = _ConvBN()
+    ref_model = copy.deepcopy(model)
+    x = torch.randn(4, 3, 8, 8)
+    compiled = torch.compile(model, backend="kernelpytorch", options={"lowering": lowering})
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), ref_model(x))
+    torch.testing.assert_close(model.bn.running_mean, ref_model.bn.running_mean)
+    torch.testing.assert_close(model.bn.running_var, ref_model.bn.running_var)
+    assert int(model.bn.num_batches_tracked) == int(ref_model.bn.num_batches_tracked) == 2
+
+    def bump(t):
+        t.add_(1)
+        return t * 2
+
+    a = torch.randn(5)
+    b = a.clone()
+    out = torch.compile(bump, backend="kernelpytorch", options={"lowering": lowering})(a)
+    torch.testing.assert_close(out, bump(b))
+    torch.testing.assert_close(a, b)  # the input was mutated in place, as in eager
