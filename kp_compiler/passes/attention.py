@@ -11,6 +11,10 @@ Matches, around every ``softmax`` over the last dim::
     p = dropout(p, prob, train)              # optional
     out = matmul(p, v)
 
+Views that regroup static batch dims ([B*H, L, S] <-> [B, H, L, S]) may sit in
+the chain (MBart adds its mask in the 4-D view of 3-D scores); SDPA then runs
+on q, k, v viewed the same way and the result is viewed back.
+
 Emits ``aten.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p,
 is_causal, scale=c)``; ``is_causal=True`` (and no mask) when the boolean mask
 is proven causal (``attention_masks.is_causal_keep_mask``), else the mask
@@ -79,6 +83,7 @@ class Attention:
     removed: list = field(default_factory=list)
     k: Optional[fx.Node] = None  # k itself, [..., S, E] (einsum spellings)
     sqrt_head_dim: Optional[fx.Node] = None  # scores were divided by sqrt(E), E symbolic
+    space: Optional[tuple] = None  # scores' shape where the mask/bias applies, if views regroup batch dims
 
 
 def _number(x) -> bool:
@@ -183,12 +188,18 @@ def _backward(scores: fx.Node, att: Attention) -> bool:
                 return False
             att.keep_mask = not_keep[1] if isinstance(not_keep, tuple) else _invert(not_keep)
             att.keep_mask = _unbroadcast(att.keep_mask)
+            att.space = _space(att, cur)
+        elif t in (aten.view.default, aten.reshape.default) and _regroups_batch(cur):
+            nxt = cur.args[0]  # e.g. [B*H, L, S] <-> [B, H, L, S] around the mask (MBart)
         elif t is aten.add.Tensor and phase == "mask" and att.bias is None and len(cur.args) == 2:
             a, b = cur.args
             if cur.kwargs.get("alpha", 1) != 1:
                 return False
             nxt, att.bias = (a, b) if _reaches_matmul(a) else (b, a)
             if not isinstance(att.bias, fx.Node):
+                return False
+            att.space = _space(att, cur)
+            if att.space is False:
                 return False
         elif t in (aten.div.Tensor, aten.div.Scalar) and att.sqrt_head_dim is None and _sym_sqrt_of(cur.args[1]):
             phase = "scale"  # / sqrt(E) with a symbolic E: SDPA's default scale, checked in _shapes_ok
@@ -252,6 +263,23 @@ def _unbroadcast(mask):
     return mask
 
 
+def _regroups_batch(node: fx.Node) -> bool:
+    """A view that only regroups static leading dims, keeping the last two."""
+    out, inp = val(node), val(node.args[0])
+    if not (isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor)) or min(out.dim(), inp.dim()) < 2:
+        return False
+    static = all(isinstance(d, int) for d in (*out.shape[:-2], *inp.shape[:-2]))
+    return static and all(statically_known_true(a == b) for a, b in zip(out.shape[-2:], inp.shape[-2:]))
+
+
+def _space(att: Attention, node: fx.Node):
+    """The scores' shape at ``node``; a second mask/bias in another space is refused (False)."""
+    shape = tuple(val(node).shape)
+    if att.space is not None and len(att.space) != len(shape):
+        return False
+    return shape
+
+
 def _reaches_matmul(node, depth: int = 8) -> bool:
     for _ in range(depth):
         if not isinstance(node, fx.Node) or node.op != "call_function":
@@ -261,7 +289,7 @@ def _reaches_matmul(node, depth: int = 8) -> bool:
         if node.target in FILLS and _fill_parts(node) is not None:
             node = _fill_parts(node)[0]
             continue
-        if node.target not in CASTS + SCALES:
+        if node.target not in CASTS + SCALES + (aten.view.default, aten.reshape.default):
             return False
         node = node.args[0]
     return False
@@ -314,6 +342,9 @@ def _shapes_ok(att: Attention) -> bool:
     k_shape = _k_shape(att)
     batch_ok = all(statically_known_true(a == b) for t in (k_shape, v.shape)
                    for a, b in zip(q.shape[:-2], t[:-2]))
+    if att.space is not None and len(att.space) != q.dim():
+        if att.space is False or not all(isinstance(d, int) for d in (*att.space[:-2], *q.shape[:-2])):
+            return False
     if att.sqrt_head_dim is not None:
         # Only "/ sqrt(E)" alone is SDPA's default scale; with other factors it is a symbolic product.
         if att.scale != 1.0 or not statically_known_true(val(att.sqrt_head_dim) == q.shape[-1]):
@@ -336,13 +367,25 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
         # memory-efficient one (the masked path) does not.
         if mask is None and k0 and v0 and k0[1] == v0[1]:
             k, v, kwargs["enable_gqa"] = k0[0], v0[0], True
-        sdpa = g.call_function(aten.scaled_dot_product_attention.default, (att.q, k, v), kwargs)
+        q = att.q
+        if att.space is not None and len(att.space) != q_val.dim():
+            # The mask lives in another grouping of the batch dims: attend there, then view back.
+            q, k, v = (_regroup(g, t, att.space) for t in (q, k, v))
+        sdpa = g.call_function(aten.scaled_dot_product_attention.default, (q, k, v), kwargs)
+        if q is not att.q:
+            sdpa = g.call_function(aten.reshape.default, (sdpa, list(val(att.out).shape)))
     kind = "causal" if causal else ("mask-tensor" if mask is not None else "no-mask")
     sdpa.meta["kp_attention"] = {"mask": kind}
     att.out.replace_all_uses_with(sdpa)
     erase_unused(att.out)
     _erase_matched(att.removed)  # dropout is "impure" to FX; SDPA took it over
     return kind
+
+
+def _regroup(g: fx.Graph, node: fx.Node, space: tuple) -> fx.Node:
+    """``node`` ([..., n, e]) viewed with the leading dims of ``space``."""
+    n, e = val(node).shape[-2:]
+    return g.call_function(aten.reshape.default, (node, [*space[:-2], n, e]))
 
 
 def _erased(node: fx.Node) -> bool:
