@@ -1,0 +1,70 @@
+"""Lifting index-arithmetic masks into FlexAttention mask_mods."""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from bench.cases import attention as cases
+from kp_compiler.passes import attention
+from kp_compiler.passes.mask_mod import lift_mask_mod
+
+L = 64
+
+
+def keep_mask_of(fn):
+    """The keep-mask node the attention matcher finds in ``fn``'s canonical graph."""
+    inputs = [torch.randn(1, 2, L, 8) for _ in range(3)]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        gm = make_fx(fn, pre_dispatch=True)(*[mode.from_tensor(t) for t in inputs])
+    (softmax,) = [n for n in gm.graph.nodes if n.target in attention.SOFTMAX]
+    att = attention.match(softmax)
+    assert att is not None
+    return att.keep_mask
+
+
+def dense(mask_mod):
+    q = torch.arange(L)[:, None]
+    kv = torch.arange(L)[None, :]
+    return mask_mod(0, 0, q, kv).expand(L, L)
+
+
+i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+EXPECTED = {
+    "causal": (cases.causal, j <= i),
+    "sliding-window-16": (cases.make_sliding_window(16), (j <= i) & (i - j < 16)),
+    "documents-of-8": (cases.make_documents(8), (i // 8) == (j // 8)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_lifted_mask_mod_equals_the_mask(name):
+    fn, expected = EXPECTED[name]
+    mask_mod = lift_mask_mod(keep_mask_of(fn))
+    assert mask_mod is not None
+    assert torch.equal(dense(mask_mod), expected)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_lifted_mask_mod_drives_flex_attention(name):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    fn, _ = EXPECTED[name]
+    mask_mod = lift_mask_mod(keep_mask_of(fn))
+    block_mask = create_block_mask(mask_mod, None, None, L, L, device="cpu", BLOCK_SIZE=16)
+    q, k, v = (torch.randn(1, 2, L, 8) for _ in range(3))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns when run without torch.compile
+        out = flex_attention(q, k, v, block_mask=block_mask, scale=8 ** -0.5)
+    torch.testing.assert_close(out, fn(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_masks_reading_data_are_not_lifted():
+    """A mask that depends on a tensor input (not index arithmetic) has no mask_mod here."""
+    def fn(q, k, v):
+        keep = (q.sum(-1, keepdim=True) > 0).expand(-1, -1, -1, L)
+        return cases.naive(q, k, v, mask=keep)
+
+    assert lift_mask_mod(keep_mask_of(fn)) is None
