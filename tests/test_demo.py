@@ -10,4 +10,6 @@ def test_demo_runs_and_agrees_with_eager():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "kernelpytorch explain: 1 graph(s), 0 graph break(s)" in proc.stdout
     assert "noop-elimination" in proc.stdout
+    assert "attention-to-sdpa" in proc.stdout and "causal  x2" in proc.stdout
+    assert proc.stdout.count("runtime guard on input") == 2  # one tril buffer per layer
     assert proc.stdout.rstrip().endswith("OK")
