@@ -7,13 +7,14 @@ and parameter (training, first step before the optimizer moves anything).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 import traceback
 from typing import Any
 
 import torch
+
+from kp_compiler.testing.compare import dynamo_config, rel_error
 
 from .backends import Backend
 from .cases import Case, Scale, Workload
@@ -23,20 +24,6 @@ from .timing import time_fn
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-@contextlib.contextmanager
-def _dynamo_config(patches: dict):
-    import torch._dynamo.config as cfg
-
-    old = {k: getattr(cfg, k) for k in patches}
-    for k, v in patches.items():
-        setattr(cfg, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(cfg, k, v)
 
 
 def _upcast(x: Any, dtype: torch.dtype) -> Any:
@@ -91,20 +78,12 @@ def reference(wl: Workload, train: bool, scale: Scale) -> list[torch.Tensor]:
     return [out] if not train else out
 
 
-def rel_error(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    num = sum(((g.double() - r.double()) ** 2).sum().item() for g, r in zip(got, ref))
-    den = sum((r.double() ** 2).sum().item() for r in ref)
-    if len(got) != len(ref) or any(g.shape != r.shape for g, r in zip(got, ref)):
-        return float("nan")
-    return (num / max(den, 1e-30)) ** 0.5
-
-
 def run_backend(case: Case, wl: Workload, backend: Backend, ref, scale: Scale, reps: int) -> dict:
     torch._dynamo.reset()
     model = copy.deepcopy(wl.model) if isinstance(wl.model, torch.nn.Module) else wl.model
     row: dict = {"backend": backend.name}
     try:
-        with _dynamo_config(wl.dynamo_config):
+        with dynamo_config(wl.dynamo_config):
             step = Step(wl, model, backend.wrap(model), case.train, scale.device)
             _sync(scale.device)
             t0 = time.perf_counter()
@@ -140,7 +119,7 @@ def run_case(case: Case, backends: list[Backend], scale: Scale, reps: int, progr
     result = {"case": case.name, "group": case.group, "train": case.train, "rows": []}
     try:
         wl = case.build(scale)
-        with _dynamo_config(wl.dynamo_config):
+        with dynamo_config(wl.dynamo_config):
             ref = reference(wl, case.train, scale)
     except Exception as e:  # noqa: BLE001
         result["failed"] = _describe(e)

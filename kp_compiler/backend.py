@@ -25,7 +25,6 @@ import torch._dynamo
 from torch import fx
 
 from . import passes as _builtin_passes  # noqa: F401  (registers the built-in passes)
-from .core import graph as g
 from .core.canonicalize import canonicalize
 from .core.dump import GraphDump, append_report, next_graph_id
 from .core.pass_manager import PassManager, default_passes, resolve
@@ -77,7 +76,6 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
     record.nodes_in = len(cgm.graph.nodes)
     if dump is not None:
         dump.write("input", cgm.graph, "canonical input")
-    unrewritten = g.snapshot(cgm)
     manager = PassManager(
         chosen, record, fake_mode, fake_inputs, example_inputs,
         strict=opts.strict, verify=opts.verify, dump=dump,
@@ -85,8 +83,8 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
     manager.run(cgm)
     record.nodes_out = len(cgm.graph.nodes)
     record.guards = [guard.to_json() for guard in manager.guards]
-    # If a guarded input changes, the canonical graph without any rewrite runs op by op.
-    fallback = fx.GraphModule(cgm, unrewritten) if manager.guards else None
+    # If a guarded input changes, the graph as it was before the first guarded pass runs op by op.
+    fallback = fx.GraphModule(cgm, manager.unguarded) if manager.guards else None
     try:
         fn = lower(record.lowering, cgm, example_inputs, opts.mode, opts.inductor_config)
     except XlaUnavailable:

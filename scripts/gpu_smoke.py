@@ -15,6 +15,7 @@ import sys
 import torch
 
 from kp_compiler.core.report import collect
+from kp_compiler.testing.compare import rel_error
 from kp_compiler.testing.models import TinyGPT
 
 CONFIGS = [
@@ -23,10 +24,6 @@ CONFIGS = [
     {"mode": "reduce-overhead"},
     {"mode": "max-autotune-no-cudagraphs"},
 ]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 def run(config: dict, model: TinyGPT, idx: torch.Tensor) -> tuple[float, float, list]:
@@ -42,8 +39,8 @@ def run(config: dict, model: TinyGPT, idx: torch.Tensor) -> tuple[float, float, 
                 torch.nn.functional.cross_entropy(out.float().flatten(0, 1), idx.flatten()).backward()
             outs[name] = out.detach().clone()
             grads[name] = [p.grad.detach().clone() for p in model.parameters()]
-    g_err = max(rel_err(a, b) for a, b in zip(grads["compiled"], grads["eager"]))
-    return rel_err(outs["compiled"], outs["eager"]), g_err, records
+    g_err = rel_error(grads["compiled"], grads["eager"])
+    return rel_error([outs["compiled"]], [outs["eager"]]), g_err, records
 
 
 def main() -> int:

@@ -113,6 +113,8 @@ class PassManager:
         self.verify = verify
         self.dump = dump
         self.guards: list = []  # runtime guards the kept rewrites rely on
+        # The graph before the first pass that added guards: valid whatever the guarded inputs hold.
+        self.unguarded: Optional[fx.Graph] = None
 
     def run(self, gm: fx.GraphModule) -> fx.GraphModule:
         for name, fn in self.passes:
@@ -143,6 +145,8 @@ class PassManager:
             rec.ms = (time.perf_counter() - start) * 1e3
             self._fail(gm, before, name, rec, e)
             return
+        if ctx.guards and self.unguarded is None:
+            self.unguarded = before
         self.guards += ctx.guards
 
     def _check(self, gm: fx.GraphModule, before: fx.Graph, guards: list) -> None:

@@ -7,7 +7,6 @@ often, and how many graphs and graph breaks Dynamo made.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kp_compiler.core.report import collect
+from kp_compiler.testing.compare import dynamo_config, rel_error
 
 from .entries import Entry
 
@@ -41,28 +41,8 @@ class ZooResult:
         return not self.failed and self.forward_error < tol and self.grad_error < tol
 
 
-@contextlib.contextmanager
-def dynamo_config(patches: dict):
-    import torch._dynamo.config as cfg
-
-    old = {k: getattr(cfg, k) for k in patches}
-    try:
-        for k, v in patches.items():
-            setattr(cfg, k, v)
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(cfg, k, v)
-
-
 def _logits(out):
     return out if isinstance(out, torch.Tensor) else out.logits
-
-
-def _rel(got: list, ref: list) -> float:
-    num = sum(((g.double() - r.double()) ** 2).sum().item() for g, r in zip(got, ref))
-    den = sum((r.double() ** 2).sum().item() for r in ref)
-    return (num / max(den, 1e-30)) ** 0.5
 
 
 def _run(model, ids):
@@ -93,8 +73,8 @@ def check(entry: Entry, device: str = "cpu", dtype: torch.dtype = torch.float32,
         return result
     breaks = Counter(counters["graph_break"])
     breaks.subtract(before)
-    result.forward_error = _rel([logits], [ref_logits])
-    result.grad_error = _rel(grads, ref_grads) if len(grads) == len(ref_grads) else float("inf")
+    result.forward_error = rel_error([logits], [ref_logits])
+    result.grad_error = rel_error(grads, ref_grads)
     result.graphs = len(records)
     result.graph_breaks = sum(v for v in breaks.values() if v > 0)
     result.break_reasons = [k.splitlines()[0] for k, v in breaks.items() if v > 0]
