@@ -15,6 +15,7 @@ unchanged and the report says why (``strict=True`` raises instead).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
@@ -30,6 +31,8 @@ from .core.dump import GraphDump, append_report, next_graph_id
 from .core.pass_manager import PassManager, default_passes, resolve
 from .core.report import GraphRecord, new_record, publish
 from .lowering import input_devices, lower, select
+from .lowering.attention import select_attention_kernels
+from .lowering.capabilities import DeviceInfo, describe as describe_device
 from .lowering.xla import XlaUnavailable
 from .options import Options, parse_options
 from .runtime import CompiledGraph
@@ -81,6 +84,7 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
         strict=opts.strict, verify=opts.verify, dump=dump,
     )
     manager.run(cgm)
+    _choose_attention_kernels(manager, cgm, example_inputs, opts, record)
     record.nodes_out = len(cgm.graph.nodes)
     record.guards = [guard.to_json() for guard in manager.guards]
     # If a guarded input changes, the graph as it was before the first guarded pass runs op by op.
@@ -95,6 +99,18 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
         why = f"lowering the rewritten graph failed ({_brief(e)})"
         return _fallback(gm, example_inputs, opts, record, why), (), None
     return fn, manager.guards, fallback
+
+
+def _choose_attention_kernels(manager: PassManager, gm, example_inputs, opts: Options, record: GraphRecord) -> None:
+    """Where the attention pass lifted a mask, the lowering's table picks SDPA or FlexAttention."""
+    if not any(n.meta.get("kp_attention", {}).get("mask_kind") == "mask_mod" for n in gm.graph.nodes):
+        return
+    devices = [x.device for x in example_inputs if isinstance(x, torch.Tensor)]
+    device = describe_device(devices[0]) if devices else DeviceInfo("cpu")
+    train = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+    fn = functools.partial(select_attention_kernels, device=device, lowering=record.lowering,
+                           prefer=opts.attention_kernel, train=train)
+    manager.run_pass(gm, "attention-kernels", fn)
 
 
 def _fallback(gm, example_inputs, opts: Options, record: GraphRecord, why: str):

@@ -9,6 +9,7 @@
 | ``verify``        | ``bool``: check each pass on random inputs         | ``False`` |
 | ``mode``          | as ``torch.compile``'s ``mode`` (which cannot be given together with ``options``) | ``"default"`` |
 | ``inductor_config`` | dict of ``torch._inductor.config`` patches        | ``{}`` |
+| ``attention_kernel`` | ``"auto"`` (the table in ``lowering/attention.py``), ``"sdpa"`` (never FlexAttention), ``"flex"`` (FlexAttention wherever it can run, the CPU included) | ``"auto"`` |
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 LOWERINGS = ("auto", "inductor", "eager", "xla")
+ATTENTION_KERNELS = ("auto", "sdpa", "flex")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -30,6 +32,7 @@ class Options:
     verify: bool = False
     mode: str = "default"
     inductor_config: dict = field(default_factory=dict)
+    attention_kernel: str = "auto"
 
 
 VALID_KEYS = tuple(Options.__dataclass_fields__)
@@ -48,6 +51,7 @@ def parse_options(mode: Optional[str] = None, options: Optional[Mapping[str, Any
     mode = options.pop("mode", mode) or "default"
     _check_choice("mode", mode, MODES)
     _check_choice("lowering", options.get("lowering", "auto"), LOWERINGS)
+    _check_choice("attention_kernel", options.get("attention_kernel", "auto"), ATTENTION_KERNELS)
     for key in ("strict", "verify"):
         if key in options and not isinstance(options[key], bool):
             raise ValueError(f"kernelpytorch: options[{key!r}] must be True or False, got {options[key]!r}")

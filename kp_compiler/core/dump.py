@@ -8,6 +8,9 @@ One node per line, so FileCheck can match it::
     %gelu = aten.gelu.default(%linear, approximate='tanh') : f32[s0, 32]
     return (%gelu)
 
+A node may end with ``  # <note>``: a pass's remark kept in ``meta["kp_note"]``
+(the attention pass notes the lifted ``mask_mod`` and the chosen kernel).
+
 Layout under the dump directory (``KP_DUMP_DIR`` or ``options["dump_dir"]``)::
 
     graph-000/dynamo.txt           the graph Dynamo handed over (torch IR)
@@ -84,7 +87,8 @@ def format_node(node: fx.Node) -> str:
         parts += [f"{k}={_format_arg(v)}" for k, v in node.kwargs.items()]
         call = f"{_target_name(node)}({', '.join(parts)})"
     meta = node.meta.get("val", node.meta.get("example_value"))
-    return f"%{node.name} = {call} : {format_value(meta)}"
+    note = node.meta.get("kp_note")  # a pass's one-line remark, e.g. the lifted mask_mod
+    return f"%{node.name} = {call} : {format_value(meta)}" + (f"  # {note}" if note else "")
 
 
 def format_graph(graph: fx.Graph, header: str = "") -> str:

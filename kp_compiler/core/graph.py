@@ -12,6 +12,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 
@@ -24,7 +25,17 @@ def val(node: Any) -> Any:
 
 def propagate_shapes(gm: fx.GraphModule, fake_mode, fake_inputs: Sequence[Any]) -> None:
     """Recompute ``meta["val"]`` for every node; raises if the graph is ill-typed."""
-    FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*fake_inputs)
+    _ConstantsAsFake(gm, mode=fake_mode).propagate_dont_convert_inputs(*fake_inputs)
+
+
+class _ConstantsAsFake(FakeTensorProp):
+    """FakeTensorProp that also fakes the module's own tensors (a pass's buffers, e.g. a block mask)."""
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+            return self._mode.from_tensor(value, static_shapes=True)
+        return value
 
 
 def snapshot(gm: fx.GraphModule) -> fx.Graph:

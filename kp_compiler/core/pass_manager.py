@@ -118,14 +118,19 @@ class PassManager:
 
     def run(self, gm: fx.GraphModule) -> fx.GraphModule:
         for name, fn in self.passes:
-            rec = PassRecord(name=name)
-            self.record.passes.append(rec)
-            self._run_one(gm, name, fn, rec)
-            log.debug("pass %s: %s, %d matches, %.2f ms", name, rec.status, rec.matches, rec.ms)
-            if self.dump is not None:
-                header = f"after {name} | status {rec.status} | matches {rec.matches}"
-                self.dump.write(name, gm.graph, header)
+            self.run_pass(gm, name, fn)
         return gm
+
+    def run_pass(self, gm: fx.GraphModule, name: str, fn: PassFn) -> PassRecord:
+        """Run one pass with the same checks, record and dump (also used for lowering-side rewrites)."""
+        rec = PassRecord(name=name)
+        self.record.passes.append(rec)
+        self._run_one(gm, name, fn, rec)
+        log.debug("pass %s: %s, %d matches, %.2f ms", name, rec.status, rec.matches, rec.ms)
+        if self.dump is not None:
+            header = f"after {name} | status {rec.status} | matches {rec.matches}"
+            self.dump.write(name, gm.graph, header)
+        return rec
 
     def _run_one(self, gm: fx.GraphModule, name: str, fn: PassFn, rec: PassRecord) -> None:
         before = g.snapshot(gm)

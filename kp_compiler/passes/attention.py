@@ -57,6 +57,7 @@ from ..core import context
 from ..core.graph import val
 from ..core.rules import Matches, erase_unused
 from .attention_masks import holds_lower_triangle, is_causal_keep_mask, tril_buffer_source
+from .mask_mod import describe, every_row_attends, lift_mask_mod
 
 aten = torch.ops.aten
 
@@ -84,6 +85,8 @@ class Attention:
     k: Optional[fx.Node] = None  # k itself, [..., S, E] (einsum spellings)
     sqrt_head_dim: Optional[fx.Node] = None  # scores were divided by sqrt(E), E symbolic
     space: Optional[tuple] = None  # scores' shape where the mask/bias applies, if views regroup batch dims
+    lifted: Optional[object] = None  # the keep mask as a mask_mod, when it is index arithmetic
+    nan_rows: Optional[fx.Node] = None  # keep mask whose fully masked rows must come out NaN, as in eager
 
 
 def _number(x) -> bool:
@@ -371,15 +374,31 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
         if att.space is not None and len(att.space) != q_val.dim():
             # The mask lives in another grouping of the batch dims: attend there, then view back.
             q, k, v = (_regroup(g, t, att.space) for t in (q, k, v))
-        sdpa = g.call_function(aten.scaled_dot_product_attention.default, (q, k, v), kwargs)
+        sdpa = out = g.call_function(aten.scaled_dot_product_attention.default, (q, k, v), kwargs)
+        if att.nan_rows is not None:
+            # softmax over a row of -inf is NaN in eager; SDPA returns 0 there: keep eager's NaN.
+            has_key = g.call_function(aten.any.dim, (att.nan_rows, -1, True))
+            out = g.call_function(aten.where.ScalarOther, (has_key, sdpa, math.nan))
         if q is not att.q:
-            sdpa = g.call_function(aten.reshape.default, (sdpa, list(val(att.out).shape)))
+            out = g.call_function(aten.reshape.default, (out, list(val(att.out).shape)))
     kind = "causal" if causal else ("mask-tensor" if mask is not None else "no-mask")
-    sdpa.meta["kp_attention"] = {"mask": kind}
-    att.out.replace_all_uses_with(sdpa)
+    sdpa.meta["kp_attention"] = _tag(kind, att.lifted)
+    if att.lifted is not None:
+        sdpa.meta["kp_note"] = f"mask_mod: {sdpa.meta['kp_attention']['mask_mod_text']}"
+    out.meta["val"] = val(att.out)  # until shape propagation: a later attention may read it (stacked layers)
+    if q is att.q:
+        sdpa.meta["val"] = val(att.out)
+    att.out.replace_all_uses_with(out)
     erase_unused(att.out)
     _erase_matched(att.removed)  # dropout is "impure" to FX; SDPA took it over
     return kind
+
+
+def _tag(kind: str, mask_mod) -> dict:
+    """What the lowering's kernel choice reads off the SDPA node (``lowering/attention.py``)."""
+    if mask_mod is not None:
+        return {"mask": kind, "mask_kind": "mask_mod", "mask_mod": mask_mod, "mask_mod_text": describe(mask_mod)}
+    return {"mask": kind, "mask_kind": {"causal": "causal", "no-mask": "none"}.get(kind, "tensor")}
 
 
 def _regroup(g: fx.Graph, node: fx.Node, space: tuple) -> fx.Node:
@@ -474,6 +493,10 @@ def _mask(g: fx.Graph, att: Attention, L, S, dtype):
         keep = g.call_function(aten.logical_not.default, (keep[1],))
     if att.bias is None and keep is not None and is_causal_keep_mask(keep, L, S):
         return None, True  # no row is fully masked, so -inf and a finite fill agree
+    if att.bias is None and keep is not None:
+        att.lifted = lift_mask_mod(keep, L, S)  # index arithmetic: lowering may choose FlexAttention
+    if keep is not None and att.fill == -math.inf and not (att.lifted and every_row_attends(att.lifted, L, S)):
+        att.nan_rows = keep
     if att.bias is None and att.fill == -math.inf:
         return keep, False
     bias = att.bias

@@ -144,9 +144,100 @@ def _lift_node(node: fx.Node, memo: dict):
     return None
 
 
-def lift_mask_mod(keep: fx.Node) -> Optional[Callable]:
-    """``mask_mod(b, h, q_idx, kv_idx)`` equal to the boolean ``keep`` grid, or None."""
+def lift_mask_mod(keep: fx.Node, L: Any = None, S: Any = None) -> Optional[Callable]:
+    """``mask_mod(b, h, q_idx, kv_idx)`` equal to the boolean ``keep`` grid, or None.
+
+    With static ``L`` and ``S`` the claim is also proven: the mask subgraph
+    (index arithmetic only, so it reads no input) is run for real and must
+    equal the lifted function on the whole ``L x S`` grid.
+    """
     lifted = _lift(keep, {})
     if not isinstance(lifted, Grid):
         return None
-    return lambda b, h, q_idx, kv_idx: lifted.f(q_idx, kv_idx)
+    mask_mod = lambda b, h, q_idx, kv_idx: lifted.f(q_idx, kv_idx)  # noqa: E731
+    if isinstance(L, int) and isinstance(S, int) and not _same_on_grid(keep, mask_mod, L, S):
+        return None
+    return mask_mod
+
+
+def every_row_attends(mask_mod: Callable, L: Any, S: Any) -> bool:
+    """Every query row of the static ``L x S`` grid keeps at least one key (False if not static)."""
+    if not (isinstance(L, int) and isinstance(S, int)):
+        return False
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily(), torch.no_grad():
+        q_idx, kv_idx = torch.arange(L)[:, None], torch.arange(S)[None, :]
+        return bool(torch.as_tensor(mask_mod(None, None, q_idx, kv_idx)).expand(L, S).any(-1).all())
+
+
+def _same_on_grid(keep: fx.Node, mask_mod: Callable, L: int, S: int) -> bool:
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    nodes, seen, work = [], set(), [keep]
+    while work:
+        n = work.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op != "call_function":
+            return False
+        nodes.append(n)
+        work.extend(n.all_input_nodes)
+    order = {n: i for i, n in enumerate(keep.graph.nodes)}
+    graph, env = fx.Graph(), {}
+    for n in sorted(nodes, key=order.__getitem__):
+        env[n] = graph.node_copy(n, env.__getitem__)
+    graph.output(env[keep])
+    with unset_fake_temporarily(), torch.no_grad():
+        dense = fx.GraphModule(torch.nn.Module(), graph)()
+        if not isinstance(dense, torch.Tensor) or dense.dim() < 2 or dense.dtype != torch.bool:
+            return False
+        dense = dense.reshape(-1, *dense.shape[-2:])
+        if dense.shape[0] != 1:
+            return False
+        q_idx = torch.arange(L, device=dense.device)[:, None]
+        kv_idx = torch.arange(S, device=dense.device)[None, :]
+        lifted = torch.as_tensor(mask_mod(None, None, q_idx, kv_idx), device=dense.device)
+        try:
+            return bool(torch.equal(dense[0].expand(L, S), lifted.expand(L, S)))
+        except RuntimeError:  # shapes do not broadcast to L x S
+            return False
+
+
+class _Sym:
+    """A symbolic index: applying a lifted mask_mod to two of these spells it out."""
+
+    def __init__(self, text: str, prec: int = 9):
+        self.text, self.prec = text, prec
+
+    def _bin(self, other, op: str, prec: int, swap: bool = False) -> "_Sym":
+        a, b = (_Sym._wrap(other), self) if swap else (self, _Sym._wrap(other))
+        left = a.text if a.prec >= prec else f"({a.text})"
+        right = b.text if b.prec > prec else f"({b.text})"
+        return _Sym(f"{left} {op} {right}", prec)
+
+    @staticmethod
+    def _wrap(x) -> "_Sym":
+        return x if isinstance(x, _Sym) else _Sym(repr(x))
+
+    def __str__(self) -> str:
+        return self.text
+
+
+_PRECEDENCE = {"|": 1, "&": 3, "==": 0, "!=": 0, "<": 0, "<=": 0, ">": 0, ">=": 0,  # as in Python
+               "+": 5, "-": 5, "*": 6, "//": 6, "%": 6}
+for _name, _op in (("or", "|"), ("and", "&"), ("eq", "=="), ("ne", "!="), ("lt", "<"), ("le", "<="),
+                   ("gt", ">"), ("ge", ">="), ("add", "+"), ("sub", "-"), ("mul", "*"),
+                   ("floordiv", "//"), ("mod", "%")):
+    setattr(_Sym, f"__{_name}__", lambda self, o, _op=_op: self._bin(o, _op, _PRECEDENCE[_op]))
+    if _name in ("or", "and", "add", "sub", "mul", "floordiv", "mod"):
+        setattr(_Sym, f"__r{_name}__", lambda self, o, _op=_op: self._bin(o, _op, _PRECEDENCE[_op], swap=True))
+_Sym.__invert__ = lambda self: _Sym(f"~({self.text})", 8)
+_Sym.__neg__ = lambda self: _Sym(f"-({self.text})", 8)
+_Sym.__abs__ = lambda self: _Sym(f"abs({self.text})", 9)
+
+
+def describe(mask_mod: Callable) -> str:
+    """The lifted mask as an expression in ``q_idx`` and ``kv_idx`` (also its cache key)."""
+    return str(mask_mod(_Sym("b"), _Sym("h"), _Sym("q_idx"), _Sym("kv_idx")))

@@ -68,3 +68,25 @@ def test_masks_reading_data_are_not_lifted():
         return cases.naive(q, k, v, mask=keep)
 
     assert lift_mask_mod(keep_mask_of(fn)) is None
+
+
+def test_describe_spells_the_lifted_mask():
+    from kp_compiler.passes.mask_mod import describe
+
+    texts = {name: describe(lift_mask_mod(keep_mask_of(fn))) for name, (fn, _) in EXPECTED.items()}
+    assert texts == {
+        "causal": "kv_idx <= q_idx",
+        "sliding-window-16": "(kv_idx <= q_idx) & (q_idx - kv_idx < 16)",
+        "documents-of-8": "q_idx // 8 == kv_idx // 8",
+    }
+
+
+def test_a_lift_that_disagrees_with_the_dense_mask_is_refused():
+    """``arange(1)`` on the query axis broadcasts one row to all: q_idx must not appear."""
+    def fn(q, k, v):
+        keep = torch.arange(1)[:, None] <= torch.arange(L)[None, :]
+        return cases.naive(q, k, v, mask=keep.expand(L, L))
+
+    keep = keep_mask_of(fn)
+    assert lift_mask_mod(keep) is not None  # structurally it looks liftable...
+    assert lift_mask_mod(keep, L, L) is None  # ...but the real grid disagrees

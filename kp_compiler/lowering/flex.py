@@ -1,0 +1,140 @@
+"""Splice ``flex_attention`` with a cached block mask in place of an SDPA node.
+
+``replace_sdpa(gm, sdpa, mask_mod, key)`` builds the block mask for the
+static lengths (once per ``key``, lengths and device, shared by every layer
+and graph), traces ``flex_attention(q, k, v, block_mask=..., scale=...)``
+under the graph's fake mode, and copies the traced nodes into ``gm``. The
+block-mask tensors become buffers of ``gm`` (with a source, so AOTAutograd
+lifts them as static inputs like parameters): they are computed at compile
+time, never per call.
+
+Before::
+
+    %sdpa = aten.scaled_dot_product_attention.default(%q, %k, %v, attn_mask=%keep, dropout_p=0.0, is_causal=False, scale=0.25) : f32[1, 2, 64, 16]
+
+After::
+
+    %kp_block_mask_0 = get_attr[kp_block_mask_0] : i32[1, 1, 4]
+    ...
+    %flex_attention = higher_order.flex_attention(%q, %k, %v, %kp_flex_score_0, (64, 64, %kp_block_mask_0, ...), 0.25, ...)
+    %getitem = getitem(%flex_attention, 0) : f32[1, 2, 64, 16]
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from typing import Callable, Optional
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from ..core.graph import val
+
+_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_CACHE_SIZE = 64
+
+
+def block_mask_for(mask_mod: Callable, key: str, L: int, S: int, device: torch.device):
+    """``(block_mask, every_row_has_a_key)`` for ``mask_mod`` at ``L x S``, cached by ``key``."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    cache_key = (key, L, S, str(device))
+    if cache_key in _CACHE:
+        _CACHE.move_to_end(cache_key)
+        return _CACHE[cache_key]
+    with unset_fake_temporarily(), torch.no_grad():
+        q_idx = torch.arange(L, device=device)[:, None]
+        kv_idx = torch.arange(S, device=device)[None, :]
+        dense = torch.as_tensor(mask_mod(None, None, q_idx, kv_idx), device=device).expand(L, S)
+        rows_ok = bool(dense.any(-1).all())
+        block_mask = create_block_mask(mask_mod, None, None, L, S, device=device)
+    _CACHE[cache_key] = (block_mask, rows_ok)
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return block_mask, rows_ok
+
+
+def replace_sdpa(gm: fx.GraphModule, sdpa: fx.Node, mask_mod: Callable, key: str) -> Optional[str]:
+    """Put ``flex_attention`` in place of ``sdpa``; None when done, else why not."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q, k, v = sdpa.args[:3]
+    qv = val(q)
+    L, S = qv.shape[-2], val(k).shape[-2]
+    block_mask, rows_ok = block_mask_for(mask_mod, key, L, S, qv.device)
+    if not rows_ok:
+        return "a query row has no key to attend to (eager gives NaN or uniform weights there, flex zeros)"
+    scale = sdpa.kwargs.get("scale")
+    gqa = bool(sdpa.kwargs.get("enable_gqa", False))
+
+    def attend(q, k, v):
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
+    traced = _trace(attend, qv, val(k), val(v))
+    with gm.graph.inserting_before(sdpa):
+        out = _splice(gm, traced, (q, k, v))
+    out.meta.update({k_: v_ for k_, v_ in sdpa.meta.items() if k_ != "val"})
+    out.meta["kp_note"] = f"flex_attention output; mask_mod: {key}"
+    sdpa.replace_all_uses_with(out)
+    gm.graph.erase_node(sdpa)
+    return None
+
+
+def _trace(fn: Callable, *fakes) -> fx.GraphModule:
+    """``fn`` traced to pre-dispatch ATen on the graph's fake tensors (block-mask tensors stay real)."""
+    fake_mode = fakes[0].fake_mode
+    allowed = fake_mode.allow_non_fake_inputs
+    fake_mode.allow_non_fake_inputs = True
+    try:
+        with fake_mode, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return make_fx(fn, pre_dispatch=True)(*fakes)
+    finally:
+        fake_mode.allow_non_fake_inputs = allowed
+
+
+def _splice(gm: fx.GraphModule, traced: fx.GraphModule, inputs: tuple) -> fx.Node:
+    """Copy ``traced``'s nodes into ``gm`` at the insertion point; return its first output."""
+    names = gm.meta.setdefault("kp_flex_names", {})  # id(tensor) -> buffer name, shared masks once
+    env: dict = {}
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    env.update(zip(placeholders, inputs))
+    for node in traced.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            result = node.args[0]
+            return env[result[0] if isinstance(result, (tuple, list)) else result]
+        if node.op == "get_attr":
+            env[node] = _attr(gm, getattr(traced, node.target), names)
+            env[node].meta.update(node.meta)
+            continue
+        env[node] = gm.graph.node_copy(node, lambda a: env[a])
+    raise AssertionError("traced flex_attention graph has no output")
+
+
+def _attr(gm: fx.GraphModule, obj, names: dict) -> fx.Node:
+    if isinstance(obj, torch.nn.Module):
+        name = _fresh(gm, "kp_flex_fn")
+        gm.add_submodule(name, obj)
+        return gm.graph.get_attr(name)
+    if id(obj) not in names:
+        name = _fresh(gm, "kp_block_mask")
+        gm.register_buffer(name, obj)
+        if hasattr(gm, "_param_name_to_source"):
+            # AOTAutograd maps every buffer to a source; these come from no user code.
+            from torch._dynamo.source import ConstantSource
+
+            gm._param_name_to_source = {**gm._param_name_to_source, name: ConstantSource(name)}
+        names[id(obj)] = name
+    return gm.graph.get_attr(names[id(obj)])
+
+
+def _fresh(gm: fx.GraphModule, prefix: str) -> str:
+    i = 0
+    while hasattr(gm, f"{prefix}_{i}"):
+        i += 1
+    return f"{prefix}_{i}"

@@ -1,0 +1,67 @@
+"""The attention kernel table, fed device descriptions instead of hardware."""
+
+import pytest
+import torch
+
+from kp_compiler.lowering import capabilities
+from kp_compiler.lowering.attention import AttentionCase, choose
+from kp_compiler.lowering.capabilities import DeviceInfo
+
+H100 = DeviceInfo("cuda", (9, 0), "H100")
+A100 = DeviceInfo("cuda", (8, 0), "A100")
+T4 = DeviceInfo("cuda", (7, 5), "T4")
+MI300 = DeviceInfo("rocm", None, "MI300X")
+CPU = DeviceInfo("cpu")
+XPU = DeviceInfo("xpu")
+XLA = DeviceInfo("xla")
+
+
+def case(device=H100, mask="mask_mod", **kw):
+    base = dict(device=device, dtype=torch.bfloat16, head_dim=128, mask=mask)
+    return AttentionCase(**(base | kw))
+
+
+TABLE = [
+    # (case, prefer, kernel, reason contains)
+    (case(mask="none"), "auto", "sdpa", "causal"),
+    (case(mask="causal"), "flex", "sdpa", "causal"),
+    (case(mask="tensor"), "auto", "sdpa", "reads data"),
+    (case(), "auto", "flex", "skips"),
+    (case(train=True), "auto", "flex", "skips"),
+    (case(device=A100), "auto", "flex", "skips"),
+    (case(device=MI300, train=True), "auto", "flex", "skips"),
+    (case(device=T4), "auto", "sdpa", "no flex_attention on cuda (7, 5)"),
+    (case(device=XPU), "auto", "sdpa", "no flex_attention on xpu"),
+    (case(device=XLA, lowering="xla"), "flex", "sdpa", "needs the Inductor lowering"),
+    (case(lowering="eager"), "auto", "sdpa", "needs the Inductor lowering"),
+    (case(dropout=True), "auto", "sdpa", "no dropout"),
+    (case(static_shapes=False), "auto", "sdpa", "symbolic"),
+    (case(dtype=torch.float64), "auto", "sdpa", "does not take torch.float64"),
+    (case(head_dim=80), "auto", "sdpa", "head dim 80"),
+    (case(head_dim=8), "auto", "sdpa", "head dim 8"),
+    (case(device=CPU), "auto", "sdpa", "not measured faster"),
+    (case(device=CPU), "flex", "flex", "skips"),
+    (case(device=CPU, train=True), "flex", "sdpa", "no flex_attention backward on cpu"),
+    (case(), "sdpa", "sdpa", "attention_kernel='sdpa'"),
+]
+
+
+@pytest.mark.parametrize("row", range(len(TABLE)))
+def test_kernel_table(row):
+    c, prefer, kernel, why = TABLE[row]
+    choice = choose(c, prefer)
+    assert choice.kernel == kernel, choice
+    assert why in choice.why, choice
+
+
+def test_fa3_needs_hopper_and_the_package(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn_interface" else None)
+    assert capabilities.fa3(H100) and not capabilities.fa3(A100) and not capabilities.fa3(MI300)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert not capabilities.fa3(H100)
+
+
+def test_describe_cpu():
+    assert capabilities.describe(torch.device("cpu")) == DeviceInfo("cpu")
