@@ -122,3 +122,37 @@ _register("sliding-window", lambda s: make_sliding_window(_window(s)), "window")
 _register("documents", lambda s: make_documents(_doc_len(s)), "docs")
 _register("alibi", lambda s: alibi, "causal")
 _register("gqa-causal", lambda s: gqa_causal, "causal", kv_ratio=4)
+
+
+# Hand-written references on the same shapes: what the rewrite should reach.
+def sdpa_causal(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _flex_reference(mask_mod_for):
+    """A case function calling flex_attention with a block mask built once, as a user would."""
+    def for_scale(scale: Scale):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        B, H, S, D = _shape(scale)
+        block_mask = create_block_mask(mask_mod_for(scale), None, None, S, S, device=scale.device)
+
+        def flex(q, k, v):
+            return flex_attention(q, k, v, block_mask=block_mask)
+        return flex
+    return for_scale
+
+
+def _window_mod(scale: Scale):
+    w = _window(scale)
+    return lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & (q_idx - kv_idx < w)
+
+
+def _documents_mod(scale: Scale):
+    n = _doc_len(scale)
+    return lambda b, h, q_idx, kv_idx: q_idx // n == kv_idx // n
+
+
+_register("ref-sdpa-causal", lambda s: sdpa_causal, "causal")
+_register("ref-flex-sliding-window", _flex_reference(_window_mod), "window")
+_register("ref-flex-documents", _flex_reference(_documents_mod), "docs")
