@@ -32,6 +32,8 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..core.graph import val
+from ..core.rules import erase_unused
+from ..passes.attention import _gqa_source
 
 _CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _CACHE_SIZE = 64
@@ -62,24 +64,30 @@ def replace_sdpa(gm: fx.GraphModule, sdpa: fx.Node, mask_mod: Callable, key: str
     from torch.nn.attention.flex_attention import flex_attention
 
     q, k, v = sdpa.args[:3]
+    gqa = bool(sdpa.kwargs.get("enable_gqa", False))
+    k0, v0 = _gqa_source(k), _gqa_source(v)
+    if k0 and v0 and k0[1] == v0[1]:  # heads repeated for the masked SDPA path: flex takes GQA
+        k, v, gqa = k0[0], v0[0], True
     qv = val(q)
     L, S = qv.shape[-2], val(k).shape[-2]
     block_mask, rows_ok = block_mask_for(mask_mod, key, L, S, qv.device)
     if not rows_ok:
         return "a query row has no key to attend to (eager gives NaN or uniform weights there, flex zeros)"
     scale = sdpa.kwargs.get("scale")
-    gqa = bool(sdpa.kwargs.get("enable_gqa", False))
 
     def attend(q, k, v):
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 
     traced = _trace(attend, qv, val(k), val(v))
     with gm.graph.inserting_before(sdpa):
-        out = _splice(gm, traced, (q, k, v))
+        out = _splice(gm, traced, (q, k, v), (key, L, S, str(qv.device)))
     out.meta.update({k_: v_ for k_, v_ in sdpa.meta.items() if k_ != "val"})
     out.meta["kp_note"] = f"flex_attention output; mask_mod: {key}"
     sdpa.replace_all_uses_with(out)
+    repeated = [a for a in sdpa.args[1:3] if isinstance(a, fx.Node)]
     gm.graph.erase_node(sdpa)
+    for node in repeated:
+        erase_unused(node)
     return None
 
 
@@ -96,9 +104,13 @@ def _trace(fn: Callable, *fakes) -> fx.GraphModule:
         fake_mode.allow_non_fake_inputs = allowed
 
 
-def _splice(gm: fx.GraphModule, traced: fx.GraphModule, inputs: tuple) -> fx.Node:
-    """Copy ``traced``'s nodes into ``gm`` at the insertion point; return its first output."""
-    names = gm.meta.setdefault("kp_flex_names", {})  # id(tensor) -> buffer name, shared masks once
+def _splice(gm: fx.GraphModule, traced: fx.GraphModule, inputs: tuple, mask_key: tuple) -> fx.Node:
+    """Copy ``traced``'s nodes into ``gm`` at the insertion point; return its first output.
+
+    The block-mask tensors of one ``mask_key`` become one set of buffers, shared by every site.
+    """
+    names = gm.meta.setdefault("kp_flex_names", {})  # (mask_key, ordinal) -> buffer name
+    ordinal = 0
     env: dict = {}
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     env.update(zip(placeholders, inputs))
@@ -109,19 +121,21 @@ def _splice(gm: fx.GraphModule, traced: fx.GraphModule, inputs: tuple) -> fx.Nod
             result = node.args[0]
             return env[result[0] if isinstance(result, (tuple, list)) else result]
         if node.op == "get_attr":
-            env[node] = _attr(gm, getattr(traced, node.target), names)
+            obj = getattr(traced, node.target)
+            env[node] = _attr(gm, obj, names, (mask_key, ordinal))
+            ordinal += isinstance(obj, torch.Tensor)
             env[node].meta.update(node.meta)
             continue
         env[node] = gm.graph.node_copy(node, lambda a: env[a])
     raise AssertionError("traced flex_attention graph has no output")
 
 
-def _attr(gm: fx.GraphModule, obj, names: dict) -> fx.Node:
+def _attr(gm: fx.GraphModule, obj, names: dict, key: tuple) -> fx.Node:
     if isinstance(obj, torch.nn.Module):
         name = _fresh(gm, "kp_flex_fn")
         gm.add_submodule(name, obj)
         return gm.graph.get_attr(name)
-    if id(obj) not in names:
+    if key not in names:
         name = _fresh(gm, "kp_block_mask")
         gm.register_buffer(name, obj)
         if hasattr(gm, "_param_name_to_source"):
@@ -129,8 +143,8 @@ def _attr(gm: fx.GraphModule, obj, names: dict) -> fx.Node:
             from torch._dynamo.source import ConstantSource
 
             gm._param_name_to_source = {**gm._param_name_to_source, name: ConstantSource(name)}
-        names[id(obj)] = name
-    return gm.graph.get_attr(names[id(obj)])
+        names[key] = name
+    return gm.graph.get_attr(names[key])
 
 
 def _fresh(gm: fx.GraphModule, prefix: str) -> str:

@@ -66,6 +66,7 @@ MATMUL = (aten.matmul.default, aten.bmm.default)
 CASTS = (aten.to.dtype, aten._to_copy.default, aten.type_as.default)
 SCALES = (aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar)
 MULS = (aten.mul.Tensor, aten.mul.Scalar)
+CAUSAL_MASK_MODS = ("kv_idx <= q_idx", "q_idx >= kv_idx")  # describe() spellings of a causal mask
 FILLS = (aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.where.ScalarOther)
 
 
@@ -123,6 +124,8 @@ def _const_scalar(arg) -> Optional[float]:
         return arg.args[1]
     if arg.target is aten.scalar_tensor.default and _number(arg.args[0]):
         return arg.args[0]
+    if arg.target is aten.zeros.default and list(arg.args[0]) == []:
+        return 0
     return None
 
 
@@ -135,6 +138,38 @@ def _sym_sqrt_of(arg) -> Optional[fx.Node]:
         return None
     e = inner.args[0]
     return e if isinstance(e, fx.Node) and isinstance(val(e), torch.SymInt) else None
+
+
+def _bias_as_keep(bias: fx.Node):
+    """(keep or ("not", masked_out), fill) when ``bias`` is 0 where kept and a -1e4-or-lower fill elsewhere."""
+    while isinstance(bias, fx.Node) and bias.target in CASTS and _cast_dtype(bias) is not None:
+        bias = bias.args[0]
+    if not isinstance(bias, fx.Node) or bias.op != "call_function":
+        return None
+    if bias.target in (aten.where.self, aten.where.ScalarOther):
+        cond, a, b = bias.args[:3]
+        a, b = _const_scalar(a), _const_scalar(b)
+        if a == 0 and _is_mask_fill(b):
+            return cond, b
+        if b == 0 and _is_mask_fill(a):
+            return ("not", cond), a
+        return None
+    if bias.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor) and _all_zeros(bias.args[0]):
+        fill = _const_scalar(bias.args[2])
+        return (("not", bias.args[1]), fill) if _is_mask_fill(fill) else None
+    return None
+
+
+def _is_mask_fill(x) -> bool:
+    return _number(x) and (x == -math.inf or x <= -1e4)
+
+
+def _all_zeros(node) -> bool:
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    if node.target in (aten.zeros.default, aten.zeros_like.default):
+        return True
+    return node.target in (aten.full.default, aten.full_like.default) and node.args[1] == 0
 
 
 def _fill_parts(node: fx.Node):
@@ -322,6 +357,10 @@ def match(softmax: fx.Node) -> Optional[Attention]:
     att = Attention(q=None, k_t=None, v=None, out=None, removed=[softmax])
     if not _forward(softmax, att) or not _backward(x, att):
         return None
+    if att.bias is not None and att.keep_mask is None and _bias_as_keep(att.bias) is not None:
+        # transformers adds where(keep, 0, finfo.min): a boolean mask with a finite fill.
+        keep, att.fill = _bias_as_keep(att.bias)
+        att.keep_mask, att.bias = _unbroadcast(keep), None
     return att if _shapes_ok(att) else None
 
 
@@ -383,8 +422,8 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
             out = g.call_function(aten.reshape.default, (out, list(val(att.out).shape)))
     kind = "causal" if causal else ("mask-tensor" if mask is not None else "no-mask")
     sdpa.meta["kp_attention"] = _tag(kind, att.lifted)
-    if att.lifted is not None:
-        sdpa.meta["kp_note"] = f"mask_mod: {sdpa.meta['kp_attention']['mask_mod_text']}"
+    if att.lifted is not None and not causal:
+        sdpa.meta["kp_note"] = f"mask_mod: {describe(att.lifted)}"
     out.meta["val"] = val(att.out)  # until shape propagation: a later attention may read it (stacked layers)
     if q is att.q:
         sdpa.meta["val"] = val(att.out)
@@ -396,7 +435,7 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
 
 def _tag(kind: str, mask_mod) -> dict:
     """What the lowering's kernel choice reads off the SDPA node (``lowering/attention.py``)."""
-    if mask_mod is not None:
+    if mask_mod is not None and kind != "causal":
         return {"mask": kind, "mask_kind": "mask_mod", "mask_mod": mask_mod, "mask_mod_text": describe(mask_mod)}
     return {"mask": kind, "mask_kind": {"causal": "causal", "no-mask": "none"}.get(kind, "tensor")}
 
@@ -495,6 +534,8 @@ def _mask(g: fx.Graph, att: Attention, L, S, dtype):
         return None, True  # no row is fully masked, so -inf and a finite fill agree
     if att.bias is None and keep is not None:
         att.lifted = lift_mask_mod(keep, L, S)  # index arithmetic: lowering may choose FlexAttention
+        if att.lifted is not None and describe(att.lifted) in CAUSAL_MASK_MODS:
+            return None, True  # e.g. transformers' 4-D mask from arange; no row is empty
     if keep is not None and att.fill == -math.inf and not (att.lifted and every_row_attends(att.lifted, L, S)):
         att.nan_rows = keep
     if att.bias is None and att.fill == -math.inf:

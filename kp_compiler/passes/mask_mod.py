@@ -6,16 +6,14 @@ alone. ``lift_mask_mod(keep, L, S)`` returns that function as
 ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``, or None when the subgraph
 reads anything else (a graph input, a random op, an unknown op).
 
-Values are tracked as one of:
-
-- a Python number;
-- ``Vec(f)``: a 1-D index vector, ``f(i)`` its element ``i`` (not yet tied
-  to a query or key axis);
-- ``Grid(f)``: a value over the ``L x S`` score grid, ``f(q_idx, kv_idx)``.
-
-``unsqueeze(vec, 1)`` / ``vec.view(n, 1)`` puts a vector on the query axis,
-``unsqueeze(vec, 0)``, ``view(1, n)`` or plain broadcasting against a grid on
-the key axis, as PyTorch's broadcasting does.
+Values are Python numbers or ``Field``s: a tensor's shape and a function
+from an index (one per dim, counted from the right as broadcasting aligns
+them) to its element. ``arange``, ``unsqueeze``, views that add or drop
+size-1 dims, ``expand`` and elementwise ops are modelled exactly, size-1
+dims included (they read index 0). At the end the last dim is the key axis
+and the one before it the query axis; any dim further left must be size 1
+(a mask that varies over batch or heads is not lifted). With static lengths
+the lift is also checked against the real mask on the whole grid.
 
 Before (the mask subgraph)::
 
@@ -41,49 +39,101 @@ from typing import Any, Callable, Optional
 import torch
 from torch import fx
 
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..core.graph import val
 from .attention_masks import _arange_length, _skip_full_slices
 
 aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
-class Vec:
-    f: Callable[[Any], Any]
+class Field:
+    """An index-arithmetic tensor: ``f(ix)`` is its element at ``ix``.
+
+    ``ix`` maps a position counted from the right (1 = last dim, the key
+    axis of the scores; 2 = the query axis; 3 = heads; 4 = batch) to an
+    index. ``shape`` is the tensor's shape; its size-1 dims read index 0.
+    """
+
+    f: Callable[[dict], Any]
+    shape: tuple
 
 
-@dataclass(frozen=True)
-class Grid:
-    f: Callable[[Any, Any], Any]
+def _known(pred) -> bool:
+    try:
+        return bool(statically_known_true(pred))
+    except Exception:  # noqa: BLE001 - an unknown symbolic relation is not a proof
+        return False
 
 
-def _on_q(v):
-    return Grid(lambda q, kv: v.f(q)) if isinstance(v, Vec) else v
+def _broadcast_to(a: Field, shape: tuple) -> Optional[Field]:
+    """``a`` read inside a broadcast result of ``shape``: its size-1 dims read index 0."""
+    if len(a.shape) > len(shape):
+        return None
+    ones = []
+    for p in range(1, len(a.shape) + 1):
+        size, out = a.shape[-p], shape[-p]
+        if _known(size == 1) and not _known(out == 1):
+            ones.append(p)
+        elif not _known(size == out):
+            return None  # sizes not provably equal: no claim
+    if not ones:
+        return Field(a.f, tuple(shape))
+    return Field(lambda ix, f=a.f: f({**ix, **{p: 0 for p in ones}}), tuple(shape))
 
 
-def _on_kv(v):
-    return Grid(lambda q, kv: v.f(kv)) if isinstance(v, Vec) else v
+def _result_shape(*shapes) -> tuple:
+    rank = max(len(s) for s in shapes)
+    out = []
+    for p in range(rank, 0, -1):
+        big = [s[-p] for s in shapes if len(s) >= p and not _known(s[-p] == 1)]
+        out.append(big[0] if big else 1)
+    return tuple(out)
 
 
 def _binary(fn: Callable, a, b):
-    if isinstance(a, Grid) or isinstance(b, Grid):
-        a, b = _on_kv(a), _on_kv(b)  # a lone vector broadcasts along the last (key) axis
-        fa = a.f if isinstance(a, Grid) else (lambda q, kv, c=a: c)
-        fb = b.f if isinstance(b, Grid) else (lambda q, kv, c=b: c)
-        return Grid(lambda q, kv: fn(fa(q, kv), fb(q, kv)))
-    if isinstance(a, Vec) or isinstance(b, Vec):
-        fa = a.f if isinstance(a, Vec) else (lambda i, c=a: c)
-        fb = b.f if isinstance(b, Vec) else (lambda i, c=b: c)
-        return Vec(lambda i: fn(fa(i), fb(i)))
-    return fn(a, b)
+    fields = [x for x in (a, b) if isinstance(x, Field)]
+    if not fields:
+        return fn(a, b)
+    if fn is operator.and_ and (a is True or b is True):  # new_ones(..., dtype=bool) & mask
+        return b if a is True else a
+    shape = _result_shape(*(x.shape for x in fields))
+    a = _broadcast_to(a, shape) if isinstance(a, Field) else a
+    b = _broadcast_to(b, shape) if isinstance(b, Field) else b
+    if a is None or b is None:
+        return None
+    fa = a.f if isinstance(a, Field) else (lambda ix, c=a: c)
+    fb = b.f if isinstance(b, Field) else (lambda ix, c=b: c)
+    return Field(lambda ix: fn(fa(ix), fb(ix)), shape)
 
 
 def _unary(fn: Callable, a):
-    if isinstance(a, Grid):
-        return Grid(lambda q, kv: fn(a.f(q, kv)))
-    if isinstance(a, Vec):
-        return Vec(lambda i: fn(a.f(i)))
-    return fn(a)
+    return Field(lambda ix: fn(a.f(ix)), a.shape) if isinstance(a, Field) else fn(a)
 
+
+def _unsqueeze(a: Field, dim: int) -> Field:
+    r = len(a.shape)
+    d = dim if dim >= 0 else dim + r + 1
+    cut = r - d  # old positions above this one move one to the left
+
+    def f(ix, g=a.f):
+        return g({p: ix[p + 1] if p > cut else ix[p] for p in range(1, r + 1)})
+    return Field(f, a.shape[:d] + (1,) + a.shape[d:])
+
+
+def _view(a: Field, shape: tuple) -> Optional[Field]:
+    """A view that only adds or drops size-1 dims."""
+    def big(s):
+        return [(p, s[-p]) for p in range(1, len(s) + 1) if not _known(s[-p] == 1)]
+    old, new = big(a.shape), big(shape)
+    if len(old) != len(new) or not all(_known(x[1] == y[1]) for x, y in zip(old, new)):
+        return None
+    moved = {po: pn for (po, _), (pn, _) in zip(old, new)}
+
+    def f(ix, g=a.f):
+        return g({p: ix[moved[p]] if p in moved else 0 for p in range(1, len(a.shape) + 1)})
+    return Field(f, tuple(shape))
 
 _BINARY = {
     aten.le.Tensor: operator.le, aten.le.Scalar: operator.le,
@@ -120,8 +170,9 @@ def _lift_node(node: fx.Node, memo: dict):
         return None
     node = _skip_full_slices(node)
     t, args = node.target, node.args
-    if _arange_length(node) is not None:
-        return Vec(lambda i: i)
+    n = _arange_length(node)
+    if n is not None:
+        return Field(lambda ix: ix[1], (n,))
     if t in _BINARY and len(args) == 2 and node.kwargs.get("alpha", 1) == 1:
         a, b = _lift(args[0], memo), _lift(args[1], memo)
         return None if a is None or b is None else _binary(_BINARY[t], a, b)
@@ -131,17 +182,34 @@ def _lift_node(node: fx.Node, memo: dict):
     if t is aten.div.Tensor_mode and node.kwargs.get("rounding_mode") == "floor":
         a, b = _lift(args[0], memo), _lift(args[1], memo)
         return None if a is None or b is None else _binary(operator.floordiv, a, b)
+    const = _zero_dim_constant(node)
+    if const is not None:
+        return const
+    a = _lift(args[0], memo) if args else None
+    out = val(node)
+    if not isinstance(a, Field) or not isinstance(out, torch.Tensor):
+        return None
     if t is aten.unsqueeze.default:
-        a = _lift(args[0], memo)
-        if isinstance(a, Vec):
-            return _on_q(a) if args[1] in (1, -1) else _on_kv(a) if args[1] in (0, -2) else None
-        return None
-    if t in (aten.view.default, aten.reshape.default):
-        a, shape = _lift(args[0], memo), list(args[1])
-        if isinstance(a, Vec) and len(shape) == 2:
-            return _on_q(a) if shape[1] == 1 else _on_kv(a) if shape[0] == 1 else None
-        return None
+        return _unsqueeze(a, args[1])
+    if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        return _view(a, tuple(out.shape))
+    if t in (aten.expand.default, aten.expand_as.default):
+        return _broadcast_to(a, tuple(out.shape))
     return None
+
+def _zero_dim_constant(node: fx.Node):
+    """A 0-dim ``ones``/``new_ones``/``full``/``scalar_tensor`` as a Python number (bool for bool dtype)."""
+    t, args = node.target, node.args
+    if t in (aten.ones.default, aten.new_ones.default, aten.full.default):
+        shape = args[1] if t is aten.new_ones.default else args[0]
+        value = 1 if t is not aten.full.default else (args[1] if len(args) > 1 else None)
+    elif t is aten.scalar_tensor.default:
+        shape, value = [], args[0]
+    else:
+        return None
+    if list(shape) != [] or not isinstance(value, (int, bool, float)) or isinstance(value, float) and not value.is_integer():
+        return None
+    return bool(value) if node.kwargs.get("dtype") is torch.bool else int(value)
 
 
 def lift_mask_mod(keep: fx.Node, L: Any = None, S: Any = None) -> Optional[Callable]:
@@ -152,9 +220,20 @@ def lift_mask_mod(keep: fx.Node, L: Any = None, S: Any = None) -> Optional[Calla
     equal the lifted function on the whole ``L x S`` grid.
     """
     lifted = _lift(keep, {})
-    if not isinstance(lifted, Grid):
+    if not isinstance(lifted, Field) or len(lifted.shape) > 4:
         return None
-    mask_mod = lambda b, h, q_idx, kv_idx: lifted.f(q_idx, kv_idx)  # noqa: E731
+    # Only the query and key axes may vary: batch and head dims must be size 1 (broadcast).
+    if any(not _known(lifted.shape[-p] == 1) for p in range(3, len(lifted.shape) + 1)):
+        return None
+    rank = len(lifted.shape)
+    ones = {p for p in (1, 2) if p <= rank and _known(lifted.shape[-p] == 1)}
+    for p, size in ((1, S), (2, L)):  # the mask must cover the scores' grid, or broadcast along it
+        if size is not None and p <= rank and p not in ones and not _known(lifted.shape[-p] == size):
+            return None
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ix = {1: 0 if 1 in ones else kv_idx, 2: 0 if 2 in ones else q_idx}
+        return lifted.f({p: ix.get(p, 0) for p in range(1, rank + 1)})
     if isinstance(L, int) and isinstance(S, int) and not _same_on_grid(keep, mask_mod, L, S):
         return None
     return mask_mod

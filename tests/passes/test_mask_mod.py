@@ -81,12 +81,44 @@ def test_describe_spells_the_lifted_mask():
     }
 
 
-def test_a_lift_that_disagrees_with_the_dense_mask_is_refused():
+def test_size_one_dims_read_index_zero():
     """``arange(1)`` on the query axis broadcasts one row to all: q_idx must not appear."""
+    from kp_compiler.passes.mask_mod import describe
+
     def fn(q, k, v):
         keep = torch.arange(1)[:, None] <= torch.arange(L)[None, :]
         return cases.naive(q, k, v, mask=keep.expand(L, L))
 
-    keep = keep_mask_of(fn)
-    assert lift_mask_mod(keep) is not None  # structurally it looks liftable...
-    assert lift_mask_mod(keep, L, L) is None  # ...but the real grid disagrees
+    mask_mod = lift_mask_mod(keep_mask_of(fn), L, L)
+    assert describe(mask_mod) == "kv_idx >= 0"  # Python reflects 0 <= x
+    assert bool(dense(mask_mod).all())
+
+
+def test_hugging_face_4d_causal_mask_is_lifted():
+    """transformers v5 builds ``kv <= q`` from arange through three unsqueezes to [1, 1, L, S]."""
+    def fn(q, k, v):
+        i = torch.arange(L)[None, None, :, None]
+        j = torch.arange(L)[None, None, None, :]
+        keep = (j <= i).expand(q.shape[0], -1, L, L)
+        return cases.naive(q, k, v, mask=keep)
+
+    from kp_compiler.passes.mask_mod import describe
+
+    assert describe(lift_mask_mod(keep_mask_of(fn), L, L)) == "kv_idx <= q_idx"
+
+
+def test_masks_varying_over_heads_are_not_lifted():
+    def fn(q, k, v):
+        h = torch.arange(2)[:, None, None]
+        keep = (torch.arange(L)[None, None, :] + h) >= torch.arange(L)[None, :, None]
+        return cases.naive(q, k, v, mask=keep)
+
+    assert lift_mask_mod(keep_mask_of(fn), L, L) is None
+
+
+def test_the_grid_proof_rejects_a_wrong_lift():
+    from kp_compiler.passes.mask_mod import _same_on_grid
+
+    keep = keep_mask_of(cases.causal)
+    assert _same_on_grid(keep, lambda b, h, q, kv: kv <= q, L, L)
+    assert not _same_on_grid(keep, lambda b, h, q, kv: kv < q, L, L)
