@@ -56,6 +56,9 @@ def main(argv=None) -> int:
     p.add_argument("--compare", default=None, help="baseline JSON: flag speedups outside its 95%% CI")
     p.add_argument("--keep-caches", action="store_true",
                    help="keep Inductor's FX graph and autograd caches (compile times then undercount)")
+    p.add_argument("--timing", choices=("latency", "gpu"), default="latency",
+                   help="latency: events around each call (launch overhead counts when the GPU waits for it); "
+                        "gpu: a queued sleep first, so the events time the GPU work only")
     p.add_argument("--list", action="store_true")
     args = p.parse_args(argv)
     if not args.keep_caches:
@@ -83,12 +86,12 @@ def main(argv=None) -> int:
         return 2
 
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.smoke else torch.bfloat16)
-    scale = Scale(args.device, dtype, args.smoke)
+    scale = Scale(args.device, dtype, args.smoke, args.timing)
     reps = args.reps or (5 if args.smoke else 50)
     backends = choose(args.backends, args.kp_options)
     stem = args.stem or f"{time.strftime('%Y-%m-%d')}-{'smoke' if args.smoke else args.device}"
 
-    results = {"meta": report.provenance(args.device) | {"dtype": str(dtype), "smoke": args.smoke}, "cases": []}
+    results = {"meta": report.provenance(args.device) | {"dtype": str(dtype), "smoke": args.smoke, "timing": args.timing}, "cases": []}
     step, close = _progress(len(selected) * len(backends))
     try:
         for case in selected:

@@ -5,6 +5,7 @@ set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
 extra=${KP_BENCH_EXTRA:-}  # e.g. --smoke for a dry run on the CPU
+timing=${KP_TIMING:-latency}  # micro attention cases: latency or gpu (bench/timing.py)
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -36,7 +37,7 @@ case "$stage" in
   attention)
     # Issue 4 targets: kernelpytorch vs Inductor on the naive attention code, then the attention-heavy models.
     timeout "$(( $(left) - 240 ))" python3 -m bench --cases 'attention-causal' 'attention-sliding-window' 'attention-documents' 'attention-*' \
-      --backends eager inductor kernelpytorch --reps 30 $extra --out "$out" --stem cuda-attention 2>"$out/attention.log" | tail -30
+      --backends eager inductor kernelpytorch --reps 30 --timing "$timing" $extra --out "$out" --stem cuda-attention-$timing 2>"$out/attention.log" | tail -30
     timeout "$(left)" python3 -m bench --cases 'gpt-*' 'hf-llama-*' 'hf-mistral-*' \
       --backends eager inductor kernelpytorch --reps 20 $extra --out "$out" --stem cuda-attention-e2e 2>>"$out/attention.log" | tail -15
     ;;

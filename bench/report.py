@@ -42,6 +42,7 @@ def markdown(results: dict) -> str:
         f"# Benchmark: {meta['device_name']} ({meta['device']}), torch {meta['torch']}, "
         f"triton {meta['triton']}, commit {str(meta['git_commit'])[:10]}",
         "",
+        f"Timing mode: {meta.get('timing', 'latency')} (bench/timing.py). "
         "Median of repeated runs; 95% CI of the median in brackets; speedup vs Inductor default; "
         "error = relative L2 vs an fp64 (CPU) / fp32 (GPU) eager reference. Compile s = first call "
         "minus a steady-state call, with Inductor's FX graph and autograd caches off; its kernel cache is "

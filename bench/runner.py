@@ -94,7 +94,7 @@ def run_backend(case: Case, wl: Workload, backend: Backend, ref, scale: Scale, r
             row["error"] = rel_error(got, ref)
             if scale.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            timing = time_fn(step, scale.device, reps)
+            timing = time_fn(step, scale.device, reps, hide_launch=scale.timing == "gpu")
     except Exception as e:  # noqa: BLE001 - one backend failing must not stop the run
         row["failed"] = _describe(e)
         row["traceback"] = traceback.format_exc()[-2000:]

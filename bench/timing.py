@@ -5,6 +5,15 @@ cache is flushed before it (a 256 MiB write), so repeated runs over the same
 inputs do not measure the cache. On the CPU, ``time.perf_counter`` around the
 call. The interval is the distribution-free one for a median: order
 statistics ``n/2 -+ 1.96 sqrt(n)/2``.
+
+Two CUDA modes. ``latency`` (default, as ``triton.testing.do_bench``): the
+events bracket one call, so when the CPU needs longer to launch the work
+than the flush keeps the GPU busy (Dynamo guards, wrappers: ~0.1 ms for a
+compiled graph), that wait is in the time. ``gpu`` (``hide_launch``): a
+``torch.cuda._sleep`` longer than the call's measured launch time is queued
+before the start event, so the work is all queued when the GPU reaches it
+and the events time the GPU work alone, as in a steady training loop where
+the CPU runs ahead.
 """
 
 from __future__ import annotations
@@ -43,18 +52,28 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+SLEEP_CYCLES_PER_MS = 2.0e6  # about an H100's SM clock; a longer sleep only costs wall time
+
+
 def time_fn(fn: Callable[[], object], device: str, reps: int, warmup: int = 3,
-            budget_s: float = 10.0) -> Timing:
+            budget_s: float = 10.0, hide_launch: bool = False) -> Timing:
     """Time ``fn()`` ``reps`` times after ``warmup`` calls (fewer if over ``budget_s``)."""
+    launch_ms = 0.0
     for _ in range(warmup):
+        _sync(device)
+        t0 = time.perf_counter()
         fn()
+        launch_ms = max(launch_ms, (time.perf_counter() - t0) * 1e3)  # CPU time to queue the work
     _sync(device)
     samples: list[float] = []
     start_all = time.perf_counter()
     if device == "cuda":
         flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+        sleep = int(min(2 * launch_ms + 0.5, 200.0) * SLEEP_CYCLES_PER_MS)
         for _ in range(reps):
             flush.zero_()
+            if hide_launch:
+                torch.cuda._sleep(sleep)
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
             fn()

@@ -19,6 +19,7 @@ class Scale:
     device: str
     dtype: torch.dtype
     smoke: bool  # tiny shapes for the CPU smoke run
+    timing: str = "latency"  # "latency" or "gpu" (see bench/timing.py)
 
 
 @dataclass
