@@ -114,14 +114,15 @@ def select_attention_kernels(
             continue
         choice = choose(_case_of(node, info, device, lowering, train), prefer)
         info.update(kernel=choice.kernel, why=choice.why)
-        node.meta["kp_note"] = f"mask_mod: {info['mask_mod_text']}; kernel: sdpa ({choice.why})"
+        note = node.meta.get("kp_note", "")
+        node.meta["kp_note"] = f"{note}; kernel: sdpa ({choice.why})"
         if choice.kernel != "flex":
             continue
         mask = node.kwargs.get("attn_mask")
-        refusal = flex.replace_sdpa(gm, node, info["mask_mod"], info["mask_mod_text"])
+        refusal = flex.replace_sdpa(gm, node, info["mask_mod"], info["mask_mod_text"], info.get("score_bias"))
         if refusal:
             info.update(kernel="sdpa", why=refusal)
-            node.meta["kp_note"] = f"mask_mod: {info['mask_mod_text']}; kernel: sdpa ({refusal})"
+            node.meta["kp_note"] = f"{note}; kernel: sdpa ({refusal})"
             continue
         if isinstance(mask, fx.Node):
             erase_unused(mask)

@@ -59,8 +59,12 @@ def block_mask_for(mask_mod: Callable, key: str, L: int, S: int, device: torch.d
     return block_mask, rows_ok
 
 
-def replace_sdpa(gm: fx.GraphModule, sdpa: fx.Node, mask_mod: Callable, key: str) -> Optional[str]:
-    """Put ``flex_attention`` in place of ``sdpa``; None when done, else why not."""
+def replace_sdpa(gm: fx.GraphModule, sdpa: fx.Node, mask_mod: Optional[Callable], key: str,
+                 score_bias: Optional[Callable] = None) -> Optional[str]:
+    """Put ``flex_attention`` in place of ``sdpa``; None when done, else why not.
+
+    ``mask_mod`` None: no block mask (every pair attends); ``score_bias``: ``score_mod`` adds it.
+    """
     from torch.nn.attention.flex_attention import flex_attention
 
     q, k, v = sdpa.args[:3]
@@ -70,19 +74,24 @@ def replace_sdpa(gm: fx.GraphModule, sdpa: fx.Node, mask_mod: Callable, key: str
         k, v, gqa = k0[0], v0[0], True
     qv = val(q)
     L, S = qv.shape[-2], val(k).shape[-2]
-    block_mask, rows_ok = block_mask_for(mask_mod, key, L, S, qv.device)
+    block_mask, rows_ok = block_mask_for(mask_mod, key, L, S, qv.device) if mask_mod else (None, True)
     if not rows_ok:
         return "a query row has no key to attend to (eager gives NaN or uniform weights there, flex zeros)"
     scale = sdpa.kwargs.get("scale")
+    score_mod = None
+    if score_bias is not None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + score_bias(b, h, q_idx, kv_idx)
 
     def attend(q, k, v):
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 
     traced = _trace(attend, qv, val(k), val(v))
     with gm.graph.inserting_before(sdpa):
         out = _splice(gm, traced, (q, k, v), (key, L, S, str(qv.device)))
     out.meta.update({k_: v_ for k_, v_ in sdpa.meta.items() if k_ != "val"})
-    out.meta["kp_note"] = f"flex_attention output; mask_mod: {key}"
+    out.meta["kp_note"] = "flex_attention output" + (f"; mask_mod: {key}" if key else "") + (
+        "; score_mod: score + bias" if score_bias is not None else "")
     sdpa.replace_all_uses_with(out)
     repeated = [a for a in sdpa.args[1:3] if isinstance(a, fx.Node)]
     gm.graph.erase_node(sdpa)

@@ -58,6 +58,7 @@ from ..core.graph import val
 from ..core.rules import Matches, erase_unused
 from .attention_masks import holds_lower_triangle, is_causal_keep_mask, tril_buffer_source
 from .mask_mod import describe, every_row_attends, lift_mask_mod
+from .score_mod import describe_bias, lift_score_bias
 
 aten = torch.ops.aten
 
@@ -87,6 +88,7 @@ class Attention:
     sqrt_head_dim: Optional[fx.Node] = None  # scores were divided by sqrt(E), E symbolic
     space: Optional[tuple] = None  # scores' shape where the mask/bias applies, if views regroup batch dims
     lifted: Optional[object] = None  # the keep mask as a mask_mod, when it is index arithmetic
+    score_bias: Optional[object] = None  # the bias as bias_fn(b, h, q_idx, kv_idx), when it is index arithmetic
     nan_rows: Optional[fx.Node] = None  # keep mask whose fully masked rows must come out NaN, as in eager
 
 
@@ -421,9 +423,9 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
         if q is not att.q:
             out = g.call_function(aten.reshape.default, (out, list(val(att.out).shape)))
     kind = "causal" if causal else ("mask-tensor" if mask is not None else "no-mask")
-    sdpa.meta["kp_attention"] = _tag(kind, att.lifted)
-    if att.lifted is not None and not causal:
-        sdpa.meta["kp_note"] = f"mask_mod: {describe(att.lifted)}"
+    sdpa.meta["kp_attention"] = info = _tag(kind, att.lifted, att.score_bias)
+    if info.get("mask_kind") == "mask_mod":
+        sdpa.meta["kp_note"] = _note(info)
     out.meta["val"] = val(att.out)  # until shape propagation: a later attention may read it (stacked layers)
     if q is att.q:
         sdpa.meta["val"] = val(att.out)
@@ -433,11 +435,22 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
     return kind
 
 
-def _tag(kind: str, mask_mod) -> dict:
-    """What the lowering's kernel choice reads off the SDPA node (``lowering/attention.py``)."""
-    if mask_mod is not None and kind != "causal":
-        return {"mask": kind, "mask_kind": "mask_mod", "mask_mod": mask_mod, "mask_mod_text": describe(mask_mod)}
+def _tag(kind: str, mask_mod, score_bias=None) -> dict:
+    """What the lowering's kernel choice reads off the SDPA node (``lowering/attention.py``).
+
+    ``mask_mod`` may be None with a ``score_bias`` (a bias and no boolean mask): no block mask then.
+    """
+    if (mask_mod is not None or score_bias is not None) and kind != "causal":
+        return {"mask": kind, "mask_kind": "mask_mod", "mask_mod": mask_mod,
+                "mask_mod_text": describe(mask_mod) if mask_mod is not None else "",
+                "score_bias": score_bias, "score_bias_text": describe_bias(score_bias) if score_bias else ""}
     return {"mask": kind, "mask_kind": {"causal": "causal", "no-mask": "none"}.get(kind, "tensor")}
+
+
+def _note(info: dict) -> str:
+    parts = [f"mask_mod: {info['mask_mod_text']}"] if info["mask_mod_text"] else []
+    parts += [f"score_mod: score + {info['score_bias_text']}"] if info["score_bias_text"] else []
+    return "; ".join(parts)
 
 
 def _regroup(g: fx.Graph, node: fx.Node, space: tuple) -> fx.Node:
@@ -523,6 +536,17 @@ def _untranspose(g: fx.Graph, k_t: fx.Node) -> fx.Node:
     return g.call_function(aten.transpose.int, (k_t, -2, -1))
 
 
+def _lift_bias(att: Attention, keep, L, S) -> None:
+    """ALiBi-like biases: a score_mod (and the keep mask as a mask_mod) for FlexAttention, when both lift."""
+    bias_fn = lift_score_bias(att.bias, L, S)
+    if bias_fn is None:
+        return
+    mask_fn = lift_mask_mod(keep, L, S) if keep is not None else None
+    if keep is not None and (mask_fn is None or not every_row_attends(mask_fn, L, S)):
+        return
+    att.lifted, att.score_bias = mask_fn, bias_fn
+
+
 def _mask(g: fx.Graph, att: Attention, L, S, dtype):
     """(attn_mask, is_causal) for SDPA from the matched keep mask, fill and bias."""
     keep = att.keep_mask
@@ -536,6 +560,8 @@ def _mask(g: fx.Graph, att: Attention, L, S, dtype):
         att.lifted = lift_mask_mod(keep, L, S)  # index arithmetic: lowering may choose FlexAttention
         if att.lifted is not None and describe(att.lifted) in CAUSAL_MASK_MODS:
             return None, True  # e.g. transformers' 4-D mask from arange; no row is empty
+    if att.bias is not None:
+        _lift_bias(att, keep, L, S)
     if keep is not None and att.fill == -math.inf and not (att.lifted and every_row_attends(att.lifted, L, S)):
         att.nan_rows = keep
     if att.bias is None and att.fill == -math.inf:

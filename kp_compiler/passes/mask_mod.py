@@ -149,6 +149,9 @@ _BINARY = {
     aten.bitwise_and.Tensor: operator.and_, aten.bitwise_or.Tensor: operator.or_,
     aten.__and__.Tensor: operator.and_, aten.__or__.Tensor: operator.or_,
     aten.logical_and.default: operator.and_, aten.logical_or.default: operator.or_,
+    # float arithmetic, for score biases (ALiBi): proven on the real grid like every lift
+    aten.div.Tensor: operator.truediv, aten.div.Scalar: operator.truediv, aten.mul.Scalar: operator.mul,
+    aten.pow.Scalar: operator.pow, aten.pow.Tensor_Scalar: operator.pow, aten.pow.Tensor_Tensor: operator.pow,
 }
 _UNARY = {
     aten.bitwise_not.default: operator.invert, aten.logical_not.default: operator.invert,
@@ -158,7 +161,7 @@ _UNARY = {
 
 def _lift(node, memo: dict):
     if not isinstance(node, fx.Node):
-        return node if isinstance(node, (int, bool)) else None
+        return node if isinstance(node, (int, bool, float)) else None
     if node in memo:
         return memo[node]
     memo[node] = out = _lift_node(node, memo)
@@ -173,6 +176,11 @@ def _lift_node(node: fx.Node, memo: dict):
     n = _arange_length(node)
     if n is not None:
         return Field(lambda ix: ix[1], (n,))
+    if t in (aten.arange.start, aten.arange.start_step) and isinstance(val(node), torch.Tensor):
+        start, step = args[0], (args[2] if len(args) > 2 else 1)
+        if _number(start) and _number(step) and isinstance(val(node).shape[0], int):
+            return Field(lambda ix: start + step * ix[1], (val(node).shape[0],))
+        return None
     if t in _BINARY and len(args) == 2 and node.kwargs.get("alpha", 1) == 1:
         a, b = _lift(args[0], memo), _lift(args[1], memo)
         return None if a is None or b is None else _binary(_BINARY[t], a, b)
@@ -191,11 +199,30 @@ def _lift_node(node: fx.Node, memo: dict):
         return None
     if t is aten.unsqueeze.default:
         return _unsqueeze(a, args[1])
+    if t is aten.clamp.default:
+        lo = args[1] if len(args) > 1 else node.kwargs.get("min")
+        hi = args[2] if len(args) > 2 else node.kwargs.get("max")
+        ok = all(x is None or _number(x) for x in (lo, hi))
+        return _unary(lambda x: _clamp(x, lo, hi), a) if ok else None
+    if t in (aten.to.dtype, aten._to_copy.default) and out.dtype.is_floating_point:
+        return a  # computed in float32 inside flex; the grid proof bounds the difference
     if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
         return _view(a, tuple(out.shape))
     if t in (aten.expand.default, aten.expand_as.default):
         return _broadcast_to(a, tuple(out.shape))
     return None
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _clamp(x, lo, hi):
+    if isinstance(x, _Sym):
+        return _Sym(f"clamp({x.text}, {lo}, {hi})")
+    if isinstance(x, torch.Tensor):
+        return torch.clamp(x, min=lo, max=hi)
+    return min(max(x, lo if lo is not None else x), hi if hi is not None else x)
+
 
 def _zero_dim_constant(node: fx.Node):
     """A 0-dim ``ones``/``new_ones``/``full``/``scalar_tensor`` as a Python number (bool for bool dtype)."""
@@ -250,27 +277,36 @@ def every_row_attends(mask_mod: Callable, L: Any, S: Any) -> bool:
         return bool(torch.as_tensor(mask_mod(None, None, q_idx, kv_idx)).expand(L, S).any(-1).all())
 
 
-def _same_on_grid(keep: fx.Node, mask_mod: Callable, L: int, S: int) -> bool:
+def evaluate(root: fx.Node) -> Optional[torch.Tensor]:
+    """Run the subgraph behind ``root`` for real; None if it reads anything but constants it builds."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    nodes, seen, work = [], set(), [keep]
+    nodes, seen, work = [], set(), [root]
     while work:
         n = work.pop()
         if n in seen:
             continue
         seen.add(n)
         if n.op != "call_function":
-            return False
+            return None
         nodes.append(n)
         work.extend(n.all_input_nodes)
-    order = {n: i for i, n in enumerate(keep.graph.nodes)}
+    order = {n: i for i, n in enumerate(root.graph.nodes)}
     graph, env = fx.Graph(), {}
     for n in sorted(nodes, key=order.__getitem__):
         env[n] = graph.node_copy(n, env.__getitem__)
-    graph.output(env[keep])
+    graph.output(env[root])
     with unset_fake_temporarily(), torch.no_grad():
-        dense = fx.GraphModule(torch.nn.Module(), graph)()
-        if not isinstance(dense, torch.Tensor) or dense.dim() < 2 or dense.dtype != torch.bool:
+        out = fx.GraphModule(torch.nn.Module(), graph)()
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def _same_on_grid(keep: fx.Node, mask_mod: Callable, L: int, S: int) -> bool:
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    dense = evaluate(keep)
+    with unset_fake_temporarily(), torch.no_grad():
+        if dense is None or dense.dim() < 2 or dense.dtype != torch.bool:
             return False
         dense = dense.reshape(-1, *dense.shape[-2:])
         if dense.shape[0] != 1:
@@ -305,12 +341,12 @@ class _Sym:
 
 
 _PRECEDENCE = {"|": 1, "&": 3, "==": 0, "!=": 0, "<": 0, "<=": 0, ">": 0, ">=": 0,  # as in Python
-               "+": 5, "-": 5, "*": 6, "//": 6, "%": 6}
+               "+": 5, "-": 5, "*": 6, "/": 6, "//": 6, "%": 6, "**": 7}
 for _name, _op in (("or", "|"), ("and", "&"), ("eq", "=="), ("ne", "!="), ("lt", "<"), ("le", "<="),
-                   ("gt", ">"), ("ge", ">="), ("add", "+"), ("sub", "-"), ("mul", "*"),
-                   ("floordiv", "//"), ("mod", "%")):
+                   ("gt", ">"), ("ge", ">="), ("add", "+"), ("sub", "-"), ("mul", "*"), ("truediv", "/"),
+                   ("floordiv", "//"), ("mod", "%"), ("pow", "**")):
     setattr(_Sym, f"__{_name}__", lambda self, o, _op=_op: self._bin(o, _op, _PRECEDENCE[_op]))
-    if _name in ("or", "and", "add", "sub", "mul", "floordiv", "mod"):
+    if _name in ("or", "and", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow"):
         setattr(_Sym, f"__r{_name}__", lambda self, o, _op=_op: self._bin(o, _op, _PRECEDENCE[_op], swap=True))
 _Sym.__invert__ = lambda self: _Sym(f"~({self.text})", 8)
 _Sym.__neg__ = lambda self: _Sym(f"-({self.text})", 8)

@@ -41,6 +41,7 @@ FLEX_CASES = {
     "sliding-window": (cases.make_sliding_window(16), "(kv_idx <= q_idx) & (q_idx - kv_idx < 16)"),
     "documents": (cases.make_documents(8), "q_idx // 8 == kv_idx // 8"),
     "finfo-min-fill": (finfo_min_window, "(kv_idx <= q_idx) & (q_idx - kv_idx < 8)"),
+    "alibi": (cases.alibi, "kv_idx <= q_idx"),  # plus a score_mod for the slopes
 }
 
 
