@@ -5,7 +5,10 @@ Each module holds one pass; this file is the one place that orders them.
 
 from ..core.pass_manager import register_pass
 from .attention import attention_to_sdpa
+from .moe import moe_dispatch
 from .noop import noop_elimination
 
 register_pass("noop-elimination", noop_elimination, default=True)
 register_pass("attention-to-sdpa", attention_to_sdpa, default=True)
+# Not default yet: until a CUDA kernel exists, kp::routed_experts runs its reference loop (issue 6).
+register_pass("moe-dispatch", moe_dispatch)

@@ -1,0 +1,7 @@
+"""Custom ops the passes emit (``torch.library``): schema, fake and reference implementations, autograd.
+
+Device kernels are registered for these ops by ``lowering``; the reference
+implementations here run anywhere (CPU, XLA, and CUDA until a kernel exists).
+"""
+
+from . import routed_experts  # noqa: F401  (registers kp::routed_experts)

@@ -1,0 +1,130 @@
+"""``kp::routed_experts``: top-k routed gated-MLP experts as one op.
+
+``routed_experts(x, ids, weights, w_gate, w_up, w_down, activation)`` computes,
+for tokens ``x [T, d]`` routed to experts ``ids [T, k]`` with weights
+``weights [T, k]``::
+
+    out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t])
+    expert_e(x) = (act(x @ w_gate[e].T) * (x @ w_up[e].T)) @ w_down[e].T
+
+``w_gate``, ``w_up``, ``w_down`` are lists with one weight per expert (the
+model's own parameters, so gradients reach them; nothing is stacked).
+``activation`` is ``"silu"`` (SwiGLU), ``"gelu"``, ``"gelu_tanh"`` (GEGLU) or
+``"relu"``. The reference implementation is the expert loop itself, in the
+same order as model code writes it; the backward is its own op
+(``kp::routed_experts_backward``), so AOTAutograd and Inductor see two
+opaque calls with fake implementations, and no data-dependent shape. The
+backward is written out per expert (gated-MLP derivatives through ATen's
+activation backward ops).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def reference(x, ids, weights, w_gate: Sequence, w_up: Sequence, w_down: Sequence, activation: str):
+    """The expert loop, as model code writes it (differentiable)."""
+    act = ACTIVATIONS[activation]
+    out = torch.zeros_like(x)
+    for e in range(len(w_gate)):
+        tok, slot = torch.where(ids == e)
+        xs = x[tok]
+        h = act(F.linear(xs, w_gate[e])) * F.linear(xs, w_up[e])
+        y = F.linear(h, w_down[e]) * weights[tok, slot, None]
+        out = out.index_add(0, tok, y)
+    return out
+
+
+@torch.library.custom_op("kp::routed_experts", mutates_args=())
+def routed_experts(
+    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+    w_gate: list[torch.Tensor], w_up: list[torch.Tensor], w_down: list[torch.Tensor], activation: str,
+) -> torch.Tensor:
+    _check(x, ids, weights, w_gate, w_up, w_down, activation)
+    with torch.no_grad():
+        return reference(x, ids, weights, w_gate, w_up, w_down, activation)
+
+
+@routed_experts.register_fake
+def _(x, ids, weights, w_gate, w_up, w_down, activation):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("kp::routed_experts_backward", mutates_args=())
+def routed_experts_backward(
+    grad: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+    w_gate: list[torch.Tensor], w_up: list[torch.Tensor], w_down: list[torch.Tensor], activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Gradients for x, weights, w_gate, w_up, w_down, written out per expert (no autograd inside an op)."""
+    act = ACTIVATIONS[activation]
+    grad_x, grad_weights = torch.zeros_like(x), torch.zeros_like(weights)
+    grad_gate, grad_up, grad_down = [], [], []
+    for e in range(len(w_gate)):
+        tok, slot = torch.where(ids == e)
+        xs, gs, r = x[tok], grad[tok], weights[tok, slot]
+        hg, hu = F.linear(xs, w_gate[e]), F.linear(xs, w_up[e])
+        a = act(hg)
+        h = a * hu
+        y = F.linear(h, w_down[e])
+        grad_weights.index_put_((tok, slot), (gs * y).sum(-1), accumulate=True)
+        dy = gs * r[:, None]
+        dh = dy @ w_down[e]
+        dhu, dhg = dh * a, _act_backward(activation, dh * hu, hg)
+        grad_down.append(dy.t() @ h)
+        grad_gate.append(dhg.t() @ xs)
+        grad_up.append(dhu.t() @ xs)
+        grad_x.index_add_(0, tok, dhg @ w_gate[e] + dhu @ w_up[e])
+    return grad_x, grad_weights, grad_gate, grad_up, grad_down
+
+
+def _act_backward(activation: str, grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    aten = torch.ops.aten
+    if activation == "silu":
+        return aten.silu_backward(grad, z)
+    if activation in ("gelu", "gelu_tanh"):
+        return aten.gelu_backward(grad, z, approximate="tanh" if activation == "gelu_tanh" else "none")
+    return aten.threshold_backward(grad, z, 0)
+
+
+@routed_experts_backward.register_fake
+def _(grad, x, ids, weights, w_gate, w_up, w_down, activation):
+    return (torch.empty_like(x), torch.empty_like(weights), [torch.empty_like(w) for w in w_gate],
+            [torch.empty_like(w) for w in w_up], [torch.empty_like(w) for w in w_down])
+
+
+def _setup_context(ctx, inputs, output):
+    x, ids, weights, w_gate, w_up, w_down, activation = inputs
+    ctx.save_for_backward(x, ids, weights, *w_gate, *w_up, *w_down)
+    ctx.experts, ctx.activation = len(w_gate), activation
+
+
+def _backward(ctx, grad):
+    x, ids, weights, *ws = ctx.saved_tensors
+    E = ctx.experts
+    gx, gw, gg, gu, gd = torch.ops.kp.routed_experts_backward(
+        grad, x, ids, weights, ws[:E], ws[E:2 * E], ws[2 * E:], ctx.activation)
+    return gx, None, gw, gg, gu, gd, None
+
+
+routed_experts.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(x, ids, weights, w_gate, w_up, w_down, activation) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"kp::routed_experts: activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+    if not (len(w_gate) == len(w_up) == len(w_down)) or not w_gate:
+        raise ValueError("kp::routed_experts: w_gate, w_up and w_down need one weight per expert each")
+    if x.dim() != 2 or ids.shape != weights.shape or ids.shape[0] != x.shape[0]:
+        raise ValueError(f"kp::routed_experts: x must be [T, d] and ids, weights [T, k]; got "
+                         f"{tuple(x.shape)}, {tuple(ids.shape)}, {tuple(weights.shape)}")

@@ -1,0 +1,270 @@
+"""``moe-dispatch``: an unrolled expert loop onto one ``kp::routed_experts`` op.
+
+Matches the loop as Dynamo captures it with
+``torch._dynamo.config.capture_dynamic_output_shape_ops = True``: a chain of
+``index_add`` into ``zeros_like(x)``, one step per expert ``e``::
+
+    tok, slot = where(ids == e)                 # aten.where.default(aten.eq.Scalar(ids, e))
+    xs = x[tok]
+    h = act(linear(xs, w_gate_e)) * linear(xs, w_up_e)        # act: silu, gelu, gelu(tanh), relu
+    y = linear(h, w_down_e) * weights.unsqueeze(-1)[tok, slot]
+    out = out.index_add(0, tok, y)
+
+Experts may be ``nn.ModuleList`` MLPs (weights are parameters) or slices of
+3-D parameters (``w[e]``): the op takes whatever nodes hold the weights, so
+gradients reach the model's own parameters.
+
+Preconditions (else the graph is left as it is): the steps cover experts
+``0..E-1`` exactly once; ``ids`` is the index output of ``topk`` over a last
+dim of size ``E`` (so no id falls outside the loop); every step reads the
+same ``x``, ``ids``, ``weights`` and activation; the expert weights have one
+shape per role; ``weights`` has ``x``'s dtype; no intermediate value has a
+user outside its step (the routing ``where`` may only feed the step and
+Dynamo's size assertions, which go with it).
+
+Before (one of E steps)::
+
+    %eq = aten.eq.Scalar(%getitem_1, 0) : b8[10, 2]
+    %where = aten.where.default(%eq) : (i64[u3], i64[u3])
+    %index = aten.index.Tensor(%reshape, [%getitem_2]) : f32[u3, 16]
+    ... linear, silu, linear, mul, linear, index of the weights, mul
+    %index_add = aten.index_add.default(%zeros_like, 0, %getitem_2, %mul_1) : f32[10, 16]
+
+After::
+
+    %routed_experts = kp.routed_experts.default(%reshape, %getitem_1, %div, [%w_gate_0, ...], [%w_up_0, ...], [%w_down_0, ...], 'silu') : f32[10, 16]
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import fx
+
+from .. import ops  # noqa: F401  (registers kp::routed_experts)
+from ..core.graph import val
+from ..core.rules import Matches
+
+aten = torch.ops.aten
+_SIZE_CHECKS = {aten.sym_size.int, operator.ge, operator.le, operator.lt, operator.gt, operator.eq,
+                aten._assert_scalar.default, torch.sym_constrain_range_for_size,
+                aten.sym_constrain_range_for_size.default, aten.sym_constrain_range.default}
+
+
+@dataclass
+class Step:
+    expert: int
+    gate: fx.Node
+    up: fx.Node
+    down: fx.Node
+    activation: str
+    nodes: list = field(default_factory=list)  # what the step alone uses, to erase
+
+
+@dataclass
+class Loop:
+    x: fx.Node
+    ids: fx.Node
+    weights: fx.Node
+    steps: list
+    last: fx.Node  # the final index_add
+    start: fx.Node  # zeros_like(x)
+
+
+def _one_user(node: fx.Node) -> bool:
+    return len(node.users) == 1
+
+
+def _activation(node) -> Optional[tuple[str, fx.Node]]:
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if node.target is aten.silu.default:
+        return "silu", node.args[0]
+    if node.target is aten.relu.default:
+        return "relu", node.args[0]
+    if node.target is aten.gelu.default:
+        approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        return ("gelu_tanh" if approx == "tanh" else "gelu"), node.args[0]
+    return None
+
+
+def _linear_of(node, xs) -> Optional[fx.Node]:
+    """The weight of ``linear(xs, w)`` (no bias), else None."""
+    if not isinstance(node, fx.Node) or node.target is not aten.linear.default or len(node.args) != 2:
+        return None
+    return node.args[1] if node.args[0] is xs else None
+
+
+def _routing(node) -> Optional[tuple[fx.Node, int, fx.Node]]:
+    """(ids, e, where) for ``tok = where(ids == e)[0]``."""
+    if not (isinstance(node, fx.Node) and node.target is operator.getitem and node.args[1] == 0):
+        return None
+    where = node.args[0]
+    if not (isinstance(where, fx.Node) and where.target is aten.where.default and len(where.args) == 1):
+        return None
+    eq = where.args[0]
+    if not (isinstance(eq, fx.Node) and eq.target is aten.eq.Scalar and isinstance(eq.args[1], int)):
+        return None
+    return eq.args[0], eq.args[1], where
+
+
+def _routing_weight(node, tok, where) -> Optional[fx.Node]:
+    """``weights`` for ``weights.unsqueeze(-1)[tok, slot]``."""
+    if not (isinstance(node, fx.Node) and node.target is aten.index.Tensor):
+        return None
+    src, idx = node.args
+    if len(idx) != 2 or idx[0] is not tok:
+        return None
+    slot = idx[1]
+    if not (isinstance(slot, fx.Node) and slot.target is operator.getitem and slot.args == (where, 1)):
+        return None
+    if not (isinstance(src, fx.Node) and src.target is aten.unsqueeze.default and src.args[1] in (2, -1)):
+        return None
+    return src.args[0]
+
+
+def _step(add: fx.Node) -> Optional[tuple[Step, fx.Node, fx.Node, fx.Node, fx.Node]]:
+    """(step, x, ids, weights, accumulator) for one ``index_add``, else None."""
+    if add.target is not aten.index_add.default or len(add.args) != 4 or add.args[1] != 0 or add.kwargs:
+        return None
+    acc, _, tok, y = add.args
+    routing = _routing(tok)
+    if routing is None or not isinstance(y, fx.Node) or y.target is not aten.mul.Tensor or not _one_user(y):
+        return None
+    ids, e, where = routing
+    for out, rw in (y.args, y.args[::-1]):
+        weights = _routing_weight(rw, tok, where)
+        if weights is not None and isinstance(out, fx.Node) and out.target is aten.linear.default:
+            break
+    else:
+        return None
+    if len(out.args) != 2 or not _one_user(out) or not _one_user(rw):
+        return None
+    h, w_down = out.args
+    if not (isinstance(h, fx.Node) and h.target is aten.mul.Tensor and _one_user(h)):
+        return None
+    for a, u in (h.args, h.args[::-1]):
+        act = _activation(a)
+        if act is None or not _one_user(a):
+            continue
+        gate_lin = act[1]
+        xs = gate_lin.args[0] if isinstance(gate_lin, fx.Node) and gate_lin.args else None
+        if not (isinstance(xs, fx.Node) and xs.target is aten.index.Tensor and list(xs.args[1]) == [tok]):
+            continue
+        w_gate, w_up = _linear_of(gate_lin, xs), _linear_of(u, xs)
+        if w_gate is None or w_up is None or not (_one_user(gate_lin) and _one_user(u)) or len(xs.users) != 2:
+            continue
+        nodes = [add, y, rw, out, h, a, gate_lin, u, xs, rw.args[0]]
+        step = Step(e, w_gate, w_up, w_down, act[0], nodes)
+        return step, xs.args[0], ids, weights, acc
+    return None
+
+
+def _ids_bounded(ids: fx.Node, experts: int) -> bool:
+    """``ids`` is ``topk(p, k)[1]`` with ``p``'s last dim ``experts``: every id is a looped expert."""
+    if not (ids.target is operator.getitem and ids.args[1] == 1):
+        return False
+    topk = ids.args[0]
+    if not (isinstance(topk, fx.Node) and topk.target is aten.topk.default):
+        return False
+    dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
+    probs = val(topk.args[0])
+    return isinstance(probs, torch.Tensor) and dim in (-1, probs.dim() - 1) and probs.shape[-1] == experts
+
+
+def _where_users_ok(where: fx.Node, step_nodes: set) -> Optional[list]:
+    """Everything hanging off ``where`` is the step or Dynamo's size checks; return those checks."""
+    checks, work, seen = [], list(where.users), set()
+    while work:
+        n = work.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in step_nodes:
+            continue
+        if n.target is operator.getitem or n.target in _SIZE_CHECKS:
+            checks.append(n)
+            work.extend(n.users)
+            continue
+        return None
+    return checks
+
+
+def match(last: fx.Node) -> Optional[Loop]:
+    """The expert loop ending in the ``index_add`` ``last``, or None."""
+    steps, cur, first = [], last, None
+    x = ids = weights = None
+    while isinstance(cur, fx.Node) and cur.target is aten.index_add.default:
+        found = _step(cur)
+        if found is None:
+            return None
+        step, sx, sids, sweights, acc = found
+        if x is None:
+            x, ids, weights = sx, sids, sweights
+        if (sx, sids, sweights) != (x, ids, weights):
+            return None
+        steps.append(step)
+        if cur is not last and not _one_user(cur):
+            return None
+        cur = acc
+    start = cur
+    if not (isinstance(start, fx.Node) and start.target is aten.zeros_like.default and start.args[0] is x
+            and _one_user(start)):
+        return None
+    steps.reverse()
+    E = len(steps)
+    if sorted(s.expert for s in steps) != list(range(E)) or len({s.activation for s in steps}) != 1:
+        return None
+    if not _ids_bounded(ids, E) or val(weights) is None or val(weights).dtype != val(x).dtype:
+        return None
+    shapes = {(tuple(val(s.gate).shape), tuple(val(s.up).shape), tuple(val(s.down).shape)) for s in steps}
+    if len(shapes) != 1:
+        return None
+    return Loop(x, ids, weights, sorted(steps, key=lambda s: s.expert), last, start)
+
+
+def _rewrite(gm: fx.GraphModule, loop: Loop) -> None:
+    g = gm.graph
+    step_nodes = {n for s in loop.steps for n in s.nodes}
+    wheres = {s.nodes[0].args[2].args[0] for s in loop.steps}  # tok = getitem(where, 0)
+    checks = []
+    for where in wheres:
+        found = _where_users_ok(where, step_nodes)
+        if found is None:
+            return
+        checks += found
+    with g.inserting_before(loop.last):
+        out = g.call_function(torch.ops.kp.routed_experts.default, (
+            loop.x, loop.ids, loop.weights, [s.gate for s in loop.steps], [s.up for s in loop.steps],
+            [s.down for s in loop.steps], loop.steps[0].activation))
+    out.meta["val"] = val(loop.last)
+    out.meta["kp_note"] = f"{len(loop.steps)} experts, {loop.steps[0].activation}, from an unrolled loop"
+    loop.last.replace_all_uses_with(out)
+    doomed = step_nodes | set(checks) | wheres | {w.args[0] for w in wheres} | {loop.start}
+    order = {n: i for i, n in enumerate(g.nodes)}
+    for n in sorted(doomed, key=order.__getitem__, reverse=True):
+        if not n.users:
+            g.erase_node(n)
+
+
+def moe_dispatch(gm: fx.GraphModule) -> Matches:
+    """Rewrite every provable expert loop in ``gm``; matches counted per activation."""
+    counts: dict = {}
+    for node in reversed(list(gm.graph.nodes)):
+        if node.target is not aten.index_add.default or getattr(node, "_erased", False):
+            continue
+        if any(u.target is aten.index_add.default and u.args[0] is node for u in node.users):
+            continue  # not the end of a chain
+        loop = match(node)
+        if loop is None:
+            continue
+        _rewrite(gm, loop)
+        if not getattr(loop.last, "_erased", False):
+            continue  # _rewrite declined
+        counts[loop.steps[0].activation] = counts.get(loop.steps[0].activation, 0) + 1
+    if counts:
+        gm.recompile()
+    return Matches(counts)
