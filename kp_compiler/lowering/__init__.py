@@ -4,6 +4,7 @@
 module and shares the signature ``lower(gm, example_inputs, mode, config)``.
 """
 
+from . import moe as _moe  # noqa: F401  (registers kp::routed_experts' CUDA implementation)
 from .registry import LOWERINGS, input_devices, lower, select
 
 __all__ = ["LOWERINGS", "input_devices", "lower", "select"]
