@@ -14,9 +14,10 @@ ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approxi
 
 
 @pytest.fixture(autouse=True)
-def capture_loops(monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
+def capture_loops():
     torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        yield
 
 
 class SlicedExperts(nn.Module):
