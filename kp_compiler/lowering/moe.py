@@ -28,7 +28,7 @@ def choose(device: DeviceInfo, dtype: torch.dtype, aligned: bool) -> str:
 
 def _cuda_impl(x, ids, weights, w_gate, w_up, w_down, activation):
     routed_experts._check(x, ids, weights, w_gate, w_up, w_down, activation)
-    impl = choose(describe(x.device), x.dtype, grouped_experts.aligned(x, w_gate))
+    impl = choose(describe(x.device), x.dtype, grouped_experts.aligned(x, w_up))
     with torch.no_grad():
         if impl == "grouped_mm":
             return grouped_experts.forward(x, ids, weights, w_gate, w_up, w_down, activation)

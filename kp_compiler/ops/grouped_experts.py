@@ -16,9 +16,9 @@ import torch
 from .routed_experts import ACTIVATIONS
 
 
-def aligned(x: torch.Tensor, w_gate: Sequence[torch.Tensor]) -> bool:
+def aligned(x: torch.Tensor, w_up: Sequence[torch.Tensor]) -> bool:
     """Row strides of every operand are 16-byte multiples (``_grouped_mm``'s requirement)."""
-    f, d = w_gate[0].shape
+    f, d = w_up[0].shape
     return (d * x.element_size()) % 16 == 0 and (f * x.element_size()) % 16 == 0
 
 
@@ -33,11 +33,14 @@ def _sort_by_expert(ids: torch.Tensor, experts: int):
 def forward(x, ids, weights, w_gate, w_up, w_down, activation: str) -> torch.Tensor:
     act = ACTIVATIONS[activation]
     k = ids.shape[1]
-    order, offs = _sort_by_expert(ids, len(w_gate))
+    order, offs = _sort_by_expert(ids, len(w_up))
     tokens = order // k
     xs = x[tokens]
-    gate = torch._grouped_mm(xs, torch.stack(list(w_gate)).transpose(1, 2), offs=offs)
     up = torch._grouped_mm(xs, torch.stack(list(w_up)).transpose(1, 2), offs=offs)
-    y = torch._grouped_mm(act(gate) * up, torch.stack(list(w_down)).transpose(1, 2), offs=offs)
+    if w_gate:
+        h = act(torch._grouped_mm(xs, torch.stack(list(w_gate)).transpose(1, 2), offs=offs)) * up
+    else:
+        h = act(up)
+    y = torch._grouped_mm(h, torch.stack(list(w_down)).transpose(1, 2), offs=offs)
     y = y * weights.flatten()[order, None]
     return torch.zeros_like(x).index_add(0, tokens, y)

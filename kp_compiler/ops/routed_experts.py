@@ -1,11 +1,12 @@
-"""``kp::routed_experts``: top-k routed gated-MLP experts as one op.
+"""``kp::routed_experts``: top-k routed MLP experts (gated or not) as one op.
 
 ``routed_experts(x, ids, weights, w_gate, w_up, w_down, activation)`` computes,
 for tokens ``x [T, d]`` routed to experts ``ids [T, k]`` with weights
 ``weights [T, k]``::
 
     out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t])
-    expert_e(x) = (act(x @ w_gate[e].T) * (x @ w_up[e].T)) @ w_down[e].T
+    expert_e(x) = (act(x @ w_gate[e].T) * (x @ w_up[e].T)) @ w_down[e].T     # gated (SwiGLU, GEGLU)
+    expert_e(x) = act(x @ w_up[e].T) @ w_down[e].T                           # w_gate == [] (GELU, ReLU MLPs)
 
 ``w_gate``, ``w_up``, ``w_down`` are lists with one weight per expert (the
 model's own parameters, so gradients reach them; nothing is stacked).
@@ -37,10 +38,10 @@ def reference(x, ids, weights, w_gate: Sequence, w_up: Sequence, w_down: Sequenc
     """The expert loop, as model code writes it (differentiable)."""
     act = ACTIVATIONS[activation]
     out = torch.zeros_like(x)
-    for e in range(len(w_gate)):
+    for e in range(len(w_up)):
         tok, slot = torch.where(ids == e)
         xs = x[tok]
-        h = act(F.linear(xs, w_gate[e])) * F.linear(xs, w_up[e])
+        h = act(F.linear(xs, w_gate[e])) * F.linear(xs, w_up[e]) if w_gate else act(F.linear(xs, w_up[e]))
         y = F.linear(h, w_down[e]) * weights[tok, slot, None]
         out = out.index_add(0, tok, y)
     return out
@@ -70,21 +71,30 @@ def routed_experts_backward(
     act = ACTIVATIONS[activation]
     grad_x, grad_weights = torch.zeros_like(x), torch.zeros_like(weights)
     grad_gate, grad_up, grad_down = [], [], []
-    for e in range(len(w_gate)):
+    for e in range(len(w_up)):
         tok, slot = torch.where(ids == e)
         xs, gs, r = x[tok], grad[tok], weights[tok, slot]
-        hg, hu = F.linear(xs, w_gate[e]), F.linear(xs, w_up[e])
-        a = act(hg)
-        h = a * hu
+        hu = F.linear(xs, w_up[e])
+        if w_gate:
+            hg = F.linear(xs, w_gate[e])
+            a = act(hg)
+            h = a * hu
+        else:
+            h = act(hu)
         y = F.linear(h, w_down[e])
         grad_weights.index_put_((tok, slot), (gs * y).sum(-1), accumulate=True)
         dy = gs * r[:, None]
         dh = dy @ w_down[e]
-        dhu, dhg = dh * a, _act_backward(activation, dh * hu, hg)
         grad_down.append(dy.t() @ h)
-        grad_gate.append(dhg.t() @ xs)
+        if w_gate:
+            dhu, dhg = dh * a, _act_backward(activation, dh * hu, hg)
+            grad_gate.append(dhg.t() @ xs)
+            dxs = dhg @ w_gate[e] + dhu @ w_up[e]
+        else:
+            dhu = _act_backward(activation, dh, hu)
+            dxs = dhu @ w_up[e]
         grad_up.append(dhu.t() @ xs)
-        grad_x.index_add_(0, tok, dhg @ w_gate[e] + dhu @ w_up[e])
+        grad_x.index_add_(0, tok, dxs)
     return grad_x, grad_weights, grad_gate, grad_up, grad_down
 
 
@@ -106,14 +116,14 @@ def _(grad, x, ids, weights, w_gate, w_up, w_down, activation):
 def _setup_context(ctx, inputs, output):
     x, ids, weights, w_gate, w_up, w_down, activation = inputs
     ctx.save_for_backward(x, ids, weights, *w_gate, *w_up, *w_down)
-    ctx.experts, ctx.activation = len(w_gate), activation
+    ctx.gates, ctx.experts, ctx.activation = len(w_gate), len(w_up), activation
 
 
 def _backward(ctx, grad):
     x, ids, weights, *ws = ctx.saved_tensors
-    E = ctx.experts
+    G, E = ctx.gates, ctx.experts
     gx, gw, gg, gu, gd = torch.ops.kp.routed_experts_backward(
-        grad, x, ids, weights, ws[:E], ws[E:2 * E], ws[2 * E:], ctx.activation)
+        grad, x, ids, weights, ws[:G], ws[G:G + E], ws[G + E:], ctx.activation)
     return gx, None, gw, gg, gu, gd, None
 
 
@@ -123,8 +133,8 @@ routed_experts.register_autograd(_backward, setup_context=_setup_context)
 def _check(x, ids, weights, w_gate, w_up, w_down, activation) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"kp::routed_experts: activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
-    if not (len(w_gate) == len(w_up) == len(w_down)) or not w_gate:
-        raise ValueError("kp::routed_experts: w_gate, w_up and w_down need one weight per expert each")
+    if len(w_up) != len(w_down) or not w_up or (w_gate and len(w_gate) != len(w_up)):
+        raise ValueError("kp::routed_experts: w_up and w_down (and w_gate, unless empty) need one weight per expert")
     if x.dim() != 2 or ids.shape != weights.shape or ids.shape[0] != x.shape[0]:
         raise ValueError(f"kp::routed_experts: x must be [T, d] and ids, weights [T, k]; got "
                          f"{tuple(x.shape)}, {tuple(ids.shape)}, {tuple(weights.shape)}")

@@ -7,6 +7,7 @@ Matches the loop as Dynamo captures it with
     tok, slot = where(ids == e)                 # aten.where.default(aten.eq.Scalar(ids, e))
     xs = x[tok]
     h = act(linear(xs, w_gate_e)) * linear(xs, w_up_e)        # act: silu, gelu, gelu(tanh), relu
+                                                              # or, ungated: h = act(linear(xs, w_up_e))
     y = linear(h, w_down_e) * weights.unsqueeze(-1)[tok, slot]
     out = out.index_add(0, tok, y)
 
@@ -57,7 +58,7 @@ _SIZE_CHECKS = {aten.sym_size.int, operator.ge, operator.le, operator.lt, operat
 @dataclass
 class Step:
     expert: int
-    gate: fx.Node
+    gate: Optional[fx.Node]  # None: an ungated expert, act(linear(x, up))
     up: fx.Node
     down: fx.Node
     activation: str
@@ -144,6 +145,9 @@ def _step(add: fx.Node) -> Optional[tuple[Step, fx.Node, fx.Node, fx.Node, fx.No
     if len(out.args) != 2 or not _one_user(out) or not _one_user(rw):
         return None
     h, w_down = out.args
+    ungated = _ungated(h, tok, add, y, rw, out, e, w_down)
+    if ungated is not None:
+        return ungated
     if not (isinstance(h, fx.Node) and h.target is aten.mul.Tensor and _one_user(h)):
         return None
     for a, u in (h.args, h.args[::-1]):
@@ -161,6 +165,22 @@ def _step(add: fx.Node) -> Optional[tuple[Step, fx.Node, fx.Node, fx.Node, fx.No
         step = Step(e, w_gate, w_up, w_down, act[0], nodes)
         return step, xs.args[0], ids, weights, acc
     return None
+
+
+def _ungated(h, tok, add, y, rw, out, e, w_down):
+    """The step for ``h = act(linear(xs, w_up))`` (GELU/ReLU experts), else None."""
+    act = _activation(h)
+    if act is None or not _one_user(h):
+        return None
+    lin = act[1]
+    xs = lin.args[0] if isinstance(lin, fx.Node) and lin.args else None
+    if not (isinstance(xs, fx.Node) and xs.target is aten.index.Tensor and list(xs.args[1]) == [tok]):
+        return None
+    w_up = _linear_of(lin, xs)
+    if w_up is None or not _one_user(lin) or not _one_user(xs):
+        return None
+    step = Step(e, None, w_up, w_down, act[0], [add, y, rw, out, h, lin, xs, rw.args[0]])
+    return step, xs.args[0], _routing(tok)[0], rw.args[0].args[0], add.args[0]
 
 
 def _ids_bounded(ids: fx.Node, experts: int) -> bool:
@@ -216,11 +236,12 @@ def match(last: fx.Node) -> Optional[Loop]:
         return None
     steps.reverse()
     E = len(steps)
-    if sorted(s.expert for s in steps) != list(range(E)) or len({s.activation for s in steps}) != 1:
+    if sorted(s.expert for s in steps) != list(range(E)) or len({(s.activation, s.gate is None) for s in steps}) != 1:
         return None
     if not _ids_bounded(ids, E) or val(weights) is None or val(weights).dtype != val(x).dtype:
         return None
-    shapes = {(tuple(val(s.gate).shape), tuple(val(s.up).shape), tuple(val(s.down).shape)) for s in steps}
+    shapes = {(s.gate is None or tuple(val(s.gate).shape), tuple(val(s.up).shape), tuple(val(s.down).shape))
+              for s in steps}
     if len(shapes) != 1:
         return None
     return Loop(x, ids, weights, sorted(steps, key=lambda s: s.expert), last, start)
@@ -238,10 +259,11 @@ def _rewrite(gm: fx.GraphModule, loop: Loop) -> None:
         checks += found
     with g.inserting_before(loop.last):
         out = g.call_function(torch.ops.kp.routed_experts.default, (
-            loop.x, loop.ids, loop.weights, [s.gate for s in loop.steps], [s.up for s in loop.steps],
+            loop.x, loop.ids, loop.weights, [s.gate for s in loop.steps if s.gate is not None], [s.up for s in loop.steps],
             [s.down for s in loop.steps], loop.steps[0].activation))
     out.meta["val"] = val(loop.last)
-    out.meta["kp_note"] = f"{len(loop.steps)} experts, {loop.steps[0].activation}, from an unrolled loop"
+    kind = "gated " if loop.steps[0].gate is not None else ""
+    out.meta["kp_note"] = f"{len(loop.steps)} experts, {kind}{loop.steps[0].activation}, from an unrolled loop"
     loop.last.replace_all_uses_with(out)
     doomed = step_nodes | set(checks) | wheres | {w.args[0] for w in wheres} | {loop.start}
     order = {n: i for i, n in enumerate(g.nodes)}
@@ -252,7 +274,7 @@ def _rewrite(gm: fx.GraphModule, loop: Loop) -> None:
 
 def moe_dispatch(gm: fx.GraphModule) -> Matches:
     """Rewrite every provable expert loop in ``gm``; matches counted per activation."""
-    counts: dict = {}
+    counts: dict = {}  # by activation, "gated-" prefixed for gated experts
     for node in reversed(list(gm.graph.nodes)):
         if node.target is not aten.index_add.default or getattr(node, "_erased", False):
             continue
@@ -264,7 +286,8 @@ def moe_dispatch(gm: fx.GraphModule) -> Matches:
         _rewrite(gm, loop)
         if not getattr(loop.last, "_erased", False):
             continue  # _rewrite declined
-        counts[loop.steps[0].activation] = counts.get(loop.steps[0].activation, 0) + 1
+        kind = ("gated-" if loop.steps[0].gate is not None else "") + loop.steps[0].activation
+        counts[kind] = counts.get(kind, 0) + 1
     if counts:
         gm.recompile()
     return Matches(counts)

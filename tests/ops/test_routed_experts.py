@@ -50,3 +50,15 @@ def test_bad_arguments_are_clear_errors():
         torch.ops.kp.routed_experts(x, ids, w, G, U, Dn, "tanh")
     with pytest.raises(ValueError, match="one weight per expert"):
         torch.ops.kp.routed_experts(x, ids, w, G, U[:-1], Dn, "silu")
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_ungated_experts_forward_and_gradients(activation):
+    x, ids, w, _, U, Dn = inputs()
+    out = torch.ops.kp.routed_experts(x, ids, w, [], U, Dn, activation)
+    ref = reference(x, ids, w, [], U, Dn, activation)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    grad = torch.randn_like(out)
+    leaves = [x, w, *U, *Dn]
+    for a, b in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
