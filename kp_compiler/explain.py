@@ -50,6 +50,8 @@ class ExplainReport:
         ]
         for reason, count in self.graph_breaks.items():
             lines.append(f"  graph break x{count}: {_one_line(reason)}")
+        for hint in hints(self.graph_breaks):
+            lines.append(f"  hint: {hint}")
         for g in self.graphs:
             lines.extend(_graph_lines(g))
         return "\n".join(lines)
@@ -101,14 +103,28 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Expl
     from .backend import kernelpytorch
 
     torch._dynamo.reset()
-    before = Counter(counters["graph_break"])
+    # Dynamo counts ordinary breaks under "graph_break"; a break inside a loop makes it skip
+    # the frame, which it counts under "unimplemented" (that is how expert loops split).
+    kinds = ("graph_break", "unimplemented")
+    before = {k: Counter(counters[k]) for k in kinds}
     compiled = torch.compile(model_or_fn, backend=kernelpytorch, options=options or None)
     with collect() as records:
         output = compiled(*example_inputs)
-    breaks = Counter(counters["graph_break"])
-    breaks.subtract(before)
-    return ExplainReport(
-        graphs=list(records),
-        graph_breaks={k: v for k, v in breaks.items() if v > 0},
-        output=output,
-    )
+    breaks = Counter()
+    for k in kinds:
+        now = Counter(counters[k])
+        now.subtract(before[k])
+        breaks.update({reason: n for reason, n in now.items() if n > 0})
+    return ExplainReport(graphs=list(records), graph_breaks=dict(breaks), output=output)
+
+
+def hints(graph_breaks: dict) -> list:
+    """What setting or code change would capture more in one graph, from the break reasons."""
+    out = []
+    if any("nonzero" in r or "Dynamic shape operator" in r for r in graph_breaks):
+        out.append(
+            "an op with a data-dependent output shape (torch.where/nonzero on routing ids, as in an "
+            "expert loop) split the graph: set torch._dynamo.config.capture_dynamic_output_shape_ops = True "
+            "to capture the loop whole (kernelpytorch's moe-dispatch pass then sees every expert)"
+        )
+    return out

@@ -72,3 +72,15 @@ def test_cli_names_a_missing_entry(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode != 0
     assert "defines no function 'kp_example'" in proc.stderr
+
+
+def test_a_split_expert_loop_names_the_setting_that_captures_it():
+    from kp_compiler.testing.models import LoopMoE
+
+    report = kp_compiler.explain(LoopMoE(16, 32, 4, 2), torch.randn(2, 5, 16))
+    text = str(report)
+    assert report.graph_break_count >= 1 and "nonzero" in text
+    assert "hint: " in text and "capture_dynamic_output_shape_ops = True" in text
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        whole = kp_compiler.explain(LoopMoE(16, 32, 4, 2), torch.randn(2, 5, 16))
+    assert whole.graph_count == 1 and whole.graph_break_count == 0 and "hint" not in str(whole)
