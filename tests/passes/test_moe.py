@@ -70,7 +70,7 @@ def check_equal(model, x, records_passes=PASSES):
         out, ref = compiled(x), model(ref_x)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         grad = torch.randn_like(out)
-        params = list(model.parameters())
+        params = [p for p in model.parameters() if p.requires_grad]
         got = torch.autograd.grad(out, [x, *params], grad, allow_unused=True)
         want = torch.autograd.grad(ref, [ref_x, *params], grad, allow_unused=True)
         for a, b in zip(got, want):
@@ -175,3 +175,47 @@ def test_plain_index_add_untouched():
     _, out, records = compile_and_collect(scatter_rows, (x,), passes=PASSES)
     assert moe_pass(records).matches == 0
     torch.testing.assert_close(out, scatter_rows(x))
+
+
+class DeepSeekStyle(nn.Module):
+    """Sigmoid routing with a selection bias, group-limited top-k, and a gated shared expert beside."""
+
+    def __init__(self, groups=2, top_groups=1):
+        super().__init__()
+        self.groups, self.top_groups = groups, top_groups
+        self.router = nn.Linear(D, E, bias=False)
+        self.correction = nn.Parameter(torch.randn(E) * 0.1, requires_grad=False)
+        self.experts = nn.ModuleList(nn.ModuleDict({
+            "gate": nn.Linear(D, FF, bias=False), "up": nn.Linear(D, FF, bias=False),
+            "down": nn.Linear(FF, D, bias=False)}) for _ in range(E))
+        self.shared = nn.ModuleDict({"gate": nn.Linear(D, FF, bias=False), "up": nn.Linear(D, FF, bias=False),
+                                     "down": nn.Linear(FF, D, bias=False), "scale": nn.Linear(D, 1, bias=False)})
+
+    def forward(self, x):
+        scores = torch.sigmoid(self.router(x))
+        biased = scores + self.correction
+        group_scores = biased.view(-1, self.groups, E // self.groups).amax(-1)
+        keep_groups = torch.topk(group_scores, self.top_groups, dim=-1)[1]
+        mask = torch.zeros_like(group_scores).scatter(1, keep_groups, 1.0)
+        mask = mask.repeat_interleave(E // self.groups, dim=-1)
+        ids = torch.topk(biased.masked_fill(mask == 0, float("-inf")), K, dim=-1)[1]
+        weights = scores.gather(1, ids)
+        weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, ex in enumerate(self.experts):
+            tok, slot = torch.where(ids == e)
+            xs = x[tok]
+            h = F.silu(ex["gate"](xs)) * ex["up"](xs)
+            out = out.index_add(0, tok, ex["down"](h) * weights[tok, slot, None])
+        s = self.shared
+        shared = s["down"](F.silu(s["gate"](x)) * s["up"](x)) * torch.sigmoid(s["scale"](x))
+        return out + shared
+
+
+def test_deepseek_style_routing_with_a_shared_expert():
+    torch.manual_seed(0)
+    model = DeepSeekStyle()
+    _, _, records = compile_and_collect(model, (torch.randn(10, D),), passes=PASSES)
+    assert moe_pass(records).by_rule == {"gated-silu": 1}
+    torch._dynamo.reset()
+    check_equal(model, torch.randn(10, D))
