@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     p.add_argument("--timing", choices=("latency", "gpu"), default="latency",
                    help="latency: events around each call (launch overhead counts when the GPU waits for it); "
                         "gpu: a queued sleep first, so the events time the GPU work only")
+    p.add_argument("--row-timeout", type=float, default=0,
+                   help="seconds one backend of one case may take (compile included); past it the row is "
+                        "recorded as failed and the run goes on (0: no limit)")
     p.add_argument("--list", action="store_true")
     args = p.parse_args(argv)
     if not args.keep_caches:
@@ -95,7 +98,7 @@ def main(argv=None) -> int:
     step, close = _progress(len(selected) * len(backends))
     try:
         for case in selected:
-            results["cases"].append(run_case(case, backends, scale, reps, step))
+            results["cases"].append(run_case(case, backends, scale, reps, step, args.row_timeout))
             report.write(results, args.out, stem)  # after every case: a cut-off run keeps what it has
     finally:
         close()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -40,6 +40,16 @@ case "$stage" in
       --backends eager inductor kernelpytorch --reps 30 --timing "$timing" $extra --out "$out" --stem cuda-attention-$timing 2>"$out/attention.log" | tail -30
     timeout "$(left)" python3 -m bench --cases 'gpt-*' 'hf-llama-*' 'hf-mistral-*' \
       --backends eager inductor kernelpytorch --reps 20 $extra --out "$out" --stem cuda-attention-e2e 2>>"$out/attention.log" | tail -15
+    ;;
+  next)
+    # What the 2026-11-23 session left unrun (bench/results/README.md), each row limited so a slow
+    # compile cannot starve the rest; kernelpytorch also with moe-dispatch (opt-in) as its own row.
+    PYTHONPATH=. timeout 150 python3 scripts/gpu_probe.py > "$out/probe.txt" 2>&1
+    timeout "$(left)" python3 -m bench --cases 'moe-e64-top8' 'moe-e64-top8-decode' 'moe-e8-top2' \
+      'moe-e64-top8-fwd-bwd' 'moe-e64-top8-decode-fwd-bwd' 'moe-loop-gpt-infer' 'moe-loop-gpt-train' 'hf-gpt2-*' 'hf-bert-*' \
+      --backends eager inductor kernelpytorch \
+      --kp-options '{"passes": ["noop-elimination", "attention-to-sdpa", "moe-dispatch"]}' \
+      --row-timeout 150 --reps 20 $extra --out "$out" --stem cuda-next 2>"$out/next.log" | tail -40
     ;;
 esac
 echo "stage $stage done after $(( $(date +%s) - start )) s"

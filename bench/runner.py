@@ -7,7 +7,9 @@ and parameter (training, first step before the optimizer moves anything).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import signal
 import time
 import traceback
 from typing import Any
@@ -78,12 +80,36 @@ def reference(wl: Workload, train: bool, scale: Scale) -> list[torch.Tensor]:
     return [out] if not train else out
 
 
-def run_backend(case: Case, wl: Workload, backend: Backend, ref, scale: Scale, reps: int) -> dict:
+class RowTimeout(Exception):
+    """One backend of one case ran past ``--row-timeout``."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise ``RowTimeout`` in the main thread after ``seconds`` (0: no limit; POSIX only)."""
+    if not seconds or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise RowTimeout(f"ran past the {seconds:.0f} s row limit (--row-timeout)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_backend(case: Case, wl: Workload, backend: Backend, ref, scale: Scale, reps: int,
+                row_timeout: float = 0) -> dict:
     torch._dynamo.reset()
     model = copy.deepcopy(wl.model) if isinstance(wl.model, torch.nn.Module) else wl.model
     row: dict = {"backend": backend.name}
     try:
-        with dynamo_config(wl.dynamo_config):
+        with _time_limit(row_timeout), dynamo_config(wl.dynamo_config):
             step = Step(wl, model, backend.wrap(model), case.train, scale.device)
             _sync(scale.device)
             t0 = time.perf_counter()
@@ -115,7 +141,8 @@ def _describe(e: Exception) -> str:
     return f"{type(inner).__name__}: {text}"[:300]
 
 
-def run_case(case: Case, backends: list[Backend], scale: Scale, reps: int, progress=None) -> dict:
+def run_case(case: Case, backends: list[Backend], scale: Scale, reps: int, progress=None,
+             row_timeout: float = 0) -> dict:
     result = {"case": case.name, "group": case.group, "train": case.train, "rows": []}
     try:
         wl = case.build(scale)
@@ -126,7 +153,7 @@ def run_case(case: Case, backends: list[Backend], scale: Scale, reps: int, progr
         return result
     result["flops"], result["bytes"] = wl.flops, wl.bytes
     for backend in backends:
-        result["rows"].append(run_backend(case, wl, backend, ref, scale, reps))
+        result["rows"].append(run_backend(case, wl, backend, ref, scale, reps, row_timeout))
         if progress is not None:
             progress(f"{case.name} / {backend.name}")
     del ref

@@ -74,3 +74,25 @@ def test_failed_backend_is_reported_not_fatal(tmp_path):
     result = run_case(case, [Backend("eager"), bad], Scale("cpu", __import__("torch").float32, True), reps=2)
     assert "median_ms" in result["rows"][0]
     assert "no_such_option" in result["rows"][1]["failed"]
+
+
+def test_a_row_past_its_time_limit_is_recorded_and_the_run_goes_on():
+    import time
+
+    from bench.backends import Backend
+    from bench.cases import Scale
+    from bench.runner import run_case
+
+    case = load_all()["attention-plain"]
+
+    class Slow(Backend):
+        def wrap(self, model):
+            def slow(*args):
+                time.sleep(5)
+                return model(*args)
+            return slow
+
+    result = run_case(case, [Slow("slow"), Backend("eager")], Scale("cpu", __import__("torch").float32, True),
+                      reps=2, row_timeout=1)
+    assert "ran past the 1 s row limit" in result["rows"][0]["failed"]
+    assert "median_ms" in result["rows"][1]
