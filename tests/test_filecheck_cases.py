@@ -6,7 +6,6 @@ and the check lines themselves.
 """
 
 import ast
-import os
 import runpy
 import subprocess
 import sys

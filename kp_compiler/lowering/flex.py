@@ -33,7 +33,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..core.graph import val
 from ..core.rules import erase_unused
-from ..passes.attention import _gqa_source
+from ..passes.attention_layout import gqa_source
 
 _CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _CACHE_SIZE = 64
@@ -69,7 +69,7 @@ def replace_sdpa(gm: fx.GraphModule, sdpa: fx.Node, mask_mod: Optional[Callable]
 
     q, k, v = sdpa.args[:3]
     gqa = bool(sdpa.kwargs.get("enable_gqa", False))
-    k0, v0 = _gqa_source(k), _gqa_source(v)
+    k0, v0 = gqa_source(k), gqa_source(v)
     if k0 and v0 and k0[1] == v0[1]:  # heads repeated for the masked SDPA path: flex takes GQA
         k, v, gqa = k0[0], v0[0], True
     qv = val(q)
@@ -78,10 +78,7 @@ def replace_sdpa(gm: fx.GraphModule, sdpa: fx.Node, mask_mod: Optional[Callable]
     if not rows_ok:
         return "a query row has no key to attend to (eager gives NaN or uniform weights there, flex zeros)"
     scale = sdpa.kwargs.get("scale")
-    score_mod = None
-    if score_bias is not None:
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return score + score_bias(b, h, q_idx, kv_idx)
+    score_mod = _adding(score_bias) if score_bias is not None else None
 
     def attend(q, k, v):
         return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
@@ -98,6 +95,13 @@ def replace_sdpa(gm: fx.GraphModule, sdpa: fx.Node, mask_mod: Optional[Callable]
     for node in repeated:
         erase_unused(node)
     return None
+
+
+def _adding(score_bias: Callable) -> Callable:
+    """``score_mod`` that adds the lifted bias to each score."""
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + score_bias(b, h, q_idx, kv_idx)
+    return score_mod
 
 
 def _trace(fn: Callable, *fakes) -> fx.GraphModule:

@@ -50,15 +50,12 @@ from typing import Optional
 
 import torch
 from torch import fx
-
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..core import context
 from ..core.graph import val
 from ..core.rules import Matches, erase_unused
-from .attention_masks import holds_lower_triangle, is_causal_keep_mask, tril_buffer_source
-from .mask_mod import describe, every_row_attends, lift_mask_mod
-from .score_mod import describe_bias, lift_score_bias
+from .attention_layout import gqa_source, regroup, untranspose
+from .attention_sdpa_mask import note, sdpa_mask, tag
 
 aten = torch.ops.aten
 
@@ -67,7 +64,6 @@ MATMUL = (aten.matmul.default, aten.bmm.default)
 CASTS = (aten.to.dtype, aten._to_copy.default, aten.type_as.default)
 SCALES = (aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar)
 MULS = (aten.mul.Tensor, aten.mul.Scalar)
-CAUSAL_MASK_MODS = ("kv_idx <= q_idx", "q_idx >= kv_idx")  # describe() spellings of a causal mask
 FILLS = (aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.where.ScalarOther)
 
 
@@ -401,12 +397,12 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
     q_val = val(att.q)
     L, S = q_val.shape[-2], _k_shape(att)[-2]
     with g.inserting_before(att.out):
-        k = att.k if att.k is not None else _untranspose(g, att.k_t)
+        k = att.k if att.k is not None else untranspose(g, att.k_t)
         v = att.v
-        mask, causal = _mask(g, att, L, S, q_val.dtype)
+        mask, causal = sdpa_mask(g, att, L, S, q_val.dtype)
         scale = None if att.sqrt_head_dim is not None else att.scale  # None: SDPA's 1/sqrt(E)
         kwargs = {"attn_mask": mask, "dropout_p": att.dropout_p, "is_causal": causal, "scale": scale}
-        k0, v0 = _gqa_source(k), _gqa_source(v)
+        k0, v0 = gqa_source(k), gqa_source(v)
         # Only without a mask tensor: SDPA's flash and math kernels take enable_gqa, the
         # memory-efficient one (the masked path) does not.
         if mask is None and k0 and v0 and k0[1] == v0[1]:
@@ -414,7 +410,7 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
         q = att.q
         if att.space is not None and len(att.space) != q_val.dim():
             # The mask lives in another grouping of the batch dims: attend there, then view back.
-            q, k, v = (_regroup(g, t, att.space) for t in (q, k, v))
+            q, k, v = (regroup(g, t, att.space) for t in (q, k, v))
         sdpa = out = g.call_function(aten.scaled_dot_product_attention.default, (q, k, v), kwargs)
         if att.nan_rows is not None:
             # softmax over a row of -inf is NaN in eager; SDPA returns 0 there: keep eager's NaN.
@@ -423,9 +419,9 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
         if q is not att.q:
             out = g.call_function(aten.reshape.default, (out, list(val(att.out).shape)))
     kind = "causal" if causal else ("mask-tensor" if mask is not None else "no-mask")
-    sdpa.meta["kp_attention"] = info = _tag(kind, att.lifted, att.score_bias)
+    sdpa.meta["kp_attention"] = info = tag(kind, att.lifted, att.score_bias)
     if info.get("mask_kind") == "mask_mod":
-        sdpa.meta["kp_note"] = _note(info)
+        sdpa.meta["kp_note"] = note(info)
     out.meta["val"] = val(att.out)  # until shape propagation: a later attention may read it (stacked layers)
     if q is att.q:
         sdpa.meta["val"] = val(att.out)
@@ -433,30 +429,6 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
     erase_unused(att.out)
     _erase_matched(att.removed)  # dropout is "impure" to FX; SDPA took it over
     return kind
-
-
-def _tag(kind: str, mask_mod, score_bias=None) -> dict:
-    """What the lowering's kernel choice reads off the SDPA node (``lowering/attention.py``).
-
-    ``mask_mod`` may be None with a ``score_bias`` (a bias and no boolean mask): no block mask then.
-    """
-    if (mask_mod is not None or score_bias is not None) and kind != "causal":
-        return {"mask": kind, "mask_kind": "mask_mod", "mask_mod": mask_mod,
-                "mask_mod_text": describe(mask_mod) if mask_mod is not None else "",
-                "score_bias": score_bias, "score_bias_text": describe_bias(score_bias) if score_bias else ""}
-    return {"mask": kind, "mask_kind": {"causal": "causal", "no-mask": "none"}.get(kind, "tensor")}
-
-
-def _note(info: dict) -> str:
-    parts = [f"mask_mod: {info['mask_mod_text']}"] if info["mask_mod_text"] else []
-    parts += [f"score_mod: score + {info['score_bias_text']}"] if info["score_bias_text"] else []
-    return "; ".join(parts)
-
-
-def _regroup(g: fx.Graph, node: fx.Node, space: tuple) -> fx.Node:
-    """``node`` ([..., n, e]) viewed with the leading dims of ``space``."""
-    n, e = val(node).shape[-2:]
-    return g.call_function(aten.reshape.default, (node, [*space[:-2], n, e]))
 
 
 def _erased(node: fx.Node) -> bool:
@@ -479,104 +451,6 @@ def _erase_matched(nodes: list) -> None:
                 if not _erased(i) and not i.users and i.op == "call_function":
                     erase_unused(i)
         pending = [n for n in pending if not _erased(n)]
-
-
-def _gqa_source(node):
-    """(kv, groups) when ``node`` repeats 4-D ``kv``'s heads ``groups`` times (each head in a row).
-
-    Spellings: ``repeat_interleave(kv, groups, dim=1)`` and Hugging Face's
-    ``repeat_kv``: ``kv[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)``.
-    """
-    if not isinstance(node, fx.Node) or val(node) is None or val(node).dim() != 4:
-        return None
-    if node.target is aten.repeat_interleave.self_int and len(node.args) >= 3:
-        groups, dim = node.args[1], node.args[2]
-        return (node.args[0], groups) if dim in (1, -3) and _number(groups) else None
-    if node.target not in (aten.reshape.default, aten.view.default):
-        return None
-    expand = node.args[0]
-    if not isinstance(expand, fx.Node) or expand.target is not aten.expand.default:
-        return None
-    unsq = expand.args[0]
-    if not isinstance(unsq, fx.Node) or unsq.target is not aten.unsqueeze.default or unsq.args[1] not in (2, -3):
-        return None
-    kv = unsq.args[0]
-    b, h, s_, d = val(kv).shape
-    groups = list(expand.args[1])[2]
-    shape_ok = (statically_known_true(val(expand).shape[2] == groups)
-                and all(statically_known_true(a == c) for a, c in zip(val(node).shape, (b, h * groups, s_, d))))
-    return (kv, groups) if _number(groups) and shape_ok else None
-
-
-def _guarded_tril_buffer(keep, L, S) -> bool:
-    """A registered ``tril`` buffer sliced ``[:L, :S]`` (nanoGPT): causal while it is unchanged.
-
-    Checked on the example value and guarded at run time (same tensor, same
-    version counter); the compiled graph falls back when the guard fails.
-    """
-    ctx = context.current()
-    buffer = tril_buffer_source(keep, L, S)
-    if ctx is None or buffer is None:
-        return False
-    value = ctx.example_value(buffer)
-    if not isinstance(value, torch.Tensor) or not holds_lower_triangle(value):
-        return False
-    ctx.guard_unchanged(buffer, f"{buffer.name} holds a lower triangle (causal mask)")
-    return True
-
-
-def _untranspose(g: fx.Graph, k_t: fx.Node) -> fx.Node:
-    """k from k^T: peel a transpose (or permute) of the last two dims, else transpose back."""
-    rank = val(k_t).dim()
-    if k_t.target is aten.transpose.int and {k_t.args[1] % rank, k_t.args[2] % rank} == {rank - 2, rank - 1}:
-        return k_t.args[0]
-    swap_last = list(range(rank - 2)) + [rank - 1, rank - 2]
-    if k_t.target is aten.permute.default and [d % rank for d in k_t.args[1]] == swap_last:
-        return k_t.args[0]
-    return g.call_function(aten.transpose.int, (k_t, -2, -1))
-
-
-def _lift_bias(att: Attention, keep, L, S) -> None:
-    """ALiBi-like biases: a score_mod (and the keep mask as a mask_mod) for FlexAttention, when both lift."""
-    bias_fn = lift_score_bias(att.bias, L, S)
-    if bias_fn is None:
-        return
-    mask_fn = lift_mask_mod(keep, L, S) if keep is not None else None
-    if keep is not None and (mask_fn is None or not every_row_attends(mask_fn, L, S)):
-        return
-    att.lifted, att.score_bias = mask_fn, bias_fn
-
-
-def _mask(g: fx.Graph, att: Attention, L, S, dtype):
-    """(attn_mask, is_causal) for SDPA from the matched keep mask, fill and bias."""
-    keep = att.keep_mask
-    if att.bias is None and keep is not None and _guarded_tril_buffer(keep, L, S):
-        return None, True
-    if isinstance(keep, tuple):
-        keep = g.call_function(aten.logical_not.default, (keep[1],))
-    if att.bias is None and keep is not None and is_causal_keep_mask(keep, L, S):
-        return None, True  # no row is fully masked, so -inf and a finite fill agree
-    if att.bias is None and keep is not None:
-        att.lifted = lift_mask_mod(keep, L, S)  # index arithmetic: lowering may choose FlexAttention
-        if att.lifted is not None and describe(att.lifted) in CAUSAL_MASK_MODS:
-            return None, True  # e.g. transformers' 4-D mask from arange; no row is empty
-    if att.bias is not None:
-        _lift_bias(att, keep, L, S)
-    if keep is not None and att.fill == -math.inf and not (att.lifted and every_row_attends(att.lifted, L, S)):
-        att.nan_rows = keep
-    if att.bias is None and att.fill == -math.inf:
-        return keep, False
-    bias = att.bias
-    if bias is not None and (val(bias) is None or val(bias).dtype != dtype):
-        bias = g.call_function(aten.to.dtype, (bias, dtype))
-    if keep is None:
-        return bias, False
-    masked_out = g.call_function(aten.logical_not.default, (keep,))
-    if bias is not None and not att.fill_then_bias:
-        return g.call_function(aten.masked_fill.Scalar, (bias, masked_out, att.fill)), False
-    zeros = g.call_function(aten.zeros_like.default, (keep,), {"dtype": dtype})
-    fill = g.call_function(aten.masked_fill.Scalar, (zeros, masked_out, att.fill))
-    return (fill if bias is None else g.call_function(aten.add.Tensor, (bias, fill))), False
 
 
 def attention_to_sdpa(gm: fx.GraphModule) -> Matches:

@@ -215,7 +215,7 @@ def _where_users_ok(where: fx.Node, step_nodes: set) -> Optional[list]:
 
 def match(last: fx.Node) -> Optional[Loop]:
     """The expert loop ending in the ``index_add`` ``last``, or None."""
-    steps, cur, first = [], last, None
+    steps, cur = [], last
     x = ids = weights = None
     while isinstance(cur, fx.Node) and cur.target is aten.index_add.default:
         found = _step(cur)

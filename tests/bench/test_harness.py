@@ -1,7 +1,6 @@
 """The benchmark harness: statistics, reports, and a CPU smoke run of every group."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

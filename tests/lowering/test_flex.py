@@ -126,8 +126,6 @@ def test_layers_with_one_mask_share_one_block_mask():
 
 
 def test_block_mask_buffers_are_registered_once_per_mask():
-    from torch._dynamo.backends.common import aot_autograd  # noqa: F401  (Dynamo loaded)
-
     seen = {}
 
     def spy(gm, example_inputs):
