@@ -12,6 +12,8 @@ kernel the issue asks for does not exist yet. The CPU keeps the reference.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..ops import grouped_experts, routed_experts
@@ -26,9 +28,12 @@ def choose(device: DeviceInfo, dtype: torch.dtype, aligned: bool) -> str:
     return "reference"
 
 
+_device_info = functools.lru_cache(maxsize=None)(describe)  # per call otherwise: CUDA property queries
+
+
 def _cuda_impl(x, ids, weights, w_gate, w_up, w_down, activation):
     routed_experts._check(x, ids, weights, w_gate, w_up, w_down, activation)
-    impl = choose(describe(x.device), x.dtype, grouped_experts.aligned(x, w_up))
+    impl = choose(_device_info(x.device), x.dtype, grouped_experts.aligned(x, w_up))
     with torch.no_grad():
         if impl == "grouped_mm":
             return grouped_experts.forward(x, ids, weights, w_gate, w_up, w_down, activation)

@@ -56,6 +56,7 @@ from ..core.graph import val
 from ..core.rules import Matches, erase_unused
 from .attention_layout import gqa_source, regroup, untranspose
 from .attention_sdpa_mask import note, sdpa_mask, tag
+from .mask_mod import memoized
 
 aten = torch.ops.aten
 
@@ -456,12 +457,13 @@ def _erase_matched(nodes: list) -> None:
 def attention_to_sdpa(gm: fx.GraphModule) -> Matches:
     """Rewrite every provable attention in ``gm`` to SDPA; matches counted per mask kind."""
     counts = {"causal": 0, "mask-tensor": 0, "no-mask": 0}
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in SOFTMAX or _erased(node):
-            continue
-        att = match(node)
-        if att is not None:
-            counts[_rewrite(gm, att)] += 1
+    with memoized():  # one lift and proof per shared mask node, not per layer
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target not in SOFTMAX or _erased(node):
+                continue
+            att = match(node)
+            if att is not None:
+                counts[_rewrite(gm, att)] += 1
     if any(counts.values()):
         gm.recompile()
     return Matches(counts)

@@ -33,8 +33,9 @@ After::
 from __future__ import annotations
 
 import operator
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import fx
@@ -45,6 +46,10 @@ from ..core.graph import val
 from .attention_masks import _arange_length, _skip_full_slices
 
 aten = torch.ops.aten
+
+
+_memo: Optional[dict] = None  # (keep node, L, S) -> lifted mask_mod or None, inside memoized()
+_ROWS: dict = {}  # (describe(mask_mod), L, S) -> every row keeps a key
 
 
 @dataclass(frozen=True)
@@ -246,6 +251,26 @@ def lift_mask_mod(keep: fx.Node, L: Any = None, S: Any = None) -> Optional[Calla
     (index arithmetic only, so it reads no input) is run for real and must
     equal the lifted function on the whole ``L x S`` grid.
     """
+    if _memo is None or not (isinstance(L, int) and isinstance(S, int)):
+        return _lift_and_prove(keep, L, S)  # symbolic lengths: no grid proof to save (and SymInts don't hash)
+    if (keep, L, S) not in _memo:
+        _memo[(keep, L, S)] = _lift_and_prove(keep, L, S)
+    return _memo[(keep, L, S)]
+
+
+@contextlib.contextmanager
+def memoized() -> Iterator[None]:
+    """Within this block, lift each (mask node, L, S) once: transformers shares one mask node across
+    all layers, and each proof runs the mask on the whole grid."""
+    global _memo
+    previous, _memo = _memo, {}
+    try:
+        yield
+    finally:
+        _memo = previous
+
+
+def _lift_and_prove(keep: fx.Node, L: Any, S: Any) -> Optional[Callable]:
     lifted = _lift(keep, {})
     if not isinstance(lifted, Field) or len(lifted.shape) > 4:
         return None
@@ -267,14 +292,23 @@ def lift_mask_mod(keep: fx.Node, L: Any = None, S: Any = None) -> Optional[Calla
 
 
 def every_row_attends(mask_mod: Callable, L: Any, S: Any) -> bool:
-    """Every query row of the static ``L x S`` grid keeps at least one key (False if not static)."""
+    """Every query row of the static ``L x S`` grid keeps at least one key (False if not static).
+
+    Cached by the mask's spelled-out expression (``describe``) and lengths: layers share masks.
+    """
     if not (isinstance(L, int) and isinstance(S, int)):
         return False
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    key = (describe(mask_mod), L, S)
+    if key not in _ROWS:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    with unset_fake_temporarily(), torch.no_grad():
-        q_idx, kv_idx = torch.arange(L)[:, None], torch.arange(S)[None, :]
-        return bool(torch.as_tensor(mask_mod(None, None, q_idx, kv_idx)).expand(L, S).any(-1).all())
+        with unset_fake_temporarily(), torch.no_grad():
+            q_idx, kv_idx = torch.arange(L)[:, None], torch.arange(S)[None, :]
+            dense = torch.as_tensor(mask_mod(None, None, q_idx, kv_idx)).expand(L, S)
+            _ROWS[key] = bool(dense.any(-1).all())
+        if len(_ROWS) > 256:
+            _ROWS.pop(next(iter(_ROWS)))
+    return _ROWS[key]
 
 
 def evaluate(root: fx.Node) -> Optional[torch.Tensor]:

@@ -155,6 +155,7 @@ def test_symbolic_lengths_stay_on_sdpa(tmp_path):
             inputs = qkv(L=n)
             torch.testing.assert_close(compiled(*inputs), fn(*inputs), rtol=1e-5, atol=1e-5)
     text = "\n".join(p.read_text() for p in tmp_path.glob("graph-*/*attention*.txt"))
+    assert "scaled_dot_product_attention" in text and "softmax" not in text  # rewritten, to SDPA
     assert "flex_attention" not in text
 
 
@@ -174,3 +175,20 @@ def test_sdpa_keeps_eagers_nan_for_rows_with_no_key():
     assert rec.matches == 1
     assert torch.isnan(ref[..., :3, :]).all() and not torch.isnan(ref[..., 3:, :]).any()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_a_mask_shared_by_layers_is_lifted_and_proven_once(monkeypatch):
+    """transformers builds one mask node for all layers; the grid proof must not run per layer."""
+    from kp_compiler.passes import mask_mod
+    from kp_compiler.testing.hf import build
+
+    calls = []
+    real = mask_mod._lift_and_prove
+    monkeypatch.setattr(mask_mod, "_lift_and_prove", lambda *a: calls.append(a) or real(*a))
+    model, vocab = build("mistral", "tiny")  # 2 layers, sliding window 16
+    ids = torch.randint(0, vocab, (2, 32))
+    with torch.no_grad():
+        _, out, records = compile_and_collect(model, (ids,))
+        torch.testing.assert_close(out.logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    (rec,) = [p for p in records[0].passes if p.name == "attention-to-sdpa"]
+    assert rec.by_rule == {"mask-tensor": 2} and len(calls) == 1

@@ -31,9 +31,11 @@ class SlicedExperts(nn.Module):
         self.w_up = nn.Parameter(torch.randn(experts, FF, D) * 0.2)
         self.w_down = nn.Parameter(torch.randn(experts, D, FF) * 0.2)
 
+    def route(self, x):
+        return torch.topk(torch.softmax(self.router(x), dim=-1), K, dim=-1)
+
     def forward(self, x):
-        probs = torch.softmax(self.router(x), dim=-1)
-        weights, ids = torch.topk(probs, K, dim=-1)
+        weights, ids = self.route(x)
         out = torch.zeros_like(x)
         for e in range(self.loop):
             tok, slot = torch.where(ids == e)
@@ -45,8 +47,7 @@ class SlicedExperts(nn.Module):
 
 class UngatedExperts(SlicedExperts):
     def forward(self, x):
-        probs = torch.softmax(self.router(x), dim=-1)
-        weights, ids = torch.topk(probs, K, dim=-1)
+        weights, ids = self.route(x)
         out = torch.zeros_like(x)
         for e in range(self.loop):
             tok, slot = torch.where(ids == e)
@@ -148,8 +149,7 @@ class BiasedExperts(SlicedExperts):
         self.b_down = nn.Parameter(torch.randn(E, D) * 0.1)
 
     def forward(self, x):
-        probs = torch.softmax(self.router(x), dim=-1)
-        weights, ids = torch.topk(probs, K, dim=-1)
+        weights, ids = self.route(x)
         out = torch.zeros_like(x)
         for e in range(self.loop):
             tok, slot = torch.where(ids == e)
