@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-train   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -50,6 +50,20 @@ case "$stage" in
       --backends eager inductor kernelpytorch \
       --kp-options '{"passes": ["noop-elimination", "attention-to-sdpa", "moe-dispatch"]}' \
       --row-timeout 150 --reps 20 $extra --out "$out" --stem cuda-next 2>"$out/next.log" | tail -40
+    ;;
+  moe)
+    # Issue 6: the routed-experts kernels' CUDA checks, then the forward cases (the loop under eager,
+    # Inductor and kernelpytorch, whose default passes now include moe-dispatch) beside the
+    # torch._grouped_mm reference on stacked weights.
+    PYTHONPATH=. timeout 150 python3 scripts/gpu_moe_check.py > "$out/moe-check.txt" 2>&1
+    timeout "$(left)" python3 -m bench --cases 'moe-e64-top8' 'moe-e64-top8-decode' 'moe-e8-top2' 'moe-ref-grouped-mm-e64-top8' \
+      'moe-ref-grouped-mm-e64-top8-decode' 'moe-ref-grouped-mm-e8-top2' --backends eager inductor kernelpytorch \
+      --row-timeout 150 --reps 20 $extra --out "$out" --stem cuda-moe-fwd 2>"$out/moe.log" | tail -30
+    ;;
+  moe-train)
+    timeout "$(left)" python3 -m bench --cases 'moe-e64-top8-fwd-bwd' 'moe-e64-top8-decode-fwd-bwd' 'moe-e8-top2-fwd-bwd' \
+      'moe-loop-gpt-infer' 'moe-loop-gpt-train' 'moe-ref-grouped-mm-e64-top8-fwd-bwd' --backends inductor kernelpytorch \
+      --row-timeout 170 --reps 20 $extra --out "$out" --stem cuda-moe-train 2>"$out/moe-train.log" | tail -30
     ;;
 esac
 echo "stage $stage done after $(( $(date +%s) - start )) s"

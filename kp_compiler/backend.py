@@ -33,6 +33,7 @@ from .core.report import GraphRecord, new_record, publish
 from .lowering import input_devices, lower, select
 from .lowering.attention import select_attention_kernels
 from .lowering.capabilities import DeviceInfo, describe as describe_device
+from .lowering.moe import fused_available
 from .lowering.xla import XlaUnavailable
 from .options import Options, parse_options
 from .runtime import CompiledGraph
@@ -48,8 +49,8 @@ def kernelpytorch(
 ) -> CompiledGraph:
     """Compile one Dynamo graph. See ``kp_compiler.options`` for ``options``."""
     opts = parse_options(mode, options)
-    chosen = resolve(opts.passes if opts.passes is not None else default_passes())
     record = new_record()
+    chosen = resolve(opts.passes if opts.passes is not None else _default_passes(example_inputs, record))
     record.mode = opts.mode
     record.lowering = select(opts.lowering, input_devices(example_inputs))
     dump = None
@@ -99,6 +100,26 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
         why = f"lowering the rewritten graph failed ({_brief(e)})"
         return _fallback(gm, example_inputs, opts, record, why), (), None
     return fn, manager.guards, fallback
+
+
+def _default_passes(example_inputs, record: GraphRecord) -> list:
+    """``default_passes()``, less ``moe-dispatch`` where no fused kernel would run the op it emits.
+
+    The op's reference loop is no faster than the loop Inductor compiles, so by
+    default the rewrite happens only where it pays; listing the pass in
+    ``options["passes"]`` runs it anywhere.
+    """
+    names = default_passes()
+    if "moe-dispatch" not in names:
+        return names
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    devices = {x.device for x in tensors} or {torch.device("cpu")}
+    dtypes = {x.dtype for x in tensors if x.is_floating_point()}
+    why = fused_available([describe_device(d) for d in devices], dtypes)
+    if why is None:
+        return names
+    record.skipped.append({"pass": "moe-dispatch", "reason": why})
+    return [n for n in names if n != "moe-dispatch"]
 
 
 def _choose_attention_kernels(manager: PassManager, gm, example_inputs, opts: Options, record: GraphRecord) -> None:

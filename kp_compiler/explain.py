@@ -76,6 +76,8 @@ def _graph_lines(g: GraphRecord) -> list[str]:
                 lines.append(f"      {rule}  x{n}")
             if p.reason:
                 lines.append(f"      reason: {_one_line(p.reason)}")
+    for skip in g.skipped:
+        lines.append(f"  left out {skip['pass']}: {_one_line(skip['reason'])}")
     for guard in g.guards:
         lines.append(f"  runtime guard on input {guard['input']}: {_one_line(guard['reason'])}")
     for why in g.fallbacks:

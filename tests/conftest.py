@@ -1,6 +1,12 @@
 import importlib.util
 import os
 
+if not os.path.exists("/dev/nvidiactl"):
+    # No NVIDIA GPU: Triton kernels run on the CPU through Triton's interpreter. The switch is
+    # read when a kernel (triton.language's own helpers included) is defined, so it is set
+    # before torch, which may import triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 import torch._dynamo

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from torch import nn
+
 from kp_compiler.testing.models import LoopMoE
 
 from . import Scale, Workload, case
@@ -39,3 +41,51 @@ for _name, _shape in SHAPES.items():
     for _train in (False, True):
         case(f"{_name}{'-fwd-bwd' if _train else ''}", "moe", train=_train)(
             lambda scale, shape=_shape, train=_train: _build(shape, scale, train))
+
+
+class GroupedMoE(nn.Module):
+    """The anchors' ``torch._grouped_mm`` reference: the same layer with expert weights stored stacked
+    ``[E, f, d]`` (so no per-call copy), tokens sorted by expert, three grouped GEMMs."""
+
+    def __init__(self, loop: LoopMoE):
+        super().__init__()
+        self.top_k, self.router = loop.top_k, loop.router
+        stack = lambda name: nn.Parameter(torch.stack([getattr(e, name).weight.detach() for e in loop.experts]))
+        self.gate, self.up, self.down = stack("gate"), stack("up"), stack("down")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(self.router(x).float(), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        flat = ids.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.zeros(self.up.shape[0], dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        xs = x[order // self.top_k]
+        g = _grouped_mm(xs, self.gate.transpose(1, 2), offs)
+        u = _grouped_mm(xs, self.up.transpose(1, 2), offs)
+        y = _grouped_mm(torch.nn.functional.silu(g) * u, self.down.transpose(1, 2), offs)
+        y = y * weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add(0, order // self.top_k, y)
+
+
+def _grouped_mm(a, b, offs):
+    if a.dtype is torch.bfloat16:
+        return torch._grouped_mm(a, b, offs=offs)
+    # the harness's float64 error reference and fp32 smoke runs: _grouped_mm compiles for bf16 only
+    starts = torch.cat([offs.new_zeros(1), offs[:-1]]).tolist()
+    return torch.cat([a[s:e] @ b[i] for i, (s, e) in enumerate(zip(starts, offs.tolist()))])
+
+
+def _build_grouped(shape: dict, scale: Scale, train: bool) -> Workload:
+    loop = _build(shape, scale, train)
+    loop.model = GroupedMoE(loop.model)
+    loop.dynamo_config = {}
+    loop.note = "reference: torch._grouped_mm on stacked weights"
+    return loop
+
+
+for _name, _shape in SHAPES.items():
+    for _train in (False, True):
+        case(f"{_name.replace('moe-', 'moe-ref-grouped-mm-')}{'-fwd-bwd' if _train else ''}", "moe", train=_train)(
+            lambda scale, shape=_shape, train=_train: _build_grouped(shape, scale, train))

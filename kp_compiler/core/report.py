@@ -37,6 +37,7 @@ class GraphRecord:
     passes: list = field(default_factory=list)
     fallbacks: list = field(default_factory=list)
     guards: list = field(default_factory=list)  # runtime guards the rewrites rely on
+    skipped: list = field(default_factory=list)  # default passes left out here: {"pass", "reason"}
     dump: Optional[str] = None
     compile_ms: float = 0.0
 

@@ -1,43 +1,104 @@
-"""Which implementation runs ``kp::routed_experts``: a table over device, dtype and shapes.
+"""Which implementation runs ``kp::routed_experts`` and its backward: a table over device, dtype and shapes.
 
-| device | dtype | dims | implementation |
+Forward (``choose``):
+
+| device | dtype | weights | implementation |
 |---|---|---|---|
-| CUDA 9.0 and up | bf16 | d and f keep 16-byte aligned rows | ``torch._grouped_mm`` (``ops/grouped_experts.py``) |
-| anything else | | | the reference loop (``ops/routed_experts.py``) |
+| CUDA 8.0 and up, Triton imports | bf16, fp16 | one shape and row stride per role | fused Triton kernels (``ops/triton_experts.py``) |
+| CUDA 9.0 and up | bf16 | rows 16-byte aligned | ``torch._grouped_mm`` (``ops/grouped_experts.py``) |
+| anything else (CPU, XLA, fp32) | | | the reference loop (``ops/routed_experts.py``) |
 
-Not measured yet (issue 6): the grouped path is wired for CUDA only, where
-``torch._grouped_mm`` is the anchors' 179 TFLOP/s baseline; the fused Triton
-kernel the issue asks for does not exist yet. The CPU keeps the reference.
+Backward (``choose_backward``): ``torch._grouped_mm`` on CUDA 9.0 and up in
+bf16 with aligned rows, the per-expert reference elsewhere.
+
+``KP_MOE_KERNEL=triton|grouped_mm|reference`` forces one forward
+implementation where it can run (for benchmarks and bisecting); anything
+else there is an error, not a silent fallback.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 
 import torch
 
 from ..ops import grouped_experts, routed_experts
 from .capabilities import DeviceInfo, describe
 
+IMPLEMENTATIONS = ("triton", "grouped_mm", "reference")
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-def choose(device: DeviceInfo, dtype: torch.dtype, aligned: bool) -> str:
-    """``"grouped_mm"`` or ``"reference"``."""
-    if device.kind == "cuda" and device.capability is not None and device.capability >= (9, 0):
-        if dtype is torch.bfloat16 and aligned:
-            return "grouped_mm"
+
+def choose(device: DeviceInfo, dtype: torch.dtype, aligned: bool, uniform: bool, triton: bool = True) -> str:
+    """The forward implementation. ``uniform``: every expert weight of a role has one shape and stride."""
+    cuda = device.kind == "cuda" and device.capability is not None
+    if cuda and triton and uniform and device.capability >= (8, 0) and dtype in (torch.bfloat16, torch.float16):
+        return "triton"
+    if cuda and device.capability >= (9, 0) and dtype is torch.bfloat16 and aligned:
+        return "grouped_mm"
     return "reference"
+
+
+def choose_backward(device: DeviceInfo, dtype: torch.dtype, aligned: bool) -> str:
+    """The backward implementation: ``"grouped_mm"`` or ``"reference"``."""
+    cuda = device.kind == "cuda" and device.capability is not None
+    if cuda and device.capability >= (9, 0) and dtype is torch.bfloat16 and aligned:
+        return "grouped_mm"
+    return "reference"
+
+
+def fused_available(devices, dtypes) -> "str | None":
+    """None if a fused implementation can run routed experts on ``devices`` in one of ``dtypes``;
+    else why not (the backend then leaves ``moe-dispatch`` out of the default passes)."""
+    fused = [d for d in devices if choose(d, torch.bfloat16, True, True, _HAS_TRITON) != "reference"]
+    if not fused:
+        kinds = ", ".join(sorted({d.kind for d in devices}))
+        return (f"no fused routed-experts kernel on {kinds} (the op would run its reference loop); "
+                "list 'moe-dispatch' in options['passes'] to rewrite anyway")
+    if not dtypes & {torch.bfloat16, torch.float16}:
+        return ("fused routed-experts kernels take bf16/fp16, the graph's inputs are "
+                f"{sorted(str(t) for t in dtypes)}; list 'moe-dispatch' in options['passes'] to rewrite anyway")
+    return None
 
 
 _device_info = functools.lru_cache(maxsize=None)(describe)  # per call otherwise: CUDA property queries
 
 
-def _cuda_impl(x, ids, weights, w_gate, w_up, w_down, activation):
+def _forced() -> str:
+    forced = os.environ.get("KP_MOE_KERNEL", "")
+    if forced and forced not in IMPLEMENTATIONS:
+        raise ValueError(f"KP_MOE_KERNEL={forced!r} is not one of {IMPLEMENTATIONS}")
+    return forced
+
+
+def _cuda_forward(x, ids, weights, w_gate, w_up, w_down, activation):
     routed_experts._check(x, ids, weights, w_gate, w_up, w_down, activation)
-    impl = choose(_device_info(x.device), x.dtype, grouped_experts.aligned(x, w_up))
+    impl = _forced() or choose(_device_info(x.device), x.dtype, grouped_experts.aligned(x, w_up),
+                               _uniform(x, w_gate, w_up, w_down), _HAS_TRITON)
     with torch.no_grad():
+        if impl == "triton":
+            from ..ops import triton_experts
+            return triton_experts.forward(x, ids, weights, w_gate, w_up, w_down, activation)
         if impl == "grouped_mm":
             return grouped_experts.forward(x, ids, weights, w_gate, w_up, w_down, activation)
         return routed_experts.reference(x, ids, weights, w_gate, w_up, w_down, activation)
 
 
-routed_experts.routed_experts.register_kernel("cuda")(_cuda_impl)
+def _cuda_backward(grad, x, ids, weights, w_gate, w_up, w_down, activation):
+    impl = choose_backward(_device_info(x.device), x.dtype, grouped_experts.aligned(x, w_up))
+    if impl == "grouped_mm":
+        return grouped_experts.backward(grad.contiguous(), x, ids, weights, w_gate, w_up, w_down, activation)
+    return routed_experts.reference_backward(grad, x, ids, weights, w_gate, w_up, w_down, activation)
+
+
+def _uniform(x, w_gate, w_up, w_down) -> bool:
+    if not _HAS_TRITON:
+        return False
+    from ..ops import triton_experts
+    return triton_experts.supported(x, w_gate, w_up, w_down)
+
+
+routed_experts.routed_experts.register_kernel("cuda")(_cuda_forward)
+routed_experts.routed_experts_backward.register_kernel("cuda")(_cuda_backward)

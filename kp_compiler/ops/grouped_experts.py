@@ -5,6 +5,13 @@ devices and dtypes where ``torch._grouped_mm`` runs (CUDA 9.0 in bf16; the
 CPU in torch 2.13 for tests). Inner dims must keep 16-byte aligned strides.
 The expert weights are stacked per call (a copy of all expert weights:
 measure before choosing this path); ``lowering/moe.py`` decides where.
+
+``backward`` is ``kp::routed_experts_backward`` the same way: the gate/up
+GEMMs are recomputed, the weight gradients are grouped GEMMs whose groups
+run along the token dimension (``[D, P] @ [P, F] -> [E, D, F]``), and an
+expert with no tokens gets zeros (its group is empty; on Hopper the kernel
+writes zeros, pytorch/pytorch#172439 reports otherwise on Blackwell, where
+this path is not chosen).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from .routed_experts import ACTIVATIONS
+from .routed_experts import ACTIVATIONS, act_backward
 
 
 def aligned(x: torch.Tensor, w_up: Sequence[torch.Tensor]) -> bool:
@@ -44,3 +51,38 @@ def forward(x, ids, weights, w_gate, w_up, w_down, activation: str) -> torch.Ten
     y = torch._grouped_mm(h, torch.stack(list(w_down)).transpose(1, 2), offs=offs)
     y = y * weights.flatten()[order, None]
     return torch.zeros_like(x).index_add(0, tokens, y)
+
+
+def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str):
+    """``(grad_x, grad_weights, grad_gate [E, F, D] or empty, grad_up [E, F, D], grad_down [E, D, F])``."""
+    act = ACTIVATIONS[activation]
+    T, k = ids.shape
+    order, offs = _sort_by_expert(ids, len(w_up))
+    tokens = order // k
+    xs, gs = x[tokens], grad[tokens]
+    route = weights.reshape(-1)[order, None]
+    up_w = torch.stack(list(w_up))  # [E, F, D]
+    down_w = torch.stack(list(w_down))  # [E, D, F]
+    u = torch._grouped_mm(xs, up_w.transpose(1, 2), offs=offs)
+    g_dh = torch._grouped_mm(gs, down_w, offs=offs)  # grad @ w_down[e]: dh before the routing weight
+    if w_gate:
+        gate_w = torch.stack(list(w_gate))
+        g = torch._grouped_mm(xs, gate_w.transpose(1, 2), offs=offs)
+        a = act(g)
+        h = a * u
+    else:
+        h = act(u)
+    grad_route = (h.float() * g_dh.float()).sum(-1)
+    dh = g_dh * route
+    grad_down = torch._grouped_mm((gs * route).t(), h, offs=offs)
+    if w_gate:
+        du, dg = dh * a, act_backward(activation, dh * u, g)
+        grad_gate = torch._grouped_mm(dg.t(), xs, offs=offs)
+        dxs = torch._grouped_mm(dg, gate_w, offs=offs) + torch._grouped_mm(du, up_w, offs=offs)
+    else:
+        du, grad_gate = act_backward(activation, dh, u), x.new_empty(0)
+        dxs = torch._grouped_mm(du, up_w, offs=offs)
+    grad_up = torch._grouped_mm(du.t(), xs, offs=offs)
+    grad_x = torch.zeros_like(x).index_add_(0, tokens, dxs)
+    grad_weights = torch.zeros(T * k, device=x.device, dtype=torch.float32).index_put_((order,), grad_route)
+    return grad_x, grad_weights.view(T, k).to(weights.dtype), grad_gate, grad_up, grad_down

@@ -66,8 +66,17 @@ def _(x, ids, weights, w_gate, w_up, w_down, activation):
 def routed_experts_backward(
     grad: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     w_gate: list[torch.Tensor], w_up: list[torch.Tensor], w_down: list[torch.Tensor], activation: str,
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Gradients for x, weights, w_gate, w_up, w_down, written out per expert (no autograd inside an op)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for x, weights and the expert weights, the latter stacked ``[E, ...]`` per role.
+
+    Stacked because a custom op's outputs may not alias each other; the autograd
+    formula unbinds them into one gradient per expert parameter. ``w_gate == []``
+    gives an empty gate gradient. Written out per expert (no autograd inside an op).
+    """
+    return reference_backward(grad, x, ids, weights, w_gate, w_up, w_down, activation)
+
+
+def reference_backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str):
     act = ACTIVATIONS[activation]
     grad_x, grad_weights = torch.zeros_like(x), torch.zeros_like(weights)
     grad_gate, grad_up, grad_down = [], [], []
@@ -87,18 +96,22 @@ def routed_experts_backward(
         dh = dy @ w_down[e]
         grad_down.append(dy.t() @ h)
         if w_gate:
-            dhu, dhg = dh * a, _act_backward(activation, dh * hu, hg)
+            dhu, dhg = dh * a, act_backward(activation, dh * hu, hg)
             grad_gate.append(dhg.t() @ xs)
             dxs = dhg @ w_gate[e] + dhu @ w_up[e]
         else:
-            dhu = _act_backward(activation, dh, hu)
+            dhu = act_backward(activation, dh, hu)
             dxs = dhu @ w_up[e]
         grad_up.append(dhu.t() @ xs)
         grad_x.index_add_(0, tok, dxs)
-    return grad_x, grad_weights, grad_gate, grad_up, grad_down
+    return grad_x, grad_weights, _stack(grad_gate, x), torch.stack(grad_up), torch.stack(grad_down)
 
 
-def _act_backward(activation: str, grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def _stack(grads: list, like: torch.Tensor) -> torch.Tensor:
+    return torch.stack(grads) if grads else like.new_empty(0)
+
+
+def act_backward(activation: str, grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     aten = torch.ops.aten
     if activation == "silu":
         return aten.silu_backward(grad, z)
@@ -109,8 +122,9 @@ def _act_backward(activation: str, grad: torch.Tensor, z: torch.Tensor) -> torch
 
 @routed_experts_backward.register_fake
 def _(grad, x, ids, weights, w_gate, w_up, w_down, activation):
-    return (torch.empty_like(x), torch.empty_like(weights), [torch.empty_like(w) for w in w_gate],
-            [torch.empty_like(w) for w in w_up], [torch.empty_like(w) for w in w_down])
+    def stacked(ws):
+        return x.new_empty(len(ws), *ws[0].shape) if ws else x.new_empty(0)
+    return torch.empty_like(x), torch.empty_like(weights), stacked(w_gate), stacked(w_up), stacked(w_down)
 
 
 def _setup_context(ctx, inputs, output):
@@ -124,7 +138,7 @@ def _backward(ctx, grad):
     G, E = ctx.gates, ctx.experts
     gx, gw, gg, gu, gd = torch.ops.kp.routed_experts_backward(
         grad, x, ids, weights, ws[:G], ws[G:G + E], ws[G + E:], ctx.activation)
-    return gx, None, gw, gg, gu, gd, None
+    return gx, None, gw, list(gg.unbind(0)) if G else [], list(gu.unbind(0)), list(gd.unbind(0)), None
 
 
 routed_experts.register_autograd(_backward, setup_context=_setup_context)

@@ -10,5 +10,5 @@ from .noop import noop_elimination
 
 register_pass("noop-elimination", noop_elimination, default=True)
 register_pass("attention-to-sdpa", attention_to_sdpa, default=True)
-# Not default yet: until a CUDA kernel exists, kp::routed_experts runs its reference loop (issue 6).
-register_pass("moe-dispatch", moe_dispatch)
+# Default, but the backend leaves it out where no fused kernel would run the op (lowering/moe.py).
+register_pass("moe-dispatch", moe_dispatch, default=True)

@@ -4,23 +4,46 @@ import pytest
 import torch
 
 from kp_compiler.lowering.capabilities import DeviceInfo
-from kp_compiler.lowering.moe import choose
+from kp_compiler.lowering.moe import choose, choose_backward, fused_available
 from kp_compiler.ops import grouped_experts
-from kp_compiler.ops.routed_experts import ACTIVATIONS, reference
+from kp_compiler.ops.routed_experts import ACTIVATIONS, reference, reference_backward
 
 H100, A100 = DeviceInfo("cuda", (9, 0)), DeviceInfo("cuda", (8, 0))
+
+
+@pytest.mark.parametrize("device,dtype,aligned,uniform,triton,impl", [
+    (H100, torch.bfloat16, True, True, True, "triton"),
+    (H100, torch.float16, False, True, True, "triton"),
+    (A100, torch.bfloat16, True, True, True, "triton"),
+    (H100, torch.bfloat16, True, False, True, "grouped_mm"),  # experts of different layouts
+    (H100, torch.bfloat16, True, True, False, "grouped_mm"),  # Triton not installed
+    (H100, torch.bfloat16, False, False, True, "reference"),
+    (H100, torch.float32, True, True, True, "reference"),
+    (A100, torch.bfloat16, True, False, True, "reference"),
+    (DeviceInfo("cuda", (7, 0)), torch.float16, True, True, True, "reference"),
+    (DeviceInfo("cpu"), torch.bfloat16, True, True, True, "reference"),
+    (DeviceInfo("xla"), torch.bfloat16, True, True, True, "reference"),
+    (DeviceInfo("rocm", None, arch="gfx942"), torch.bfloat16, True, True, True, "reference"),
+])
+def test_implementation_table(device, dtype, aligned, uniform, triton, impl):
+    assert choose(device, dtype, aligned, uniform, triton) == impl
 
 
 @pytest.mark.parametrize("device,dtype,aligned,impl", [
     (H100, torch.bfloat16, True, "grouped_mm"),
     (H100, torch.bfloat16, False, "reference"),
-    (H100, torch.float32, True, "reference"),
+    (H100, torch.float16, True, "reference"),
     (A100, torch.bfloat16, True, "reference"),
     (DeviceInfo("cpu"), torch.bfloat16, True, "reference"),
-    (DeviceInfo("xla"), torch.bfloat16, True, "reference"),
 ])
-def test_implementation_table(device, dtype, aligned, impl):
-    assert choose(device, dtype, aligned) == impl
+def test_backward_table(device, dtype, aligned, impl):
+    assert choose_backward(device, dtype, aligned) == impl
+
+
+def test_moe_dispatch_is_a_default_only_where_a_fused_kernel_runs():
+    assert fused_available([H100], {torch.bfloat16, torch.float32}) is None
+    assert "no fused routed-experts kernel on cpu" in fused_available([DeviceInfo("cpu")], {torch.bfloat16})
+    assert "take bf16/fp16" in fused_available([H100], {torch.float32})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -38,3 +61,31 @@ def test_grouped_mm_path_equals_the_loop(dtype, activation):
     got = grouped_experts.forward(x, ids, w, G, U, Dn, activation)
     want = reference(x, ids, w, G, U, Dn, activation)
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-2 if dtype is torch.bfloat16 else 1e-5, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation,gated", [("silu", True), ("gelu_tanh", True), ("relu", False), ("gelu", False)])
+def test_grouped_mm_backward_equals_the_reference(dtype, activation, gated):
+    """The CUDA backward path (sorted tokens, grouped GEMMs, token-dim groups for weight gradients) on the CPU."""
+    T, d, f, E, k = 40, 16, 32, 5, 2
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, d, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) % (E - 1)  # one expert idle
+    w = torch.rand(T, k, generator=g).to(dtype)
+    G = [torch.randn(f, d, generator=g).to(dtype) for _ in range(E)] if gated else []
+    U = [torch.randn(f, d, generator=g).to(dtype) for _ in range(E)]
+    Dn = [torch.randn(d, f, generator=g).to(dtype) for _ in range(E)]
+    grad = torch.randn(T, d, generator=g).to(dtype)
+    got = grouped_experts.backward(grad, x, ids, w, G, U, Dn, activation)
+    wide = lambda ts: [t.double() for t in ts]
+    exact = reference_backward(grad.double(), x.double(), ids, w.double(), wide(G), wide(U), wide(Dn), activation)
+    eager = reference_backward(grad, x, ids, w, G, U, Dn, activation)
+    for name, a, b, c in zip(("x", "weights", "gate", "up", "down"), got, exact, eager):
+        assert a.shape == b.shape and a.dtype == c.dtype, name
+        if not b.numel():
+            continue
+        err, eager_err = ((t.double() - b).norm() / b.norm() for t in (a, c))  # relative L2
+        assert err <= max(2 * eager_err, 1e-6), (name, err, eager_err)
+    for stacked in got[2:]:
+        if stacked.numel():
+            assert torch.count_nonzero(stacked[-1]) == 0  # the idle expert

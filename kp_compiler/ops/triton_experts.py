@@ -1,0 +1,238 @@
+"""Routed experts as two fused Triton kernels (the forward of ``kp::routed_experts``).
+
+1. ``_gate_up``: per block of rows (one expert, ``expert_routing.schedule``),
+   gather the tokens' rows of ``x`` straight from their place (no permuted
+   copy), multiply by the expert's gate and up weights sharing each loaded
+   tile, apply ``act(gate) * up`` (or ``act(up)``) and store ``h``.
+2. ``_down``: ``h @ w_down[e].T``, times each row's routing weight in fp32,
+   stored at the row's assignment ``t * k + j`` of ``y [T*k, d]``; ``out`` is
+   ``y.view(T, k, d).sum(1)`` (no atomics, deterministic).
+
+The expert weights stay where the model keeps them: the kernels read them
+through a device table of pointers (one per expert), so nothing is stacked
+and training updates are seen by the next call. Every expert's weight must
+have one shape and one row stride, contiguous along its last dim.
+
+Tile sizes: the row block ``block_rows`` follows the mean rows per expert
+(16 at decode size, 128 for large batches); the other tile sizes are picked
+once per shape on the GPU by timing a few candidates (``_tuned``). Under
+``TRITON_INTERPRET=1`` the first candidate runs (CPU tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .expert_routing import schedule
+
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+
+
+@triton.jit
+def _activation(z, ACT: tl.constexpr):
+    if ACT == 0:
+        return z * tl.sigmoid(z)
+    if ACT == 1:
+        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    if ACT == 2:  # tanh(u) = 2 * sigmoid(2u) - 1
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        return z * tl.sigmoid(2.0 * u)
+    return tl.maximum(z, 0.0)
+
+
+@triton.jit
+def _operand(t, UPCAST: tl.constexpr):
+    # Triton's interpreter multiplies 16-bit floats as raw integers in tl.dot; widening is exact
+    # (products accumulate in fp32 on the GPU too), so CPU tests run the same kernel in bf16.
+    if UPCAST:
+        return t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _gate_up(x_ptr, rows_ptr, block_expert_ptr, gate_table, up_table, h_ptr,
+             n_assign, n_experts, N, stride_x, stride_w, stride_h,
+             K: tl.constexpr, UPCAST: tl.constexpr, TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    n_tiles = (N + BN - 1) // BN
+    pid_m, pid_n = pid // n_tiles, pid % n_tiles  # n fastest: a block's gathered rows are reused from L2
+    e = tl.load(block_expert_ptr + pid_m)
+    if e >= n_experts:
+        return
+    rows = tl.load(rows_ptr + pid_m * BM + tl.arange(0, BM))
+    valid = rows < n_assign
+    tok = (tl.where(valid, rows, 0) // TOP_K).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    w_up = tl.load(up_table + e).to(tl.pointer_type(x_ptr.dtype.element_ty))
+    a_ptrs = x_ptr + tok[:, None] * stride_x + offs_k[None, :]
+    u_ptrs = w_up + offs_n[None, :].to(tl.int64) * stride_w + offs_k[:, None]
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    if GATED:
+        w_gate = tl.load(gate_table + e).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        g_ptrs = w_gate + offs_n[None, :].to(tl.int64) * stride_w + offs_k[:, None]
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k_ok = offs_k < K - k0
+        a = _operand(tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0), UPCAST)
+        w_mask = k_ok[:, None] & (offs_n[None, :] < N)
+        w_u = _operand(tl.load(u_ptrs, mask=w_mask, other=0.0), UPCAST)
+        acc_u = tl.dot(a, w_u, acc_u, input_precision=PRECISION)
+        if GATED:
+            w_g = _operand(tl.load(g_ptrs, mask=w_mask, other=0.0), UPCAST)
+            acc_g = tl.dot(a, w_g, acc_g, input_precision=PRECISION)
+            g_ptrs += BK
+        a_ptrs += BK
+        u_ptrs += BK
+    if GATED:
+        h = _activation(acc_g, ACT) * acc_u
+    else:
+        h = _activation(acc_u, ACT)
+    out_rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    h_ptrs = h_ptr + out_rows[:, None] * stride_h + offs_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _down(h_ptr, rows_ptr, block_expert_ptr, down_table, route_ptr, y_ptr,
+          n_assign, n_experts, N, stride_h, stride_w, stride_y,
+          K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    n_tiles = (N + BN - 1) // BN
+    pid_m, pid_n = pid // n_tiles, pid % n_tiles
+    e = tl.load(block_expert_ptr + pid_m)
+    if e >= n_experts:
+        return
+    rows = tl.load(rows_ptr + pid_m * BM + tl.arange(0, BM))
+    valid = rows < n_assign
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    w_down = tl.load(down_table + e).to(tl.pointer_type(h_ptr.dtype.element_ty))
+    in_rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    a_ptrs = h_ptr + in_rows[:, None] * stride_h + offs_k[None, :]
+    w_ptrs = w_down + offs_n[None, :].to(tl.int64) * stride_w + offs_k[:, None]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k_ok = offs_k < K - k0
+        a = _operand(tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0), UPCAST)
+        w = _operand(tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0), UPCAST)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        a_ptrs += BK
+        w_ptrs += BK
+    safe = tl.where(valid, rows, 0).to(tl.int64)
+    route = tl.load(route_ptr + safe, mask=valid, other=0.0).to(tl.float32)
+    acc = acc * route[:, None]
+    y_ptrs = y_ptr + safe[:, None] * stride_y + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
+
+
+def block_rows(assignments: int, experts: int) -> int:
+    """Row block for the mean rows per expert: small blocks waste no work at decode size."""
+    mean = assignments / experts
+    for block, limit in ((16, 24), (32, 48), (64, 160)):
+        if mean <= limit:
+            return block
+    return 128
+
+
+# (BN, BK, num_warps, num_stages) candidates, timed once per shape on the GPU.
+_CANDIDATES = {
+    "gate_up": {16: [(64, 128, 4, 4), (32, 128, 4, 4), (128, 64, 4, 4)],
+                "large": [(64, 64, 4, 4), (128, 64, 8, 3), (64, 64, 8, 4), (128, 32, 8, 4)]},
+    "down": {16: [(64, 128, 4, 4), (128, 128, 4, 3), (32, 256, 4, 3)],
+             "large": [(128, 64, 8, 3), (128, 64, 4, 4), (256, 64, 8, 3), (64, 64, 4, 4)]},
+}
+_best: dict = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _tuned(name: str, key: tuple, block: int, launch) -> None:
+    """Run ``launch(config)`` with the fastest candidate for ``key`` (timed on first use on the GPU)."""
+    candidates = _CANDIDATES[name][16 if block <= 16 else "large"]
+    if key in _best or _interpreting():
+        launch(_best.get(key, candidates[0]))
+        return
+    timings = []
+    for config in candidates:
+        launch(config)  # compile and warm
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            launch(config)
+        end.record()
+        end.synchronize()
+        timings.append((start.elapsed_time(end), config))
+    _best[key] = min(timings, key=lambda t: t[0])[1]
+    launch(_best[key])
+
+
+_tables: dict = {}
+
+
+def pointer_table(weights, device) -> torch.Tensor:
+    """A device tensor of the weights' addresses, cached by those addresses."""
+    key = (device, tuple(w.data_ptr() for w in weights))
+    table = _tables.get(key)
+    if table is None:
+        if len(_tables) > 256:
+            _tables.clear()
+        table = _tables[key] = torch.tensor(key[1], dtype=torch.int64).to(device)
+    return table
+
+
+def supported(x: torch.Tensor, w_gate, w_up, w_down) -> bool:
+    """Every expert weight of a role has one shape and row stride, unit stride along its last dim."""
+    for ws in (w_gate, w_up, w_down):
+        if not ws:
+            continue
+        if any(w.shape != ws[0].shape or w.stride() != ws[0].stride() or w.stride(-1) != 1
+               or w.dtype != x.dtype or w.device != x.device for w in ws):
+            return False
+    return x.stride(-1) == 1
+
+
+def forward(x, ids, weights, w_gate, w_up, w_down, activation: str) -> torch.Tensor:
+    """``kp::routed_experts`` through the two kernels (the caller checked ``supported``)."""
+    T, d = x.shape
+    k = ids.shape[1]
+    E, f = len(w_up), w_up[0].shape[0]
+    n = T * k
+    block = block_rows(n, E)
+    plan = schedule(ids, E, block)
+    rows_total = plan.rows.numel()
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    upcast = _interpreting() and x.dtype != torch.float32
+    up = pointer_table(w_up, x.device)
+    gate = pointer_table(w_gate, x.device) if w_gate else up
+    h = torch.empty(rows_total, f, device=x.device, dtype=x.dtype)
+
+    def gate_up(config):
+        bn, bk, warps, stages = config
+        grid = (rows_total // block * triton.cdiv(f, bn),)
+        _gate_up[grid](x, plan.rows, plan.block_expert, gate, up, h, n, E, f,
+                       x.stride(0), w_up[0].stride(0), h.stride(0),
+                       K=d, UPCAST=upcast, TOP_K=k, GATED=bool(w_gate), ACT=ACT_CODES[activation], PRECISION=precision,
+                       BM=block, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+
+    _tuned("gate_up", ("gate_up", block, d, f, bool(w_gate), x.dtype), block, gate_up)
+    down = pointer_table(w_down, x.device)
+    route = weights.reshape(-1).contiguous()
+    y = torch.empty(n, d, device=x.device, dtype=x.dtype)
+
+    def down_proj(config):
+        bn, bk, warps, stages = config
+        grid = (rows_total // block * triton.cdiv(d, bn),)
+        _down[grid](h, plan.rows, plan.block_expert, down, route, y, n, E, d,
+                    h.stride(0), w_down[0].stride(0), y.stride(0),
+                    K=f, UPCAST=upcast, PRECISION=precision, BM=block, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+
+    _tuned("down", ("down", block, f, d, x.dtype), block, down_proj)
+    return y.view(T, k, d).sum(1)

@@ -1,0 +1,31 @@
+"""``expert_routing.schedule``: every assignment once, in its expert's padded block, no block mixes experts."""
+
+import pytest
+import torch
+
+from kp_compiler.ops.expert_routing import capacity, schedule
+
+
+@pytest.mark.parametrize("T,k,E,block", [(10, 2, 4, 2), (64, 8, 64, 16), (37, 3, 5, 8), (5, 1, 8, 4)])
+def test_schedule_covers_every_assignment_once_in_its_experts_block(T, k, E, block):
+    g = torch.Generator().manual_seed(T)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    plan = schedule(ids, E, block)
+    n = T * k
+    assert plan.rows.numel() == capacity(n, E, block) and plan.rows.numel() % block == 0
+    real = plan.rows[plan.rows < n].long()
+    assert sorted(real.tolist()) == list(range(n))  # each assignment exactly once
+    row_expert = plan.block_expert.long().repeat_interleave(block)
+    flat = ids.reshape(-1)
+    keep = plan.rows < n
+    assert torch.equal(row_expert[keep], flat[plan.rows[keep].long()])  # a row's block is its expert's
+    used = plan.block_expert < E
+    assert torch.all(plan.block_expert[used][1:] >= plan.block_expert[used][:-1])  # sorted by expert
+    assert torch.all(plan.rows.view(-1, block)[~used] == n)  # blocks past the end hold padding only
+
+
+def test_an_idle_expert_gets_no_block():
+    ids = torch.tensor([[0, 2], [2, 0]])
+    plan = schedule(ids, 3, 2)
+    assert 1 not in plan.block_expert.tolist()
+    assert plan.block_expert.tolist()[:2] == [0, 2]
