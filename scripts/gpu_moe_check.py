@@ -57,4 +57,27 @@ for name, (T, d, f, E, k) in SHAPES.items():
     out = torch.ops.kp.routed_experts(xr, ids, w, params[:E], params[E:2 * E], params[2 * E:], "silu")
     out.backward(grad)
     print(f"{name}: op forward rel-L2 {rel(out, want):.2e}, grad x rel-L2 {rel(xr.grad, ref[0]):.2e}")
+
+def ms(fn, reps=10):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+# Diagnostics only (speed claims come from `python -m bench`): the op's implementations alone.
+for name, (T, d, f, E, k) in list(SHAPES.items())[:3]:
+    x, ids, w, G, U, Dn = make(T, d, f, E, k, False)
+    flops = 2 * T * k * 3 * d * f
+    t_tri = ms(lambda: triton_experts.forward(x, ids, w, G, U, Dn, "silu"))
+    t_grp = ms(lambda: grouped_experts.forward(x, ids, w, G, U, Dn, "silu"))
+    grad = torch.randn_like(x)
+    t_bwd = ms(lambda: grouped_experts.backward(grad, x, ids, w, G, U, Dn, "silu"))
+    print(f"{name}: triton fwd {t_tri:.3f} ms ({flops / t_tri / 1e9:.0f} TFLOP/s), grouped_mm fwd {t_grp:.3f} ms, "
+          f"grouped_mm bwd {t_bwd:.3f} ms ({2 * flops / t_bwd / 1e9:.0f} TFLOP/s)")
 print("tile configs picked:", {k: v for k, v in triton_experts._best.items()})

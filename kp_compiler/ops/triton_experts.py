@@ -69,12 +69,14 @@ def _gate_up(x_ptr, rows_ptr, block_expert_ptr, gate_table, up_table, h_ptr,
     tok = (tl.where(valid, rows, 0) // TOP_K).to(tl.int64)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
-    w_up = tl.load(up_table + e).to(tl.pointer_type(x_ptr.dtype.element_ty))
+    # A pointer read from memory has no known alignment, and Triton then loads the tile one element
+    # at a time; `supported` checked that every expert weight is 16-byte aligned.
+    w_up = tl.multiple_of(tl.load(up_table + e).to(tl.pointer_type(x_ptr.dtype.element_ty)), 16)
     a_ptrs = x_ptr + tok[:, None] * stride_x + offs_k[None, :]
     u_ptrs = w_up + offs_n[None, :].to(tl.int64) * stride_w + offs_k[:, None]
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     if GATED:
-        w_gate = tl.load(gate_table + e).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        w_gate = tl.multiple_of(tl.load(gate_table + e).to(tl.pointer_type(x_ptr.dtype.element_ty)), 16)
         g_ptrs = w_gate + offs_n[None, :].to(tl.int64) * stride_w + offs_k[:, None]
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
@@ -112,7 +114,7 @@ def _down(h_ptr, rows_ptr, block_expert_ptr, down_table, route_ptr, y_ptr,
     valid = rows < n_assign
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
-    w_down = tl.load(down_table + e).to(tl.pointer_type(h_ptr.dtype.element_ty))
+    w_down = tl.multiple_of(tl.load(down_table + e).to(tl.pointer_type(h_ptr.dtype.element_ty)), 16)
     in_rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     a_ptrs = h_ptr + in_rows[:, None] * stride_h + offs_k[None, :]
     w_ptrs = w_down + offs_n[None, :].to(tl.int64) * stride_w + offs_k[:, None]
@@ -192,12 +194,14 @@ def pointer_table(weights, device) -> torch.Tensor:
 
 
 def supported(x: torch.Tensor, w_gate, w_up, w_down) -> bool:
-    """Every expert weight of a role has one shape and row stride, unit stride along its last dim."""
+    """Every expert weight of a role has one shape and row stride, unit stride along its last dim,
+    and starts and keeps its rows 16-byte aligned (the kernels tell Triton so)."""
     for ws in (w_gate, w_up, w_down):
         if not ws:
             continue
         if any(w.shape != ws[0].shape or w.stride() != ws[0].stride() or w.stride(-1) != 1
-               or w.dtype != x.dtype or w.device != x.device for w in ws):
+               or w.dtype != x.dtype or w.device != x.device or w.data_ptr() % 16
+               or (w.stride(0) * w.element_size()) % 16 for w in ws):
             return False
     return x.stride(-1) == 1
 
