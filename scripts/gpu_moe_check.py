@@ -81,3 +81,16 @@ for name, (T, d, f, E, k) in list(SHAPES.items())[:3]:
     print(f"{name}: triton fwd {t_tri:.3f} ms ({flops / t_tri / 1e9:.0f} TFLOP/s), grouped_mm fwd {t_grp:.3f} ms, "
           f"grouped_mm bwd {t_bwd:.3f} ms ({2 * flops / t_bwd / 1e9:.0f} TFLOP/s)")
 print("tile configs picked:", {k: v for k, v in triton_experts._best.items()})
+
+# Where a call's GPU time goes: CUDA kernel times of one Triton forward at two shapes.
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+for name in ("e64-top8", "e64-top8-decode"):
+    x, ids, w, G, U, Dn = make(*SHAPES[name], False)
+    tables = triton_experts.expert_tables(x, [], U, Dn) and triton_experts.expert_tables(x, G, U, Dn)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            triton_experts.forward(x, ids, w, G, U, Dn, "silu", tables)
+        torch.cuda.synchronize()
+    print(f"--- {name}: CUDA kernels over 5 calls")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))

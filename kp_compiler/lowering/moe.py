@@ -75,12 +75,13 @@ def _forced() -> str:
 
 def _cuda_forward(x, ids, weights, w_gate, w_up, w_down, activation):
     routed_experts._check(x, ids, weights, w_gate, w_up, w_down, activation)
+    tables = _triton_tables(x, w_gate, w_up, w_down)
     impl = _forced() or choose(_device_info(x.device), x.dtype, grouped_experts.aligned(x, w_up),
-                               _uniform(x, w_gate, w_up, w_down), _HAS_TRITON)
+                               tables is not None, _HAS_TRITON)
     with torch.no_grad():
         if impl == "triton":
             from ..ops import triton_experts
-            return triton_experts.forward(x, ids, weights, w_gate, w_up, w_down, activation)
+            return triton_experts.forward(x, ids, weights, w_gate, w_up, w_down, activation, tables)
         if impl == "grouped_mm":
             return grouped_experts.forward(x, ids, weights, w_gate, w_up, w_down, activation)
         return routed_experts.reference(x, ids, weights, w_gate, w_up, w_down, activation)
@@ -93,11 +94,11 @@ def _cuda_backward(grad, x, ids, weights, w_gate, w_up, w_down, activation):
     return routed_experts.reference_backward(grad, x, ids, weights, w_gate, w_up, w_down, activation)
 
 
-def _uniform(x, w_gate, w_up, w_down) -> bool:
-    if not _HAS_TRITON:
-        return False
+def _triton_tables(x, w_gate, w_up, w_down):
+    if not _HAS_TRITON or x.dtype not in (torch.bfloat16, torch.float16):
+        return None
     from ..ops import triton_experts
-    return triton_experts.supported(x, w_gate, w_up, w_down)
+    return triton_experts.expert_tables(x, w_gate, w_up, w_down)
 
 
 routed_experts.routed_experts.register_kernel("cuda")(_cuda_forward)

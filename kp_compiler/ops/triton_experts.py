@@ -144,9 +144,11 @@ def block_rows(assignments: int, experts: int) -> int:
 
 # (BN, BK, num_warps, num_stages) candidates, timed once per shape on the GPU.
 _CANDIDATES = {
-    "gate_up": {16: [(64, 128, 4, 4), (32, 128, 4, 4), (128, 64, 4, 4)],
+    "gate_up": {16: [(64, 128, 4, 4), (32, 128, 4, 4), (128, 64, 4, 4), (32, 256, 4, 3), (16, 256, 4, 4),
+                     (32, 128, 2, 6)],
                 "large": [(64, 64, 4, 4), (128, 64, 8, 3), (64, 64, 8, 4), (128, 32, 8, 4)]},
-    "down": {16: [(64, 128, 4, 4), (128, 128, 4, 3), (32, 256, 4, 3)],
+    "down": {16: [(64, 128, 4, 4), (128, 128, 4, 3), (32, 256, 4, 3), (64, 256, 4, 3), (16, 256, 4, 4),
+                  (32, 128, 2, 6)],
              "large": [(128, 64, 8, 3), (128, 64, 4, 4), (256, 64, 8, 3), (64, 64, 4, 4)]},
 }
 _best: dict = {}
@@ -179,18 +181,29 @@ def _tuned(name: str, key: tuple, block: int, launch) -> None:
     launch(_best[key])
 
 
-_tables: dict = {}
+_experts: dict = {}
 
 
-def pointer_table(weights, device) -> torch.Tensor:
-    """A device tensor of the weights' addresses, cached by those addresses."""
-    key = (device, tuple(w.data_ptr() for w in weights))
-    table = _tables.get(key)
-    if table is None:
-        if len(_tables) > 256:
-            _tables.clear()
-        table = _tables[key] = torch.tensor(key[1], dtype=torch.int64).to(device)
-    return table
+def expert_tables(x: torch.Tensor, w_gate, w_up, w_down):
+    """``(gate, up, down)`` device tables of the expert weights' addresses (``gate`` is ``up`` for
+    ungated experts), or None where the kernels cannot read the weights (``supported``).
+
+    Cached by the weights' addresses with the first weight's shape and strides per role: checking
+    every weight costs more than a decode step's kernels (0.24 ms for 192 weights on a CPU core).
+    Inside a compiled graph the weights' shapes and strides are fixed by Dynamo's guards.
+    """
+    ptrs = tuple(tuple(w.data_ptr() for w in ws) for ws in (w_gate, w_up, w_down))
+    key = (x.device, x.dtype, ptrs, *((tuple(ws[0].shape), ws[0].stride()) for ws in (w_gate, w_up, w_down) if ws))
+    if key in _experts:
+        return _experts[key]
+    if len(_experts) > 256:
+        _experts.clear()
+    tables = None
+    if supported(x, w_gate, w_up, w_down):
+        up, down = (torch.tensor(p, dtype=torch.int64).to(x.device) for p in ptrs[1:])
+        tables = (torch.tensor(ptrs[0], dtype=torch.int64).to(x.device) if w_gate else up, up, down)
+    _experts[key] = tables
+    return tables
 
 
 def supported(x: torch.Tensor, w_gate, w_up, w_down) -> bool:
@@ -206,8 +219,9 @@ def supported(x: torch.Tensor, w_gate, w_up, w_down) -> bool:
     return x.stride(-1) == 1
 
 
-def forward(x, ids, weights, w_gate, w_up, w_down, activation: str) -> torch.Tensor:
-    """``kp::routed_experts`` through the two kernels (the caller checked ``supported``)."""
+def forward(x, ids, weights, w_gate, w_up, w_down, activation: str, tables=None) -> torch.Tensor:
+    """``kp::routed_experts`` through the two kernels; ``tables`` from ``expert_tables`` (not None)."""
+    gate, up, down = tables or expert_tables(x, w_gate, w_up, w_down)
     T, d = x.shape
     k = ids.shape[1]
     E, f = len(w_up), w_up[0].shape[0]
@@ -217,8 +231,6 @@ def forward(x, ids, weights, w_gate, w_up, w_down, activation: str) -> torch.Ten
     rows_total = plan.rows.numel()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     upcast = _interpreting() and x.dtype != torch.float32
-    up = pointer_table(w_up, x.device)
-    gate = pointer_table(w_gate, x.device) if w_gate else up
     h = torch.empty(rows_total, f, device=x.device, dtype=x.dtype)
 
     def gate_up(config):
@@ -230,7 +242,6 @@ def forward(x, ids, weights, w_gate, w_up, w_down, activation: str) -> torch.Ten
                        BM=block, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
 
     _tuned("gate_up", ("gate_up", block, d, f, bool(w_gate), x.dtype), block, gate_up)
-    down = pointer_table(w_down, x.device)
     route = weights.reshape(-1).contiguous()
     y = torch.empty(n, d, device=x.device, dtype=x.dtype)
 
