@@ -61,8 +61,9 @@ case "$stage" in
       --row-timeout 150 --reps 20 $extra --out "$out" --stem cuda-moe-fwd 2>"$out/moe.log" | tail -30
     ;;
   moe-train)
-    timeout "$(left)" python3 -m bench --cases 'moe-e64-top8-fwd-bwd' 'moe-e64-top8-decode-fwd-bwd' 'moe-e8-top2-fwd-bwd' \
-      'moe-loop-gpt-infer' 'moe-loop-gpt-train' 'moe-ref-grouped-mm-e64-top8-fwd-bwd' --backends inductor kernelpytorch \
+    PYTHONPATH=. timeout 100 python3 scripts/gpu_moe_profile.py > "$out/moe-profile.txt" 2>&1
+    timeout "$(left)" python3 -m bench --cases 'moe-e64-top8-fwd-bwd' 'moe-e8-top2-fwd-bwd' 'moe-loop-gpt-infer' \
+      'moe-loop-gpt-train' 'moe-e64-top8-decode-fwd-bwd' --backends inductor kernelpytorch \
       --row-timeout 170 --reps 20 $extra --out "$out" --stem cuda-moe-train 2>"$out/moe-train.log" | tail -30
     ;;
 esac
