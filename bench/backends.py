@@ -29,6 +29,10 @@ STANDARD = {
     "inductor": Backend("inductor", "inductor"),
     "inductor-max-autotune": Backend("inductor-max-autotune", "inductor", mode="max-autotune-no-cudagraphs"),
     "kernelpytorch": Backend("kernelpytorch", "kernelpytorch"),
+    # CUDA graphs on both sides: Inductor skips them for graphs with data-dependent shapes
+    # (an unrolled expert loop), kernelpytorch's rewritten graph has none left.
+    "inductor-reduce-overhead": Backend("inductor-reduce-overhead", "inductor", mode="reduce-overhead"),
+    "kernelpytorch-reduce-overhead": Backend("kernelpytorch-reduce-overhead", "kernelpytorch", mode="reduce-overhead"),
 }
 DEFAULT = ("eager", "inductor", "inductor-max-autotune", "kernelpytorch")
 

@@ -60,6 +60,12 @@ case "$stage" in
       'moe-ref-grouped-mm-e64-top8-decode' 'moe-ref-grouped-mm-e8-top2' --backends eager inductor kernelpytorch \
       --row-timeout 150 --reps 20 $extra --out "$out" --stem cuda-moe-fwd 2>"$out/moe.log" | tail -30
     ;;
+  moe-graphs)
+    # The forward cases again, default mode and reduce-overhead (CUDA graphs) on both sides.
+    timeout "$(left)" python3 -m bench --cases 'moe-e64-top8-decode' 'moe-e64-top8' 'moe-e8-top2' \
+      --backends inductor kernelpytorch inductor-reduce-overhead kernelpytorch-reduce-overhead \
+      --row-timeout 150 --reps 20 $extra --out "$out" --stem cuda-moe-graphs 2>"$out/moe-graphs.log" | tail -30
+    ;;
   moe-train)
     PYTHONPATH=. timeout 100 python3 scripts/gpu_moe_profile.py > "$out/moe-profile.txt" 2>&1
     timeout "$(left)" python3 -m bench --cases 'moe-e64-top8-fwd-bwd' 'moe-e8-top2-fwd-bwd' 'moe-loop-gpt-infer' \
