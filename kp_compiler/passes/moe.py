@@ -48,6 +48,7 @@ from torch import fx
 from .. import ops  # noqa: F401  (registers kp::routed_experts)
 from ..core.graph import val
 from ..core.rules import Matches
+from . import moe_batched
 
 aten = torch.ops.aten
 _SIZE_CHECKS = {aten.sym_size.int, operator.ge, operator.le, operator.lt, operator.gt, operator.eq,
@@ -287,6 +288,14 @@ def moe_dispatch(gm: fx.GraphModule) -> Matches:
         if not getattr(loop.last, "_erased", False):
             continue  # _rewrite declined
         kind = ("gated-" if loop.steps[0].gate is not None else "") + loop.steps[0].activation
+        counts[kind] = counts.get(kind, 0) + 1
+    for node in reversed(list(gm.graph.nodes)):
+        if node.target is not aten.sum.dim_IntList or getattr(node, "_erased", False):
+            continue
+        form = moe_batched.match(node)
+        if form is None or not moe_batched.rewrite(gm, form):
+            continue
+        kind = ("gated-" if form.gate_up is not None else "") + form.activation + "-batched"
         counts[kind] = counts.get(kind, 0) + 1
     if counts:
         gm.recompile()

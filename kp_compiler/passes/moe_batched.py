@@ -1,0 +1,272 @@
+"""Hugging Face transformers v5's batched expert forms onto one ``kp::routed_experts`` op.
+
+Part of ``moe-dispatch`` (``moe.py`` matches the ``for e in range(E)`` loop).
+Both forms keep the experts as 3-D parameters, ``gate_up [E, 2f, d]`` (gate
+rows first) or ``up [E, f, d]``, and ``down [E, d, f]``, and end in
+``y.view(T, k, d).sum(1)``.
+
+``experts_implementation="grouped_mm"`` (``proj`` is ``aten._grouped_mm`` or,
+where that cannot run, ``transformers.grouped_mm_fallback``)::
+
+    sorted_ids, perm = sort(ids.reshape(-1))
+    offs = cumsum(histc(sorted_ids.float(), E, 0, E - 1), 0, dtype=int32)
+    gu = proj(x[perm // k], gate_up.transpose(-2, -1), offs)
+    h = act(gu.chunk(2, -1)[0]) * gu.chunk(2, -1)[1]            # ungated: act(proj(..., up.T, offs))
+    y = proj(h, down.transpose(-2, -1), offs) * weights.reshape(-1)[perm].unsqueeze(-1)
+    out = y[empty_like(perm).index_put_([perm], arange(T*k))].view(T, k, d).sum(1)
+
+``experts_implementation="batched_mm"``::
+
+    gu = bmm(gate_up[ids.reshape(-1)], x.repeat_interleave(k, 0).unsqueeze(-1)).squeeze(-1)
+    h = act(gu.chunk(2, -1)[0]) * gu.chunk(2, -1)[1]
+    y = bmm(down[ids.reshape(-1)], h.unsqueeze(-1)).squeeze(-1) * weights.reshape(-1).unsqueeze(-1)
+    out = y.view(T, k, d).sum(1)
+
+After (both)::
+
+    %routed_experts = kp.routed_experts.default(%x, %ids, %weights, [%gate_0, ...], [%up_0, ...], [%down_0, ...], 'silu')
+
+with ``%gate_e = slice(select(gate_up, 0, e), 0, 0, f)`` and so on: views of
+the model's parameters, so gradients reach them. Preconditions (else left as
+it is): ``ids`` is ``topk`` over ``E``; no bias, no post-expert norm, the
+weights not transposed (``is_transposed=False``); every intermediate used
+only by the form; the projections' inputs already in the weights' dtype.
+Routing weights of another dtype are cast to ``x``'s, and the result back to
+the form's dtype.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import fx
+
+from ..core.graph import val
+
+aten = torch.ops.aten
+
+
+@dataclass
+class Batched:
+    x: fx.Node
+    ids: fx.Node
+    weights: fx.Node
+    gate_up: Optional[fx.Node]  # [E, 2f, d], gate rows first; None when ungated
+    up: Optional[fx.Node]  # [E, f, d] for ungated experts
+    down: fx.Node
+    activation: str
+    end: fx.Node  # the sum over k
+    nodes: list  # everything the form alone uses
+
+
+def _is(node, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _grouped_mm_targets() -> tuple:
+    found = [aten._grouped_mm.default]
+    fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    if fallback is not None:
+        found.append(fallback.default)
+    return tuple(found)
+
+
+def _same_dtype_cast(node):
+    """``node`` through a ``.to(dtype)`` that changes nothing (else the node itself)."""
+    if _is(node, aten.to.dtype, aten._to_copy.default) and val(node) is not None and val(node.args[0]) is not None \
+            and val(node).dtype == val(node.args[0]).dtype:
+        return node.args[0], [node]
+    return node, []
+
+
+def _transposed_param(node) -> Optional[fx.Node]:
+    if _is(node, aten.transpose.int) and sorted(node.args[1:3]) in ([-2, -1], [1, 2]):
+        return node.args[0]
+    return None
+
+
+class _Form:
+    """Matches one batched form, collecting its nodes; ``fail`` on the first mismatch."""
+
+    def __init__(self):
+        self.nodes: list = []
+        self.offsets_of = None  # the flat ids behind the grouped form's shared offsets
+
+    def take(self, node, *targets):
+        if not _is(node, *targets):
+            raise LookupError(node)
+        self.nodes.append(node)
+        return node
+
+
+def _gated(form: _Form, h) -> tuple[str, fx.Node]:
+    """(activation, projection) for ``act(chunk(p)[0]) * chunk(p)[1]``, or ``act(p)`` (ungated: projection)."""
+    from .moe import _activation
+
+    act = _activation(h)
+    if act is not None:
+        form.nodes.append(h)
+        return act[0], ("ungated", act[1])
+    form.take(h, aten.mul.Tensor)
+    for a, u in (h.args, h.args[::-1]):
+        act = _activation(a)
+        if act is None or not (_is(act[1], operator.getitem) and _is(u, operator.getitem)):
+            continue
+        chunk = act[1].args[0]
+        if not (_is(chunk, aten.chunk.default) and u.args[0] is chunk and act[1].args[1] == 0 and u.args[1] == 1
+                and chunk.args[1] == 2 and chunk.args[2] in (-1, 1)):
+            continue
+        form.nodes += [a, act[1], u, chunk]
+        return act[0], ("gated", chunk.args[0])
+    raise LookupError(h)
+
+
+def match(end: fx.Node) -> Optional[Batched]:
+    """The form ending in ``end`` (``sum(view(y, [T, k, d]), [1])``), else None."""
+    try:
+        return _match(end)
+    except (LookupError, IndexError, TypeError, AttributeError):
+        return None
+
+
+def _match(end: fx.Node) -> Optional[Batched]:
+    from .moe import _ids_bounded
+
+    form = _Form()
+    form.take(end, aten.sum.dim_IntList)
+    if list(end.args[1]) != [1] or (len(end.args) > 2 and end.args[2]) or end.kwargs:
+        return None
+    view = form.take(end.args[0], aten.view.default, aten.reshape.default)
+    y = view.args[0]
+    grouped = _is(y, aten.index.Tensor)
+    perm = None
+    if grouped:  # y[inv]: undo the sort
+        form.take(y, aten.index.Tensor)
+        inv = form.take(y.args[1][0], aten.index_put_.default, aten.index_put.default)
+        form.take(inv.args[0], aten.empty_like.default)
+        perm = inv.args[1][0]
+        form.take(inv.args[2], aten.arange.default)
+        y = y.args[0]
+    mul = form.take(y, aten.mul.Tensor)
+    proj_down, route = mul.args
+    if _is(proj_down, aten.unsqueeze.default):
+        proj_down, route = route, proj_down
+    form.take(route, aten.unsqueeze.default)
+    flat_w = route.args[0]
+    if grouped:
+        flat_w = form.take(flat_w, aten.index.Tensor)
+        if flat_w.args[1][0] is not perm:
+            return None
+        flat_w = flat_w.args[0]
+    form.take(flat_w, aten.reshape.default, aten.view.default)
+    weights = flat_w.args[0]
+    down, h, flat_ids = _projection(form, proj_down, grouped, perm)
+    activation, (kind, proj_up) = _gated(form, h)
+    first, xs_ids, xs = _projection_input(form, proj_up, grouped, perm)
+    if xs_ids is not flat_ids or first is None:
+        return None
+    ids = flat_ids.args[0]
+    x = xs
+    gate_up = first if kind == "gated" else None
+    up = first if kind == "ungated" else None
+    E = val(down).shape[0]
+    k = val(ids).shape[-1] if val(ids) is not None and val(ids).dim() == 2 else None
+    if k is None or list(view.args[1])[1:] != [k, val(x).shape[-1]] or not _ids_bounded(ids, E):
+        return None
+    if val(first).dtype != val(x).dtype or val(down).dtype != val(x).dtype:
+        return None
+    return Batched(x, ids, weights, gate_up, up, down, activation, end, form.nodes)
+
+
+def _projection(form: _Form, node, grouped: bool, perm):
+    """(weight param, input, flat ids) of one expert projection."""
+    if grouped:
+        gmm = form.take(node, *_grouped_mm_targets())
+        inp, w_t, offs = gmm.args[:3]
+        param = _transposed_param(w_t)
+        if param is None:
+            raise LookupError(w_t)
+        form.nodes.append(w_t)
+        inp, casts = _same_dtype_cast(inp)
+        form.nodes += casts
+        flat_ids = _offsets(form, offs, perm)
+        return param, inp, flat_ids
+    squeeze = form.take(node, aten.squeeze.dim)
+    bmm = form.take(squeeze.args[0], aten.bmm.default)
+    picked, col = bmm.args
+    form.take(picked, aten.index.Tensor)
+    form.take(col, aten.unsqueeze.default)
+    flat_ids = picked.args[1][0]
+    form.take(flat_ids, aten.reshape.default, aten.view.default)
+    return picked.args[0], col.args[0], flat_ids
+
+
+def _offsets(form: _Form, offs, perm):
+    """``flat_ids`` for ``offs = cumsum(histc(sort(flat_ids)[0].float(), E, 0, E-1), 0)``."""
+    if offs in form.nodes:
+        return form.offsets_of
+    cumsum = form.take(offs, aten.cumsum.default)
+    histc = form.take(cumsum.args[0], aten.histc.default)
+    sorted_ids = histc.args[0]
+    if _is(sorted_ids, aten.to.dtype, aten._to_copy.default):
+        form.nodes.append(sorted_ids)
+        sorted_ids = sorted_ids.args[0]
+    form.take(sorted_ids, operator.getitem)
+    sort = form.take(sorted_ids.args[0], aten.sort.default)
+    if not (_is(perm, operator.getitem) and perm.args == (sort, 1)):
+        raise LookupError(perm)
+    form.nodes.append(perm)
+    flat_ids = form.take(sort.args[0], aten.reshape.default, aten.view.default)
+    form.offsets_of = flat_ids
+    return flat_ids
+
+
+def _projection_input(form: _Form, proj, grouped: bool, perm):
+    """(weight param, flat ids, x) of the first projection, whose input is the routed tokens."""
+    param, inp, flat_ids = _projection(form, proj, grouped, perm)
+    if grouped:
+        form.take(inp, aten.index.Tensor)
+        div = form.take(inp.args[1][0], aten.floor_divide.default, aten.div.Tensor_mode)
+        if div.args[0] is not perm:
+            return None, None, None
+        return param, flat_ids, inp.args[0]
+    rep = form.take(inp, aten.repeat_interleave.self_int)
+    return param, flat_ids, rep.args[0]
+
+
+def rewrite(gm: fx.GraphModule, form: Batched) -> bool:
+    """Replace the form by one ``kp::routed_experts`` call; False (graph untouched) if an
+    intermediate value has a user outside the form."""
+    inside = set(form.nodes)
+    if any(n is not form.end and any(u not in inside for u in n.users) for n in form.nodes):
+        return False
+    g = gm.graph
+    E = val(form.down).shape[0]
+    with g.inserting_before(form.end):
+        weights = form.weights
+        if val(weights).dtype != val(form.x).dtype:
+            weights = g.call_function(aten.to.dtype, (weights, val(form.x).dtype))
+        gate, up = [], []
+        if form.gate_up is not None:
+            f = val(form.gate_up).shape[1] // 2
+            for e in range(E):
+                expert = g.call_function(aten.select.int, (form.gate_up, 0, e))
+                gate.append(g.call_function(aten.slice.Tensor, (expert, 0, 0, f)))
+                up.append(g.call_function(aten.slice.Tensor, (expert, 0, f, 2 * f)))
+        else:
+            up = [g.call_function(aten.select.int, (form.up, 0, e)) for e in range(E)]
+        down = [g.call_function(aten.select.int, (form.down, 0, e)) for e in range(E)]
+        out = g.call_function(torch.ops.kp.routed_experts.default,
+                              (form.x, form.ids, weights, gate, up, down, form.activation))
+        result = out
+        if val(form.end).dtype != val(form.x).dtype:
+            result = g.call_function(aten.to.dtype, (out, val(form.end).dtype))
+    form.end.replace_all_uses_with(result)
+    order = {n: i for i, n in enumerate(g.nodes)}
+    for n in sorted(inside, key=order.__getitem__, reverse=True):
+        if not n.users:
+            g.erase_node(n)
+    return True
