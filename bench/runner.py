@@ -69,6 +69,8 @@ class Step:
 
 def reference(wl: Workload, train: bool, scale: Scale) -> list[torch.Tensor]:
     dtype = torch.float64 if scale.device == "cpu" else torch.float32
+    if wl.reference_dtype is not None:
+        dtype = wl.reference_dtype
     model = wl.model
     if isinstance(model, torch.nn.Module):
         model = copy.deepcopy(model).to(dtype)

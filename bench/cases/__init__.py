@@ -32,6 +32,7 @@ class Workload:
     output: Callable[[Any], torch.Tensor] = lambda out: out  # the tensor compared for error
     dynamo_config: dict = field(default_factory=dict)
     note: str = ""
+    reference_dtype: Optional[torch.dtype] = None  # the error reference's dtype, where float64 cannot run
 
 
 @dataclass(frozen=True)

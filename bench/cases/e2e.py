@@ -58,10 +58,13 @@ def _moe_gpt(scale: Scale, train: bool) -> Workload:
                         dynamo_config={"capture_dynamic_output_shape_ops": True})
 
 
-def _hf(name: str, attn: str = "eager"):
+def _hf(name: str, attn: str = "eager", experts=None):
     def build(scale: Scale, train: bool) -> Workload:
-        model, vocab = hf.build(name, "tiny" if scale.smoke else "bench", attn=attn)
-        return _lm_workload(model, vocab, scale, train)
+        model, vocab = hf.build(name, "tiny" if scale.smoke else "bench", attn=attn, experts=experts)
+        wl = _lm_workload(model, vocab, scale, train)
+        if experts == "grouped_mm":
+            wl.reference_dtype = torch.float32  # torch._grouped_mm has no float64 kernel
+        return wl
     return build
 
 
@@ -72,6 +75,8 @@ BUILDERS = {
     "hf-mistral": (_hf("mistral"), ("transformers",)),
     "hf-gpt2": (_hf("gpt2"), ("transformers",)),
     "hf-bert": (_hf("bert"), ("transformers",)),
+    # transformers' own grouped_mm experts path: what the fused routed-experts op has to beat
+    "hf-mixtral-grouped-mm": (_hf("mixtral", experts="grouped_mm"), ("transformers",)),
 }
 
 for _name, (_build, _requires) in BUILDERS.items():

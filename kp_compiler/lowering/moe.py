@@ -75,13 +75,15 @@ def _forced() -> str:
 
 def _cuda_forward(x, ids, weights, w_gate, w_up, w_down, activation):
     routed_experts._check(x, ids, weights, w_gate, w_up, w_down, activation)
-    tables = _triton_tables(x, w_gate, w_up, w_down)
+    per_expert = routed_experts.per_expert
+    tables = _triton_tables(x, per_expert(w_gate), per_expert(w_up), per_expert(w_down))
     impl = _forced() or choose(_device_info(x.device), x.dtype, grouped_experts.aligned(x, w_up),
                                tables is not None, _HAS_TRITON)
     with torch.no_grad():
         if impl == "triton":
             from ..ops import triton_experts
-            return triton_experts.forward(x, ids, weights, w_gate, w_up, w_down, activation, tables)
+            return triton_experts.forward(x, ids, weights, per_expert(w_gate), per_expert(w_up),
+                                          per_expert(w_down), activation, tables)
         if impl == "grouped_mm":
             return grouped_experts.forward(x, ids, weights, w_gate, w_up, w_down, activation)
         return routed_experts.reference(x, ids, weights, w_gate, w_up, w_down, activation)

@@ -20,12 +20,17 @@ from typing import Sequence
 
 import torch
 
-from .routed_experts import ACTIVATIONS, act_backward
+from .routed_experts import ACTIVATIONS, act_backward, per_expert, stacked
+
+
+def _stack(ws) -> torch.Tensor:
+    """``[E, rows, cols]``: the model's stacked weight as it is, else a stacked copy."""
+    return ws[0] if stacked(ws) else torch.stack(list(ws))
 
 
 def aligned(x: torch.Tensor, w_up: Sequence[torch.Tensor]) -> bool:
     """Row strides of every operand are 16-byte multiples (``_grouped_mm``'s requirement)."""
-    f, d = w_up[0].shape
+    f, d = w_up[0].shape[-2:]
     return (d * x.element_size()) % 16 == 0 and (f * x.element_size()) % 16 == 0
 
 
@@ -40,15 +45,15 @@ def _sort_by_expert(ids: torch.Tensor, experts: int):
 def forward(x, ids, weights, w_gate, w_up, w_down, activation: str) -> torch.Tensor:
     act = ACTIVATIONS[activation]
     k = ids.shape[1]
-    order, offs = _sort_by_expert(ids, len(w_up))
+    order, offs = _sort_by_expert(ids, len(per_expert(w_up)))
     tokens = order // k
     xs = x[tokens]
-    up = torch._grouped_mm(xs, torch.stack(list(w_up)).transpose(1, 2), offs=offs)
+    up = torch._grouped_mm(xs, _stack(w_up).transpose(1, 2), offs=offs)
     if w_gate:
-        h = act(torch._grouped_mm(xs, torch.stack(list(w_gate)).transpose(1, 2), offs=offs)) * up
+        h = act(torch._grouped_mm(xs, _stack(w_gate).transpose(1, 2), offs=offs)) * up
     else:
         h = act(up)
-    y = torch._grouped_mm(h, torch.stack(list(w_down)).transpose(1, 2), offs=offs)
+    y = torch._grouped_mm(h, _stack(w_down).transpose(1, 2), offs=offs)
     y = y * weights.flatten()[order, None]
     return torch.zeros_like(x).index_add(0, tokens, y)
 
@@ -57,16 +62,16 @@ def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str):
     """``(grad_x, grad_weights, grad_gate [E, F, D] or empty, grad_up [E, F, D], grad_down [E, D, F])``."""
     act = ACTIVATIONS[activation]
     T, k = ids.shape
-    order, offs = _sort_by_expert(ids, len(w_up))
+    order, offs = _sort_by_expert(ids, len(per_expert(w_up)))
     tokens = order // k
     xs, gs = x[tokens], grad[tokens]
     route = weights.reshape(-1)[order, None]
-    up_w = torch.stack(list(w_up))  # [E, F, D]
-    down_w = torch.stack(list(w_down))  # [E, D, F]
+    up_w = _stack(w_up)  # [E, F, D]
+    down_w = _stack(w_down)  # [E, D, F]
     u = torch._grouped_mm(xs, up_w.transpose(1, 2), offs=offs)
     g_dh = torch._grouped_mm(gs, down_w, offs=offs)  # grad @ w_down[e]: dh before the routing weight
     if w_gate:
-        gate_w = torch.stack(list(w_gate))
+        gate_w = _stack(w_gate)
         g = torch._grouped_mm(xs, gate_w.transpose(1, 2), offs=offs)
         a = act(g)
         h = a * u

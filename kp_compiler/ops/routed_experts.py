@@ -9,7 +9,10 @@ for tokens ``x [T, d]`` routed to experts ``ids [T, k]`` with weights
     expert_e(x) = act(x @ w_up[e].T) @ w_down[e].T                           # w_gate == [] (GELU, ReLU MLPs)
 
 ``w_gate``, ``w_up``, ``w_down`` are lists with one weight per expert (the
-model's own parameters, so gradients reach them; nothing is stacked).
+model's own parameters, so gradients reach them; nothing is stacked), or each
+one 3-D tensor ``[E, f, d]`` holding all experts (a model's stacked
+parameter, or a slice of one such as the gate half of ``gate_up [E, 2f, d]``);
+its gradient then comes back stacked too, one tensor instead of E views.
 ``activation`` is ``"silu"`` (SwiGLU), ``"gelu"``, ``"gelu_tanh"`` (GEGLU) or
 ``"relu"``. The reference implementation is the expert loop itself, in the
 same order as model code writes it; the backward is its own op
@@ -34,9 +37,20 @@ ACTIVATIONS = {
 }
 
 
+def stacked(ws: Sequence) -> bool:
+    """The role is given as one 3-D tensor ``[E, rows, cols]``."""
+    return len(ws) == 1 and ws[0].dim() == 3
+
+
+def per_expert(ws: Sequence) -> list:
+    """One 2-D weight per expert (views of a stacked tensor)."""
+    return list(ws[0].unbind(0)) if stacked(ws) else list(ws)
+
+
 def reference(x, ids, weights, w_gate: Sequence, w_up: Sequence, w_down: Sequence, activation: str):
     """The expert loop, as model code writes it (differentiable)."""
     act = ACTIVATIONS[activation]
+    w_gate, w_up, w_down = per_expert(w_gate), per_expert(w_up), per_expert(w_down)
     out = torch.zeros_like(x)
     for e in range(len(w_up)):
         tok, slot = torch.where(ids == e)
@@ -78,6 +92,7 @@ def routed_experts_backward(
 
 def reference_backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str):
     act = ACTIVATIONS[activation]
+    w_gate, w_up, w_down = per_expert(w_gate), per_expert(w_up), per_expert(w_down)
     grad_x, grad_weights = torch.zeros_like(x), torch.zeros_like(weights)
     grad_gate, grad_up, grad_down = [], [], []
     for e in range(len(w_up)):
@@ -122,15 +137,18 @@ def act_backward(activation: str, grad: torch.Tensor, z: torch.Tensor) -> torch.
 
 @routed_experts_backward.register_fake
 def _(grad, x, ids, weights, w_gate, w_up, w_down, activation):
-    def stacked(ws):
-        return x.new_empty(len(ws), *ws[0].shape) if ws else x.new_empty(0)
-    return torch.empty_like(x), torch.empty_like(weights), stacked(w_gate), stacked(w_up), stacked(w_down)
+    def grads(ws):
+        if not ws:
+            return x.new_empty(0)
+        return x.new_empty(ws[0].shape) if stacked(ws) else x.new_empty(len(ws), *ws[0].shape)
+    return torch.empty_like(x), torch.empty_like(weights), grads(w_gate), grads(w_up), grads(w_down)
 
 
 def _setup_context(ctx, inputs, output):
     x, ids, weights, w_gate, w_up, w_down, activation = inputs
     ctx.save_for_backward(x, ids, weights, *w_gate, *w_up, *w_down)
     ctx.gates, ctx.experts, ctx.activation = len(w_gate), len(w_up), activation
+    ctx.stacked = stacked(w_up)
 
 
 def _backward(ctx, grad):
@@ -138,6 +156,8 @@ def _backward(ctx, grad):
     G, E = ctx.gates, ctx.experts
     gx, gw, gg, gu, gd = torch.ops.kp.routed_experts_backward(
         grad, x, ids, weights, ws[:G], ws[G:G + E], ws[G + E:], ctx.activation)
+    if ctx.stacked:  # one 3-D weight per role: its gradient as it is
+        return gx, None, gw, [gg] if G else [], [gu], [gd], None
     return gx, None, gw, list(gg.unbind(0)) if G else [], list(gu.unbind(0)), list(gd.unbind(0)), None
 
 
@@ -147,7 +167,10 @@ routed_experts.register_autograd(_backward, setup_context=_setup_context)
 def _check(x, ids, weights, w_gate, w_up, w_down, activation) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"kp::routed_experts: activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
-    if len(w_up) != len(w_down) or not w_up or (w_gate and len(w_gate) != len(w_up)):
+    if not w_up or len({stacked(ws) for ws in (w_gate, w_up, w_down) if ws}) != 1:
+        raise ValueError("kp::routed_experts: give every role as one weight per expert or as one 3-D tensor")
+    counts = {len(per_expert(ws)) for ws in (w_gate, w_up, w_down) if ws}
+    if len(counts) != 1:
         raise ValueError("kp::routed_experts: w_up and w_down (and w_gate, unless empty) need one weight per expert")
     if x.dim() != 2 or ids.shape != weights.shape or ids.shape[0] != x.shape[0]:
         raise ValueError(f"kp::routed_experts: x must be [T, d] and ids, weights [T, k]; got "

@@ -24,10 +24,11 @@ where that cannot run, ``transformers.grouped_mm_fallback``)::
 
 After (both)::
 
-    %routed_experts = kp.routed_experts.default(%x, %ids, %weights, [%gate_0, ...], [%up_0, ...], [%down_0, ...], 'silu')
+    %routed_experts = kp.routed_experts.default(%x, %ids, %weights, [%gate], [%up], [%down], 'silu')
 
-with ``%gate_e = slice(select(gate_up, 0, e), 0, 0, f)`` and so on: views of
-the model's parameters, so gradients reach them. Preconditions (else left as
+with ``[%gate] = [slice(gate_up, 1, 0, f)]``, ``[%up] = [slice(gate_up, 1, f, 2f)]``
+and ``[%down]``: each role as one 3-D view of the model's parameter (the op's
+stacked form), so gradients reach the parameters as one tensor each. Preconditions (else left as
 it is): ``ids`` is ``topk`` over ``E``; no bias, no post-expert norm, the
 weights not transposed (``is_transposed=False``); every intermediate used
 only by the form; the projections' inputs already in the weights' dtype.
@@ -244,21 +245,17 @@ def rewrite(gm: fx.GraphModule, form: Batched) -> bool:
     if any(n is not form.end and any(u not in inside for u in n.users) for n in form.nodes):
         return False
     g = gm.graph
-    E = val(form.down).shape[0]
     with g.inserting_before(form.end):
         weights = form.weights
         if val(weights).dtype != val(form.x).dtype:
             weights = g.call_function(aten.to.dtype, (weights, val(form.x).dtype))
-        gate, up = [], []
-        if form.gate_up is not None:
+        if form.gate_up is not None:  # the stacked halves, so the gradient is one slice_backward each
             f = val(form.gate_up).shape[1] // 2
-            for e in range(E):
-                expert = g.call_function(aten.select.int, (form.gate_up, 0, e))
-                gate.append(g.call_function(aten.slice.Tensor, (expert, 0, 0, f)))
-                up.append(g.call_function(aten.slice.Tensor, (expert, 0, f, 2 * f)))
+            gate = [g.call_function(aten.slice.Tensor, (form.gate_up, 1, 0, f))]
+            up = [g.call_function(aten.slice.Tensor, (form.gate_up, 1, f, 2 * f))]
         else:
-            up = [g.call_function(aten.select.int, (form.up, 0, e)) for e in range(E)]
-        down = [g.call_function(aten.select.int, (form.down, 0, e)) for e in range(E)]
+            gate, up = [], [form.up]
+        down = [form.down]
         out = g.call_function(torch.ops.kp.routed_experts.default,
                               (form.x, form.ids, weights, gate, up, down, form.activation))
         result = out

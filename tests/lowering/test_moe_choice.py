@@ -89,3 +89,20 @@ def test_grouped_mm_backward_equals_the_reference(dtype, activation, gated):
     for stacked in got[2:]:
         if stacked.numel():
             assert torch.count_nonzero(stacked[-1]) == 0  # the idle expert
+
+
+def test_grouped_mm_path_takes_a_stacked_parameter_as_it_is():
+    T, d, f, E, k = 24, 16, 32, 4, 2
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(T, d, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=g)
+    gate_up, down = torch.randn(E, 2 * f, d, generator=g), torch.randn(E, d, f, generator=g)
+    stacked = ([gate_up[:, :f]], [gate_up[:, f:]], [down])
+    listed = (list(gate_up[:, :f]), list(gate_up[:, f:]), list(down))
+    torch.testing.assert_close(grouped_experts.forward(x, ids, w, *stacked, "silu"),
+                               reference(x, ids, w, *listed, "silu"), rtol=1e-5, atol=1e-5)
+    grad = torch.randn(T, d, generator=g)
+    for a, b in zip(grouped_experts.backward(grad, x, ids, w, *stacked, "silu"),
+                    reference_backward(grad, x, ids, w, *listed, "silu")):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

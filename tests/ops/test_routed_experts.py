@@ -62,3 +62,33 @@ def test_ungated_experts_forward_and_gradients(activation):
     leaves = [x, w, *U, *Dn]
     for a, b in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_stacked_3d_weights_equal_per_expert_lists_and_get_stacked_gradients():
+    """Each role as one [E, rows, cols] tensor (here the gate and up halves of one gate_up parameter)."""
+    x, ids, w, G, U, Dn = inputs()
+    gate_up = torch.cat([torch.stack(G), torch.stack(U)], dim=1).detach().requires_grad_()  # [E, 2F, D]
+    down = torch.stack(Dn).detach().requires_grad_()
+    gate, up = gate_up[:, :F_], gate_up[:, F_:]
+    out = torch.ops.kp.routed_experts(x, ids, w, [gate], [up], [down], "silu")
+    ref = reference(x, ids, w, G, U, Dn, "silu")
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, w, gate_up, down], grad)
+    want = torch.autograd.grad(ref, [x, w, *G, *U, *Dn], grad)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[2], torch.cat([torch.stack(want[2:2 + E]), torch.stack(want[2 + E:2 + 2 * E])], 1))
+    torch.testing.assert_close(got[3], torch.stack(want[2 + 2 * E:]))
+
+
+def test_opcheck_stacked():
+    x, ids, w, G, U, Dn = inputs(torch.float32)
+    torch.library.opcheck(torch.ops.kp.routed_experts.default,
+                          (x, ids, w, [torch.stack(G)], [torch.stack(U)], [torch.stack(Dn)], "gelu"))
+
+
+def test_mixed_stacked_and_listed_roles_are_an_error():
+    x, ids, w, G, U, Dn = inputs()
+    with pytest.raises(ValueError, match="one 3-D tensor"):
+        torch.ops.kp.routed_experts(x, ids, w, G, [torch.stack(U)], Dn, "silu")

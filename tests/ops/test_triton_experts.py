@@ -75,3 +75,16 @@ def test_weights_of_different_layouts_are_not_supported():
     assert triton_experts.supported(x, G, U, Dn)
     assert not triton_experts.supported(x, G, [U[0].t().contiguous().t(), *U[1:]], Dn)  # column-major expert
     assert not triton_experts.supported(x, G, U, [Dn[0].double(), *Dn[1:]])
+
+
+def test_stacked_halves_of_one_gate_up_parameter():
+    """The views moe-dispatch emits for transformers' gate_up [E, 2f, d]: expert stride 2f*d."""
+    from kp_compiler.ops.routed_experts import per_expert
+
+    x, ids, w, _, _, Dn = make(10, 16, 32, 4, 2, torch.float32)
+    gate_up = torch.randn(4, 64, 16) / 4
+    G, U = per_expert([gate_up[:, :32]]), per_expert([gate_up[:, 32:]])
+    assert triton_experts.supported(x, G, U, Dn)
+    out = triton_experts.forward(x, ids, w, G, U, Dn, "silu")
+    err, exact = error_vs_float64(out, x, ids, w, G, U, Dn, "silu")
+    assert err < 1e-5 * exact.abs().max().item()
