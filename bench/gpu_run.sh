@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-train   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -65,6 +65,11 @@ case "$stage" in
     timeout "$(left)" python3 -m bench --cases 'moe-e64-top8-decode' 'moe-e64-top8' 'moe-e8-top2' \
       --backends inductor kernelpytorch inductor-reduce-overhead kernelpytorch-reduce-overhead \
       --row-timeout 150 --reps 20 $extra --out "$out" --stem cuda-moe-graphs 2>"$out/moe-graphs.log" | tail -30
+    ;;
+  moe-hf)
+    # transformers' own grouped_mm experts path (Mixtral, bench size) against Inductor.
+    timeout "$(left)" python3 -m bench --cases 'hf-mixtral-grouped-mm-*' --backends inductor kernelpytorch \
+      --row-timeout 200 --reps 20 $extra --out "$out" --stem cuda-moe-hf 2>"$out/moe-hf.log" | tail -10
     ;;
   moe-train)
     PYTHONPATH=. timeout 100 python3 scripts/gpu_moe_profile.py > "$out/moe-profile.txt" 2>&1
