@@ -66,6 +66,11 @@ def markdown(results: dict) -> str:
                 f"| {_fmt(r.get('gb_per_s'), '.3g')} | {r['compile_s']:.1f} | {_fmt(r.get('peak_mem_gb'), '.2f')} "
                 f"| {r['error']:.2e} |"
             )
+    fired = [(case["case"], r["backend"], r["passes"]) for case in results["cases"] for r in case.get("rows", [])
+             if r.get("passes") is not None]
+    if fired:
+        lines += ["", "Rewrites that fired (kernelpytorch rows, matches summed over graphs):", ""]
+        lines += [f"- {c} / {b}: " + (", ".join(f"{k} x{v}" for k, v in p.items()) or "none") for c, b, p in fired]
     return "\n".join(lines) + "\n"
 
 

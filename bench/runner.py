@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from kp_compiler.core.report import collect
+
 from kp_compiler.testing.compare import dynamo_config, rel_error
 
 from .backends import Backend
@@ -115,9 +117,16 @@ def run_backend(case: Case, wl: Workload, backend: Backend, ref, scale: Scale, r
             step = Step(wl, model, backend.wrap(model), case.train, scale.device)
             _sync(scale.device)
             t0 = time.perf_counter()
-            first = step(capture=True)
+            with collect() as records:
+                first = step(capture=True)
             _sync(scale.device)
             first_ms = (time.perf_counter() - t0) * 1e3
+            if records:  # kernelpytorch: the rewrites that fired, summed over graphs
+                fired: dict = {}
+                for rec in records:
+                    for p in rec.passes:
+                        fired[p.name] = fired.get(p.name, 0) + p.matches
+                row["passes"] = {k: v for k, v in fired.items() if v}
             got = [first] if not case.train else first
             row["error"] = rel_error(got, ref)
             if scale.device == "cuda":

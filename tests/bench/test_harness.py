@@ -47,9 +47,12 @@ def test_smoke_run_writes_json_markdown_png_and_compares(tmp_path):
             assert r["speedup_vs_inductor"] > 0
     first = next(c for c in results["cases"] if c["case"] == "attention-causal")
     assert first["rows"][1]["speedup_vs_inductor"] == 1.0
+    assert first["rows"][3]["passes"] == {"attention-to-sdpa": 1}  # kernelpytorch rows say what fired
+    assert "passes" not in first["rows"][1]
     assert first["rows"][0]["tflops"] > 0
     md = (tmp_path / "run.md").read_text()
     assert md.count("| attention-causal |") == 4
+    assert "- attention-causal / kernelpytorch: attention-to-sdpa x1" in md
     assert (tmp_path / "run.png").stat().st_size > 1000
 
     # --compare: the run against a baseline where kernelpytorch was a million times faster is flagged.
