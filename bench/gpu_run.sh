@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|leftover   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -70,6 +70,12 @@ case "$stage" in
     # transformers' own grouped_mm experts path (Mixtral, bench size) against Inductor.
     timeout "$(left)" python3 -m bench --cases 'hf-mixtral-grouped-mm-*' --backends inductor kernelpytorch \
       --row-timeout 200 --reps 20 $extra --out "$out" --stem cuda-moe-hf 2>"$out/moe-hf.log" | tail -10
+    ;;
+  leftover)
+    # What no earlier stage ran at a recent commit: GPT-2 and BERT after the static-input fix, the decode fwd+bwd.
+    timeout "$(left)" python3 -m bench --cases 'hf-gpt2-*' 'hf-bert-*' 'moe-e64-top8-decode-fwd-bwd' \
+      --backends inductor kernelpytorch --row-timeout 170 --reps 20 $extra --out "$out" --stem cuda-leftover \
+      2>"$out/leftover.log" | tail -12
     ;;
   moe-train)
     PYTHONPATH=. timeout 100 python3 scripts/gpu_moe_profile.py > "$out/moe-profile.txt" 2>&1
