@@ -11,6 +11,9 @@ Forward (``choose``):
 Backward (``choose_backward``): ``torch._grouped_mm`` on CUDA 9.0 and up in
 bf16 with aligned rows, the per-expert reference elsewhere.
 
+``kp::routed_experts_biased`` (experts with biases) takes the same table
+without the Triton row: ``torch._grouped_mm`` or the reference.
+
 ``KP_MOE_KERNEL=triton|grouped_mm|reference`` forces one forward
 implementation where it can run (for benchmarks and bisecting); anything
 else there is an error, not a silent fallback.
@@ -24,7 +27,7 @@ import os
 
 import torch
 
-from ..ops import grouped_experts, routed_experts
+from ..ops import grouped_experts, routed_experts, routed_experts_biased
 from .capabilities import DeviceInfo, describe
 
 IMPLEMENTATIONS = ("triton", "grouped_mm", "reference")
@@ -89,11 +92,23 @@ def _cuda_forward(x, ids, weights, w_gate, w_up, w_down, activation):
         return routed_experts.reference(x, ids, weights, w_gate, w_up, w_down, activation)
 
 
-def _cuda_backward(grad, x, ids, weights, w_gate, w_up, w_down, activation):
+def _cuda_backward(grad, x, ids, weights, w_gate, w_up, w_down, b_gate, b_up, b_down, activation):
     impl = choose_backward(_device_info(x.device), x.dtype, grouped_experts.aligned(x, w_up))
+    biases = (b_gate, b_up, b_down)
     if impl == "grouped_mm":
-        return grouped_experts.backward(grad.contiguous(), x, ids, weights, w_gate, w_up, w_down, activation)
-    return routed_experts.reference_backward(grad, x, ids, weights, w_gate, w_up, w_down, activation)
+        return grouped_experts.backward(grad.contiguous(), x, ids, weights, w_gate, w_up, w_down, activation, biases)
+    return routed_experts.reference_backward(grad, x, ids, weights, w_gate, w_up, w_down, activation, biases)
+
+
+def _cuda_forward_biased(x, ids, weights, w_gate, w_up, w_down, b_gate, b_up, b_down, activation):
+    """Biased experts: ``torch._grouped_mm`` where it runs (the Triton kernels take no biases yet)."""
+    routed_experts_biased.check_biases(x, ids, weights, w_gate, w_up, w_down, b_gate, b_up, b_down, activation)
+    impl = choose(_device_info(x.device), x.dtype, grouped_experts.aligned(x, w_up), False, False)
+    biases = (b_gate, b_up, b_down)
+    with torch.no_grad():
+        if impl == "grouped_mm":
+            return grouped_experts.forward(x, ids, weights, w_gate, w_up, w_down, activation, biases)
+        return routed_experts.reference(x, ids, weights, w_gate, w_up, w_down, activation, biases)
 
 
 def _triton_tables(x, w_gate, w_up, w_down):
@@ -105,3 +120,4 @@ def _triton_tables(x, w_gate, w_up, w_down):
 
 routed_experts.routed_experts.register_kernel("cuda")(_cuda_forward)
 routed_experts.routed_experts_backward.register_kernel("cuda")(_cuda_backward)
+routed_experts_biased.routed_experts_biased.register_kernel("cuda")(_cuda_forward_biased)

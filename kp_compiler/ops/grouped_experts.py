@@ -37,57 +37,71 @@ def aligned(x: torch.Tensor, w_up: Sequence[torch.Tensor]) -> bool:
 def _sort_by_expert(ids: torch.Tensor, experts: int):
     flat = ids.flatten()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=experts)
-    offs = torch.cumsum(counts, 0).to(torch.int32)
+    counts = torch.zeros(experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+    offs = torch.cumsum(counts, 0).to(torch.int32)  # no bincount: it reads the max back to the host
     return order, offs
 
 
-def forward(x, ids, weights, w_gate, w_up, w_down, activation: str) -> torch.Tensor:
+def _linear(inp, ws, bs, offs, expert):
+    """``inp @ w[e].T + b[e]`` for rows sorted by expert (``expert``: each row's expert)."""
+    out = torch._grouped_mm(inp, _stack(ws).transpose(1, 2), offs=offs)
+    return out + torch.stack(list(bs))[expert] if bs else out
+
+
+def forward(x, ids, weights, w_gate, w_up, w_down, activation: str, biases=((), (), ())) -> torch.Tensor:
     act = ACTIVATIONS[activation]
+    b_gate, b_up, b_down = biases
     k = ids.shape[1]
     order, offs = _sort_by_expert(ids, len(per_expert(w_up)))
-    tokens = order // k
+    tokens, expert = order // k, ids.reshape(-1)[order]
     xs = x[tokens]
-    up = torch._grouped_mm(xs, _stack(w_up).transpose(1, 2), offs=offs)
-    if w_gate:
-        h = act(torch._grouped_mm(xs, _stack(w_gate).transpose(1, 2), offs=offs)) * up
-    else:
-        h = act(up)
-    y = torch._grouped_mm(h, _stack(w_down).transpose(1, 2), offs=offs)
+    up = _linear(xs, w_up, b_up, offs, expert)
+    h = act(_linear(xs, w_gate, b_gate, offs, expert)) * up if w_gate else act(up)
+    y = _linear(h, w_down, b_down, offs, expert)
     y = y * weights.flatten()[order, None]
     return torch.zeros_like(x).index_add(0, tokens, y)
 
 
-def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str):
-    """``(grad_x, grad_weights, grad_gate [E, F, D] or empty, grad_up [E, F, D], grad_down [E, D, F])``."""
+def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, biases=((), (), ())):
+    """``(grad_x, grad_weights, grad_gate [E, F, D] or empty, grad_up [E, F, D], grad_down [E, D, F],
+    grad_b_gate [E, F] or empty, grad_b_up, grad_b_down)``; the bias gradients are empty without biases."""
     act = ACTIVATIONS[activation]
+    b_gate, b_up, b_down = biases
     T, k = ids.shape
-    order, offs = _sort_by_expert(ids, len(per_expert(w_up)))
-    tokens = order // k
+    E = len(per_expert(w_up))
+    order, offs = _sort_by_expert(ids, E)
+    tokens, expert = order // k, ids.reshape(-1)[order]
     xs, gs = x[tokens], grad[tokens]
     route = weights.reshape(-1)[order, None]
     up_w = _stack(w_up)  # [E, F, D]
     down_w = _stack(w_down)  # [E, D, F]
-    u = torch._grouped_mm(xs, up_w.transpose(1, 2), offs=offs)
+    u = _linear(xs, w_up, b_up, offs, expert)
     g_dh = torch._grouped_mm(gs, down_w, offs=offs)  # grad @ w_down[e]: dh before the routing weight
     if w_gate:
         gate_w = _stack(w_gate)
-        g = torch._grouped_mm(xs, gate_w.transpose(1, 2), offs=offs)
+        g = _linear(xs, w_gate, b_gate, offs, expert)
         a = act(g)
         h = a * u
     else:
         h = act(u)
     grad_route = (h.float() * g_dh.float()).sum(-1)
+    if b_down:
+        grad_route = grad_route + (gs.float() * torch.stack(list(b_down))[expert].float()).sum(-1)
     dh = g_dh * route
-    grad_down = torch._grouped_mm((gs * route).t(), h, offs=offs)
+    dy = gs * route
+    grad_down = torch._grouped_mm(dy.t(), h, offs=offs)
     if w_gate:
         du, dg = dh * a, act_backward(activation, dh * u, g)
         grad_gate = torch._grouped_mm(dg.t(), xs, offs=offs)
         dxs = torch._grouped_mm(dg, gate_w, offs=offs) + torch._grouped_mm(du, up_w, offs=offs)
     else:
-        du, grad_gate = act_backward(activation, dh, u), x.new_empty(0)
+        du, dg, grad_gate = act_backward(activation, dh, u), None, x.new_empty(0)
         dxs = torch._grouped_mm(du, up_w, offs=offs)
     grad_up = torch._grouped_mm(du.t(), xs, offs=offs)
     grad_x = torch.zeros_like(x).index_add_(0, tokens, dxs)
     grad_weights = torch.zeros(T * k, device=x.device, dtype=torch.float32).index_put_((order,), grad_route)
-    return grad_x, grad_weights.view(T, k).to(weights.dtype), grad_gate, grad_up, grad_down
+
+    def bias_grad(present, rows):
+        return x.new_zeros(E, rows.shape[1]).index_add_(0, expert, rows) if present else x.new_empty(0)
+    return (grad_x, grad_weights.view(T, k).to(weights.dtype), grad_gate, grad_up, grad_down,
+            bias_grad(b_gate, dg), bias_grad(b_up, du), bias_grad(b_down, dy))

@@ -47,16 +47,27 @@ def per_expert(ws: Sequence) -> list:
     return list(ws[0].unbind(0)) if stacked(ws) else list(ws)
 
 
-def reference(x, ids, weights, w_gate: Sequence, w_up: Sequence, w_down: Sequence, activation: str):
-    """The expert loop, as model code writes it (differentiable)."""
+NO_BIASES = ((), (), ())
+
+
+def _bias(biases: Sequence, e: int):
+    return biases[e] if biases else None
+
+
+def reference(x, ids, weights, w_gate: Sequence, w_up: Sequence, w_down: Sequence, activation: str,
+              biases=NO_BIASES):
+    """The expert loop, as model code writes it (differentiable). ``biases``: per-expert bias lists
+    ``(b_gate, b_up, b_down)``, each empty for a role without bias."""
     act = ACTIVATIONS[activation]
     w_gate, w_up, w_down = per_expert(w_gate), per_expert(w_up), per_expert(w_down)
+    b_gate, b_up, b_down = biases
     out = torch.zeros_like(x)
     for e in range(len(w_up)):
         tok, slot = torch.where(ids == e)
         xs = x[tok]
-        h = act(F.linear(xs, w_gate[e])) * F.linear(xs, w_up[e]) if w_gate else act(F.linear(xs, w_up[e]))
-        y = F.linear(h, w_down[e]) * weights[tok, slot, None]
+        up = F.linear(xs, w_up[e], _bias(b_up, e))
+        h = act(F.linear(xs, w_gate[e], _bias(b_gate, e))) * up if w_gate else act(up)
+        y = F.linear(h, w_down[e], _bias(b_down, e)) * weights[tok, slot, None]
         out = out.index_add(0, tok, y)
     return out
 
@@ -79,47 +90,57 @@ def _(x, ids, weights, w_gate, w_up, w_down, activation):
 @torch.library.custom_op("kp::routed_experts_backward", mutates_args=())
 def routed_experts_backward(
     grad: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-    w_gate: list[torch.Tensor], w_up: list[torch.Tensor], w_down: list[torch.Tensor], activation: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients for x, weights and the expert weights, the latter stacked ``[E, ...]`` per role.
+    w_gate: list[torch.Tensor], w_up: list[torch.Tensor], w_down: list[torch.Tensor],
+    b_gate: list[torch.Tensor], b_up: list[torch.Tensor], b_down: list[torch.Tensor], activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for x, weights, the expert weights and the expert biases, stacked ``[E, ...]`` per role.
 
     Stacked because a custom op's outputs may not alias each other; the autograd
-    formula unbinds them into one gradient per expert parameter. ``w_gate == []``
-    gives an empty gate gradient. Written out per expert (no autograd inside an op).
+    formula unbinds them into one gradient per expert parameter. A role that is
+    absent (``w_gate == []``, or no bias) gets an empty gradient. Written out per
+    expert (no autograd inside an op). Shared by ``kp::routed_experts`` (no biases)
+    and ``kp::routed_experts_biased``.
     """
-    return reference_backward(grad, x, ids, weights, w_gate, w_up, w_down, activation)
+    return reference_backward(grad, x, ids, weights, w_gate, w_up, w_down, activation, (b_gate, b_up, b_down))
 
 
-def reference_backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str):
+def reference_backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, biases=NO_BIASES):
     act = ACTIVATIONS[activation]
     w_gate, w_up, w_down = per_expert(w_gate), per_expert(w_up), per_expert(w_down)
+    b_gate, b_up, b_down = biases
     grad_x, grad_weights = torch.zeros_like(x), torch.zeros_like(weights)
-    grad_gate, grad_up, grad_down = [], [], []
+    grad_gate, grad_up, grad_down, grad_b_gate, grad_b_up, grad_b_down = [], [], [], [], [], []
     for e in range(len(w_up)):
         tok, slot = torch.where(ids == e)
         xs, gs, r = x[tok], grad[tok], weights[tok, slot]
-        hu = F.linear(xs, w_up[e])
+        hu = F.linear(xs, w_up[e], _bias(b_up, e))
         if w_gate:
-            hg = F.linear(xs, w_gate[e])
+            hg = F.linear(xs, w_gate[e], _bias(b_gate, e))
             a = act(hg)
             h = a * hu
         else:
             h = act(hu)
-        y = F.linear(h, w_down[e])
+        y = F.linear(h, w_down[e], _bias(b_down, e))
         grad_weights.index_put_((tok, slot), (gs * y).sum(-1), accumulate=True)
         dy = gs * r[:, None]
         dh = dy @ w_down[e]
         grad_down.append(dy.t() @ h)
+        grad_b_down.append(dy.sum(0))
         if w_gate:
             dhu, dhg = dh * a, act_backward(activation, dh * hu, hg)
             grad_gate.append(dhg.t() @ xs)
+            grad_b_gate.append(dhg.sum(0))
             dxs = dhg @ w_gate[e] + dhu @ w_up[e]
         else:
             dhu = act_backward(activation, dh, hu)
             dxs = dhu @ w_up[e]
         grad_up.append(dhu.t() @ xs)
+        grad_b_up.append(dhu.sum(0))
         grad_x.index_add_(0, tok, dxs)
-    return grad_x, grad_weights, _stack(grad_gate, x), torch.stack(grad_up), torch.stack(grad_down)
+    return (grad_x, grad_weights, _stack(grad_gate, x), torch.stack(grad_up), torch.stack(grad_down),
+            _stack(grad_b_gate if b_gate else [], x), _stack(grad_b_up if b_up else [], x),
+            _stack(grad_b_down if b_down else [], x))
 
 
 def _stack(grads: list, like: torch.Tensor) -> torch.Tensor:
@@ -136,12 +157,13 @@ def act_backward(activation: str, grad: torch.Tensor, z: torch.Tensor) -> torch.
 
 
 @routed_experts_backward.register_fake
-def _(grad, x, ids, weights, w_gate, w_up, w_down, activation):
+def _(grad, x, ids, weights, w_gate, w_up, w_down, b_gate, b_up, b_down, activation):
     def grads(ws):
         if not ws:
             return x.new_empty(0)
         return x.new_empty(ws[0].shape) if stacked(ws) else x.new_empty(len(ws), *ws[0].shape)
-    return torch.empty_like(x), torch.empty_like(weights), grads(w_gate), grads(w_up), grads(w_down)
+    return (torch.empty_like(x), torch.empty_like(weights), grads(w_gate), grads(w_up), grads(w_down),
+            grads(b_gate), grads(b_up), grads(b_down))
 
 
 def _setup_context(ctx, inputs, output):
@@ -154,8 +176,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     x, ids, weights, *ws = ctx.saved_tensors
     G, E = ctx.gates, ctx.experts
-    gx, gw, gg, gu, gd = torch.ops.kp.routed_experts_backward(
-        grad, x, ids, weights, ws[:G], ws[G:G + E], ws[G + E:], ctx.activation)
+    gx, gw, gg, gu, gd, *_ = torch.ops.kp.routed_experts_backward(
+        grad, x, ids, weights, ws[:G], ws[G:G + E], ws[G + E:], [], [], [], ctx.activation)
     if ctx.stacked:  # one 3-D weight per role: its gradient as it is
         return gx, None, gw, [gg] if G else [], [gu], [gd], None
     return gx, None, gw, list(gg.unbind(0)) if G else [], list(gu.unbind(0)), list(gd.unbind(0)), None

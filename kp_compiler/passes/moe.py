@@ -64,6 +64,7 @@ class Step:
     down: fx.Node
     activation: str
     nodes: list = field(default_factory=list)  # what the step alone uses, to erase
+    biases: tuple = (None, None, None)  # (gate, up, down) bias nodes, None where a linear has none
 
 
 @dataclass
@@ -94,10 +95,15 @@ def _activation(node) -> Optional[tuple[str, fx.Node]]:
 
 
 def _linear_of(node, xs) -> Optional[fx.Node]:
-    """The weight of ``linear(xs, w)`` (no bias), else None."""
-    if not isinstance(node, fx.Node) or node.target is not aten.linear.default or len(node.args) != 2:
+    """The weight of ``linear(xs, w)`` or ``linear(xs, w, b)``, else None (``_bias_of`` gives ``b``)."""
+    if not isinstance(node, fx.Node) or node.target is not aten.linear.default or len(node.args) not in (2, 3):
         return None
     return node.args[1] if node.args[0] is xs else None
+
+
+def _bias_of(node) -> Optional[fx.Node]:
+    bias = node.args[2] if len(node.args) == 3 else None
+    return bias if isinstance(bias, fx.Node) else None
 
 
 def _routing(node) -> Optional[tuple[fx.Node, int, fx.Node]]:
@@ -143,9 +149,11 @@ def _step(add: fx.Node) -> Optional[tuple[Step, fx.Node, fx.Node, fx.Node, fx.No
             break
     else:
         return None
-    if len(out.args) != 2 or not _one_user(out) or not _one_user(rw):
+    if len(out.args) not in (2, 3) or not _one_user(out) or not _one_user(rw):
         return None
-    h, w_down = out.args
+    h, w_down = out.args[:2]
+    if len(out.args) == 3 and out.args[2] is not None and not isinstance(out.args[2], fx.Node):
+        return None
     ungated = _ungated(h, tok, add, y, rw, out, e, w_down)
     if ungated is not None:
         return ungated
@@ -163,7 +171,7 @@ def _step(add: fx.Node) -> Optional[tuple[Step, fx.Node, fx.Node, fx.Node, fx.No
         if w_gate is None or w_up is None or not (_one_user(gate_lin) and _one_user(u)) or len(xs.users) != 2:
             continue
         nodes = [add, y, rw, out, h, a, gate_lin, u, xs, rw.args[0]]
-        step = Step(e, w_gate, w_up, w_down, act[0], nodes)
+        step = Step(e, w_gate, w_up, w_down, act[0], nodes, (_bias_of(gate_lin), _bias_of(u), _bias_of(out)))
         return step, xs.args[0], ids, weights, acc
     return None
 
@@ -180,7 +188,8 @@ def _ungated(h, tok, add, y, rw, out, e, w_down):
     w_up = _linear_of(lin, xs)
     if w_up is None or not _one_user(lin) or not _one_user(xs):
         return None
-    step = Step(e, None, w_up, w_down, act[0], [add, y, rw, out, h, lin, xs, rw.args[0]])
+    step = Step(e, None, w_up, w_down, act[0], [add, y, rw, out, h, lin, xs, rw.args[0]],
+                (None, _bias_of(lin), _bias_of(out)))
     return step, xs.args[0], _routing(tok)[0], rw.args[0].args[0], add.args[0]
 
 
@@ -241,10 +250,10 @@ def match(last: fx.Node) -> Optional[Loop]:
         return None
     if not _ids_bounded(ids, E) or val(weights) is None or val(weights).dtype != val(x).dtype:
         return None
-    shapes = {(s.gate is None or tuple(val(s.gate).shape), tuple(val(s.up).shape), tuple(val(s.down).shape))
-              for s in steps}
+    shapes = {(s.gate is None or tuple(val(s.gate).shape), tuple(val(s.up).shape), tuple(val(s.down).shape),
+               tuple(None if b is None else tuple(val(b).shape) for b in s.biases)) for s in steps}
     if len(shapes) != 1:
-        return None
+        return None  # one weight shape per role, and every expert with or without each bias
     return Loop(x, ids, weights, sorted(steps, key=lambda s: s.expert), last, start)
 
 
@@ -258,10 +267,16 @@ def _rewrite(gm: fx.GraphModule, loop: Loop) -> None:
         if found is None:
             return
         checks += found
+    weights = ([s.gate for s in loop.steps if s.gate is not None], [s.up for s in loop.steps],
+               [s.down for s in loop.steps])
+    biases = tuple([s.biases[i] for s in loop.steps if s.biases[i] is not None] for i in range(3))
     with g.inserting_before(loop.last):
-        out = g.call_function(torch.ops.kp.routed_experts.default, (
-            loop.x, loop.ids, loop.weights, [s.gate for s in loop.steps if s.gate is not None], [s.up for s in loop.steps],
-            [s.down for s in loop.steps], loop.steps[0].activation))
+        if any(biases):
+            out = g.call_function(torch.ops.kp.routed_experts_biased.default,
+                                  (loop.x, loop.ids, loop.weights, *weights, *biases, loop.steps[0].activation))
+        else:
+            out = g.call_function(torch.ops.kp.routed_experts.default,
+                                  (loop.x, loop.ids, loop.weights, *weights, loop.steps[0].activation))
     out.meta["val"] = val(loop.last)
     kind = "gated " if loop.steps[0].gate is not None else ""
     out.meta["kp_note"] = f"{len(loop.steps)} experts, {kind}{loop.steps[0].activation}, from an unrolled loop"
@@ -288,6 +303,7 @@ def moe_dispatch(gm: fx.GraphModule) -> Matches:
         if not getattr(loop.last, "_erased", False):
             continue  # _rewrite declined
         kind = ("gated-" if loop.steps[0].gate is not None else "") + loop.steps[0].activation
+        kind += "-biased" if any(b is not None for b in loop.steps[0].biases) else ""
         counts[kind] = counts.get(kind, 0) + 1
     for node in reversed(list(gm.graph.nodes)):
         if node.target is not aten.sum.dim_IntList or getattr(node, "_erased", False):

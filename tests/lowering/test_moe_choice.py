@@ -106,3 +106,24 @@ def test_grouped_mm_path_takes_a_stacked_parameter_as_it_is():
     for a, b in zip(grouped_experts.backward(grad, x, ids, w, *stacked, "silu"),
                     reference_backward(grad, x, ids, w, *listed, "silu")):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_mm_path_with_biases_equals_the_reference():
+    T, d, f, E, k = 24, 16, 32, 4, 2
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(T, d, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) % (E - 1)  # one expert idle
+    w = torch.rand(T, k, generator=g)
+    G, U = ([torch.randn(f, d, generator=g) for _ in range(E)] for _ in range(2))
+    Dn = [torch.randn(d, f, generator=g) for _ in range(E)]
+    biases = ([torch.randn(f, generator=g) for _ in range(E)], [torch.randn(f, generator=g) for _ in range(E)],
+              [torch.randn(d, generator=g) for _ in range(E)])
+    torch.testing.assert_close(grouped_experts.forward(x, ids, w, G, U, Dn, "silu", biases),
+                               reference(x, ids, w, G, U, Dn, "silu", biases), rtol=1e-5, atol=1e-4)
+    grad = torch.randn(T, d, generator=g)
+    got = grouped_experts.backward(grad, x, ids, w, G, U, Dn, "silu", biases)
+    want = reference_backward(grad, x, ids, w, G, U, Dn, "silu", biases)
+    assert len(got) == len(want) == 8
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+    assert torch.count_nonzero(got[7][-1]) == 0  # the idle expert's down bias

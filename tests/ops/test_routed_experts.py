@@ -92,3 +92,37 @@ def test_mixed_stacked_and_listed_roles_are_an_error():
     x, ids, w, G, U, Dn = inputs()
     with pytest.raises(ValueError, match="one 3-D tensor"):
         torch.ops.kp.routed_experts(x, ids, w, G, [torch.stack(U)], Dn, "silu")
+
+
+def test_biased_op_forward_and_gradients_equal_the_loop():
+    x, ids, w, G, U, Dn = inputs()
+    g = torch.Generator().manual_seed(3)
+    bG, bU = ([torch.randn(F_, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(E)]
+              for _ in range(2))
+    bD = [torch.randn(D, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(E)]
+    out = torch.ops.kp.routed_experts_biased(x, ids, w, G, U, Dn, bG, bU, bD, "gelu_tanh")
+    ref = reference(x, ids, w, G, U, Dn, "gelu_tanh", (bG, bU, bD))
+    loop = torch.zeros_like(x)  # the loop written out with F.linear's bias, independent of `reference`
+    for e in range(E):
+        tok, slot = torch.where(ids == e)
+        h = torch.nn.functional.gelu(torch.nn.functional.linear(x[tok], G[e], bG[e]), approximate="tanh")
+        h = h * torch.nn.functional.linear(x[tok], U[e], bU[e])
+        loop = loop.index_add(0, tok, torch.nn.functional.linear(h, Dn[e], bD[e]) * w[tok, slot, None])
+    torch.testing.assert_close(out, loop, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ref, loop, rtol=0, atol=1e-12)
+    grad = torch.randn_like(out)
+    leaves = [x, w, *G, *U, *Dn, *bG, *bU, *bD]
+    for a, b in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(loop, leaves, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_opcheck_biased():
+    x, ids, w, G, U, Dn = inputs(torch.float32)
+    bU, bD = [torch.randn(F_) for _ in range(E)], [torch.randn(D) for _ in range(E)]
+    torch.library.opcheck(torch.ops.kp.routed_experts_biased.default, (x, ids, w, [], U, Dn, [], bU, bD, "relu"))
+
+
+def test_a_bias_of_the_wrong_size_is_a_clear_error():
+    x, ids, w, G, U, Dn = inputs()
+    with pytest.raises(ValueError, match="b_down needs one"):
+        torch.ops.kp.routed_experts_biased(x, ids, w, G, U, Dn, [], [], [torch.zeros(D + 1)] * E, "silu")

@@ -142,10 +142,11 @@ def test_moe_transformer_end_to_end():
 
 
 class BiasedExperts(SlicedExperts):
-    """Experts with a bias on the down projection: not matched yet."""
+    """Experts with biases on all three linears (slices of 2-D parameters)."""
 
     def __init__(self):
         super().__init__()
+        self.b_gate, self.b_up = (nn.Parameter(torch.randn(E, FF) * 0.1) for _ in range(2))
         self.b_down = nn.Parameter(torch.randn(E, D) * 0.1)
 
     def forward(self, x):
@@ -154,15 +155,62 @@ class BiasedExperts(SlicedExperts):
         for e in range(self.loop):
             tok, slot = torch.where(ids == e)
             xs = x[tok]
-            h = F.silu(F.linear(xs, self.w_gate[e])) * F.linear(xs, self.w_up[e])
+            h = F.silu(F.linear(xs, self.w_gate[e], self.b_gate[e])) * F.linear(xs, self.w_up[e], self.b_up[e])
             out = out.index_add(0, tok, F.linear(h, self.w_down[e], self.b_down[e]) * weights[tok, slot, None])
+        return out
+
+
+class BiasedMLPs(nn.Module):
+    """GELU experts as nn.Linear(bias=True) modules, as in Switch-style MoE layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(D, E, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(D, FF), nn.GELU(), nn.Linear(FF, D)) for _ in range(E))
+
+    def forward(self, x):
+        weights, ids = torch.topk(torch.softmax(self.router(x), dim=-1), K, dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(ids == e)
+            out = out.index_add(0, tok, expert(x[tok]) * weights[tok, slot, None])
+        return out
+
+
+@pytest.mark.parametrize("model,rule", [(BiasedExperts(), "gated-silu-biased"), (BiasedMLPs(), "gelu-biased")],
+                         ids=["gated-sliced", "ungated-modules"])
+def test_biased_experts_rewritten_and_equal(model, rule, tmp_path):
+    _, _, records = compile_and_collect(model, (torch.randn(10, D),), passes=PASSES, dump_dir=str(tmp_path))
+    assert moe_pass(records).by_rule == {rule: 1}
+    dump = open(next(tmp_path.glob("graph-*/02-moe-dispatch.txt"))).read()
+    filecheck("CHECK: kp.routed_experts_biased.default\nCHECK-NOT: aten.index_add\n", dump)
+    torch._dynamo.reset()
+    check_equal(model, torch.randn(10, D))
+
+
+class PartlyBiased(SlicedExperts):
+    """Only expert 0's down projection has a bias: not one form for every expert."""
+
+    def __init__(self):
+        super().__init__()
+        self.b0 = nn.Parameter(torch.randn(D) * 0.1)
+
+    def forward(self, x):
+        weights, ids = self.route(x)
+        out = torch.zeros_like(x)
+        for e in range(self.loop):
+            tok, slot = torch.where(ids == e)
+            xs = x[tok]
+            h = F.silu(F.linear(xs, self.w_gate[e])) * F.linear(xs, self.w_up[e])
+            y = F.linear(h, self.w_down[e], self.b0 if e == 0 else None)
+            out = out.index_add(0, tok, y * weights[tok, slot, None])
         return out
 
 
 @pytest.mark.parametrize("model", [
     SlicedExperts(loop=E - 1),   # one expert never looped: its tokens must be dropped, as in eager
-    BiasedExperts(),             # biases are not in the op yet
-], ids=["missing-expert", "biased"])
+    PartlyBiased(),              # one expert's linear has a bias, the others have none
+], ids=["missing-expert", "partly-biased"])
 def test_look_alikes_untouched(model):
     _, out, records = compile_and_collect(model, (torch.randn(10, D),), passes=PASSES)
     assert moe_pass(records).matches == 0
