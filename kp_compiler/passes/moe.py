@@ -48,7 +48,7 @@ from torch import fx
 from .. import ops  # noqa: F401  (registers kp::routed_experts)
 from ..core.graph import val
 from ..core.rules import Matches
-from . import moe_batched
+from . import moe_batched, moe_dense
 
 aten = torch.ops.aten
 _SIZE_CHECKS = {aten.sym_size.int, operator.ge, operator.le, operator.lt, operator.gt, operator.eq,
@@ -312,6 +312,14 @@ def moe_dispatch(gm: fx.GraphModule) -> Matches:
         if form is None or not moe_batched.rewrite(gm, form):
             continue
         kind = ("gated-" if form.gate_up is not None else "") + form.activation + "-batched"
+        counts[kind] = counts.get(kind, 0) + 1
+    for node in reversed(list(gm.graph.nodes)):
+        if node.target is not aten.sum.dim_IntList or getattr(node, "_erased", False):
+            continue
+        found = moe_dense.match(node)
+        if found is None or not moe_dense.rewrite(gm, found):
+            continue
+        kind = ("gated-" if found[3] is not None else "") + found[6] + "-dense"
         counts[kind] = counts.get(kind, 0) + 1
     if counts:
         gm.recompile()

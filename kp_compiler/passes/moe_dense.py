@@ -1,0 +1,142 @@
+"""The dense expert form (every expert on every token, then masked) onto ``kp::routed_experts``.
+
+Part of ``moe-dispatch``. Matches, with ``w_gate``, ``w_up`` of shape
+``[E, f, d]`` and ``w_down`` of shape ``[E, d, f]``::
+
+    weights, ids = topk(p, k)                                  # p [T, E]
+    combine = zeros(T, E).scatter(1, ids, weights)             # or scatter_
+    xe = x.unsqueeze(0).expand(E, T, d)
+    h = act(bmm(xe, w_gate.transpose(1, 2))) * bmm(xe, w_up.transpose(1, 2))   # or act(bmm(xe, w_up^T))
+    out = (bmm(h, w_down.transpose(1, 2)) * combine.t().unsqueeze(-1)).sum(0)
+
+After::
+
+    %routed_experts = kp.routed_experts.default(%x, %ids, %weights, [%w_gate], [%w_up], [%w_down], 'silu')
+
+The dense form computes ``E / k`` times the FLOPs the routed op does. Both
+give the same result wherever every expert's output is finite: the dense
+form multiplies the outputs of the experts a token was not routed to by 0,
+and the routed op never computes them (an inf there would be NaN in the
+dense form). Preconditions: ``ids`` comes from ``topk`` over ``E``, so every
+row holds ``k`` distinct experts; ``combine`` is ``scatter`` into zeros of
+``[T, E]``; the routing weights already have ``x``'s dtype; every
+intermediate is used only by the form.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+from torch import fx
+
+from ..core.graph import val
+
+aten = torch.ops.aten
+
+
+def _is(node, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _weight_t(node) -> Optional[fx.Node]:
+    """``w`` for ``w.transpose(1, 2)`` (or ``(-2, -1)``) of a 3-D ``w``."""
+    if _is(node, aten.transpose.int) and sorted(node.args[1:3]) in ([1, 2], [-2, -1]) and val(node.args[0]).dim() == 3:
+        return node.args[0]
+    return None
+
+
+def _combine(node) -> Optional[tuple]:
+    """(ids, weights, nodes) for ``zeros(T, E).scatter(1, ids, weights).t().unsqueeze(-1)``."""
+    if not (_is(node, aten.unsqueeze.default) and node.args[1] in (-1, 2)):
+        return None
+    t = node.args[0]
+    if not (_is(t, aten.t.default) or (_is(t, aten.transpose.int) and sorted(t.args[1:3]) in ([0, 1], [-2, -1]))):
+        return None
+    scatter = t.args[0]
+    if not (_is(scatter, aten.scatter.src, aten.scatter_.src) and scatter.args[1] in (1, -1)):
+        return None
+    zeros, ids, weights = scatter.args[0], scatter.args[2], scatter.args[3]
+    if not (_is(zeros, aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default)):
+        return None
+    return ids, weights, [node, t, scatter, zeros]
+
+
+def match(end: fx.Node):
+    """``(x, ids, weights, gate, up, down, activation, nodes)`` for the form ending in ``end``, else None."""
+    from .moe import _activation, _ids_bounded
+
+    if not (_is(end, aten.sum.dim_IntList) and list(end.args[1]) == [0] and not end.kwargs
+            and not (len(end.args) > 2 and end.args[2])):
+        return None
+    mul = end.args[0]
+    if not _is(mul, aten.mul.Tensor):
+        return None
+    for y, c in (mul.args, mul.args[::-1]):
+        combine = _combine(c)
+        if combine is not None and _is(y, aten.bmm.default):
+            break
+    else:
+        return None
+    ids, weights, nodes = combine
+    h, down_t = y.args
+    down = _weight_t(down_t)
+    if down is None:
+        return None
+    nodes += [end, mul, y, down_t, h]
+    act = _activation(h)
+    if act is not None:  # ungated
+        activation, up_mm, gate_mm = act[0], act[1], None
+    else:
+        if not _is(h, aten.mul.Tensor):
+            return None
+        for a, u in (h.args, h.args[::-1]):
+            act = _activation(a)
+            if act is not None and _is(act[1], aten.bmm.default) and _is(u, aten.bmm.default):
+                activation, gate_mm, up_mm = act[0], act[1], u
+                nodes.append(a)
+                break
+        else:
+            return None
+    mms = [m for m in (gate_mm, up_mm) if m is not None]
+    if not all(_is(m, aten.bmm.default) for m in mms) or len({m.args[0] for m in mms}) != 1:
+        return None
+    expand = mms[0].args[0]
+    if not (_is(expand, aten.expand.default) and _is(expand.args[0], aten.unsqueeze.default)
+            and expand.args[0].args[1] == 0):
+        return None
+    x = expand.args[0].args[0]
+    params = [_weight_t(m.args[1]) for m in mms]
+    if any(p is None for p in params):
+        return None
+    nodes += [*mms, *(m.args[1] for m in mms), expand, expand.args[0]]
+    gate, up = (params if gate_mm is not None else [None, params[0]])
+    E = val(down).shape[0]
+    if not (_is(ids, operator.getitem) and _ids_bounded(ids, E)):
+        return None
+    xv, wv = val(x), val(weights)
+    if xv is None or wv is None or xv.dim() != 2 or wv.dtype != xv.dtype:
+        return None
+    if list(val(nodes[3]).shape) != [xv.shape[0], E] or any(val(p).dtype != xv.dtype for p in (*params, down)):
+        return None
+    return x, ids, weights, gate, up, down, activation, nodes
+
+
+def rewrite(gm: fx.GraphModule, found) -> bool:
+    """Replace the form by one op; False (graph untouched) if an intermediate is used outside it."""
+    x, ids, weights, gate, up, down, activation, nodes = found
+    end = nodes[4]
+    inside = set(nodes)
+    if any(n is not end and any(u not in inside for u in n.users) for n in nodes):
+        return False
+    g = gm.graph
+    with g.inserting_before(end):
+        out = g.call_function(torch.ops.kp.routed_experts.default,
+                              (x, ids, weights, [gate] if gate is not None else [], [up], [down], activation))
+    end.replace_all_uses_with(out)
+    order = {n: i for i, n in enumerate(g.nodes)}
+    for n in sorted(inside, key=order.__getitem__, reverse=True):
+        if not n.users:
+            g.erase_node(n)
+    return True

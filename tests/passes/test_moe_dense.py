@@ -1,0 +1,50 @@
+"""``moe-dispatch`` on the dense expert form: every expert on every token, masked by scattered routing weights."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.passes.test_moe import check_equal, moe_pass
+from tests.utils import compile_and_collect, filecheck
+
+D, FF, E, K = 16, 24, 4, 2
+PASSES = ["noop-elimination", "moe-dispatch"]
+
+
+class DenseExperts(nn.Module):
+    def __init__(self, gated=True, activation=F.silu, leak=False):
+        super().__init__()
+        self.gated, self.act, self.leak = gated, activation, leak
+        self.router = nn.Linear(D, E, bias=False)
+        self.w_gate = nn.Parameter(torch.randn(E, FF, D) * 0.2)
+        self.w_up = nn.Parameter(torch.randn(E, FF, D) * 0.2)
+        self.w_down = nn.Parameter(torch.randn(E, D, FF) * 0.2)
+
+    def forward(self, x):
+        weights, ids = torch.topk(torch.softmax(self.router(x), dim=-1), K, dim=-1)
+        combine = torch.zeros(x.shape[0], E, dtype=x.dtype).scatter(1, ids, weights)
+        xe = x.unsqueeze(0).expand(E, -1, -1)
+        up = torch.bmm(xe, self.w_up.transpose(1, 2))
+        h = self.act(torch.bmm(xe, self.w_gate.transpose(1, 2))) * up if self.gated else self.act(up)
+        out = (torch.bmm(h, self.w_down.transpose(1, 2)) * combine.t().unsqueeze(-1)).sum(0)
+        return out + 0 * up.sum() if self.leak else out
+
+
+@pytest.mark.parametrize("gated,act,rule", [(True, F.silu, "gated-silu-dense"), (False, F.gelu, "gelu-dense")])
+def test_dense_form_becomes_one_routed_op_and_equals_eager(gated, act, rule, tmp_path):
+    torch.manual_seed(0)
+    model = DenseExperts(gated, act)
+    _, _, records = compile_and_collect(model, (torch.randn(10, D),), passes=PASSES, dump_dir=str(tmp_path))
+    assert moe_pass(records).by_rule == {rule: 1}
+    dump = open(next(tmp_path.glob("graph-*/02-moe-dispatch.txt"))).read()
+    filecheck("CHECK: kp.routed_experts.default\nCHECK-NOT: aten.bmm\nCHECK-NOT: aten.scatter\n", dump)
+    torch._dynamo.reset()
+    check_equal(model, torch.randn(10, D))
+
+
+def test_dense_form_with_an_outside_use_is_left_alone():
+    torch.manual_seed(0)
+    model = DenseExperts(leak=True)
+    _, out, records = compile_and_collect(model, (torch.randn(10, D),), passes=PASSES)
+    assert moe_pass(records).matches == 0
