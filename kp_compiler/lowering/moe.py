@@ -11,8 +11,9 @@ Forward (``choose``):
 Backward (``choose_backward``): ``torch._grouped_mm`` on CUDA 9.0 and up in
 bf16 with aligned rows, the per-expert reference elsewhere.
 
-``kp::routed_experts_biased`` (experts with biases) takes the same table
-without the Triton row: ``torch._grouped_mm`` or the reference.
+``kp::routed_experts_biased`` (experts with biases) takes the same table; the
+Triton kernels add each expert's biases in their epilogues (1-D biases with
+unit stride in ``x``'s dtype).
 
 ``KP_MOE_KERNEL=triton|grouped_mm|reference`` forces one forward
 implementation where it can run (for benchmarks and bisecting); anything
@@ -101,11 +102,19 @@ def _cuda_backward(grad, x, ids, weights, w_gate, w_up, w_down, b_gate, b_up, b_
 
 
 def _cuda_forward_biased(x, ids, weights, w_gate, w_up, w_down, b_gate, b_up, b_down, activation):
-    """Biased experts: ``torch._grouped_mm`` where it runs (the Triton kernels take no biases yet)."""
     routed_experts_biased.check_biases(x, ids, weights, w_gate, w_up, w_down, b_gate, b_up, b_down, activation)
-    impl = choose(_device_info(x.device), x.dtype, grouped_experts.aligned(x, w_up), False, False)
     biases = (b_gate, b_up, b_down)
+    tables = _triton_tables(x, w_gate, w_up, w_down)
+    bias_tabs = None
+    if tables is not None:
+        from ..ops import triton_experts
+        bias_tabs = triton_experts.bias_tables(x, biases)
+    impl = _forced() or choose(_device_info(x.device), x.dtype, grouped_experts.aligned(x, w_up),
+                               tables is not None and bias_tabs is not None, _HAS_TRITON)
     with torch.no_grad():
+        if impl == "triton":
+            from ..ops import triton_experts
+            return triton_experts.forward(x, ids, weights, w_gate, w_up, w_down, activation, tables, biases, bias_tabs)
         if impl == "grouped_mm":
             return grouped_experts.forward(x, ids, weights, w_gate, w_up, w_down, activation, biases)
         return routed_experts.reference(x, ids, weights, w_gate, w_up, w_down, activation, biases)

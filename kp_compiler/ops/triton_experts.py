@@ -54,9 +54,19 @@ def _operand(t, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _gate_up(x_ptr, rows_ptr, block_expert_ptr, gate_table, up_table, h_ptr,
+def _bias_row(table, e, offs_n, N, like_ptr, HAS: tl.constexpr):
+    """Expert ``e``'s bias over the columns ``offs_n`` in fp32 (zeros without a bias)."""
+    if HAS:
+        bias = tl.load(table + e).to(tl.pointer_type(like_ptr.dtype.element_ty))
+        return tl.load(bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    return tl.zeros(offs_n.shape, dtype=tl.float32)
+
+
+@triton.jit
+def _gate_up(x_ptr, rows_ptr, block_expert_ptr, gate_table, up_table, gate_bias_table, up_bias_table, h_ptr,
              n_assign, n_experts, N, stride_x, stride_w, stride_h,
-             K: tl.constexpr, UPCAST: tl.constexpr, TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
+             K: tl.constexpr, UPCAST: tl.constexpr, TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+             PRECISION: tl.constexpr, GATE_BIAS: tl.constexpr, UP_BIAS: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     n_tiles = (N + BN - 1) // BN
@@ -91,7 +101,9 @@ def _gate_up(x_ptr, rows_ptr, block_expert_ptr, gate_table, up_table, h_ptr,
             g_ptrs += BK
         a_ptrs += BK
         u_ptrs += BK
+    acc_u += _bias_row(up_bias_table, e, offs_n, N, x_ptr, UP_BIAS)[None, :]
     if GATED:
+        acc_g += _bias_row(gate_bias_table, e, offs_n, N, x_ptr, GATE_BIAS)[None, :]
         h = _activation(acc_g, ACT) * acc_u
     else:
         h = _activation(acc_u, ACT)
@@ -101,9 +113,10 @@ def _gate_up(x_ptr, rows_ptr, block_expert_ptr, gate_table, up_table, h_ptr,
 
 
 @triton.jit
-def _down(h_ptr, rows_ptr, block_expert_ptr, down_table, route_ptr, y_ptr,
+def _down(h_ptr, rows_ptr, block_expert_ptr, down_table, down_bias_table, route_ptr, y_ptr,
           n_assign, n_experts, N, stride_h, stride_w, stride_y,
-          K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+          K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, DOWN_BIAS: tl.constexpr,
+          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     n_tiles = (N + BN - 1) // BN
     pid_m, pid_n = pid // n_tiles, pid % n_tiles
@@ -128,9 +141,13 @@ def _down(h_ptr, rows_ptr, block_expert_ptr, down_table, route_ptr, y_ptr,
         w_ptrs += BK
     safe = tl.where(valid, rows, 0).to(tl.int64)
     route = tl.load(route_ptr + safe, mask=valid, other=0.0).to(tl.float32)
-    acc = acc * route[:, None]
+    acc = (acc + _bias_row(down_bias_table, e, offs_n, N, h_ptr, DOWN_BIAS)[None, :]) * route[:, None]
     y_ptrs = y_ptr + safe[:, None] * stride_y + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
+
+
+def _or(table, fallback):
+    return fallback if table is None else table  # a kernel argument its constexpr flag leaves unread
 
 
 def block_rows(assignments: int, experts: int) -> int:
@@ -206,6 +223,24 @@ def expert_tables(x: torch.Tensor, w_gate, w_up, w_down):
     return tables
 
 
+def bias_tables(x: torch.Tensor, biases):
+    """Per role (gate, up, down), a device table of the expert biases' addresses or None for a role
+    without bias; None overall where the kernels cannot read them (1-D, unit stride, ``x``'s dtype)."""
+    tables = []
+    for bs in biases:
+        if not bs:
+            tables.append(None)
+            continue
+        key = ("bias", x.device, x.dtype, tuple(b.data_ptr() for b in bs))
+        if key not in _experts:
+            ok = all(b.dim() == 1 and b.stride(0) == 1 and b.dtype == x.dtype and b.device == x.device for b in bs)
+            _experts[key] = torch.tensor(key[3], dtype=torch.int64).to(x.device) if ok else None
+        if _experts[key] is None:
+            return None
+        tables.append(_experts[key])
+    return tuple(tables)
+
+
 def supported(x: torch.Tensor, w_gate, w_up, w_down) -> bool:
     """Every expert weight of a role has one shape and row stride, unit stride along its last dim,
     and starts and keeps its rows 16-byte aligned (the kernels tell Triton so)."""
@@ -219,9 +254,12 @@ def supported(x: torch.Tensor, w_gate, w_up, w_down) -> bool:
     return x.stride(-1) == 1
 
 
-def forward(x, ids, weights, w_gate, w_up, w_down, activation: str, tables=None) -> torch.Tensor:
-    """``kp::routed_experts`` through the two kernels; ``tables`` from ``expert_tables`` (not None)."""
+def forward(x, ids, weights, w_gate, w_up, w_down, activation: str, tables=None,
+            biases=((), (), ()), bias_tabs=None) -> torch.Tensor:
+    """``kp::routed_experts`` (or ``_biased``) through the two kernels; ``tables`` from ``expert_tables``
+    and ``bias_tabs`` from ``bias_tables`` (neither None: the caller checked)."""
     gate, up, down = tables or expert_tables(x, w_gate, w_up, w_down)
+    b_gate, b_up, b_down = bias_tabs or bias_tables(x, biases)
     T, d = x.shape
     k = ids.shape[1]
     E, f = len(w_up), w_up[0].shape[0]
@@ -236,21 +274,24 @@ def forward(x, ids, weights, w_gate, w_up, w_down, activation: str, tables=None)
     def gate_up(config):
         bn, bk, warps, stages = config
         grid = (rows_total // block * triton.cdiv(f, bn),)
-        _gate_up[grid](x, plan.rows, plan.block_expert, gate, up, h, n, E, f,
+        _gate_up[grid](x, plan.rows, plan.block_expert, gate, up, _or(b_gate, up), _or(b_up, up), h, n, E, f,
                        x.stride(0), w_up[0].stride(0), h.stride(0),
                        K=d, UPCAST=upcast, TOP_K=k, GATED=bool(w_gate), ACT=ACT_CODES[activation], PRECISION=precision,
+                       GATE_BIAS=b_gate is not None, UP_BIAS=b_up is not None,
                        BM=block, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
 
-    _tuned("gate_up", ("gate_up", block, d, f, bool(w_gate), x.dtype), block, gate_up)
+    _tuned("gate_up", ("gate_up", block, d, f, bool(w_gate), x.dtype, b_gate is not None, b_up is not None),
+           block, gate_up)
     route = weights.reshape(-1).contiguous()
     y = torch.empty(n, d, device=x.device, dtype=x.dtype)
 
     def down_proj(config):
         bn, bk, warps, stages = config
         grid = (rows_total // block * triton.cdiv(d, bn),)
-        _down[grid](h, plan.rows, plan.block_expert, down, route, y, n, E, d,
+        _down[grid](h, plan.rows, plan.block_expert, down, _or(b_down, down), route, y, n, E, d,
                     h.stride(0), w_down[0].stride(0), y.stride(0),
-                    K=f, UPCAST=upcast, PRECISION=precision, BM=block, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+                    K=f, UPCAST=upcast, PRECISION=precision, DOWN_BIAS=b_down is not None,
+                    BM=block, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
 
-    _tuned("down", ("down", block, f, d, x.dtype), block, down_proj)
+    _tuned("down", ("down", block, f, d, x.dtype, b_down is not None), block, down_proj)
     return y.view(T, k, d).sum(1)

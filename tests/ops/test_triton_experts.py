@@ -88,3 +88,17 @@ def test_stacked_halves_of_one_gate_up_parameter():
     out = triton_experts.forward(x, ids, w, G, U, Dn, "silu")
     err, exact = error_vs_float64(out, x, ids, w, G, U, Dn, "silu")
     assert err < 1e-5 * exact.abs().max().item()
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_biases_in_the_epilogues(gated):
+    x, ids, w, G, U, Dn = make(12, 16, 32, 4, 2, torch.float32, gated)
+    g = torch.Generator().manual_seed(5)
+    biases = ([torch.randn(32, generator=g) for _ in range(4)] if gated else [],
+              [torch.randn(32, generator=g) for _ in range(4)], [torch.randn(16, generator=g) for _ in range(4)])
+    assert triton_experts.bias_tables(x, biases) is not None
+    out = triton_experts.forward(x, ids, w, G, U, Dn, "gelu", biases=biases)
+    wide = lambda ts: [t.double() for t in ts]
+    exact = reference(x.double(), ids, w.double(), wide(G), wide(U), wide(Dn), "gelu", tuple(wide(b) for b in biases))
+    assert (out.double() - exact).abs().max().item() < 1e-5 * exact.abs().max().item()
+    assert triton_experts.bias_tables(x, ([], [b.double() for b in biases[1]], [])) is None  # wrong dtype
