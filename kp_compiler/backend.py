@@ -33,6 +33,7 @@ from .core.report import GraphRecord, new_record, publish
 from .lowering import input_devices, lower, select
 from .lowering.attention import select_attention_kernels
 from .lowering.capabilities import DeviceInfo, describe as describe_device
+from .lowering.fp8 import fp8_linears
 from .lowering.moe import fused_available
 from .lowering.xla import XlaUnavailable
 from .options import Options, parse_options
@@ -86,6 +87,8 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
     )
     manager.run(cgm)
     _choose_attention_kernels(manager, cgm, example_inputs, opts, record)
+    if opts.fp8 is not None:
+        manager.run_pass(cgm, "fp8-linear", functools.partial(fp8_linears, device=_device(example_inputs), fp8=opts.fp8))
     record.nodes_out = len(cgm.graph.nodes)
     record.guards = [guard.to_json() for guard in manager.guards]
     # If a guarded input changes, the graph as it was before the first guarded pass runs op by op.
@@ -120,6 +123,11 @@ def _default_passes(example_inputs, record: GraphRecord) -> list:
         return names
     record.skipped.append({"pass": "moe-dispatch", "reason": why})
     return [n for n in names if n != "moe-dispatch"]
+
+
+def _device(example_inputs) -> DeviceInfo:
+    devices = [x.device for x in example_inputs if isinstance(x, torch.Tensor)]
+    return describe_device(devices[0]) if devices else DeviceInfo("cpu")
 
 
 def _choose_attention_kernels(manager: PassManager, gm, example_inputs, opts: Options, record: GraphRecord) -> None:

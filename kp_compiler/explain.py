@@ -74,6 +74,8 @@ def _graph_lines(g: GraphRecord) -> list[str]:
             lines.append(f"  {p.name:<{width}}  {p.status:<11}  {p.matches:>7}  {p.ms:>8.2f}")
             for rule, n in p.by_rule.items():
                 lines.append(f"      {rule}  x{n}")
+            for note in p.notes:
+                lines.append(f"      {_one_line(note)}")
             if p.reason:
                 lines.append(f"      reason: {_one_line(p.reason)}")
     for skip in g.skipped:

@@ -9,6 +9,7 @@
 | ``verify``        | ``bool``: check each pass on random inputs         | ``False`` |
 | ``mode``          | as ``torch.compile``'s ``mode`` (which cannot be given together with ``options``) | ``"default"`` |
 | ``inductor_config`` | dict of ``torch._inductor.config`` patches        | ``{}`` |
+| ``fp8``           | ``None`` (off), ``True``, or a dict: ``recipe`` (``"tensorwise"``, ``"rowwise"``), ``include`` / ``exclude`` (globs on module paths), ``emulate`` (bool: convert on any device through the exact emulation), ``min_dims`` (``[M, K, N]`` thresholds with ``emulate``) | ``None`` |
 | ``attention_kernel`` | ``"auto"`` (the table in ``lowering/attention.py``), ``"sdpa"`` (never FlexAttention), ``"flex"`` (FlexAttention wherever it can run, the CPU included) | ``"auto"`` |
 """
 
@@ -33,6 +34,7 @@ class Options:
     mode: str = "default"
     inductor_config: dict = field(default_factory=dict)
     attention_kernel: str = "auto"
+    fp8: Optional[dict] = None
 
 
 VALID_KEYS = tuple(Options.__dataclass_fields__)
@@ -64,10 +66,36 @@ def parse_options(mode: Optional[str] = None, options: Optional[Mapping[str, Any
     if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
         raise ValueError(f"kernelpytorch: options['dump_dir'] must be a path, got {dump_dir!r}")
     options["dump_dir"] = os.fspath(dump_dir) if dump_dir is not None else None
+    if "fp8" in options:
+        options["fp8"] = _check_fp8(options["fp8"])
     inductor_config = options.get("inductor_config", {})
     _check_inductor_config(inductor_config)
     options["inductor_config"] = dict(inductor_config)
     return Options(mode=mode, **options)
+
+
+FP8_KEYS = ("recipe", "include", "exclude", "emulate", "min_dims")
+
+
+def _check_fp8(value: Any) -> Optional[dict]:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"kernelpytorch: options['fp8'] must be None, True or a dict, got {value!r}")
+    unknown = sorted(k for k in value if k not in FP8_KEYS)
+    if unknown:
+        raise ValueError(f"kernelpytorch: unknown key(s) {unknown} in options['fp8']; valid: {list(FP8_KEYS)}")
+    _check_choice("fp8 recipe", value.get("recipe", "tensorwise"), ("tensorwise", "rowwise"))
+    for key in ("include", "exclude"):
+        globs = value.get(key, [])
+        if isinstance(globs, str) or not all(isinstance(g, str) for g in globs):
+            raise ValueError(f"kernelpytorch: options['fp8'][{key!r}] must be a list of glob strings, got {globs!r}")
+    dims = value.get("min_dims")
+    if dims is not None and (len(dims) != 3 or not all(isinstance(d, int) and d > 0 for d in dims)):
+        raise ValueError(f"kernelpytorch: options['fp8']['min_dims'] must be three positive ints [M, K, N], got {dims!r}")
+    return dict(value)
 
 
 def _check_choice(key: str, value: Any, valid: tuple) -> None:

@@ -25,6 +25,7 @@ class PassRecord:
     status: str = "ok"  # "ok" | "rolled_back" | "failed"
     reason: str = ""
     by_rule: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # per-site decisions a pass reports (fp8-linear: every linear)
 
 
 @dataclass

@@ -1,0 +1,137 @@
+"""``fp8-linear``: ``linear(x, weight)`` onto ``kp::fp8_linear`` where FP8 pays (issue 7, first part).
+
+Opt-in with ``options={"fp8": {...}}`` (``kp_compiler.options``); it runs
+after the passes, like the attention kernel choice, because whether FP8 pays
+depends on the device and the shapes. Every ``aten.linear`` whose weight is
+a graph input (a parameter) gets a decision, reported per linear in
+``explain`` and in the dump (``# fp8: ...``):
+
+- the module path (from the parameter's name) must match ``include``
+  (default: everything) and none of ``exclude`` (``fnmatch`` globs such as
+  ``"*.lm_head*"``);
+- static shapes, ``K`` and ``N`` multiples of 16 (``torch._scaled_mm``'s
+  alignment), floating input;
+- the device's row of ``SIZE_TABLE``: the smallest ``M`` (tokens), ``K`` and
+  ``N`` at which FP8 was measured faster than bf16. A device without a row
+  is not converted. ``emulate=True`` converts on any device through the
+  op's exact emulation (tests, numerics studies), with the thresholds in
+  ``min_dims`` (default: the H100 row).
+
+Before::
+
+    %linear = aten.linear.default(%x, %w, %b) : bf16[8192, 14336]
+
+After::
+
+    %fp8_linear = kp.fp8_linear.default(%x, %w, %b, 'tensorwise', torch.float8_e4m3fn, torch.float8_e5m2)  # fp8: converted
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Optional
+
+import torch
+from torch import fx
+
+from ..core.graph import val
+from ..core.rules import Matches
+from ..ops import fp8 as _fp8  # noqa: F401  (registers kp::fp8_linear)
+from .capabilities import DeviceInfo, fp8_dtypes
+
+aten = torch.ops.aten
+
+# Smallest (M, K, N) at which FP8 (dynamic tensorwise activation scaling, weights quantized per call)
+# was measured faster than bf16, per device. H100 (../shared/anchors.md): 8192^3 1.63x faster and
+# 4096 x 4096 x 14336 1.66x faster; 1024^3 5.6x slower and 16 x 4096 x 4096 2x slower. Sizes between
+# 1024 and 4096 are not measured yet, so the threshold sits at the smallest measured win.
+SIZE_TABLE = {
+    (9, 0): (4096, 4096, 4096),
+}
+
+
+def module_path(weight: fx.Node) -> str:
+    """``model.layers.0.mlp.up_proj.weight`` from Dynamo's placeholder name for that parameter."""
+    name = weight.name
+    for prefix in ("l_self_modules_", "l_self_", "l_"):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    return name.replace("_modules_", ".").replace("_parameters_", ".").rstrip("_")
+
+
+def thresholds(device: DeviceInfo, emulate: bool, min_dims) -> Optional[tuple]:
+    if emulate:
+        return tuple(min_dims) if min_dims is not None else SIZE_TABLE[(9, 0)]
+    if device.kind != "cuda" or not fp8_dtypes(device):
+        return None
+    return SIZE_TABLE.get(device.capability)
+
+
+def decide(node: fx.Node, device: DeviceInfo, fp8: dict) -> tuple[bool, str]:
+    """(convert, why) for one ``aten.linear`` node."""
+    x, w = node.args[0], node.args[1]
+    path = module_path(w) if isinstance(w, fx.Node) else "?"
+    if not (isinstance(w, fx.Node) and w.op == "placeholder"):
+        return False, "weight is not a parameter of the graph"
+    if fp8.get("include") and not any(fnmatch.fnmatch(path, p) for p in fp8["include"]):
+        return False, "not in options['fp8']['include']"
+    if any(fnmatch.fnmatch(path, p) for p in fp8.get("exclude", ())):
+        return False, "in options['fp8']['exclude']"
+    xv, wv = val(x), val(w)
+    if not isinstance(xv, torch.Tensor) or not xv.is_floating_point() or wv.dim() != 2:
+        return False, "not a floating 2-D weight linear"
+    shape = [*xv.shape, *wv.shape]
+    if not all(isinstance(s, int) for s in shape):
+        return False, "symbolic shapes"
+    m = 1
+    for s in xv.shape[:-1]:
+        m *= s
+    k, n = wv.shape[1], wv.shape[0]
+    if k % 16 or n % 16:
+        return False, f"K={k}, N={n} not multiples of 16 (scaled-matmul alignment)"
+    limits = thresholds(device, bool(fp8.get("emulate")), fp8.get("min_dims"))
+    if limits is None:
+        return False, f"no FP8 size table for {device.kind} {device.capability or ''}".rstrip()
+    if m < limits[0] or k < limits[1] or n < limits[2]:
+        return False, f"M={m}, K={k}, N={n} below the size table's {limits} (FP8 measured slower there)"
+    return True, f"M={m}, K={k}, N={n}"
+
+
+def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: dict) -> Matches:
+    """Convert the linears ``decide`` accepts; every decision goes to the report's notes."""
+    recipe = fp8.get("recipe", "tensorwise")
+    converted, notes = {}, []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.linear.default:
+            continue
+        ok, why = decide(node, device, fp8)
+        path = module_path(node.args[1]) if isinstance(node.args[1], fx.Node) else node.name
+        notes.append(f"{path}: {'converted' if ok else 'kept'} ({why})")
+        if not ok:
+            node.meta["kp_note"] = f"fp8: kept ({why})"
+            continue
+        bias = node.args[2] if len(node.args) > 2 else None
+        fwd, grad = _formats(device, bool(fp8.get("emulate")))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(torch.ops.kp.fp8_linear.default,
+                                         (node.args[0], node.args[1], bias, recipe, fwd, grad))
+        new.meta["val"] = val(node)
+        new.meta["kp_note"] = f"fp8: converted, {recipe} ({why})"
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        converted[recipe] = converted.get(recipe, 0) + 1
+    if converted:
+        gm.recompile()
+    result = Matches(converted)
+    result.notes = notes
+    return result
+
+
+def _formats(device: DeviceInfo, emulate: bool) -> tuple:
+    dtypes = fp8_dtypes(device)
+    if len(dtypes) == 2:
+        return dtypes
+    if emulate:
+        return torch.float8_e4m3fn, torch.float8_e5m2
+    raise ValueError(f"fp8-linear: {device.kind} has no FP8 formats")

@@ -1,0 +1,116 @@
+"""``fp8-linear``: which linears become ``kp::fp8_linear`` (size table, include/exclude), numerics vs eager."""
+
+import pytest
+import torch
+from torch import nn
+
+from kp_compiler.core.report import collect
+from kp_compiler.lowering.capabilities import DeviceInfo
+from kp_compiler.lowering.fp8 import SIZE_TABLE, thresholds
+from kp_compiler.options import parse_options
+from tests.utils import filecheck
+
+H100, A100, ADA = DeviceInfo("cuda", (9, 0)), DeviceInfo("cuda", (8, 0)), DeviceInfo("cuda", (8, 9))
+
+
+class MLP(nn.Module):
+    def __init__(self, d=32, f=64):
+        super().__init__()
+        self.up = nn.Linear(d, f)
+        self.down = nn.Linear(f, d, bias=False)
+        self.head = nn.Linear(d, 16, bias=False)
+
+    def forward(self, x):
+        return self.head(self.down(torch.relu(self.up(x))))
+
+
+def compile_with(model, x, **fp8):
+    compiled = torch.compile(model, backend="kernelpytorch", options={"fp8": fp8, "strict": True})
+    with collect() as records:
+        out = compiled(x)
+    (rec,) = [p for r in records for p in r.passes if p.name == "fp8-linear"]
+    return compiled, out, rec
+
+
+@pytest.mark.parametrize("device,m,k,n,limits_known,convert", [
+    (H100, 8192, 8192, 8192, True, True),     # 1.63x faster measured
+    (H100, 8192, 4096, 14336, True, True),    # 1.66x faster measured
+    (H100, 1024, 1024, 1024, True, False),    # 5.6x slower measured
+    (H100, 16, 4096, 4096, True, False),      # decode: 2x slower measured
+    (A100, 8192, 8192, 8192, False, False),   # no FP8 tensor cores
+    (ADA, 8192, 8192, 8192, False, False),    # FP8 exists, not measured: not converted
+    (DeviceInfo("cpu"), 8192, 8192, 8192, False, False),
+])
+def test_size_table_decides_both_sides(device, m, k, n, limits_known, convert):
+    limits = thresholds(device, emulate=False, min_dims=None)
+    assert (limits is not None) == limits_known
+    assert (limits is not None and m >= limits[0] and k >= limits[1] and n >= limits[2]) == convert
+    assert SIZE_TABLE[(9, 0)] == (4096, 4096, 4096)
+
+
+def test_converted_above_the_threshold_kept_below_with_reasons(tmp_path):
+    torch.manual_seed(0)
+    model, x = MLP(), torch.randn(2, 40, 32)  # M = 80 tokens
+    compiled = torch.compile(model, backend="kernelpytorch",
+                             options={"fp8": {"emulate": True, "min_dims": [64, 32, 32]}, "dump_dir": str(tmp_path)})
+    with collect() as records:
+        out = compiled(x)
+    (rec,) = [p for r in records for p in r.passes if p.name == "fp8-linear"]
+    assert rec.matches == 2 and rec.by_rule == {"tensorwise": 2}
+    notes = "\n".join(rec.notes)
+    assert "up.weight: converted (M=80, K=32, N=64)" in notes
+    assert "down.weight: converted (M=80, K=64, N=32)" in notes
+    assert "head.weight: kept (M=80, K=32, N=16 below the size table's (64, 32, 32)" in notes
+    dump = open(next(tmp_path.glob("graph-*/*-fp8-linear.txt"))).read()
+    filecheck("CHECK: kp.fp8_linear.default\nCHECK: kp.fp8_linear.default\nCHECK: aten.linear.default"
+              "\nCHECK-SAME: # fp8: kept\n", dump)
+    err = ((out - model(x)).norm() / model(x).norm()).item()
+    assert 1e-4 < err < 0.1  # FP8 numerics, not the exact result
+
+
+def test_include_exclude_and_training_gradients_match_the_emulated_reference():
+    torch.manual_seed(0)
+    model, x = MLP(), torch.randn(80, 32)
+    compiled, out, rec = compile_with(model, x, emulate=True, min_dims=[16, 16, 16], exclude=["*head*"],
+                                      include=["up.*", "head.*"], recipe="rowwise")
+    notes = "\n".join(rec.notes)
+    assert rec.by_rule == {"rowwise": 1}
+    assert "up.weight: converted" in notes
+    assert "down.weight: kept (not in options['fp8']['include'])" in notes
+    assert "head.weight: kept (in options['fp8']['exclude'])" in notes
+    x = torch.randn(80, 32, requires_grad=True)
+    ref_x = x.detach().clone().requires_grad_()
+    got = compiled(x)
+    e4, e5 = torch.float8_e4m3fn, torch.float8_e5m2
+    h = torch.relu(torch.ops.kp.fp8_linear(ref_x, model.up.weight, model.up.bias, "rowwise", e4, e5))
+    ref = model.head(model.down(h))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(got.sum(), [x, *params]), torch.autograd.grad(ref.sum(), [ref_x, *params])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_without_fp8_on_the_device_nothing_is_converted_and_each_linear_says_why():
+    model, x = MLP(), torch.randn(8, 32)
+    _, out, rec = compile_with(model, x)
+    assert rec.matches == 0 and len(rec.notes) == 3
+    assert all("no FP8 size table for cpu" in n for n in rec.notes)
+    torch.testing.assert_close(out, model(x))
+
+
+def test_fp8_options_are_checked():
+    assert parse_options(options={"fp8": True}).fp8 == {}
+    assert parse_options(options={"fp8": None}).fp8 is None
+    for bad, msg in [({"recipe": "delayed"}, "fp8 recipe"), ({"exclude": "head"}, "list of glob"),
+                     ({"min_dims": [1, 2]}, "three positive ints"), ({"scale": 1}, "unknown key")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_options(options={"fp8": bad})
+
+
+def test_explain_lists_every_linear_decision():
+    import kp_compiler
+
+    report = str(kp_compiler.explain(MLP(), torch.randn(80, 32), fp8={"emulate": True, "min_dims": [64, 64, 32]}))
+    assert "fp8-linear" in report
+    assert "down.weight: converted (M=80, K=64, N=32)" in report
+    assert "up.weight: kept (M=80, K=32, N=64 below" in report and "head.weight: kept" in report
