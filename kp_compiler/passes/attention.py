@@ -114,7 +114,7 @@ def _cast_dtype(node: fx.Node):
 
 
 def _const_scalar(arg) -> Optional[float]:
-    """A Python number, or the value of a 0-dim ``full([], c)`` / ``scalar_tensor(c)`` node."""
+    """A Python number, or the value of a 0-dim ``full([], c)`` / ``scalar_tensor(c)`` / tensor-constant node."""
     if _number(arg):
         return arg
     if not isinstance(arg, fx.Node) or arg.op != "call_function":
@@ -125,7 +125,21 @@ def _const_scalar(arg) -> Optional[float]:
         return arg.args[0]
     if arg.target is aten.zeros.default and list(arg.args[0]) == []:
         return 0
-    return None
+    return _tensor_constant(arg)
+
+
+def _tensor_constant(arg) -> Optional[float]:
+    """The value of a one-element tensor constant, ``detach_(lift_fresh_copy(_tensor_constant0))``
+    (how Dynamo records ``torch.tensor(0.0)`` written in model code, e.g. transformers 5.17's masks)."""
+    while isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in (
+            aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default, aten.clone.default):
+        arg = arg.args[0]
+    if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
+        return None
+    value = getattr(arg.graph.owning_module, arg.target, None)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or value.dim() != 0:
+        return None
+    return value.item()
 
 
 def _sym_sqrt_of(arg) -> Optional[fx.Node]:

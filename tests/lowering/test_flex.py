@@ -23,6 +23,16 @@ def finfo_min_window(q, k, v):
     return torch.softmax(scores, dim=-1) @ v
 
 
+def tensor_constant_bias(q, k, v):
+    """transformers 5.17's eager mask: where(keep, torch.tensor(0.0), finfo.min) added to the scores
+    (Dynamo records the 0 as a tensor constant, not as a number)."""
+    i, j = cases._positions(q)
+    keep = (j <= i) & (i - j < 8)
+    bias = torch.where(keep, torch.tensor(0.0, dtype=q.dtype), torch.finfo(q.dtype).min)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1]) + bias
+    return torch.softmax(scores, dim=-1) @ v
+
+
 def strictly_causal(q, k, v):  # row 0 attends to nothing: eager gives NaN there
     i, j = cases._positions(q)
     return cases.naive(q, k, v, mask=j < i)
@@ -41,6 +51,7 @@ FLEX_CASES = {
     "sliding-window": (cases.make_sliding_window(16), "(kv_idx <= q_idx) & (q_idx - kv_idx < 16)"),
     "documents": (cases.make_documents(8), "q_idx // 8 == kv_idx // 8"),
     "finfo-min-fill": (finfo_min_window, "(kv_idx <= q_idx) & (q_idx - kv_idx < 8)"),
+    "tensor-constant-bias": (tensor_constant_bias, "(kv_idx <= q_idx) & (q_idx - kv_idx < 8)"),
     "alibi": (cases.alibi, "kv_idx <= q_idx"),  # plus a score_mod for the slopes
 }
 
