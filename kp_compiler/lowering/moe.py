@@ -79,32 +79,18 @@ def _forced() -> str:
 
 def _cuda_forward(x, ids, weights, w_gate, w_up, w_down, activation):
     routed_experts._check(x, ids, weights, w_gate, w_up, w_down, activation)
-    per_expert = routed_experts.per_expert
-    tables = _triton_tables(x, per_expert(w_gate), per_expert(w_up), per_expert(w_down))
-    impl = _forced() or choose(_device_info(x.device), x.dtype, grouped_experts.aligned(x, w_up),
-                               tables is not None, _HAS_TRITON)
-    with torch.no_grad():
-        if impl == "triton":
-            from ..ops import triton_experts
-            return triton_experts.forward(x, ids, weights, per_expert(w_gate), per_expert(w_up),
-                                          per_expert(w_down), activation, tables)
-        if impl == "grouped_mm":
-            return grouped_experts.forward(x, ids, weights, w_gate, w_up, w_down, activation)
-        return routed_experts.reference(x, ids, weights, w_gate, w_up, w_down, activation)
-
-
-def _cuda_backward(grad, x, ids, weights, w_gate, w_up, w_down, b_gate, b_up, b_down, activation):
-    impl = choose_backward(_device_info(x.device), x.dtype, grouped_experts.aligned(x, w_up))
-    biases = (b_gate, b_up, b_down)
-    if impl == "grouped_mm":
-        return grouped_experts.backward(grad.contiguous(), x, ids, weights, w_gate, w_up, w_down, activation, biases)
-    return routed_experts.reference_backward(grad, x, ids, weights, w_gate, w_up, w_down, activation, biases)
+    return _forward(x, ids, weights, w_gate, w_up, w_down, activation, routed_experts.NO_BIASES)
 
 
 def _cuda_forward_biased(x, ids, weights, w_gate, w_up, w_down, b_gate, b_up, b_down, activation):
     routed_experts_biased.check_biases(x, ids, weights, w_gate, w_up, w_down, b_gate, b_up, b_down, activation)
-    biases = (b_gate, b_up, b_down)
-    tables = _triton_tables(x, w_gate, w_up, w_down)
+    return _forward(x, ids, weights, w_gate, w_up, w_down, activation, (b_gate, b_up, b_down))
+
+
+def _forward(x, ids, weights, w_gate, w_up, w_down, activation, biases):
+    """Both ops' CUDA forward: the table's implementation (Triton only where it can read every weight and bias)."""
+    per_expert = routed_experts.per_expert
+    tables = _triton_tables(x, per_expert(w_gate), per_expert(w_up), per_expert(w_down))
     bias_tabs = None
     if tables is not None:
         from ..ops import triton_experts
@@ -114,10 +100,19 @@ def _cuda_forward_biased(x, ids, weights, w_gate, w_up, w_down, b_gate, b_up, b_
     with torch.no_grad():
         if impl == "triton":
             from ..ops import triton_experts
-            return triton_experts.forward(x, ids, weights, w_gate, w_up, w_down, activation, tables, biases, bias_tabs)
+            return triton_experts.forward(x, ids, weights, per_expert(w_gate), per_expert(w_up), per_expert(w_down),
+                                          activation, tables, biases, bias_tabs)
         if impl == "grouped_mm":
             return grouped_experts.forward(x, ids, weights, w_gate, w_up, w_down, activation, biases)
         return routed_experts.reference(x, ids, weights, w_gate, w_up, w_down, activation, biases)
+
+
+def _cuda_backward(grad, x, ids, weights, w_gate, w_up, w_down, b_gate, b_up, b_down, activation):
+    impl = choose_backward(_device_info(x.device), x.dtype, grouped_experts.aligned(x, w_up))
+    biases = (b_gate, b_up, b_down)
+    if impl == "grouped_mm":
+        return grouped_experts.backward(grad.contiguous(), x, ids, weights, w_gate, w_up, w_down, activation, biases)
+    return routed_experts.reference_backward(grad, x, ids, weights, w_gate, w_up, w_down, activation, biases)
 
 
 def _triton_tables(x, w_gate, w_up, w_down):

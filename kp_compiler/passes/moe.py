@@ -281,9 +281,14 @@ def _rewrite(gm: fx.GraphModule, loop: Loop) -> None:
     kind = "gated " if loop.steps[0].gate is not None else ""
     out.meta["kp_note"] = f"{len(loop.steps)} experts, {kind}{loop.steps[0].activation}, from an unrolled loop"
     loop.last.replace_all_uses_with(out)
-    doomed = step_nodes | set(checks) | wheres | {w.args[0] for w in wheres} | {loop.start}
+    erase_unused(g, step_nodes | set(checks) | wheres | {w.args[0] for w in wheres} | {loop.start})
+
+
+def erase_unused(g: fx.Graph, nodes) -> None:
+    """Erase the replaced form's nodes, users first (in-place ops such as ``index_put_`` included,
+    which dead-code elimination keeps)."""
     order = {n: i for i, n in enumerate(g.nodes)}
-    for n in sorted(doomed, key=order.__getitem__, reverse=True):
+    for n in sorted(nodes, key=order.__getitem__, reverse=True):
         if not n.users:
             g.erase_node(n)
 
@@ -305,21 +310,17 @@ def moe_dispatch(gm: fx.GraphModule) -> Matches:
         kind = ("gated-" if loop.steps[0].gate is not None else "") + loop.steps[0].activation
         kind += "-biased" if any(b is not None for b in loop.steps[0].biases) else ""
         counts[kind] = counts.get(kind, 0) + 1
-    for node in reversed(list(gm.graph.nodes)):
+    for node in reversed(list(gm.graph.nodes)):  # the batched forms end in a sum over k or over experts
         if node.target is not aten.sum.dim_IntList or getattr(node, "_erased", False):
             continue
         form = moe_batched.match(node)
-        if form is None or not moe_batched.rewrite(gm, form):
-            continue
-        kind = ("gated-" if form.gate_up is not None else "") + form.activation + "-batched"
-        counts[kind] = counts.get(kind, 0) + 1
-    for node in reversed(list(gm.graph.nodes)):
-        if node.target is not aten.sum.dim_IntList or getattr(node, "_erased", False):
-            continue
-        found = moe_dense.match(node)
-        if found is None or not moe_dense.rewrite(gm, found):
-            continue
-        kind = ("gated-" if found[3] is not None else "") + found[6] + "-dense"
+        if form is not None and moe_batched.rewrite(gm, form):
+            kind = ("gated-" if form.gate_up is not None else "") + form.activation + "-batched"
+        else:
+            dense = moe_dense.match(node)
+            if dense is None or not moe_dense.rewrite(gm, dense):
+                continue
+            kind = ("gated-" if dense.gate is not None else "") + dense.activation + "-dense"
         counts[kind] = counts.get(kind, 0) + 1
     if counts:
         gm.recompile()

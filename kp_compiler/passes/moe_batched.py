@@ -262,8 +262,7 @@ def rewrite(gm: fx.GraphModule, form: Batched) -> bool:
         if val(form.end).dtype != val(form.x).dtype:
             result = g.call_function(aten.to.dtype, (out, val(form.end).dtype))
     form.end.replace_all_uses_with(result)
-    order = {n: i for i, n in enumerate(g.nodes)}
-    for n in sorted(inside, key=order.__getitem__, reverse=True):
-        if not n.users:
-            g.erase_node(n)
+    from .moe import erase_unused
+
+    erase_unused(g, inside)
     return True

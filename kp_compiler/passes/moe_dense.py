@@ -26,7 +26,7 @@ intermediate is used only by the form.
 from __future__ import annotations
 
 import operator
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import fx
@@ -38,6 +38,18 @@ aten = torch.ops.aten
 
 def _is(node, *targets) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+class Dense(NamedTuple):
+    x: fx.Node
+    ids: fx.Node
+    weights: fx.Node
+    gate: Optional[fx.Node]  # [E, f, d]; None for ungated experts
+    up: fx.Node
+    down: fx.Node
+    activation: str
+    end: fx.Node  # the sum over experts
+    nodes: list  # everything the form alone uses
 
 
 def _weight_t(node) -> Optional[fx.Node]:
@@ -63,8 +75,8 @@ def _combine(node) -> Optional[tuple]:
     return ids, weights, [node, t, scatter, zeros]
 
 
-def match(end: fx.Node):
-    """``(x, ids, weights, gate, up, down, activation, nodes)`` for the form ending in ``end``, else None."""
+def match(end: fx.Node) -> Optional[Dense]:
+    """The dense form ending in ``end``, else None."""
     from .moe import _activation, _ids_bounded
 
     if not (_is(end, aten.sum.dim_IntList) and list(end.args[1]) == [0] and not end.kwargs
@@ -80,6 +92,7 @@ def match(end: fx.Node):
     else:
         return None
     ids, weights, nodes = combine
+    zeros = nodes[3]  # the [T, E] zeros the routing weights are scattered into
     h, down_t = y.args
     down = _weight_t(down_t)
     if down is None:
@@ -118,25 +131,23 @@ def match(end: fx.Node):
     xv, wv = val(x), val(weights)
     if xv is None or wv is None or xv.dim() != 2 or wv.dtype != xv.dtype:
         return None
-    if list(val(nodes[3]).shape) != [xv.shape[0], E] or any(val(p).dtype != xv.dtype for p in (*params, down)):
+    if list(val(zeros).shape) != [xv.shape[0], E] or any(val(p).dtype != xv.dtype for p in (*params, down)):
         return None
-    return x, ids, weights, gate, up, down, activation, nodes
+    return Dense(x, ids, weights, gate, up, down, activation, end, nodes)
 
 
-def rewrite(gm: fx.GraphModule, found) -> bool:
+def rewrite(gm: fx.GraphModule, form: Dense) -> bool:
     """Replace the form by one op; False (graph untouched) if an intermediate is used outside it."""
-    x, ids, weights, gate, up, down, activation, nodes = found
-    end = nodes[4]
-    inside = set(nodes)
-    if any(n is not end and any(u not in inside for u in n.users) for n in nodes):
+    from .moe import erase_unused
+
+    inside = set(form.nodes)
+    if any(n is not form.end and any(u not in inside for u in n.users) for n in form.nodes):
         return False
     g = gm.graph
-    with g.inserting_before(end):
-        out = g.call_function(torch.ops.kp.routed_experts.default,
-                              (x, ids, weights, [gate] if gate is not None else [], [up], [down], activation))
-    end.replace_all_uses_with(out)
-    order = {n: i for i, n in enumerate(g.nodes)}
-    for n in sorted(inside, key=order.__getitem__, reverse=True):
-        if not n.users:
-            g.erase_node(n)
+    with g.inserting_before(form.end):
+        out = g.call_function(torch.ops.kp.routed_experts.default, (
+            form.x, form.ids, form.weights, [form.gate] if form.gate is not None else [], [form.up], [form.down],
+            form.activation))
+    form.end.replace_all_uses_with(out)
+    erase_unused(g, inside)
     return True

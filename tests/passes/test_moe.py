@@ -267,3 +267,17 @@ def test_deepseek_style_routing_with_a_shared_expert():
     assert moe_pass(records).by_rule == {"gated-silu": 1}
     torch._dynamo.reset()
     check_equal(model, torch.randn(10, D))
+
+
+def test_default_passes_leave_moe_dispatch_out_on_the_cpu_and_say_why():
+    import kp_compiler
+
+    assert "moe-dispatch" in kp_compiler.default_passes()
+    model = LoopMoE(D, FF, E, K)
+    _, out, records = compile_and_collect(model, (torch.randn(10, D),))
+    (rec,) = records
+    assert not [p for p in rec.passes if p.name == "moe-dispatch"]
+    assert [s["pass"] for s in rec.skipped] == ["moe-dispatch"]
+    assert "no fused routed-experts kernel on cpu" in rec.skipped[0]["reason"]
+    report = str(kp_compiler.explain(model, torch.randn(10, D)))
+    assert "left out moe-dispatch: no fused routed-experts kernel on cpu" in report

@@ -2,24 +2,20 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from tests.passes.test_moe import check_equal, moe_pass
+from tests.passes.test_moe import SlicedExperts, check_equal, moe_pass
 from tests.utils import compile_and_collect, filecheck
 
 D, FF, E, K = 16, 24, 4, 2
 PASSES = ["noop-elimination", "moe-dispatch"]
 
 
-class DenseExperts(nn.Module):
-    def __init__(self, gated=True, activation=F.silu, leak=False):
-        super().__init__()
-        self.gated, self.act, self.leak = gated, activation, leak
-        self.router = nn.Linear(D, E, bias=False)
-        self.w_gate = nn.Parameter(torch.randn(E, FF, D) * 0.2)
-        self.w_up = nn.Parameter(torch.randn(E, FF, D) * 0.2)
-        self.w_down = nn.Parameter(torch.randn(E, D, FF) * 0.2)
+class DenseExperts(SlicedExperts):
+    """SlicedExperts' router and 3-D weights, every expert applied to every token."""
+
+    def __init__(self, gated=True, activation="silu", leak=False):
+        super().__init__(activation)
+        self.gated, self.leak = gated, leak
 
     def forward(self, x):
         weights, ids = torch.topk(torch.softmax(self.router(x), dim=-1), K, dim=-1)
@@ -31,7 +27,7 @@ class DenseExperts(nn.Module):
         return out + 0 * up.sum() if self.leak else out
 
 
-@pytest.mark.parametrize("gated,act,rule", [(True, F.silu, "gated-silu-dense"), (False, F.gelu, "gelu-dense")])
+@pytest.mark.parametrize("gated,act,rule", [(True, "silu", "gated-silu-dense"), (False, "gelu", "gelu-dense")])
 def test_dense_form_becomes_one_routed_op_and_equals_eager(gated, act, rule, tmp_path):
     torch.manual_seed(0)
     model = DenseExperts(gated, act)
