@@ -1,6 +1,8 @@
 """Routed experts as two fused Triton kernels (the forward of ``kp::routed_experts``).
 
-1. ``_gate_up``: per block of rows (one expert, ``expert_routing.schedule``),
+0. ``triton_routing.schedule``: the padded block schedule of the assignments
+   by expert, one launch.
+1. ``_gate_up``: per block of rows (one expert),
    gather the tokens' rows of ``x`` straight from their place (no permuted
    copy), multiply by the expert's gate and up weights sharing each loaded
    tile, apply ``act(gate) * up`` (or ``act(up)``) and store ``h``.
@@ -27,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .expert_routing import schedule
+from .triton_routing import schedule
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
