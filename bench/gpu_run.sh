@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|leftover   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|leftover   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -82,6 +82,15 @@ case "$stage" in
     timeout "$(left)" python3 -m bench --cases 'moe-e64-top8-fwd-bwd' 'moe-e8-top2-fwd-bwd' 'moe-loop-gpt-infer' \
       'moe-loop-gpt-train' 'moe-e64-top8-decode-fwd-bwd' --backends inductor kernelpytorch \
       --row-timeout 170 --reps 20 $extra --out "$out" --stem cuda-moe-train 2>"$out/moe-train.log" | tail -30
+    ;;
+  moe-host)
+    # After the host-time cuts (one-launch schedule, CUDA key without custom_op's wrapper): diagnostics,
+    # then the forward cases in default mode and under reduce-overhead on both sides.
+    PYTHONPATH=. timeout 100 python3 scripts/gpu_moe_overhead.py > "$out/moe-overhead.txt" 2>&1
+    PYTHONPATH=. timeout 100 python3 scripts/gpu_moe_check.py > "$out/moe-check.txt" 2>&1
+    timeout "$(left)" python3 -m bench --cases 'moe-e64-top8' 'moe-e64-top8-decode' 'moe-e8-top2' \
+      --backends inductor kernelpytorch inductor-reduce-overhead kernelpytorch-reduce-overhead \
+      --row-timeout 150 --reps 20 $extra --out "$out" --stem cuda-moe-host 2>"$out/moe-host.log" | tail -30
     ;;
 esac
 echo "stage $stage done after $(( $(date +%s) - start )) s"

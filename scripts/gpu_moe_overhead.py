@@ -81,6 +81,8 @@ for name, (T, d, f, E, k) in SHAPES.items():
         err = ((op().float() - ref.float()).norm() / ref.float().norm()).item()
         triton_experts.schedule = triton_routing.schedule
         print(f"{name}: op (ATen schedule)   {h2:.3f} host / {w2:.3f} wall ms; outputs differ by {err:.1e}")
+        h4, w4 = per_call(lambda: kp_compiler.lowering.moe._cuda_forward(x, ids, w, G, U, D, "silu"))
+        print(f"{name}: the CUDA kernel function called directly {h4:.3f} host / {w4:.3f} wall ms")
         h3, w3 = per_call(lambda: triton_experts.forward(x, ids, w, G, U, D, "silu"))
         print(f"{name}: triton_experts.forward called directly {h3:.3f} host / {w3:.3f} wall ms")
         if PROFILE:

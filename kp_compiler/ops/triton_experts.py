@@ -201,6 +201,7 @@ def _tuned(name: str, key: tuple, block: int, launch) -> None:
 
 
 _experts: dict = {}
+_data_ptr = torch.Tensor.data_ptr
 
 
 def expert_tables(x: torch.Tensor, w_gate, w_up, w_down):
@@ -211,7 +212,7 @@ def expert_tables(x: torch.Tensor, w_gate, w_up, w_down):
     every weight costs more than a decode step's kernels (0.24 ms for 192 weights on a CPU core).
     Inside a compiled graph the weights' shapes and strides are fixed by Dynamo's guards.
     """
-    ptrs = tuple(tuple(w.data_ptr() for w in ws) for ws in (w_gate, w_up, w_down))
+    ptrs = tuple(tuple(map(_data_ptr, ws)) for ws in (w_gate, w_up, w_down))  # map: no generator frame per weight
     key = (x.device, x.dtype, ptrs, *((tuple(ws[0].shape), ws[0].stride()) for ws in (w_gate, w_up, w_down) if ws))
     if key in _experts:
         return _experts[key]
