@@ -13,6 +13,7 @@ Import it to write passes, inspect what it did, or choose options::
     print(kp_compiler.explain(model_fn, x))
 """
 
+from . import fp8
 from .backend import kernelpytorch
 from .core.pass_manager import (
     PassError,
@@ -29,6 +30,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ExplainReport", "Match", "Matches", "Options", "P", "PassError", "Rule", "RuleSet",
-    "default_passes", "explain", "kernelpytorch", "parse_options", "register_pass",
+    "default_passes", "explain", "fp8", "kernelpytorch", "parse_options", "register_pass",
     "registered_passes", "unregister_pass",
 ]

@@ -88,7 +88,8 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
     manager.run(cgm)
     _choose_attention_kernels(manager, cgm, example_inputs, opts, record)
     if opts.fp8 is not None:
-        manager.run_pass(cgm, "fp8-linear", functools.partial(fp8_linears, device=_device(example_inputs), fp8=opts.fp8))
+        manager.run_pass(cgm, "fp8-linear", functools.partial(fp8_linears, device=_device(example_inputs), fp8=opts.fp8,
+                                                               train=_training(example_inputs)))
     record.nodes_out = len(cgm.graph.nodes)
     record.guards = [guard.to_json() for guard in manager.guards]
     # If a guarded input changes, the graph as it was before the first guarded pass runs op by op.
@@ -128,6 +129,11 @@ def _default_passes(example_inputs, record: GraphRecord) -> list:
 def _device(example_inputs) -> DeviceInfo:
     devices = [x.device for x in example_inputs if isinstance(x, torch.Tensor)]
     return describe_device(devices[0]) if devices else DeviceInfo("cpu")
+
+
+def _training(example_inputs) -> bool:
+    """A backward may run: grad mode is on and an input needs a gradient (Dynamo guards on grad mode)."""
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
 
 
 def _choose_attention_kernels(manager: PassManager, gm, example_inputs, opts: Options, record: GraphRecord) -> None:

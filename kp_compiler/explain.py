@@ -28,6 +28,7 @@ class ExplainReport:
     graphs: list = field(default_factory=list)  # GraphRecord per compiled graph
     graph_breaks: dict = field(default_factory=dict)  # reason -> count
     output: Any = None
+    fp8_events: dict = field(default_factory=dict)  # module path -> {role: count}, delayed/static FP8 layers
 
     @property
     def graph_count(self) -> int:
@@ -54,6 +55,10 @@ class ExplainReport:
             lines.append(f"  hint: {hint}")
         for g in self.graphs:
             lines.extend(_graph_lines(g))
+        if self.fp8_events:
+            lines.append("fp8 overflow events (non-finite or zero amax; the previous scale was kept):")
+            for path, counts in self.fp8_events.items():
+                lines.append(f"  {path}: " + " ".join(f"{role}={n}" for role, n in counts.items()))
         return "\n".join(lines)
 
 
@@ -104,6 +109,7 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Expl
     """
     from torch._dynamo.utils import counters
 
+    from . import fp8
     from .backend import kernelpytorch
 
     torch._dynamo.reset()
@@ -119,7 +125,8 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Expl
         now = Counter(counters[k])
         now.subtract(before[k])
         breaks.update({reason: n for reason, n in now.items() if n > 0})
-    return ExplainReport(graphs=list(records), graph_breaks=dict(breaks), output=output)
+    fp8_events = fp8.events(model_or_fn) if isinstance(model_or_fn, torch.nn.Module) else {}
+    return ExplainReport(graphs=list(records), graph_breaks=dict(breaks), output=output, fp8_events=fp8_events)
 
 
 def hints(graph_breaks: dict) -> list:

@@ -9,7 +9,7 @@
 | ``verify``        | ``bool``: check each pass on random inputs         | ``False`` |
 | ``mode``          | as ``torch.compile``'s ``mode`` (which cannot be given together with ``options``) | ``"default"`` |
 | ``inductor_config`` | dict of ``torch._inductor.config`` patches        | ``{}`` |
-| ``fp8``           | ``None`` (off), ``True``, or a dict: ``recipe`` (``"tensorwise"``, ``"rowwise"``), ``include`` / ``exclude`` (globs on module paths), ``emulate`` (bool: convert on any device through the exact emulation), ``min_dims`` (``[M, K, N]`` thresholds with ``emulate``) | ``None`` |
+| ``fp8``           | ``None`` (off), ``True``, or a dict: ``recipe`` (``"tensorwise"`` (default), ``"rowwise"``, ``"delayed"``, ``"static"``: see ``docs/passes/fp8.md``), ``include`` / ``exclude`` (globs on module paths), ``emulate`` (bool: convert on any device through the exact emulation), ``min_dims`` (``[M, K, N]`` thresholds with ``emulate``), ``history_len`` (delayed: amax history length, 1 to 1024, default 16), ``margin`` (delayed: scale headroom in powers of 2, 0 to 8, default 0) | ``None`` |
 | ``attention_kernel`` | ``"auto"`` (the table in ``lowering/attention.py``), ``"sdpa"`` (never FlexAttention), ``"flex"`` (FlexAttention wherever it can run, the CPU included) | ``"auto"`` |
 """
 
@@ -74,7 +74,8 @@ def parse_options(mode: Optional[str] = None, options: Optional[Mapping[str, Any
     return Options(mode=mode, **options)
 
 
-FP8_KEYS = ("recipe", "include", "exclude", "emulate", "min_dims")
+FP8_KEYS = ("recipe", "include", "exclude", "emulate", "min_dims", "history_len", "margin")
+FP8_RECIPES = ("tensorwise", "rowwise", "delayed", "static")
 
 
 def _check_fp8(value: Any) -> Optional[dict]:
@@ -87,7 +88,8 @@ def _check_fp8(value: Any) -> Optional[dict]:
     unknown = sorted(k for k in value if k not in FP8_KEYS)
     if unknown:
         raise ValueError(f"kernelpytorch: unknown key(s) {unknown} in options['fp8']; valid: {list(FP8_KEYS)}")
-    _check_choice("fp8 recipe", value.get("recipe", "tensorwise"), ("tensorwise", "rowwise"))
+    recipe = value.get("recipe", "tensorwise")
+    _check_choice("fp8 recipe", recipe, FP8_RECIPES)
     for key in ("include", "exclude"):
         globs = value.get(key, [])
         if isinstance(globs, str) or not all(isinstance(g, str) for g in globs):
@@ -95,6 +97,18 @@ def _check_fp8(value: Any) -> Optional[dict]:
     dims = value.get("min_dims")
     if dims is not None and (len(dims) != 3 or not all(isinstance(d, int) and d > 0 for d in dims)):
         raise ValueError(f"kernelpytorch: options['fp8']['min_dims'] must be three positive ints [M, K, N], got {dims!r}")
+    if "emulate" in value and not isinstance(value["emulate"], bool):
+        raise ValueError(f"kernelpytorch: options['fp8']['emulate'] must be True or False, got {value['emulate']!r}")
+    for key in ("history_len", "margin"):
+        if key in value and recipe != "delayed":
+            raise ValueError(f"kernelpytorch: options['fp8'][{key!r}] applies to recipe 'delayed' only, not {recipe!r}")
+    n = value.get("history_len", 16)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
+        raise ValueError(f"kernelpytorch: options['fp8']['history_len'] must be an int from 1 to 1024, got {n!r}")
+    margin = value.get("margin", 0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 8:
+        raise ValueError(f"kernelpytorch: options['fp8']['margin'] must be a number from 0 to 8 (powers of 2 of "
+                         f"headroom), got {margin!r}")
     return dict(value)
 
 

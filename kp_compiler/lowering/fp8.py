@@ -34,9 +34,11 @@ from typing import Optional
 import torch
 from torch import fx
 
+from ..core import context
 from ..core.graph import val
 from ..core.rules import Matches
 from ..ops import fp8 as _fp8  # noqa: F401  (registers kp::fp8_linear)
+from ..runtime import fp8_state
 from .capabilities import DeviceInfo, fp8_dtypes
 
 aten = torch.ops.aten
@@ -98,24 +100,28 @@ def decide(node: fx.Node, device: DeviceInfo, fp8: dict) -> tuple[bool, str]:
     return True, f"M={m}, K={k}, N={n}"
 
 
-def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: dict) -> Matches:
-    """Convert the linears ``decide`` accepts; every decision goes to the report's notes."""
+def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: dict, train: bool = True) -> Matches:
+    """Convert the linears ``decide`` accepts; every decision goes to the report's notes.
+
+    ``train=False`` (a graph compiled under ``torch.no_grad()``) lets the ops
+    keep each weight quantized between calls (``runtime/fp8_weights.py``).
+    """
     recipe = fp8.get("recipe", "tensorwise")
     converted, notes = {}, []
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not aten.linear.default:
             continue
         ok, why = decide(node, device, fp8)
+        state = None
+        if ok and recipe in STATEFUL:
+            state, refusal = _state(node.args[1], recipe, fp8)
+            ok, why = (False, refusal) if refusal else (ok, why)
         path = module_path(node.args[1]) if isinstance(node.args[1], fx.Node) else node.name
         notes.append(f"{path}: {'converted' if ok else 'kept'} ({why})")
         if not ok:
             node.meta["kp_note"] = f"fp8: kept ({why})"
             continue
-        bias = node.args[2] if len(node.args) > 2 else None
-        fwd, grad = _formats(device, bool(fp8.get("emulate")))
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(torch.ops.kp.fp8_linear.default,
-                                         (node.args[0], node.args[1], bias, recipe, fwd, grad))
+        new = _emit(gm, node, recipe, _formats(device, bool(fp8.get("emulate"))), state, not train)
         new.meta["val"] = val(node)
         new.meta["kp_note"] = f"fp8: converted, {recipe} ({why})"
         node.replace_all_uses_with(new)
@@ -126,6 +132,60 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: dict) -> Matches:
     result = Matches(converted)
     result.notes = notes
     return result
+
+
+STATEFUL = ("delayed", "static")
+
+
+def _state(weight: fx.Node, recipe: str, fp8: dict):
+    """``(LayerState, None)``, or ``(None, why not)`` when the layer cannot take ``recipe``."""
+    ctx = context.current()
+    param = ctx.example_value(weight) if ctx is not None else None
+    if not isinstance(param, torch.Tensor):
+        return None, "no example value for the weight, so no place to keep its scale state"
+    if recipe == "static":
+        state = fp8_state.calibrated(param)
+        return (state, None) if state is not None else (None, "static recipe: not calibrated (run "
+                                                                "kp_compiler.fp8.calibrate(model, batches) first)")
+    return fp8_state.layer_state(param, "delayed", fp8.get("history_len", 16), float(fp8.get("margin", 0.0))), None
+
+
+def _emit(gm: fx.GraphModule, node: fx.Node, recipe: str, formats: tuple, state, cache: bool) -> fx.Node:
+    x, w = node.args[0], node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else None
+    fwd, grad = formats
+    graph = gm.graph
+    with graph.inserting_before(node):
+        if state is None:
+            return graph.call_function(torch.ops.kp.fp8_linear.default, (x, w, bias, recipe, fwd, grad, cache))
+        rows = {}
+        for role, t in state.rows().items():
+            rows[role] = graph.get_attr(_register_state(gm, f"kp_fp8_{node.name}_{role}", t))
+        margin = float(state.margin)
+        sx = graph.call_function(torch.ops.kp.fp8_scale_update.default,
+                                 (rows["x"], graph.call_function(aten.detach.default, (x,)), fwd, margin,
+                                  "delayed" if recipe == "delayed" else "frozen"))
+        sw = None
+        if recipe == "delayed":
+            sw = graph.call_function(torch.ops.kp.fp8_scale_update.default,
+                                     (rows["w"], graph.call_function(aten.detach.default, (w,)), fwd, margin, "delayed"))
+        return graph.call_function(torch.ops.kp.fp8_linear_scaled.default,
+                                   (x, w, bias, sx, sw, rows["grad"], recipe, fwd, grad, margin, cache))
+
+
+def _register_state(gm: fx.GraphModule, base: str, t: torch.Tensor) -> str:
+    """``t`` as a buffer of ``gm``; AOTAutograd lifts it to an input and writes its mutations back."""
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_buffer(name, t)
+    if hasattr(gm, "_param_name_to_source"):
+        # AOTAutograd maps every buffer of a Dynamo graph to a source; this state comes from no user code.
+        from torch._dynamo.source import ConstantSource
+
+        gm._param_name_to_source = {**gm._param_name_to_source, name: ConstantSource(name)}
+    return name
 
 
 def _formats(device: DeviceInfo, emulate: bool) -> tuple:

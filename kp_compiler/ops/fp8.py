@@ -1,9 +1,9 @@
 """``kp::fp8_linear``: ``x @ w.T + b`` with both operands cast to FP8 and scaled, forward and backward.
 
-``fp8_linear(x [*, K], w [N, K], bias [N] or None, recipe, fwd_dtype, grad_dtype)``:
+``fp8_linear(x [*, K], w [N, K], bias [N] or None, recipe, fwd_dtype, grad_dtype, cache_weight=False)``
+with dynamic scaling (scales from the current values; no state):
 
-- ``recipe="tensorwise"``: one scale per tensor, ``scale = amax / fp8_max``,
-  taken from the current values (dynamic scaling).
+- ``recipe="tensorwise"``: one scale per tensor, ``scale = amax / fp8_max``.
 - ``recipe="rowwise"``: ``x`` gets one scale per row (token), ``w`` one per
   output row, and ``grad`` one per row too.
 
@@ -11,17 +11,20 @@ The forward operands are cast to ``fwd_dtype`` (E4M3). In the backward, the
 incoming gradient is cast to ``grad_dtype`` (E5M2). Then ``grad_x = q(g) @ q(w)``
 and ``grad_w = q(g).T @ q(x)``: both backward GEMMs run in FP8 too.
 
-Casts saturate: values are clamped to the format's largest finite value first.
-A tensor (or row) whose amax is 0 gets scale 1, since any scale represents
-zeros. A non-finite amax means the tensor holds inf or NaN, and the result
-does too, as it would in bf16.
+Casts saturate: values are clamped to the format's largest finite value
+first, infinities included. The amax is taken over the finite values, so an
+inf saturates instead of turning every other value into 0 or NaN: the result
+is finite wherever the input rows are (NaN stays NaN). A tensor (or row)
+whose amax is 0 gets scale 1. Delayed and static scaling, which keep state
+and count these events, are ``ops/fp8_scaled.py``.
 
-The implementation here is the exact emulation: quantize, dequantize to
-fp32, multiply in fp32, cast to ``x``'s dtype. It is the same arithmetic a
-scaled FP8 GEMM does, up to the order of its fp32 accumulation, and it runs
-anywhere, so the pass, the recipes and autograd are tested on the CPU.
-Device kernels (``torch._scaled_mm``) are registered by ``lowering/fp8.py``
-where they have run.
+``cache_weight=True`` (the step sets it for graphs compiled under
+``torch.no_grad()``) quantizes ``w`` once and reuses it until the weight
+changes (``runtime/fp8_weights.py``).
+
+The default implementation is the exact emulation (``fp8_quant.EMULATED``):
+quantize, dequantize to fp32, multiply in fp32. ``ops/fp8_cuda.py``
+registers the CUDA kernel (``torch._scaled_mm``) for the same body.
 """
 
 from __future__ import annotations
@@ -30,43 +33,54 @@ from typing import Optional
 
 import torch
 
+from ..runtime import fp8_weights
+from .fp8_quant import EMULATED, Kernels, fp8_max, quantize, scale_from_amax  # noqa: F401  (fp8_max re-exported)
+
 RECIPES = ("tensorwise", "rowwise")
-
-
-def fp8_max(dtype: torch.dtype) -> float:
-    return float(torch.finfo(dtype).max)
 
 
 def scale(t: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> torch.Tensor:
     """fp32 scale(s) so that ``t / scale`` spans the format: a 0-dim tensor, or ``[rows, 1]`` rowwise."""
-    a = t.detach().abs().float()
-    amax = a.amax(dim=-1, keepdim=True) if rowwise else a.amax()
-    return torch.where(amax > 0, amax / fp8_max(dtype), torch.ones_like(amax))
+    from .fp8_quant import amax
+
+    return scale_from_amax(amax(t, rowwise), dtype)
 
 
-def quantize(t: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t / s`` cast to ``dtype``, saturating at the format's largest finite value."""
-    top = fp8_max(dtype)
-    return (t.float() / s).clamp(-top, top).to(dtype)
+def weight_q(k: Kernels, w: torch.Tensor, dtype: torch.dtype, rowwise: bool, cache: bool):
+    """``(q(w), scale)``, from the inference cache when ``cache``."""
+    if not cache:
+        return k.quantize_dynamic(w, dtype, rowwise)
+    return fp8_weights.cached(w, (k.name, dtype, rowwise), lambda: k.quantize_dynamic(w, dtype, rowwise))
 
 
-def scaled_mm(qa, sa, qb, sb, out_dtype: torch.dtype) -> torch.Tensor:
-    """``(qa * sa) @ (qb * sb).T`` in fp32, cast to ``out_dtype`` (``qa [M, K]``, ``qb [N, K]``)."""
-    return ((qa.float() * sa) @ (qb.float() * sb).t()).to(out_dtype)
-
-
-def _forward(x2, w, bias, recipe, fwd_dtype):
+def forward(k: Kernels, x, w, bias, recipe, fwd_dtype, cache_weight=False):
     rowwise = recipe == "rowwise"
-    sx, sw = scale(x2, fwd_dtype, rowwise), scale(w, fwd_dtype, rowwise)
-    out = scaled_mm(quantize(x2, sx, fwd_dtype), sx, quantize(w, sw, fwd_dtype), sw, torch.float32)
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x2.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    qx, sx = k.quantize_dynamic(x2, fwd_dtype, rowwise)
+    qw, sw = weight_q(k, w, fwd_dtype, rowwise, cache_weight)
+    return k.mm(qx, sx, qw, sw, x.dtype, bias).reshape(*x.shape[:-1], w.shape[0])
 
 
-def _check(x, w, bias, recipe, fwd_dtype, grad_dtype) -> None:
-    if recipe not in RECIPES:
-        raise ValueError(f"kp::fp8_linear: recipe {recipe!r} is not one of {RECIPES}")
+def backward(k: Kernels, grad, x, w, recipe, fwd_dtype, grad_dtype):
+    """``(grad_x, grad_w)`` from FP8 operands, every scale dynamic."""
+    rowwise = recipe == "rowwise"
+    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    qg, sg = k.quantize_dynamic(g2, grad_dtype, rowwise)
+    # grad_x [M, K] = g [M, N] @ w [N, K]: the contraction runs over N, so the second operand is
+    # w.T [K, N], quantized from a transposed copy (rowwise: one scale per K).
+    qwt, swt = k.quantize_dynamic(w.t(), fwd_dtype, rowwise)
+    grad_x = k.mm(qg, sg, qwt, swt, x.dtype)
+    # grad_w [N, K] = g.T [N, M] @ x [M, K]: contraction over tokens, scales per N and per K.
+    g2, x2 = k.pad_tokens(g2), k.pad_tokens(x2)
+    qgt, sgt = k.quantize_dynamic(g2.t(), grad_dtype, rowwise)
+    qxt, sxt = k.quantize_dynamic(x2.t(), fwd_dtype, rowwise)
+    grad_w = k.mm(qgt, sgt, qxt, sxt, w.dtype)
+    return grad_x.reshape(x.shape), grad_w
+
+
+def _check(x, w, bias, recipe, fwd_dtype, grad_dtype, recipes=RECIPES) -> None:
+    if recipe not in recipes:
+        raise ValueError(f"kp::fp8_linear: recipe {recipe!r} is not one of {recipes}")
     for name, dt in (("fwd_dtype", fwd_dtype), ("grad_dtype", grad_dtype)):
         if dt.itemsize != 1 or not dt.is_floating_point:
             raise ValueError(f"kp::fp8_linear: {name} must be an FP8 dtype, got {dt}")
@@ -77,13 +91,13 @@ def _check(x, w, bias, recipe, fwd_dtype, grad_dtype) -> None:
 
 @torch.library.custom_op("kp::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], recipe: str,
-               fwd_dtype: torch.dtype, grad_dtype: torch.dtype) -> torch.Tensor:
+               fwd_dtype: torch.dtype, grad_dtype: torch.dtype, cache_weight: bool = False) -> torch.Tensor:
     _check(x, w, bias, recipe, fwd_dtype, grad_dtype)
-    return _forward(x.reshape(-1, x.shape[-1]), w, bias, recipe, fwd_dtype).reshape(*x.shape[:-1], w.shape[0])
+    return forward(EMULATED, x, w, bias, recipe, fwd_dtype, cache_weight)
 
 
 @fp8_linear.register_fake
-def _(x, w, bias, recipe, fwd_dtype, grad_dtype):
+def _(x, w, bias, recipe, fwd_dtype, grad_dtype, cache_weight=False):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
@@ -91,20 +105,7 @@ def _(x, w, bias, recipe, fwd_dtype, grad_dtype):
 def fp8_linear_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, recipe: str,
                         fwd_dtype: torch.dtype, grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_x, grad_w)``, both GEMMs on FP8 operands (``grad`` in ``grad_dtype``)."""
-    rowwise = recipe == "rowwise"
-    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-    sg = scale(g2, grad_dtype, rowwise)
-    qg = quantize(g2, sg, grad_dtype)
-    # grad_x [M, K] = g [M, N] @ w [N, K]: w's scales run along N, the contraction, so rowwise
-    # scaling takes w's columns (one scale per K) for this GEMM.
-    wt = w.t()
-    sw = scale(wt, fwd_dtype, rowwise)
-    grad_x = scaled_mm(qg, sg, quantize(wt, sw, fwd_dtype), sw, x.dtype)
-    # grad_w [N, K] = g.T [N, M] @ x [M, K]: contraction over tokens, scales per N and per K.
-    gt, xt = g2.t(), x2.t()
-    sgt, sxt = scale(gt, grad_dtype, rowwise), scale(xt, fwd_dtype, rowwise)
-    grad_w = scaled_mm(quantize(gt, sgt, grad_dtype), sgt, quantize(xt, sxt, fwd_dtype), sxt, w.dtype)
-    return grad_x.reshape(x.shape), grad_w
+    return backward(EMULATED, grad, x, w, recipe, fwd_dtype, grad_dtype)
 
 
 @fp8_linear_backward.register_fake
@@ -112,8 +113,12 @@ def _(grad, x, w, recipe, fwd_dtype, grad_dtype):
     return torch.empty_like(x), torch.empty_like(w)
 
 
+def bias_grad(grad: torch.Tensor) -> torch.Tensor:
+    return grad.reshape(-1, grad.shape[-1]).sum(0)
+
+
 def _setup_context(ctx, inputs, output):
-    x, w, bias, recipe, fwd_dtype, grad_dtype = inputs
+    x, w, bias, recipe, fwd_dtype, grad_dtype, _ = inputs
     ctx.save_for_backward(x, w)
     ctx.args = (recipe, fwd_dtype, grad_dtype)
     ctx.has_bias = bias is not None
@@ -122,8 +127,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     x, w = ctx.saved_tensors
     grad_x, grad_w = torch.ops.kp.fp8_linear_backward(grad, x, w, *ctx.args)
-    grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad_x, grad_w, grad_b, None, None, None
+    return grad_x, grad_w, bias_grad(grad) if ctx.has_bias else None, None, None, None, None
 
 
 fp8_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -101,8 +101,15 @@ def test_without_fp8_on_the_device_nothing_is_converted_and_each_linear_says_why
 def test_fp8_options_are_checked():
     assert parse_options(options={"fp8": True}).fp8 == {}
     assert parse_options(options={"fp8": None}).fp8 is None
-    for bad, msg in [({"recipe": "delayed"}, "fp8 recipe"), ({"exclude": "head"}, "list of glob"),
-                     ({"min_dims": [1, 2]}, "three positive ints"), ({"scale": 1}, "unknown key")]:
+    assert parse_options(options={"fp8": {"recipe": "delayed", "history_len": 4, "margin": 1}}).fp8["history_len"] == 4
+    for bad, msg in [({"recipe": "blockwise"}, "fp8 recipe"), ({"exclude": "head"}, "list of glob"),
+                     ({"min_dims": [1, 2]}, "three positive ints"), ({"scale": 1}, "unknown key"),
+                     ({"recipe": "delayed", "history_len": 0}, "history_len"),
+                     ({"recipe": "delayed", "history_len": True}, "history_len"),
+                     ({"recipe": "delayed", "margin": -1}, "margin"),
+                     ({"recipe": "tensorwise", "margin": 1}, "applies to recipe 'delayed' only"),
+                     ({"recipe": "static", "history_len": 4}, "applies to recipe 'delayed' only"),
+                     ({"emulate": "yes"}, "emulate")]:
         with pytest.raises(ValueError, match=msg):
             parse_options(options={"fp8": bad})
 

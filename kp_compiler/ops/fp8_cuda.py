@@ -1,0 +1,123 @@
+"""CUDA kernels of the ``kp::fp8_*`` linears: ``torch._scaled_mm`` with fused casts.
+
+The op bodies are those of the emulation (``ops/fp8.py``, ``ops/fp8_scaled.py``)
+run with ``KERNELS`` instead of ``fp8_quant.EMULATED``:
+
+- **GEMM**: ``torch._scaled_mm(a, b, scale_a, scale_b)``, ``a [M, K]``
+  row-major, ``b [K, N]`` column-major (passed as ``q(w).t()`` of a
+  row-major ``[N, K]`` tensor), fp32 scales that multiply (dequantization
+  scales, as in the emulation). Tensorwise scales are 0-dim; rowwise
+  ``[M, 1]`` and ``[1, N]``, and rowwise output is bf16 (the only rowwise
+  output every torch from 2.9 on takes), cast afterwards. The second
+  operand is always E4M3 (cuBLAS takes no E5M2 x E5M2, the rowwise CUTLASS
+  kernel wants E4M3 there); gradients in E5M2 come first. K and N must be
+  multiples of 16, which the ``fp8-linear`` step checks; the weight
+  gradient contracts over tokens, so ``pad_tokens`` pads them with zero rows
+  to a multiple of 16 (zeros change neither amax nor the product).
+- **Bias**: fused into ``_scaled_mm`` where the output and bias are bf16,
+  else added in fp32 after the GEMM.
+- **Casts** (amax, scale, saturating cast): the ``fp8_quant`` functions,
+  compiled by Inductor (``torch.compile(dynamic=True)``) into one reduction
+  and one pointwise kernel each; in eager PyTorch the fp32 temporaries cost
+  more than the FP8 GEMM saves. ``KP_FP8_EAGER_CASTS=1`` runs them uncompiled.
+
+``scaled_mm`` checks the layouts ``torch._scaled_mm`` needs on CUDA itself,
+so the CPU tests (torch 2.13's CPU ``_scaled_mm``) catch a wrong layout too.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from . import fp8, fp8_quant, fp8_scaled
+from .fp8_quant import Kernels
+
+ALIGN = 16
+
+
+def _row_major(t: torch.Tensor) -> bool:
+    return t.stride(1) == 1 and t.stride(0) >= t.shape[1]
+
+
+def _col_major(t: torch.Tensor) -> bool:
+    return t.stride(0) == 1 and t.stride(1) >= t.shape[0]
+
+
+def scaled_mm(qa, sa, qb, sb, out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(qa * sa) @ (qb * sb).T (+ bias)`` through ``torch._scaled_mm`` (``qa [M, K]``, ``qb [N, K]``, row-major)."""
+    b = qb.t()
+    if not (_row_major(qa) and _col_major(b)):
+        raise ValueError(f"fp8 scaled_mm: a must be row-major and b column-major; got strides {qa.stride()}, {b.stride()}")
+    if qa.shape[1] % ALIGN or qb.shape[0] % ALIGN:
+        raise ValueError(f"fp8 scaled_mm: K={qa.shape[1]} and N={qb.shape[0]} must be multiples of {ALIGN}")
+    rowwise = sa.dim() == 2
+    if rowwise:
+        sa, sb = sa.float().contiguous(), sb.float().reshape(1, -1).contiguous()
+    mm_dtype = torch.bfloat16 if rowwise else out_dtype
+    fuse_bias = bias is not None and bias.dtype == mm_dtype == torch.bfloat16
+    out = torch._scaled_mm(qa, b, sa, sb, bias=bias if fuse_bias else None, out_dtype=mm_dtype)
+    if bias is not None and not fuse_bias:
+        out = out.float() + bias.float()
+    return out.to(out_dtype)
+
+
+def pad_tokens(t: torch.Tensor) -> torch.Tensor:
+    """``t [M, C]`` with zero rows appended up to a multiple of 16 rows."""
+    extra = -t.shape[0] % ALIGN
+    return t if extra == 0 else torch.cat([t, t.new_zeros(extra, t.shape[1])])
+
+
+@functools.lru_cache(maxsize=None)
+def _fused(name: str):
+    fn = getattr(fp8_quant, name)
+    if os.environ.get("KP_FP8_EAGER_CASTS") == "1":
+        return fn
+    compiled = torch.compile(fn, dynamic=True)
+
+    def run(*args):
+        # One compiled variant per dtype, rowwise flag and layout (a transposed view for the
+        # backward's operands): more than Dynamo's default 8 per function.
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return compiled(*args)
+
+    return run
+
+
+RECOMPILE_LIMIT = 32
+
+
+def _quantize_dynamic(t, dtype, rowwise):
+    return _fused("quantize_dynamic")(t, dtype, rowwise)
+
+
+def _quantize(t, s, dtype):
+    return _fused("quantize")(t, s, dtype)
+
+
+KERNELS = Kernels("scaled_mm", _quantize_dynamic, _quantize, scaled_mm, pad_tokens)
+
+
+@torch.library.register_kernel("kp::fp8_linear", "cuda")
+def _(x, w, bias, recipe, fwd_dtype, grad_dtype, cache_weight=False):
+    fp8._check(x, w, bias, recipe, fwd_dtype, grad_dtype)
+    return fp8.forward(KERNELS, x, w, bias, recipe, fwd_dtype, cache_weight)
+
+
+@torch.library.register_kernel("kp::fp8_linear_backward", "cuda")
+def _(grad, x, w, recipe, fwd_dtype, grad_dtype):
+    return fp8.backward(KERNELS, grad, x, w, recipe, fwd_dtype, grad_dtype)
+
+
+@torch.library.register_kernel("kp::fp8_linear_scaled", "cuda")
+def _(x, w, bias, x_scale, w_scale, grad_state, recipe, fwd_dtype, grad_dtype, margin, cache_weight=False):
+    fp8._check(x, w, bias, recipe, fwd_dtype, grad_dtype, fp8_scaled.RECIPES)
+    return fp8_scaled.forward(KERNELS, x, w, bias, x_scale, w_scale, fwd_dtype, cache_weight)
+
+
+@torch.library.register_kernel("kp::fp8_linear_scaled_backward", "cuda")
+def _(grad, x, w, x_scale, w_scale, grad_state, recipe, fwd_dtype, grad_dtype, margin):
+    return fp8_scaled.backward(KERNELS, grad, x, w, x_scale, w_scale, grad_state, recipe, fwd_dtype, grad_dtype, margin)
