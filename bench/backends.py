@@ -16,6 +16,13 @@ class Backend:
     mode: Optional[str] = None
     options: dict = field(default_factory=dict)
 
+    def for_case(self, kp_options: dict) -> "Backend":
+        """This backend with a case's own kernelpytorch options merged in (other backends unchanged)."""
+        if self.backend != "kernelpytorch" or not kp_options:
+            return self
+        mode = {"mode": self.mode} if self.mode else {}
+        return Backend(self.name, self.backend, None, {**mode, **kp_options, **self.options})
+
     def wrap(self, model: Any) -> Any:
         if self.backend is None:
             return model

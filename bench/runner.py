@@ -114,7 +114,7 @@ def run_backend(case: Case, wl: Workload, backend: Backend, ref, scale: Scale, r
     row: dict = {"backend": backend.name}
     try:
         with _time_limit(row_timeout), dynamo_config(wl.dynamo_config):
-            step = Step(wl, model, backend.wrap(model), case.train, scale.device)
+            step = Step(wl, model, backend.for_case(wl.kp_options).wrap(model), case.train, scale.device)
             _sync(scale.device)
             t0 = time.perf_counter()
             with collect() as records:

@@ -33,6 +33,7 @@ class Workload:
     dynamo_config: dict = field(default_factory=dict)
     note: str = ""
     reference_dtype: Optional[torch.dtype] = None  # the error reference's dtype, where float64 cannot run
+    kp_options: dict = field(default_factory=dict)  # options every kernelpytorch row of this case gets (fp8)
 
 
 @dataclass(frozen=True)
@@ -55,5 +56,5 @@ def case(name: str, group: str, train: bool = False, requires: tuple = ()):
 
 
 def load_all() -> dict[str, Case]:
-    from . import attention, e2e, linear, moe  # noqa: F401  (registration)
+    from . import attention, e2e, fp8, linear, moe  # noqa: F401  (registration)
     return CASES
