@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|leftover   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|leftover   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -91,6 +91,23 @@ case "$stage" in
     timeout "$(left)" python3 -m bench --cases 'moe-e64-top8' 'moe-e64-top8-decode' 'moe-e8-top2' \
       --backends inductor kernelpytorch inductor-reduce-overhead kernelpytorch-reduce-overhead \
       --row-timeout 150 --reps 20 $extra --out "$out" --stem cuda-moe-host 2>"$out/moe-host.log" | tail -30
+    ;;
+  moe-final)
+    # The whole GPU zoo (moe-dispatch is a default on CUDA now), the one-launch schedule's GPU time,
+    # then the forward+backward cases and the MoE model end to end.
+    timeout 170 python3 -m tests.zoo.conformance --device cuda --json-out "$out/zoo-cuda.json" 2>"$out/moe-final.log" | tail -16
+    PYTHONPATH=. timeout 60 python3 -c "
+import torch, kp_compiler.ops.triton_routing as r
+for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
+    ids = torch.randint(0, E, (T, k), device='cuda')
+    for _ in range(3): r.schedule(ids, E, 128 if T > 64 else 16)
+    s, e = torch.cuda.Event(True), torch.cuda.Event(True); s.record()
+    for _ in range(20): r.schedule(ids, E, 128 if T > 64 else 16)
+    e.record(); e.synchronize(); print(f'schedule T={T} k={k} E={E}: {s.elapsed_time(e) / 20 * 1e3:.1f} us per call (back to back)')
+" 2>&1 | tail -4
+    timeout "$(left)" python3 -m bench --cases 'moe-loop-gpt-infer' 'moe-loop-gpt-train' 'moe-e64-top8-fwd-bwd' 'moe-e8-top2-fwd-bwd' \
+      'moe-e64-top8-decode-fwd-bwd' --backends inductor kernelpytorch \
+      --row-timeout 150 --reps 20 $extra --out "$out" --stem cuda-moe-final 2>>"$out/moe-final.log" | tail -22
     ;;
 esac
 echo "stage $stage done after $(( $(date +%s) - start )) s"

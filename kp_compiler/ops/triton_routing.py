@@ -15,7 +15,7 @@ per expert builds its own part of the same schedule:
 
 The result is bit-identical to ``expert_routing.schedule`` (tested), with no
 host sync and static sizes. Each program reads all of ``ids`` twice: ``T*k``
-int64s, 256 KiB at T=4096, top-8, served from L2.
+int64s, 256 KiB at T=4096, top-8, served from L2, in chunks of up to 2048.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def schedule(ids: torch.Tensor, experts: int, block: int) -> Schedule:
     rows = torch.empty(cap, dtype=torch.int32, device=ids.device)
     block_expert = torch.empty(cap // block, dtype=torch.int32, device=ids.device)
     e_pow2 = triton.next_power_of_2(experts)
+    chunk = max(e_pow2, min(2048, triton.next_power_of_2(n)))  # few passes: each program walks all of ids
     _route[(experts,)](flat, rows, block_expert, n, cap, E=experts, E_POW2=e_pow2, BLOCK=block,
-                       CHUNK=max(256, e_pow2), num_warps=4)
+                       CHUNK=chunk, num_warps=8 if chunk >= 1024 else 4)
     return Schedule(rows, block_expert, block, experts, n)
