@@ -9,7 +9,7 @@
 | ``verify``        | ``bool``: check each pass on random inputs         | ``False`` |
 | ``mode``          | as ``torch.compile``'s ``mode`` (which cannot be given together with ``options``) | ``"default"`` |
 | ``inductor_config`` | dict of ``torch._inductor.config`` patches        | ``{}`` |
-| ``fp8``           | ``None`` (off), ``True``, or a dict: ``recipe`` (``"tensorwise"`` (default), ``"rowwise"``, ``"delayed"``, ``"static"``: see ``docs/passes/fp8.md``), ``include`` / ``exclude`` (globs on module paths), ``emulate`` (bool: convert on any device through the exact emulation), ``min_dims`` (``[M, K, N]`` thresholds with ``emulate``), ``history_len`` (delayed: amax history length, 1 to 1024, default 16), ``margin`` (delayed: scale headroom in powers of 2, 0 to 8, default 0) | ``None`` |
+| ``fp8``           | ``None`` (off), ``True``, or a dict: ``recipe`` (``"tensorwise"`` (default), ``"rowwise"``, ``"delayed"``, ``"static"``: see ``docs/passes/fp8.md``), ``include`` / ``exclude`` (globs on module paths), ``emulate`` (bool: convert on any device through the exact emulation), ``min_dims`` (``[M, K, N]`` thresholds replacing the device's size-table row), ``history_len`` (delayed: amax history length, 1 to 1024, default 16), ``margin`` (delayed: scale headroom in powers of 2, 0 to 8, default 0) | ``None`` |
 | ``attention_kernel`` | ``"auto"`` (the table in ``lowering/attention.py``), ``"sdpa"`` (never FlexAttention), ``"flex"`` (FlexAttention wherever it can run, the CPU included) | ``"auto"`` |
 """
 

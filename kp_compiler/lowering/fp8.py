@@ -1,4 +1,4 @@
-"""``fp8-linear``: ``linear(x, weight)`` onto ``kp::fp8_linear`` where FP8 pays (issue 7, first part).
+"""``fp8-linear``: ``linear(x, weight)`` onto ``kp::fp8_linear`` / ``kp::fp8_linear_scaled`` where FP8 pays (issue 7).
 
 Opt-in with ``options={"fp8": {...}}`` (``kp_compiler.options``); it runs
 after the passes, like the attention kernel choice, because whether FP8 pays
@@ -13,9 +13,10 @@ a graph input (a parameter) gets a decision, reported per linear in
   alignment), floating input;
 - the device's row of ``SIZE_TABLE``: the smallest ``M`` (tokens), ``K`` and
   ``N`` at which FP8 was measured faster than bf16. A device without a row
-  is not converted. ``emulate=True`` converts on any device through the
-  op's exact emulation (tests, numerics studies), with the thresholds in
-  ``min_dims`` (default: the H100 row).
+  is not converted. ``min_dims`` replaces the row (on a device with FP8
+  matmuls). ``emulate=True`` converts on any device, through the op's exact
+  emulation where no FP8 kernel exists (tests, numerics studies), with the
+  thresholds in ``min_dims`` (default: the H100 row).
 
 Before::
 
@@ -63,11 +64,13 @@ def module_path(weight: fx.Node) -> str:
 
 
 def thresholds(device: DeviceInfo, emulate: bool, min_dims) -> Optional[tuple]:
+    """The smallest ``(M, K, N)`` converted: ``min_dims`` where given (on a device with FP8, or with
+    ``emulate``), else the device's row of ``SIZE_TABLE`` (the H100 row with ``emulate``)."""
     if emulate:
         return tuple(min_dims) if min_dims is not None else SIZE_TABLE[(9, 0)]
     if device.kind != "cuda" or not fp8_dtypes(device):
         return None
-    return SIZE_TABLE.get(device.capability)
+    return tuple(min_dims) if min_dims is not None else SIZE_TABLE.get(device.capability)
 
 
 def decide(node: fx.Node, device: DeviceInfo, fp8: dict) -> tuple[bool, str]:

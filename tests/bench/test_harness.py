@@ -23,7 +23,7 @@ def test_median_and_ci():
 
 def test_every_group_has_cases():
     groups = {c.group for c in load_all().values()}
-    assert groups == {"attention", "moe", "linear", "fp8-sized", "e2e"}
+    assert groups == {"attention", "moe", "linear", "fp8-sized", "fp8", "e2e"}
     names = set(load_all())
     for must in ("attention-alibi", "attention-gqa-causal-fwd-bwd", "moe-e64-top8-decode",
                  "hf-mistral-train", "hf-bert-infer", "hf-gpt2-train", "moe-loop-gpt-train"):
