@@ -138,7 +138,8 @@ def devices_markdown() -> str:
         "  go to FlexAttention where the FlexAttention column allows it (\"inference\": only without a backward,",
         "  and on the CPU only with `attention_kernel=\"flex\"`), with the Inductor lowering and static shapes;",
         "  elsewhere they stay SDPA with the mask tensor. FA3 is not emitted yet (the column says where it could run).",
-        "- FP8 (issue 7, not built yet) will read the FP8 column; where it is empty the pass does not fire.",
+        "- FP8 (`lowering/fp8.py`) reads the FP8 column; where it is empty the step does not fire. It converts",
+        "  only where the size table has a row (CUDA 9.0) or `min_dims` is given (`docs/passes/fp8.md`).",
     ]
     return "\n".join(lines) + "\n"
 
