@@ -34,16 +34,9 @@ from typing import Optional
 import torch
 
 from ..runtime import fp8_weights
-from .fp8_quant import EMULATED, Kernels, fp8_max, quantize, scale_from_amax  # noqa: F401  (fp8_max re-exported)
+from .fp8_quant import EMULATED, Kernels, fp8_max  # noqa: F401  (fp8_max re-exported)
 
 RECIPES = ("tensorwise", "rowwise")
-
-
-def scale(t: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> torch.Tensor:
-    """fp32 scale(s) so that ``t / scale`` spans the format: a 0-dim tensor, or ``[rows, 1]`` rowwise."""
-    from .fp8_quant import amax
-
-    return scale_from_amax(amax(t, rowwise), dtype)
 
 
 def weight_q(k: Kernels, w: torch.Tensor, dtype: torch.dtype, rowwise: bool, cache: bool):
