@@ -22,6 +22,13 @@ where that cannot run, ``transformers.grouped_mm_fallback``)::
     y = bmm(down[ids.reshape(-1)], h.unsqueeze(-1)).squeeze(-1) * weights.reshape(-1).unsqueeze(-1)
     out = y.view(T, k, d).sum(1)
 
+transformers 5.17 also guards both forms for expert parallelism: the grouped
+form masks rows whose sorted id is a sentinel (``masked_fill(t, ge(sorted_ids,
+E).unsqueeze(-1), 0.0)`` around each projection, and ``sorted_ids.clamp_(max=E
+- 1)``), the batched form clamps the ids to ``[0, E - 1]``. With ids from
+``topk`` over E every guard is a no-op, so the match sees through them; a
+guard with another bound is not a no-op and the form is left as it is.
+
 After (both)::
 
     %routed_experts = kp.routed_experts.default(%x, %ids, %weights, [%gate], [%up], [%down], 'silu')
@@ -95,6 +102,27 @@ class _Form:
     def __init__(self):
         self.nodes: list = []
         self.offsets_of = None  # the flat ids behind the grouped form's shared offsets
+        self.sentinels: list = []  # ``ge(sorted_ids, E)`` masks (transformers 5.17), checked once E is known
+
+    def unmask(self, node):
+        """``node`` through transformers 5.17's expert-parallel sentinel mask, ``masked_fill(t, ge(sorted_ids,
+        E).unsqueeze(-1), 0.0)`` (or ``masked_fill_``): all False when every id is below E (checked in ``_match``)."""
+        if not (_is(node, aten.masked_fill.Scalar, aten.masked_fill_.Scalar) and node.args[2] == 0.0):
+            return node
+        mask = node.args[1]
+        if not (_is(mask, aten.unsqueeze.default) and _is(mask.args[0], aten.ge.Scalar)):
+            return node
+        self.nodes += [node, mask, mask.args[0]]
+        self.sentinels.append(mask.args[0])
+        return node.args[0]
+
+    def unclamp(self, ids):
+        """``ids`` through ``clamp(ids, 0, E - 1)`` (transformers 5.17's batched form), recorded for the bound check."""
+        if _is(ids, aten.clamp.default):
+            self.nodes.append(ids)
+            self.sentinels.append(ids)
+            return ids.args[0]
+        return ids
 
     def take(self, node, *targets):
         if not _is(node, *targets):
@@ -179,13 +207,15 @@ def _match(end: fx.Node) -> Optional[Batched]:
         return None
     if val(first).dtype != val(x).dtype or val(down).dtype != val(x).dtype:
         return None
+    if not all(_no_op_on_ids(guard, E, form) for guard in form.sentinels):
+        return None
     return Batched(x, ids, weights, gate_up, up, down, activation, end, form.nodes)
 
 
 def _projection(form: _Form, node, grouped: bool, perm):
     """(weight param, input, flat ids) of one expert projection."""
     if grouped:
-        gmm = form.take(node, *_grouped_mm_targets())
+        gmm = form.take(form.unmask(node), *_grouped_mm_targets())
         inp, w_t, offs = gmm.args[:3]
         param = _transposed_param(w_t)
         if param is None:
@@ -194,13 +224,13 @@ def _projection(form: _Form, node, grouped: bool, perm):
         inp, casts = _same_dtype_cast(inp)
         form.nodes += casts
         flat_ids = _offsets(form, offs, perm)
-        return param, inp, flat_ids
+        return param, form.unmask(inp), flat_ids
     squeeze = form.take(node, aten.squeeze.dim)
     bmm = form.take(squeeze.args[0], aten.bmm.default)
     picked, col = bmm.args
     form.take(picked, aten.index.Tensor)
     form.take(col, aten.unsqueeze.default)
-    flat_ids = picked.args[1][0]
+    flat_ids = form.unclamp(picked.args[1][0])
     form.take(flat_ids, aten.reshape.default, aten.view.default)
     return picked.args[0], col.args[0], flat_ids
 
@@ -216,6 +246,10 @@ def _offsets(form: _Form, offs, perm):
         form.nodes.append(sorted_ids)
         sorted_ids = sorted_ids.args[0]
     form.take(sorted_ids, operator.getitem)
+    for user in sorted_ids.users:  # transformers 5.17: ``sorted_ids.clamp_(max=E - 1)``, read by nothing after
+        if _is(user, aten.clamp_.default) and not user.users:
+            form.nodes.append(user)
+            form.sentinels.append(user)
     sort = form.take(sorted_ids.args[0], aten.sort.default)
     if not (_is(perm, operator.getitem) and perm.args == (sort, 1)):
         raise LookupError(perm)
@@ -223,6 +257,17 @@ def _offsets(form: _Form, offs, perm):
     flat_ids = form.take(sort.args[0], aten.reshape.default, aten.view.default)
     form.offsets_of = flat_ids
     return flat_ids
+
+
+def _no_op_on_ids(guard: fx.Node, experts: int, form: _Form) -> bool:
+    """A sentinel guard of transformers 5.17 that changes nothing when every id is in ``[0, E)``:
+    ``ge(sorted_ids, E)`` (all False), or ``clamp(ids, lo, hi)`` / ``clamp_`` with ``lo <= 0`` and
+    ``hi >= E - 1`` on the form's own ids."""
+    if _is(guard, aten.ge.Scalar):
+        return guard.args[1] >= experts and _is(guard.args[0], operator.getitem) and guard.args[0] in form.nodes
+    lo = guard.args[1] if len(guard.args) > 1 else guard.kwargs.get("min")
+    hi = guard.args[2] if len(guard.args) > 2 else guard.kwargs.get("max")
+    return (lo is None or lo <= 0) and (hi is None or hi >= experts - 1) and guard.args[0] in form.nodes
 
 
 def _projection_input(form: _Form, proj, grouped: bool, perm):

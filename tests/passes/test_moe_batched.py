@@ -95,3 +95,62 @@ def test_a_form_whose_projection_is_used_elsewhere_is_left_alone(leak):
         hf_moe._batched_linear = original
     torch.testing.assert_close(out, ref)
     assert sum(p.matches for r in records for p in r.passes if p.name == "moe-dispatch") == (0 if leak else 1)
+
+
+class SentinelGuarded(torch.nn.Module):
+    """transformers 5.17's expert-parallel sentinel guards, written out (CI installs a later transformers):
+    grouped form: ``masked_fill(_)`` by ``ge(sorted_ids, bound)`` around each projection and an in-place
+    ``clamp_`` of the sorted ids; batched form: ``clamp(ids, 0, E - 1)``. With ``bound=E`` (5.17) every
+    guard is a no-op for top-k ids; ``bound=E - 1`` masks expert E-1's rows: a different function."""
+
+    def __init__(self, grouped: bool, bound: int, E=4, d=16, f=8):
+        super().__init__()
+        self.grouped, self.bound, self.E = grouped, bound, E
+        self.gate_up = torch.nn.Parameter(torch.randn(E, 2 * f, d) / d ** 0.5)
+        self.down = torch.nn.Parameter(torch.randn(E, d, f) / f ** 0.5)
+        self.router = torch.nn.Linear(d, E, bias=False)
+
+    def forward(self, x):
+        w, ids = torch.topk(torch.softmax(self.router(x), -1), 2)
+        T, k = ids.shape
+        flat_w, flat = w.reshape(-1), ids.reshape(-1)
+        if not self.grouped:
+            flat = flat.clamp(0, self.E - 1)
+            gu = torch.bmm(self.gate_up[flat], x.repeat_interleave(k, 0).unsqueeze(-1)).squeeze(-1)
+            g, u = gu.chunk(2, -1)
+            y = torch.bmm(self.down[flat], (torch.nn.functional.silu(g) * u).unsqueeze(-1)).squeeze(-1)
+            return (y * flat_w.unsqueeze(-1)).view(T, k, x.shape[-1]).sum(1)
+        sorted_ids, perm = torch.sort(flat)
+        xs = x[perm // k]
+        offs = torch.cumsum(torch.histc(sorted_ids.float(), bins=self.E, min=0, max=self.E - 1), 0, dtype=torch.int32)
+        mask = (sorted_ids >= self.bound).unsqueeze(-1)
+        sorted_ids.clamp_(max=self.E - 1)
+        xs.masked_fill_(mask, 0.0)
+        gu = _grouped(xs, self.gate_up.transpose(-2, -1), offs).masked_fill(mask, 0.0)
+        g, u = gu.chunk(2, -1)
+        y = _grouped(torch.nn.functional.silu(g) * u, self.down.transpose(-2, -1), offs).masked_fill(mask, 0.0)
+        y = y * flat_w[perm].unsqueeze(-1)
+        inv = torch.empty_like(perm).index_put_((perm,), torch.arange(T * k))
+        return y[inv].view(T, k, x.shape[-1]).sum(1)
+
+
+def _grouped(inp, w_t, offs):
+    """``torch._grouped_mm`` where it runs on the CPU, else transformers' fallback op (what 5.17 calls)."""
+    from transformers.integrations import moe as hf_moe
+
+    return hf_moe._grouped_mm(inp, w_t, offs=offs)
+
+
+@pytest.mark.parametrize("grouped,bound,fires", [(True, 4, True), (True, 3, False), (False, 4, True)])
+def test_transformers_5_17_sentinel_guards_are_seen_through_only_when_they_are_no_ops(grouped, bound, fires):
+    torch.manual_seed(0)
+    model = SentinelGuarded(grouped, bound)
+    x = torch.randn(10, 16)
+    ref = model(x)
+    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES})
+    with collect() as records:
+        out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert sum(p.matches for r in records for p in r.passes if p.name == "moe-dispatch") == (1 if fires else 0)
+    assert model.gate_up.grad is not None and torch.count_nonzero(model.gate_up.grad) > 0
