@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|leftover   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|leftover   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -108,6 +108,14 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
     timeout "$(left)" python3 -m bench --cases 'moe-loop-gpt-infer' 'moe-loop-gpt-train' 'moe-e64-top8-fwd-bwd' 'moe-e8-top2-fwd-bwd' \
       'moe-e64-top8-decode-fwd-bwd' --backends inductor kernelpytorch \
       --row-timeout 150 --reps 20 $extra --out "$out" --stem cuda-moe-final 2>>"$out/moe-final.log" | tail -22
+    ;;
+  zoo-fp8)
+    # The GPU zoo after the transformers 5.17 guard fix, the FP8 kernels against their emulation,
+    # then transformers' own grouped_mm Mixtral against Inductor.
+    timeout 170 python3 -m tests.zoo.conformance --device cuda --json-out "$out/zoo-cuda.json" 2>"$out/zoo-fp8.log" | tail -14
+    PYTHONPATH=. timeout 120 python3 scripts/gpu_fp8_check.py > "$out/fp8-check.txt" 2>&1; echo "fp8 check rc=$?"
+    timeout "$(left)" python3 -m bench --cases 'hf-mixtral-grouped-mm-*' --backends inductor kernelpytorch \
+      --row-timeout 150 --reps 20 $extra --out "$out" --stem cuda-moe-hf 2>>"$out/zoo-fp8.log" | tail -12
     ;;
 esac
 echo "stage $stage done after $(( $(date +%s) - start )) s"
