@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|leftover   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|leftover   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -116,6 +116,17 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
     PYTHONPATH=. timeout 120 python3 scripts/gpu_fp8_check.py > "$out/fp8-check.txt" 2>&1; echo "fp8 check rc=$?"
     timeout "$(left)" python3 -m bench --cases 'hf-mixtral-grouped-mm-*' --backends inductor kernelpytorch \
       --row-timeout 150 --reps 20 $extra --out "$out" --stem cuda-moe-hf 2>>"$out/zoo-fp8.log" | tail -12
+    ;;
+  fp8)
+    # Issue 7: the FP8 cases (kernelpytorch with options fp8=True) against Inductor bf16, then
+    # transformers' batched_mm Mixtral (moe-dispatch rewrites it) against Inductor.
+    timeout "$(( $(left) - 150 ))" python3 -m bench --groups fp8 --backends inductor kernelpytorch \
+      --row-timeout 200 --reps 20 $extra --out "$out" --stem cuda-fp8 2>"$out/fp8.log" | tail -24
+    timeout "$(left)" python3 -m bench --cases 'hf-mixtral-batched-mm-infer' --backends inductor kernelpytorch \
+      --row-timeout 140 --reps 10 $extra --out "$out" --stem cuda-moe-hf-batched 2>>"$out/fp8.log" | tail -8
+    ;;
+  fp8-loss)
+    PYTHONPATH=. timeout "$(left)" python3 scripts/fp8_loss_curve.py --out "$out" 2>"$out/fp8-loss.log" | tail -20
     ;;
 esac
 echo "stage $stage done after $(( $(date +%s) - start )) s"

@@ -68,6 +68,7 @@ class Batched:
     activation: str
     end: fx.Node  # the sum over k
     nodes: list  # everything the form alone uses
+    grouped: bool = False  # the grouped_mm form (else batched_mm)
 
 
 def _is(node, *targets) -> bool:
@@ -209,7 +210,7 @@ def _match(end: fx.Node) -> Optional[Batched]:
         return None
     if not all(_no_op_on_ids(guard, E, form) for guard in form.sentinels):
         return None
-    return Batched(x, ids, weights, gate_up, up, down, activation, end, form.nodes)
+    return Batched(x, ids, weights, gate_up, up, down, activation, end, form.nodes, grouped)
 
 
 def _projection(form: _Form, node, grouped: bool, perm):

@@ -12,6 +12,12 @@ from tests.utils import filecheck
 PASSES = ["noop-elimination", "moe-dispatch"]  # named: on the CPU the default list leaves moe-dispatch out
 
 
+@pytest.fixture(autouse=True)
+def rewrite_grouped_mm(monkeypatch):
+    """transformers' grouped_mm form is rewritten only on request (it was measured faster left alone)."""
+    monkeypatch.setenv("KP_MOE_REWRITE_GROUPED_MM", "1")
+
+
 def run(model, ids, train, dump_dir=None):
     compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES, "dump_dir": dump_dir})
     with collect() as records:
@@ -154,3 +160,16 @@ def test_transformers_5_17_sentinel_guards_are_seen_through_only_when_they_are_n
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     assert sum(p.matches for r in records for p in r.passes if p.name == "moe-dispatch") == (1 if fires else 0)
     assert model.gate_up.grad is not None and torch.count_nonzero(model.gate_up.grad) > 0
+
+
+def test_by_default_the_grouped_mm_form_is_kept_and_the_report_says_why(monkeypatch):
+    monkeypatch.delenv("KP_MOE_REWRITE_GROUPED_MM")
+    model, vocab = build("mixtral", experts="grouped_mm")
+    ids = torch.randint(0, vocab, (2, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+        out, records = run(model, ids, train=False)
+    torch.testing.assert_close(out.logits, ref, rtol=1e-4, atol=1e-5)
+    (moe,) = [p for r in records for p in r.passes if p.name == "moe-dispatch"]
+    assert moe.matches == 0
+    assert len(moe.notes) == 2 and "KP_MOE_REWRITE_GROUPED_MM=1" in moe.notes[0]  # one per layer
