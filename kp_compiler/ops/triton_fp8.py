@@ -1,0 +1,143 @@
+"""``fp8_quant``'s amax and saturating casts as two Triton kernels (the casts of the CUDA FP8 path).
+
+``quantize_dynamic(t, dtype, rowwise)`` is two launches (and the zero fill of
+the amax buffer), with no host sync:
+
+1. ``_amax``: each program takes a ``[BLOCK_R, BLOCK_C * TILES]`` part of the
+   2-D input (any strides: the backward quantizes transposed views), the
+   largest finite ``|t|`` of each of its rows (non-finite values count as 0,
+   as in ``fp8_quant.amax``), and ``tl.atomic_max``-es it into an fp32
+   buffer of zeros: one entry per row (rowwise), or one in all
+   (tensorwise). Every value is ``>= 0`` and max does not depend on the
+   order, so the result is exact and deterministic.
+2. ``_quantize``: ``scale = amax / fp8_max`` (1 where amax is 0), stored by
+   the programs of the first column block, then ``clamp(t / scale, -max,
+   max)`` in fp32, rounded to nearest even into ``dtype`` and stored
+   contiguous (``[rows, cols]`` of the view it was given, row-major: what
+   ``fp8_cuda.scaled_mm`` takes for both operands).
+
+``quantize(t, scale, dtype)`` is step 2 with a given scale read from device
+memory (0-dim, or ``[rows, 1]``). Divisions are IEEE round-to-nearest
+(``div_rn``), NaN goes through the clamp, so on the same input the bytes equal
+``fp8_quant``'s (``tests/ops/test_triton_fp8.py``). One difference on CUDA:
+eager PyTorch divides a tensor by a Python number as a multiplication by its
+reciprocal there, which may put the scale (``amax / fp8_max``) one ulp away
+from this kernel's exactly rounded quotient (the CPU divides exactly, as here).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8_quant import fp8_max
+
+FP32_MAX = 3.4028234663852886e38
+BLOCK_R, BLOCK_C = 64, 64  # square tiles: a transposed view reads as well as a row-major one
+FORMATS = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}  # mantissa bits, smallest normal exponent
+TILES = 8  # column tiles per amax program: fewer atomics on the tensorwise scalar
+
+
+@triton.jit
+def _amax(x_ptr, out_ptr, R, C, stride_r, stride_c,
+          ROWWISE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col0 = tl.program_id(1) * BLOCK_C * TILES
+    row_offs = rows.to(tl.int64)[:, None] * stride_r
+    best = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for i in range(TILES):
+        cols = col0 + i * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        a = tl.abs(tl.load(x_ptr + row_offs + cols.to(tl.int64)[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32))
+        a = tl.where(a <= FP32_MAX, a, 0.0)  # inf and NaN fail the comparison: left out
+        best = tl.maximum(best, tl.max(a, axis=1))
+    if ROWWISE:
+        tl.atomic_max(out_ptr + rows, best, mask=rows < R)
+    else:
+        tl.atomic_max(out_ptr, tl.max(best, axis=0))
+
+
+@triton.jit
+def _round_to_grid(y, MANT: tl.constexpr, EMIN: tl.constexpr):
+    """``y`` (fp32) rounded to nearest even onto the FP8 format's values (``MANT`` mantissa bits, ``EMIN``)."""
+    a = tl.abs(y)
+    sign = y.to(tl.int32, bitcast=True) ^ a.to(tl.int32, bitcast=True)
+    exp = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, EMIN) - MANT  # log2 of a's FP8 ulp
+    ulp = ((exp + 127) << 23).to(tl.float32, bitcast=True)
+    inv_ulp = ((127 - exp) << 23).to(tl.float32, bitcast=True)
+    # a / ulp < 2**(MANT + 1) is rounded to an integer, half to even, by fp32 addition's rounding
+    r = ((a * inv_ulp + 12582912.0) - 12582912.0) * ulp
+    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quantize(x_ptr, scale_ptr, amax_ptr, q_ptr, R, C, stride_r, stride_c,
+              TOP: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr, ROWWISE: tl.constexpr, FROM_AMAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_rows = rows < R
+    which = rows if ROWWISE else tl.zeros_like(rows)  # the scale of each row
+    if FROM_AMAX:
+        m = tl.load(amax_ptr + which, mask=in_rows, other=0.0)
+        s = tl.where(m > 0, tl.math.div_rn(m, tl.full(m.shape, TOP, tl.float32)), 1.0)
+        first = tl.program_id(1) == 0
+        if not ROWWISE:
+            first = first & (tl.program_id(0) == 0)
+        tl.store(scale_ptr + which, s, mask=in_rows & first)
+    else:
+        s = tl.load(scale_ptr + which, mask=in_rows, other=1.0)
+    rows64, cols64 = rows.to(tl.int64)[:, None], cols.to(tl.int64)[None, :]
+    mask = in_rows[:, None] & (cols[None, :] < C)
+    x = tl.load(x_ptr + rows64 * stride_r + cols64 * stride_c, mask=mask, other=0.0).to(tl.float32)
+    y = tl.math.div_rn(x, tl.broadcast_to(s[:, None], x.shape))
+    y = tl.clamp(y, -TOP, TOP, propagate_nan=tl.PropagateNan.ALL)
+    # Rounded in fp32 first, so the cast is exact: the interpreter's FP8 cast rounds wrongly.
+    y = _round_to_grid(y, MANT, EMIN)
+    tl.store(q_ptr + rows64 * C + cols64, y.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(t: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"triton_fp8: expected a 2-D tensor, got shape {tuple(t.shape)}")
+
+
+def amax(t: torch.Tensor, rowwise: bool) -> torch.Tensor:
+    """``fp8_quant.amax(t, rowwise)``: fp32 max of the finite ``|t|``, 0-dim or ``[rows, 1]``; ``t`` 2-D, any strides."""
+    _check(t)
+    rows, cols = t.shape
+    out = torch.zeros(rows if rowwise else (), dtype=torch.float32, device=t.device)
+    grid = (triton.cdiv(rows, BLOCK_R), triton.cdiv(cols, BLOCK_C * TILES))
+    if t.numel():
+        _amax[grid](t, out, rows, cols, t.stride(0), t.stride(1), ROWWISE=rowwise,
+                    BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, TILES=TILES)
+    return out.view(rows, 1) if rowwise else out
+
+
+def _launch(t, dtype, scale, m, rowwise: bool) -> torch.Tensor:
+    rows, cols = t.shape
+    q = torch.empty(rows, cols, dtype=dtype, device=t.device)
+    grid = (triton.cdiv(rows, BLOCK_R), triton.cdiv(cols, BLOCK_C))
+    if t.numel():
+        _quantize[grid](t, scale, m if m is not None else scale, q, rows, cols, t.stride(0), t.stride(1),
+                        TOP=fp8_max(dtype), MANT=FORMATS[dtype][0], EMIN=FORMATS[dtype][1], ROWWISE=rowwise, FROM_AMAX=m is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+    return q
+
+
+def quantize(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``fp8_quant.quantize``: ``saturate(t / scale)`` in ``dtype``, contiguous ``[rows, cols]``.
+
+    ``scale``: fp32 on ``t``'s device, 0-dim (or one element) or ``[rows, 1]``; read by the kernel.
+    """
+    _check(t)
+    rowwise = scale.numel() != 1
+    if rowwise and scale.shape != (t.shape[0], 1):
+        raise ValueError(f"triton_fp8.quantize: scale must be 0-dim or [{t.shape[0]}, 1], got {tuple(scale.shape)}")
+    return _launch(t, dtype, scale.float().contiguous(), None, rowwise)
+
+
+def quantize_dynamic(t: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fp8_quant.quantize_dynamic``: ``(q, scale)``, the scale from ``t``'s own finite amax."""
+    m = amax(t, rowwise)
+    scale = torch.empty_like(m)
+    return _launch(t, dtype, scale, m, rowwise), scale

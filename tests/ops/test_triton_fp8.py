@@ -1,0 +1,175 @@
+"""``ops/triton_fp8.py`` against ``fp8_quant``: amax, scales and FP8 bytes, through Triton's interpreter on the CPU.
+
+The CUDA path's casts (``KP_FP8_CASTS=triton``) must give what the
+emulation's torch functions give, byte for byte, on every layout the op
+bodies hand them (row-major, transposed views of the backward).
+"""
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from kp_compiler.ops import fp8, fp8_cuda, fp8_quant, fp8_scaled, triton_fp8  # noqa: E402
+from kp_compiler.ops.fp8_quant import EMULATED  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="Triton runs neither on a GPU nor in the interpreter here")
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def _bytes(q: torch.Tensor) -> torch.Tensor:
+    return q.view(torch.uint8)
+
+
+def hard_input() -> torch.Tensor:
+    """37x48 (no block multiple), rows from 1e-6 to 1e6, an all-zero row, +-inf, negative zeros."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 48, generator=g) * torch.logspace(-6, 6, 37)[:, None]
+    x[3] = 0
+    x[4, :5] = -0.0
+    x[5, 7], x[6, 2] = float("inf"), float("-inf")
+    return x
+
+
+def cases():
+    x, y = hard_input(), torch.randn(64, 32, generator=torch.Generator().manual_seed(1)) * 5
+    return {"37x48": x, "37x48.t": x.t(), "64x32-bf16": y.bfloat16(), "64x32-bf16.t": y.bfloat16().t(),
+            "sliced": torch.randn(40, 80)[::2, 8:56]}
+
+
+CASES = cases()
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("rowwise", [False, True], ids=["tensorwise", "rowwise"])
+def test_amax_equals_torch(name, rowwise):
+    t = CASES[name].to(DEVICE)
+    got, want = triton_fp8.amax(t, rowwise), fp8_quant.amax(t, rowwise)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.isfinite(got).all() and got.max() > 0
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("rowwise", [False, True], ids=["tensorwise", "rowwise"])
+@pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+def test_quantize_dynamic_bytes_equal_torch(name, rowwise, dtype):
+    t = CASES[name].to(DEVICE)
+    q, s = triton_fp8.quantize_dynamic(t, dtype, rowwise)
+    want_q, want_s = fp8_quant.quantize_dynamic(t, dtype, rowwise)
+    assert q.dtype == dtype and q.shape == t.shape and q.is_contiguous()
+    torch.testing.assert_close(s, want_s, rtol=0, atol=0)
+    assert torch.equal(_bytes(q), _bytes(want_q))
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+def test_every_value_and_tie_rounds_like_torch(dtype):
+    """Each finite FP8 value, the midpoints between neighbours (ties to even), values just off them,
+    subnormals, and values past the largest (saturated)."""
+    vals = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    vals = vals[torch.isfinite(vals)].unique()
+    mids = (vals[1:] + vals[:-1]) / 2
+    t = torch.cat([vals, mids, mids.nextafter(torch.tensor(float("inf"))), mids.nextafter(torch.tensor(-float("inf"))),
+                   torch.tensor([1e-30, -1e-30, 1e30, -1e30, float("inf"), -float("inf")])])
+    t = torch.cat([t, t.new_zeros(-t.numel() % 64)]).reshape(-1, 64).to(DEVICE)
+    one = torch.tensor(1.0, device=DEVICE)
+    got, want = triton_fp8.quantize(t, one, dtype), fp8_quant.quantize(t, one, dtype)
+    assert torch.equal(_bytes(got), _bytes(want))
+    assert not torch.equal(_bytes(got[:, 1:]), _bytes(want[:, :-1]))  # the comparison can fail
+
+
+@pytest.mark.parametrize("rowwise", [False, True], ids=["tensorwise", "rowwise"])
+def test_quantize_reads_the_given_scale(rowwise):
+    t = CASES["37x48.t"].to(DEVICE)
+    s = fp8_quant.amax(t, rowwise) / 100 if rowwise else torch.tensor(0.37, device=DEVICE)
+    got, want = triton_fp8.quantize(t, s, E4M3), fp8_quant.quantize(t, s, E4M3)
+    assert torch.equal(_bytes(got), _bytes(want))
+    assert (got.float().abs() == 448).any()  # saturated
+
+
+def test_shapes_are_checked():
+    with pytest.raises(ValueError, match="2-D"):
+        triton_fp8.amax(torch.ones(2, 3, 4), False)
+    with pytest.raises(ValueError, match="scale must be"):
+        triton_fp8.quantize(torch.ones(4, 3), torch.ones(3, 1), E4M3)
+
+
+@pytest.fixture
+def triton_casts(monkeypatch):
+    monkeypatch.setenv("KP_FP8_CASTS", "triton")
+
+
+def _inputs(m, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, 32, generator=g) * 3, torch.randn(64, 32, generator=g) / 4,
+            torch.randn(64, generator=g), torch.randn(m, 64, generator=g))
+
+
+def _emulated_mm_kernels():
+    """``fp8_cuda.KERNELS``'s casts with the emulation's GEMM: what the CUDA path computes, minus cuBLAS."""
+    k = fp8_cuda.KERNELS
+    return k._replace(mm=fp8_quant.emulated_mm)
+
+
+def _same(got, want):
+    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recipe", fp8.RECIPES)
+def test_kernels_with_triton_casts_equal_the_emulation(triton_casts, recipe):
+    k = _emulated_mm_kernels()
+    x, w, b, g = _inputs(40, seed=2)
+    assert fp8_cuda.casts_for(x) == "triton"
+    _same(fp8.forward(k, x, w, b, recipe, E4M3), fp8.forward(EMULATED, x, w, b, recipe, E4M3))
+    _same(fp8.backward(k, g, x, w, recipe, E4M3, E5M2), fp8.backward(EMULATED, g, x, w, recipe, E4M3, E5M2))
+
+
+@pytest.mark.parametrize("recipe", fp8_scaled.RECIPES)
+def test_scaled_kernels_with_triton_casts_equal_the_emulation(triton_casts, recipe):
+    k = _emulated_mm_kernels()
+    x, w, b, g = _inputs(40, seed=3)
+    sx, sw = torch.tensor(2.0 / 448), torch.tensor(0.5 / 448)
+    _same(fp8_scaled.forward(k, x, w, b, sx, None, E4M3, False), fp8_scaled.forward(EMULATED, x, w, b, sx, None, E4M3, False))
+    _same(fp8_scaled.forward(k, x, w, b, sx, sw, E4M3, False), fp8_scaled.forward(EMULATED, x, w, b, sx, sw, E4M3, False))
+    _same(fp8_scaled.backward(k, g, x, w, sx, sw, torch.zeros(4), recipe, E4M3, E5M2, 0.0),
+          fp8_scaled.backward(EMULATED, g, x, w, sx, sw, torch.zeros(4), recipe, E4M3, E5M2, 0.0))
+
+
+def test_the_cast_choice_follows_the_environment(monkeypatch):
+    t = torch.ones(2, 2)
+    monkeypatch.delenv("KP_FP8_CASTS", raising=False)
+    monkeypatch.delenv("KP_FP8_EAGER_CASTS", raising=False)
+    assert fp8_cuda.casts_for(t) == "compiled"  # CPU tensor; CUDA ones get "triton"
+    monkeypatch.setenv("KP_FP8_EAGER_CASTS", "1")
+    assert fp8_cuda.casts_for(t) == "eager"
+    monkeypatch.setenv("KP_FP8_CASTS", "triton")
+    assert fp8_cuda.casts_for(t) == "triton"
+    monkeypatch.setenv("KP_FP8_CASTS", "fast")
+    with pytest.raises(ValueError, match="KP_FP8_CASTS"):
+        fp8_cuda.casts_for(t)
+
+
+def _cpu_scaled_mm() -> bool:
+    try:
+        a = torch.zeros(16, 16).to(E4M3)
+        torch._scaled_mm(a, a.t(), torch.tensor(1.0), torch.tensor(1.0), out_dtype=torch.float32)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+@pytest.mark.skipif(DEVICE != "cpu" or not _cpu_scaled_mm(), reason="needs the CPU torch._scaled_mm")
+def test_kernels_through_scaled_mm_with_triton_casts(triton_casts):
+    """``fp8_cuda.KERNELS`` as it is (``torch._scaled_mm``; tensorwise writes fp32, so bit for bit)."""
+    x, w, b, g = _inputs(40, seed=4)
+    _same(fp8.forward(fp8_cuda.KERNELS, x, w, b, "tensorwise", E4M3), fp8.forward(EMULATED, x, w, b, "tensorwise", E4M3))
+    _same(fp8.backward(fp8_cuda.KERNELS, g, x, w, "tensorwise", E4M3, E5M2),
+          fp8.backward(EMULATED, g, x, w, "tensorwise", E4M3, E5M2))
+    got = fp8.forward(fp8_cuda.KERNELS, x, w, b, "rowwise", E4M3)
+    torch.testing.assert_close(got, fp8.forward(EMULATED, x, w, b, "rowwise", E4M3), rtol=8e-3, atol=1e-2)
