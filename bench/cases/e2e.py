@@ -84,8 +84,3 @@ for _name, (_build, _requires) in BUILDERS.items():
         case(f"{_name}-{'train' if _train else 'infer'}", "e2e", train=_train, requires=_requires)(
             lambda scale, b=_build, train=_train: b(scale, train))
 
-# transformers' batched_mm experts path: every token through a gathered copy of its experts' weights.
-# Inference only: its training step runs out of memory at this size under eager and Inductor alike
-# (../shared/anchors.md).
-case("hf-mixtral-batched-mm-infer", "e2e", train=False, requires=("transformers",))(
-    lambda scale: _hf("mixtral", experts="batched_mm")(scale, False))
