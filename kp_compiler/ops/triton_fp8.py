@@ -17,12 +17,12 @@ the amax buffer), with no host sync:
    ``fp8_cuda.scaled_mm`` takes for both operands).
 
 ``quantize(t, scale, dtype)`` is step 2 with a given scale read from device
-memory (0-dim, or ``[rows, 1]``). Divisions are IEEE round-to-nearest
-(``div_rn``), NaN goes through the clamp, so on the same input the bytes equal
-``fp8_quant``'s (``tests/ops/test_triton_fp8.py``). One difference on CUDA:
-eager PyTorch divides a tensor by a Python number as a multiplication by its
-reciprocal there, which may put the scale (``amax / fp8_max``) one ulp away
-from this kernel's exactly rounded quotient (the CPU divides exactly, as here).
+memory (0-dim, or ``[rows, 1]``). ``t / scale`` is IEEE round-to-nearest
+(``div_rn``), as in PyTorch. ``amax / fp8_max`` follows PyTorch on the
+tensor's device: CUDA PyTorch multiplies by the fp32 reciprocal of a Python
+divisor (which can be one ulp off the quotient: seen on an H100 for rowwise
+scales), the CPU divides. So on the same input the scale and the bytes equal
+``fp8_quant``'s on the same device (``tests/ops/test_triton_fp8.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .fp8_quant import fp8_max
 
-FP32_MAX = 3.4028234663852886e38
+FP32_MAX = tl.constexpr(3.4028234663852886e38)
 BLOCK_R, BLOCK_C = 64, 64  # square tiles: a transposed view reads as well as a row-major one
 FORMATS = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}  # mantissa bits, smallest normal exponent
 TILES = 8  # column tiles per amax program: fewer atomics on the tensorwise scalar
@@ -73,14 +73,17 @@ def _round_to_grid(y, MANT: tl.constexpr, EMIN: tl.constexpr):
 
 @triton.jit
 def _quantize(x_ptr, scale_ptr, amax_ptr, q_ptr, R, C, stride_r, stride_c,
-              TOP: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr, ROWWISE: tl.constexpr, FROM_AMAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+              TOP: tl.constexpr, INV_TOP: tl.constexpr, RECIPROCAL: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr, ROWWISE: tl.constexpr, FROM_AMAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_rows = rows < R
     which = rows if ROWWISE else tl.zeros_like(rows)  # the scale of each row
     if FROM_AMAX:
         m = tl.load(amax_ptr + which, mask=in_rows, other=0.0)
-        s = tl.where(m > 0, tl.math.div_rn(m, tl.full(m.shape, TOP, tl.float32)), 1.0)
+        if RECIPROCAL:
+            s = tl.where(m > 0, m * INV_TOP, 1.0)
+        else:
+            s = tl.where(m > 0, tl.math.div_rn(m, tl.full(m.shape, TOP, tl.float32)), 1.0)
         first = tl.program_id(1) == 0
         if not ROWWISE:
             first = first & (tl.program_id(0) == 0)
@@ -114,13 +117,18 @@ def amax(t: torch.Tensor, rowwise: bool) -> torch.Tensor:
     return out.view(rows, 1) if rowwise else out
 
 
+def _inv(top: float) -> float:
+    """``1 / top`` rounded to fp32, as CUDA PyTorch divides by a Python number."""
+    return (torch.tensor(1.0) / torch.tensor(top)).item()
+
+
 def _launch(t, dtype, scale, m, rowwise: bool) -> torch.Tensor:
     rows, cols = t.shape
     q = torch.empty(rows, cols, dtype=dtype, device=t.device)
     grid = (triton.cdiv(rows, BLOCK_R), triton.cdiv(cols, BLOCK_C))
     if t.numel():
         _quantize[grid](t, scale, m if m is not None else scale, q, rows, cols, t.stride(0), t.stride(1),
-                        TOP=fp8_max(dtype), MANT=FORMATS[dtype][0], EMIN=FORMATS[dtype][1], ROWWISE=rowwise, FROM_AMAX=m is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+                        TOP=fp8_max(dtype), INV_TOP=_inv(fp8_max(dtype)), RECIPROCAL=t.is_cuda, MANT=FORMATS[dtype][0], EMIN=FORMATS[dtype][1], ROWWISE=rowwise, FROM_AMAX=m is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     return q
 
 

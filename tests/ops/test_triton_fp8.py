@@ -106,8 +106,8 @@ def triton_casts(monkeypatch):
 
 def _inputs(m, seed):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(m, 32, generator=g) * 3, torch.randn(64, 32, generator=g) / 4,
-            torch.randn(64, generator=g), torch.randn(m, 64, generator=g))
+    return tuple(t.to(DEVICE) for t in (torch.randn(m, 32, generator=g) * 3, torch.randn(64, 32, generator=g) / 4,
+                                        torch.randn(64, generator=g), torch.randn(m, 64, generator=g)))
 
 
 def _emulated_mm_kernels():
@@ -134,11 +134,12 @@ def test_kernels_with_triton_casts_equal_the_emulation(triton_casts, recipe):
 def test_scaled_kernels_with_triton_casts_equal_the_emulation(triton_casts, recipe):
     k = _emulated_mm_kernels()
     x, w, b, g = _inputs(40, seed=3)
-    sx, sw = torch.tensor(2.0 / 448), torch.tensor(0.5 / 448)
+    sx, sw = torch.tensor(2.0 / 448, device=DEVICE), torch.tensor(0.5 / 448, device=DEVICE)
+    state = torch.zeros(4, device=DEVICE)
     _same(fp8_scaled.forward(k, x, w, b, sx, None, E4M3, False), fp8_scaled.forward(EMULATED, x, w, b, sx, None, E4M3, False))
     _same(fp8_scaled.forward(k, x, w, b, sx, sw, E4M3, False), fp8_scaled.forward(EMULATED, x, w, b, sx, sw, E4M3, False))
-    _same(fp8_scaled.backward(k, g, x, w, sx, sw, torch.zeros(4), recipe, E4M3, E5M2, 0.0),
-          fp8_scaled.backward(EMULATED, g, x, w, sx, sw, torch.zeros(4), recipe, E4M3, E5M2, 0.0))
+    _same(fp8_scaled.backward(k, g, x, w, sx, sw, state.clone(), recipe, E4M3, E5M2, 0.0),
+          fp8_scaled.backward(EMULATED, g, x, w, sx, sw, state.clone(), recipe, E4M3, E5M2, 0.0))
 
 
 def test_the_cast_choice_follows_the_environment(monkeypatch):
