@@ -64,8 +64,11 @@ def backward(k: Kernels, grad, x, w, recipe, fwd_dtype, grad_dtype):
     qwt, swt = k.quantize_dynamic(w.t(), fwd_dtype, rowwise)
     grad_x = k.mm(qg, sg, qwt, swt, x.dtype)
     # grad_w [N, K] = g.T [N, M] @ x [M, K]: contraction over tokens, scales per N and per K.
-    g2, x2 = k.pad_tokens(g2), k.pad_tokens(x2)
-    qgt, sgt = k.quantize_dynamic(g2.t(), grad_dtype, rowwise)
+    if rowwise or k.pad_tokens(g2) is not g2:
+        g2, x2 = k.pad_tokens(g2), k.pad_tokens(x2)
+        qgt, sgt = k.quantize_dynamic(g2.t(), grad_dtype, rowwise)
+    else:  # one scale: q(g.T) is q(g).T bit for bit, so transpose the FP8 bytes instead of re-reading g
+        qgt, sgt = qg.t().contiguous(), sg
     qxt, sxt = k.quantize_dynamic(x2.t(), fwd_dtype, rowwise)
     grad_w = k.mm(qgt, sgt, qxt, sxt, w.dtype)
     return grad_x.reshape(x.shape), grad_w
