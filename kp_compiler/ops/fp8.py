@@ -67,8 +67,8 @@ def backward(k: Kernels, grad, x, w, recipe, fwd_dtype, grad_dtype):
     if rowwise or k.pad_tokens(g2) is not g2:
         g2, x2 = k.pad_tokens(g2), k.pad_tokens(x2)
         qgt, sgt = k.quantize_dynamic(g2.t(), grad_dtype, rowwise)
-    else:  # one scale: q(g.T) is q(g).T bit for bit, so transpose the FP8 bytes instead of re-reading g
-        qgt, sgt = qg.t().contiguous(), sg
+    else:  # one scale, the same as q(g)'s: no second amax over g (a copy of q(g).T took 9x longer on an H100)
+        qgt, sgt = k.quantize(g2.t(), sg, grad_dtype), sg
     qxt, sxt = k.quantize_dynamic(x2.t(), fwd_dtype, rowwise)
     grad_w = k.mm(qgt, sgt, qxt, sxt, w.dtype)
     return grad_x.reshape(x.shape), grad_w
