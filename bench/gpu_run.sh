@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|leftover   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -127,6 +127,14 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
     ;;
   fp8-loss)
     PYTHONPATH=. timeout "$(left)" python3 scripts/fp8_loss_curve.py --out "$out" 2>"$out/fp8-loss.log" | tail -20
+    ;;
+  gpu-time)
+    # GPU time alone (--timing gpu: the launch hidden behind a sleep, as in a loop where the CPU runs
+    # ahead): the FP8 cases, whose smallest rows are too short for latency timing, then the MoE forward cases.
+    timeout "$(( $(left) - 240 ))" python3 -m bench --groups fp8 --backends inductor kernelpytorch --timing gpu \
+      --row-timeout 100 --reps 30 $extra --out "$out" --stem cuda-fp8-gpu-time 2>"$out/gpu-time.log" | tail -16
+    timeout "$(left)" python3 -m bench --cases 'moe-e64-top8' 'moe-e64-top8-decode' 'moe-e8-top2' --backends inductor kernelpytorch \
+      --timing gpu --row-timeout 120 --reps 20 $extra --out "$out" --stem cuda-moe-gpu-time 2>>"$out/gpu-time.log" | tail -12
     ;;
 esac
 echo "stage $stage done after $(( $(date +%s) - start )) s"
