@@ -84,9 +84,10 @@ def _quantize(x_ptr, scale_ptr, amax_ptr, q_ptr, R, C, stride_r, stride_c,
             s = tl.where(m > 0, m * INV_TOP, 1.0)
         else:
             s = tl.where(m > 0, tl.math.div_rn(m, tl.full(m.shape, TOP, tl.float32)), 1.0)
-        first = tl.program_id(1) == 0
+        # a tensor, not a scalar: Triton 3.9's interpreter takes no scalar-by-tensor mask
+        first = (tl.zeros_like(rows) + tl.program_id(1)) == 0
         if not ROWWISE:
-            first = first & (tl.program_id(0) == 0)
+            first = first & ((tl.zeros_like(rows) + tl.program_id(0)) == 0)
         tl.store(scale_ptr + which, s, mask=in_rows & first)
     else:
         s = tl.load(scale_ptr + which, mask=in_rows, other=1.0)
