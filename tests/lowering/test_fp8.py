@@ -40,6 +40,7 @@ def compile_with(model, x, **fp8):
     (A100, 8192, 8192, 8192, False, False),   # no FP8 tensor cores
     (ADA, 8192, 8192, 8192, False, False),    # FP8 exists, not measured: not converted
     (DeviceInfo("cpu"), 8192, 8192, 8192, False, False),
+    (DeviceInfo("rocm", None, arch="gfx942"), 8192, 8192, 8192, False, False),  # fnuz formats, not measured
 ])
 def test_size_table_decides_both_sides(device, m, k, n, limits_known, convert):
     limits = thresholds(device, emulate=False, min_dims=None)

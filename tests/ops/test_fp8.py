@@ -65,3 +65,18 @@ def test_opcheck_and_bad_arguments():
         torch.ops.kp.fp8_linear(x, w, None, "delayed", E4M3, E5M2)
     with pytest.raises(ValueError, match="FP8 dtype"):
         torch.ops.kp.fp8_linear(x, w, None, "tensorwise", torch.bfloat16, E5M2)
+
+
+def test_mi300_fnuz_formats_quantize_the_same_way():
+    """ROCm MI300's formats (``float8_e4m3fnuz`` forward, ``float8_e5m2fnuz`` gradients; max 240 and 57344)."""
+    fwd, bwd = torch.float8_e4m3fnuz, torch.float8_e5m2fnuz
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(20, 32, generator=g) * 5).requires_grad_()
+    w = (torch.randn(16, 32, generator=g) / 3).requires_grad_()
+    out = torch.ops.kp.fp8_linear(x, w, None, "tensorwise", fwd, bwd)
+    torch.testing.assert_close(out, q(x.detach(), fwd, False) @ q(w.detach(), fwd, False).t(), rtol=1e-6, atol=1e-5)
+    grad = torch.randn(20, 16, generator=g)
+    gx, gw = torch.autograd.grad(out, [x, w], grad)
+    torch.testing.assert_close(gx, q(grad, bwd, False) @ q(w.detach().t(), fwd, False).t(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(gw, q(grad.t(), bwd, False) @ q(x.detach().t(), fwd, False).t(), rtol=1e-6, atol=1e-5)
+    assert fp8_max(fwd) == 240.0
