@@ -18,8 +18,11 @@ fn = torch.compile(model, backend="kernelpytorch", options={"fp8": True})
 for _ in range(3):
     fn(x).float().square().mean().backward()
 torch.cuda.synchronize()
-with profile(activities=[ProfilerActivity.CUDA]) as prof:
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
     for _ in range(3):
         fn(x).float().square().mean().backward()
     torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=80))
+print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=80))
+# the ATen ops behind them, by input shape (which op launched each elementwise kernel)
+print(prof.key_averages(group_by_input_shape=True).table(sort_by="cuda_time_total", row_limit=40,
+                                                         max_name_column_width=40, max_shapes_column_width=70))
