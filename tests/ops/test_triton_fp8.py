@@ -172,5 +172,21 @@ def test_kernels_through_scaled_mm_with_triton_casts(triton_casts):
     _same(fp8.forward(fp8_cuda.KERNELS, x, w, b, "tensorwise", E4M3), fp8.forward(EMULATED, x, w, b, "tensorwise", E4M3))
     _same(fp8.backward(fp8_cuda.KERNELS, g, x, w, "tensorwise", E4M3, E5M2),
           fp8.backward(EMULATED, g, x, w, "tensorwise", E4M3, E5M2))
+
+
+def _cpu_rowwise_scaled_mm() -> bool:
+    """torch 2.9's CPU ``_scaled_mm`` takes per-tensor scales only (rowwise from torch 2.13)."""
+    try:
+        a = torch.zeros(16, 16).to(E4M3)
+        torch._scaled_mm(a, a.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+@pytest.mark.skipif(DEVICE != "cpu" or not _cpu_rowwise_scaled_mm(), reason="needs rowwise scales in the CPU torch._scaled_mm")
+def test_rowwise_kernels_through_scaled_mm_with_triton_casts(triton_casts):
+    """Rowwise through ``torch._scaled_mm`` (bf16 output, so within bf16 of the emulation)."""
+    x, w, b, g = _inputs(40, seed=4)
     got = fp8.forward(fp8_cuda.KERNELS, x, w, b, "rowwise", E4M3)
     torch.testing.assert_close(got, fp8.forward(EMULATED, x, w, b, "rowwise", E4M3), rtol=8e-3, atol=1e-2)

@@ -141,23 +141,23 @@ class SentinelGuarded(torch.nn.Module):
 
 
 def _grouped(inp, w_t, offs):
-    """``torch._grouped_mm`` where it runs on the CPU, else transformers' fallback op (what 5.17 calls)."""
-    from transformers.integrations import moe as hf_moe
-
-    return hf_moe._grouped_mm(inp, w_t, offs=offs)
+    """``torch._grouped_mm``, what transformers' grouped path calls where it runs (on the CPU too, from torch 2.9)."""
+    return torch._grouped_mm(inp, w_t, offs=offs)
 
 
 @pytest.mark.parametrize("grouped,bound,fires", [(True, 4, True), (True, 3, False), (False, 4, True)])
 def test_transformers_5_17_sentinel_guards_are_seen_through_only_when_they_are_no_ops(grouped, bound, fires):
     torch.manual_seed(0)
-    model = SentinelGuarded(grouped, bound)
-    x = torch.randn(10, 16)
+    dtype = torch.bfloat16 if grouped else torch.float32  # torch._grouped_mm takes bf16 only
+    model = SentinelGuarded(grouped, bound).to(dtype)
+    x = torch.randn(10, 16, dtype=dtype)
     ref = model(x)
     compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES})
     with collect() as records:
         out = compiled(x)
     out.sum().backward()
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    tol = dict(rtol=2e-2, atol=2e-2) if grouped else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, ref, **tol)
     assert sum(p.matches for r in records for p in r.passes if p.name == "moe-dispatch") == (1 if fires else 0)
     assert model.gate_up.grad is not None and torch.count_nonzero(model.gate_up.grad) > 0
 
