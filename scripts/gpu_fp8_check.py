@@ -25,16 +25,6 @@ from kp_compiler.ops.fp8_scaled import HISTORY, SCALE
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
-def _cpu_rowwise() -> bool:
-    """Whether the CPU ``torch._scaled_mm`` takes rowwise scales (torch 2.13 does, 2.9 does not)."""
-    try:
-        a = torch.zeros(16, 16).to(torch.float8_e4m3fn)
-        torch._scaled_mm(a, a.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)
-        return True
-    except (RuntimeError, NotImplementedError):
-        return False
-
-
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
@@ -82,7 +72,7 @@ def main(argv=None) -> int:
     exact = (exact_out, *torch.autograd.grad(exact_out, [xr, wr], gr))
     worst = 0.0
     for recipe in ("tensorwise", "rowwise", "delayed", "static"):
-        if recipe == "rowwise" and not cuda and not _cpu_rowwise():
+        if recipe == "rowwise" and not cuda and not fp8_cuda.cpu_scaled_mm(rowwise=True):
             print("rowwise    skipped: this torch's CPU _scaled_mm takes per-tensor scales only")
             continue
         got = run(recipe, fp8_cuda.KERNELS, x, w, b, gr, via_op=cuda)

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-import torch
+from kp_compiler.ops import fp8_cuda
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,19 +15,10 @@ def run(*args):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _cpu_rowwise() -> bool:
-    try:
-        a = torch.zeros(16, 16).to(torch.float8_e4m3fn)
-        torch._scaled_mm(a, a.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)
-        return True
-    except (RuntimeError, NotImplementedError):
-        return False
-
-
 def test_gpu_fp8_check_smoke_compares_every_recipe():
     proc = run("scripts/gpu_fp8_check.py", "--smoke")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rowwise = ("rowwise",) if _cpu_rowwise() else ()  # torch 2.9's CPU _scaled_mm: per-tensor scales only
+    rowwise = ("rowwise",) if fp8_cuda.cpu_scaled_mm(rowwise=True) else ()  # torch 2.9's CPU _scaled_mm: per-tensor scales only
     for recipe in ("tensorwise", *rowwise, "delayed", "static"):
         assert f"{recipe:10s} grad_w kernel vs emulation" in proc.stdout
     if not rowwise:

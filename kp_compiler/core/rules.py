@@ -228,10 +228,12 @@ class Matches(int):
     """A match count that also carries the per-rule breakdown for the report."""
 
     by_rule: dict
+    notes: list  # lines for the report and ``explain`` (why something was kept, per-node decisions)
 
-    def __new__(cls, by_rule: dict):
+    def __new__(cls, by_rule: dict, notes=()):
         obj = super().__new__(cls, sum(by_rule.values()))
         obj.by_rule = dict(by_rule)
+        obj.notes = list(notes)
         return obj
 
 

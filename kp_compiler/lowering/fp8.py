@@ -132,9 +132,7 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: dict, train: bool =
         converted[recipe] = converted.get(recipe, 0) + 1
     if converted:
         gm.recompile()
-    result = Matches(converted)
-    result.notes = notes
-    return result
+    return Matches(converted, notes)
 
 
 STATEFUL = ("delayed", "static")

@@ -75,6 +75,18 @@ def scaled_mm(qa, sa, qb, sb, out_dtype: torch.dtype, bias: Optional[torch.Tenso
     return out.to(out_dtype)
 
 
+def cpu_scaled_mm(rowwise: bool = False) -> bool:
+    """Whether this torch's CPU ``torch._scaled_mm`` runs tensorwise (with ``rowwise``: rowwise scales too),
+    so the kernel bodies can run on the CPU: torch 2.9's takes per-tensor scales only, 2.13's both."""
+    a = torch.zeros(16, 16).to(torch.float8_e4m3fn)
+    scales = (torch.ones(16, 1), torch.ones(1, 16)) if rowwise else (torch.tensor(1.0), torch.tensor(1.0))
+    try:
+        torch._scaled_mm(a, a.t(), *scales, out_dtype=torch.bfloat16)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
 def pad_tokens(t: torch.Tensor) -> torch.Tensor:
     """``t [M, C]`` with zero rows appended up to a multiple of 16 rows."""
     extra = -t.shape[0] % ALIGN

@@ -341,6 +341,4 @@ def moe_dispatch(gm: fx.GraphModule) -> Matches:
         counts[kind] = counts.get(kind, 0) + 1
     if counts:
         gm.recompile()
-    result = Matches(counts)
-    result.notes = notes
-    return result
+    return Matches(counts, notes)

@@ -156,16 +156,7 @@ def test_the_cast_choice_follows_the_environment(monkeypatch):
         fp8_cuda.casts_for(t)
 
 
-def _cpu_scaled_mm() -> bool:
-    try:
-        a = torch.zeros(16, 16).to(E4M3)
-        torch._scaled_mm(a, a.t(), torch.tensor(1.0), torch.tensor(1.0), out_dtype=torch.float32)
-        return True
-    except (RuntimeError, NotImplementedError):
-        return False
-
-
-@pytest.mark.skipif(DEVICE != "cpu" or not _cpu_scaled_mm(), reason="needs the CPU torch._scaled_mm")
+@pytest.mark.skipif(DEVICE != "cpu" or not fp8_cuda.cpu_scaled_mm(), reason="needs the CPU torch._scaled_mm")
 def test_kernels_through_scaled_mm_with_triton_casts(triton_casts):
     """``fp8_cuda.KERNELS`` as it is (``torch._scaled_mm``; tensorwise writes fp32, so bit for bit)."""
     x, w, b, g = _inputs(40, seed=4)
@@ -174,17 +165,7 @@ def test_kernels_through_scaled_mm_with_triton_casts(triton_casts):
           fp8.backward(EMULATED, g, x, w, "tensorwise", E4M3, E5M2))
 
 
-def _cpu_rowwise_scaled_mm() -> bool:
-    """torch 2.9's CPU ``_scaled_mm`` takes per-tensor scales only (rowwise from torch 2.13)."""
-    try:
-        a = torch.zeros(16, 16).to(E4M3)
-        torch._scaled_mm(a, a.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)
-        return True
-    except (RuntimeError, NotImplementedError):
-        return False
-
-
-@pytest.mark.skipif(DEVICE != "cpu" or not _cpu_rowwise_scaled_mm(), reason="needs rowwise scales in the CPU torch._scaled_mm")
+@pytest.mark.skipif(DEVICE != "cpu" or not fp8_cuda.cpu_scaled_mm(rowwise=True), reason="needs rowwise scales in the CPU torch._scaled_mm")
 def test_rowwise_kernels_through_scaled_mm_with_triton_casts(triton_casts):
     """Rowwise through ``torch._scaled_mm`` (bf16 output, so within bf16 of the emulation)."""
     x, w, b, g = _inputs(40, seed=4)
