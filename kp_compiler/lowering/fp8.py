@@ -30,6 +30,7 @@ After::
 from __future__ import annotations
 
 import fnmatch
+import operator
 from typing import Optional
 
 import torch
@@ -39,6 +40,7 @@ from ..core import context
 from ..core.graph import val
 from ..core.rules import Matches
 from ..ops import fp8 as _fp8  # noqa: F401  (registers kp::fp8_linear)
+from ..ops import fp8_train as _fp8_train  # noqa: F401  (registers kp::fp8_linear_train)
 from ..runtime import fp8_state
 from .capabilities import DeviceInfo, fp8_dtypes
 
@@ -157,6 +159,10 @@ def _emit(gm: fx.GraphModule, node: fx.Node, recipe: str, formats: tuple, state,
     fwd, grad = formats
     graph = gm.graph
     with graph.inserting_before(node):
+        if state is None and recipe == "tensorwise" and not cache:
+            # training: the op also returns the FP8 operands its backward reuses (ops/fp8_train.py)
+            both = graph.call_function(torch.ops.kp.fp8_linear_train.default, (x, w, bias, fwd, grad))
+            return graph.call_function(operator.getitem, (both, 0))
         if state is None:
             return graph.call_function(torch.ops.kp.fp8_linear.default, (x, w, bias, recipe, fwd, grad, cache))
         rows = {}

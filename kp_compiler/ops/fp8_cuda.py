@@ -43,10 +43,8 @@ from typing import Optional
 
 import torch
 
-from . import fp8, fp8_quant, fp8_scaled
-from .fp8_quant import Kernels
-
-ALIGN = 16
+from . import fp8, fp8_quant, fp8_scaled, fp8_train
+from .fp8_quant import ALIGN, Kernels
 
 
 def _row_major(t: torch.Tensor) -> bool:
@@ -138,7 +136,11 @@ def _quantize(t, s, dtype):
     return _casts("quantize", casts_for(t))(t, s, dtype)
 
 
-KERNELS = Kernels("scaled_mm", _quantize_dynamic, _quantize, scaled_mm, pad_tokens)
+def _quantize_pair(t, dtype, s=None):
+    return _casts("quantize_pair", casts_for(t))(t, dtype, s)
+
+
+KERNELS = Kernels("scaled_mm", _quantize_dynamic, _quantize, scaled_mm, pad_tokens, _quantize_pair)
 
 
 def _linear(x, w, bias, recipe, fwd_dtype, grad_dtype, cache_weight=False):
@@ -159,10 +161,20 @@ def _linear_scaled_backward(grad, x, w, x_scale, w_scale, grad_state, recipe, fw
     return fp8_scaled.backward(KERNELS, grad, x, w, x_scale, w_scale, grad_state, recipe, fwd_dtype, grad_dtype, margin)
 
 
+def _linear_train(x, w, bias, fwd_dtype, grad_dtype):
+    fp8._check(x, w, bias, "tensorwise", fwd_dtype, grad_dtype)
+    return fp8_train.forward(KERNELS, x, w, bias, fwd_dtype)
+
+
+def _linear_train_backward(grad, qxt, qwt, sx, sw, grad_dtype, w_dtype):
+    return fp8_train.backward(KERNELS, grad, qxt, qwt, sx, sw, grad_dtype, w_dtype)
+
+
 # On the dispatcher's CUDA key directly, as the routed-experts kernels (lowering/moe.py): custom_op's
 # register_kernel wrapper adds per-call host work, and these run once per linear per step. Every
 # kernel returns fresh tensors (GEMM outputs), never an input.
 _CUDA = torch.library.Library("kp", "IMPL")
 for _name, _fn in (("fp8_linear", _linear), ("fp8_linear_backward", _linear_backward),
-                   ("fp8_linear_scaled", _linear_scaled), ("fp8_linear_scaled_backward", _linear_scaled_backward)):
+                   ("fp8_linear_scaled", _linear_scaled), ("fp8_linear_scaled_backward", _linear_scaled_backward),
+                   ("fp8_linear_train", _linear_train), ("fp8_linear_train_backward", _linear_train_backward)):
     _CUDA.impl(_name, _fn, "CUDA")

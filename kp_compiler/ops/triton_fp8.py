@@ -27,11 +27,13 @@ scales), the CPU divides. So on the same input the scale and the bytes equal
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .fp8_quant import fp8_max
+from .fp8_quant import fp8_max, padded
 
 FP32_MAX = tl.constexpr(3.4028234663852886e38)
 BLOCK_R, BLOCK_C = 64, 64  # square tiles: a transposed view reads as well as a row-major one
@@ -72,8 +74,8 @@ def _round_to_grid(y, MANT: tl.constexpr, EMIN: tl.constexpr):
 
 
 @triton.jit
-def _quantize(x_ptr, scale_ptr, amax_ptr, q_ptr, R, C, stride_r, stride_c,
-              TOP: tl.constexpr, INV_TOP: tl.constexpr, RECIPROCAL: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr, ROWWISE: tl.constexpr, FROM_AMAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _quantize(x_ptr, scale_ptr, amax_ptr, q_ptr, qt_ptr, R, C, RP, stride_r, stride_c,
+              TOP: tl.constexpr, INV_TOP: tl.constexpr, RECIPROCAL: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr, ROWWISE: tl.constexpr, FROM_AMAX: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_rows = rows < R
@@ -98,7 +100,10 @@ def _quantize(x_ptr, scale_ptr, amax_ptr, q_ptr, R, C, stride_r, stride_c,
     y = tl.clamp(y, -TOP, TOP, propagate_nan=tl.PropagateNan.ALL)
     # Rounded in fp32 first, so the cast is exact: the interpreter's FP8 cast rounds wrongly.
     y = _round_to_grid(y, MANT, EMIN)
-    tl.store(q_ptr + rows64 * C + cols64, y.to(q_ptr.dtype.element_ty), mask=mask)
+    q = y.to(q_ptr.dtype.element_ty)
+    tl.store(q_ptr + rows64 * C + cols64, q, mask=mask)
+    if TRANSPOSED:  # the same bytes into qt [C, RP]; rows R..RP were loaded as 0, so its padding is 0
+        tl.store(qt_ptr + cols64 * RP + rows64, q, mask=(rows[:, None] < RP) & (cols[None, :] < C))
 
 
 def _check(t: torch.Tensor) -> None:
@@ -118,19 +123,30 @@ def amax(t: torch.Tensor, rowwise: bool) -> torch.Tensor:
     return out.view(rows, 1) if rowwise else out
 
 
+@functools.lru_cache(maxsize=None)
 def _inv(top: float) -> float:
     """``1 / top`` rounded to fp32, as CUDA PyTorch divides by a Python number."""
     return (torch.tensor(1.0) / torch.tensor(top)).item()
 
 
-def _launch(t, dtype, scale, m, rowwise: bool) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _constants(dtype: torch.dtype) -> dict:
+    top = fp8_max(dtype)
+    return dict(TOP=top, INV_TOP=_inv(top), MANT=FORMATS[dtype][0], EMIN=FORMATS[dtype][1])
+
+
+def _launch(t, dtype, scale, m, rowwise: bool, transposed: bool = False):
+    """``q`` (and with ``transposed`` also ``qt [cols, padded(rows)]``) from one read of ``t``."""
     rows, cols = t.shape
     q = torch.empty(rows, cols, dtype=dtype, device=t.device)
-    grid = (triton.cdiv(rows, BLOCK_R), triton.cdiv(cols, BLOCK_C))
-    if t.numel():
-        _quantize[grid](t, scale, m if m is not None else scale, q, rows, cols, t.stride(0), t.stride(1),
-                        TOP=fp8_max(dtype), INV_TOP=_inv(fp8_max(dtype)), RECIPROCAL=t.is_cuda, MANT=FORMATS[dtype][0], EMIN=FORMATS[dtype][1], ROWWISE=rowwise, FROM_AMAX=m is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
-    return q
+    rp = padded(rows) if transposed else rows
+    qt = torch.empty(cols, rp, dtype=dtype, device=t.device) if transposed else q
+    grid = (triton.cdiv(rp, BLOCK_R), triton.cdiv(cols, BLOCK_C))
+    if rp and cols:
+        _quantize[grid](t, scale, m if m is not None else scale, q, qt, rows, cols, rp, t.stride(0), t.stride(1),
+                        RECIPROCAL=t.is_cuda, ROWWISE=rowwise, FROM_AMAX=m is not None, TRANSPOSED=transposed,
+                        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, **_constants(dtype))
+    return (q, qt) if transposed else q
 
 
 def quantize(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -150,3 +166,15 @@ def quantize_dynamic(t: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tupl
     m = amax(t, rowwise)
     scale = torch.empty_like(m)
     return _launch(t, dtype, scale, m, rowwise), scale
+
+
+def quantize_pair(t: torch.Tensor, dtype: torch.dtype, scale=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fp8_quant.quantize_pair``: ``(q, q.T [cols, padded(rows)], scale)``, tensorwise, one read of ``t``."""
+    _check(t)
+    if scale is None:
+        m = amax(t, False)
+        scale = torch.empty_like(m)
+    else:
+        m, scale = None, scale.float().reshape(())
+    q, qt = _launch(t, dtype, scale, m, False, transposed=True)
+    return q, qt, scale

@@ -62,11 +62,21 @@ def test_converted_above_the_threshold_kept_below_with_reasons(tmp_path):
     assert "up.weight: converted (M=80, K=32, N=64)" in notes
     assert "down.weight: converted (M=80, K=64, N=32)" in notes
     assert "head.weight: kept (M=80, K=32, N=16 below the size table's (64, 32, 32)" in notes
+    # a training graph: the op that also returns the FP8 operands its backward reuses
     dump = open(next(tmp_path.glob("graph-*/*-fp8-linear.txt"))).read()
-    filecheck("CHECK: kp.fp8_linear.default\nCHECK: kp.fp8_linear.default\nCHECK: aten.linear.default"
-              "\nCHECK-SAME: # fp8: kept\n", dump)
+    filecheck("CHECK: kp.fp8_linear_train.default(%l_x_\nCHECK-SAME: float8_e4m3fn[32, 80]"
+              "\nCHECK-NEXT: getitem({{.*}}, 0){{.*}}# fp8: converted, tensorwise (M=80, K=32, N=64)"
+              "\nCHECK: kp.fp8_linear_train.default(%relu\nCHECK: aten.linear.default\nCHECK-SAME: # fp8: kept\n", dump)
     err = ((out - model(x)).norm() / model(x).norm()).item()
     assert 1e-4 < err < 0.1  # FP8 numerics, not the exact result
+    # an inference graph (compiled under no_grad): the plain op, with its weight cache
+    inference = tmp_path / "inference"
+    compiled = torch.compile(model, backend="kernelpytorch",
+                             options={"fp8": {"emulate": True, "min_dims": [64, 32, 32]}, "dump_dir": str(inference)})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), out, rtol=0, atol=0)
+    dump = open(next(inference.glob("graph-*/*-fp8-linear.txt"))).read()
+    filecheck("CHECK: kp.fp8_linear.default(%l_x_{{.*}}, True)\nCHECK: kp.fp8_linear.default\nCHECK-NOT: fp8_linear_train", dump)
 
 
 def test_include_exclude_and_training_gradients_match_the_emulated_reference():
@@ -122,3 +132,22 @@ def test_explain_lists_every_linear_decision():
     assert "fp8-linear" in report
     assert "down.weight: converted (M=80, K=64, N=32)" in report
     assert "up.weight: kept (M=80, K=32, N=64 below" in report and "head.weight: kept" in report
+
+
+def test_tensorwise_training_graph_gradients_equal_the_eager_op():
+    """Compiled with grad enabled, the default recipe runs ``kp::fp8_linear_train``: same output and gradients as
+    ``kp::fp8_linear`` written into the model by hand (the backward reuses the forward's FP8 operands)."""
+    torch.manual_seed(0)
+    model, x = MLP(), torch.randn(2, 40, 32, requires_grad=True)
+    compiled, out, rec = compile_with(model, x, emulate=True, min_dims=[16, 16, 16])
+    assert rec.by_rule == {"tensorwise": 3}
+    e4, e5 = torch.float8_e4m3fn, torch.float8_e5m2
+    ref_x = x.detach().clone().requires_grad_()
+    lin = torch.ops.kp.fp8_linear
+    h = torch.relu(lin(ref_x, model.up.weight, model.up.bias, "tensorwise", e4, e5))
+    ref = lin(lin(h, model.down.weight, None, "tensorwise", e4, e5), model.head.weight, None, "tensorwise", e4, e5)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    grad = torch.randn_like(ref)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(out, [x, *params], grad), torch.autograd.grad(ref, [ref_x, *params], grad)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -171,3 +171,28 @@ def test_rowwise_kernels_through_scaled_mm_with_triton_casts(triton_casts):
     x, w, b, g = _inputs(40, seed=4)
     got = fp8.forward(fp8_cuda.KERNELS, x, w, b, "rowwise", E4M3)
     torch.testing.assert_close(got, fp8.forward(EMULATED, x, w, b, "rowwise", E4M3), rtol=8e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+def test_quantize_pair_writes_both_layouts_like_torch(name, dtype):
+    """One read of ``t``, ``q(t)`` and ``q(t).T`` (columns padded to 16 with zeros), with its own scale or a given one."""
+    t = CASES[name].to(DEVICE)
+    for scale in (None, torch.tensor(0.37, device=DEVICE)):
+        q, qt, s = triton_fp8.quantize_pair(t, dtype, scale)
+        want_q, want_qt, want_s = fp8_quant.quantize_pair(t, dtype, scale)
+        assert qt.shape == (t.shape[1], fp8_quant.padded(t.shape[0])) and qt.is_contiguous()
+        torch.testing.assert_close(s, want_s, rtol=0, atol=0)
+        assert torch.equal(_bytes(q), _bytes(want_q)) and torch.equal(_bytes(qt), _bytes(want_qt))
+        assert torch.equal(_bytes(qt[:, :t.shape[0]]), _bytes(q.t()))
+
+
+def test_train_op_with_triton_casts_equals_the_emulation(triton_casts):
+    from kp_compiler.ops import fp8_train
+
+    k = _emulated_mm_kernels()
+    x, w, b, g = _inputs(40, seed=5)
+    got, want = fp8_train.forward(k, x, w, b, E4M3), fp8_train.forward(EMULATED, x, w, b, E4M3)
+    _same(tuple(t.view(torch.uint8) if t.dtype == E4M3 else t for t in got),
+          tuple(t.view(torch.uint8) if t.dtype == E4M3 else t for t in want))
+    _same(fp8_train.backward(k, g, *got[1:], E5M2, w.dtype), fp8.backward(EMULATED, g, x, w, "tensorwise", E4M3, E5M2))
