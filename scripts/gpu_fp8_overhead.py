@@ -4,7 +4,7 @@ For the 8192^3 linear (inference), the SwiGLU MLP forward+backward and the
 2-layer Llama training step: host ms per call while enqueueing (no sync),
 synchronized wall ms per call, then cProfile's top rows of kernelpytorch's
 call. Diagnostics, not a benchmark (speed claims come from ``python -m bench``).
-    PYTHONPATH=. python scripts/gpu_fp8_overhead.py [--profile] [--cases linear mlp llama]
+    PYTHONPATH=. python scripts/gpu_fp8_overhead.py [--profile] [--cases ops linear mlp llama]
 """
 
 import argparse
@@ -50,15 +50,35 @@ def step_fn(model, x, backend, train, options):
     return run
 
 
+def ops():
+    """Host time per call of the pieces: the GEMMs, the casts, an allocation and a fill."""
+    from kp_compiler.ops import triton_fp8
+
+    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    q, s = triton_fp8.quantize_dynamic(x, torch.float8_e4m3fn, False)
+    pieces = {"torch._scaled_mm": lambda: torch._scaled_mm(q, q.t(), s, s, out_dtype=torch.bfloat16),
+              "torch.mm (bf16)": lambda: torch.mm(x, x),
+              "triton amax": lambda: triton_fp8.amax(x, False),
+              "triton quantize_dynamic": lambda: triton_fp8.quantize_dynamic(x, torch.float8_e4m3fn, False),
+              "triton quantize_pair": lambda: triton_fp8.quantize_pair(x, torch.float8_e4m3fn),
+              "torch.zeros(())": lambda: torch.zeros((), device="cuda"),
+              "torch.empty(4096, 4096)": lambda: torch.empty(4096, 4096, device="cuda")}
+    for name, fn in pieces.items():
+        h, w = per_call(fn, reps=200)
+        print(f"op {name}: {h * 1e3:.1f} us host / {w * 1e3:.1f} us wall per call", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--cases", nargs="*", default=["linear", "mlp", "llama"])
+    ap.add_argument("--cases", nargs="*", default=["ops", "linear", "mlp", "llama"])
     args = ap.parse_args()
+    if "ops" in args.cases:
+        ops()
     scale = Scale(device="cuda", dtype=torch.bfloat16, smoke=False)
     builds = {"linear": (lambda: _linear(scale, 8192, 8192, 8192), False),
               "mlp": (lambda: _mlp(scale, True), True), "llama": (lambda: llama2_train(scale), True)}
-    for name in args.cases:
+    for name in [c for c in args.cases if c != "ops"]:
         build, train = builds[name]
         wl = build()
         model, (x,) = wl.model, wl.inputs
