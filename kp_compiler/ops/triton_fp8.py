@@ -34,11 +34,14 @@ import triton
 import triton.language as tl
 
 from .fp8_quant import fp8_max, padded
+from .triton_launch import Launcher
 
 FP32_MAX = tl.constexpr(3.4028234663852886e38)
-BLOCK_R, BLOCK_C = 64, 64  # square tiles: a transposed view reads as well as a row-major one
+# Tiles and warps of each kernel (square tiles: a transposed view reads as well as a row-major one);
+# scripts/gpu_fp8_cast_tune.py times the alternatives on the GPU.
+CONFIG = {"amax": dict(BLOCK_R=64, BLOCK_C=64, TILES=8, num_warps=4),
+          "quantize": dict(BLOCK_R=64, BLOCK_C=64, num_warps=4)}
 FORMATS = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}  # mantissa bits, smallest normal exponent
-TILES = 8  # column tiles per amax program: fewer atomics on the tensorwise scalar
 
 
 @triton.jit
@@ -106,6 +109,9 @@ def _quantize(x_ptr, scale_ptr, amax_ptr, q_ptr, qt_ptr, R, C, RP, stride_r, str
         tl.store(qt_ptr + cols64 * RP + rows64, q, mask=(rows[:, None] < RP) & (cols[None, :] < C))
 
 
+_AMAX, _QUANTIZE = Launcher(_amax), Launcher(_quantize)
+
+
 def _check(t: torch.Tensor) -> None:
     if t.dim() != 2:
         raise ValueError(f"triton_fp8: expected a 2-D tensor, got shape {tuple(t.shape)}")
@@ -116,10 +122,10 @@ def amax(t: torch.Tensor, rowwise: bool) -> torch.Tensor:
     _check(t)
     rows, cols = t.shape
     out = torch.zeros(rows if rowwise else (), dtype=torch.float32, device=t.device)
-    grid = (triton.cdiv(rows, BLOCK_R), triton.cdiv(cols, BLOCK_C * TILES))
+    cfg = CONFIG["amax"]  # TILES: column tiles per program, fewer atomics on the tensorwise scalar
+    grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(cols, cfg["BLOCK_C"] * cfg["TILES"]))
     if t.numel():
-        _amax[grid](t, out, rows, cols, t.stride(0), t.stride(1), ROWWISE=rowwise,
-                    BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, TILES=TILES)
+        _AMAX(grid, t, out, rows, cols, t.stride(0), t.stride(1), ROWWISE=rowwise, **cfg)
     return out.view(rows, 1) if rowwise else out
 
 
@@ -141,11 +147,12 @@ def _launch(t, dtype, scale, m, rowwise: bool, transposed: bool = False):
     q = torch.empty(rows, cols, dtype=dtype, device=t.device)
     rp = padded(rows) if transposed else rows
     qt = torch.empty(cols, rp, dtype=dtype, device=t.device) if transposed else q
-    grid = (triton.cdiv(rp, BLOCK_R), triton.cdiv(cols, BLOCK_C))
+    cfg = CONFIG["quantize"]
+    grid = (triton.cdiv(rp, cfg["BLOCK_R"]), triton.cdiv(cols, cfg["BLOCK_C"]))
     if rp and cols:
-        _quantize[grid](t, scale, m if m is not None else scale, q, qt, rows, cols, rp, t.stride(0), t.stride(1),
-                        RECIPROCAL=t.is_cuda, ROWWISE=rowwise, FROM_AMAX=m is not None, TRANSPOSED=transposed,
-                        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, **_constants(dtype))
+        _QUANTIZE(grid, t, scale, m if m is not None else scale, q, qt, rows, cols, rp, t.stride(0), t.stride(1),
+                  RECIPROCAL=t.is_cuda, ROWWISE=rowwise, FROM_AMAX=m is not None, TRANSPOSED=transposed,
+                  **_constants(dtype), **cfg)
     return (q, qt) if transposed else q
 
 
