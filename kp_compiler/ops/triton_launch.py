@@ -48,9 +48,13 @@ def _spec(a):
 
 
 def _hooks_set() -> bool:
+    """Whether a launch hook is set (Triton 3.6 keeps them in ``HookChain``s, empty unless a profiler adds one)."""
     knobs = getattr(triton, "knobs", None)
     runtime = getattr(knobs, "runtime", None)
-    return runtime is None or runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
+    if runtime is None:
+        return True
+    hooks = (runtime.launch_enter_hook, runtime.launch_exit_hook)
+    return any(h is not None and getattr(h, "calls", True) for h in hooks)
 
 
 def _stream(device: int) -> int:
