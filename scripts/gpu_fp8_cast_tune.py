@@ -56,14 +56,14 @@ def main():
         for exact in (False, True):
             triton_fp8.EXACT_ROUND = exact
             for br, bc, nw in ((64, 64, 4), (64, 64, 8), (32, 128, 4), (128, 64, 8), (128, 128, 8), (64, 256, 8)):
-                triton_fp8.CONFIG["quantize"] = dict(BLOCK_R=br, BLOCK_C=bc, num_warps=nw)
+                triton_fp8.CONFIG["quantize"] = triton_fp8.CONFIG["quantize_pair"] = dict(BLOCK_R=br, BLOCK_C=bc, num_warps=nw)
                 ok = same(triton_fp8.quantize_pair(t, E4M3, s), want)
                 pair = gpu_ms(lambda: triton_fp8.quantize_pair(t, E4M3, s))
                 one = gpu_ms(lambda: triton_fp8.quantize(t, s, E4M3))
                 print(f"[{r}x{c}] exact_round={exact} BLOCK_R={br} BLOCK_C={bc} warps={nw}: quantize_pair {pair * 1e3:.1f} us "
                       f"({4 * n / pair / 1e6:.0f} GB/s), quantize {one * 1e3:.1f} us ({3 * n / one / 1e6:.0f} GB/s)"
                       f"{'' if ok else ' WRONG'}", flush=True)
-        triton_fp8.CONFIG["quantize"] = default["quantize"]
+        triton_fp8.CONFIG["quantize"], triton_fp8.CONFIG["quantize_pair"] = default["quantize"], default["quantize_pair"]
         triton_fp8.EXACT_ROUND = False
         del t
     print(f"launches: amax {triton_fp8._AMAX.stats}, quantize {triton_fp8._QUANTIZE.stats}")
