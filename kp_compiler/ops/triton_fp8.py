@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_quant import fp8_max, padded
+from .fp8_quant import ALIGN, fp8_max, padded
 from .triton_launch import Launcher
 
 FP32_MAX = tl.constexpr(3.4028234663852886e38)
@@ -150,20 +150,19 @@ def _constants(dtype: torch.dtype) -> dict:
     return dict(TOP=top, INV_TOP=_inv(top), MANT=FORMATS[dtype][0], EMIN=FORMATS[dtype][1])
 
 
-def _launch(t, dtype, scale, m, rowwise: bool, transposed: bool = False):
-    """``q`` (and with ``transposed`` also ``qt [cols, padded(rows)]``) from one read of ``t``."""
+def _launch(t, dtype, scale, m, rowwise: bool, rp: int = 0):
+    """``q``, and with ``rp`` (a multiple of the pair kernel's ``BLOCK_R``) also ``qt [cols, rp]``, from one read of ``t``."""
     rows, cols = t.shape
     q = torch.empty(rows, cols, dtype=dtype, device=t.device)
-    rp = padded(rows) if transposed else rows
-    qt = torch.empty(cols, rp, dtype=dtype, device=t.device) if transposed else q
-    cfg = CONFIG["quantize_pair" if transposed else "quantize"]
-    grid = (triton.cdiv(rp, cfg["BLOCK_R"]), triton.cdiv(cols, cfg["BLOCK_C"]))
-    if rp and cols:
+    qt = torch.empty(cols, rp, dtype=dtype, device=t.device) if rp else q
+    cfg = CONFIG["quantize_pair" if rp else "quantize"]
+    grid = (triton.cdiv(max(rows, rp), cfg["BLOCK_R"]), triton.cdiv(cols, cfg["BLOCK_C"]))
+    if rows and cols:
         _QUANTIZE(grid, t, scale, m if m is not None else scale, q, qt, rows, cols, rp, t.stride(0), t.stride(1),
-                  RECIPROCAL=t.is_cuda, ROWWISE=rowwise, FROM_AMAX=m is not None, TRANSPOSED=transposed,
+                  RECIPROCAL=t.is_cuda, ROWWISE=rowwise, FROM_AMAX=m is not None, TRANSPOSED=bool(rp),
                   EXACT_ROUND=EXACT_ROUND or not t.is_cuda,
                   **_constants(dtype), **cfg)
-    return (q, qt) if transposed else q
+    return (q, qt) if rp else q
 
 
 def quantize(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -185,13 +184,26 @@ def quantize_dynamic(t: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tupl
     return _launch(t, dtype, scale, m, rowwise), scale
 
 
-def quantize_pair(t: torch.Tensor, dtype: torch.dtype, scale=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``fp8_quant.quantize_pair``: ``(q, q.T [cols, padded(rows)], scale)``, tensorwise, one read of ``t``."""
+def quantize_pair(t: torch.Tensor, dtype: torch.dtype, scale=None,
+                  pad: int = ALIGN) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fp8_quant.quantize_pair``: ``(q, q.T [cols, padded(rows, pad)], scale)``, tensorwise.
+
+    One read of ``t`` where the padded row count is a whole number of the pair
+    kernel's row tiles (tokens are padded so); otherwise ``q.T`` is a second
+    cast of ``t``'s transposed view: a partial row tile of the paired store
+    came out wrong on the H100 (Triton 3.6), so that store never sees one.
+    """
     _check(t)
     if scale is None:
         m = amax(t, False)
         scale = torch.empty_like(m)
     else:
         m, scale = None, scale.float().reshape(())
-    q, qt = _launch(t, dtype, scale, m, False, transposed=True)
-    return q, qt, scale
+    rows = t.shape[0]
+    rp = padded(rows, pad)
+    if rp % CONFIG["quantize_pair"]["BLOCK_R"] == 0:
+        q, qt = _launch(t, dtype, scale, m, False, rp)
+        return q, qt, scale
+    q = _launch(t, dtype, scale, m, False)  # with m: also stores the scale the second cast reads
+    tp = t if rp == rows else torch.cat([t, t.new_zeros(rp - rows, t.shape[1])])
+    return q, _launch(tp.t(), dtype, scale, None, False), scale
