@@ -136,8 +136,8 @@ def _quantize(t, s, dtype):
     return _casts("quantize", casts_for(t))(t, s, dtype)
 
 
-def _quantize_pair(t, dtype, s=None, pad=ALIGN):
-    return _casts("quantize_pair", casts_for(t))(t, dtype, s, pad)
+def _quantize_pair(t, dtype, s=None):
+    return _casts("quantize_pair", casts_for(t))(t, dtype, s)
 
 
 KERNELS = Kernels("scaled_mm", _quantize_dynamic, _quantize, scaled_mm, pad_tokens, _quantize_pair)

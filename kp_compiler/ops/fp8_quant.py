@@ -54,28 +54,24 @@ def quantize_dynamic(t: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tupl
 ALIGN = 16  # torch._scaled_mm's alignment of the contraction and output dims
 
 
-def padded(n: int, to: int = ALIGN) -> int:
-    """``n`` rounded up to a multiple of ``to``."""
-    return -(-n // to) * to
+def padded(n: int) -> int:
+    """``n`` rounded up to a multiple of ``ALIGN``."""
+    return -(-n // ALIGN) * ALIGN
 
 
-TOKEN_PAD = 64  # q(x).T's and q(g).T's token columns: whole row tiles of the paired cast kernel
-
-
-def quantize_pair(t: torch.Tensor, dtype: torch.dtype, s: Optional[torch.Tensor] = None,
-                  pad: int = ALIGN) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_pair(t: torch.Tensor, dtype: torch.dtype,
+                  s: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q(t), q(t).T, scale)`` of a 2-D ``t [R, C]`` with one (tensorwise) scale, ``t``'s own unless given.
 
-    ``q(t).T`` is contiguous ``[C, padded(R, pad)]``, its extra columns zero:
-    the operand of a GEMM that contracts over ``t``'s rows (the backward's
-    weight gradient contracts over tokens, padded to ``TOKEN_PAD``). The two
-    are the same bytes laid out twice, so a training step quantizes each
-    tensor once.
+    ``q(t).T`` is contiguous ``[C, padded(R)]``, its extra columns zero: the
+    operand of a GEMM that contracts over ``t``'s rows (the backward's weight
+    gradient contracts over tokens). The two are the same bytes laid out
+    twice, so a training step quantizes each tensor once.
     """
     if s is None:
         s = scale_from_amax(amax(t, False), dtype)
     tt = t.t()
-    extra = padded(t.shape[0], pad) - t.shape[0]
+    extra = padded(t.shape[0]) - t.shape[0]
     if extra:  # zeros quantize to zeros
         tt = torch.cat([tt, tt.new_zeros(tt.shape[0], extra)], 1)
     return quantize(t, s, dtype), quantize(tt, s, dtype), s
@@ -97,7 +93,7 @@ class Kernels(NamedTuple):
     (tensorwise) or ``[M, 1]`` / ``[N, 1]`` (rowwise). ``pad_tokens(t)``
     pads a ``[M, C]`` tensor with zero rows where the GEMM's contraction
     over tokens needs it (the backward's weight gradient).
-    ``quantize_pair(t, dtype, scale=None, pad=ALIGN)`` is ``fp8_quant.quantize_pair``.
+    ``quantize_pair(t, dtype, scale=None)`` is ``fp8_quant.quantize_pair``.
     """
 
     name: str

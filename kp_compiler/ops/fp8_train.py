@@ -4,7 +4,7 @@
 -> (out, qxt, qwt, sx, sw)`` computes what ``kp::fp8_linear(..., "tensorwise")``
 computes, and also returns the FP8 operands its backward needs:
 
-- ``qxt = q(x).T`` ``[K, Mp]`` (``M`` padded to ``TOKEN_PAD`` with zeros) and ``qwt = q(w).T`` ``[K, N]``, written
+- ``qxt = q(x).T`` ``[K, Mp]`` (``M`` padded to a multiple of 16 with zeros) and ``qwt = q(w).T`` ``[K, N]``, written
   by the same kernel that writes ``q(x)`` and ``q(w)`` (one read of ``x`` and
   ``w``), and their scales ``sx``, ``sw`` (0-dim fp32).
 
@@ -33,12 +33,12 @@ from typing import Optional
 import torch
 
 from .fp8 import _check, bias_grad
-from .fp8_quant import EMULATED, TOKEN_PAD, Kernels, padded
+from .fp8_quant import EMULATED, Kernels, padded
 
 
 def forward(k: Kernels, x, w, bias, fwd_dtype):
     x2 = x.reshape(-1, x.shape[-1])
-    qx, qxt, sx = k.quantize_pair(x2, fwd_dtype, None, TOKEN_PAD)
+    qx, qxt, sx = k.quantize_pair(x2, fwd_dtype)
     qw, qwt, sw = k.quantize_pair(w, fwd_dtype)
     out = k.mm(qx, sx, qw, sw, x.dtype, bias).reshape(*x.shape[:-1], w.shape[0])
     return out, qxt, qwt, sx, sw
@@ -47,7 +47,7 @@ def forward(k: Kernels, x, w, bias, fwd_dtype):
 def backward(k: Kernels, grad, qxt, qwt, sx, sw, grad_dtype, w_dtype):
     """``(grad_x, grad_w)``: ``q(g) [M, N] @ q(w) [N, K]`` and ``q(g).T [N, Mp] @ q(x) [Mp, K]``."""
     g2 = grad.reshape(-1, grad.shape[-1])
-    qg, qgt, sg = k.quantize_pair(g2, grad_dtype, None, TOKEN_PAD)
+    qg, qgt, sg = k.quantize_pair(g2, grad_dtype)
     grad_x = k.mm(qg, sg, qwt, sw, grad.dtype)
     grad_w = k.mm(qgt, sg, qxt, sx, w_dtype)
     return grad_x.reshape(*grad.shape[:-1], qwt.shape[0]), grad_w
@@ -65,7 +65,7 @@ def _(x, w, bias, fwd_dtype, grad_dtype):
     m = x.numel() // x.shape[-1]
     k, n = w.shape[1], w.shape[0]
     scale = x.new_empty((), dtype=torch.float32)
-    return (x.new_empty(*x.shape[:-1], n), x.new_empty(k, padded(m, TOKEN_PAD), dtype=fwd_dtype),
+    return (x.new_empty(*x.shape[:-1], n), x.new_empty(k, padded(m), dtype=fwd_dtype),
             w.new_empty(k, n, dtype=fwd_dtype), scale, scale.clone())
 
 

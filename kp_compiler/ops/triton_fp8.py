@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_quant import ALIGN, fp8_max, padded
+from .fp8_quant import fp8_max, padded
 from .triton_launch import Launcher
 
 FP32_MAX = tl.constexpr(3.4028234663852886e38)
@@ -82,7 +82,7 @@ def _round_to_grid(y, MANT: tl.constexpr, EMIN: tl.constexpr):
 
 
 @triton.jit
-def _quantize(x_ptr, scale_ptr, amax_ptr, q_ptr, qt_ptr, R, C, RP, stride_r, stride_c,
+def _quantize(x_ptr, scale_ptr, amax_ptr, q_ptr, qt_ptr, R, C, stride_r, stride_c,
               TOP: tl.constexpr, INV_TOP: tl.constexpr, RECIPROCAL: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr, ROWWISE: tl.constexpr, FROM_AMAX: tl.constexpr, TRANSPOSED: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -110,15 +110,9 @@ def _quantize(x_ptr, scale_ptr, amax_ptr, q_ptr, qt_ptr, R, C, RP, stride_r, str
         y = _round_to_grid(y, MANT, EMIN)
     q = y.to(q_ptr.dtype.element_ty)
     tl.store(q_ptr + rows64 * C + cols64, q, mask=mask)
-    if TRANSPOSED:  # the same bytes into qt [C, RP]; rows R..RP were loaded as 0, so its padding is 0
-        # Stored as the [BLOCK_C, BLOCK_R] tile it is in qt, rows last: the same store written with
-        # [BLOCK_R, BLOCK_C] offsets left partial tiles unwritten on an H100 (Triton 3.6).
-        t_offs = cols.to(tl.int64)[:, None] * RP + rows.to(tl.int64)[None, :]
-        t_mask = (cols[:, None] < C) & (rows[None, :] < RP)
-        tl.store(qt_ptr + t_offs, tl.trans(q), mask=t_mask)
-
-
-_AMAX, _QUANTIZE = Launcher(_amax), Launcher(_quantize)
+    if TRANSPOSED:  # the same bytes into qt [C, R], stored as the [BLOCK_C, BLOCK_R] tile they are there
+        t_offs = cols.to(tl.int64)[:, None] * R + rows.to(tl.int64)[None, :]
+        tl.store(qt_ptr + t_offs, tl.trans(q), mask=(cols[:, None] < C) & (rows[None, :] < R))
 
 
 def _check(t: torch.Tensor) -> None:
@@ -150,19 +144,19 @@ def _constants(dtype: torch.dtype) -> dict:
     return dict(TOP=top, INV_TOP=_inv(top), MANT=FORMATS[dtype][0], EMIN=FORMATS[dtype][1])
 
 
-def _launch(t, dtype, scale, m, rowwise: bool, rp: int = 0):
-    """``q``, and with ``rp`` (a multiple of the pair kernel's ``BLOCK_R``) also ``qt [cols, rp]``, from one read of ``t``."""
+def _launch(t, dtype, scale, m, rowwise: bool, transposed: bool = False):
+    """``q``, and with ``transposed`` (rows a whole number of the pair kernel's ``BLOCK_R``) also ``qt = q.T``."""
     rows, cols = t.shape
     q = torch.empty(rows, cols, dtype=dtype, device=t.device)
-    qt = torch.empty(cols, rp, dtype=dtype, device=t.device) if rp else q
-    cfg = CONFIG["quantize_pair" if rp else "quantize"]
-    grid = (triton.cdiv(max(rows, rp), cfg["BLOCK_R"]), triton.cdiv(cols, cfg["BLOCK_C"]))
+    qt = torch.empty(cols, rows, dtype=dtype, device=t.device) if transposed else q
+    cfg = CONFIG["quantize_pair" if transposed else "quantize"]
+    grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(cols, cfg["BLOCK_C"]))
     if rows and cols:
-        _QUANTIZE(grid, t, scale, m if m is not None else scale, q, qt, rows, cols, rp, t.stride(0), t.stride(1),
-                  RECIPROCAL=t.is_cuda, ROWWISE=rowwise, FROM_AMAX=m is not None, TRANSPOSED=bool(rp),
+        _QUANTIZE(grid, t, scale, m if m is not None else scale, q, qt, rows, cols, t.stride(0), t.stride(1),
+                  RECIPROCAL=t.is_cuda, ROWWISE=rowwise, FROM_AMAX=m is not None, TRANSPOSED=transposed,
                   EXACT_ROUND=EXACT_ROUND or not t.is_cuda,
                   **_constants(dtype), **cfg)
-    return (q, qt) if rp else q
+    return (q, qt) if transposed else q
 
 
 def quantize(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -184,14 +178,13 @@ def quantize_dynamic(t: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tupl
     return _launch(t, dtype, scale, m, rowwise), scale
 
 
-def quantize_pair(t: torch.Tensor, dtype: torch.dtype, scale=None,
-                  pad: int = ALIGN) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``fp8_quant.quantize_pair``: ``(q, q.T [cols, padded(rows, pad)], scale)``, tensorwise.
+def quantize_pair(t: torch.Tensor, dtype: torch.dtype, scale=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fp8_quant.quantize_pair``: ``(q, q.T [cols, padded(rows)], scale)``, tensorwise.
 
-    One read of ``t`` where the padded row count is a whole number of the pair
-    kernel's row tiles (tokens are padded so); otherwise ``q.T`` is a second
-    cast of ``t``'s transposed view: a partial row tile of the paired store
-    came out wrong on the H100 (Triton 3.6), so that store never sees one.
+    One read of ``t`` where its rows are a whole number of the pair kernel's
+    row tiles (token counts usually are); otherwise ``q.T`` is a second cast,
+    of ``t``'s transposed view: on the H100 (Triton 3.6) the paired store gave
+    wrong bytes in a tile with rows past the end (the interpreter did not).
     """
     _check(t)
     if scale is None:
@@ -200,10 +193,10 @@ def quantize_pair(t: torch.Tensor, dtype: torch.dtype, scale=None,
     else:
         m, scale = None, scale.float().reshape(())
     rows = t.shape[0]
-    rp = padded(rows, pad)
-    if rp % CONFIG["quantize_pair"]["BLOCK_R"] == 0:
-        q, qt = _launch(t, dtype, scale, m, False, rp)
+    if rows % CONFIG["quantize_pair"]["BLOCK_R"] == 0:
+        q, qt = _launch(t, dtype, scale, m, False, transposed=True)
         return q, qt, scale
     q = _launch(t, dtype, scale, m, False)  # with m: also stores the scale the second cast reads
+    rp = padded(rows)
     tp = t if rp == rows else torch.cat([t, t.new_zeros(rp - rows, t.shape[1])])
     return q, _launch(tp.t(), dtype, scale, None, False), scale

@@ -64,7 +64,7 @@ def test_converted_above_the_threshold_kept_below_with_reasons(tmp_path):
     assert "head.weight: kept (M=80, K=32, N=16 below the size table's (64, 32, 32)" in notes
     # a training graph: the op that also returns the FP8 operands its backward reuses
     dump = open(next(tmp_path.glob("graph-*/*-fp8-linear.txt"))).read()
-    filecheck("CHECK: kp.fp8_linear_train.default(%l_x_\nCHECK-SAME: float8_e4m3fn[32, 128]"
+    filecheck("CHECK: kp.fp8_linear_train.default(%l_x_\nCHECK-SAME: float8_e4m3fn[32, 80]"
               "\nCHECK-NEXT: getitem({{.*}}, 0){{.*}}# fp8: converted, tensorwise (M=80, K=32, N=64)"
               "\nCHECK: kp.fp8_linear_train.default(%relu\nCHECK: aten.linear.default\nCHECK-SAME: # fp8: kept\n", dump)
     err = ((out - model(x)).norm() / model(x).norm()).item()

@@ -16,11 +16,11 @@ def leaves(m, seed=0):
             torch.randn(48, generator=g).requires_grad_(), torch.randn(m, 5, 48, generator=g))
 
 
-@pytest.mark.parametrize("m", [16, 3])  # 80 and 15 tokens: the weight gradient's contraction padded to 128 and 64
+@pytest.mark.parametrize("m", [128, 16, 3])  # 640 tokens (whole tiles of the paired cast); 80; 15 (padded to 16)
 def test_equals_the_tensorwise_op_bit_for_bit_forward_and_backward(m):
     x, w, b, grad = leaves(m)
     out, qxt, qwt, sx, sw = torch.ops.kp.fp8_linear_train(x, w, b, E4M3, E5M2)
-    assert qxt.dtype == qwt.dtype == E4M3 and qxt.shape == (32, fp8_quant.padded(5 * m, fp8_quant.TOKEN_PAD)) and qwt.shape == (32, 48)
+    assert qxt.dtype == qwt.dtype == E4M3 and qxt.shape == (32, fp8_quant.padded(5 * m)) and qwt.shape == (32, 48)
     assert not (qxt.requires_grad or qwt.requires_grad or sx.requires_grad)
     assert qxt[:, 5 * m:].float().abs().sum() == 0  # the padding is zeros
     ref_leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
@@ -46,7 +46,7 @@ def test_the_backward_keeps_fp8_operands_not_the_inputs():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = torch.ops.kp.fp8_linear_train(x, w, b, E4M3, E5M2)[0]
     assert [t.dtype for t in saved] == [E4M3, E4M3, torch.float32, torch.float32]
-    assert [tuple(t.shape) for t in saved] == [(32, 128), (32, 48), (), ()]  # 80 tokens padded to 128
+    assert [tuple(t.shape) for t in saved] == [(32, 80), (32, 48), (), ()]
     out.backward(grad)
     assert x.grad is not None and w.grad is not None and b.grad is not None
 
@@ -63,7 +63,7 @@ def test_opcheck_and_an_unused_output():
 
 
 @pytest.mark.skipif(not fp8_cuda.cpu_scaled_mm(), reason="this torch has no CPU torch._scaled_mm")
-@pytest.mark.parametrize("m", [16, 3])
+@pytest.mark.parametrize("m", [128, 16, 3])
 def test_the_cuda_kernel_path_equals_the_emulation(m):
     """``fp8_cuda.KERNELS`` (``torch._scaled_mm``, compiled casts) on the CPU, byte for byte."""
     x, w, b, grad = (t.detach() for t in leaves(m, seed=3))
