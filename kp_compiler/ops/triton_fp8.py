@@ -115,6 +115,9 @@ def _quantize(x_ptr, scale_ptr, amax_ptr, q_ptr, qt_ptr, R, C, stride_r, stride_
         tl.store(qt_ptr + t_offs, tl.trans(q), mask=(cols[:, None] < C) & (rows[None, :] < R))
 
 
+_AMAX, _QUANTIZE = Launcher(_amax), Launcher(_quantize)
+
+
 def _check(t: torch.Tensor) -> None:
     if t.dim() != 2:
         raise ValueError(f"triton_fp8: expected a 2-D tensor, got shape {tuple(t.shape)}")
