@@ -41,7 +41,7 @@ FP32_MAX = tl.constexpr(3.4028234663852886e38)
 # scripts/gpu_fp8_cast_tune.py times the alternatives on the GPU.
 CONFIG = {"amax": dict(BLOCK_R=32, BLOCK_C=128, TILES=4, num_warps=8),
           "quantize": dict(BLOCK_R=64, BLOCK_C=64, num_warps=4),
-          "quantize_pair": dict(BLOCK_R=64, BLOCK_C=64, num_warps=8)}
+          "quantize_pair": dict(BLOCK_R=64, BLOCK_C=64, num_warps=8, PAIR_STORE=0)}
 # On CUDA the final cast is the hardware's round-to-nearest-even conversion (the same bytes as PyTorch's
 # cast: tests/ops/test_triton_fp8.py passed on the H100; 15% faster than rounding in fp32 first); True
 # rounds in fp32 arithmetic first, as the interpreter always does (its FP8 cast rounds wrongly).
@@ -83,7 +83,7 @@ def _round_to_grid(y, MANT: tl.constexpr, EMIN: tl.constexpr):
 
 @triton.jit
 def _quantize(x_ptr, scale_ptr, amax_ptr, q_ptr, qt_ptr, R, C, stride_r, stride_c,
-              TOP: tl.constexpr, INV_TOP: tl.constexpr, RECIPROCAL: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr, ROWWISE: tl.constexpr, FROM_AMAX: tl.constexpr, TRANSPOSED: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+              TOP: tl.constexpr, INV_TOP: tl.constexpr, RECIPROCAL: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr, ROWWISE: tl.constexpr, FROM_AMAX: tl.constexpr, TRANSPOSED: tl.constexpr, EXACT_ROUND: tl.constexpr, PAIR_STORE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_rows = rows < R
@@ -110,9 +110,16 @@ def _quantize(x_ptr, scale_ptr, amax_ptr, q_ptr, qt_ptr, R, C, stride_r, stride_
         y = _round_to_grid(y, MANT, EMIN)
     q = y.to(q_ptr.dtype.element_ty)
     tl.store(q_ptr + rows64 * C + cols64, q, mask=mask)
-    if TRANSPOSED:  # the same bytes into qt [C, R], stored as the [BLOCK_C, BLOCK_R] tile they are there
-        t_offs = cols.to(tl.int64)[:, None] * R + rows.to(tl.int64)[None, :]
-        tl.store(qt_ptr + t_offs, tl.trans(q), mask=(cols[:, None] < C) & (rows[None, :] < R))
+    if TRANSPOSED:  # the same bytes into qt [C, R]
+        if PAIR_STORE == 0:  # the [BLOCK_C, BLOCK_R] tile they are there, rows last
+            t_offs = cols.to(tl.int64)[:, None] * R + rows.to(tl.int64)[None, :]
+            tl.store(qt_ptr + t_offs, tl.trans(q), mask=(cols[:, None] < C) & (rows[None, :] < R))
+        elif PAIR_STORE == 1:  # transposed in fp32, then cast
+            t_offs = cols.to(tl.int64)[:, None] * R + rows.to(tl.int64)[None, :]
+            qt = tl.trans(y).to(qt_ptr.dtype.element_ty)
+            tl.store(qt_ptr + t_offs, qt, mask=(cols[:, None] < C) & (rows[None, :] < R))
+        else:  # [BLOCK_R, BLOCK_C] offsets, the compiler picks the layout
+            tl.store(qt_ptr + cols64 * R + rows64, q, mask=mask)
 
 
 _AMAX, _QUANTIZE = Launcher(_amax), Launcher(_quantize)
@@ -152,7 +159,7 @@ def _launch(t, dtype, scale, m, rowwise: bool, transposed: bool = False):
     rows, cols = t.shape
     q = torch.empty(rows, cols, dtype=dtype, device=t.device)
     qt = torch.empty(cols, rows, dtype=dtype, device=t.device) if transposed else q
-    cfg = CONFIG["quantize_pair" if transposed else "quantize"]
+    cfg = CONFIG["quantize_pair"] if transposed else dict(CONFIG["quantize"], PAIR_STORE=0)
     grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(cols, cfg["BLOCK_C"]))
     if rows and cols:
         _QUANTIZE(grid, t, scale, m if m is not None else scale, q, qt, rows, cols, t.stride(0), t.stride(1),
