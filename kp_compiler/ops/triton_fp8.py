@@ -41,7 +41,7 @@ FP32_MAX = tl.constexpr(3.4028234663852886e38)
 # scripts/gpu_fp8_cast_tune.py times the alternatives on the GPU.
 CONFIG = {"amax": dict(BLOCK_R=32, BLOCK_C=128, TILES=4, num_warps=8),
           "quantize": dict(BLOCK_R=64, BLOCK_C=64, num_warps=4),
-          "quantize_pair": dict(BLOCK_R=64, BLOCK_C=64, num_warps=8, PAIR_STORE=0)}
+          "quantize_pair": dict(BLOCK_R=64, BLOCK_C=64, num_warps=8)}
 # On CUDA the final cast is the hardware's round-to-nearest-even conversion (the same bytes as PyTorch's
 # cast: tests/ops/test_triton_fp8.py passed on the H100; 15% faster than rounding in fp32 first); True
 # rounds in fp32 arithmetic first, as the interpreter always does (its FP8 cast rounds wrongly).
@@ -83,7 +83,7 @@ def _round_to_grid(y, MANT: tl.constexpr, EMIN: tl.constexpr):
 
 @triton.jit
 def _quantize(x_ptr, scale_ptr, amax_ptr, q_ptr, qt_ptr, R, C, stride_r, stride_c,
-              TOP: tl.constexpr, INV_TOP: tl.constexpr, RECIPROCAL: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr, ROWWISE: tl.constexpr, FROM_AMAX: tl.constexpr, TRANSPOSED: tl.constexpr, EXACT_ROUND: tl.constexpr, PAIR_STORE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+              TOP: tl.constexpr, INV_TOP: tl.constexpr, RECIPROCAL: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr, ROWWISE: tl.constexpr, FROM_AMAX: tl.constexpr, TRANSPOSED: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_rows = rows < R
@@ -110,16 +110,9 @@ def _quantize(x_ptr, scale_ptr, amax_ptr, q_ptr, qt_ptr, R, C, stride_r, stride_
         y = _round_to_grid(y, MANT, EMIN)
     q = y.to(q_ptr.dtype.element_ty)
     tl.store(q_ptr + rows64 * C + cols64, q, mask=mask)
-    if TRANSPOSED:  # the same bytes into qt [C, R]
-        if PAIR_STORE == 0:  # the [BLOCK_C, BLOCK_R] tile they are there, rows last
-            t_offs = cols.to(tl.int64)[:, None] * R + rows.to(tl.int64)[None, :]
-            tl.store(qt_ptr + t_offs, tl.trans(q), mask=(cols[:, None] < C) & (rows[None, :] < R))
-        elif PAIR_STORE == 1:  # transposed in fp32, then cast
-            t_offs = cols.to(tl.int64)[:, None] * R + rows.to(tl.int64)[None, :]
-            qt = tl.trans(y).to(qt_ptr.dtype.element_ty)
-            tl.store(qt_ptr + t_offs, qt, mask=(cols[:, None] < C) & (rows[None, :] < R))
-        else:  # [BLOCK_R, BLOCK_C] offsets, the compiler picks the layout
-            tl.store(qt_ptr + cols64 * R + rows64, q, mask=mask)
+    if TRANSPOSED:  # the same bytes into qt [C, R], stored as the [BLOCK_C, BLOCK_R] tile they are there
+        t_offs = cols.to(tl.int64)[:, None] * R + rows.to(tl.int64)[None, :]
+        tl.store(qt_ptr + t_offs, tl.trans(q), mask=(cols[:, None] < C) & (rows[None, :] < R))
 
 
 _AMAX, _QUANTIZE = Launcher(_amax), Launcher(_quantize)
@@ -155,11 +148,11 @@ def _constants(dtype: torch.dtype) -> dict:
 
 
 def _launch(t, dtype, scale, m, rowwise: bool, transposed: bool = False):
-    """``q``, and with ``transposed`` (rows a whole number of the pair kernel's ``BLOCK_R``) also ``qt = q.T``."""
+    """``q``, and with ``transposed`` (a 16-bit ``t``: see ``quantize_pair``) also ``qt = q.T``, from one read of ``t``."""
     rows, cols = t.shape
     q = torch.empty(rows, cols, dtype=dtype, device=t.device)
     qt = torch.empty(cols, rows, dtype=dtype, device=t.device) if transposed else q
-    cfg = CONFIG["quantize_pair"] if transposed else dict(CONFIG["quantize"], PAIR_STORE=0)
+    cfg = CONFIG["quantize_pair" if transposed else "quantize"]
     grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(cols, cfg["BLOCK_C"]))
     if rows and cols:
         _QUANTIZE(grid, t, scale, m if m is not None else scale, q, qt, rows, cols, t.stride(0), t.stride(1),
@@ -188,13 +181,17 @@ def quantize_dynamic(t: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tupl
     return _launch(t, dtype, scale, m, rowwise), scale
 
 
+PAIRED_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def quantize_pair(t: torch.Tensor, dtype: torch.dtype, scale=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``fp8_quant.quantize_pair``: ``(q, q.T [cols, padded(rows)], scale)``, tensorwise.
 
-    One read of ``t`` where its rows are a whole number of the pair kernel's
-    row tiles (token counts usually are); otherwise ``q.T`` is a second cast,
-    of ``t``'s transposed view: on the H100 (Triton 3.6) the paired store gave
-    wrong bytes in a tile with rows past the end (the interpreter did not).
+    One kernel writes both for bf16 and fp16 inputs whose row count is a
+    multiple of 16 (token counts usually are). Otherwise ``q.T`` is a second
+    cast, of ``t``'s transposed view: on the H100 (Triton 3.6) the paired
+    store gave wrong bytes for fp32 inputs, for every shape, while the
+    interpreter's were right (``scripts/gpu_fp8_pair_debug.py``).
     """
     _check(t)
     if scale is None:
@@ -203,10 +200,10 @@ def quantize_pair(t: torch.Tensor, dtype: torch.dtype, scale=None) -> tuple[torc
     else:
         m, scale = None, scale.float().reshape(())
     rows = t.shape[0]
-    if rows % CONFIG["quantize_pair"]["BLOCK_R"] == 0:
+    rp = padded(rows)
+    if t.dtype in PAIRED_DTYPES and rp == rows:
         q, qt = _launch(t, dtype, scale, m, False, transposed=True)
         return q, qt, scale
     q = _launch(t, dtype, scale, m, False)  # with m: also stores the scale the second cast reads
-    rp = padded(rows)
     tp = t if rp == rows else torch.cat([t, t.new_zeros(rp - rows, t.shape[1])])
     return q, _launch(tp.t(), dtype, scale, None, False), scale

@@ -175,10 +175,10 @@ def test_rowwise_kernels_through_scaled_mm_with_triton_casts(triton_casts):
 
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
-@pytest.mark.parametrize("rows", [64, 37, 20], ids=["whole-tiles", "37-rows", "20-rows"])
+@pytest.mark.parametrize("rows", [64, 48, 37], ids=["64-rows", "48-rows", "37-rows"])
 def test_quantize_pair_writes_both_layouts_like_torch(name, dtype, rows):
     """``q(t)`` and ``q(t).T`` (columns padded with zeros), with its own scale or a given one: one kernel for
-    64 rows (whole row tiles), a second cast of the transposed view otherwise."""
+    16-bit inputs with rows a multiple of 16, a second cast of the transposed view otherwise (fp32, 37 rows)."""
     t = CASES[name].to(DEVICE)
     t = torch.cat([t] * 4)[:rows] if t.shape[0] < rows else t[:rows]
     for scale in (None, torch.tensor(0.37, device=DEVICE)):
@@ -188,6 +188,16 @@ def test_quantize_pair_writes_both_layouts_like_torch(name, dtype, rows):
         torch.testing.assert_close(s, want_s, rtol=0, atol=0)
         assert torch.equal(_bytes(q), _bytes(want_q)) and torch.equal(_bytes(qt), _bytes(want_qt))
         assert torch.equal(_bytes(qt[:, :t.shape[0]]), _bytes(q.t()))
+
+
+def test_the_paired_store_is_used_for_16_bit_inputs_only(monkeypatch):
+    calls = []
+    launch = triton_fp8._launch
+    monkeypatch.setattr(triton_fp8, "_launch", lambda *a, **k: calls.append(k.get("transposed", False)) or launch(*a, **k))
+    for t in (CASES["64x32-bf16"], CASES["64x32-bf16"].half(), CASES["64x32-bf16"].float(), CASES["37x48"].bfloat16()):
+        calls.clear()
+        triton_fp8.quantize_pair(t.to(DEVICE), E4M3)
+        assert calls == ([True] if t.dtype != torch.float32 and t.shape[0] % 16 == 0 else [False, False])
 
 
 def test_train_op_with_triton_casts_equals_the_emulation(triton_casts):
