@@ -17,6 +17,11 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 pytestmark = pytest.mark.skipif(not fp8_cuda.cpu_scaled_mm(), reason="this torch has no CPU torch._scaled_mm")
 
+# torch._scaled_mm multiplies the FP8 products and then scales; the emulation scales, then multiplies
+# in fp32. torch 2.13's and 2.9's CPU kernels happen to give the same bits, torch 2.11's differ in the
+# last place (seen on the GPU machine). A wrong layout or scale is off by O(1), so a few fp32 ulps do.
+EXACT = dict(rtol=1e-5, atol=1e-5)
+
 
 def inputs(m, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -25,17 +30,17 @@ def inputs(m, seed=0):
 
 
 @pytest.mark.parametrize("m", [48, 40])  # 40 tokens: the weight gradient's contraction is padded to 48
-def test_tensorwise_kernels_equal_the_emulation_bit_for_bit(m):
+def test_tensorwise_kernels_equal_the_emulation_to_fp32_rounding(m):
     x, w, b, g = inputs(m)
     torch.testing.assert_close(fp8.forward(fp8_cuda.KERNELS, x, w, b, "tensorwise", E4M3),
-                               fp8.forward(EMULATED, x, w, b, "tensorwise", E4M3), rtol=0, atol=0)
+                               fp8.forward(EMULATED, x, w, b, "tensorwise", E4M3), **EXACT)
     for got, want in zip(fp8.backward(fp8_cuda.KERNELS, g, x, w, "tensorwise", E4M3, E5M2),
                          fp8.backward(EMULATED, g, x, w, "tensorwise", E4M3, E5M2)):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(got, want, **EXACT)
     sx, sw = torch.tensor(2.0 / 448), torch.tensor(0.5 / 448)
     for got, want in zip(fp8_scaled.backward(fp8_cuda.KERNELS, g, x, w, sx, sw, torch.zeros(4), "delayed", E4M3, E5M2, 0.0),
                          fp8_scaled.backward(EMULATED, g, x, w, sx, sw, torch.zeros(4), "delayed", E4M3, E5M2, 0.0)):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(got, want, **EXACT)
 
 
 @pytest.mark.skipif(not fp8_cuda.cpu_scaled_mm(rowwise=True), reason="this torch's CPU _scaled_mm takes no rowwise scales")
@@ -70,4 +75,4 @@ def test_the_compiled_casts_run_inside_a_compiled_graph():
     x, w, _, _ = inputs(48, seed=2)
     compiled = torch.compile(lambda x, w: torch.relu(linear(x, w)) * 2, backend="kernelpytorch")
     torch.testing.assert_close(compiled(x, w), torch.relu(fp8.forward(EMULATED, x, w, None, "tensorwise", E4M3)) * 2,
-                               rtol=0, atol=0)
+                               **EXACT)

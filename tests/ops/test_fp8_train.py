@@ -65,12 +65,13 @@ def test_opcheck_and_an_unused_output():
 @pytest.mark.skipif(not fp8_cuda.cpu_scaled_mm(), reason="this torch has no CPU torch._scaled_mm")
 @pytest.mark.parametrize("m", [128, 16, 3])
 def test_the_cuda_kernel_path_equals_the_emulation(m):
-    """``fp8_cuda.KERNELS`` (``torch._scaled_mm``, compiled casts) on the CPU, byte for byte."""
+    """``fp8_cuda.KERNELS`` (``torch._scaled_mm``, compiled casts) on the CPU: the same FP8 bytes, GEMMs to fp32 rounding."""
     x, w, b, grad = (t.detach() for t in leaves(m, seed=3))
     got, want = fp8_train.forward(fp8_cuda.KERNELS, x, w, b, E4M3), fp8_train.forward(EMULATED, x, w, b, E4M3)
-    for a, c in zip(got, want):
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)  # torch._scaled_mm: see tests/ops/test_fp8_cuda.py
+    for a, c in zip(got[1:], want[1:]):  # the FP8 operands and scales: exact
         assert a.shape == c.shape and torch.equal(a.view(torch.uint8) if a.dtype == E4M3 else a,
                                                   c.view(torch.uint8) if c.dtype == E4M3 else c)
     for a, c in zip(fp8_train.backward(fp8_cuda.KERNELS, grad, *got[1:], E5M2, w.dtype),
                     fp8.backward(EMULATED, grad, x, w, "tensorwise", E4M3, E5M2)):
-        torch.testing.assert_close(a, c, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)  # torch._scaled_mm: see tests/ops/test_fp8_cuda.py
