@@ -9,7 +9,7 @@
 | ``verify``        | ``bool``: check each pass on random inputs         | ``False`` |
 | ``mode``          | as ``torch.compile``'s ``mode`` (which cannot be given together with ``options``) | ``"default"`` |
 | ``inductor_config`` | dict of ``torch._inductor.config`` patches        | ``{}`` |
-| ``fp8``           | ``None`` (off), ``True``, or a dict: ``recipe`` (``"tensorwise"`` (default), ``"rowwise"``, ``"delayed"``, ``"static"``: see ``docs/passes/fp8.md``), ``include`` / ``exclude`` (globs on module paths), ``emulate`` (bool: convert on any device through the exact emulation), ``min_dims`` (``[M, K, N]`` thresholds replacing the device's size-table row), ``history_len`` (delayed: amax history length, 1 to 1024, default 16), ``margin`` (delayed: scale headroom in powers of 2, 0 to 8, default 0) | ``None`` |
+| ``fp8``           | ``None`` (off), ``True``, or a dict: ``recipe`` (``"tensorwise"`` (default), ``"rowwise"``, ``"delayed"``, ``"static"``: see ``docs/passes/fp8.md``), ``include`` / ``exclude`` (globs on module paths), ``emulate`` (bool: convert on any device through the exact emulation), ``min_dims`` (``[M, K, N]`` thresholds replacing the device's size-table row), ``history_len`` (delayed: amax history length, 1 to 1024, default 16), ``margin`` (delayed: scale headroom in powers of 2, 0 to 8, default 0), ``fast_accum`` (bool, default ``True``: the forward GEMM accumulates with the GPU's fast FP8 mode; gradients never do) | ``None`` |
 | ``attention_kernel`` | ``"auto"`` (the table in ``lowering/attention.py``), ``"sdpa"`` (never FlexAttention), ``"flex"`` (FlexAttention wherever it can run, the CPU included) | ``"auto"`` |
 """
 
@@ -74,7 +74,7 @@ def parse_options(mode: Optional[str] = None, options: Optional[Mapping[str, Any
     return Options(mode=mode, **options)
 
 
-FP8_KEYS = ("recipe", "include", "exclude", "emulate", "min_dims", "history_len", "margin")
+FP8_KEYS = ("recipe", "include", "exclude", "emulate", "min_dims", "history_len", "margin", "fast_accum")
 FP8_RECIPES = ("tensorwise", "rowwise", "delayed", "static")
 
 
@@ -99,6 +99,8 @@ def _check_fp8(value: Any) -> Optional[dict]:
         raise ValueError(f"kernelpytorch: options['fp8']['min_dims'] must be three positive ints [M, K, N], got {dims!r}")
     if "emulate" in value and not isinstance(value["emulate"], bool):
         raise ValueError(f"kernelpytorch: options['fp8']['emulate'] must be True or False, got {value['emulate']!r}")
+    if "fast_accum" in value and not isinstance(value["fast_accum"], bool):
+        raise ValueError(f"kernelpytorch: options['fp8']['fast_accum'] must be True or False, got {value['fast_accum']!r}")
     for key in ("history_len", "margin"):
         if key in value and recipe != "delayed":
             raise ValueError(f"kernelpytorch: options['fp8'][{key!r}] applies to recipe 'delayed' only, not {recipe!r}")

@@ -31,12 +31,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run(recipe: str, kernels, x, w, b, g, via_op: bool):
     """(out, grad_x, grad_w) through ``kernels`` (or the registered op, which dispatches by device)."""
-    if recipe == "train":  # kp::fp8_linear_train, the tensorwise op of training graphs
+    if recipe in ("train", "train-fast"):  # kp::fp8_linear_train, the tensorwise op of training graphs
+        fast = recipe == "train-fast"  # fast accumulation in the forward GEMM (the pass's default)
         if via_op:
             xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
-            out = torch.ops.kp.fp8_linear_train(xr, wr, b, E4M3, E5M2)[0]
+            out = torch.ops.kp.fp8_linear_train(xr, wr, b, E4M3, E5M2, fast)[0]
             return (out, *torch.autograd.grad(out, [xr, wr], g))
-        out, *saved = fp8_train.forward(kernels, x, w, b, E4M3)
+        out, *saved = fp8_train.forward(kernels, x, w, b, E4M3, fast)
         return (out, *fp8_train.backward(kernels, g, *saved, E5M2, w.dtype))
     if recipe in fp8.RECIPES:
         if via_op:
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     exact_out = torch.nn.functional.linear(xr, wr, b)
     exact = (exact_out, *torch.autograd.grad(exact_out, [xr, wr], gr))
     worst = 0.0
-    for recipe in ("tensorwise", "train", "rowwise", "delayed", "static"):
+    for recipe in ("tensorwise", "train", "train-fast", "rowwise", "delayed", "static"):
         if recipe == "rowwise" and not cuda and not fp8_cuda.cpu_scaled_mm(rowwise=True):
             print("rowwise    skipped: this torch's CPU _scaled_mm takes per-tensor scales only")
             continue

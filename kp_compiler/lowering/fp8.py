@@ -126,7 +126,8 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: dict, train: bool =
         if not ok:
             node.meta["kp_note"] = f"fp8: kept ({why})"
             continue
-        new = _emit(gm, node, recipe, _formats(device, bool(fp8.get("emulate"))), state, not train)
+        new = _emit(gm, node, recipe, _formats(device, bool(fp8.get("emulate"))), state, not train,
+                    bool(fp8.get("fast_accum", True)))
         new.meta["val"] = val(node)
         new.meta["kp_note"] = f"fp8: converted, {recipe} ({why})"
         node.replace_all_uses_with(new)
@@ -153,7 +154,7 @@ def _state(weight: fx.Node, recipe: str, fp8: dict):
     return fp8_state.layer_state(param, "delayed", fp8.get("history_len", 16), float(fp8.get("margin", 0.0))), None
 
 
-def _emit(gm: fx.GraphModule, node: fx.Node, recipe: str, formats: tuple, state, cache: bool) -> fx.Node:
+def _emit(gm: fx.GraphModule, node: fx.Node, recipe: str, formats: tuple, state, cache: bool, fast: bool) -> fx.Node:
     x, w = node.args[0], node.args[1]
     bias = node.args[2] if len(node.args) > 2 else None
     fwd, grad = formats
@@ -161,10 +162,10 @@ def _emit(gm: fx.GraphModule, node: fx.Node, recipe: str, formats: tuple, state,
     with graph.inserting_before(node):
         if state is None and recipe == "tensorwise" and not cache:
             # training: the op also returns the FP8 operands its backward reuses (ops/fp8_train.py)
-            both = graph.call_function(torch.ops.kp.fp8_linear_train.default, (x, w, bias, fwd, grad))
+            both = graph.call_function(torch.ops.kp.fp8_linear_train.default, (x, w, bias, fwd, grad, fast))
             return graph.call_function(operator.getitem, (both, 0))
         if state is None:
-            return graph.call_function(torch.ops.kp.fp8_linear.default, (x, w, bias, recipe, fwd, grad, cache))
+            return graph.call_function(torch.ops.kp.fp8_linear.default, (x, w, bias, recipe, fwd, grad, cache, fast))
         rows = {}
         for role, t in state.rows().items():
             rows[role] = graph.get_attr(_register_state(gm, f"kp_fp8_{node.name}_{role}", t))
@@ -177,7 +178,7 @@ def _emit(gm: fx.GraphModule, node: fx.Node, recipe: str, formats: tuple, state,
             sw = graph.call_function(torch.ops.kp.fp8_scale_update.default,
                                      (rows["w"], graph.call_function(aten.detach.default, (w,)), fwd, margin, "delayed"))
         return graph.call_function(torch.ops.kp.fp8_linear_scaled.default,
-                                   (x, w, bias, sx, sw, rows["grad"], recipe, fwd, grad, margin, cache))
+                                   (x, w, bias, sx, sw, rows["grad"], recipe, fwd, grad, margin, cache, fast))
 
 
 def _register_state(gm: fx.GraphModule, base: str, t: torch.Tensor) -> str:

@@ -1,6 +1,6 @@
 """``kp::fp8_linear``: ``x @ w.T + b`` with both operands cast to FP8 and scaled, forward and backward.
 
-``fp8_linear(x [*, K], w [N, K], bias [N] or None, recipe, fwd_dtype, grad_dtype, cache_weight=False)``
+``fp8_linear(x [*, K], w [N, K], bias [N] or None, recipe, fwd_dtype, grad_dtype, cache_weight=False, fast_accum=False)``
 with dynamic scaling (scales from the current values; no state):
 
 - ``recipe="tensorwise"``: one scale per tensor, ``scale = amax / fp8_max``.
@@ -46,12 +46,12 @@ def weight_q(k: Kernels, w: torch.Tensor, dtype: torch.dtype, rowwise: bool, cac
     return fp8_weights.cached(w, (k.name, dtype, rowwise), lambda: k.quantize_dynamic(w, dtype, rowwise))
 
 
-def forward(k: Kernels, x, w, bias, recipe, fwd_dtype, cache_weight=False):
+def forward(k: Kernels, x, w, bias, recipe, fwd_dtype, cache_weight=False, fast_accum=False):
     rowwise = recipe == "rowwise"
     x2 = x.reshape(-1, x.shape[-1])
     qx, sx = k.quantize_dynamic(x2, fwd_dtype, rowwise)
     qw, sw = weight_q(k, w, fwd_dtype, rowwise, cache_weight)
-    return k.mm(qx, sx, qw, sw, x.dtype, bias).reshape(*x.shape[:-1], w.shape[0])
+    return k.mm(qx, sx, qw, sw, x.dtype, bias, fast_accum=fast_accum).reshape(*x.shape[:-1], w.shape[0])
 
 
 def backward(k: Kernels, grad, x, w, recipe, fwd_dtype, grad_dtype):
@@ -87,13 +87,14 @@ def _check(x, w, bias, recipe, fwd_dtype, grad_dtype, recipes=RECIPES) -> None:
 
 @torch.library.custom_op("kp::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], recipe: str,
-               fwd_dtype: torch.dtype, grad_dtype: torch.dtype, cache_weight: bool = False) -> torch.Tensor:
+               fwd_dtype: torch.dtype, grad_dtype: torch.dtype, cache_weight: bool = False,
+               fast_accum: bool = False) -> torch.Tensor:
     _check(x, w, bias, recipe, fwd_dtype, grad_dtype)
-    return forward(EMULATED, x, w, bias, recipe, fwd_dtype, cache_weight)
+    return forward(EMULATED, x, w, bias, recipe, fwd_dtype, cache_weight, fast_accum)
 
 
 @fp8_linear.register_fake
-def _(x, w, bias, recipe, fwd_dtype, grad_dtype, cache_weight=False):
+def _(x, w, bias, recipe, fwd_dtype, grad_dtype, cache_weight=False, fast_accum=False):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
@@ -114,7 +115,7 @@ def bias_grad(grad: torch.Tensor) -> torch.Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, bias, recipe, fwd_dtype, grad_dtype, _ = inputs
+    x, w, bias, recipe, fwd_dtype, grad_dtype, _, _ = inputs
     ctx.save_for_backward(x, w)
     ctx.args = (recipe, fwd_dtype, grad_dtype)
     ctx.has_bias = bias is not None
@@ -123,7 +124,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     x, w = ctx.saved_tensors
     grad_x, grad_w = torch.ops.kp.fp8_linear_backward(grad, x, w, *ctx.args)
-    return grad_x, grad_w, bias_grad(grad) if ctx.has_bias else None, None, None, None, None
+    return grad_x, grad_w, bias_grad(grad) if ctx.has_bias else None, None, None, None, None, None
 
 
 fp8_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -55,7 +55,8 @@ def _col_major(t: torch.Tensor) -> bool:
     return t.stride(0) == 1 and t.stride(1) >= t.shape[0]
 
 
-def scaled_mm(qa, sa, qb, sb, out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def scaled_mm(qa, sa, qb, sb, out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None,
+              fast_accum: bool = False) -> torch.Tensor:
     """``(qa * sa) @ (qb * sb).T (+ bias)`` through ``torch._scaled_mm`` (``qa [M, K]``, ``qb [N, K]``, row-major)."""
     b = qb.t()
     if not (_row_major(qa) and _col_major(b)):
@@ -67,7 +68,8 @@ def scaled_mm(qa, sa, qb, sb, out_dtype: torch.dtype, bias: Optional[torch.Tenso
         sa, sb = sa.float().contiguous(), sb.float().reshape(1, -1).contiguous()
     mm_dtype = torch.bfloat16 if rowwise else out_dtype
     fuse_bias = bias is not None and bias.dtype == mm_dtype == torch.bfloat16
-    out = torch._scaled_mm(qa, b, sa, sb, bias=bias if fuse_bias else None, out_dtype=mm_dtype)
+    out = torch._scaled_mm(qa, b, sa, sb, bias=bias if fuse_bias else None, out_dtype=mm_dtype,
+                           use_fast_accum=fast_accum and not rowwise)
     if bias is not None and not fuse_bias:
         out = out.float() + bias.float()
     return out.to(out_dtype)
@@ -143,27 +145,28 @@ def _quantize_pair(t, dtype, s=None):
 KERNELS = Kernels("scaled_mm", _quantize_dynamic, _quantize, scaled_mm, pad_tokens, _quantize_pair)
 
 
-def _linear(x, w, bias, recipe, fwd_dtype, grad_dtype, cache_weight=False):
+def _linear(x, w, bias, recipe, fwd_dtype, grad_dtype, cache_weight=False, fast_accum=False):
     fp8._check(x, w, bias, recipe, fwd_dtype, grad_dtype)
-    return fp8.forward(KERNELS, x, w, bias, recipe, fwd_dtype, cache_weight)
+    return fp8.forward(KERNELS, x, w, bias, recipe, fwd_dtype, cache_weight, fast_accum)
 
 
 def _linear_backward(grad, x, w, recipe, fwd_dtype, grad_dtype):
     return fp8.backward(KERNELS, grad, x, w, recipe, fwd_dtype, grad_dtype)
 
 
-def _linear_scaled(x, w, bias, x_scale, w_scale, grad_state, recipe, fwd_dtype, grad_dtype, margin, cache_weight=False):
+def _linear_scaled(x, w, bias, x_scale, w_scale, grad_state, recipe, fwd_dtype, grad_dtype, margin, cache_weight=False,
+                   fast_accum=False):
     fp8._check(x, w, bias, recipe, fwd_dtype, grad_dtype, fp8_scaled.RECIPES)
-    return fp8_scaled.forward(KERNELS, x, w, bias, x_scale, w_scale, fwd_dtype, cache_weight)
+    return fp8_scaled.forward(KERNELS, x, w, bias, x_scale, w_scale, fwd_dtype, cache_weight, fast_accum)
 
 
 def _linear_scaled_backward(grad, x, w, x_scale, w_scale, grad_state, recipe, fwd_dtype, grad_dtype, margin):
     return fp8_scaled.backward(KERNELS, grad, x, w, x_scale, w_scale, grad_state, recipe, fwd_dtype, grad_dtype, margin)
 
 
-def _linear_train(x, w, bias, fwd_dtype, grad_dtype):
+def _linear_train(x, w, bias, fwd_dtype, grad_dtype, fast_accum=False):
     fp8._check(x, w, bias, "tensorwise", fwd_dtype, grad_dtype)
-    return fp8_train.forward(KERNELS, x, w, bias, fwd_dtype)
+    return fp8_train.forward(KERNELS, x, w, bias, fwd_dtype, fast_accum)
 
 
 def _linear_train_backward(grad, qxt, qwt, sx, sw, grad_dtype, w_dtype):

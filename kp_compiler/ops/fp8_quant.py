@@ -77,8 +77,12 @@ def quantize_pair(t: torch.Tensor, dtype: torch.dtype,
     return quantize(t, s, dtype), quantize(tt, s, dtype), s
 
 
-def emulated_mm(qa, sa, qb, sb, out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``(qa * sa) @ (qb * sb).T (+ bias)`` in fp32, cast to ``out_dtype`` (``qa [M, K]``, ``qb [N, K]``)."""
+def emulated_mm(qa, sa, qb, sb, out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None,
+                fast_accum: bool = False) -> torch.Tensor:
+    """``(qa * sa) @ (qb * sb).T (+ bias)`` in fp32, cast to ``out_dtype`` (``qa [M, K]``, ``qb [N, K]``).
+
+    ``fast_accum`` (the GPU's faster, less precise FP8 accumulation) is not emulated: fp32 throughout.
+    """
     out = (qa.float() * sa) @ (qb.float() * sb).t()
     if bias is not None:
         out = out + bias.float()
@@ -88,7 +92,7 @@ def emulated_mm(qa, sa, qb, sb, out_dtype: torch.dtype, bias: Optional[torch.Ten
 class Kernels(NamedTuple):
     """The device-dependent steps of an FP8 linear.
 
-    ``mm(qa, sa, qb, sb, out_dtype, bias)`` computes ``(qa*sa) @ (qb*sb).T``
+    ``mm(qa, sa, qb, sb, out_dtype, bias, fast_accum=False)`` computes ``(qa*sa) @ (qb*sb).T``
     from row-major ``qa [M, K]`` and ``qb [N, K]``, with 0-dim scales
     (tensorwise) or ``[M, 1]`` / ``[N, 1]`` (rowwise). ``pad_tokens(t)``
     pads a ``[M, C]`` tensor with zero rows where the GEMM's contraction

@@ -25,7 +25,7 @@ scale stays, and ``events`` goes up by one. The cast saturates, so an inf in
 ``t`` gives a finite result.
 
 ``kp::fp8_linear_scaled(x, w, bias, x_scale, w_scale?, grad_state, recipe,
-fwd_dtype, grad_dtype, margin, cache_weight)`` is the GEMM with given scales
+fwd_dtype, grad_dtype, margin, cache_weight, fast_accum)`` is the GEMM with given scales
 (``w_scale=None``: ``w``'s own amax, cached between calls when
 ``cache_weight``). Its backward op updates ``grad_state`` with the incoming
 gradient's amax (E5M2), then runs both backward GEMMs in FP8 with the
@@ -83,14 +83,14 @@ def _(state, t, dtype, margin, scaling):
     return state.new_empty(())
 
 
-def forward(k: Kernels, x, w, bias, sx, sw, fwd_dtype, cache_weight):
+def forward(k: Kernels, x, w, bias, sx, sw, fwd_dtype, cache_weight, fast_accum=False):
     x2 = x.reshape(-1, x.shape[-1])
     qx = k.quantize(x2, sx, fwd_dtype)
     if sw is None:
         qw, sw = weight_q(k, w, fwd_dtype, False, cache_weight)
     else:
         qw = k.quantize(w, sw, fwd_dtype)
-    return k.mm(qx, sx, qw, sw, x.dtype, bias).reshape(*x.shape[:-1], w.shape[0])
+    return k.mm(qx, sx, qw, sw, x.dtype, bias, fast_accum=fast_accum).reshape(*x.shape[:-1], w.shape[0])
 
 
 def backward(k: Kernels, grad, x, w, sx, sw, grad_state, recipe, fwd_dtype, grad_dtype, margin):
@@ -108,13 +108,13 @@ def backward(k: Kernels, grad, x, w, sx, sw, grad_state, recipe, fwd_dtype, grad
 def fp8_linear_scaled(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], x_scale: torch.Tensor,
                       w_scale: Optional[torch.Tensor], grad_state: torch.Tensor, recipe: str,
                       fwd_dtype: torch.dtype, grad_dtype: torch.dtype, margin: float,
-                      cache_weight: bool = False) -> torch.Tensor:
+                      cache_weight: bool = False, fast_accum: bool = False) -> torch.Tensor:
     _check(x, w, bias, recipe, fwd_dtype, grad_dtype, RECIPES)
-    return forward(EMULATED, x, w, bias, x_scale, w_scale, fwd_dtype, cache_weight)
+    return forward(EMULATED, x, w, bias, x_scale, w_scale, fwd_dtype, cache_weight, fast_accum)
 
 
 @fp8_linear_scaled.register_fake
-def _(x, w, bias, x_scale, w_scale, grad_state, recipe, fwd_dtype, grad_dtype, margin, cache_weight=False):
+def _(x, w, bias, x_scale, w_scale, grad_state, recipe, fwd_dtype, grad_dtype, margin, cache_weight=False, fast_accum=False):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
@@ -132,7 +132,7 @@ def _(grad, x, w, x_scale, w_scale, grad_state, recipe, fwd_dtype, grad_dtype, m
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, bias, sx, sw, grad_state, recipe, fwd_dtype, grad_dtype, margin, _ = inputs
+    x, w, bias, sx, sw, grad_state, recipe, fwd_dtype, grad_dtype, margin, _, _ = inputs
     ctx.save_for_backward(x, w, sx, sw)
     # Not saved for backward: the backward updates it, and a second forward's backward
     # (gradient accumulation) must not fail autograd's saved-tensor version check.
@@ -144,7 +144,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     x, w, sx, sw = ctx.saved_tensors
     grad_x, grad_w = torch.ops.kp.fp8_linear_scaled_backward(grad, x, w, sx, sw, ctx.grad_state, *ctx.args)
-    return (grad_x, grad_w, bias_grad(grad) if ctx.has_bias else None) + (None,) * 8
+    return (grad_x, grad_w, bias_grad(grad) if ctx.has_bias else None) + (None,) * 9
 
 
 fp8_linear_scaled.register_autograd(_backward, setup_context=_setup_context)

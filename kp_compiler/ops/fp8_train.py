@@ -1,7 +1,7 @@
 """``kp::fp8_linear_train``: the dynamic tensorwise FP8 linear of a training graph, quantizing each tensor once.
 
-``fp8_linear_train(x [*, K], w [N, K], bias [N] or None, fwd_dtype, grad_dtype)
--> (out, qxt, qwt, sx, sw)`` computes what ``kp::fp8_linear(..., "tensorwise")``
+``fp8_linear_train(x [*, K], w [N, K], bias [N] or None, fwd_dtype, grad_dtype,
+fast_accum=False) -> (out, qxt, qwt, sx, sw)`` computes what ``kp::fp8_linear(..., "tensorwise")``
 computes, and also returns the FP8 operands its backward needs:
 
 - ``qxt = q(x).T`` ``[K, Mp]`` (``M`` padded to a multiple of 16 with zeros) and ``qwt = q(w).T`` ``[K, N]``, written
@@ -36,11 +36,11 @@ from .fp8 import _check, bias_grad
 from .fp8_quant import EMULATED, Kernels, padded
 
 
-def forward(k: Kernels, x, w, bias, fwd_dtype):
+def forward(k: Kernels, x, w, bias, fwd_dtype, fast_accum=False):
     x2 = x.reshape(-1, x.shape[-1])
     qx, qxt, sx = k.quantize_pair(x2, fwd_dtype)
     qw, qwt, sw = k.quantize_pair(w, fwd_dtype)
-    out = k.mm(qx, sx, qw, sw, x.dtype, bias).reshape(*x.shape[:-1], w.shape[0])
+    out = k.mm(qx, sx, qw, sw, x.dtype, bias, fast_accum=fast_accum).reshape(*x.shape[:-1], w.shape[0])
     return out, qxt, qwt, sx, sw
 
 
@@ -55,13 +55,14 @@ def backward(k: Kernels, grad, qxt, qwt, sx, sw, grad_dtype, w_dtype):
 
 @torch.library.custom_op("kp::fp8_linear_train", mutates_args=())
 def fp8_linear_train(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], fwd_dtype: torch.dtype,
-                     grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     grad_dtype: torch.dtype, fast_accum: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(x, w, bias, "tensorwise", fwd_dtype, grad_dtype)
-    return forward(EMULATED, x, w, bias, fwd_dtype)
+    return forward(EMULATED, x, w, bias, fwd_dtype, fast_accum)
 
 
 @fp8_linear_train.register_fake
-def _(x, w, bias, fwd_dtype, grad_dtype):
+def _(x, w, bias, fwd_dtype, grad_dtype, fast_accum=False):
     m = x.numel() // x.shape[-1]
     k, n = w.shape[1], w.shape[0]
     scale = x.new_empty((), dtype=torch.float32)
@@ -83,7 +84,7 @@ def _(grad, qxt, qwt, sx, sw, grad_dtype, w_dtype):
 
 
 def _setup_context(ctx, inputs, output):
-    _, w, bias, _, grad_dtype = inputs
+    _, w, bias, _, grad_dtype, _ = inputs
     _, qxt, qwt, sx, sw = output
     ctx.mark_non_differentiable(qxt, qwt, sx, sw)
     ctx.set_materialize_grads(False)
@@ -94,10 +95,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, *unused):
     if grad is None:  # the output took no part in the loss
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     qxt, qwt, sx, sw = ctx.saved_tensors
     grad_x, grad_w = torch.ops.kp.fp8_linear_train_backward(grad, qxt, qwt, sx, sw, *ctx.args)
-    return grad_x, grad_w, bias_grad(grad) if ctx.has_bias else None, None, None
+    return grad_x, grad_w, bias_grad(grad) if ctx.has_bias else None, None, None, None
 
 
 fp8_linear_train.register_autograd(_backward, setup_context=_setup_context)

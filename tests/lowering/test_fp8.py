@@ -120,7 +120,7 @@ def test_fp8_options_are_checked():
                      ({"recipe": "delayed", "margin": -1}, "margin"),
                      ({"recipe": "tensorwise", "margin": 1}, "applies to recipe 'delayed' only"),
                      ({"recipe": "static", "history_len": 4}, "applies to recipe 'delayed' only"),
-                     ({"emulate": "yes"}, "emulate")]:
+                     ({"emulate": "yes"}, "emulate"), ({"fast_accum": 1}, "fast_accum")]:
         with pytest.raises(ValueError, match=msg):
             parse_options(options={"fp8": bad})
 
@@ -151,3 +151,20 @@ def test_tensorwise_training_graph_gradients_equal_the_eager_op():
     params = list(model.parameters())
     for a, b in zip(torch.autograd.grad(out, [x, *params], grad), torch.autograd.grad(ref, [ref_x, *params], grad)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_fast_accumulation_is_the_forward_default_and_can_be_turned_off(tmp_path):
+    """The forward GEMM gets ``fast_accum`` (``torch._scaled_mm``'s ``use_fast_accum``) unless the option says no;
+    the emulation accumulates in fp32 either way, so the outputs agree."""
+    torch.manual_seed(0)
+    model, x = MLP(), torch.randn(80, 32)
+    outs = []
+    for fast in (None, False):
+        opts = {"emulate": True, "min_dims": [16, 16, 16], **({} if fast is None else {"fast_accum": fast})}
+        dump_dir = tmp_path / str(fast)
+        compiled = torch.compile(model, backend="kernelpytorch", options={"fp8": opts, "dump_dir": str(dump_dir)})
+        outs.append(compiled(x))
+        dump = open(next(dump_dir.glob("graph-*/*-fp8-linear.txt"))).read()
+        want = "True" if fast is None else "False"
+        filecheck(f"CHECK: kp.fp8_linear_train.default(%l_x_{{{{.*}}}}, torch.float8_e5m2, {want})", dump)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
