@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from kp_compiler.ops import fp8, fp8_cuda, fp8_scaled, fp8_train
+from kp_compiler.ops import fp8, fp8_cuda, fp8_scaled, fp8_shared, fp8_train
 from kp_compiler.ops.fp8_quant import EMULATED
 from kp_compiler.ops.fp8_scaled import HISTORY, SCALE
 
@@ -39,6 +39,14 @@ def run(recipe: str, kernels, x, w, b, g, via_op: bool):
             return (out, *torch.autograd.grad(out, [xr, wr], g))
         out, *saved = fp8_train.forward(kernels, x, w, b, E4M3, fast)
         return (out, *fp8_train.backward(kernels, g, *saved, E5M2, w.dtype))
+    if recipe == "shared":  # kp::fp8_cast_pair + kp::fp8_linear_shared (linears that read one input)
+        if via_op:
+            xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+            out = torch.ops.kp.fp8_linear_shared(xr, *torch.ops.kp.fp8_cast_pair(xr, E4M3), wr, b, E4M3, E5M2, False)[0]
+            return (out, *torch.autograd.grad(out, [xr, wr], g))
+        qx, qxt, sx = fp8_shared.cast(kernels, x, E4M3)
+        out, qwt, sw = fp8_shared.forward(kernels, x, qx, sx, w, b, E4M3)
+        return (out, *fp8_train.backward(kernels, g, qxt, qwt, sx, sw, E5M2, w.dtype))
     if recipe in fp8.RECIPES:
         if via_op:
             xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
@@ -79,7 +87,7 @@ def main(argv=None) -> int:
     exact_out = torch.nn.functional.linear(xr, wr, b)
     exact = (exact_out, *torch.autograd.grad(exact_out, [xr, wr], gr))
     worst = 0.0
-    for recipe in ("tensorwise", "train", "train-fast", "rowwise", "delayed", "static"):
+    for recipe in ("tensorwise", "train", "train-fast", "shared", "rowwise", "delayed", "static"):
         if recipe == "rowwise" and not cuda and not fp8_cuda.cpu_scaled_mm(rowwise=True):
             print("rowwise    skipped: this torch's CPU _scaled_mm takes per-tensor scales only")
             continue

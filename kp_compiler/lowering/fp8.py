@@ -40,6 +40,7 @@ from ..core import context
 from ..core.graph import val
 from ..core.rules import Matches
 from ..ops import fp8 as _fp8  # noqa: F401  (registers kp::fp8_linear)
+from ..ops import fp8_shared as _fp8_shared  # noqa: F401  (registers kp::fp8_cast_pair, kp::fp8_linear_shared)
 from ..ops import fp8_train as _fp8_train  # noqa: F401  (registers kp::fp8_linear_train)
 from ..runtime import fp8_state
 from .capabilities import DeviceInfo, fp8_dtypes
@@ -112,7 +113,7 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: dict, train: bool =
     keep each weight quantized between calls (``runtime/fp8_weights.py``).
     """
     recipe = fp8.get("recipe", "tensorwise")
-    converted, notes = {}, []
+    converted, notes, plan = {}, [], []
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not aten.linear.default:
             continue
@@ -126,10 +127,24 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: dict, train: bool =
         if not ok:
             node.meta["kp_note"] = f"fp8: kept ({why})"
             continue
-        new = _emit(gm, node, recipe, _formats(device, bool(fp8.get("emulate"))), state, not train,
-                    bool(fp8.get("fast_accum", True)))
+        plan.append((node, why, state))
+    formats, fast = _formats(device, bool(fp8.get("emulate"))) if plan else None, bool(fp8.get("fast_accum", True))
+    # Training graphs, default recipe: linears that read one input cast it once (ops/fp8_shared.py).
+    readers: dict = {}
+    if train and recipe == "tensorwise":
+        for node, _, _ in plan:
+            readers.setdefault(node.args[0], []).append(node)
+    casts: dict = {}
+    for node, why, state in plan:
+        x = node.args[0]
+        if len(readers.get(x, ())) > 1:
+            if x not in casts:
+                casts[x] = _emit_cast(gm, readers[x][0], formats[0])
+            new = _emit_shared(gm, node, casts[x], formats, fast)
+        else:
+            new = _emit(gm, node, recipe, formats, state, not train, fast)
         new.meta["val"] = val(node)
-        new.meta["kp_note"] = f"fp8: converted, {recipe} ({why})"
+        new.meta["kp_note"] = f"fp8: converted, {recipe}{', input cast shared' if x in casts else ''} ({why})"
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         converted[recipe] = converted.get(recipe, 0) + 1
@@ -179,6 +194,23 @@ def _emit(gm: fx.GraphModule, node: fx.Node, recipe: str, formats: tuple, state,
                                      (rows["w"], graph.call_function(aten.detach.default, (w,)), fwd, margin, "delayed"))
         return graph.call_function(torch.ops.kp.fp8_linear_scaled.default,
                                    (x, w, bias, sx, sw, rows["grad"], recipe, fwd, grad, margin, cache, fast))
+
+
+def _emit_cast(gm: fx.GraphModule, first: fx.Node, dtype) -> tuple:
+    """``q(x), q(x).T, sx`` nodes, once, before the first linear that reads ``x``."""
+    graph = gm.graph
+    with graph.inserting_before(first):
+        pair = graph.call_function(torch.ops.kp.fp8_cast_pair.default, (first.args[0], dtype))
+        return tuple(graph.call_function(operator.getitem, (pair, i)) for i in range(3))
+
+
+def _emit_shared(gm: fx.GraphModule, node: fx.Node, cast: tuple, formats: tuple, fast: bool) -> fx.Node:
+    x, w = node.args[0], node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else None
+    graph = gm.graph
+    with graph.inserting_before(node):
+        out = graph.call_function(torch.ops.kp.fp8_linear_shared.default, (x, *cast, w, bias, *formats, fast))
+        return graph.call_function(operator.getitem, (out, 0))
 
 
 def _register_state(gm: fx.GraphModule, base: str, t: torch.Tensor) -> str:

@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from . import fp8, fp8_quant, fp8_scaled, fp8_train
+from . import fp8, fp8_quant, fp8_scaled, fp8_shared, fp8_train
 from .fp8_quant import ALIGN, Kernels
 
 
@@ -173,11 +173,21 @@ def _linear_train_backward(grad, qxt, qwt, sx, sw, grad_dtype, w_dtype):
     return fp8_train.backward(KERNELS, grad, qxt, qwt, sx, sw, grad_dtype, w_dtype)
 
 
+def _cast_pair(x, dtype):
+    return fp8_shared.cast(KERNELS, x, dtype)
+
+
+def _linear_shared(x, qx, qxt, sx, w, bias, fwd_dtype, grad_dtype, fast_accum=False):
+    fp8._check(x, w, bias, "tensorwise", fwd_dtype, grad_dtype)
+    return fp8_shared.forward(KERNELS, x, qx, sx, w, bias, fwd_dtype, fast_accum)
+
+
 # On the dispatcher's CUDA key directly, as the routed-experts kernels (lowering/moe.py): custom_op's
 # register_kernel wrapper adds per-call host work, and these run once per linear per step. Every
 # kernel returns fresh tensors (GEMM outputs), never an input.
 _CUDA = torch.library.Library("kp", "IMPL")
 for _name, _fn in (("fp8_linear", _linear), ("fp8_linear_backward", _linear_backward),
                    ("fp8_linear_scaled", _linear_scaled), ("fp8_linear_scaled_backward", _linear_scaled_backward),
-                   ("fp8_linear_train", _linear_train), ("fp8_linear_train_backward", _linear_train_backward)):
+                   ("fp8_linear_train", _linear_train), ("fp8_linear_train_backward", _linear_train_backward),
+                   ("fp8_cast_pair", _cast_pair), ("fp8_linear_shared", _linear_shared)):
     _CUDA.impl(_name, _fn, "CUDA")

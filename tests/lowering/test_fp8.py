@@ -168,3 +168,31 @@ def test_fast_accumulation_is_the_forward_default_and_can_be_turned_off(tmp_path
         want = "True" if fast is None else "False"
         filecheck(f"CHECK: kp.fp8_linear_train.default(%l_x_{{{{.*}}}}, torch.float8_e5m2, {want})", dump)
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_training_linears_that_read_one_input_cast_it_once(tmp_path):
+    """A SwiGLU MLP's gate and up read one x: one ``kp.fp8_cast_pair`` feeds both; down keeps its own op.
+    Outputs and gradients equal the per-linear ops' (the same bytes, cast once)."""
+    from kp_compiler.testing.models import SwiGLU
+
+    torch.manual_seed(0)
+    model, x = SwiGLU(32, 64), torch.randn(2, 40, 32, requires_grad=True)
+    compiled = torch.compile(model, backend="kernelpytorch",
+                             options={"fp8": {"emulate": True, "min_dims": [16, 16, 16]}, "dump_dir": str(tmp_path)})
+    out = compiled(x)
+    dump = open(next(tmp_path.glob("graph-*/*-fp8-linear.txt"))).read()
+    filecheck("CHECK-COUNT-1: kp.fp8_cast_pair.default(%l_x_\nCHECK: kp.fp8_linear_shared.default(%l_x_"
+              "\nCHECK: input cast shared\nCHECK: kp.fp8_linear_shared.default(%l_x_\nCHECK: kp.fp8_linear_train.default"
+              "\nCHECK-NOT: fp8_cast_pair", dump)
+    e4, e5 = torch.float8_e4m3fn, torch.float8_e5m2
+    ref_x = x.detach().clone().requires_grad_()
+
+    def lin(t, w):
+        return torch.ops.kp.fp8_linear_train(t, w, None, e4, e5)[0]
+
+    ref = lin(torch.nn.functional.silu(lin(ref_x, model.gate.weight)) * lin(ref_x, model.up.weight), model.down.weight)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    grad = torch.randn_like(ref)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(out, [x, *params], grad), torch.autograd.grad(ref, [ref_x, *params], grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
