@@ -21,8 +21,8 @@ run with ``KERNELS`` instead of ``fp8_quant.EMULATED``:
 
   - ``triton`` (the default for CUDA tensors): two hand-written Triton
     kernels, ``ops/triton_fp8.py`` (an amax reduction with atomic max, a
-    scale-and-cast that reads the scale from device memory); the same bytes
-    as ``fp8_quant`` and a few microseconds of host time per cast.
+    scale-and-cast that reads the scale from device memory and can write
+    the transpose too); the same bytes as ``fp8_quant``.
   - ``compiled`` (the default elsewhere, e.g. the CPU tests): the
     ``fp8_quant`` functions under a nested ``torch.compile(dynamic=True)``,
     one reduction and one pointwise kernel each, but Dynamo's guards and

@@ -12,9 +12,12 @@ the amax buffer), with no host sync:
    order, so the result is exact and deterministic.
 2. ``_quantize``: ``scale = amax / fp8_max`` (1 where amax is 0), stored by
    the programs of the first column block, then ``clamp(t / scale, -max,
-   max)`` in fp32, rounded to nearest even into ``dtype`` and stored
-   contiguous (``[rows, cols]`` of the view it was given, row-major: what
-   ``fp8_cuda.scaled_mm`` takes for both operands).
+   max)`` in fp32, rounded to nearest even into ``dtype`` (the GPU's
+   conversion; under the interpreter, rounded in fp32 arithmetic first:
+   ``EXACT_ROUND``) and stored contiguous (``[rows, cols]`` of the view it
+   was given, row-major: what ``fp8_cuda.scaled_mm`` takes for both
+   operands). With ``TRANSPOSED`` it also stores the same bytes as
+   ``[cols, rows]``: ``quantize_pair``, the training ops' cast.
 
 ``quantize(t, scale, dtype)`` is step 2 with a given scale read from device
 memory (0-dim, or ``[rows, 1]``). ``t / scale`` is IEEE round-to-nearest
