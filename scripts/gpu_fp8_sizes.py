@@ -1,8 +1,9 @@
 """Where FP8 beats bf16 on this GPU: one linear per shape, inference and training, for the size table (issue 7).
 
-For each ``(M, K, N)`` of a grid it times, back to back on one stream (CUDA
-events around ``--reps`` calls, so a call's host time counts where it is longer
-than its GPU time, as in a compiled graph):
+For each ``(M, K, N)`` of a grid it times the GPU time of one call
+(``bench.timing.time_fn`` with ``hide_launch``: the launch is queued behind a
+sleep, so the eager op's host time, which a compiled graph does not pay
+the same way, is left out):
 
 - inference: ``F.linear`` in bf16 against ``kp::fp8_linear`` (tensorwise,
   weight quantized once and cached, as a ``torch.no_grad()`` graph runs it);
@@ -21,29 +22,21 @@ import torch
 import torch.nn.functional as F
 
 import kp_compiler.lowering.fp8  # noqa: F401  (registers the ops and their CUDA kernels)
+from bench.timing import time_fn
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-MS = (16, 128, 512, 1024, 2048, 4096, 8192)
+MS = (1024, 2048, 4096, 8192)
 KNS = ((1024, 1024), (1024, 4096), (2048, 2048), (4096, 1024), (4096, 2048), (4096, 4096), (4096, 14336),
        (14336, 4096), (8192, 8192))
 
 
 def timed(fn, reps):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
+    return time_fn(fn, "cuda", reps, hide_launch=True).median_ms
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json")
     args = ap.parse_args()
     rows = []
