@@ -12,7 +12,8 @@ a graph input (a parameter) gets a decision, reported per linear in
 - static shapes, ``K`` and ``N`` multiples of 16 (``torch._scaled_mm``'s
   alignment), floating input;
 - the device's row of ``SIZE_TABLE``: the smallest ``M`` (tokens), ``K`` and
-  ``N`` at which FP8 was measured faster than bf16. A device without a row
+  ``N`` at which FP8 was measured faster than bf16, for training graphs or
+  for inference graphs (compiled under ``torch.no_grad()``). A device without a row
   is not converted. ``min_dims`` replaces the row (on a device with FP8
   matmuls). ``emulate=True`` converts on any device, through the op's exact
   emulation where no FP8 kernel exists (tests, numerics studies), with the
@@ -47,12 +48,16 @@ from .capabilities import DeviceInfo, fp8_dtypes
 
 aten = torch.ops.aten
 
-# Smallest (M, K, N) at which FP8 (dynamic tensorwise activation scaling, weights quantized per call)
-# was measured faster than bf16, per device. H100 (../shared/anchors.md): 8192^3 1.63x faster and
-# 4096 x 4096 x 14336 1.66x faster; 1024^3 5.6x slower and 16 x 4096 x 4096 2x slower. Sizes between
-# 1024 and 4096 are not measured yet, so the threshold sits at the smallest measured win.
+# Smallest (M, K, N) from which FP8 (dynamic tensorwise scaling) was measured faster than bf16, per
+# device, for inference graphs (weights quantized once) and training graphs (forward and both backward
+# GEMMs, every tensor cast per step). H100, GPU time of one linear per shape
+# (scripts/gpu_fp8_sizes.py, bench/results/2026-11-24-h100-fp8-sizes.txt, M 1024 to 8192, K and N
+# 1024 to 14336): with K, N >= 4096, inference wins from M = 2048 (1.22x at 2048x4096x4096, 1.03x at
+# M = 1024) and training from M = 4096 (1.14x at 4096^3; 1.00x at 2048x4096x4096); below K or N = 4096
+# it lost or tied everywhere but at M = 8192 (4096x4096x1024: 0.71x / 0.80x; 8192x1024x4096: 1.17x /
+# 0.88x). ../shared/anchors.md: 1024^3 5.6x and 16x4096x4096 2x slower.
 SIZE_TABLE = {
-    (9, 0): (4096, 4096, 4096),
+    (9, 0): {"inference": (2048, 4096, 4096), "training": (4096, 4096, 4096)},
 }
 
 
@@ -66,17 +71,19 @@ def module_path(weight: fx.Node) -> str:
     return name.replace("_modules_", ".").replace("_parameters_", ".").rstrip("_")
 
 
-def thresholds(device: DeviceInfo, emulate: bool, min_dims) -> Optional[tuple]:
+def thresholds(device: DeviceInfo, emulate: bool, min_dims, train: bool = True) -> Optional[tuple]:
     """The smallest ``(M, K, N)`` converted: ``min_dims`` where given (on a device with FP8, or with
-    ``emulate``), else the device's row of ``SIZE_TABLE`` (the H100 row with ``emulate``)."""
-    if emulate:
-        return tuple(min_dims) if min_dims is not None else SIZE_TABLE[(9, 0)]
-    if device.kind != "cuda" or not fp8_dtypes(device):
+    ``emulate``), else the device's row of ``SIZE_TABLE`` for training or inference graphs (the H100
+    row with ``emulate``)."""
+    if min_dims is not None and (emulate or (device.kind == "cuda" and fp8_dtypes(device))):
+        return tuple(min_dims)
+    if not emulate and (device.kind != "cuda" or not fp8_dtypes(device)):
         return None
-    return tuple(min_dims) if min_dims is not None else SIZE_TABLE.get(device.capability)
+    row = SIZE_TABLE[(9, 0)] if emulate else SIZE_TABLE.get(device.capability)
+    return None if row is None else row["training" if train else "inference"]
 
 
-def decide(node: fx.Node, device: DeviceInfo, fp8: dict) -> tuple[bool, str]:
+def decide(node: fx.Node, device: DeviceInfo, fp8: dict, train: bool = True) -> tuple[bool, str]:
     """(convert, why) for one ``aten.linear`` node."""
     x, w = node.args[0], node.args[1]
     path = module_path(w) if isinstance(w, fx.Node) else "?"
@@ -98,7 +105,7 @@ def decide(node: fx.Node, device: DeviceInfo, fp8: dict) -> tuple[bool, str]:
     k, n = wv.shape[1], wv.shape[0]
     if k % 16 or n % 16:
         return False, f"K={k}, N={n} not multiples of 16 (scaled-matmul alignment)"
-    limits = thresholds(device, bool(fp8.get("emulate")), fp8.get("min_dims"))
+    limits = thresholds(device, bool(fp8.get("emulate")), fp8.get("min_dims"), train)
     if limits is None:
         return False, f"no FP8 size table for {device.kind} {device.capability or ''}".rstrip()
     if m < limits[0] or k < limits[1] or n < limits[2]:
@@ -117,7 +124,7 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: dict, train: bool =
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not aten.linear.default:
             continue
-        ok, why = decide(node, device, fp8)
+        ok, why = decide(node, device, fp8, train)
         state = None
         if ok and recipe in STATEFUL:
             state, refusal = _state(node.args[1], recipe, fp8)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from kp_compiler.core.report import collect
-from kp_compiler.lowering.capabilities import DeviceInfo
+from kp_compiler.lowering.capabilities import DeviceInfo, fp8_dtypes
 from kp_compiler.lowering.fp8 import SIZE_TABLE, thresholds
 from kp_compiler.options import parse_options
 from tests.utils import filecheck
@@ -32,21 +32,29 @@ def compile_with(model, x, **fp8):
     return compiled, out, rec
 
 
-@pytest.mark.parametrize("device,m,k,n,limits_known,convert", [
-    (H100, 8192, 8192, 8192, True, True),     # 1.63x faster measured
-    (H100, 8192, 4096, 14336, True, True),    # 1.66x faster measured
-    (H100, 1024, 1024, 1024, True, False),    # 5.6x slower measured
-    (H100, 16, 4096, 4096, True, False),      # decode: 2x slower measured
-    (A100, 8192, 8192, 8192, False, False),   # no FP8 tensor cores
-    (ADA, 8192, 8192, 8192, False, False),    # FP8 exists, not measured: not converted
-    (DeviceInfo("cpu"), 8192, 8192, 8192, False, False),
-    (DeviceInfo("rocm", None, arch="gfx942"), 8192, 8192, 8192, False, False),  # fnuz formats, not measured
+@pytest.mark.parametrize("device,m,k,n,train,limits_known,convert", [
+    (H100, 8192, 8192, 8192, True, True, True),      # 1.50x training, 1.59x inference (GPU time)
+    (H100, 8192, 4096, 14336, True, True, True),     # 1.41x / 1.62x
+    (H100, 4096, 4096, 4096, True, True, True),      # 1.14x / 1.26x
+    (H100, 2048, 4096, 4096, True, True, False),     # training 1.00x: kept
+    (H100, 2048, 4096, 4096, False, True, True),     # inference 1.22x: converted
+    (H100, 1024, 4096, 14336, False, True, False),   # inference 1.46x, but 1.03x at 1024x4096x4096: M too small
+    (H100, 4096, 4096, 1024, True, True, False),     # 0.80x training, 0.71x inference
+    (H100, 1024, 1024, 1024, True, True, False),     # 5.6x slower (anchors)
+    (H100, 16, 4096, 4096, False, True, False),      # decode: 2x slower (anchors)
+    (A100, 8192, 8192, 8192, True, False, False),    # no FP8 tensor cores
+    (ADA, 8192, 8192, 8192, True, False, False),     # FP8 exists, not measured: not converted
+    (DeviceInfo("cpu"), 8192, 8192, 8192, True, False, False),
+    (DeviceInfo("rocm", None, arch="gfx942"), 8192, 8192, 8192, True, False, False),  # fnuz formats, not measured
 ])
-def test_size_table_decides_both_sides(device, m, k, n, limits_known, convert):
-    limits = thresholds(device, emulate=False, min_dims=None)
+def test_size_table_decides_both_sides(device, m, k, n, train, limits_known, convert):
+    """The H100 row, measured per shape in GPU time (bench/results/2026-11-24-h100-fp8-sizes.txt)."""
+    limits = thresholds(device, emulate=False, min_dims=None, train=train)
     assert (limits is not None) == limits_known
     assert (limits is not None and m >= limits[0] and k >= limits[1] and n >= limits[2]) == convert
-    assert SIZE_TABLE[(9, 0)] == (4096, 4096, 4096)
+    assert SIZE_TABLE[(9, 0)] == {"inference": (2048, 4096, 4096), "training": (4096, 4096, 4096)}
+    has_fp8 = device.kind == "cuda" and bool(fp8_dtypes(device))  # min_dims replaces the row where FP8 exists
+    assert thresholds(device, emulate=False, min_dims=[1, 16, 16], train=train) == ((1, 16, 16) if has_fp8 else None)
 
 
 def test_converted_above_the_threshold_kept_below_with_reasons(tmp_path):
