@@ -8,7 +8,6 @@ and written), checked byte for byte against the current configuration.
     PYTHONPATH=. python scripts/gpu_fp8_cast_tune.py
 """
 
-import itertools
 
 import torch
 
