@@ -59,6 +59,12 @@ aten = torch.ops.aten
 SIZE_TABLE = {
     (9, 0): {"inference": (2048, 4096, 4096), "training": (4096, 4096, 4096)},
 }
+# Training graphs cast an input that several converted linears read once (ops/fp8_shared.py), so a
+# linear beside a converted one pays for its weight's and gradient's casts only. The smallest N at
+# which such a linear (M and K at the training row) was measured to pay: on the H100 the Llama step
+# with its K/V projections (4096 x 4096 x 1024, beside Q) in FP8 ran 0.8% faster
+# (bench/results/2026-11-24-h100-fp8-kv.md), though that shape alone is 0.80x.
+SHARED_MIN_N = {(9, 0): 1024}
 
 
 def module_path(weight: fx.Node) -> str:
@@ -113,6 +119,22 @@ def decide(node: fx.Node, device: DeviceInfo, fp8: dict, train: bool = True) -> 
     return True, f"M={m}, K={k}, N={n}"
 
 
+def beside_converted(node: fx.Node, device: DeviceInfo, fp8: dict) -> Optional[str]:
+    """Why a training linear kept by the size table's N converts anyway when its input is already cast for
+    a converted linear (``SHARED_MIN_N``), or None. Not with ``min_dims`` (the user's thresholds hold)."""
+    if fp8.get("min_dims") is not None:
+        return None
+    key = (9, 0) if fp8.get("emulate") else device.capability
+    limits, min_n = thresholds(device, bool(fp8.get("emulate")), None, True), SHARED_MIN_N.get(key)
+    xv, wv = val(node.args[0]), val(node.args[1])
+    if limits is None or min_n is None:
+        return None
+    m, k, n = xv.numel() // xv.shape[-1], wv.shape[1], wv.shape[0]
+    if m >= limits[0] and k >= limits[1] and min_n <= n < limits[2]:
+        return f"M={m}, K={k}, N={n}: below the size table's N, input cast shared with a converted linear"
+    return None
+
+
 def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: dict, train: bool = True) -> Matches:
     """Convert the linears ``decide`` accepts; every decision goes to the report's notes.
 
@@ -120,7 +142,7 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: dict, train: bool =
     keep each weight quantized between calls (``runtime/fp8_weights.py``).
     """
     recipe = fp8.get("recipe", "tensorwise")
-    converted, notes, plan = {}, [], []
+    converted, decisions = {}, {}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not aten.linear.default:
             continue
@@ -129,6 +151,16 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: dict, train: bool =
         if ok and recipe in STATEFUL:
             state, refusal = _state(node.args[1], recipe, fp8)
             ok, why = (False, refusal) if refusal else (ok, why)
+        decisions[node] = (ok, why, state)
+    shared = train and recipe == "tensorwise"
+    if shared:  # kept by the size table's N only, beside a converted linear that reads the same input
+        cast_inputs = {node.args[0] for node, (ok, _, _) in decisions.items() if ok}
+        for node, (ok, why, state) in decisions.items():
+            if not ok and "below the size table" in why and node.args[0] in cast_inputs:
+                why = beside_converted(node, device, fp8) or why
+                decisions[node] = (why.endswith("converted linear"), why, state)
+    notes, plan = [], []
+    for node, (ok, why, state) in decisions.items():
         path = module_path(node.args[1]) if isinstance(node.args[1], fx.Node) else node.name
         notes.append(f"{path}: {'converted' if ok else 'kept'} ({why})")
         if not ok:
@@ -138,7 +170,7 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: dict, train: bool =
     formats, fast = _formats(device, bool(fp8.get("emulate"))) if plan else None, bool(fp8.get("fast_accum", True))
     # Training graphs, default recipe: linears that read one input cast it once (ops/fp8_shared.py).
     readers: dict = {}
-    if train and recipe == "tensorwise":
+    if shared:
         for node, _, _ in plan:
             readers.setdefault(node.args[0], []).append(node)
     casts: dict = {}

@@ -204,3 +204,42 @@ def test_training_linears_that_read_one_input_cast_it_once(tmp_path):
     params = list(model.parameters())
     for a, b in zip(torch.autograd.grad(out, [x, *params], grad), torch.autograd.grad(ref, [ref_x, *params], grad)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+class QKV(nn.Module):
+    """An attention block's projections: q at the size table, k and v (GQA) below it in N."""
+
+    def __init__(self, d=64, kv=16):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d, bias=False), nn.Linear(d, kv, bias=False), nn.Linear(d, kv, bias=False)
+        self.solo = nn.Linear(d, kv, bias=False)
+
+    def forward(self, x, y):
+        return self.q(x).sum(-1) + self.k(x).sum(-1) + self.v(x).sum(-1) + self.solo(y).sum(-1)
+
+
+def test_training_linears_below_the_table_in_n_convert_beside_a_converted_reader(monkeypatch):
+    """K and V read the input Q converts, so their input cast is shared: they convert from SHARED_MIN_N;
+    a linear of the same shape on another input, and every linear of an inference graph, stay in bf16."""
+    from kp_compiler.lowering import fp8 as fp8_lowering
+
+    monkeypatch.setitem(fp8_lowering.SIZE_TABLE, (9, 0), {"inference": (16, 64, 64), "training": (16, 64, 64)})
+    monkeypatch.setitem(fp8_lowering.SHARED_MIN_N, (9, 0), 16)
+    torch.manual_seed(0)
+    model, x, y = QKV(), torch.randn(80, 64, requires_grad=True), torch.randn(80, 64)
+    compiled = torch.compile(model, backend="kernelpytorch", options={"fp8": {"emulate": True}, "strict": True})
+    with collect() as records:
+        out = compiled(x, y)
+    (rec,) = [p for r in records for p in r.passes if p.name == "fp8-linear"]
+    notes = "\n".join(rec.notes)
+    assert rec.by_rule == {"tensorwise": 3}
+    assert "q.weight: converted (M=80, K=64, N=64)" in notes
+    assert "k.weight: converted (M=80, K=64, N=16: below the size table's N, input cast shared" in notes
+    assert "solo.weight: kept (M=80, K=64, N=16 below the size table's (16, 64, 64)" in notes
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    torch._dynamo.reset()
+    with torch.no_grad(), collect() as records:
+        torch.compile(model, backend="kernelpytorch", options={"fp8": {"emulate": True}})(x, y)
+    (rec,) = [p for r in records for p in r.passes if p.name == "fp8-linear"]
+    assert rec.by_rule == {"tensorwise": 1}  # inference graphs share no casts: q only
