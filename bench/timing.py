@@ -55,6 +55,20 @@ def _sync(device: str) -> None:
 SLEEP_CYCLES_PER_MS = 2.0e6  # about an H100's SM clock; a longer sleep only costs wall time
 
 
+def host_per_call(fn: Callable[[], object], reps: int = 20) -> tuple[float, float]:
+    """(host ms per call while enqueueing, synchronized wall ms per call) on CUDA, after 3 warm-up calls:
+    where host time nears wall time, the calls are launch-bound. Diagnostics (``scripts/gpu_*_overhead.py``)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host = (time.perf_counter() - start) / reps
+    torch.cuda.synchronize()
+    return host * 1e3, (time.perf_counter() - start) / reps * 1e3
+
+
 def time_fn(fn: Callable[[], object], device: str, reps: int, warmup: int = 3,
             budget_s: float = 10.0, hide_launch: bool = False) -> Timing:
     """Time ``fn()`` ``reps`` times after ``warmup`` calls (fewer if over ``budget_s``)."""

@@ -3,7 +3,7 @@
 For the tensors a Llama-8B-dims training step casts (bf16 ``[4096, 4096]``,
 ``[4096, 14336]``, ``[14336, 4096]``): the amax kernel and the paired
 quantize kernel (``q`` and ``q.T``) under each candidate of ``CONFIG``,
-GPU time over back-to-back calls and the bandwidth it reaches (bytes read
+GPU time per call (``bench.timing.time_fn``, launch hidden) and the bandwidth it reaches (bytes read
 and written), checked byte for byte against the current configuration.
     PYTHONPATH=. python scripts/gpu_fp8_cast_tune.py
 """
@@ -11,6 +11,7 @@ and written), checked byte for byte against the current configuration.
 
 import torch
 
+from bench.timing import time_fn
 from kp_compiler.ops import triton_fp8
 
 E4M3 = torch.float8_e4m3fn
@@ -18,16 +19,7 @@ SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
 
 
 def gpu_ms(fn, reps=30):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / reps
+    return time_fn(fn, "cuda", reps, hide_launch=True).median_ms
 
 
 def same(a, b):

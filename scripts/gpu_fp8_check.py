@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from kp_compiler.ops import fp8, fp8_cuda, fp8_scaled, fp8_shared, fp8_train
+from kp_compiler.ops import fp8, fp8_cuda, fp8_scaled, fp8_train
 from kp_compiler.ops.fp8_quant import EMULATED
 from kp_compiler.ops.fp8_scaled import HISTORY, SCALE
 
@@ -44,8 +44,8 @@ def run(recipe: str, kernels, x, w, b, g, via_op: bool):
             xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
             out = torch.ops.kp.fp8_linear_shared(xr, *torch.ops.kp.fp8_cast_pair(xr, E4M3), wr, b, E4M3, E5M2, False)[0]
             return (out, *torch.autograd.grad(out, [xr, wr], g))
-        qx, qxt, sx = fp8_shared.cast(kernels, x, E4M3)
-        out, qwt, sw = fp8_shared.forward(kernels, x, qx, sx, w, b, E4M3)
+        qx, qxt, sx = fp8_train.cast(kernels, x, E4M3)
+        out, qwt, sw = fp8_train.linear(kernels, x, qx, sx, w, b, E4M3)
         return (out, *fp8_train.backward(kernels, g, qxt, qwt, sx, sw, E5M2, w.dtype))
     if recipe in fp8.RECIPES:
         if via_op:

@@ -10,7 +10,6 @@ call. Diagnostics, not a benchmark (speed claims come from ``python -m bench``).
 import argparse
 import cProfile
 import pstats
-import time
 
 import torch
 import torch._dynamo
@@ -18,19 +17,7 @@ import torch._dynamo
 import kp_compiler  # noqa: F401
 from bench.cases import Scale
 from bench.cases.fp8 import _linear, _mlp, llama2_train
-
-
-def per_call(fn, reps=20):
-    """(host ms per call while enqueueing, synchronized wall ms per call)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    host = (time.perf_counter() - start) / reps
-    torch.cuda.synchronize()
-    return host * 1e3, (time.perf_counter() - start) / reps * 1e3
+from bench.timing import host_per_call
 
 
 def step_fn(model, x, backend, train, options):
@@ -64,7 +51,7 @@ def ops():
               "torch.zeros(())": lambda: torch.zeros((), device="cuda"),
               "torch.empty(4096, 4096)": lambda: torch.empty(4096, 4096, device="cuda")}
     for name, fn in pieces.items():
-        h, w = per_call(fn, reps=200)
+        h, w = host_per_call(fn, reps=200)
         print(f"op {name}: {h * 1e3:.1f} us host / {w * 1e3:.1f} us wall per call", flush=True)
 
 
@@ -84,7 +71,7 @@ def main():
         model, (x,) = wl.model, wl.inputs
         for backend, options in (("inductor", None), ("kernelpytorch", {"fp8": True})):
             run = step_fn(model, x, backend, train, options)
-            h, w = per_call(run)
+            h, w = host_per_call(run)
             print(f"{name} {backend}: {h:.3f} host / {w:.3f} wall ms per call", flush=True)
             if args.profile and backend == "kernelpytorch":
                 prof = cProfile.Profile()

@@ -9,13 +9,14 @@ Diagnostics, not a benchmark (speed claims come from ``python -m bench``).
 """
 
 import cProfile
+import functools
 import pstats
 import sys
-import time
 
 import torch
 import torch._dynamo
 
+from bench.timing import host_per_call
 import kp_compiler  # noqa: F401
 import kp_compiler.lowering.moe  # noqa: F401  (registers the CUDA kernels)
 from kp_compiler.ops import expert_routing, triton_experts, triton_routing
@@ -27,17 +28,7 @@ SHAPES = {"e64-top8": (4096, 2048, 768, 64, 8), "e64-top8-decode": (64, 2048, 76
 PROFILE = "--profile" in sys.argv
 
 
-def per_call(fn, reps=50):
-    """(host ms per call while enqueueing, synchronized wall ms per call)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    host = (time.perf_counter() - start) / reps
-    torch.cuda.synchronize()
-    return host * 1e3, (time.perf_counter() - start) / reps * 1e3
+per_call = functools.partial(host_per_call, reps=50)
 
 
 def top(fn, rows=18, reps=50):

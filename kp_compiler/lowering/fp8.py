@@ -25,7 +25,11 @@ Before::
 
 After::
 
-    %fp8_linear = kp.fp8_linear.default(%x, %w, %b, 'tensorwise', torch.float8_e4m3fn, torch.float8_e5m2)  # fp8: converted
+    %fp8_linear = kp.fp8_linear.default(%x, %w, %b, 'tensorwise', torch.float8_e4m3fn, torch.float8_e5m2, True, True)  # fp8: converted
+
+(an inference graph: weight cached, fast accumulation). A training graph gets
+``kp::fp8_linear_train`` (``ops/fp8_train.py``), and linears that read one
+input share its cast (``kp::fp8_cast_pair`` + ``kp::fp8_linear_shared``).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ SIZE_TABLE = {
 # with its K/V projections (4096 x 4096 x 1024, beside Q) in FP8 ran 0.8% faster
 # (bench/results/2026-11-24-h100-fp8-kv.md), though that shape alone is 0.80x.
 SHARED_MIN_N = {(9, 0): 1024}
+BELOW_TABLE = "below the size table's"  # the refusal that beside_converted may overturn
 
 
 def module_path(weight: fx.Node) -> str:
@@ -115,8 +120,9 @@ def decide(node: fx.Node, device: DeviceInfo, fp8: dict, train: bool = True) -> 
     if limits is None:
         return False, f"no FP8 size table for {device.kind} {device.capability or ''}".rstrip()
     if m < limits[0] or k < limits[1] or n < limits[2]:
-        return False, f"M={m}, K={k}, N={n} below the size table's {limits} (FP8 measured slower there)"
+        return False, f"M={m}, K={k}, N={n} {BELOW_TABLE} {limits} (FP8 measured slower there)"
     return True, f"M={m}, K={k}, N={n}"
+
 
 
 def beside_converted(node: fx.Node, device: DeviceInfo, fp8: dict) -> Optional[str]:
@@ -156,9 +162,10 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: dict, train: bool =
     if shared:  # kept by the size table's N only, beside a converted linear that reads the same input
         cast_inputs = {node.args[0] for node, (ok, _, _) in decisions.items() if ok}
         for node, (ok, why, state) in decisions.items():
-            if not ok and "below the size table" in why and node.args[0] in cast_inputs:
-                why = beside_converted(node, device, fp8) or why
-                decisions[node] = (why.endswith("converted linear"), why, state)
+            if not ok and BELOW_TABLE in why and node.args[0] in cast_inputs:
+                beside = beside_converted(node, device, fp8)
+                if beside is not None:
+                    decisions[node] = (True, beside, state)
     notes, plan = [], []
     for node, (ok, why, state) in decisions.items():
         path = module_path(node.args[1]) if isinstance(node.args[1], fx.Node) else node.name

@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from . import fp8, fp8_quant, fp8_scaled, fp8_shared, fp8_train
+from . import fp8, fp8_quant, fp8_scaled, fp8_shared, fp8_train  # noqa: F401  (fp8_shared: its ops get CUDA kernels below)
 from .fp8_quant import ALIGN, Kernels
 
 
@@ -174,12 +174,12 @@ def _linear_train_backward(grad, qxt, qwt, sx, sw, grad_dtype, w_dtype):
 
 
 def _cast_pair(x, dtype):
-    return fp8_shared.cast(KERNELS, x, dtype)
+    return fp8_train.cast(KERNELS, x, dtype)
 
 
 def _linear_shared(x, qx, qxt, sx, w, bias, fwd_dtype, grad_dtype, fast_accum=False):
     fp8._check(x, w, bias, "tensorwise", fwd_dtype, grad_dtype)
-    return fp8_shared.forward(KERNELS, x, qx, sx, w, bias, fwd_dtype, fast_accum)
+    return fp8_train.linear(KERNELS, x, qx, sx, w, bias, fwd_dtype, fast_accum)
 
 
 # On the dispatcher's CUDA key directly, as the routed-experts kernels (lowering/moe.py): custom_op's

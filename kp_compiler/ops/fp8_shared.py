@@ -31,17 +31,8 @@ from typing import Optional
 import torch
 
 from .fp8 import _check, bias_grad
-from .fp8_quant import EMULATED, Kernels, padded
-
-
-def cast(k: Kernels, x, dtype):
-    return k.quantize_pair(x.reshape(-1, x.shape[-1]), dtype)
-
-
-def forward(k: Kernels, x, qx, sx, w, bias, fwd_dtype, fast_accum=False):
-    qw, qwt, sw = k.quantize_pair(w, fwd_dtype)
-    out = k.mm(qx, sx, qw, sw, x.dtype, bias, fast_accum=fast_accum).reshape(*x.shape[:-1], w.shape[0])
-    return out, qwt, sw
+from .fp8_quant import EMULATED, padded
+from .fp8_train import cast, linear  # the two halves of kp::fp8_linear_train's forward
 
 
 @torch.library.custom_op("kp::fp8_cast_pair", mutates_args=())
@@ -73,7 +64,7 @@ def fp8_linear_shared(x: torch.Tensor, qx: torch.Tensor, qxt: torch.Tensor, sx: 
                       bias: Optional[torch.Tensor], fwd_dtype: torch.dtype, grad_dtype: torch.dtype,
                       fast_accum: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(x, w, bias, "tensorwise", fwd_dtype, grad_dtype)
-    return forward(EMULATED, x, qx, sx, w, bias, fwd_dtype, fast_accum)
+    return linear(EMULATED, x, qx, sx, w, bias, fwd_dtype, fast_accum)
 
 
 @fp8_linear_shared.register_fake

@@ -19,7 +19,7 @@ keeps the FP8 operands (1 byte per value) instead of ``x`` and ``w``.
 The four extra outputs are not differentiable. The ``fp8-linear`` step emits
 this op for training graphs with the default recipe and takes output 0::
 
-    %fp8_linear_train = kp.fp8_linear_train.default(%x, %w, %b, torch.float8_e4m3fn, torch.float8_e5m2)
+    %fp8_linear_train = kp.fp8_linear_train.default(%x, %w, %b, torch.float8_e4m3fn, torch.float8_e5m2, True)
     %getitem = getitem(%fp8_linear_train, 0)
 
 As in ``ops/fp8.py``, the default implementation is the exact emulation;
@@ -36,11 +36,21 @@ from .fp8 import _check, bias_grad
 from .fp8_quant import EMULATED, Kernels, padded
 
 
-def forward(k: Kernels, x, w, bias, fwd_dtype, fast_accum=False):
-    x2 = x.reshape(-1, x.shape[-1])
-    qx, qxt, sx = k.quantize_pair(x2, fwd_dtype)
+def cast(k: Kernels, x, dtype):
+    """``(q(x) [M, K], q(x).T [K, Mp], sx)`` of ``x [*, K]``."""
+    return k.quantize_pair(x.reshape(-1, x.shape[-1]), dtype)
+
+
+def linear(k: Kernels, x, qx, sx, w, bias, fwd_dtype, fast_accum=False):
+    """``(out, q(w).T, sw)``: ``q(x) @ q(w).T`` from a cast ``x`` (``x`` itself gives the output's shape)."""
     qw, qwt, sw = k.quantize_pair(w, fwd_dtype)
     out = k.mm(qx, sx, qw, sw, x.dtype, bias, fast_accum=fast_accum).reshape(*x.shape[:-1], w.shape[0])
+    return out, qwt, sw
+
+
+def forward(k: Kernels, x, w, bias, fwd_dtype, fast_accum=False):
+    qx, qxt, sx = cast(k, x, fwd_dtype)
+    out, qwt, sw = linear(k, x, qx, sx, w, bias, fwd_dtype, fast_accum)
     return out, qxt, qwt, sx, sw
 
 

@@ -76,3 +76,24 @@ def test_the_compiled_casts_run_inside_a_compiled_graph():
     compiled = torch.compile(lambda x, w: torch.relu(linear(x, w)) * 2, backend="kernelpytorch")
     torch.testing.assert_close(compiled(x, w), torch.relu(fp8.forward(EMULATED, x, w, None, "tensorwise", E4M3)) * 2,
                                **EXACT)
+
+
+def test_fast_accumulation_reaches_the_forward_gemm_only(monkeypatch):
+    """``fast_accum`` is ``use_fast_accum`` of the forward ``torch._scaled_mm``; gradient GEMMs never get it."""
+    from kp_compiler.ops import fp8_train
+
+    calls = []
+    real = torch._scaled_mm
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("use_fast_accum"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", recording)
+    x, w, b, g = inputs(48, seed=5)
+    for fast in (True, False):
+        calls.clear()
+        out, *saved = fp8_train.forward(fp8_cuda.KERNELS, x, w, b, E4M3, fast)
+        fp8_train.backward(fp8_cuda.KERNELS, g, *saved, E5M2, w.dtype)
+        fp8.forward(fp8_cuda.KERNELS, x, w, b, "tensorwise", E4M3, False, fast)
+        assert calls == [fast, False, False, fast]

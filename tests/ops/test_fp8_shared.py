@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kp_compiler.ops import fp8_cuda, fp8_shared, fp8_train
+from kp_compiler.ops import fp8_cuda, fp8_train
 from kp_compiler.ops.fp8_quant import EMULATED
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -45,10 +45,10 @@ def test_opcheck_and_bad_dtype():
 @pytest.mark.skipif(not fp8_cuda.cpu_scaled_mm(), reason="this torch has no CPU torch._scaled_mm")
 def test_the_cuda_kernel_path_equals_the_emulation():
     x, w1, _, b = (t.detach() for t in leaves(2))
-    cast_k, cast_e = fp8_shared.cast(fp8_cuda.KERNELS, x, E4M3), fp8_shared.cast(EMULATED, x, E4M3)
+    cast_k, cast_e = fp8_train.cast(fp8_cuda.KERNELS, x, E4M3), fp8_train.cast(EMULATED, x, E4M3)
     for a, c in zip(cast_k, cast_e):
         assert torch.equal(a.view(torch.uint8) if a.dtype == E4M3 else a, c.view(torch.uint8) if c.dtype == E4M3 else c)
-    got = fp8_shared.forward(fp8_cuda.KERNELS, x, cast_k[0], cast_k[2], w1, b, E4M3)
+    got = fp8_train.linear(fp8_cuda.KERNELS, x, cast_k[0], cast_k[2], w1, b, E4M3)
     want = fp8_train.forward(EMULATED, x, w1, b, E4M3)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)  # torch._scaled_mm: see tests/ops/test_fp8_cuda.py
     assert torch.equal(got[1].view(torch.uint8), want[2].view(torch.uint8)) and torch.equal(got[2], want[4])
