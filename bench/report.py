@@ -36,6 +36,12 @@ def _fmt(v, spec: str, missing: str = "") -> str:
     return missing if v is None else format(v, spec)
 
 
+def _error_cell(row: dict) -> str:
+    if row.get("missing_grads"):
+        return f"FAIL: no gradient for {len(row['missing_grads'])} tensor(s) ({', '.join(row['missing_grads'][:3])})"
+    return f"{row['error']:.2e}"
+
+
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [
@@ -64,7 +70,7 @@ def markdown(results: dict) -> str:
                 f"| {case['case']} | {r['backend']} | {r['median_ms']:.3f} [{lo:.3f}, {hi:.3f}] "
                 f"| {_fmt(r.get('speedup_vs_inductor'), '.2f')}x | {_fmt(r.get('tflops'), '.3g')} "
                 f"| {_fmt(r.get('gb_per_s'), '.3g')} | {r['compile_s']:.1f} | {_fmt(r.get('peak_mem_gb'), '.2f')} "
-                f"| {r['error']:.2e} |"
+                f"| {_error_cell(r)} |"
             )
     fired = [(case["case"], r["backend"], r["passes"]) for case in results["cases"] for r in case.get("rows", [])
              if r.get("passes") is not None]

@@ -18,7 +18,7 @@ import torch
 
 from kp_compiler.core.report import collect
 
-from kp_compiler.testing.compare import dynamo_config, rel_error
+from kp_compiler.testing.compare import dynamo_config, grad_error, grads_of, missing_grads, rel_error
 
 from .backends import Backend
 from .cases import Case, Scale, Workload
@@ -36,10 +36,11 @@ def _upcast(x: Any, dtype: torch.dtype) -> Any:
     return x
 
 
-def _grads(model: Any, inputs: tuple) -> list[torch.Tensor]:
-    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
-    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad] + params
-    return [t.grad.detach().clone() for t in leaves if t.grad is not None]
+def _grads(model: Any, inputs: tuple) -> dict:
+    """Every input and parameter gradient by name, ``None`` where there is none (a lost one is an error)."""
+    params = list(model.named_parameters()) if isinstance(model, torch.nn.Module) else []
+    leaves = [(f"input {i}", t) for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
+    return grads_of(leaves + params)
 
 
 class Step:
@@ -81,7 +82,7 @@ def reference(wl: Workload, train: bool, scale: Scale) -> list[torch.Tensor]:
     ref_wl.model = model
     step = Step(ref_wl, model, model, train, scale.device)
     out = step(capture=True)
-    return [out] if not train else out
+    return [out] if not train else out  # train: {name: grad or None}
 
 
 class RowTimeout(Exception):
@@ -127,8 +128,11 @@ def run_backend(case: Case, wl: Workload, backend: Backend, ref, scale: Scale, r
                     for p in rec.passes:
                         fired[p.name] = fired.get(p.name, 0) + p.matches
                 row["passes"] = {k: v for k, v in fired.items() if v}
-            got = [first] if not case.train else first
-            row["error"] = rel_error(got, ref)
+            if case.train:
+                row["error"] = grad_error(first, ref)  # inf where a gradient is None on one side only
+                row["missing_grads"] = missing_grads(first, ref)
+            else:
+                row["error"] = rel_error([first], ref)
             if scale.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             timing = time_fn(step, scale.device, reps, hide_launch=scale.timing == "gpu")

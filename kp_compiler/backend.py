@@ -26,6 +26,7 @@ import torch._dynamo
 from torch import fx
 
 from . import passes as _builtin_passes  # noqa: F401  (registers the built-in passes)
+from .core import regions
 from .core.canonicalize import canonicalize
 from .core.dump import GraphDump, append_report, next_graph_id
 from .core.pass_manager import PassManager, default_passes, resolve
@@ -94,6 +95,10 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
     record.guards = [guard.to_json() for guard in manager.guards]
     # If a guarded input changes, the graph as it was before the first guarded pass runs op by op.
     fallback = fx.GraphModule(cgm, manager.unguarded) if manager.guards else None
+    # Custom autograd.Functions and checkpoints go back to their higher-order ops, which own their backward.
+    record.autograd_regions = regions.restore(cgm)
+    if fallback is not None:
+        regions.restore(fallback)
     try:
         fn = lower(record.lowering, cgm, example_inputs, opts.mode, opts.inductor_config)
     except XlaUnavailable:

@@ -10,6 +10,7 @@ import sys
 import torch
 
 from kp_compiler.core.report import collect
+from kp_compiler.testing.compare import assert_same_grads, grads_of
 
 
 def compile_and_collect(model, inputs, **options):
@@ -21,24 +22,23 @@ def compile_and_collect(model, inputs, **options):
 
 
 def check_forward_backward(model, compiled, make_inputs, rtol=1e-4, atol=1e-5):
-    """Forward outputs and parameter/input gradients equal eager on fresh random inputs."""
+    """Forward outputs and parameter/input gradients equal eager on fresh random inputs.
+
+    A gradient that is ``None`` on one side only fails (``assert_same_grads``).
+    """
     for inputs in make_inputs():
         ref_in = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
         got_in = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
-        model.zero_grad()
+        model.zero_grad(set_to_none=True)
         ref = model(*ref_in)
         ref.square().mean().backward()
-        ref_grads = [p.grad.clone() for p in model.parameters()]
-        model.zero_grad()
+        ref_grads = {**grads_of(model.named_parameters()), **grads_of(enumerate(ref_in))}
+        model.zero_grad(set_to_none=True)
         got = compiled(*got_in)
         got.square().mean().backward()
-        got_grads = [p.grad.clone() for p in model.parameters()]
+        got_grads = {**grads_of(model.named_parameters()), **grads_of(enumerate(got_in))}
         torch.testing.assert_close(got, ref, rtol=rtol, atol=atol)
-        for a, b in zip(got_grads, ref_grads):
-            torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
-        for a, b in zip(got_in, ref_in):
-            if b.grad is not None:
-                torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
+        assert_same_grads(got_grads, ref_grads, rtol=rtol, atol=atol)
 
 
 def load_report(dump_dir) -> dict:

@@ -9,6 +9,11 @@ Autograd has not run yet, so a replacement op that owns its backward (SDPA,
 ``flex_attention``, a ``torch.library`` op with ``register_autograd``) gets a
 correct backward for free when the lowering runs AOTAutograd.
 
+Higher-order ops that carry their own backward (a custom
+``autograd.Function``, activation checkpointing) are kept whole behind one
+opaque op (``core/regions.py``): ``make_fx`` would inline their forward and
+drop the backward.
+
 Symbolic shapes survive: the fake inputs come from ``fake_mode.from_tensor``,
 which returns the (memoized) fake tensors Dynamo traced with, sizes such as
 ``s0`` included; SymInt inputs stay SymInt placeholders.
@@ -22,6 +27,9 @@ import torch
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+
+from . import regions
+from .graph import snapshot
 
 
 def fake_mode_of(example_inputs: Sequence[Any]) -> FakeTensorMode:
@@ -69,8 +77,12 @@ def canonicalize(
     """
     fake_mode = fake_mode_of(example_inputs)
     fake_inputs = fakeify(fake_mode, example_inputs)
+    traced = gm
+    if regions.present(gm):  # hide them from make_fx on a copy: the Dynamo graph stays the fallback
+        traced = fx.GraphModule(gm, snapshot(gm))
+        regions.hide(traced)
     with fake_mode:
-        cgm = make_fx(gm, pre_dispatch=True)(*fake_inputs)
+        cgm = make_fx(traced, pre_dispatch=True)(*fake_inputs)
     _carry_dynamo_metadata(gm, cgm)
     cgm.meta["kp_source"] = "canonical"
     return cgm, fake_mode, fake_inputs

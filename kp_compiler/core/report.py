@@ -39,6 +39,7 @@ class GraphRecord:
     fallbacks: list = field(default_factory=list)
     guards: list = field(default_factory=list)  # runtime guards the rewrites rely on
     skipped: list = field(default_factory=list)  # default passes left out here: {"pass", "reason"}
+    autograd_regions: int = 0  # custom autograd.Function / checkpoint calls kept whole (core/regions.py)
     dump: Optional[str] = None
     compile_ms: float = 0.0
 

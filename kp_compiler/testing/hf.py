@@ -41,6 +41,14 @@ def config(name: str, size: str = "tiny"):
             moe_intermediate_size=s["ffn"] // 2, shared_expert_intermediate_size=s["ffn"],
             decoder_sparse_step=1, mlp_only_layers=[],
         )
+    if name == "recurrent_gemma":  # SqrtBoundDerivative, a custom autograd.Function, in its recurrent blocks
+        return tf.RecurrentGemmaConfig(
+            vocab_size=s["vocab"], hidden_size=s["d"], intermediate_size=s["ffn"], num_hidden_layers=3,
+            num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], lru_width=s["d"],
+            attention_window_size=s["window"], block_types=["recurrent", "recurrent", "attention"],
+        )
+    if name == "bloom":  # GeLUFunction, a custom autograd.Function, in training mode
+        return tf.BloomConfig(vocab_size=s["vocab"], hidden_size=s["d"], n_layer=s["layers"], n_head=s["heads"])
     if name == "gpt2":
         return tf.GPT2Config(vocab_size=s["vocab"], n_embd=s["d"], n_layer=s["layers"], n_head=s["heads"],
                              n_positions=s["positions"], bos_token_id=0, eos_token_id=0)

@@ -10,6 +10,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from bench.cases import attention as cases
 from kp_compiler.passes.attention import attention_to_sdpa
+from kp_compiler.testing.compare import assert_same_grads, grads_of
 from tests.utils import compile_and_collect
 
 aten = torch.ops.aten
@@ -164,8 +165,7 @@ def check_grads(fn, gm, inputs, rtol=1e-5, atol=1e-5):
     g = torch.randn_like(ref)
     ref.backward(g)
     got.backward(g)
-    for x, y in zip(a, b):
-        torch.testing.assert_close(y.grad, x.grad, rtol=rtol, atol=atol)
+    assert_same_grads(grads_of(enumerate(b)), grads_of(enumerate(a)), rtol=rtol, atol=atol)
 
 
 def weights_returned(q, k, v):

@@ -7,6 +7,7 @@ from torch import nn
 
 from kp_compiler.testing.models import LoopMoE, TinyMoEGPT
 from tests.utils import compile_and_collect, filecheck
+from kp_compiler.testing.compare import assert_same_grads, grads_of
 
 D, FF, E, K = 16, 24, 4, 2
 PASSES = ["noop-elimination", "moe-dispatch"]
@@ -134,11 +135,10 @@ def test_moe_transformer_end_to_end():
     out, ref = compiled(idx), model(idx)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     out.square().mean().backward()
-    got = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
+    got = grads_of(model.named_parameters())
+    model.zero_grad(set_to_none=True)
     ref.square().mean().backward()
-    for a, p in zip(got, model.parameters()):
-        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+    assert_same_grads(got, grads_of(model.named_parameters()), rtol=1e-4, atol=1e-6)
 
 
 class BiasedExperts(SlicedExperts):

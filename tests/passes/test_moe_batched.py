@@ -8,6 +8,7 @@ import torch
 from kp_compiler.core.report import collect
 from kp_compiler.testing.hf import build
 from tests.utils import filecheck
+from kp_compiler.testing.compare import assert_same_grads, grads_of
 
 PASSES = ["noop-elimination", "moe-dispatch"]  # named: on the CPU the default list leaves moe-dispatch out
 
@@ -49,17 +50,15 @@ def test_training_gradients_reach_the_3d_expert_parameters(experts):
     ids = torch.randint(0, vocab, (2, 12))
     ref = model(ids, labels=ids).loss
     ref.backward()
-    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
+    want = grads_of(model.named_parameters())
+    model.zero_grad(set_to_none=True)
     out, records = run(model, ids, train=True)
     out.loss.backward()
     assert sum(p.matches for r in records for p in r.passes if p.name == "moe-dispatch") == 2
     torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
-    experts_grads = [n for n in want if "experts" in n]
+    experts_grads = [n for n in want if "experts" in n and want[n] is not None]
     assert experts_grads  # gate_up_proj and down_proj of both layers
-    for n, p in model.named_parameters():
-        if n in want:
-            torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert_same_grads(grads_of(model.named_parameters()), want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("leak", [False, True])

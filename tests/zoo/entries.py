@@ -38,6 +38,9 @@ ENTRIES = [
     Entry("hf-mistral-sliding-window", _hf("mistral"), 256, ("transformers",)),
     Entry("hf-gpt2", _hf("gpt2"), 256, ("transformers",)),
     Entry("hf-bert", _hf("bert"), 256, ("transformers",)),
+    # Custom autograd.Functions in the model code (their gradients were once lost: issue 14)
+    Entry("hf-recurrent-gemma", _hf("recurrent_gemma"), 256, ("transformers",)),
+    Entry("hf-bloom-train-mode", lambda: _hf("bloom")().train(), 256, ("transformers",)),
 ] + [
     Entry(f"hf-{model}-{impl}", _hf(model, experts=impl), 256, ("transformers",))
     for model in ("mixtral", "qwen2_moe") for impl in hf.EXPERTS_ONE_GRAPH

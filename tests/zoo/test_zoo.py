@@ -23,6 +23,7 @@ def test_matches_eager(entry):
     assert "noop-elimination" in result.passes
     tol = TOLERANCE[torch.float32]
     assert result.forward_error < tol, result
+    assert not result.missing_grads, f"gradients lost: {result.missing_grads}"
     assert result.grad_error < tol, result
 
 
