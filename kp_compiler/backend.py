@@ -27,10 +27,11 @@ from torch import fx
 
 from . import passes as _builtin_passes  # noqa: F401  (registers the built-in passes)
 from .core import regions
-from .core.canonicalize import canonicalize
+from .core.canonicalize import canonicalize, fake_mode_of
 from .core.dump import GraphDump, append_report, next_graph_id
 from .core.pass_manager import PassManager, default_passes, resolve
 from .core.report import GraphRecord, new_record, publish
+from .core.shape_guards import GuardWatch
 from .lowering import input_devices, lower, select
 from .lowering.attention import select_attention_kernels
 from .lowering.capabilities import DeviceInfo, describe as describe_device
@@ -73,12 +74,15 @@ def kernelpytorch(
 def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dump):
     if dump is not None:
         dump.write("dynamo", gm.graph, "dynamo graph (torch IR)", numbered=False)
+    watch = GuardWatch(fake_mode_of(example_inputs))
+    mark = watch.mark()
     try:
         cgm, fake_mode, fake_inputs = canonicalize(gm, example_inputs)
     except Exception as e:  # noqa: BLE001 - fall back rather than break the model
         if opts.strict or _dynamo_control_flow(e):
             raise
         return _fallback(gm, example_inputs, opts, record, f"canonicalization failed ({_brief(e)})"), (), None
+    _note_guards(record, "canonicalize", watch.added_since(mark))
     record.nodes_in = len(cgm.graph.nodes)
     if dump is not None:
         dump.write("input", cgm.graph, "canonical input")
@@ -99,8 +103,10 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
     record.autograd_regions = regions.restore(cgm)
     if fallback is not None:
         regions.restore(fallback)
+    mark = watch.mark()
     try:
         fn = lower(record.lowering, cgm, example_inputs, opts.mode, opts.inductor_config)
+        _note_guards(record, f"lowering ({record.lowering})", watch.added_since(mark))
     except XlaUnavailable:
         raise
     except Exception as e:  # noqa: BLE001
@@ -109,6 +115,13 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
         why = f"lowering the rewritten graph failed ({_brief(e)})"
         return _fallback(gm, example_inputs, opts, record, why), (), None
     return fn, manager.guards, fallback
+
+
+def _note_guards(record: GraphRecord, step: str, added: list) -> None:
+    """Shape guards outside the passes (canonicalization, lowering) go to the report too."""
+    record.guards_added += [{"step": step, "guard": text} for text in added]
+    if added:
+        log.info("graph %d: %s added shape guard(s) %s", record.id, step, added)
 
 
 def _default_passes(example_inputs, record: GraphRecord) -> list:

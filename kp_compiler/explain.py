@@ -87,6 +87,8 @@ def _graph_lines(g: GraphRecord) -> list[str]:
         lines.append(f"  left out {skip['pass']}: {_one_line(skip['reason'])}")
     for guard in g.guards:
         lines.append(f"  runtime guard on input {guard['input']}: {_one_line(guard['reason'])}")
+    for added in g.guards_added:
+        lines.append(f"  shape guard added by {added['step']}: {added['guard']}")
     for why in g.fallbacks:
         lines.append(f"  fallback: {_one_line(why)}")
     return lines

@@ -7,10 +7,12 @@ alias, not turning a graph output into an alias of an input).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+import contextlib
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -23,9 +25,24 @@ def val(node: Any) -> Any:
     return node.meta.get("val")
 
 
+@contextlib.contextmanager
+def fake_execution(fake_mode) -> Iterator[None]:
+    """Run ops on fake tensors the way Dynamo and ``make_fx`` do: under ``fake_mode`` with the Python dispatcher.
+
+    Without the Python dispatcher a composite op runs its C++ decomposition,
+    some of which read a symbolic size as a number (``aten.linear`` on CUDA,
+    ``aten.pad`` anywhere): each such read adds a guard (``Eq(s0, 3)``) and
+    Dynamo recompiles the graph for every new size. The Python decompositions
+    keep sizes symbolic.
+    """
+    with fake_mode, enable_python_dispatcher():
+        yield
+
+
 def propagate_shapes(gm: fx.GraphModule, fake_mode, fake_inputs: Sequence[Any]) -> None:
     """Recompute ``meta["val"]`` for every node; raises if the graph is ill-typed."""
-    _ConstantsAsFake(gm, mode=fake_mode).propagate_dont_convert_inputs(*fake_inputs)
+    with enable_python_dispatcher():
+        _ConstantsAsFake(gm, mode=fake_mode).propagate_dont_convert_inputs(*fake_inputs)
 
 
 class _ConstantsAsFake(FakeTensorProp):

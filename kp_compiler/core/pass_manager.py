@@ -10,7 +10,10 @@ manager runs the chosen passes in order and, for each one:
 - with ``verify``, runs the graph before and after on random inputs and
   compares;
 - on any failure restores the graph as it was before the pass, records
-  ``rolled_back`` with the reason and warns; with ``strict`` it raises.
+  ``rolled_back`` with the reason and warns; with ``strict`` it raises;
+- records the shape guards it added (``guards_added``: a symbolic size read
+  as a number, which makes Dynamo recompile per size) and warns; with
+  ``strict`` that is an error too.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from . import context
 from . import graph as g
 from .dump import GraphDump
 from .report import GraphRecord, PassRecord
+from .shape_guards import GuardWatch
 from .verify import VerifyError, check_same_outputs
 
 log = logging.getLogger("kp_compiler.passes")
@@ -112,6 +116,7 @@ class PassManager:
         self.strict = strict
         self.verify = verify
         self.dump = dump
+        self.shape_guards = GuardWatch(fake_mode)
         self.guards: list = []  # runtime guards the kept rewrites rely on
         # The graph before the first pass that added guards: valid whatever the guarded inputs hold.
         self.unguarded: Optional[fx.Graph] = None
@@ -136,6 +141,7 @@ class PassManager:
         before = g.snapshot(gm)
         before_print = g.fingerprint(gm.graph)
         ctx = context.for_graph(gm, self.real_inputs)
+        mark = self.shape_guards.mark()
         start = time.perf_counter()
         try:
             with context.active(ctx):
@@ -149,11 +155,25 @@ class PassManager:
                 self._check(gm, before, self.guards + ctx.guards)
         except Exception as e:  # noqa: BLE001 - any pass failure is rolled back
             rec.ms = (time.perf_counter() - start) * 1e3
+            self._note_shape_guards(name, rec, mark)
             self._fail(gm, before, name, rec, e)
             return
+        self._note_shape_guards(name, rec, mark)
         if ctx.guards and self.unguarded is None:
             self.unguarded = before
         self.guards += ctx.guards
+
+    def _note_shape_guards(self, name: str, rec: PassRecord, mark) -> None:
+        rec.guards_added = self.shape_guards.added_since(mark)
+        if not rec.guards_added:
+            return
+        self.record.guards_added += [{"step": name, "guard": text} for text in rec.guards_added]
+        msg = (f"kp_compiler: pass {name!r} added shape guard(s) {rec.guards_added}: it read a symbolic size "
+               "as a number, so Dynamo recompiles this graph for other sizes")
+        if self.strict:
+            raise PassError(msg + " (strict=True)")
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
     def _check(self, gm: fx.GraphModule, before: fx.Graph, guards: list) -> None:
         gm.graph.lint()

@@ -26,6 +26,7 @@ class PassRecord:
     reason: str = ""
     by_rule: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)  # per-site decisions a pass reports (fp8-linear: every linear)
+    guards_added: list = field(default_factory=list)  # shape guards the pass added (core/shape_guards.py)
 
 
 @dataclass
@@ -39,6 +40,7 @@ class GraphRecord:
     fallbacks: list = field(default_factory=list)
     guards: list = field(default_factory=list)  # runtime guards the rewrites rely on
     skipped: list = field(default_factory=list)  # default passes left out here: {"pass", "reason"}
+    guards_added: list = field(default_factory=list)  # {"step", "guard"}: shape guards a step added
     autograd_regions: int = 0  # custom autograd.Function / checkpoint calls kept whole (core/regions.py)
     dump: Optional[str] = None
     compile_ms: float = 0.0

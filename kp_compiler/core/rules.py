@@ -36,7 +36,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx
 
-from .graph import is_mutating
+from .graph import fake_execution, is_mutating
 
 _ANY = object()
 
@@ -192,7 +192,7 @@ def _fake_value(target, args, kwargs):
     mode = detect_fake_mode([v for v in leaves if isinstance(v, torch.Tensor)])
     if mode is None:
         return None
-    with mode:
+    with fake_execution(mode):
         return target(*fargs, **fkwargs)
 
 

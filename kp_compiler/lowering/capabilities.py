@@ -10,9 +10,10 @@ and a test keeps the two equal.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -85,8 +86,24 @@ def capabilities(device: DeviceInfo) -> Capabilities:
     return next(caps for _, matches, caps in TABLE if matches(device))
 
 
+_SIMULATED: list = []  # a stack of DeviceInfo that ``simulate`` makes every device look like
+
+
+@contextlib.contextmanager
+def simulate(device: DeviceInfo) -> Iterator[DeviceInfo]:
+    """Inside the block, ``describe`` returns ``device`` for every device: the CUDA (or any)
+    decision path runs on CPU tensors, for tests. The kernels that run are still the tensors' own."""
+    _SIMULATED.append(device)
+    try:
+        yield device
+    finally:
+        _SIMULATED.pop()
+
+
 def describe(device: torch.device) -> DeviceInfo:
-    """The ``DeviceInfo`` of a real device (queries CUDA only for CUDA devices)."""
+    """The ``DeviceInfo`` of a real device (queries CUDA only for CUDA devices), or the simulated one."""
+    if _SIMULATED:
+        return _SIMULATED[-1]
     if device.type == "cuda":
         if torch.version.hip is not None:
             props = torch.cuda.get_device_properties(device)

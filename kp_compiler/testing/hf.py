@@ -10,6 +10,8 @@ from __future__ import annotations
 SIZES = {
     "tiny": dict(d=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=256, positions=128, window=16, experts=4),
     "bench": dict(d=1024, layers=8, heads=16, kv_heads=4, ffn=2816, vocab=32000, positions=2048, window=512, experts=16),
+    # the decode sequence of issue 14 (HF Llama d=2048, 8 layers, GQA 16/4)
+    "decode": dict(d=2048, layers=8, heads=16, kv_heads=4, ffn=5632, vocab=32000, positions=2048, window=512, experts=16),
 }
 
 # experts_implementation values that capture in one Dynamo graph (the eager
