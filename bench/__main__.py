@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="bfloat16 on the GPU by default, float32 in smoke runs")
     p.add_argument("--cases", nargs="*", default=["*"], help="glob patterns over case names")
-    p.add_argument("--groups", nargs="*", default=None, help="only these groups (attention, moe, linear, fp8-sized, e2e)")
+    p.add_argument("--groups", nargs="*", default=None, help="only these groups (attention, moe, linear, fp8-sized, fp8, e2e, models)")
     p.add_argument("--backends", nargs="*", default=list(DEFAULT))
     p.add_argument("--kp-options", default=None, help="JSON options for an extra kernelpytorch row")
     p.add_argument("--reps", type=int, default=None)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|suite-infer|suite-train   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -135,6 +135,17 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
       --row-timeout 100 --reps 30 $extra --out "$out" --stem cuda-fp8-gpu-time 2>"$out/gpu-time.log" | tail -16
     timeout "$(left)" python3 -m bench --cases 'moe-e64-top8' 'moe-e64-top8-decode' 'moe-e8-top2' --backends inductor kernelpytorch \
       --timing gpu --row-timeout 120 --reps 20 $extra --out "$out" --stem cuda-moe-gpu-time 2>>"$out/gpu-time.log" | tail -12
+    ;;
+  suite-infer)
+    # Issue 14: the decode sequence (six batch sizes, default and reduce-overhead), then the real-model
+    # suite's inference rows (transformers defaults), kernelpytorch beside Inductor.
+    timeout 240 python3 -m bench.decode --reps 30 --out "$out" --stem cuda-decode 2>"$out/suite.log" | tail -10
+    timeout "$(left)" python3 -m bench --groups models --cases 'model-*-infer' --backends inductor kernelpytorch \
+      --row-timeout 150 --reps 30 $extra --out "$out" --stem cuda-models-infer 2>>"$out/suite.log" | tail -14
+    ;;
+  suite-train)
+    timeout "$(left)" python3 -m bench --groups models --cases 'model-*-train' --backends inductor kernelpytorch \
+      --row-timeout 200 --reps 20 $extra --out "$out" --stem cuda-models-train 2>"$out/suite.log" | tail -14
     ;;
 esac
 echo "stage $stage done after $(( $(date +%s) - start )) s"

@@ -17,8 +17,8 @@ from kp_compiler.testing.models import TinyGPT, TinyMoEGPT
 from . import Scale, Workload, case
 
 
-def _tokens(scale: Scale, vocab: int):
-    batch, seq = (2, 32) if scale.smoke else (4, 1024)
+def _tokens(scale: Scale, vocab: int, shape=None):
+    batch, seq = (2, 32) if scale.smoke else (shape or (4, 1024))
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, vocab, (batch, seq), generator=g).to(scale.device)
 
@@ -27,9 +27,10 @@ def _logits(out):
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
-def _lm_workload(model, vocab: int, scale: Scale, train: bool, **extra) -> Workload:
+def _lm_workload(model, vocab: int, scale: Scale, train: bool, tokens=None, **extra) -> Workload:
+    """``tokens``: (batch, seq) on the GPU, default 4 x 1024; smoke runs always take 2 x 32."""
     model = model.to(scale.device, scale.dtype)
-    ids = _tokens(scale, vocab)
+    ids = _tokens(scale, vocab, tokens)
 
     def loss(out):
         return F.cross_entropy(_logits(out).float().flatten(0, 1), ids.flatten())

@@ -1,17 +1,26 @@
 """Hugging Face transformers models from small configs, random weights, no downloads.
 
 ``build(name, size)`` returns ``(model, vocab)``; ``size`` is ``"tiny"`` (CPU
-tests and smoke runs) or ``"bench"`` (the GPU benchmark: the anchors'
-8-layer d=1024 Llama shape and peers of similar cost).
+tests and smoke runs), ``"bench"`` (the GPU benchmark: the anchors' 8-layer
+d=1024 Llama shape and peers of similar cost), ``"suite"`` (the real-model
+suite: 4 layers of d=1024, Qwen3-MoE with 64 experts top-8) or ``"decode"``
+(the decode sequence's d=2048 Llama). ``attn=None`` / ``experts=None`` keep
+transformers' own defaults: the models as users run them.
 """
 
 from __future__ import annotations
 
+_MOE = dict(moe_ffn=768, top_k=8)
 SIZES = {
-    "tiny": dict(d=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=256, positions=128, window=16, experts=4),
-    "bench": dict(d=1024, layers=8, heads=16, kv_heads=4, ffn=2816, vocab=32000, positions=2048, window=512, experts=16),
+    "tiny": dict(d=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=256, positions=128, window=16, experts=4,
+                 moe_ffn=32, top_k=2),
+    "bench": dict(d=1024, layers=8, heads=16, kv_heads=4, ffn=2816, vocab=32000, positions=2048, window=512,
+                  experts=16, **_MOE),
+    "suite": dict(d=1024, layers=4, heads=16, kv_heads=4, ffn=2816, vocab=32000, positions=4096, window=1024,
+                  experts=64, **_MOE),
     # the decode sequence of issue 14 (HF Llama d=2048, 8 layers, GQA 16/4)
-    "decode": dict(d=2048, layers=8, heads=16, kv_heads=4, ffn=5632, vocab=32000, positions=2048, window=512, experts=16),
+    "decode": dict(d=2048, layers=8, heads=16, kv_heads=4, ffn=5632, vocab=32000, positions=2048, window=512,
+                   experts=16, **_MOE),
 }
 
 # experts_implementation values that capture in one Dynamo graph (the eager
@@ -33,6 +42,13 @@ def config(name: str, size: str = "tiny"):
     s = SIZES[size]
     if name == "llama":
         return _llama_like(tf.LlamaConfig, s)
+    if name == "llama3":
+        return _llama_like(tf.LlamaConfig, s, rope_theta=500000.0)
+    if name == "qwen3_moe":
+        return _llama_like(tf.Qwen3MoeConfig, s, num_experts=s["experts"], num_experts_per_tok=s["top_k"],
+                           moe_intermediate_size=s["moe_ffn"], head_dim=s["d"] // s["heads"])
+    if name == "gemma2":  # softcapped attention (its default is the eager path), sliding window on alternate layers
+        return _llama_like(tf.Gemma2Config, s, head_dim=s["d"] // s["heads"], sliding_window=s["window"])
     if name == "mistral":
         return _llama_like(tf.MistralConfig, s, sliding_window=s["window"])
     if name == "mixtral":
@@ -61,13 +77,18 @@ def config(name: str, size: str = "tiny"):
     raise ValueError(f"unknown model {name!r}")
 
 
-def build(name: str, size: str = "tiny", attn: str = "eager", experts: str | None = None):
-    """A randomly initialised model in eval mode (dropout off), and its vocab size."""
+def build(name: str, size: str = "tiny", attn: str | None = "eager", experts: str | None = None):
+    """A randomly initialised model in eval mode (dropout off), and its vocab size.
+
+    ``attn=None`` and ``experts=None`` leave transformers' defaults in place.
+    """
     import torch
     import transformers as tf
 
     cfg = config(name, size)
-    kwargs = {"attn_implementation": attn}
+    kwargs = {}
+    if attn is not None:
+        kwargs["attn_implementation"] = attn
     if experts is not None:
         kwargs["experts_implementation"] = experts
     torch.manual_seed(0)

@@ -23,10 +23,11 @@ def test_median_and_ci():
 
 def test_every_group_has_cases():
     groups = {c.group for c in load_all().values()}
-    assert groups == {"attention", "moe", "linear", "fp8-sized", "fp8", "e2e"}
+    assert groups == {"attention", "moe", "linear", "fp8-sized", "fp8", "e2e", "models"}
     names = set(load_all())
     for must in ("attention-alibi", "attention-gqa-causal-fwd-bwd", "moe-e64-top8-decode",
-                 "hf-mistral-train", "hf-bert-infer", "hf-gpt2-train", "moe-loop-gpt-train"):
+                 "hf-mistral-train", "hf-bert-infer", "hf-gpt2-train", "moe-loop-gpt-train",
+                 "model-llama3-infer", "model-qwen3-moe-train", "model-gemma2-train", "model-mistral-window-infer"):
         assert must in names
 
 
@@ -98,3 +99,19 @@ def test_a_row_past_its_time_limit_is_recorded_and_the_run_goes_on():
                       reps=2, row_timeout=1)
     assert "ran past the 1 s row limit" in result["rows"][0]["failed"]
     assert "median_ms" in result["rows"][1]
+
+
+def test_decode_sequence_smoke(tmp_path):
+    """``python -m bench.decode``: graph counts, first pass, steady time and error per size, side by side."""
+    cmd = [sys.executable, "-m", "bench.decode", "--smoke", "--modes", "default", "--out", str(tmp_path),
+           "--stem", "dec"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "dec.json").read_text())
+    rows = {r["backend"]: r for r in results["rows"]}
+    assert set(rows) == {"inductor", "kernelpytorch"} and results["meta"]["transformers"]
+    assert rows["kernelpytorch"]["graphs"] == rows["inductor"]["graphs"]
+    for r in rows.values():
+        assert sorted(map(int, r["steady_ms"])) == [1, 3, 8, 13, 24, 40]
+        assert all(e < 1e-4 for e in r["error"].values()) and r["first_pass_s"] > 0
+    assert "| kernelpytorch | default |" in (tmp_path / "dec.md").read_text()

@@ -60,7 +60,8 @@ def test_user_pass_selected_counted_and_dumped(register, tmp_path):
     (graph,) = report["graphs"]
     assert [p["name"] for p in graph["passes"]] == ["noop-elimination", "attention-to-sdpa", "count-linears"]
     assert graph["passes"][2] | {"ms": 0} == {
-        "name": "count-linears", "matches": 2, "ms": 0, "status": "ok", "reason": "", "by_rule": {}, "notes": []}
+        "name": "count-linears", "matches": 2, "ms": 0, "status": "ok", "reason": "", "by_rule": {}, "notes": [],
+        "guards_added": []}
     assert sorted(os.listdir(graph["dump"])) == [
         "00-input.txt", "01-noop-elimination.txt", "02-attention-to-sdpa.txt", "03-count-linears.txt", "dynamo.txt"]
     filecheck(

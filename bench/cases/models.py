@@ -1,0 +1,47 @@
+"""The real-model suite: transformers models as users run them, inference and a training step.
+
+Every model is built from a small config with random weights and
+transformers' own defaults: no ``attn_implementation`` or
+``experts_implementation`` is passed, so Llama, Mistral and GPT-2 run the
+``sdpa`` path, Qwen3-MoE its ``grouped_mm`` experts and Gemma2 its eager,
+softcapped attention. Sizes (GPU): 4 layers of d=1024 at batch 4 x 1024;
+Mistral with a 1024-token sliding window at batch 2 x 4096; Qwen3-MoE with
+64 experts, top-8. Smoke runs (CPU) use 2 layers of d=64 at 2 x 32 tokens.
+
+Each kernelpytorch row must be at least 0.98x of Inductor, or the README's
+table says which issue addresses it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kp_compiler.testing import hf
+
+from . import Scale, Workload, case
+from .e2e import _lm_workload
+
+# name -> (transformers model, GPU tokens (batch, seq), what the defaults mean)
+MODELS = {
+    "llama3": ("llama3", (4, 1024), "sdpa attention, GQA 16/4"),
+    "mistral-window": ("mistral", (2, 4096), "sdpa attention with a 1024-token sliding window mask"),
+    "qwen3-moe": ("qwen3_moe", (4, 1024), "64 experts top-8, grouped_mm experts"),
+    "gemma2": ("gemma2", (4, 1024), "eager softcapped attention, sliding window on alternate layers"),
+    "gpt2": ("gpt2", (4, 1024), "sdpa attention"),
+}
+
+
+def _build(name: str, scale: Scale, train: bool) -> Workload:
+    model_name, tokens, note = MODELS[name]
+    model, vocab = hf.build(model_name, "tiny" if scale.smoke else "suite", attn=None, experts=None)
+    wl = _lm_workload(model, vocab, scale, train, tokens=None if scale.smoke else tokens)
+    wl.note = note
+    if model_name == "qwen3_moe":
+        wl.reference_dtype = torch.float32  # torch._grouped_mm has no float64 kernel
+    return wl
+
+
+for _name in MODELS:
+    for _train in (False, True):
+        case(f"model-{_name}-{'train' if _train else 'infer'}", "models", train=_train, requires=("transformers",))(
+            lambda scale, n=_name, train=_train: _build(n, scale, train))
