@@ -144,8 +144,9 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
       --row-timeout 150 --reps 30 $extra --out "$out" --stem cuda-models-infer 2>>"$out/suite.log" | tail -14
     ;;
   suite-train)
+    timeout 200 python3 -m bench.decode --modes default --reps 30 --out "$out" --stem cuda-decode 2>"$out/suite.log" | tail -6
     timeout "$(left)" python3 -m bench --groups models --cases 'model-*-train' --backends inductor kernelpytorch \
-      --row-timeout 200 --reps 20 $extra --out "$out" --stem cuda-models-train 2>"$out/suite.log" | tail -14
+      --row-timeout 200 --reps 20 $extra --out "$out" --stem cuda-models-train 2>>"$out/suite.log" | tail -14
     ;;
 esac
 echo "stage $stage done after $(( $(date +%s) - start )) s"
