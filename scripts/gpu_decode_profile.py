@@ -1,8 +1,11 @@
-"""Where kernelpytorch's extra time per decode call goes (issue 14): host time, kernels per call, top CPU ops.
+"""Where kernelpytorch's extra time per decode call goes (issue 14): host time, kernels per call, top CPU ops,
+and cProfile's Python frames per call.
 
 HF Llama (sdpa, d=2048, 8 layers) at T=1, batch 1 and 8, under Inductor and kernelpytorch in one process.
 """
 
+import cProfile
+import pstats
 import sys
 
 import torch
@@ -33,6 +36,13 @@ def main(size: str = "decode") -> int:
             print(f"== {backend} bs={b}: host {host:.3f} ms/call, wall {wall:.3f} ms/call, "
                   f"{kernels:.0f} GPU kernels/call, graphs compiled now {len(records)}")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=70))
+            with torch.no_grad():  # the Python side of one call: which frames one path has that the other lacks
+                pr = cProfile.Profile()
+                pr.enable()
+                for _ in range(100):
+                    f(ids)
+                pr.disable()
+            pstats.Stats(pr).sort_stats("tottime").print_stats(30)
     return 0
 
 
