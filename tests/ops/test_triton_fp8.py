@@ -158,11 +158,19 @@ def test_the_cast_choice_follows_the_environment(monkeypatch):
 
 @pytest.mark.skipif(DEVICE != "cpu" or not fp8_cuda.cpu_scaled_mm(), reason="needs the CPU torch._scaled_mm")
 def test_kernels_through_scaled_mm_with_triton_casts(triton_casts):
-    """``fp8_cuda.KERNELS`` as it is (``torch._scaled_mm``; tensorwise writes fp32, so bit for bit)."""
+    """``fp8_cuda.KERNELS`` as it is (``torch._scaled_mm``, fp32 output): within fp32 rounding of the emulation.
+
+    Not bit for bit: the CPU ``_scaled_mm`` of torch 2.13 sums in another order on some CPUs (seen on this
+    session's Xeon: 2e-6 absolute at 66% of the elements, at 52cc464 too); the FP8 bytes are compared
+    exactly in the tests above.
+    """
     x, w, b, g = _inputs(40, seed=4)
-    _same(fp8.forward(fp8_cuda.KERNELS, x, w, b, "tensorwise", E4M3), fp8.forward(EMULATED, x, w, b, "tensorwise", E4M3))
-    _same(fp8.backward(fp8_cuda.KERNELS, g, x, w, "tensorwise", E4M3, E5M2),
-          fp8.backward(EMULATED, g, x, w, "tensorwise", E4M3, E5M2))
+    for got, want in ((fp8.forward(fp8_cuda.KERNELS, x, w, b, "tensorwise", E4M3),
+                       fp8.forward(EMULATED, x, w, b, "tensorwise", E4M3)),
+                      (fp8.backward(fp8_cuda.KERNELS, g, x, w, "tensorwise", E4M3, E5M2),
+                       fp8.backward(EMULATED, g, x, w, "tensorwise", E4M3, E5M2))):
+        for a, e in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(DEVICE != "cpu" or not fp8_cuda.cpu_scaled_mm(rowwise=True), reason="needs rowwise scales in the CPU torch._scaled_mm")
