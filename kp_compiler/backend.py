@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 import warnings
 from typing import Any, Mapping, Optional, Sequence
@@ -28,7 +29,7 @@ from torch import fx
 from . import passes as _builtin_passes  # noqa: F401  (registers the built-in passes)
 from .core import regions
 from .core.canonicalize import canonicalize, fake_mode_of
-from .core.dump import GraphDump, append_report, next_graph_id
+from .core.dump import GraphDump, append_report
 from .core.pass_manager import PassManager, default_passes, resolve
 from .core.report import GraphRecord, new_record, publish
 from .core.shape_guards import GuardWatch
@@ -56,9 +57,8 @@ def kernelpytorch(
     chosen = resolve(opts.passes if opts.passes is not None else _default_passes(example_inputs, record))
     record.mode = opts.mode
     record.lowering = select(opts.lowering, input_devices(example_inputs))
-    dump = None
-    if opts.dump_dir:
-        dump = GraphDump(opts.dump_dir, next_graph_id(opts.dump_dir))
+    dump = GraphDump.create(opts.dump_dir) if opts.dump_dir else None
+    if dump is not None:
         record.dump = dump.folder
     start = time.perf_counter()
     try:
@@ -188,8 +188,8 @@ def _brief(e: Exception) -> str:
 
 def _finish(record: GraphRecord, opts: Options, start: float) -> None:
     record.compile_ms = (time.perf_counter() - start) * 1e3
-    if opts.dump_dir:
-        append_report(opts.dump_dir, record.to_json())
+    if record.dump:
+        append_report(os.path.dirname(record.dump), record.to_json())
     publish(record)
     summary = ", ".join(f"{p.name}={p.matches}" + ("" if p.status == "ok" else f" [{p.status}]") for p in record.passes)
     log.info(

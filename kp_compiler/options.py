@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -59,13 +60,10 @@ def parse_options(mode: Optional[str] = None, options: Optional[Mapping[str, Any
             raise ValueError(f"kernelpytorch: options[{key!r}] must be True or False, got {options[key]!r}")
     passes = options.get("passes")
     if passes is not None:
-        if isinstance(passes, str) or not all(isinstance(p, str) for p in passes):
+        if not _string_list(passes):
             raise ValueError(f"kernelpytorch: options['passes'] must be a list of pass names, got {passes!r}")
         options["passes"] = tuple(passes)
-    dump_dir = options.get("dump_dir", os.environ.get("KP_DUMP_DIR") or None)
-    if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
-        raise ValueError(f"kernelpytorch: options['dump_dir'] must be a path, got {dump_dir!r}")
-    options["dump_dir"] = os.fspath(dump_dir) if dump_dir is not None else None
+    options["dump_dir"] = _dump_dir(options)
     if "fp8" in options:
         options["fp8"] = _check_fp8(options["fp8"])
     inductor_config = options.get("inductor_config", {})
@@ -92,10 +90,11 @@ def _check_fp8(value: Any) -> Optional[dict]:
     _check_choice("fp8 recipe", recipe, FP8_RECIPES)
     for key in ("include", "exclude"):
         globs = value.get(key, [])
-        if isinstance(globs, str) or not all(isinstance(g, str) for g in globs):
+        if not _string_list(globs):
             raise ValueError(f"kernelpytorch: options['fp8'][{key!r}] must be a list of glob strings, got {globs!r}")
     dims = value.get("min_dims")
-    if dims is not None and (len(dims) != 3 or not all(isinstance(d, int) and d > 0 for d in dims)):
+    if dims is not None and (not isinstance(dims, (list, tuple)) or len(dims) != 3
+                             or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims)):
         raise ValueError(f"kernelpytorch: options['fp8']['min_dims'] must be three positive ints [M, K, N], got {dims!r}")
     if "emulate" in value and not isinstance(value["emulate"], bool):
         raise ValueError(f"kernelpytorch: options['fp8']['emulate'] must be True or False, got {value['emulate']!r}")
@@ -112,6 +111,52 @@ def _check_fp8(value: Any) -> Optional[dict]:
         raise ValueError(f"kernelpytorch: options['fp8']['margin'] must be a number from 0 to 8 (powers of 2 of "
                          f"headroom), got {margin!r}")
     return dict(value)
+
+
+def _string_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+
+_warned_env_dump: set = set()
+
+
+def _dump_dir(options: dict) -> Optional[str]:
+    """``options['dump_dir']`` (a ValueError if it cannot be written) or ``$KP_DUMP_DIR`` (a warning, once,
+    and no dumps if it cannot be written: an environment variable must never stop a user's run)."""
+    if "dump_dir" in options:
+        path = options["dump_dir"]
+        if path is None:
+            return None
+        if not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"kernelpytorch: options['dump_dir'] must be a path, got {path!r}")
+        why = _unwritable(os.fspath(path))
+        if why:
+            raise ValueError(f"kernelpytorch: options['dump_dir']={os.fspath(path)!r} cannot be used: {why}")
+        return os.fspath(path)
+    path = os.environ.get("KP_DUMP_DIR") or None
+    if path is None:
+        return None
+    why = _unwritable(path)
+    if not why:
+        return path
+    if path not in _warned_env_dump:
+        _warned_env_dump.add(path)
+        warnings.warn(f"kernelpytorch: KP_DUMP_DIR={path!r} cannot be used ({why}); compiling without dumps",
+                      RuntimeWarning, stacklevel=3)
+    return None
+
+
+def _unwritable(path: str) -> str:
+    """Why ``path`` cannot hold dumps ('' if it can): created if missing, and writable."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "it exists and is not a folder"
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        return f"it cannot be created ({e.strerror or e})"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "it is not writable"
+    return ""
 
 
 def _check_choice(key: str, value: Any, valid: tuple) -> None:

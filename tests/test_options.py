@@ -73,3 +73,26 @@ def test_errors_reach_the_torch_compile_caller():
     f = torch.compile(torch.nn.Linear(4, 4), backend="kernelpytorch", options={"passes": ["nope"]})
     with pytest.raises(Exception, match="registered passes"):
         f(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"passes": 3}, "options['passes']"),
+    ({"fp8": {"include": 3}}, "options['fp8']['include']"),
+    ({"fp8": {"exclude": None}}, "options['fp8']['exclude']"),
+    ({"fp8": {"min_dims": 5}}, "options['fp8']['min_dims']"),
+    ({"fp8": {"min_dims": [1, 2, True]}}, "options['fp8']['min_dims']"),
+])
+def test_bad_container_values_are_value_errors(options, needle):
+    """Issue 14: these raised TypeError from inside the check."""
+    with pytest.raises(ValueError) as err:
+        parse_options(options=options)
+    assert needle in str(err.value)
+
+
+def test_a_dump_dir_that_cannot_be_used_is_a_value_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match=r"options\['dump_dir'\].*not a folder"):
+        parse_options(options={"dump_dir": str(blocker)})
+    with pytest.raises(ValueError, match=r"options\['dump_dir'\].*cannot be created"):
+        parse_options(options={"dump_dir": str(blocker / "below")})

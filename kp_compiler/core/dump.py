@@ -21,10 +21,14 @@ Layout under the dump directory (``KP_DUMP_DIR`` or ``options["dump_dir"]``)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from typing import Any
+import threading
+import time
+import warnings
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import fx
@@ -102,43 +106,134 @@ def _slug(name: str) -> str:
 
 
 class GraphDump:
-    """Writes one compiled graph's files into ``<dump_dir>/graph-NNN/``."""
+    """Writes one compiled graph's files into ``<dump_dir>/graph-NNN/``.
 
-    def __init__(self, dump_dir: str, graph_id: int):
-        self.folder = os.path.join(dump_dir, f"graph-{graph_id:03d}")
+    A folder that stops being writable (disk full, removed) never fails a
+    compile: the first failed write warns once and the rest are skipped.
+    """
+
+    def __init__(self, dump_dir: str, graph_id: int, folder: Optional[str] = None):
+        self.folder = folder or os.path.join(dump_dir, f"graph-{graph_id:03d}")
         os.makedirs(self.folder, exist_ok=True)
         self.graph_id = graph_id
         self._step = 0
+        self.broken = ""
 
-    def write(self, name: str, graph: fx.Graph, header: str, numbered: bool = True) -> str:
+    @classmethod
+    def create(cls, dump_dir: str) -> "Optional[GraphDump]":
+        """A dump in the next free ``graph-NNN`` folder of ``dump_dir`` (None, with a warning, if that fails).
+
+        The folder is claimed with ``os.mkdir``, which fails if it exists, so
+        processes dumping into one directory never share a number.
+        """
+        try:
+            os.makedirs(dump_dir, exist_ok=True)
+            graph_id = next_graph_id(dump_dir)
+            while True:
+                folder = os.path.join(dump_dir, f"graph-{graph_id:03d}")
+                try:
+                    os.mkdir(folder)
+                    return cls(dump_dir, graph_id, folder)
+                except FileExistsError:
+                    graph_id += 1
+        except OSError as e:
+            _warn_once(f"kp_compiler: cannot dump into {dump_dir!r} ({e}); compiling without dumps")
+            return None
+
+    def write(self, name: str, graph: fx.Graph, header: str, numbered: bool = True) -> Optional[str]:
         if numbered:
             fname = f"{self._step:02d}-{_slug(name)}.txt"
             self._step += 1
         else:
             fname = f"{_slug(name)}.txt"
+        return self.write_text(fname, format_graph(graph, f"graph {self.graph_id} | {header}"))
+
+    def write_text(self, fname: str, text: str) -> Optional[str]:
+        if self.broken:
+            return None
         path = os.path.join(self.folder, fname)
-        with open(path, "w") as f:
-            f.write(format_graph(graph, f"graph {self.graph_id} | {header}"))
+        try:
+            with open(path, "w") as f:
+                f.write(text)
+        except OSError as e:
+            self.broken = str(e)
+            _warn_once(f"kp_compiler: cannot write dumps into {self.folder!r} ({e}); skipping the rest")
+            return None
         return path
 
 
+_warned: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg in _warned:
+        return
+    _warned.add(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
 def next_graph_id(dump_dir: str) -> int:
-    """The first ``graph-NNN`` number not yet taken in ``dump_dir``."""
+    """The first ``graph-NNN`` number after every one taken in ``dump_dir``."""
     os.makedirs(dump_dir, exist_ok=True)
     taken = [int(m.group(1)) for f in os.listdir(dump_dir) if (m := re.fullmatch(r"graph-(\d+)", f))]
     return max(taken, default=-1) + 1
 
 
-def append_report(dump_dir: str, record: dict) -> str:
-    """Add one graph's record to ``<dump_dir>/report.json`` (created if absent)."""
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """An exclusive lock on ``path`` across processes (``fcntl``; no lock where it is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: per-process temporary files and the atomic replace still hold
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def append_report(dump_dir: str, record: dict) -> Optional[str]:
+    """Add one graph's record to ``<dump_dir>/report.json`` (created if absent).
+
+    Safe across processes: the read-modify-write holds a lock
+    (``report.json.lock``), the new text goes to a per-process temporary file
+    that atomically replaces the report. A report that is not valid JSON is
+    kept aside as ``report.json.damaged-<time>`` with a warning and a new one
+    is started. A failure to write warns once and returns None: a dump never
+    stops a compile.
+    """
     path = os.path.join(dump_dir, "report.json")
-    report = {"version": 1, "graphs": []}
-    if os.path.exists(path):
+    try:
+        with _locked(path + ".lock"):
+            report = _read_report(path)
+            report["graphs"].append(record)
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(report, f, indent=2)
+            os.replace(tmp, path)
+    except OSError as e:
+        _warn_once(f"kp_compiler: cannot write {path!r} ({e}); the report of this graph is not saved")
+        return None
+    return path
+
+
+def _read_report(path: str) -> dict:
+    fresh = {"version": 1, "graphs": []}
+    if not os.path.exists(path):
+        return fresh
+    try:
         with open(path) as f:
             report = json.load(f)
-    report["graphs"].append(record)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, path)
-    return path
+        if isinstance(report, dict) and isinstance(report.get("graphs"), list):
+            return report
+        why = "not a kp_compiler report"
+    except (ValueError, UnicodeDecodeError) as e:
+        why = f"not valid JSON: {e}"
+    aside = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    os.replace(path, aside)
+    warnings.warn(f"kp_compiler: {path} was {why}; kept it as {aside} and started a new report", RuntimeWarning,
+                  stacklevel=4)
+    return fresh

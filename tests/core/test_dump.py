@@ -61,3 +61,77 @@ def test_dynamo_graph_dumped_in_torch_ir(tmp_path):
     text = (tmp_path / "graph-000" / "dynamo.txt").read_text()
     assert "torch._C._nn.linear(" in text
     assert "gelu" in text
+
+
+_WORKER = r"""
+import sys, torch
+torch.manual_seed(int(sys.argv[2]))
+for i in range(4):
+    torch._dynamo.reset()
+    f = torch.compile(torch.nn.Linear(4 + i, 3), backend="kernelpytorch",
+                      options={"dump_dir": sys.argv[1], "lowering": "eager"})
+    f(torch.randn(2, 4 + i))
+print("ok")
+"""
+
+
+def test_processes_dumping_into_one_folder_at_once(tmp_path):
+    """Issue 14: a shared report.json.tmp and colliding graph numbers crashed 4 of 4 such runs."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(tmp_path), str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    report = load_report(tmp_path)
+    folders = [g["dump"] for g in report["graphs"]]
+    assert len(folders) == 12 and len(set(folders)) == 12
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("graph-")) == [f"graph-{i:03d}" for i in range(12)]
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_a_damaged_report_is_kept_aside_and_replaced(tmp_path):
+    import pytest
+
+    (tmp_path / "report.json").write_text('{"version": 1, "graphs": [}')
+    model = MLP()
+    with pytest.warns(RuntimeWarning, match="not valid JSON"):
+        compile_and_collect(model, (torch.randn(3, 32),), dump_dir=str(tmp_path))
+    assert len(load_report(tmp_path)["graphs"]) == 1
+    (aside,) = [f for f in os.listdir(tmp_path) if f.startswith("report.json.damaged-")]
+    assert (tmp_path / aside).read_text() == '{"version": 1, "graphs": [}'
+
+
+def test_an_unusable_env_dump_dir_warns_and_compiles(tmp_path, monkeypatch):
+    import pytest
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("KP_DUMP_DIR", str(blocker / "dumps"))  # under a file: cannot be created
+    model = MLP()
+    x = torch.randn(3, 32)
+    with pytest.warns(RuntimeWarning, match="KP_DUMP_DIR"):
+        _, out, records = compile_and_collect(model, (x,))
+    torch.testing.assert_close(out, model(x))
+    assert records and records[0].dump is None
+
+
+def test_a_dump_folder_that_stops_being_writable_never_fails_the_compile(tmp_path, monkeypatch):
+    import builtins
+
+    import pytest
+
+    real_open = builtins.open
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        if "w" in mode and str(path).startswith(str(tmp_path)) and str(path).endswith(".txt"):
+            raise OSError(28, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_disk)
+    model = MLP()
+    x = torch.randn(3, 32)
+    with pytest.warns(RuntimeWarning, match="cannot write dumps"):
+        _, out, _ = compile_and_collect(model, (x,), dump_dir=str(tmp_path))
+    torch.testing.assert_close(out, model(x))
