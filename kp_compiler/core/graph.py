@@ -11,6 +11,7 @@ import contextlib
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx
 from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -74,11 +75,35 @@ def restore(gm: fx.GraphModule, graph: fx.Graph) -> None:
 
 
 def fingerprint(graph: fx.Graph) -> tuple:
-    """A cheap structural identity: changes whenever a node, target or edge does."""
-    return tuple(
-        (id(n), n.op, n.target, tuple(id(a) for a in n.all_input_nodes), len(n.args))
-        for n in graph.nodes
-    )
+    """A cheap identity of the graph: changes whenever a node, target, edge or literal argument does
+    (``x * 2.0`` edited in place to ``x * 2.002`` counts: the pass manager then checks the graph)."""
+    return tuple((id(n), n.op, n.target, _literal(n.args), _literal(n.kwargs)) for n in graph.nodes)
+
+
+def _literal(a: Any) -> Any:
+    if isinstance(a, fx.Node):
+        return ("%", id(a))
+    if isinstance(a, (list, tuple)):
+        return (type(a).__name__, *(_literal(x) for x in a))
+    if isinstance(a, dict):
+        return ("dict", *((k, _literal(v)) for k, v in a.items()))
+    if isinstance(a, float) and a != a:  # NaN: equal to itself here
+        return ("nan",)
+    return (type(a).__name__, a) if isinstance(a, (bool, int, float, str, type(None))) else ("repr", repr(a))
+
+
+def output_signature(graph: fx.Graph) -> list[str]:
+    """The graph outputs as the user sees them: dtype, shape and device per tensor (``None`` where unknown)."""
+    (out,) = [n for n in graph.nodes if n.op == "output"]
+    leaves = pytree.tree_leaves(out.args[0], is_leaf=lambda x: isinstance(x, fx.Node))
+    sig = []
+    for leaf in leaves:
+        v = val(leaf) if isinstance(leaf, fx.Node) else leaf
+        if isinstance(v, torch.Tensor):
+            sig.append(f"{v.dtype}{list(v.shape)}@{v.device.type}")
+        else:
+            sig.append(type(v).__name__ if not isinstance(v, (int, float, bool)) else repr(v))
+    return sig
 
 
 def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -6,7 +6,8 @@ manager runs the chosen passes in order and, for each one:
 
 - times it and records its match count (per rule, for rule sets);
 - checks the result: ``graph.lint()`` and shape propagation under the fake
-  mode must pass, which also refreshes ``meta["val"]`` for the next pass;
+  mode must pass, which also refreshes ``meta["val"]`` for the next pass, and
+  the outputs' dtypes, shapes and devices must be what they were;
 - with ``verify``, runs the graph before and after on random inputs and
   compares;
 - on any failure restores the graph as it was before the pass, records
@@ -179,6 +180,9 @@ class PassManager:
         gm.graph.lint()
         gm.recompile()
         g.propagate_shapes(gm, self.fake_mode, self.fake_inputs)
+        was, now = g.output_signature(before), g.output_signature(gm.graph)
+        if was != now:  # cheap, so always: a rewrite must not change what the user gets back
+            raise VerifyError(f"the graph outputs changed from {was} to {now}")
         if self.verify:
             reference = fx.GraphModule(gm, before)
             # Guarded inputs keep their example values: the rewrite is only claimed for those.

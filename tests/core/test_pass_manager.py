@@ -195,3 +195,50 @@ def test_logging_reports_each_pass(caplog):
     text = caplog.text
     assert "pass noop-elimination: ok" in text
     assert "lowering=inductor" in text
+
+
+def _edit_mul_literal(gm):
+    for node in gm.graph.nodes:
+        if node.target is aten.mul.Tensor and node.args[1] == 2.0:
+            node.args = (node.args[0], 2.002)
+            return 1
+    return 0
+
+
+def _edit_gelu_kwarg(gm):
+    for node in gm.graph.nodes:
+        if node.target is aten.gelu.default:
+            node.kwargs = {"approximate": "none"}
+            return 1
+    return 0
+
+
+@pytest.mark.parametrize("edit", [_edit_mul_literal, _edit_gelu_kwarg], ids=["arg", "kwarg"])
+def test_verify_sees_a_literal_edited_in_place(register, edit):
+    """Issue 14: the graph fingerprint ignored literal args and kwargs, so verify never ran for these."""
+    name = register(f"edit-{edit.__name__}", edit)
+    x = torch.randn(4, 8)
+    fn = lambda x: torch.nn.functional.gelu(x * 2.0, approximate="tanh")  # noqa: E731
+    with pytest.warns(RuntimeWarning, match="rolled back"):
+        _, out, records = compile_and_collect(fn, (x,), passes=[name], verify=True)
+    torch.testing.assert_close(out, fn(x))
+    (p,) = records[0].passes
+    assert p.status == "rolled_back" and "verify" in p.reason
+
+
+def test_a_pass_that_changes_an_output_shape_is_rolled_back_without_verify(register):
+    def narrow_output(gm):
+        (out,) = [n for n in gm.graph.nodes if n.op == "output"]
+        with gm.graph.inserting_before(out):
+            sliced = gm.graph.call_function(aten.slice.Tensor, (out.args[0][0], 1, 0, 2))
+        out.args = ((sliced,),)
+        return 1
+
+    name = register("narrow-output", narrow_output)
+    model = relu_model()
+    x = torch.randn(3, 8)
+    with pytest.warns(RuntimeWarning, match="rolled back"):
+        _, out, records = compile_and_collect(model, (x,), passes=[name])
+    assert out.shape == (3, 4)
+    (p,) = records[0].passes
+    assert p.status == "rolled_back" and "[3, 4]" in p.reason and "[3, 2]" in p.reason
