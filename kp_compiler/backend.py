@@ -88,7 +88,7 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
         dump.write("input", cgm.graph, "canonical input")
     manager = PassManager(
         chosen, record, fake_mode, fake_inputs, example_inputs,
-        strict=opts.strict, verify=opts.verify, dump=dump,
+        strict=opts.strict, verify=opts.verify, dump=dump, constant_buffers=opts.constant_buffers,
     )
     manager.run(cgm)
     _choose_attention_kernels(manager, cgm, example_inputs, opts, record)

@@ -43,6 +43,8 @@ class PassContext:
     graph_inputs: list  # placeholder nodes, in call order
     real_inputs: list  # the example values Dynamo gave, same order
     guards: list = field(default_factory=list)
+    constant_buffers: bool = False  # options["constant_buffers"]: registered buffers' values may be relied on
+    notes: list = field(default_factory=list)  # remarks for the pass's report entry (how to enable a rewrite)
 
     def example_value(self, node: fx.Node) -> Optional[Any]:
         """The example value of a placeholder (None for anything else)."""
@@ -74,6 +76,6 @@ def active(ctx: PassContext) -> Iterator[PassContext]:
         _local.ctx = previous
 
 
-def for_graph(gm: fx.GraphModule, real_inputs: Sequence[Any]) -> PassContext:
+def for_graph(gm: fx.GraphModule, real_inputs: Sequence[Any], constant_buffers: bool = False) -> PassContext:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return PassContext(placeholders, list(real_inputs))
+    return PassContext(placeholders, list(real_inputs), constant_buffers=constant_buffers)

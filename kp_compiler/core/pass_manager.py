@@ -108,6 +108,7 @@ class PassManager:
         strict: bool = False,
         verify: bool = False,
         dump: Optional[GraphDump] = None,
+        constant_buffers: bool = False,
     ):
         self.passes = list(passes)
         self.record = record
@@ -117,6 +118,7 @@ class PassManager:
         self.strict = strict
         self.verify = verify
         self.dump = dump
+        self.constant_buffers = constant_buffers
         self.shape_guards = GuardWatch(fake_mode)
         self.guards: list = []  # runtime guards the kept rewrites rely on
         # The graph before the first pass that added guards: valid whatever the guarded inputs hold.
@@ -141,7 +143,7 @@ class PassManager:
     def _run_one(self, gm: fx.GraphModule, name: str, fn: PassFn, rec: PassRecord) -> None:
         before = g.snapshot(gm)
         before_print = g.fingerprint(gm.graph)
-        ctx = context.for_graph(gm, self.real_inputs)
+        ctx = context.for_graph(gm, self.real_inputs, self.constant_buffers)
         mark = self.shape_guards.mark()
         start = time.perf_counter()
         try:
@@ -150,7 +152,7 @@ class PassManager:
             rec.ms = (time.perf_counter() - start) * 1e3
             rec.matches = _as_count(name, result)
             rec.by_rule = {k: v for k, v in getattr(result, "by_rule", {}).items() if v}
-            rec.notes = list(getattr(result, "notes", []))
+            rec.notes = list(dict.fromkeys([*getattr(result, "notes", []), *ctx.notes]))
             changed = g.fingerprint(gm.graph) != before_print
             if changed:
                 self._check(gm, before, self.guards + ctx.guards)

@@ -33,8 +33,13 @@ CAUSAL_MASK_MODS = ("kv_idx <= q_idx", "q_idx >= kv_idx")  # describe() spelling
 def _guarded_tril_buffer(keep, L, S) -> bool:
     """A registered ``tril`` buffer sliced ``[:L, :S]`` (nanoGPT): causal while it is unchanged.
 
-    Checked on the example value and guarded at run time (same tensor, same
-    version counter); the compiled graph falls back when the guard fails.
+    Only with ``options["constant_buffers"]=True``: a write through ``.data``
+    (``m.bias.data.fill_(1)``) changes no version counter, so no runtime check
+    short of reading the buffer on every call sees it. With the option the
+    example value is checked and guarded at run time (same tensor, same
+    version counter: ordinary in-place writes are seen and the compiled graph
+    falls back); without it the mask stays a tensor read on every call, and
+    the pass says how to opt in.
     """
     ctx = context.current()
     buffer = tril_buffer_source(keep, L, S)
@@ -42,6 +47,10 @@ def _guarded_tril_buffer(keep, L, S) -> bool:
         return False
     value = ctx.example_value(buffer)
     if not isinstance(value, torch.Tensor) or not holds_lower_triangle(value):
+        return False
+    if not ctx.constant_buffers:
+        ctx.notes.append(f"{buffer.name} holds a lower triangle: with options['constant_buffers']=True the mask "
+                         "becomes is_causal (then a write to it through .data is not seen)")
         return False
     ctx.guard_unchanged(buffer, f"{buffer.name} holds a lower triangle (causal mask)")
     return True

@@ -330,9 +330,9 @@ def _block_and_input():
 
 
 def test_tril_buffer_is_causal_under_a_runtime_guard():
-    """nanoGPT's registered tril buffer, sliced [:T, :T]: is_causal while the buffer is unchanged."""
+    """nanoGPT's registered tril buffer, sliced [:T, :T], with constant_buffers: is_causal while it is unchanged."""
     model, x = _block_and_input()
-    compiled, out, records = compile_and_collect(model, (x,), lowering="eager")
+    compiled, out, records = compile_and_collect(model, (x,), lowering="eager", constant_buffers=True)
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
     (rec,) = [p for p in records[0].passes if p.name == "attention-to-sdpa"]
     assert rec.by_rule == {"causal": 1}
@@ -351,7 +351,7 @@ def test_tril_buffer_is_causal_under_a_runtime_guard():
 def test_tril_buffer_guard_fallback_in_training():
     model, x = _block_and_input()
     xa = x.clone().requires_grad_()
-    compiled, out, records = compile_and_collect(model, (xa,))
+    compiled, out, records = compile_and_collect(model, (xa,), constant_buffers=True)
     assert records[0].guards
     with torch.no_grad():
         model.attn.bias.fill_(1.0)
@@ -363,6 +363,19 @@ def test_tril_buffer_guard_fallback_in_training():
     got.square().sum().backward()
     want.square().sum().backward()
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_tril_buffer_is_not_relied_on_by_default():
+    """Issue 14: a write through .data (no version bump) left the compiled model causal (0.19 rel. error).
+    By default the buffer stays a mask read on every call, and the report says how to opt in."""
+    model, x = _block_and_input()
+    compiled, out, records = compile_and_collect(model, (x,), lowering="eager")
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    (rec,) = [p for p in records[0].passes if p.name == "attention-to-sdpa"]
+    assert "causal" not in rec.by_rule and not records[0].guards
+    assert any("constant_buffers" in n for n in rec.notes)
+    model.attn.bias.data.fill_(1.0)  # seen: the mask is read on every call
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_buffer_that_is_not_a_triangle_is_not_claimed_causal():
@@ -379,7 +392,7 @@ def test_buffer_that_is_not_a_triangle_is_not_claimed_causal():
 def test_guarded_rewrite_survives_verify():
     """verify keeps guarded inputs at their example values (the rewrite is claimed only for those)."""
     model, x = _block_and_input()
-    compiled, out, records = compile_and_collect(model, (x,), verify=True)
+    compiled, out, records = compile_and_collect(model, (x,), verify=True, constant_buffers=True)
     (rec,) = [p for p in records[0].passes if p.name == "attention-to-sdpa"]
     assert rec.status == "ok" and rec.by_rule == {"causal": 1}
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)

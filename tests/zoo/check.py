@@ -71,7 +71,9 @@ def check(entry: Entry, device: str = "cpu", dtype: torch.dtype = torch.float32,
             compiled = torch.compile(twin, backend="kernelpytorch", options=options or None)
             logits, grads = _run(compiled, ids)
     except Exception as e:  # noqa: BLE001 - reported, and the test fails on it
-        result.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        inner = getattr(e, "inner_exception", None) or e  # Dynamo wraps a backend's error
+        text = " ".join(str(inner).split())[:400]
+        result.failed = f"{type(inner).__name__}: {text}"
         return result
     breaks = Counter(counters["graph_break"])
     breaks.subtract(before)
