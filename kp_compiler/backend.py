@@ -30,7 +30,7 @@ from . import passes as _builtin_passes  # noqa: F401  (registers the built-in p
 from .core import regions
 from .core.canonicalize import canonicalize, fake_mode_of
 from .core.dump import GraphDump, append_report
-from .core.pass_manager import PassManager, default_passes, resolve
+from .core.pass_manager import PassManager, default_passes, on_registry_change, resolve
 from .core.report import GraphRecord, new_record, publish
 from .core.shape_guards import GuardWatch
 from .lowering import input_devices, lower, select
@@ -69,6 +69,49 @@ def kernelpytorch(
         raise
     _finish(record, opts, start)
     return CompiledGraph(fn, record, guards, fallback)
+
+
+class _RenewedBackend:
+    """``kernelpytorch`` under a new identity, after a pass was replaced or removed.
+
+    Dynamo reuses a frame's compiled code when the backend compares equal,
+    and ``torch.compile`` compares its backend function and options: with the
+    same options a compile after ``register_pass(name, fn, replace=True)``
+    would run the old pass. Dynamo's registry therefore gets a fresh object
+    for the name ``"kernelpytorch"`` each time the pass registry changes; code
+    compiled before keeps its old backend, later ``torch.compile`` calls get
+    the new one and recompile. (A backend passed as the function object,
+    ``backend=kp_compiler.kernelpytorch``, keeps its identity: reset Dynamo.)
+    """
+
+    def __init__(self, generation: int):
+        self.generation = generation
+        self.__name__ = "kernelpytorch"
+
+    def __call__(self, gm, example_inputs, mode=None, options=None):
+        return kernelpytorch(gm, example_inputs, mode=mode, options=options)
+
+    def __repr__(self) -> str:
+        return f"kernelpytorch(pass registry generation {self.generation})"
+
+
+_generation = [0]
+
+
+def _renew_identity() -> None:
+    from torch._dynamo.backends import registry
+
+    fns = getattr(registry, "_COMPILER_FNS", None)  # private: feature-detected, torch 2.9 to 2.13 have it
+    if not isinstance(fns, dict):
+        warnings.warn("kp_compiler: cannot renew the backend's identity in this torch: call torch._dynamo.reset() "
+                      "after replacing a pass", RuntimeWarning, stacklevel=4)
+        return
+    _generation[0] += 1
+    fns["kernelpytorch"] = _RenewedBackend(_generation[0])
+    registry._BACKENDS.setdefault("kernelpytorch", None)
+
+
+on_registry_change(_renew_identity)
 
 
 def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dump):

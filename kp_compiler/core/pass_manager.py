@@ -39,6 +39,7 @@ PassFn = Callable[[fx.GraphModule], int]
 
 _REGISTRY: dict[str, PassFn] = {}
 _DEFAULT: list[str] = []
+_LISTENERS: list = []  # called after the registry changes (the backend renews its identity for Dynamo)
 
 
 class PassError(RuntimeError):
@@ -64,16 +65,30 @@ def register_pass(name: str, fn: PassFn, *, default: bool = False, replace: bool
         raise ValueError(f"pass name must be a non-empty string, got {name!r}")
     if name in _REGISTRY and not replace:
         raise ValueError(f"a pass named {name!r} is already registered; pass replace=True to override it")
+    changed = name in _REGISTRY and _REGISTRY[name] is not fn
     _REGISTRY[name] = fn
     if default and name not in _DEFAULT:
         _DEFAULT.append(name)
+    if changed:
+        _registry_changed()
     return fn
 
 
 def unregister_pass(name: str) -> None:
-    _REGISTRY.pop(name, None)
+    if _REGISTRY.pop(name, None) is not None:
+        _registry_changed()
     if name in _DEFAULT:
         _DEFAULT.remove(name)
+
+
+def on_registry_change(listener: Callable[[], None]) -> None:
+    """Call ``listener()`` whenever a registered pass is replaced or removed."""
+    _LISTENERS.append(listener)
+
+
+def _registry_changed() -> None:
+    for listener in _LISTENERS:
+        listener()
 
 
 def registered_passes() -> list[str]:

@@ -242,3 +242,22 @@ def test_a_pass_that_changes_an_output_shape_is_rolled_back_without_verify(regis
     assert out.shape == (3, 4)
     (p,) = records[0].passes
     assert p.status == "rolled_back" and "[3, 4]" in p.reason and "[3, 2]" in p.reason
+
+
+def test_a_replaced_pass_takes_effect_without_a_dynamo_reset():
+    """Issue 14: Dynamo reused the old compile because the options compared equal."""
+    def keep(gm):
+        return 0
+
+    x = torch.randn(3, 8)
+    fn = lambda x: torch.relu(x) + 1  # noqa: E731
+    kp_compiler.register_pass("swappable", keep)
+    try:
+        first = torch.compile(fn, backend="kernelpytorch", options={"passes": ["swappable"]})
+        torch.testing.assert_close(first(x), fn(x))
+        kp_compiler.register_pass("swappable", relu_to_sigmoid, replace=True)
+        second = torch.compile(fn, backend="kernelpytorch", options={"passes": ["swappable"]})
+        torch.testing.assert_close(second(x), torch.sigmoid(x) + 1)  # the new pass ran
+        torch.testing.assert_close(first(x), fn(x))  # what was compiled before keeps its graph
+    finally:
+        kp_compiler.unregister_pass("swappable")
