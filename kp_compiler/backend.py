@@ -132,6 +132,7 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
     manager = PassManager(
         chosen, record, fake_mode, fake_inputs, example_inputs,
         strict=opts.strict, verify=opts.verify, dump=dump, constant_buffers=opts.constant_buffers,
+        pass_timeout_s=opts.pass_timeout_s,
     )
     manager.run(cgm)
     _choose_attention_kernels(manager, cgm, example_inputs, opts, record)

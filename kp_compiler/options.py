@@ -11,6 +11,7 @@
 | ``inductor_config`` | dict of ``torch._inductor.config`` patches        | ``{}`` |
 | ``fp8``           | ``None`` (off), ``True``, or a dict: ``recipe`` (``"tensorwise"`` (default), ``"rowwise"``, ``"delayed"``, ``"static"``: see ``docs/passes/fp8.md``), ``include`` / ``exclude`` (globs on module paths), ``emulate`` (bool: convert on any device through the exact emulation), ``min_dims`` (``[M, K, N]`` thresholds replacing the device's size-table row), ``history_len`` (delayed: amax history length, 1 to 1024, default 16), ``margin`` (delayed: scale headroom in powers of 2, 0 to 8, default 0), ``fast_accum`` (bool, default ``True``: the forward GEMM accumulates with the GPU's fast FP8 mode; gradients never do) | ``None`` |
 | ``constant_buffers`` | ``bool``: registered buffers are constants a rewrite may rely on (nanoGPT's ``tril`` mask becomes ``is_causal``; ordinary in-place writes are seen by a version guard, writes through ``.data`` are not) | ``False`` |
+| ``pass_timeout_s`` | seconds after which a running pass is interrupted and rolled back (a pass still running after 30 s is named in a warning either way) | ``None`` |
 | ``attention_kernel`` | ``"auto"`` (the table in ``lowering/attention.py``), ``"sdpa"`` (never FlexAttention), ``"flex"`` (FlexAttention wherever it can run, the CPU included) | ``"auto"`` |
 """
 
@@ -38,6 +39,7 @@ class Options:
     attention_kernel: str = "auto"
     fp8: Optional[dict] = None
     constant_buffers: bool = False
+    pass_timeout_s: Optional[float] = None
 
 
 VALID_KEYS = tuple(Options.__dataclass_fields__)
@@ -57,6 +59,10 @@ def parse_options(mode: Optional[str] = None, options: Optional[Mapping[str, Any
     _check_choice("mode", mode, MODES)
     _check_choice("lowering", options.get("lowering", "auto"), LOWERINGS)
     _check_choice("attention_kernel", options.get("attention_kernel", "auto"), ATTENTION_KERNELS)
+    timeout = options.get("pass_timeout_s")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ValueError(f"kernelpytorch: options['pass_timeout_s'] must be a positive number of seconds or None, "
+                         f"got {timeout!r}")
     for key in ("strict", "verify", "constant_buffers"):
         if key in options and not isinstance(options[key], bool):
             raise ValueError(f"kernelpytorch: options[{key!r}] must be True or False, got {options[key]!r}")

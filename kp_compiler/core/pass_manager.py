@@ -19,7 +19,9 @@ manager runs the chosen passes in order and, for each one:
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import threading
 import time
 import warnings
 from typing import Any, Callable, Optional, Sequence
@@ -44,6 +46,59 @@ _LISTENERS: list = []  # called after the registry changes (the backend renews i
 
 class PassError(RuntimeError):
     """A pass failed under ``strict=True``."""
+
+
+class PassTimeout(RuntimeError):
+    """Raised inside a pass that ran past ``options["pass_timeout_s"]`` (it is then rolled back)."""
+
+
+WARN_AFTER_S = 30.0  # a pass still running after this long gets a warning that names it
+
+
+class _Watchdog:
+    """Warns, naming the pass, once it has run ``warn_after`` seconds; with ``timeout`` interrupts it.
+
+    The interruption raises ``PassTimeout`` in the compiling thread at its
+    next Python bytecode (a pass blocked inside one C call is interrupted
+    when that call returns); the pass manager then rolls the pass back.
+    """
+
+    def __init__(self, name: str, timeout: Optional[float]):
+        self.name, self.timeout = name, timeout
+        self.thread = threading.get_ident()
+        warn_after = min(WARN_AFTER_S, timeout) if timeout else WARN_AFTER_S
+        self.timers = [threading.Timer(warn_after, self._warn, (warn_after,))]
+        if timeout:
+            self.timers.append(threading.Timer(timeout, self._interrupt))
+        self.interrupted = False
+        self.done = False
+        self.lock = threading.Lock()
+
+    def __enter__(self):
+        for t in self.timers:
+            t.daemon = True
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        with self.lock:  # after this no interruption is sent: it can only land inside the pass's block
+            self.done = True
+        for t in self.timers:
+            t.cancel()
+
+    def _warn(self, seconds: float) -> None:
+        msg = (f"kp_compiler: pass {self.name!r} has been running for {seconds:g} s"
+               + (f"; it is interrupted at {self.timeout:g} s (options['pass_timeout_s'])" if self.timeout else
+                  "; bound it with options['pass_timeout_s']"))
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=1)
+
+    def _interrupt(self) -> None:
+        with self.lock:
+            if self.done:
+                return
+            self.interrupted = True
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread), ctypes.py_object(PassTimeout))
 
 
 def register_pass(name: str, fn: PassFn, *, default: bool = False, replace: bool = False) -> PassFn:
@@ -124,6 +179,7 @@ class PassManager:
         verify: bool = False,
         dump: Optional[GraphDump] = None,
         constant_buffers: bool = False,
+        pass_timeout_s: Optional[float] = None,
     ):
         self.passes = list(passes)
         self.record = record
@@ -134,6 +190,7 @@ class PassManager:
         self.verify = verify
         self.dump = dump
         self.constant_buffers = constant_buffers
+        self.pass_timeout_s = pass_timeout_s
         self.shape_guards = GuardWatch(fake_mode)
         self.guards: list = []  # runtime guards the kept rewrites rely on
         # The graph before the first pass that added guards: valid whatever the guarded inputs hold.
@@ -161,8 +218,9 @@ class PassManager:
         ctx = context.for_graph(gm, self.real_inputs, self.constant_buffers)
         mark = self.shape_guards.mark()
         start = time.perf_counter()
+        watchdog = _Watchdog(name, self.pass_timeout_s)
         try:
-            with context.active(ctx):
+            with context.active(ctx), watchdog:
                 result = fn(gm)
             rec.ms = (time.perf_counter() - start) * 1e3
             rec.matches = _as_count(name, result)
@@ -173,6 +231,8 @@ class PassManager:
                 self._check(gm, before, self.guards + ctx.guards)
         except Exception as e:  # noqa: BLE001 - any pass failure is rolled back
             rec.ms = (time.perf_counter() - start) * 1e3
+            if isinstance(e, PassTimeout) or watchdog.interrupted:
+                e = PassTimeout(f"ran past options['pass_timeout_s']={self.pass_timeout_s} s")
             self._note_shape_guards(name, rec, mark)
             self._fail(gm, before, name, rec, e)
             return

@@ -261,3 +261,40 @@ def test_a_replaced_pass_takes_effect_without_a_dynamo_reset():
         torch.testing.assert_close(first(x), fn(x))  # what was compiled before keeps its graph
     finally:
         kp_compiler.unregister_pass("swappable")
+
+
+def test_a_pass_that_never_returns_is_interrupted_and_rolled_back(register):
+    """Issue 14: a pass that never returned hung the compile."""
+    def spin(gm):
+        while True:
+            pass
+
+    name = register("spin", spin)
+    model = relu_model()
+    x = torch.randn(3, 8)
+    with pytest.warns(RuntimeWarning, match="rolled back"):
+        _, out, records = compile_and_collect(model, (x,), passes=[name, "noop-elimination"], pass_timeout_s=0.5)
+    torch.testing.assert_close(out, model(x))
+    spun, noop = records[0].passes
+    assert spun.status == "rolled_back" and "pass_timeout_s" in spun.reason and spun.ms >= 500
+    assert noop.status == "ok"  # the next pass ran on the restored graph
+
+
+def test_a_slow_pass_is_named_in_a_warning(register, monkeypatch):
+    import time
+
+    from kp_compiler.core import pass_manager
+
+    monkeypatch.setattr(pass_manager, "WARN_AFTER_S", 0.2)
+    name = register("slow", lambda gm: time.sleep(0.6) or 0)
+    with pytest.warns(RuntimeWarning, match="pass .slow. has been running for 0.2 s; bound it with"):
+        compile_and_collect(relu_model(), (torch.randn(3, 8),), passes=[name])
+
+
+def test_pass_timeout_option_is_checked():
+    from kp_compiler.options import parse_options
+
+    assert parse_options(options={"pass_timeout_s": 2}).pass_timeout_s == 2
+    for bad in (0, -1, "5", True):
+        with pytest.raises(ValueError, match="pass_timeout_s"):
+            parse_options(options={"pass_timeout_s": bad})
