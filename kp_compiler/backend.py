@@ -54,7 +54,7 @@ def kernelpytorch(
     """Compile one Dynamo graph. See ``kp_compiler.options`` for ``options``."""
     opts = parse_options(mode, options)
     record = new_record()
-    chosen = resolve(opts.passes if opts.passes is not None else _default_passes(example_inputs, record))
+    chosen = resolve(opts.passes if opts.passes is not None else _default_passes(gm, example_inputs, record))
     record.mode = opts.mode
     record.lowering = select(opts.lowering, input_devices(example_inputs))
     dump = GraphDump.create(opts.dump_dir) if opts.dump_dir else None
@@ -168,12 +168,13 @@ def _note_guards(record: GraphRecord, step: str, added: list) -> None:
         log.info("graph %d: %s added shape guard(s) %s", record.id, step, added)
 
 
-def _default_passes(example_inputs, record: GraphRecord) -> list:
+def _default_passes(gm: fx.GraphModule, example_inputs, record: GraphRecord) -> list:
     """``default_passes()``, less ``moe-dispatch`` where no fused kernel would run the op it emits.
 
     The op's reference loop is no faster than the loop Inductor compiles, so by
     default the rewrite happens only where it pays; listing the pass in
-    ``options["passes"]`` runs it anywhere.
+    ``options["passes"]`` runs it anywhere. The report says so only for a
+    graph that routes tokens (a ``topk``), where the pass would have looked.
     """
     names = default_passes()
     if "moe-dispatch" not in names:
@@ -184,8 +185,15 @@ def _default_passes(example_inputs, record: GraphRecord) -> list:
     why = fused_available([describe_device(d) for d in devices], dtypes)
     if why is None:
         return names
-    record.skipped.append({"pass": "moe-dispatch", "reason": why})
+    if _routes_tokens(gm):
+        record.skipped.append({"pass": "moe-dispatch", "reason": why})
     return [n for n in names if n != "moe-dispatch"]
+
+
+def _routes_tokens(gm: fx.GraphModule) -> bool:
+    """The Dynamo graph takes a ``topk`` (router top-k): something ``moe-dispatch`` would look at."""
+    return any(n.op in ("call_function", "call_method") and "topk" in str(getattr(n.target, "__name__", n.target))
+               for n in gm.graph.nodes)
 
 
 def _device(example_inputs) -> DeviceInfo:

@@ -2,8 +2,8 @@
 
     >>> report = kp_compiler.explain(model, x)
     >>> print(report)
-    kernelpytorch explain: 1 graph, 0 graph breaks
-    graph 0  lowering=inductor  nodes 14 -> 12  compile 812.4 ms
+    kernelpytorch explain: 1 graph(s), 0 graph break(s)
+    graph 0 (record 0)  lowering=inductor  mode=default  nodes 14 -> 12  compile 812.4 ms
       pass               status  matches      ms
       noop-elimination   ok            2    0.41
           mul-by-one (noop.py:58)  x1
@@ -53,8 +53,8 @@ class ExplainReport:
             lines.append(f"  graph break x{count}: {_one_line(reason)}")
         for hint in hints(self.graph_breaks):
             lines.append(f"  hint: {hint}")
-        for g in self.graphs:
-            lines.extend(_graph_lines(g))
+        for i, g in enumerate(self.graphs):
+            lines.extend(_graph_lines(i, g))
         if self.fp8_events:
             lines.append("fp8 overflow events (non-finite or zero amax; the previous scale was kept):")
             for path, counts in self.fp8_events.items():
@@ -67,9 +67,10 @@ def _one_line(text: str, width: int = 160) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _graph_lines(g: GraphRecord) -> list[str]:
+def _graph_lines(index: int, g: GraphRecord) -> list[str]:
+    """``graph N``: N counts this report's graphs from 0; ``record`` is the process-wide compile number."""
     lines = [
-        f"graph {g.id}  lowering={g.lowering}  mode={g.mode}  nodes {g.nodes_in} -> {g.nodes_out}"
+        f"graph {index} (record {g.id})  lowering={g.lowering}  mode={g.mode}  nodes {g.nodes_in} -> {g.nodes_out}"
         f"  compile {g.compile_ms:.1f} ms" + (f"  dump={g.dump}" if g.dump else "")
     ]
     if g.passes:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import runpy
 import sys
 from typing import Optional, Sequence
@@ -43,6 +44,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     args = parser.parse_args(argv)
 
+    if not os.path.isfile(args.file):
+        print(f"kp-explain: {args.file}: no such file", file=sys.stderr)
+        return 2
+    # As `python FILE.py` would: the file's folder first on sys.path, so its sibling modules import.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(args.file)))
     namespace = runpy.run_path(args.file, run_name="__kp_explain__")
     entry = namespace.get(args.entry)
     if not callable(entry):

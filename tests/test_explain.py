@@ -84,3 +84,29 @@ def test_a_split_expert_loop_names_the_setting_that_captures_it():
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
         whole = kp_compiler.explain(LoopMoE(16, 32, 4, 2), torch.randn(2, 5, 16))
     assert whole.graph_count == 1 and whole.graph_break_count == 0 and "hint" not in str(whole)
+
+
+def test_graphs_are_numbered_per_report():
+    """Issue 14: a second explain in one process labelled its only graph "graph 1"."""
+    kp_compiler.explain(lambda x: x.sin(), torch.randn(3))
+    report = str(kp_compiler.explain(lambda x: x.cos(), torch.randn(3)))
+    assert "1 graph(s)" in report
+    assert "\ngraph 0 (record " in report and "\ngraph 1" not in report
+
+
+def test_cli_imports_the_files_sibling_modules_and_names_a_missing_file(tmp_path):
+    (tmp_path / "helper.py").write_text("import torch\nLAYER = torch.nn.Linear(4, 4)\n")
+    (tmp_path / "model.py").write_text(textwrap.dedent("""
+        import torch
+        from helper import LAYER
+
+        def kp_example():
+            return LAYER, (torch.randn(2, 4),)
+    """))
+    cmd = [sys.executable, "-m", "kp_compiler", "explain"]
+    proc = subprocess.run(cmd + [str(tmp_path / "model.py"), "--option", "lowering=eager"], capture_output=True,
+                          text=True, cwd=str(Path(__file__).parent))
+    assert proc.returncode == 0, proc.stderr
+    assert "1 graph(s)" in proc.stdout
+    proc = subprocess.run(cmd + [str(tmp_path / "nope.py")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"kp-explain: {tmp_path / 'nope.py'}: no such file"

@@ -281,3 +281,11 @@ def test_default_passes_leave_moe_dispatch_out_on_the_cpu_and_say_why():
     assert "no fused routed-experts kernel on cpu" in rec.skipped[0]["reason"]
     report = str(kp_compiler.explain(model, torch.randn(10, D)))
     assert "left out moe-dispatch: no fused routed-experts kernel on cpu" in report
+
+
+def test_the_left_out_note_appears_only_where_the_graph_routes_tokens():
+    """Issue 14: explain said "left out moe-dispatch" for every model, experts or not."""
+    import kp_compiler
+
+    report = str(kp_compiler.explain(torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.ReLU()), torch.randn(4, D)))
+    assert "moe-dispatch" not in report
