@@ -149,7 +149,7 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
         regions.restore(fallback)
     mark = watch.mark()
     try:
-        fn = lower(record.lowering, cgm, example_inputs, opts.mode, opts.inductor_config)
+        fn = lower(record.lowering, cgm, example_inputs, opts.mode, opts.inductor_config, dump)
         _note_guards(record, f"lowering ({record.lowering})", watch.added_since(mark))
     except XlaUnavailable:
         raise

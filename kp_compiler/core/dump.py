@@ -16,6 +16,9 @@ Layout under the dump directory (``KP_DUMP_DIR`` or ``options["dump_dir"]``)::
     graph-000/dynamo.txt           the graph Dynamo handed over (torch IR)
     graph-000/00-input.txt         canonical ATen IR, before any pass
     graph-000/01-<pass>.txt        the graph after each pass, in run order
+    graph-000/lowered-forward.txt  Inductor lowering: the forward (or inference) graph it lowers, post-grad
+    graph-000/lowered-backward.txt Inductor lowering, training: the backward graph it lowers
+    graph-000/lowered-code.txt     Inductor lowering: the paths of the Python modules it generated
     report.json                    every graph compiled into this folder
 """
 

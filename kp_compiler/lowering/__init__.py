@@ -1,7 +1,7 @@
 """Lowerings: turn a rewritten ATen graph into the callable Dynamo runs.
 
 ``select`` picks one by device and options; each lowering lives in its own
-module and shares the signature ``lower(gm, example_inputs, mode, config)``.
+module and shares the signature ``lower(gm, example_inputs, mode, config, dump)``.
 """
 
 from . import moe as _moe  # noqa: F401  (registers kp::routed_experts' CUDA implementation)

@@ -5,6 +5,11 @@ gets its backward derived there. ``mode`` maps to Inductor's own settings for
 that mode (``reduce-overhead`` turns on CUDA graphs, ``max-autotune*`` turn on
 autotuning), then ``options["inductor_config"]`` is applied on top.
 
+With a dump folder, the graphs Inductor lowers (forward and backward, after
+its own post-grad passes) go there as ``lowered-forward.txt`` and
+``lowered-backward.txt``, and ``lowered-code.txt`` lists the generated
+modules; Inductor's FX graph cache is then off, so they are always written.
+
 Inductor's and AOTAutograd's on-disk caches key a graph by its code, not by
 what its custom ops do: a ``kp::`` op whose schema or autograd formula
 changed (a kernelpytorch upgrade) would otherwise be served an artifact
@@ -30,11 +35,21 @@ def ops_version() -> str:
     return digest.hexdigest()[:16]
 
 
-def _tag():
+def _tag(dump=None):
+    """The post-grad pass that puts the ops version into Inductor's cache keys and, with a dump, writes
+    each graph Inductor lowers (``lowered-forward.txt``, ``lowered-backward.txt``) in the dump format."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from ..core.dump import format_graph
 
     class OpsVersionTag(CustomGraphPass):
         def __call__(self, graph) -> None:
+            if dump is None:
+                return None
+            names = [n.name for n in graph.nodes if n.op == "placeholder"]
+            kind = "backward" if any(n.startswith("tangents") for n in names) else "forward"
+            dump.write_text(f"lowered-{kind}.txt", format_graph(
+                graph, f"graph {dump.graph_id} | {kind} graph as Inductor lowers it (post-grad ATen)"))
             return None
 
         def uuid(self) -> str:
@@ -51,12 +66,21 @@ def mode_config(mode: str) -> dict:
     return dict(list_mode_options(mode))
 
 
-def lower(gm, example_inputs, mode: str, inductor_config: dict):
+def lower(gm, example_inputs, mode: str, inductor_config: dict, dump=None):
     import torch._inductor.config as inductor_config_module
+    from torch._inductor.codecache import PyCodeCache
     from torch._inductor.compile_fx import compile_fx
 
     patches = mode_config(mode)
     patches.update(inductor_config)
     if "post_grad_custom_post_pass" not in patches and inductor_config_module.post_grad_custom_post_pass is None:
-        patches["post_grad_custom_post_pass"] = _tag()
-    return compile_fx(gm, list(example_inputs), config_patches=patches or None)
+        patches["post_grad_custom_post_pass"] = _tag(dump)
+        if dump is not None:  # a cache hit would skip the pass that writes the lowered graphs
+            patches.setdefault("fx_graph_cache", False)
+    loaded = len(PyCodeCache.modules)
+    fn = compile_fx(gm, list(example_inputs), config_patches=patches or None)
+    if dump is not None:
+        paths = [getattr(m, "__file__", "") for m in PyCodeCache.modules[loaded:]]
+        dump.write_text("lowered-code.txt", "# the code Inductor generated for this graph (the forward; a backward "
+                        "compiled at its first call is not listed)\n" + "".join(f"{p}\n" for p in paths if p))
+    return fn

@@ -32,5 +32,7 @@ def select(requested: str, devices: set[str]) -> str:
     return "inductor"
 
 
-def lower(name: str, gm, example_inputs, mode: str, inductor_config: dict):
-    return LOWERINGS[name](gm, example_inputs, mode, inductor_config)
+def lower(name: str, gm, example_inputs, mode: str, inductor_config: dict, dump=None):
+    """``dump``: the graph's ``GraphDump``, where a lowering writes what it lowered (Inductor: its post-grad
+    forward and backward graphs, and the paths of the code it generated)."""
+    return LOWERINGS[name](gm, example_inputs, mode, inductor_config, dump)

@@ -22,7 +22,7 @@ class XlaDeviceMismatch(XlaUnavailable):
     """``lowering="xla"`` was asked for tensors that are not on an XLA device."""
 
 
-def lower(gm, example_inputs, mode: str, inductor_config: dict):
+def lower(gm, example_inputs, mode: str, inductor_config: dict, dump=None):
     if importlib.util.find_spec("torch_xla") is None:
         raise XlaUnavailable(
             "kernelpytorch: lowering 'xla' needs torch_xla, which is not installed "

@@ -49,9 +49,9 @@ def test_report_json_schema_and_numbering(tmp_path):
     p = first["passes"][0]
     assert p["name"] == "noop-elimination" and p["status"] == "ok"
     assert isinstance(p["matches"], int) and isinstance(p["ms"], float)
-    for g in report["graphs"]:
-        assert sorted(os.listdir(g["dump"])) == ["00-input.txt", "01-noop-elimination.txt",
-                                                 "02-attention-to-sdpa.txt", "dynamo.txt"]
+    passes = ["00-input.txt", "01-noop-elimination.txt", "02-attention-to-sdpa.txt", "dynamo.txt"]
+    assert sorted(os.listdir(first["dump"])) == sorted(passes + ["lowered-code.txt", "lowered-forward.txt"])
+    assert sorted(os.listdir(second["dump"])) == passes  # the eager lowering runs the graph as it is
     json.dumps(report)  # plain JSON all the way down
 
 
@@ -135,3 +135,19 @@ def test_a_dump_folder_that_stops_being_writable_never_fails_the_compile(tmp_pat
     with pytest.warns(RuntimeWarning, match="cannot write dumps"):
         _, out, _ = compile_and_collect(model, (x,), dump_dir=str(tmp_path))
     torch.testing.assert_close(out, model(x))
+
+
+def test_the_lowered_forward_and_backward_and_the_generated_code_are_dumped(tmp_path):
+    """Issue 14: the dumps held no backward graph and no pointer to what Inductor generated."""
+    model = MLP()
+    x = torch.randn(3, 32, requires_grad=True)
+    compiled = torch.compile(model, backend="kernelpytorch", options={"dump_dir": str(tmp_path)})
+    compiled(x).sum().backward()
+    folder = tmp_path / "graph-000"
+    forward = (folder / "lowered-forward.txt").read_text()
+    backward = (folder / "lowered-backward.txt").read_text()
+    assert forward.startswith("# kp_compiler graph 0 | forward graph as Inductor lowers it")
+    assert "tangents" in backward and "aten.mm.default" in backward
+    code = [l for l in (folder / "lowered-code.txt").read_text().splitlines() if not l.startswith("#")]
+    assert code and all(os.path.isfile(p) and p.endswith(".py") for p in code)
+    assert "def call(" in open(code[0]).read()
