@@ -143,12 +143,12 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
     record.guards = [guard.to_json() for guard in manager.guards]
     # If a guarded input changes, the graph as it was before the first guarded pass runs op by op.
     fallback = fx.GraphModule(cgm, manager.unguarded) if manager.guards else None
-    # Custom autograd.Functions and checkpoints go back to their higher-order ops, which own their backward.
-    record.autograd_regions = regions.restore(cgm)
-    if fallback is not None:
-        regions.restore(fallback)
     mark = watch.mark()
     try:
+        # Custom autograd.Functions and checkpoints go back to their higher-order ops, which own their backward.
+        record.autograd_regions = regions.restore(cgm)
+        if fallback is not None:
+            regions.restore(fallback)
         fn = lower(record.lowering, cgm, example_inputs, opts.mode, opts.inductor_config, dump)
         _note_guards(record, f"lowering ({record.lowering})", watch.added_since(mark))
     except XlaUnavailable:
