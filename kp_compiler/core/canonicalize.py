@@ -77,12 +77,13 @@ def canonicalize(
     """
     fake_mode = fake_mode_of(example_inputs)
     fake_inputs = fakeify(fake_mode, example_inputs)
-    traced = gm
+    traced, keys = gm, []
     if regions.present(gm):  # hide them from make_fx on a copy: the Dynamo graph stays the fallback
         traced = fx.GraphModule(gm, snapshot(gm))
-        regions.hide(traced)
+        keys = regions.hide(traced)
     with fake_mode:
         cgm = make_fx(traced, pre_dispatch=True)(*fake_inputs)
+    regions.release_with(cgm, keys)
     _carry_dynamo_metadata(gm, cgm)
     cgm.meta["kp_source"] = "canonical"
     return cgm, fake_mode, fake_inputs

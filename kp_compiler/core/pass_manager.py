@@ -225,7 +225,7 @@ class PassManager:
             rec.ms = (time.perf_counter() - start) * 1e3
             rec.matches = _as_count(name, result)
             rec.by_rule = {k: v for k, v in getattr(result, "by_rule", {}).items() if v}
-            rec.notes = list(dict.fromkeys([*getattr(result, "notes", []), *ctx.notes]))
+            rec.notes = [*getattr(result, "notes", []), *dict.fromkeys(ctx.notes)]
             changed = g.fingerprint(gm.graph) != before_print
             if changed:
                 self._check(gm, before, self.guards + ctx.guards)

@@ -125,28 +125,35 @@ def present(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and n.target in hops for n in gm.graph.nodes)
 
 
-def hide(gm: fx.GraphModule) -> int:
+def hide(gm: fx.GraphModule) -> list[int]:
     """Replace every autograd-carrying higher-order call in ``gm`` (in place) by ``kp::autograd_region``.
 
-    Returns the number of regions hidden. Raises ``ValueError`` for a call
+    Returns the regions' keys; ``release_with(graph_module, keys)`` ties their
+    lifetime to the graph that carries the stand-ins (the canonical graph),
+    not to ``gm``. Raises ``ValueError`` for a call
     whose outputs are not one tensor or a flat tuple of tensors, or whose
     inputs are not tensors and ints: canonicalization then fails and the
     backend lowers the Dynamo graph unchanged, which stays correct.
     """
     hops = _hops()
-    count = 0
+    keys = []
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in hops:
             continue
-        _hide_one(gm, node, hops[node.target])
-        count += 1
-    if count:
+        keys.append(_hide_one(gm, node, hops[node.target]))
+    if keys:
         gm.graph.eliminate_dead_code()
         gm.recompile()
-    return count
+    return keys
 
 
-def _hide_one(gm: fx.GraphModule, node: fx.Node, forward: Callable) -> None:
+def release_with(owner: Any, keys: list) -> None:
+    """Forget the regions ``keys`` once ``owner`` (the graph module whose nodes name them) is collected."""
+    for key in keys:
+        weakref.finalize(owner, _REGIONS.pop, key, None)
+
+
+def _hide_one(gm: fx.GraphModule, node: fx.Node, forward: Callable) -> int:
     n_bodies = 2 if node.target is getattr(torch.ops.higher_order, "autograd_function_apply", None) else 1
     bodies = tuple(getattr(gm, b.target) for b in node.args[:n_bodies])
     example = node.meta.get("example_value")
@@ -174,7 +181,6 @@ def _hide_one(gm: fx.GraphModule, node: fx.Node, forward: Callable) -> None:
     key = next(_keys)
     region = Region(node.target, bodies, tuple(args), dict(node.kwargs), forward, single, tuple(order))
     _REGIONS[key] = region
-    weakref.finalize(gm, _REGIONS.pop, key, None)
     with gm.graph.inserting_before(node):
         stand_in = gm.graph.call_function(REGION_OP, (tensors, ints, key))
         stand_in.meta.update(node.meta)
@@ -185,6 +191,7 @@ def _hide_one(gm: fx.GraphModule, node: fx.Node, forward: Callable) -> None:
             out = stand_in
     node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
+    return key
 
 
 def count(gm: fx.GraphModule) -> int:

@@ -63,7 +63,8 @@ def test_user_pass_selected_counted_and_dumped(register, tmp_path):
         "name": "count-linears", "matches": 2, "ms": 0, "status": "ok", "reason": "", "by_rule": {}, "notes": [],
         "guards_added": []}
     assert sorted(os.listdir(graph["dump"])) == [
-        "00-input.txt", "01-noop-elimination.txt", "02-attention-to-sdpa.txt", "03-count-linears.txt", "dynamo.txt"]
+        "00-input.txt", "01-noop-elimination.txt", "02-attention-to-sdpa.txt", "03-count-linears.txt", "dynamo.txt",
+        "lowered-code.txt", "lowered-forward.txt"]
     filecheck(
         "CHECK: after count-linears | status ok | matches 2\n"
         "CHECK: aten.linear.default\nCHECK: aten.relu.default\nCHECK: aten.linear.default\nCHECK: return\n",

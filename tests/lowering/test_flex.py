@@ -146,7 +146,7 @@ def test_block_mask_buffers_are_registered_once_per_mask():
     from kp_compiler.lowering import registry
 
     original = registry.LOWERINGS["inductor"]
-    registry.LOWERINGS["inductor"] = lambda gm, ex, mode, cfg: spy(gm, ex)
+    registry.LOWERINGS["inductor"] = lambda gm, ex, mode, cfg, dump=None: spy(gm, ex)
     try:
         with torch.no_grad():
             inputs = qkv()
