@@ -49,7 +49,7 @@ def _skip_full_slices(node):
     while isinstance(node, fx.Node) and node.target is aten.slice.Tensor:
         args = list(node.args) + [None] * (5 - len(node.args))
         start, end, step = args[2], args[3], args[4]
-        if start not in (None, 0) or step not in (None, 1) or not (end is None or end >= 2**62):
+        if start not in (None, 0) or step not in (None, 1) or not (end is None or (isinstance(end, int) and end >= 2**62)):
             return node
         node = node.args[0]
     return node

@@ -410,3 +410,16 @@ def test_dynamic_sequence_length_stays_causal():
     assert len(records) == 1
     (rec,) = [p for p in records[0].passes if p.name == "attention-to-sdpa"]
     assert rec.by_rule == {"causal": 1}
+
+
+def test_a_slice_to_a_symbolic_length_is_not_a_crash_in_the_pass():
+    """With dynamic shapes nanoGPT's buffer is sliced to a symbolic T (an fx.Node end): the mask lift
+    compared that node with an int and the pass was rolled back with a TypeError."""
+    from kp_compiler.core.report import collect
+
+    model, x = _block_and_input()
+    compiled = torch.compile(model, backend="kernelpytorch", options={"lowering": "eager"}, dynamic=True)
+    with collect() as records:
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    (rec,) = [p for p in records[0].passes if p.name == "attention-to-sdpa"]
+    assert rec.status == "ok", rec.reason
