@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     p.add_argument("--backends", nargs="*", default=list(DEFAULT))
     p.add_argument("--kp-options", default=None, help="JSON options for an extra kernelpytorch row")
     p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timing rounds per case, the backends' order reversed each round, samples pooled "
+                        "(default 2; 1 in smoke runs)")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--stem", default=None, help="output file name stem (default: date and device)")
     p.add_argument("--compare", default=None, help="baseline JSON: flag speedups outside its 95%% CI")
@@ -91,14 +94,17 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.smoke else torch.bfloat16)
     scale = Scale(args.device, dtype, args.smoke, args.timing)
     reps = args.reps or (5 if args.smoke else 50)
+    rounds = args.rounds or (1 if args.smoke else 2)
+    if rounds < 1:
+        p.error("--rounds must be at least 1")
     backends = choose(args.backends, args.kp_options)
     stem = args.stem or f"{time.strftime('%Y-%m-%d')}-{'smoke' if args.smoke else args.device}"
 
-    results = {"meta": report.provenance(args.device) | {"dtype": str(dtype), "smoke": args.smoke, "timing": args.timing}, "cases": []}
+    results = {"meta": report.provenance(args.device) | {"dtype": str(dtype), "smoke": args.smoke, "timing": args.timing, "rounds": rounds}, "cases": []}
     step, close = _progress(len(selected) * len(backends))
     try:
         for case in selected:
-            results["cases"].append(run_case(case, backends, scale, reps, step, args.row_timeout))
+            results["cases"].append(run_case(case, backends, scale, reps, step, args.row_timeout, rounds))
             report.write(results, args.out, stem)  # after every case: a cut-off run keeps what it has
     finally:
         close()

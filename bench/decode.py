@@ -4,9 +4,13 @@ An HF Llama (``sdpa``, d=2048, 8 layers, GQA 16/4 on the GPU; the tiny config
 with ``--smoke``) in eval mode without gradients is called at T=1 with batch
 sizes 1, 3, 8, 13, 24, 40, each once positionally (``f(ids)``) and once by
 keyword (``f(input_ids=ids)``) as generation loops do. Per backend and mode,
-in one process: the time of that first pass over the six sizes (compiles
-included), Dynamo's graph count, the steady latency per size (the harness's
-latency timing) and the relative error of the logits against eager.
+in one process: Dynamo's graph count over that first pass, the relative error
+of the logits against eager, and the steady latency per size (the harness's
+latency timing), with the backends interleaved in rounds so that drift of the
+host (this regime is launch-bound) falls on both alike. The first pass itself
+(compiles included) is timed in fresh processes, cold (empty Inductor and
+Triton caches) and warm (the same caches again): in one process the second
+backend would reuse kernels the first compiled.
 
     python -m bench.decode --out bench/results --stem 2026-11-30-h200-decode
 """
@@ -16,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -28,8 +34,7 @@ from . import report
 from .timing import time_fn
 
 SIZES = (1, 3, 8, 13, 24, 40)
-ROWS = (("inductor", "default"), ("kernelpytorch", "default"),
-        ("inductor", "reduce-overhead"), ("kernelpytorch", "reduce-overhead"))
+BACKENDS = ("inductor", "kernelpytorch")
 
 
 def _sync(device: str) -> None:
@@ -37,34 +42,80 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_row(model, vocab: int, backend: str, mode: str, device: str, reps: int, refs: dict) -> dict:
+def _reset_code_state() -> None:
+    try:
+        from torch._dynamo.pgo import reset_code_state
+    except ImportError:
+        return
+    reset_code_state()
+
+
+def first_pass(f, ids: dict, device: str) -> float:
+    """Seconds for the six sizes' first calls, each positionally and by keyword (compiles included)."""
+    _sync(device)
+    start = time.perf_counter()
+    for b in SIZES:
+        f(ids[b])
+        f(input_ids=ids[b])
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def run_mode(model, mode: str, device: str, reps: int, rounds: int, refs: dict) -> list:
+    """One row per backend in ``mode``: each compiled over the sequence in turn (Dynamo's automatic-dynamic
+    state cleared between them, so each makes its own graphs; the graph count is its own), then every
+    size timed with the backends interleaved in ``rounds`` rounds (order reversed each round, samples
+    pooled), so drift in a host-bound regime falls on both alike."""
     from torch._dynamo.utils import counters
 
+    from .runner import _recompile_limit
+    from .timing import median_ci
+
     torch._dynamo.reset()
-    counters.clear()
-    row: dict = {"backend": backend, "mode": mode}
-    f = torch.compile(model, backend=backend, mode=None if mode == "default" else mode)
     ids = {b: refs[b][0] for b in SIZES}
-    try:
-        with torch.no_grad():
-            _sync(device)
-            start = time.perf_counter()
-            for b in SIZES:
-                f(ids[b])
-                f(input_ids=ids[b])
-            _sync(device)
-            row["first_pass_s"] = time.perf_counter() - start
-            row["graphs"] = counters["stats"]["unique_graphs"]
-            row["steady_ms"], row["ci95_ms"], row["error"] = {}, {}, {}
-            for b in SIZES:
-                logits = f(ids[b]).logits.float()
-                row["error"][b] = rel_error([logits], [refs[b][1]])
-                t = time_fn(lambda b=b: f(ids[b]), device, reps)
-                row["steady_ms"][b] = t.median_ms
-                row["ci95_ms"][b] = [t.ci_low_ms, t.ci_high_ms]
-    except Exception as e:  # noqa: BLE001 - one row failing must not stop the run
-        row["failed"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-    return row
+    rows, fns = [], []
+    with _recompile_limit(8 * len(BACKENDS)), torch.no_grad():
+        for backend in BACKENDS:
+            _reset_code_state()
+            before = counters["stats"]["unique_graphs"]
+            row: dict = {"backend": backend, "mode": mode}
+            f = torch.compile(model, backend=backend, mode=None if mode == "default" else mode)
+            try:
+                row["first_pass_in_process_s"] = first_pass(f, ids, device)
+                row["graphs"] = counters["stats"]["unique_graphs"] - before
+                row["error"] = {b: rel_error([f(ids[b]).logits.float()], [refs[b][1]]) for b in SIZES}
+            except Exception as e:  # noqa: BLE001 - one row failing must not stop the run
+                row["failed"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                f = None
+            rows.append(row)
+            fns.append(f)
+        live = [(r, f) for r, f in zip(rows, fns) if f is not None]
+        for r, _ in live:
+            r["steady_ms"], r["ci95_ms"], r["rounds"] = {}, {}, rounds
+        for b in SIZES:
+            samples: dict = {id(r): [] for r, _ in live}
+            for k in range(rounds):
+                for r, f in (live if k % 2 == 0 else live[::-1]):
+                    t = time_fn(lambda f=f, b=b: f(ids[b]), device, max(5, -(-reps // rounds)))
+                    samples[id(r)].extend(t.samples)
+            for r, _ in live:
+                t = median_ci(samples[id(r)])
+                r["steady_ms"][b], r["ci95_ms"][b] = t.median_ms, [t.ci_low_ms, t.ci_high_ms]
+    torch._dynamo.reset()
+    return rows
+
+
+def first_pass_in_fresh_process(backend: str, mode: str, cache_dir: str, smoke: bool, device: str) -> float:
+    """The first pass in a new process whose Inductor and Triton caches live in ``cache_dir``: an empty
+    folder gives the cold start a new user sees, the same folder again the warm restart."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"),
+               TRITON_CACHE_DIR=os.path.join(cache_dir, "triton"))
+    cmd = [sys.executable, "-m", "bench.decode", "--first-pass-child", backend, mode, "--device", device]
+    cmd += ["--smoke"] if smoke else []
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"first-pass child for {backend}/{mode} failed: {proc.stderr[-500:]}")
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["first_pass_s"])
 
 
 def markdown(results: dict) -> str:
@@ -74,70 +125,99 @@ def markdown(results: dict) -> str:
         f"transformers {meta.get('transformers')}, commit {str(meta['git_commit'])[:10]}",
         "",
         f"{meta['model']}, T=1, batch sizes {', '.join(map(str, SIZES))}; each size called positionally and by "
-        "keyword. Steady ms per size: median of the harness's latency timing (95% CI in the JSON); "
-        "ratio = Inductor's time in the same mode over this row's; first pass = the six sizes' first calls, "
-        "compiles included.",
+        f"keyword. Steady ms per size: median of the harness's latency timing, backends interleaved in "
+        f"{meta.get('rounds', 1)} round(s) with the order reversed each round, samples pooled (95% CI in the "
+        "JSON); ratio = Inductor's time in the same mode over this row's. First pass = the six sizes' first "
+        "calls, compiles included, in a fresh process: cold (empty Inductor/Triton caches) / warm (the same "
+        "caches again).",
         "",
-        "| backend | mode | graphs | first pass s | " + " | ".join(f"bs={b} ms" for b in SIZES)
+        "| backend | mode | graphs | first pass s cold / warm | " + " | ".join(f"bs={b} ms" for b in SIZES)
         + " | worst ratio vs Inductor | max rel. error |",
         "|---|---|---|---|" + "---|" * len(SIZES) + "---|---|",
     ]
-    base = {}  # per mode: Inductor's steady ms per size, averaged over its rows (--abba runs it twice)
-    for r in results["rows"]:
-        if r["backend"] == "inductor" and "failed" not in r:
-            base.setdefault(r["mode"], []).append(r)
-    base = {m: {"steady_ms": {b: sum(r["steady_ms"][b] for r in rs) / len(rs) for b in SIZES}} for m, rs in base.items()}
+    base = {r["mode"]: r for r in results["rows"] if r["backend"] == "inductor" and "failed" not in r}
     for r in results["rows"]:
         if r.get("failed"):
             lines.append(f"| {r['backend']} | {r['mode']} | failed: {r['failed'][:120]} |")
             continue
         ref = base.get(r["mode"])
-        ratios = [ref["steady_ms"][b] / r["steady_ms"][b] for b in SIZES] if ref else []
-        times = " | ".join(f"{r['steady_ms'][b]:.3f}" + (f" ({q:.2f}x)" if ref else "")
-                           for b, q in zip(SIZES, ratios or [None] * len(SIZES)))
-        lines.append(f"| {r['backend']} | {r['mode']} | {r['graphs']} | {r['first_pass_s']:.1f} | {times} "
-                     f"| {min(ratios):.2f}x | {max(r['error'].values()):.1e} |" if ref else
-                     f"| {r['backend']} | {r['mode']} | {r['graphs']} | {r['first_pass_s']:.1f} | {times} | | |")
+        ratios = [ref["steady_ms"][b] / r["steady_ms"][b] for b in SIZES] if ref else [None] * len(SIZES)
+        times = " | ".join(f"{r['steady_ms'][b]:.3f}" + (f" ({q:.2f}x)" if q else "") for b, q in zip(SIZES, ratios))
+        first = (f"{r['first_pass_cold_s']:.1f} / {r['first_pass_warm_s']:.1f}" if "first_pass_cold_s" in r
+                 else r.get("first_pass_failed", "not timed")[:60])
+        worst = f"{min(ratios):.2f}x" if ref else ""
+        lines.append(f"| {r['backend']} | {r['mode']} | {r['graphs']} | {first} | {times} | {worst} "
+                     f"| {max(r['error'].values()):.1e} |")
     return "\n".join(lines) + "\n"
+
+
+def _first_pass_child(backend: str, mode: str, smoke: bool, device: str) -> int:
+    model, vocab, refs = _setup(smoke, device)
+    f = torch.compile(model, backend=backend, mode=None if mode == "default" else mode)
+    with torch.no_grad():
+        seconds = first_pass(f, {b: refs[b][0] for b in SIZES}, device)
+    print(json.dumps({"first_pass_s": seconds}))
+    return 0
+
+
+def _setup(smoke: bool, device: str):
+    size = "tiny" if smoke else "decode"
+    dtype = torch.float32 if smoke else torch.bfloat16
+    model, vocab = hf.build("llama", size, attn="sdpa")
+    model = model.to(device, dtype)
+    g = torch.Generator().manual_seed(0)
+    refs = {}
+    with torch.no_grad():
+        for b in SIZES:
+            ids = torch.randint(0, vocab, (b, 1), generator=g).to(device)
+            refs[b] = (ids, model(ids).logits.float())
+    return model, vocab, refs
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="the tiny Llama, fp32, on the CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--reps", type=int, default=None, help="timed calls per backend and size, over all rounds")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timing rounds per size, the backends' order reversed each round (default 4; 1 in smoke)")
     p.add_argument("--modes", nargs="*", default=["default", "reduce-overhead"])
-    p.add_argument("--abba", action="store_true",
-                   help="run each mode's rows as Inductor, kernelpytorch, kernelpytorch, Inductor (order effects "
-                        "in one process cancel; ratios are against Inductor's mean)")
+    p.add_argument("--first-pass-modes", nargs="*", default=None,
+                   help="modes whose first pass is also timed in fresh processes, cold (empty caches) and warm "
+                        "(the same caches again); default: default mode, none in smoke runs")
+    p.add_argument("--first-pass-child", nargs=2, metavar=("BACKEND", "MODE"), help=argparse.SUPPRESS)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--stem", default=None)
     args = p.parse_args(argv)
+    if args.first_pass_child:
+        return _first_pass_child(*args.first_pass_child, args.smoke, args.device)
     import transformers
 
+    reps = args.reps or (3 if args.smoke else 60)
+    rounds = args.rounds or (1 if args.smoke else 4)
+    fp_modes = args.first_pass_modes if args.first_pass_modes is not None else ([] if args.smoke else ["default"])
+    model, vocab, refs = _setup(args.smoke, args.device)
     size = "tiny" if args.smoke else "decode"
-    dtype = torch.float32 if args.smoke else torch.bfloat16
-    reps = args.reps or (3 if args.smoke else 50)
-    model, vocab = hf.build("llama", size, attn="sdpa")
-    model = model.to(args.device, dtype)
-    g = torch.Generator().manual_seed(0)
-    refs = {}
-    with torch.no_grad():
-        for b in SIZES:
-            ids = torch.randint(0, vocab, (b, 1), generator=g).to(args.device)
-            refs[b] = (ids, model(ids).logits.float())
     s = hf.SIZES[size]
+    dtype = next(model.parameters()).dtype
     results = {"meta": report.provenance(args.device) | {
-        "transformers": transformers.__version__, "dtype": str(dtype), "smoke": args.smoke,
+        "transformers": transformers.__version__, "dtype": str(dtype), "smoke": args.smoke, "rounds": rounds,
         "model": f"HF Llama sdpa, d={s['d']}, {s['layers']} layers, GQA {s['heads']}/{s['kv_heads']}, {dtype}"},
         "rows": []}
-    rows = [r for r in ROWS if r[1] in args.modes]
-    if args.abba:
-        rows = [row for m in args.modes for row in (("inductor", m), ("kernelpytorch", m), ("kernelpytorch", m),
-                                                    ("inductor", m))]
-    for backend, mode in rows:
-        results["rows"].append(run_row(model, vocab, backend, mode, args.device, reps, refs))
-        print(json.dumps(results["rows"][-1]), file=sys.stderr, flush=True)
+    for mode in args.modes:
+        rows = run_mode(model, mode, args.device, reps, rounds, refs)
+        for row in rows:
+            if mode in fp_modes and "failed" not in row:
+                with tempfile.TemporaryDirectory(prefix="kp-decode-cache-") as cache:
+                    try:
+                        row["first_pass_cold_s"] = first_pass_in_fresh_process(
+                            row["backend"], mode, cache, args.smoke, args.device)
+                        row["first_pass_warm_s"] = first_pass_in_fresh_process(
+                            row["backend"], mode, cache, args.smoke, args.device)
+                    except Exception as e:  # noqa: BLE001
+                        row["first_pass_failed"] = str(e)[:300]
+            results["rows"].append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
     stem = args.stem or f"{time.strftime('%Y-%m-%d')}-{'smoke' if args.smoke else args.device}-decode"
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, stem + ".json"), "w") as f:

@@ -48,13 +48,16 @@ def markdown(results: dict) -> str:
         f"# Benchmark: {meta['device_name']} ({meta['device']}), torch {meta['torch']}, "
         f"triton {meta['triton']}, commit {str(meta['git_commit'])[:10]}",
         "",
-        f"Timing mode: {meta.get('timing', 'latency')} (bench/timing.py). "
+        f"Timing mode: {meta.get('timing', 'latency')} (bench/timing.py), "
+        f"{meta.get('rounds', 1)} round(s): every backend of a case is compiled first, then all are timed "
+        "in rounds with the order reversed each round, samples pooled. "
         "Median of repeated runs; 95% CI of the median in brackets; speedup vs Inductor default; "
         "error = relative L2 vs an fp64 (CPU) / fp32 (GPU) eager reference. Compile s = first call "
         "minus a steady-state call, with Inductor's FX graph and autograd caches off; its kernel cache is "
-        "shared in the process, so a later backend may reuse kernels an earlier one compiled.",
+        "shared in the process, so a later backend may reuse kernels an earlier one compiled. "
+        "Step GiB = the most memory one step allocates above what is held before it (GPU).",
         "",
-        "| case | backend | median ms [95% CI] | vs inductor | TFLOP/s | GB/s | compile s | peak GiB | rel. error |",
+        "| case | backend | median ms [95% CI] | vs inductor | TFLOP/s | GB/s | compile s | step GiB | rel. error |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for case in results["cases"]:

@@ -22,7 +22,7 @@ from kp_compiler.testing.compare import dynamo_config, grad_error, grads_of, mis
 
 from .backends import Backend
 from .cases import Case, Scale, Workload
-from .timing import time_fn
+from .timing import median_ci, time_fn
 
 
 def _sync(device: str) -> None:
@@ -85,6 +85,14 @@ def reference(wl: Workload, train: bool, scale: Scale) -> list[torch.Tensor]:
     return [out] if not train else out  # train: {name: grad or None}
 
 
+@contextlib.contextmanager
+def _recompile_limit(n: int):
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    with cfg.patch(**{name: max(n, getattr(cfg, name))}):
+        yield
+
+
 class RowTimeout(Exception):
     """One backend of one case ran past ``--row-timeout``."""
 
@@ -108,9 +116,12 @@ def _time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def run_backend(case: Case, wl: Workload, backend: Backend, ref, scale: Scale, reps: int,
-                row_timeout: float = 0) -> dict:
-    torch._dynamo.reset()
+def prepare_backend(case: Case, wl: Workload, backend: Backend, ref, scale: Scale,
+                    row_timeout: float = 0) -> tuple[dict, "Step | None"]:
+    """Compile one backend's row and check it: the row so far (passes, error, compile time, memory) and
+    its step, or ``None`` with ``failed`` in the row. Dynamo's automatic-dynamic state is cleared first,
+    so what one backend saw does not shape another's graphs."""
+    _reset_code_state()
     model = copy.deepcopy(wl.model) if isinstance(wl.model, torch.nn.Module) else wl.model
     row: dict = {"backend": backend.name}
     try:
@@ -121,7 +132,7 @@ def run_backend(case: Case, wl: Workload, backend: Backend, ref, scale: Scale, r
             with collect() as records:
                 first = step(capture=True)
             _sync(scale.device)
-            first_ms = (time.perf_counter() - t0) * 1e3
+            row["first_call_ms"] = (time.perf_counter() - t0) * 1e3
             if records:  # kernelpytorch: the rewrites that fired, summed over graphs
                 fired: dict = {}
                 for rec in records:
@@ -133,21 +144,66 @@ def run_backend(case: Case, wl: Workload, backend: Backend, ref, scale: Scale, r
                 row["missing_grads"] = missing_grads(first, ref)
             else:
                 row["error"] = rel_error([first], ref)
-            if scale.device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            timing = time_fn(step, scale.device, reps, hide_launch=scale.timing == "gpu")
+            row["peak_mem_gb"] = _step_memory(step, scale.device)
     except Exception as e:  # noqa: BLE001 - one backend failing must not stop the run
         row["failed"] = _describe(e)
         row["traceback"] = traceback.format_exc()[-2000:]
-        return row
-    row.update(timing.to_json())
-    row["compile_s"] = max(0.0, first_ms - timing.median_ms) / 1e3
-    row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30 if scale.device == "cuda" else None
-    if wl.flops:
-        row["tflops"] = wl.flops / (timing.median_ms * 1e-3) / 1e12
-    if wl.bytes:
-        row["gb_per_s"] = wl.bytes / (timing.median_ms * 1e-3) / 1e9
-    return row
+        return row, None
+    return row, step
+
+
+def _step_memory(step: "Step", device: str) -> "float | None":
+    """GiB one step allocates above what is held before it (other rows' models stay alive while the
+    rounds interleave, so the process-wide peak would count them)."""
+    if device != "cuda":
+        return None
+    step()
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - held) / 2**30
+
+
+def _reset_code_state() -> None:
+    try:
+        from torch._dynamo.pgo import reset_code_state
+    except ImportError:  # older torch: no profile-guided state to clear
+        return
+    reset_code_state()
+
+
+def time_rows(rows: list, steps: list, wl: Workload, scale: Scale, reps: int, rounds: int) -> None:
+    """Time every compiled row in ``rounds`` rounds, the order reversed each round (A B C, C B A, ...),
+    and pool each row's samples: drift in the machine over the run (clocks, host load) falls on every
+    backend alike instead of on whichever ran last."""
+    live = [(row, step) for row, step in zip(rows, steps) if step is not None]
+    samples: dict = {id(row): [] for row, _ in live}
+    per_round = max(5, -(-reps // rounds))
+    for r in range(rounds):
+        for row, step in (live if r % 2 == 0 else live[::-1]):
+            if "failed" in row:
+                continue
+            try:
+                with dynamo_config(wl.dynamo_config):
+                    t = time_fn(step, scale.device, per_round, hide_launch=scale.timing == "gpu")
+            except Exception as e:  # noqa: BLE001
+                row["failed"] = _describe(e)
+                row["traceback"] = traceback.format_exc()[-2000:]
+                continue
+            samples[id(row)].extend(t.samples)
+    for row, _ in live:
+        if "failed" in row:
+            continue
+        timing = median_ci(samples[id(row)])
+        row.update(timing.to_json())
+        row["rounds"] = rounds
+        row["compile_s"] = max(0.0, row["first_call_ms"] - timing.median_ms) / 1e3
+        if wl.flops:
+            row["tflops"] = wl.flops / (timing.median_ms * 1e-3) / 1e12
+        if wl.bytes:
+            row["gb_per_s"] = wl.bytes / (timing.median_ms * 1e-3) / 1e9
 
 
 def _describe(e: Exception) -> str:
@@ -157,7 +213,9 @@ def _describe(e: Exception) -> str:
 
 
 def run_case(case: Case, backends: list[Backend], scale: Scale, reps: int, progress=None,
-             row_timeout: float = 0) -> dict:
+             row_timeout: float = 0, rounds: int = 1) -> dict:
+    """Every backend's row for one case: each compiled and checked in turn (no Dynamo reset between them:
+    each backend keeps its own cache entries), then all timed together in ``rounds`` interleaved rounds."""
     result = {"case": case.name, "group": case.group, "train": case.train, "rows": []}
     try:
         wl = case.build(scale)
@@ -167,11 +225,19 @@ def run_case(case: Case, backends: list[Backend], scale: Scale, reps: int, progr
         result["failed"] = _describe(e)
         return result
     result["flops"], result["bytes"] = wl.flops, wl.bytes
-    for backend in backends:
-        result["rows"].append(run_backend(case, wl, backend, ref, scale, reps, row_timeout))
-        if progress is not None:
-            progress(f"{case.name} / {backend.name}")
-    del ref
+    torch._dynamo.reset()
+    steps = []
+    with _recompile_limit(8 * max(1, len(backends))):  # the limit counts every backend's entries
+        for backend in backends:
+            row, step = prepare_backend(case, wl, backend, ref, scale, row_timeout)
+            result["rows"].append(row)
+            steps.append(step)
+            if progress is not None:
+                progress(f"{case.name} / {backend.name}")
+        del ref
+        time_rows(result["rows"], steps, wl, scale, reps, rounds)
+    del steps
+    torch._dynamo.reset()
     _add_speedups(result)
     return result
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -32,6 +32,7 @@ class Timing:
     ci_low_ms: float
     ci_high_ms: float
     reps: int
+    samples: list = field(default_factory=list, repr=False)  # every repetition, ms (pooled across rounds)
 
     def to_json(self) -> dict:
         return {"median_ms": self.median_ms, "ci95_ms": [self.ci_low_ms, self.ci_high_ms], "reps": self.reps}
@@ -44,7 +45,7 @@ def median_ci(samples: list[float]) -> Timing:
     lo = max(0, int(math.floor(n / 2 - half)))
     hi = min(n - 1, int(math.ceil(n / 2 + half)))
     mid = xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
-    return Timing(mid, xs[lo], xs[hi], n)
+    return Timing(mid, xs[lo], xs[hi], n, list(samples))
 
 
 def _sync(device: str) -> None:

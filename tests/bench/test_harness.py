@@ -79,6 +79,34 @@ def test_failed_backend_is_reported_not_fatal(tmp_path):
     assert "no_such_option" in result["rows"][1]["failed"]
 
 
+def test_rows_are_timed_in_interleaved_rounds_with_samples_pooled():
+    """Every backend is compiled before any is timed; round r runs them in reversed order when r is odd,
+    and a row's median comes from all its rounds' samples."""
+    from bench.backends import Backend
+    from bench.cases import Scale
+    from bench.runner import run_case
+
+    calls = []
+
+    class Tagged(Backend):
+        def wrap(self, model):
+            def run(*args):
+                calls.append(self.name)
+                return model(*args)
+            return run
+
+    case = load_all()["attention-plain"]
+    result = run_case(case, [Tagged("a"), Tagged("b")], Scale("cpu", __import__("torch").float32, True),
+                      reps=10, rounds=3)
+    # first calls (a, b), then per round: 3 warm-up + 5 timed calls each, in a b / b a / a b order
+    assert calls[:2] == ["a", "b"]
+    blocks = [calls[i] for i in range(2, len(calls), 8)]
+    assert all(set(calls[i:i + 8]) == {calls[i]} for i in range(2, len(calls), 8))
+    assert blocks[-6:] == ["a", "b", "b", "a", "a", "b"]
+    assert [r["reps"] for r in result["rows"]] == [15, 15]
+    assert all(r["rounds"] == 3 for r in result["rows"])
+
+
 def test_a_row_past_its_time_limit_is_recorded_and_the_run_goes_on():
     import time
 
@@ -113,5 +141,17 @@ def test_decode_sequence_smoke(tmp_path):
     assert rows["kernelpytorch"]["graphs"] == rows["inductor"]["graphs"]
     for r in rows.values():
         assert sorted(map(int, r["steady_ms"])) == [1, 3, 8, 13, 24, 40]
-        assert all(e < 1e-4 for e in r["error"].values()) and r["first_pass_s"] > 0
+        assert all(e < 1e-4 for e in r["error"].values()) and r["first_pass_in_process_s"] > 0
     assert "| kernelpytorch | default |" in (tmp_path / "dec.md").read_text()
+
+
+def test_decode_first_pass_in_fresh_processes_cold_then_warm(tmp_path):
+    """The first pass is timed in a new process on a given cache folder (cold, then warm on the same folder);
+    a child that fails raises with its stderr instead of giving a number (``aot_eager`` keeps it fast)."""
+    from bench.decode import first_pass_in_fresh_process
+
+    cold = first_pass_in_fresh_process("aot_eager", "default", str(tmp_path), True, "cpu")
+    warm = first_pass_in_fresh_process("aot_eager", "default", str(tmp_path), True, "cpu")
+    assert cold > 0 and warm > 0
+    with __import__("pytest").raises(RuntimeError, match="no_such_backend"):
+        first_pass_in_fresh_process("no_such_backend", "default", str(tmp_path), True, "cpu")
