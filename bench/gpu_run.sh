@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|suite-infer|suite-train   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -136,17 +136,18 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
     timeout "$(left)" python3 -m bench --cases 'moe-e64-top8' 'moe-e64-top8-decode' 'moe-e8-top2' --backends inductor kernelpytorch \
       --timing gpu --row-timeout 120 --reps 20 $extra --out "$out" --stem cuda-moe-gpu-time 2>>"$out/gpu-time.log" | tail -12
     ;;
-  suite-infer)
-    # Issue 14: the decode sequence (six batch sizes, default and reduce-overhead), then the real-model
-    # suite's inference rows (transformers defaults), kernelpytorch beside Inductor.
-    timeout 240 python3 -m bench.decode --reps 30 --out "$out" --stem cuda-decode 2>"$out/suite.log" | tail -10
-    timeout "$(left)" python3 -m bench --groups models --cases 'model-*-infer' --backends inductor kernelpytorch \
-      --row-timeout 150 --reps 30 $extra --out "$out" --stem cuda-models-infer 2>>"$out/suite.log" | tail -14
+  decode)
+    # Issue 14: the decode sequence (six batch sizes, default and reduce-overhead), backends interleaved per
+    # size; the default mode's first pass in fresh processes, cold and warm.
+    timeout "$(left)" python3 -m bench.decode --out "$out" --stem cuda-decode 2>"$out/decode.log" | tail -12
     ;;
-  suite-train)
-    timeout 200 python3 -m bench.decode --modes default --reps 30 --out "$out" --stem cuda-decode 2>"$out/suite.log" | tail -6
-    timeout "$(left)" python3 -m bench --groups models --cases 'model-*-train' --backends inductor kernelpytorch \
-      --row-timeout 200 --reps 20 $extra --out "$out" --stem cuda-models-train 2>>"$out/suite.log" | tail -14
+  suite-infer|suite-train|suite)
+    # Issue 14: the real-model suite (transformers defaults), kernelpytorch beside Inductor, interleaved rounds.
+    kinds=$([ "$stage" = suite ] && echo "infer train" || echo "${stage#suite-}")
+    for kind in $kinds; do
+      timeout "$(( $(left) - 10 ))" python3 -m bench --groups models --cases "model-*-$kind" --backends inductor kernelpytorch \
+        --row-timeout 200 --reps 30 $extra --out "$out" --stem cuda-models-$kind 2>>"$out/suite.log" | tail -14
+    done
     ;;
 esac
 echo "stage $stage done after $(( $(date +%s) - start )) s"

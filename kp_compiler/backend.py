@@ -30,7 +30,7 @@ from . import passes as _builtin_passes  # noqa: F401  (registers the built-in p
 from .core import regions
 from .core.canonicalize import canonicalize, fake_mode_of
 from .core.dump import GraphDump, append_report
-from .core.pass_manager import PassManager, default_passes, on_registry_change, resolve
+from .core.pass_manager import PassManager, default_passes, idle_reason, on_registry_change, resolve
 from .core.report import GraphRecord, new_record, publish
 from .core.shape_guards import GuardWatch
 from .lowering import input_devices, lower, select
@@ -117,6 +117,14 @@ on_registry_change(_renew_identity)
 def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dump):
     if dump is not None:
         dump.write("dynamo", gm.graph, "dynamo graph (torch IR)", numbered=False)
+    # With the default passes and nothing any of them could rewrite, the lowering gets the graph as Dynamo
+    # captured it (no canonicalization cost). Passes named in options["passes"] always run.
+    idle = idle_reason(gm, [name for name, _ in chosen]) if opts.passes is None and opts.fp8 is None else None
+    if idle is not None:
+        why = f"nothing to rewrite ({idle}; options['passes'] runs it anyway)"
+        record.skipped += [{"pass": name, "reason": why} for name, _ in chosen]
+        record.nodes_in = record.nodes_out = len(gm.graph.nodes)
+        return lower(record.lowering, gm, example_inputs, opts.mode, opts.inductor_config, dump), (), None
     watch = GuardWatch(fake_mode_of(example_inputs))
     mark = watch.mark()
     try:

@@ -19,7 +19,7 @@ def breaks_once(x):
 
 def test_explain_reports_graphs_breaks_and_passes(capsys):
     x = torch.randn(4, 8)
-    report = kp_compiler.explain(breaks_once, x, lowering="eager")
+    report = kp_compiler.explain(breaks_once, x, lowering="eager", passes=["noop-elimination"])
     torch.testing.assert_close(report.output, breaks_once(x))
     assert report.graph_count == 2
     assert report.graph_break_count == 1
@@ -57,7 +57,8 @@ def test_cli_on_a_python_file(tmp_path):
     out_json = tmp_path / "r.json"
     script = str(Path(sys.executable).parent / "kp-explain")  # the console script beside this Python
     for cmd in ([script], [sys.executable, "-m", "kp_compiler", "explain"]):
-        proc = subprocess.run(cmd + [str(model_file), "--option", "lowering=eager", "--json", str(out_json)],
+        proc = subprocess.run(cmd + [str(model_file), "--option", "lowering=eager", "--option", "passes=['noop-elimination']",
+                                     "--json", str(out_json)],
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         assert "kernelpytorch explain: 1 graph(s), 0 graph break(s)" in proc.stdout

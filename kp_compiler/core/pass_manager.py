@@ -40,6 +40,7 @@ log = logging.getLogger("kp_compiler.passes")
 PassFn = Callable[[fx.GraphModule], int]
 
 _REGISTRY: dict[str, PassFn] = {}
+_ANCHORS: dict[str, Optional[tuple[str, ...]]] = {}  # per pass: what it needs in a Dynamo graph (see register_pass)
 _DEFAULT: list[str] = []
 _LISTENERS: list = []  # called after the registry changes (the backend renews its identity for Dynamo)
 
@@ -101,7 +102,8 @@ class _Watchdog:
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread), ctypes.py_object(PassTimeout))
 
 
-def register_pass(name: str, fn: PassFn, *, default: bool = False, replace: bool = False) -> PassFn:
+def register_pass(name: str, fn: PassFn, *, default: bool = False, replace: bool = False,
+                  anchors: Optional[Sequence[str]] = None) -> PassFn:
     """Register ``fn`` as the pass ``name`` so ``options={"passes": [...]}`` can select it.
 
     Args:
@@ -110,6 +112,14 @@ def register_pass(name: str, fn: PassFn, *, default: bool = False, replace: bool
             of rewrites (``0`` if nothing matched).
         default: also append it to ``default_passes()`` (built-ins use this).
         replace: allow re-registering an existing name.
+        anchors: op names without which the pass has nothing to do, matched
+            (case-insensitively, as substrings) against the targets of the
+            Dynamo graph's calls: ``("softmax",)`` for a pass that starts
+            from a softmax. ``()`` for a pass that only prepares the graph
+            for other passes. ``None`` (the default): the pass always runs.
+            When every chosen pass has anchors and none is in a graph, the
+            graph skips canonicalization and the passes and is lowered as
+            Dynamo captured it (no compile-time cost over the lowering).
 
     Returns:
         ``fn``, so this works as a decorator via ``functools.partial``.
@@ -122,6 +132,7 @@ def register_pass(name: str, fn: PassFn, *, default: bool = False, replace: bool
         raise ValueError(f"a pass named {name!r} is already registered; pass replace=True to override it")
     changed = name in _REGISTRY and _REGISTRY[name] is not fn
     _REGISTRY[name] = fn
+    _ANCHORS[name] = None if anchors is None else tuple(a.lower() for a in anchors)
     if default and name not in _DEFAULT:
         _DEFAULT.append(name)
     if changed:
@@ -130,6 +141,7 @@ def register_pass(name: str, fn: PassFn, *, default: bool = False, replace: bool
 
 
 def unregister_pass(name: str) -> None:
+    _ANCHORS.pop(name, None)
     if _REGISTRY.pop(name, None) is not None:
         _registry_changed()
     if name in _DEFAULT:
@@ -163,6 +175,42 @@ def resolve(names: Sequence[str]) -> list[tuple[str, PassFn]]:
             f"{registered_passes()} (register yours with kp_compiler.register_pass)"
         )
     return [(n, _REGISTRY[n]) for n in names]
+
+
+def idle_reason(gm: fx.GraphModule, names: Sequence[str]) -> Optional[str]:
+    """Why none of the passes ``names`` can do anything on the Dynamo graph ``gm``, or ``None`` if one might.
+
+    Every pass must declare its anchors (``register_pass(..., anchors=...)``) and no anchor may occur among
+    the graph's call targets; a pass without declared anchors always counts as one that might.
+    """
+    wanted = []
+    for name in names:
+        anchors = _ANCHORS.get(name)
+        if anchors is None:
+            return None
+        wanted += anchors
+    targets = _call_targets(gm)
+    for anchor in wanted:
+        if any(anchor in t for t in targets):
+            return None
+    return f"the graph has no {' or '.join(sorted(set(wanted)))}" if wanted else "no pass looks for anything"
+
+
+def _call_targets(gm: fx.GraphModule) -> list[str]:
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            out.append(f"{getattr(n.target, '__module__', '')}.{getattr(n.target, '__name__', n.target)}".lower())
+        elif n.op == "call_method":
+            out.append(str(n.target).lower())
+        elif n.op == "call_module":
+            module = gm.get_submodule(n.target)
+            out.append(f"{n.target}:{type(module).__name__}".lower())
+        elif n.op == "get_attr":  # a nested graph (a region's body) is searched too
+            sub = getattr(gm, str(n.target), None)
+            if isinstance(sub, fx.GraphModule):
+                out += _call_targets(sub)
+    return out
 
 
 class PassManager:

@@ -35,12 +35,12 @@ def test_one_node_per_line_with_op_inputs_shape_dtype():
 def test_report_json_schema_and_numbering(tmp_path):
     model = MLP(d=8, hidden=16)
     x = torch.randn(2, 8)
-    _, out1, _ = compile_and_collect(model, (x,), dump_dir=str(tmp_path))
+    _, out1, _ = compile_and_collect(model, (x,), dump_dir=str(tmp_path), passes=["noop-elimination", "attention-to-sdpa"])
     torch._dynamo.reset()
-    _, out2, _ = compile_and_collect(model, (x,))
+    _, out2, _ = compile_and_collect(model, (x,), passes=["noop-elimination", "attention-to-sdpa"])
     torch.testing.assert_close(out1, out2, rtol=0, atol=0)  # dumping never changes results
     torch._dynamo.reset()
-    compile_and_collect(model, (torch.randn(3, 4, 8),), dump_dir=str(tmp_path), lowering="eager")
+    compile_and_collect(model, (torch.randn(3, 4, 8),), dump_dir=str(tmp_path), lowering="eager", passes=["noop-elimination", "attention-to-sdpa"])
     report = load_report(tmp_path)
     assert [g["lowering"] for g in report["graphs"]] == ["inductor", "eager"]
     first, second = report["graphs"]

@@ -147,7 +147,7 @@ def test_verify_catches_a_wrong_pass(register):
 def test_verify_accepts_a_correct_pass():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.0), torch.nn.GELU())
     x = torch.randn(3, 8)
-    _, out, records = compile_and_collect(model, (x,), verify=True)
+    _, out, records = compile_and_collect(model, (x,), verify=True, passes=kp_compiler.default_passes())
     assert records[0].passes[0].status == "ok"
     assert records[0].passes[0].matches >= 1
     torch.testing.assert_close(out, model(x))
@@ -163,7 +163,7 @@ def test_canonicalization_failure_falls_back_to_inductor(monkeypatch):
     model = MLP(d=8, hidden=16)
     x = torch.randn(2, 8)
     with pytest.warns(RuntimeWarning, match="canonicalization failed"):
-        _, out, records = compile_and_collect(model, (x,))
+        _, out, records = compile_and_collect(model, (x,), passes=kp_compiler.default_passes())
     torch.testing.assert_close(out, model(x))
     assert records[0].lowering == "inductor"
     assert "NotImplementedError: cannot trace this" in records[0].fallbacks[0]
@@ -185,14 +185,14 @@ def test_lowering_failure_falls_back_to_the_dynamo_graph(monkeypatch):
     model = MLP(d=8, hidden=16)
     x = torch.randn(2, 8)
     with pytest.warns(RuntimeWarning, match="lowering the rewritten graph failed"):
-        _, out, records = compile_and_collect(model, (x,))
+        _, out, records = compile_and_collect(model, (x,), passes=kp_compiler.default_passes())
     assert calls == ["canonical", None]
     torch.testing.assert_close(out, model(x))
 
 
 def test_logging_reports_each_pass(caplog):
     with caplog.at_level(logging.DEBUG, logger="kp_compiler"):
-        compile_and_collect(relu_model(), (torch.randn(3, 8),))
+        compile_and_collect(relu_model(), (torch.randn(3, 8),), passes=kp_compiler.default_passes())
     text = caplog.text
     assert "pass noop-elimination: ok" in text
     assert "lowering=inductor" in text

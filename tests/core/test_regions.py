@@ -11,9 +11,13 @@ import torch
 import torch.utils.checkpoint as checkpoint
 from torch.autograd.function import once_differentiable
 
+import kp_compiler
 from kp_compiler.core import regions
 from kp_compiler.core.report import collect
 from kp_compiler.testing.compare import assert_same_grads, grads_of
+
+# The passes named, so canonicalization runs: by default a graph with nothing to rewrite skips it.
+PIPELINE = kp_compiler.default_passes()
 
 
 class Square(torch.autograd.Function):  # saved tensors
@@ -137,7 +141,7 @@ def test_gradients_equal_eager(form, lowering, dynamic):
     model = Model(form)
     ref = Model(form)
     ref.load_state_dict(model.state_dict())
-    compiled = torch.compile(model, backend="kernelpytorch", options={"lowering": lowering}, dynamic=dynamic)
+    compiled = torch.compile(model, backend="kernelpytorch", options={"lowering": lowering, "passes": PIPELINE}, dynamic=dynamic)
     with collect() as records:
         for rows in (4, 5, 7):
             x = torch.randn(rows, 8)
@@ -160,7 +164,7 @@ def test_gradients_equal_eager(form, lowering, dynamic):
 def test_region_is_one_opaque_node_in_the_canonical_graph(tmp_path):
     """Passes see one ``kp.autograd_region`` call; the forward body's ops are not inlined."""
     model = Model("saved-tensors")
-    compiled = torch.compile(model, backend="kernelpytorch", options={"lowering": "eager", "dump_dir": str(tmp_path)})
+    compiled = torch.compile(model, backend="kernelpytorch", options={"lowering": "eager", "dump_dir": str(tmp_path), "passes": PIPELINE})
     compiled(torch.randn(4, 8))
     text = (tmp_path / "graph-000" / "00-input.txt").read_text()
     assert "kp.autograd_region.default" in text
@@ -170,7 +174,7 @@ def test_region_is_one_opaque_node_in_the_canonical_graph(tmp_path):
 def test_verify_runs_the_region_forward():
     """``verify=True`` executes the canonical graph, so the stand-in runs the region's forward."""
     model = Model("non-tensor-args")
-    compiled = torch.compile(model, backend="kernelpytorch", options={"lowering": "eager", "verify": True})
+    compiled = torch.compile(model, backend="kernelpytorch", options={"lowering": "eager", "verify": True, "passes": PIPELINE})
     x = torch.randn(4, 8)
     with collect() as records:
         torch.testing.assert_close(compiled(x), model(x))
@@ -182,7 +186,7 @@ def test_regions_are_released_with_their_graph():
     for _ in range(3):
         torch._dynamo.reset()
         model = Model("saved-tensors")
-        torch.compile(model, backend="kernelpytorch", options={"lowering": "eager"})(torch.randn(4, 8))
+        torch.compile(model, backend="kernelpytorch", options={"lowering": "eager", "passes": PIPELINE})(torch.randn(4, 8))
     torch._dynamo.reset()
     import gc
 

@@ -1,5 +1,6 @@
 # RUN: 00-input.txt --check-prefix=INPUT
 # RUN: 01-noop-elimination.txt --check-prefix=CHECK
+# OPTIONS: {"passes": ["noop-elimination"]}
 # A multiply by one, a same-shape view and a double transpose disappear;
 # relu reads the linear directly.
 import torch

@@ -1,4 +1,5 @@
 # RUN: 01-noop-elimination.txt --check-prefix=CHECK
+# OPTIONS: {"passes": ["noop-elimination"]}
 # An int tensor times 1.0 is a float tensor: the multiply stays.
 import torch
 

@@ -1,4 +1,5 @@
 # RUN: 00-input.txt --check-prefix=CHECK
+# OPTIONS: {"passes": ["noop-elimination"]}
 # A dimension marked dynamic stays symbolic in the canonical graph.
 import torch
 

@@ -114,7 +114,7 @@ def test_through_the_backend_with_training():
 
     model = M()
     x = torch.randn(4, 8, requires_grad=True)
-    compiled, out, records = compile_and_collect(model, (x,), lowering="eager")
+    compiled, out, records = compile_and_collect(model, (x,), lowering="eager", passes=["noop-elimination"])
     assert records[0].passes[0].matches == 3
     ref = model(x)
     torch.testing.assert_close(out, ref)

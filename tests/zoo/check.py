@@ -36,6 +36,7 @@ class ZooResult:
     passes: dict = field(default_factory=dict)  # pass name -> total matches
     rolled_back: list = field(default_factory=list)
     fallbacks: list = field(default_factory=list)
+    idle_graphs: int = 0  # graphs with nothing any default pass could rewrite (lowered as Dynamo captured them)
     failed: str = ""
 
     def ok(self, tol: float) -> bool:
@@ -85,6 +86,7 @@ def check(entry: Entry, device: str = "cpu", dtype: torch.dtype = torch.float32,
     result.break_reasons = [k.splitlines()[0] for k, v in breaks.items() if v > 0]
     for rec in records:
         result.fallbacks += rec.fallbacks
+        result.idle_graphs += any("nothing to rewrite" in s["reason"] for s in rec.skipped)
         for p in rec.passes:
             result.passes[p.name] = result.passes.get(p.name, 0) + p.matches
             if p.status != "ok":

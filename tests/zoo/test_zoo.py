@@ -20,7 +20,8 @@ def test_matches_eager(entry):
     assert result.graphs >= 1, "the backend never ran"
     assert not result.fallbacks, result.fallbacks
     assert not result.rolled_back, result.rolled_back
-    assert "noop-elimination" in result.passes
+    # every graph either went through the passes or had nothing any of them could rewrite
+    assert "noop-elimination" in result.passes or result.idle_graphs == result.graphs, result
     tol = TOLERANCE[torch.float32]
     assert result.forward_error < tol, result
     assert not result.missing_grads, f"gradients lost: {result.missing_grads}"
