@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--rounds", type=int, default=None,
                    help="timing rounds per case, the backends' order reversed each round, samples pooled "
-                        "(default 2; 1 in smoke runs)")
+                        "(default 4; 1 in smoke runs)")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--stem", default=None, help="output file name stem (default: date and device)")
     p.add_argument("--compare", default=None, help="baseline JSON: flag speedups outside its 95%% CI")
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.smoke else torch.bfloat16)
     scale = Scale(args.device, dtype, args.smoke, args.timing)
     reps = args.reps or (5 if args.smoke else 50)
-    rounds = args.rounds or (1 if args.smoke else 2)
+    rounds = args.rounds or (1 if args.smoke else 4)
     if rounds < 1:
         p.error("--rounds must be at least 1")
     backends = choose(args.backends, args.kp_options)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|decode-first-pass|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -140,6 +140,10 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
     # Issue 14: the decode sequence (six batch sizes, default and reduce-overhead), backends interleaved per
     # size; the default mode's first pass in fresh processes, cold and warm.
     timeout "$(left)" python3 -m bench.decode --out "$out" --stem cuda-decode 2>"$out/decode.log" | tail -12
+    ;;
+  decode-first-pass)
+    timeout "$(left)" python3 -m bench.decode --modes --first-pass-modes default --out "$out" --stem cuda-decode-first-pass \
+      2>"$out/decode.log" | tail -8
     ;;
   suite-infer|suite-train|suite)
     # Issue 14: the real-model suite (transformers defaults), kernelpytorch beside Inductor, interleaved rounds.
