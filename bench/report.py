@@ -75,11 +75,13 @@ def markdown(results: dict) -> str:
                 f"| {_fmt(r.get('gb_per_s'), '.3g')} | {r['compile_s']:.1f} | {_fmt(r.get('peak_mem_gb'), '.2f')} "
                 f"| {_error_cell(r)} |"
             )
-    fired = [(case["case"], r["backend"], r["passes"]) for case in results["cases"] for r in case.get("rows", [])
-             if r.get("passes") is not None]
+    fired = [(case["case"], r) for case in results["cases"] for r in case.get("rows", []) if r.get("passes") is not None]
     if fired:
-        lines += ["", "Rewrites that fired (kernelpytorch rows, matches summed over graphs):", ""]
-        lines += [f"- {c} / {b}: " + (", ".join(f"{k} x{v}" for k, v in p.items()) or "none") for c, b, p in fired]
+        lines += ["", "Rewrites that fired (kernelpytorch rows, matches summed over graphs; an idle graph had nothing "
+                  "any default pass could rewrite and was lowered as Dynamo captured it):", ""]
+        lines += [f"- {c} / {r['backend']}: " + (", ".join(f"{k} x{v}" for k, v in r["passes"].items()) or "none")
+                  + (f" ({r['idle_graphs']} of {r['graphs']} graph(s) idle)" if r.get("idle_graphs") else "")
+                  for c, r in fired]
     return "\n".join(lines) + "\n"
 
 
