@@ -15,7 +15,6 @@ unchanged and the report says why (``strict=True`` raises instead).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -34,9 +33,8 @@ from .core.pass_manager import PassManager, default_passes, idle_reason, on_regi
 from .core.report import GraphRecord, new_record, publish
 from .core.shape_guards import GuardWatch
 from .lowering import input_devices, lower, select
-from .lowering.attention import select_attention_kernels
-from .lowering.capabilities import DeviceInfo, describe as describe_device
-from .lowering.fp8 import fp8_linears
+from .core.devices import describe as describe_device
+from .core.target import Target
 from .lowering.moe import fused_available
 from .lowering.xla import XlaUnavailable
 from .options import Options, parse_options
@@ -54,7 +52,10 @@ def kernelpytorch(
     """Compile one Dynamo graph. See ``kp_compiler.options`` for ``options``."""
     opts = parse_options(mode, options)
     record = new_record()
-    chosen = resolve(opts.passes if opts.passes is not None else _default_passes(gm, example_inputs, record))
+    names = opts.passes if opts.passes is not None else _default_passes(gm, example_inputs, record)
+    if opts.fp8 is not None and "fp8-linear" not in names:  # options["fp8"] asks for it by itself
+        names = [*names, "fp8-linear"]
+    chosen = resolve(names)
     record.mode = opts.mode
     record.lowering = select(opts.lowering, input_devices(example_inputs))
     dump = GraphDump.create(opts.dump_dir) if opts.dump_dir else None
@@ -119,7 +120,8 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
         dump.write("dynamo", gm.graph, "dynamo graph (torch IR)", numbered=False)
     # With the default passes and nothing any of them could rewrite, the lowering gets the graph as Dynamo
     # captured it (no canonicalization cost). Passes named in options["passes"] always run.
-    idle = idle_reason(gm, [name for name, _ in chosen]) if opts.passes is None and opts.fp8 is None else None
+    target = Target.of(example_inputs, record.lowering)  # the one place the device and training are worked out
+    idle = idle_reason(gm, [name for name, _ in chosen], target, opts) if opts.passes is None else None
     if idle is not None:
         why = f"nothing to rewrite ({idle}; options['passes'] runs it anyway)"
         record.skipped += [{"pass": name, "reason": why} for name, _ in chosen]
@@ -140,13 +142,9 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
     manager = PassManager(
         chosen, record, fake_mode, fake_inputs, example_inputs,
         strict=opts.strict, verify=opts.verify, dump=dump, constant_buffers=opts.constant_buffers,
-        pass_timeout_s=opts.pass_timeout_s,
+        pass_timeout_s=opts.pass_timeout_s, target=target, options=opts,
     )
     manager.run(cgm)
-    _choose_attention_kernels(manager, cgm, example_inputs, opts, record)
-    if opts.fp8 is not None:
-        manager.run_pass(cgm, "fp8-linear", functools.partial(fp8_linears, device=_device(example_inputs), fp8=opts.fp8,
-                                                               train=_training(example_inputs)))
     record.nodes_out = len(cgm.graph.nodes)
     record.guards = [guard.to_json() for guard in manager.guards]
     # If a guarded input changes, the graph as it was before the first guarded pass runs op by op.
@@ -202,28 +200,6 @@ def _routes_tokens(gm: fx.GraphModule) -> bool:
     """The Dynamo graph takes a ``topk`` (router top-k): something ``moe-dispatch`` would look at."""
     return any(n.op in ("call_function", "call_method") and "topk" in str(getattr(n.target, "__name__", n.target))
                for n in gm.graph.nodes)
-
-
-def _device(example_inputs) -> DeviceInfo:
-    devices = [x.device for x in example_inputs if isinstance(x, torch.Tensor)]
-    return describe_device(devices[0]) if devices else DeviceInfo("cpu")
-
-
-def _training(example_inputs) -> bool:
-    """A backward may run: grad mode is on and an input needs a gradient (Dynamo guards on grad mode)."""
-    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
-
-
-def _choose_attention_kernels(manager: PassManager, gm, example_inputs, opts: Options, record: GraphRecord) -> None:
-    """Where the attention pass lifted a mask, the lowering's table picks SDPA or FlexAttention."""
-    if not any(n.meta.get("kp_attention", {}).get("mask_kind") == "mask_mod" for n in gm.graph.nodes):
-        return
-    devices = [x.device for x in example_inputs if isinstance(x, torch.Tensor)]
-    device = describe_device(devices[0]) if devices else DeviceInfo("cpu")
-    train = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
-    fn = functools.partial(select_attention_kernels, device=device, lowering=record.lowering,
-                           prefer=opts.attention_kernel, train=train)
-    manager.run_pass(gm, "attention-kernels", fn)
 
 
 def _fallback(gm, example_inputs, opts: Options, record: GraphRecord, why: str):

@@ -23,7 +23,7 @@ import torch
 
 from .ops.fp8_quant import amax, fp8_max
 from .ops.fp8_scaled import SCALE
-from .runtime.fp8_state import attach, events, load_state_dict, new_state, state_dict
+from .ops.fp8_state import attach, events, load_state_dict, new_state, state_dict
 
 __all__ = ["calibrate", "events", "load_state_dict", "state_dict"]
 

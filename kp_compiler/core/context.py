@@ -18,6 +18,8 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import fx
 
+from .target import Target
+
 _local = threading.local()
 
 
@@ -45,6 +47,8 @@ class PassContext:
     guards: list = field(default_factory=list)
     constant_buffers: bool = False  # options["constant_buffers"]: registered buffers' values may be relied on
     notes: list = field(default_factory=list)  # remarks for the pass's report entry (how to enable a rewrite)
+    target: Optional[Target] = None  # what the graph is compiled for (core/target.py)
+    options: Any = None  # the parsed ``kp_compiler.options.Options`` (None outside the backend)
 
     def example_value(self, node: fx.Node) -> Optional[Any]:
         """The example value of a placeholder (None for anything else)."""
@@ -76,6 +80,8 @@ def active(ctx: PassContext) -> Iterator[PassContext]:
         _local.ctx = previous
 
 
-def for_graph(gm: fx.GraphModule, real_inputs: Sequence[Any], constant_buffers: bool = False) -> PassContext:
+def for_graph(gm: fx.GraphModule, real_inputs: Sequence[Any], constant_buffers: bool = False,
+              target: Optional[Target] = None, options: Any = None) -> PassContext:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return PassContext(placeholders, list(real_inputs), constant_buffers=constant_buffers)
+    return PassContext(placeholders, list(real_inputs), constant_buffers=constant_buffers, target=target,
+                       options=options)

@@ -41,6 +41,7 @@ PassFn = Callable[[fx.GraphModule], int]
 
 _REGISTRY: dict[str, PassFn] = {}
 _ANCHORS: dict[str, Optional[tuple[str, ...]]] = {}  # per pass: what it needs in a Dynamo graph (see register_pass)
+_APPLIES: dict[str, Callable] = {}  # per pass: applies(target, options) -> None, or why it does not apply
 _DEFAULT: list[str] = []
 _LISTENERS: list = []  # called after the registry changes (the backend renews its identity for Dynamo)
 
@@ -103,7 +104,7 @@ class _Watchdog:
 
 
 def register_pass(name: str, fn: PassFn, *, default: bool = False, replace: bool = False,
-                  anchors: Optional[Sequence[str]] = None) -> PassFn:
+                  anchors: Optional[Sequence[str]] = None, applies: Optional[Callable] = None) -> PassFn:
     """Register ``fn`` as the pass ``name`` so ``options={"passes": [...]}`` can select it.
 
     Args:
@@ -120,6 +121,10 @@ def register_pass(name: str, fn: PassFn, *, default: bool = False, replace: bool
             When every chosen pass has anchors and none is in a graph, the
             graph skips canonicalization and the passes and is lowered as
             Dynamo captured it (no compile-time cost over the lowering).
+        applies: ``applies(target, options) -> None | str``: ``None`` when
+            the pass applies to this target (``core/target.py``) and options,
+            else why not; the pass is then not run and the report lists it
+            as "not applicable on this target: <why>". Default: always.
 
     Returns:
         ``fn``, so this works as a decorator via ``functools.partial``.
@@ -133,6 +138,10 @@ def register_pass(name: str, fn: PassFn, *, default: bool = False, replace: bool
     changed = name in _REGISTRY and _REGISTRY[name] is not fn
     _REGISTRY[name] = fn
     _ANCHORS[name] = None if anchors is None else tuple(a.lower() for a in anchors)
+    if applies is None:
+        _APPLIES.pop(name, None)
+    else:
+        _APPLIES[name] = applies
     if default and name not in _DEFAULT:
         _DEFAULT.append(name)
     if changed:
@@ -142,6 +151,7 @@ def register_pass(name: str, fn: PassFn, *, default: bool = False, replace: bool
 
 def unregister_pass(name: str) -> None:
     _ANCHORS.pop(name, None)
+    _APPLIES.pop(name, None)
     if _REGISTRY.pop(name, None) is not None:
         _registry_changed()
     if name in _DEFAULT:
@@ -177,14 +187,23 @@ def resolve(names: Sequence[str]) -> list[tuple[str, PassFn]]:
     return [(n, _REGISTRY[n]) for n in names]
 
 
-def idle_reason(gm: fx.GraphModule, names: Sequence[str]) -> Optional[str]:
+def not_applicable(name: str, target, options) -> Optional[str]:
+    """Why the pass ``name`` does not apply to ``target`` and ``options`` (its ``applies``), or ``None``."""
+    applies = _APPLIES.get(name)
+    return None if applies is None or target is None else applies(target, options)
+
+
+def idle_reason(gm: fx.GraphModule, names: Sequence[str], target=None, options=None) -> Optional[str]:
     """Why none of the passes ``names`` can do anything on the Dynamo graph ``gm``, or ``None`` if one might.
 
-    Every pass must declare its anchors (``register_pass(..., anchors=...)``) and no anchor may occur among
-    the graph's call targets; a pass without declared anchors always counts as one that might.
+    Every pass that applies to ``target`` and ``options`` must declare its anchors (``register_pass(...,
+    anchors=...)``) and no anchor may occur among the graph's call targets; a pass without declared
+    anchors always counts as one that might.
     """
     wanted = []
     for name in names:
+        if not_applicable(name, target, options) is not None:
+            continue
         anchors = _ANCHORS.get(name)
         if anchors is None:
             return None
@@ -228,6 +247,8 @@ class PassManager:
         dump: Optional[GraphDump] = None,
         constant_buffers: bool = False,
         pass_timeout_s: Optional[float] = None,
+        target=None,
+        options=None,
     ):
         self.passes = list(passes)
         self.record = record
@@ -239,6 +260,8 @@ class PassManager:
         self.dump = dump
         self.constant_buffers = constant_buffers
         self.pass_timeout_s = pass_timeout_s
+        self.target = target  # core.target.Target: what passes read to decide whether they apply
+        self.options = options
         self.shape_guards = GuardWatch(fake_mode)
         self.guards: list = []  # runtime guards the kept rewrites rely on
         # The graph before the first pass that added guards: valid whatever the guarded inputs hold.
@@ -246,6 +269,10 @@ class PassManager:
 
     def run(self, gm: fx.GraphModule) -> fx.GraphModule:
         for name, fn in self.passes:
+            why = not_applicable(name, self.target, self.options)
+            if why is not None:
+                self.record.skipped.append({"pass": name, "reason": f"not applicable on this target: {why}"})
+                continue
             self.run_pass(gm, name, fn)
         return gm
 
@@ -263,7 +290,7 @@ class PassManager:
     def _run_one(self, gm: fx.GraphModule, name: str, fn: PassFn, rec: PassRecord) -> None:
         before = g.snapshot(gm)
         before_print = g.fingerprint(gm.graph)
-        ctx = context.for_graph(gm, self.real_inputs, self.constant_buffers)
+        ctx = context.for_graph(gm, self.real_inputs, self.constant_buffers, self.target, self.options)
         mark = self.shape_guards.mark()
         start = time.perf_counter()
         watchdog = _Watchdog(name, self.pass_timeout_s)

@@ -28,10 +28,10 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 
 @functools.lru_cache(maxsize=None)
 def ops_version() -> str:
-    """A hash of the sources that define the ``kp::`` ops and their device kernels."""
+    """A hash of every module whose code an op or a pass runs (``core``, ``ops``, ``passes``, ``lowering``)."""
     digest = hashlib.sha256()
-    for path in sorted([*(_PACKAGE / "ops").glob("*.py"), *(_PACKAGE / "lowering").glob("*.py")]):
-        digest.update(path.name.encode() + path.read_bytes())
+    for path in sorted(p for part in ("core", "ops", "passes", "lowering") for p in (_PACKAGE / part).rglob("*.py")):
+        digest.update(str(path.relative_to(_PACKAGE)).encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -29,7 +29,7 @@ import os
 import torch
 
 from ..ops import grouped_experts, routed_experts, routed_experts_biased
-from .capabilities import DeviceInfo, describe
+from ..core.devices import DeviceInfo, describe
 
 IMPLEMENTATIONS = ("triton", "grouped_mm", "reference")
 _HAS_TRITON = importlib.util.find_spec("triton") is not None

@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from ..runtime import fp8_weights
+from . import fp8_weights
 from .fp8_quant import EMULATED, Kernels, fp8_max  # noqa: F401  (fp8_max re-exported)
 
 RECIPES = ("tensorwise", "rowwise")

@@ -1,6 +1,6 @@
 """``kp::fp8_linear_scaled``: FP8 linear with scales kept across calls (delayed and static scaling).
 
-Each converted linear owns three state rows (``runtime/fp8_state.py``), one per
+Each converted linear owns three state rows (``ops/fp8_state.py``), one per
 tensor role (``x``, ``w``, ``grad``), laid out ``[scale, events, amax history...]``:
 
 - ``scale``: the dequantization scale the next call uses (0 until set);

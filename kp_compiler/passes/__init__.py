@@ -1,10 +1,12 @@
 """Built-in rewrite passes, registered in their default order on import.
 
-Each module holds one pass; this file is the one place that orders them.
+This file is the one place that registers and orders them.
 """
 
 from ..core.pass_manager import register_pass
 from .attention import attention_to_sdpa
+from .attention_kernels import choose_attention_kernels
+from .fp8_linear import convert_fp8_linears, fp8_applies
 from .moe import moe_dispatch
 from .noop import noop_elimination
 
@@ -13,5 +15,10 @@ from .noop import noop_elimination
 # lowering, a debugging aid, keeps them), so alone it is no reason to canonicalize a graph.
 register_pass("noop-elimination", noop_elimination, default=True, anchors=())
 register_pass("attention-to-sdpa", attention_to_sdpa, default=True, anchors=("softmax",))
+# The kernel for each SDPA node attention-to-sdpa tagged with a lifted mask: SDPA or FlexAttention (the table
+# in attention_kernels.py, read against the target's device row).
+register_pass("attention-kernels", choose_attention_kernels, default=True, anchors=("softmax",))
 # Default, but the backend leaves it out where no fused kernel would run the op (lowering/moe.py).
 register_pass("moe-dispatch", moe_dispatch, default=True, anchors=("topk",))
+# Last: it converts the linears the others left. Only with options["fp8"] (its applies says so otherwise).
+register_pass("fp8-linear", convert_fp8_linears, default=True, anchors=("linear",), applies=fp8_applies)

@@ -6,7 +6,7 @@ is a registered ``tril`` buffer, under a runtime guard), else a mask tensor.
 Along the way it lifts index-arithmetic masks and biases into a ``mask_mod``
 and ``score_mod`` (``mask_mod.py``, ``score_mod.py``) and decides whether
 rows with no key must keep eager's NaN. ``tag`` and ``note`` record that on
-the SDPA node for ``lowering/attention.py`` and for the dumps.
+the SDPA node for ``passes/attention_kernels.py`` and for the dumps.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def sdpa_mask(g: fx.Graph, att: Attention, L, S, dtype):
     return (fill if bias is None else g.call_function(aten.add.Tensor, (bias, fill))), False
 
 def tag(kind: str, mask_mod, score_bias=None) -> dict:
-    """What the lowering's kernel choice reads off the SDPA node (``lowering/attention.py``).
+    """What the lowering's kernel choice reads off the SDPA node (``passes/attention_kernels.py``).
 
     ``mask_mod`` may be None with a ``score_bias`` (a bias and no boolean mask): no block mask then.
     """

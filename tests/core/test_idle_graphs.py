@@ -74,8 +74,8 @@ def test_a_graph_without_anchors_is_lowered_as_dynamo_captured_it(tmp_path):
     compiled, out, records = compile_and_collect(model, (torch.randn(4, 8),), dump_dir=str(tmp_path))
     (rec,) = records
     assert rec.passes == [] and not rec.fallbacks
-    assert {s["pass"] for s in rec.skipped} == set(kp_compiler.default_passes()) - {"moe-dispatch"}
-    assert all("nothing to rewrite (the graph has no softmax" in s["reason"] for s in rec.skipped), rec.skipped
+    idle = {s["pass"] for s in rec.skipped if "nothing to rewrite (the graph has no softmax" in s["reason"]}
+    assert idle == set(kp_compiler.default_passes()) - {"moe-dispatch"}, rec.skipped
     assert rec.nodes_in == rec.nodes_out > 0
     files = os.listdir(load_report(tmp_path)["graphs"][0]["dump"])
     assert "dynamo.txt" in files and "00-input.txt" not in files, files  # never canonicalized
@@ -87,7 +87,7 @@ def test_a_graph_with_an_anchor_runs_the_passes():
     torch._dynamo.reset()
     q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
     _, out, records = compile_and_collect(Attention(), (q, k, v))
-    assert not records[0].skipped
+    assert not [s for s in records[0].skipped if "nothing to rewrite" in s["reason"]], records[0].skipped
     assert {p.name: p.matches for p in records[0].passes}["attention-to-sdpa"] == 1
     torch.testing.assert_close(out, Attention()(q, k, v))
 

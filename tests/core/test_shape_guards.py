@@ -19,7 +19,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 import kp_compiler
 from kp_compiler.core.graph import fake_execution
 from kp_compiler.core.report import collect
-from kp_compiler.lowering.capabilities import DeviceInfo, simulate
+from kp_compiler.core.devices import DeviceInfo, simulate
 
 H100 = DeviceInfo("cuda", (9, 0), "NVIDIA H100 80GB HBM3")
 DECODE_SIZES = (1, 3, 8, 13, 24, 40)

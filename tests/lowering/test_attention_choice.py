@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from kp_compiler.lowering import capabilities
-from kp_compiler.lowering.attention import AttentionCase, choose
-from kp_compiler.lowering.capabilities import DeviceInfo
+from kp_compiler.core import devices as capabilities
+from kp_compiler.passes.attention_kernels import AttentionCase, choose
+from kp_compiler.core.devices import DeviceInfo
 
 H100 = DeviceInfo("cuda", (9, 0), "H100")
 A100 = DeviceInfo("cuda", (8, 0), "A100")

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from kp_compiler.lowering import capabilities as caps
-from kp_compiler.lowering.capabilities import DeviceInfo
+from kp_compiler.core import devices as caps
+from kp_compiler.core.devices import DeviceInfo
 
 CASES = [
     # device, flex in training, flex in inference, FP8 dtypes, FA3 allowed
@@ -38,7 +38,7 @@ def test_capability_rows(row):
 def test_docs_devices_md_is_generated_from_the_table():
     path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "devices.md")
     with open(path) as f:
-        assert f.read() == caps.devices_markdown(), "run: python -m kp_compiler.lowering.capabilities"
+        assert f.read() == caps.devices_markdown(), "run: python -m kp_compiler.core.devices"
 
 
 def test_every_device_kind_has_a_row():

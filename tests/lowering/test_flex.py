@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.cases import attention as cases
-from kp_compiler.lowering import flex
+from kp_compiler.passes import flex
 from tests.utils import compile_and_collect, filecheck
 
 L, D = 64, 16

@@ -9,7 +9,7 @@ from torch import nn
 import kp_compiler
 from kp_compiler.core.report import collect
 from kp_compiler.ops.fp8_scaled import EVENTS, HISTORY, SCALE
-from kp_compiler.runtime import fp8_state, fp8_weights
+from kp_compiler.ops import fp8_state, fp8_weights
 from tests.utils import filecheck
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2

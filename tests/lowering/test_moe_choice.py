@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kp_compiler.lowering.capabilities import DeviceInfo
+from kp_compiler.core.devices import DeviceInfo
 from kp_compiler.lowering.moe import choose, choose_backward, fused_available
 from kp_compiler.ops import grouped_experts
 from kp_compiler.ops.routed_experts import ACTIVATIONS, reference, reference_backward

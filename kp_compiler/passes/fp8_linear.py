@@ -47,8 +47,8 @@ from ..core.rules import Matches
 from ..ops import fp8 as _fp8  # noqa: F401  (registers kp::fp8_linear)
 from ..ops import fp8_shared as _fp8_shared  # noqa: F401  (registers kp::fp8_cast_pair, kp::fp8_linear_shared)
 from ..ops import fp8_train as _fp8_train  # noqa: F401  (registers kp::fp8_linear_train)
-from ..runtime import fp8_state
-from .capabilities import DeviceInfo, fp8_dtypes
+from ..core.devices import DeviceInfo, fp8_dtypes
+from ..ops import fp8_state
 
 aten = torch.ops.aten
 
@@ -281,3 +281,26 @@ def _formats(device: DeviceInfo, emulate: bool) -> tuple:
     if emulate:
         return torch.float8_e4m3fn, torch.float8_e5m2
     raise ValueError(f"fp8-linear: {device.kind} has no FP8 formats")
+
+
+def convert_fp8_linears(gm: fx.GraphModule) -> Matches:
+    """The ``fp8-linear`` pass: ``fp8_linears`` with ``options["fp8"]`` on the graph's target.
+
+    Before::
+
+        %linear = aten.linear.default(%x, %w, %b) : bf16[8192, 4096]
+
+    After (inference, default recipe)::
+
+        %fp8_linear = kp.fp8_linear.default(%x, %w, %b, ...) : bf16[8192, 4096]
+    """
+    ctx = context.current()
+    fp8 = getattr(getattr(ctx, "options", None), "fp8", None)
+    if ctx is None or ctx.target is None or fp8 is None:
+        return Matches({}, [])
+    return fp8_linears(gm, ctx.target.device, fp8, ctx.target.training)
+
+
+def fp8_applies(target, options) -> "str | None":
+    """``fp8-linear`` applies only when ``options["fp8"]`` turns FP8 on."""
+    return None if getattr(options, "fp8", None) is not None else "FP8 is off (options['fp8'])"

@@ -23,10 +23,13 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from ..core import context
+from ..core import devices as capabilities
+from ..core.devices import DeviceInfo
 from ..core.graph import val
 from ..core.rules import Matches, erase_unused
-from . import capabilities, flex
-from .capabilities import DeviceInfo
+from ..core.target import Target
+from . import flex
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 KERNEL_CHOICES = ("auto", "sdpa", "flex")
@@ -130,3 +133,23 @@ def select_attention_kernels(
     if counts["flex"]:
         gm.recompile()
     return Matches(counts)
+
+
+def choose_attention_kernels(gm: fx.GraphModule) -> Matches:
+    """The ``attention-kernels`` pass: ``select_attention_kernels`` for the graph's target.
+
+    Reads ``context.current().target`` (device, training, lowering) and ``options["attention_kernel"]``;
+    acts only on SDPA nodes ``attention-to-sdpa`` tagged with a lifted ``mask_mod``.
+
+    Before (a tagged node, on a device whose table row allows FlexAttention)::
+
+        %sdpa = aten.scaled_dot_product_attention.default(%q, %k, %v, %mask)   # kp_attention: mask_mod
+
+    After::
+
+        %flex_attention = flex_attention(%q, %k, %v, %score_mod, (block mask))
+    """
+    ctx = context.current()
+    target = ctx.target if ctx is not None and ctx.target is not None else Target(DeviceInfo("cpu"))
+    prefer = getattr(getattr(ctx, "options", None), "attention_kernel", "auto")
+    return select_attention_kernels(gm, target.device, target.lowering, prefer, target.training)

@@ -33,8 +33,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..core.graph import val
 from ..core.rules import erase_unused
-from ..passes.attention_layout import gqa_source
-from ..passes.mask_mod import every_row_attends
+from .attention_layout import gqa_source
+from .mask_mod import every_row_attends
 
 _CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _CACHE_SIZE = 64

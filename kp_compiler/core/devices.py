@@ -4,7 +4,7 @@
 architecture, name); ``describe(torch.device)`` reads it off the machine,
 and tests build one by hand to check every choice without the hardware.
 ``capabilities(device)`` looks it up in ``TABLE``; ``docs/devices.md`` is
-generated from the same table (``python -m kp_compiler.lowering.capabilities``)
+generated from the same table (``python -m kp_compiler.core.devices``)
 and a test keeps the two equal.
 """
 
@@ -135,7 +135,7 @@ def devices_markdown() -> str:
     lines = [
         "# Device matrix",
         "",
-        "Generated from `kp_compiler/lowering/capabilities.py` (`python -m kp_compiler.lowering.capabilities`);",
+        "Generated from `kp_compiler/core/devices.py` (`python -m kp_compiler.core.devices`);",
         "a test fails when this file and the table disagree. Every kernel choice reads this table.",
         "",
         "| device | FlexAttention | FA3 | FP8 matmul dtypes | note |",
@@ -150,12 +150,12 @@ def devices_markdown() -> str:
         "",
         "- Lowering: `auto` picks `xla` for tensors on an XLA device and Inductor for everything else;",
         "  `eager` runs the rewritten graph op by op on any device.",
-        "- Attention (`lowering/attention.py`): SDPA everywhere (`is_causal` when the mask is proven causal;",
+        "- Attention (`passes/attention_kernels.py`): SDPA everywhere (`is_causal` when the mask is proven causal;",
         "  torch's dispatcher picks flash, cuDNN, memory-efficient or math). Masks built from index arithmetic",
         "  go to FlexAttention where the FlexAttention column allows it (\"inference\": only without a backward,",
         "  and on the CPU only with `attention_kernel=\"flex\"`), with the Inductor lowering and static shapes;",
         "  elsewhere they stay SDPA with the mask tensor. FA3 is not emitted yet (the column says where it could run).",
-        "- FP8 (`lowering/fp8.py`) reads the FP8 column; where it is empty the step does not fire. It converts",
+        "- FP8 (`passes/fp8_linear.py`) reads the FP8 column; where it is empty the step does not fire. It converts",
         "  only where the size table has a row (CUDA 9.0) or `min_dims` is given (`docs/passes/fp8.md`).",
     ]
     return "\n".join(lines) + "\n"

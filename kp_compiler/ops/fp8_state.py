@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..ops.fp8_scaled import EVENTS, HISTORY, SCALE
+from .fp8_scaled import EVENTS, HISTORY, SCALE
 
 ROLES = ("x", "w", "grad")
 _STATES: WeakIdKeyDictionary = WeakIdKeyDictionary()
