@@ -211,3 +211,11 @@ def can_forward(root: fx.Node, value: fx.Node, aliases: AliasFacts) -> bool:
     if aliases.is_mutated(root) or aliases.is_mutated(value):
         return False
     return not (feeds_output(root) and aliases.aliases_input(value))
+
+
+def alive(node: fx.Node) -> bool:
+    """``node`` is still in its graph (not erased), through FX's public node index only."""
+    try:
+        return any(n is node for n in node.graph.find_nodes(op=node.op, target=node.target))
+    except TypeError:  # an unhashable target is not indexed: walk the graph
+        return any(n is node for n in node.graph.nodes)

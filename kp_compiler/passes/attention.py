@@ -45,17 +45,17 @@ After::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..core.graph import val
+from ..core.graph import alive, val
 from ..core.rules import Matches, erase_unused
 from .attention_layout import gqa_source, regroup, untranspose
 from .attention_sdpa_mask import note, sdpa_mask, tag
+from .attention_site import Attention
 from .mask_mod import memoized
 
 aten = torch.ops.aten
@@ -66,27 +66,6 @@ CASTS = (aten.to.dtype, aten._to_copy.default, aten.type_as.default)
 SCALES = (aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar)
 MULS = (aten.mul.Tensor, aten.mul.Scalar)
 FILLS = (aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.where.ScalarOther)
-
-
-@dataclass
-class Attention:
-    q: fx.Node
-    k_t: Optional[fx.Node]  # the right operand of q @ k^T (matmul spellings)
-    v: fx.Node
-    out: fx.Node
-    scale: float = 1.0
-    keep_mask: Optional[fx.Node] = None  # bool, True = attend
-    fill: float = -math.inf  # what masked-out scores were set to
-    fill_then_bias: bool = False  # masked_fill before the bias add: masked scores = fill + bias
-    bias: Optional[fx.Node] = None  # additive float mask
-    dropout_p: float = 0.0
-    removed: list = field(default_factory=list)
-    k: Optional[fx.Node] = None  # k itself, [..., S, E] (einsum spellings)
-    sqrt_head_dim: Optional[fx.Node] = None  # scores were divided by sqrt(E), E symbolic
-    space: Optional[tuple] = None  # scores' shape where the mask/bias applies, if views regroup batch dims
-    lifted: Optional[object] = None  # the keep mask as a mask_mod, when it is index arithmetic
-    score_bias: Optional[object] = None  # the bias as bias_fn(b, h, q_idx, kv_idx), when it is index arithmetic
-    nan_rows: Optional[fx.Node] = None  # keep mask whose fully masked rows must come out NaN, as in eager
 
 
 def _number(x) -> bool:
@@ -447,7 +426,7 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
 
 
 def _erased(node: fx.Node) -> bool:
-    return getattr(node, "_erased", False)
+    return not alive(node)
 
 
 def _erase_matched(nodes: list) -> None:

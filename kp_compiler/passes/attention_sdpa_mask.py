@@ -24,7 +24,7 @@ from .mask_mod import describe, every_row_attends, lift_mask_mod
 from .score_mod import describe_bias, lift_score_bias
 
 if TYPE_CHECKING:
-    from .attention import Attention
+    from .attention_site import Attention
 
 aten = torch.ops.aten
 CAUSAL_MASK_MODS = ("kv_idx <= q_idx", "q_idx >= kv_idx")  # describe() spellings of a causal mask

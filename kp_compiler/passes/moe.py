@@ -47,9 +47,10 @@ import torch
 from torch import fx
 
 from .. import ops  # noqa: F401  (registers kp::routed_experts)
-from ..core.graph import val
+from ..core.graph import alive, val
 from ..core.rules import Matches
 from . import moe_batched, moe_dense
+from .moe_common import activation_of, erase_unused, ids_bounded
 
 aten = torch.ops.aten
 _SIZE_CHECKS = {aten.sym_size.int, operator.ge, operator.le, operator.lt, operator.gt, operator.eq,
@@ -80,19 +81,6 @@ class Loop:
 
 def _one_user(node: fx.Node) -> bool:
     return len(node.users) == 1
-
-
-def _activation(node) -> Optional[tuple[str, fx.Node]]:
-    if not isinstance(node, fx.Node) or node.op != "call_function":
-        return None
-    if node.target is aten.silu.default:
-        return "silu", node.args[0]
-    if node.target is aten.relu.default:
-        return "relu", node.args[0]
-    if node.target is aten.gelu.default:
-        approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
-        return ("gelu_tanh" if approx == "tanh" else "gelu"), node.args[0]
-    return None
 
 
 def _linear_of(node, xs) -> Optional[fx.Node]:
@@ -161,7 +149,7 @@ def _step(add: fx.Node) -> Optional[tuple[Step, fx.Node, fx.Node, fx.Node, fx.No
     if not (isinstance(h, fx.Node) and h.target is aten.mul.Tensor and _one_user(h)):
         return None
     for a, u in (h.args, h.args[::-1]):
-        act = _activation(a)
+        act = activation_of(a)
         if act is None or not _one_user(a):
             continue
         gate_lin = act[1]
@@ -179,7 +167,7 @@ def _step(add: fx.Node) -> Optional[tuple[Step, fx.Node, fx.Node, fx.Node, fx.No
 
 def _ungated(h, tok, add, y, rw, out, e, w_down):
     """The step for ``h = act(linear(xs, w_up))`` (GELU/ReLU experts), else None."""
-    act = _activation(h)
+    act = activation_of(h)
     if act is None or not _one_user(h):
         return None
     lin = act[1]
@@ -192,18 +180,6 @@ def _ungated(h, tok, add, y, rw, out, e, w_down):
     step = Step(e, None, w_up, w_down, act[0], [add, y, rw, out, h, lin, xs, rw.args[0]],
                 (None, _bias_of(lin), _bias_of(out)))
     return step, xs.args[0], _routing(tok)[0], rw.args[0].args[0], add.args[0]
-
-
-def _ids_bounded(ids: fx.Node, experts: int) -> bool:
-    """``ids`` is ``topk(p, k)[1]`` with ``p``'s last dim ``experts``: every id is a looped expert."""
-    if not (ids.target is operator.getitem and ids.args[1] == 1):
-        return False
-    topk = ids.args[0]
-    if not (isinstance(topk, fx.Node) and topk.target is aten.topk.default):
-        return False
-    dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
-    probs = val(topk.args[0])
-    return isinstance(probs, torch.Tensor) and dim in (-1, probs.dim() - 1) and probs.shape[-1] == experts
 
 
 def _where_users_ok(where: fx.Node, step_nodes: set) -> Optional[list]:
@@ -249,7 +225,7 @@ def match(last: fx.Node) -> Optional[Loop]:
     E = len(steps)
     if sorted(s.expert for s in steps) != list(range(E)) or len({(s.activation, s.gate is None) for s in steps}) != 1:
         return None
-    if not _ids_bounded(ids, E) or val(weights) is None or val(weights).dtype != val(x).dtype:
+    if not ids_bounded(ids, E) or val(weights) is None or val(weights).dtype != val(x).dtype:
         return None
     shapes = {(s.gate is None or tuple(val(s.gate).shape), tuple(val(s.up).shape), tuple(val(s.down).shape),
                tuple(None if b is None else tuple(val(b).shape) for b in s.biases)) for s in steps}
@@ -285,15 +261,6 @@ def _rewrite(gm: fx.GraphModule, loop: Loop) -> None:
     erase_unused(g, step_nodes | set(checks) | wheres | {w.args[0] for w in wheres} | {loop.start})
 
 
-def erase_unused(g: fx.Graph, nodes) -> None:
-    """Erase the replaced form's nodes, users first (in-place ops such as ``index_put_`` included,
-    which dead-code elimination keeps)."""
-    order = {n: i for i, n in enumerate(g.nodes)}
-    for n in sorted(nodes, key=order.__getitem__, reverse=True):
-        if not n.users:
-            g.erase_node(n)
-
-
 GROUPED_MM_ENV = "KP_MOE_REWRITE_GROUPED_MM"
 GROUPED_MM_KEPT = ("transformers grouped_mm experts left as they are: on an H100 the routed op ran them "
                    "slower than Inductor does (bench hf-mixtral-grouped-mm: 0.91x inference, 0.74x training "
@@ -311,7 +278,7 @@ def moe_dispatch(gm: fx.GraphModule) -> Matches:
     notes: list = []
     grouped_ok = os.environ.get(GROUPED_MM_ENV, "0") == "1"
     for node in reversed(list(gm.graph.nodes)):
-        if node.target is not aten.index_add.default or getattr(node, "_erased", False):
+        if node.target is not aten.index_add.default or not alive(node):
             continue
         if any(u.target is aten.index_add.default and u.args[0] is node for u in node.users):
             continue  # not the end of a chain
@@ -319,13 +286,13 @@ def moe_dispatch(gm: fx.GraphModule) -> Matches:
         if loop is None:
             continue
         _rewrite(gm, loop)
-        if not getattr(loop.last, "_erased", False):
+        if not not alive(loop.last):
             continue  # _rewrite declined
         kind = ("gated-" if loop.steps[0].gate is not None else "") + loop.steps[0].activation
         kind += "-biased" if any(b is not None for b in loop.steps[0].biases) else ""
         counts[kind] = counts.get(kind, 0) + 1
     for node in reversed(list(gm.graph.nodes)):  # the batched forms end in a sum over k or over experts
-        if node.target is not aten.sum.dim_IntList or getattr(node, "_erased", False):
+        if node.target is not aten.sum.dim_IntList or not alive(node):
             continue
         form = moe_batched.match(node)
         if form is not None and form.grouped and not grouped_ok:

@@ -53,6 +53,7 @@ import torch
 from torch import fx
 
 from ..core.graph import val
+from .moe_common import activation_of, erase_unused, ids_bounded
 
 aten = torch.ops.aten
 
@@ -134,15 +135,14 @@ class _Form:
 
 def _gated(form: _Form, h) -> tuple[str, fx.Node]:
     """(activation, projection) for ``act(chunk(p)[0]) * chunk(p)[1]``, or ``act(p)`` (ungated: projection)."""
-    from .moe import _activation
 
-    act = _activation(h)
+    act = activation_of(h)
     if act is not None:
         form.nodes.append(h)
         return act[0], ("ungated", act[1])
     form.take(h, aten.mul.Tensor)
     for a, u in (h.args, h.args[::-1]):
-        act = _activation(a)
+        act = activation_of(a)
         if act is None or not (_is(act[1], operator.getitem) and _is(u, operator.getitem)):
             continue
         chunk = act[1].args[0]
@@ -163,7 +163,6 @@ def match(end: fx.Node) -> Optional[Batched]:
 
 
 def _match(end: fx.Node) -> Optional[Batched]:
-    from .moe import _ids_bounded
 
     form = _Form()
     form.take(end, aten.sum.dim_IntList)
@@ -204,7 +203,7 @@ def _match(end: fx.Node) -> Optional[Batched]:
     up = first if kind == "ungated" else None
     E = val(down).shape[0]
     k = val(ids).shape[-1] if val(ids) is not None and val(ids).dim() == 2 else None
-    if k is None or list(view.args[1])[1:] != [k, val(x).shape[-1]] or not _ids_bounded(ids, E):
+    if k is None or list(view.args[1])[1:] != [k, val(x).shape[-1]] or not ids_bounded(ids, E):
         return None
     if val(first).dtype != val(x).dtype or val(down).dtype != val(x).dtype:
         return None
@@ -308,7 +307,6 @@ def rewrite(gm: fx.GraphModule, form: Batched) -> bool:
         if val(form.end).dtype != val(form.x).dtype:
             result = g.call_function(aten.to.dtype, (out, val(form.end).dtype))
     form.end.replace_all_uses_with(result)
-    from .moe import erase_unused
 
     erase_unused(g, inside)
     return True

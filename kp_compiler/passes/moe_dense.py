@@ -32,6 +32,7 @@ import torch
 from torch import fx
 
 from ..core.graph import val
+from .moe_common import activation_of, erase_unused, ids_bounded
 
 aten = torch.ops.aten
 
@@ -77,7 +78,6 @@ def _combine(node) -> Optional[tuple]:
 
 def match(end: fx.Node) -> Optional[Dense]:
     """The dense form ending in ``end``, else None."""
-    from .moe import _activation, _ids_bounded
 
     if not (_is(end, aten.sum.dim_IntList) and list(end.args[1]) == [0] and not end.kwargs
             and not (len(end.args) > 2 and end.args[2])):
@@ -98,14 +98,14 @@ def match(end: fx.Node) -> Optional[Dense]:
     if down is None:
         return None
     nodes += [end, mul, y, down_t, h]
-    act = _activation(h)
+    act = activation_of(h)
     if act is not None:  # ungated
         activation, up_mm, gate_mm = act[0], act[1], None
     else:
         if not _is(h, aten.mul.Tensor):
             return None
         for a, u in (h.args, h.args[::-1]):
-            act = _activation(a)
+            act = activation_of(a)
             if act is not None and _is(act[1], aten.bmm.default) and _is(u, aten.bmm.default):
                 activation, gate_mm, up_mm = act[0], act[1], u
                 nodes.append(a)
@@ -126,7 +126,7 @@ def match(end: fx.Node) -> Optional[Dense]:
     nodes += [*mms, *(m.args[1] for m in mms), expand, expand.args[0]]
     gate, up = (params if gate_mm is not None else [None, params[0]])
     E = val(down).shape[0]
-    if not (_is(ids, operator.getitem) and _ids_bounded(ids, E)):
+    if not (_is(ids, operator.getitem) and ids_bounded(ids, E)):
         return None
     xv, wv = val(x), val(weights)
     if xv is None or wv is None or xv.dim() != 2 or wv.dtype != xv.dtype:
@@ -138,7 +138,6 @@ def match(end: fx.Node) -> Optional[Dense]:
 
 def rewrite(gm: fx.GraphModule, form: Dense) -> bool:
     """Replace the form by one op; False (graph untouched) if an intermediate is used outside it."""
-    from .moe import erase_unused
 
     inside = set(form.nodes)
     if any(n is not form.end and any(u not in inside for u in n.users) for n in form.nodes):
