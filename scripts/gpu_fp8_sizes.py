@@ -10,7 +10,7 @@ the same way, is left out):
 - training: forward and backward of ``F.linear`` against ``kp::fp8_linear_train``.
 
 and prints one line per shape with both speedups (bf16 time / FP8 time).
-Diagnostics for ``passes/fp8_linear.py``'s ``SIZE_TABLE``; the cases the issue names
+Diagnostics for ``passes/fp8/linear.py``'s ``SIZE_TABLE``; the cases the issue names
 are timed by ``python -m bench --groups fp8``.
     PYTHONPATH=. python scripts/gpu_fp8_sizes.py [--reps 20] [--json out.json]
 """
@@ -21,7 +21,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-import kp_compiler.passes.fp8_linear  # noqa: F401  (registers the ops and their CUDA kernels)
+import kp_compiler.passes.fp8.linear  # noqa: F401  (registers the ops and their CUDA kernels)
 from bench.timing import time_fn
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2

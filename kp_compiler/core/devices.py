@@ -150,12 +150,12 @@ def devices_markdown() -> str:
         "",
         "- Lowering: `auto` picks `xla` for tensors on an XLA device and Inductor for everything else;",
         "  `eager` runs the rewritten graph op by op on any device.",
-        "- Attention (`passes/attention_kernels.py`): SDPA everywhere (`is_causal` when the mask is proven causal;",
+        "- Attention (`passes/attention/kernels.py`): SDPA everywhere (`is_causal` when the mask is proven causal;",
         "  torch's dispatcher picks flash, cuDNN, memory-efficient or math). Masks built from index arithmetic",
         "  go to FlexAttention where the FlexAttention column allows it (\"inference\": only without a backward,",
         "  and on the CPU only with `attention_kernel=\"flex\"`), with the Inductor lowering and static shapes;",
         "  elsewhere they stay SDPA with the mask tensor. FA3 is not emitted yet (the column says where it could run).",
-        "- FP8 (`passes/fp8_linear.py`) reads the FP8 column; where it is empty the step does not fire. It converts",
+        "- FP8 (`passes/fp8/linear.py`) reads the FP8 column; where it is empty the step does not fire. It converts",
         "  only where the size table has a row (CUDA 9.0) or `min_dims` is given (`docs/passes/fp8.md`).",
     ]
     return "\n".join(lines) + "\n"

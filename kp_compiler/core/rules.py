@@ -5,7 +5,7 @@ ordered list of rules run over a graph to a fixed point. Every match is
 counted per rule and attributed to the file and line where the rule was
 written, so the report says exactly which rule fired.
 
-Example (the shape of ``kp_compiler.passes.noop``)::
+Example (the shape of ``kp_compiler.passes.cleanup.noop``)::
 
     from kp_compiler.core.rules import P, Rule, RuleSet
     aten = torch.ops.aten

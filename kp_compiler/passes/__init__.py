@@ -4,11 +4,11 @@ This file is the one place that registers and orders them.
 """
 
 from ..core.pass_manager import register_pass
-from .attention import attention_to_sdpa
-from .attention_kernels import choose_attention_kernels
-from .fp8_linear import convert_fp8_linears, fp8_applies
-from .moe import moe_dispatch
-from .noop import noop_elimination
+from .attention.match import attention_to_sdpa
+from .attention.kernels import choose_attention_kernels
+from .fp8.linear import convert_fp8_linears, fp8_applies
+from .moe.loop import moe_dispatch
+from .cleanup.noop import noop_elimination
 
 # Anchors: what a Dynamo graph must call for the pass to have work (core/pass_manager.register_pass).
 # noop-elimination only clears the way for the others (Inductor and XLA drop no-ops themselves; the eager

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.cases import attention as cases
-from kp_compiler.passes import flex
+from kp_compiler.passes.attention import flex
 from tests.utils import compile_and_collect, filecheck
 
 L, D = 64, 16
@@ -190,7 +190,7 @@ def test_sdpa_keeps_eagers_nan_for_rows_with_no_key():
 
 def test_a_mask_shared_by_layers_is_lifted_and_proven_once(monkeypatch):
     """transformers builds one mask node for all layers; the grid proof must not run per layer."""
-    from kp_compiler.passes import mask_mod
+    from kp_compiler.passes.attention import mask_mod
     from kp_compiler.testing.hf import build
 
     calls = []

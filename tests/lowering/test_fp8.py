@@ -6,7 +6,7 @@ from torch import nn
 
 from kp_compiler.core.report import collect
 from kp_compiler.core.devices import DeviceInfo, fp8_dtypes
-from kp_compiler.passes.fp8_linear import SIZE_TABLE, thresholds
+from kp_compiler.passes.fp8.linear import SIZE_TABLE, thresholds
 from kp_compiler.options import parse_options
 from tests.utils import filecheck
 
@@ -221,7 +221,7 @@ class QKV(nn.Module):
 def test_training_linears_below_the_table_in_n_convert_beside_a_converted_reader(monkeypatch):
     """K and V read the input Q converts, so their input cast is shared: they convert from SHARED_MIN_N;
     a linear of the same shape on another input, and every linear of an inference graph, stay in bf16."""
-    from kp_compiler.passes import fp8_linear as fp8_lowering
+    from kp_compiler.passes.fp8 import linear as fp8_lowering
 
     monkeypatch.setitem(fp8_lowering.SIZE_TABLE, (9, 0), {"inference": (16, 64, 64), "training": (16, 64, 64)})
     monkeypatch.setitem(fp8_lowering.SHARED_MIN_N, (9, 0), 16)

@@ -14,7 +14,7 @@ def test_ops_version_hashes_every_module_an_op_or_pass_runs():
     root = Path(kp_compiler.__file__).parent
     digest = hashlib.sha256()
     paths = sorted(p for part in ("core", "ops", "passes", "lowering") for p in (root / part).rglob("*.py"))
-    assert root / "ops" / "fp8_weights.py" in paths and root / "passes" / "fp8_linear.py" in paths
+    assert root / "ops" / "fp8_weights.py" in paths and root / "passes" / "fp8" / "linear.py" in paths
     for path in paths:
         digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
     assert inductor.ops_version() == digest.hexdigest()[:16]

@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from bench.cases import attention as cases
-from kp_compiler.passes.attention import attention_to_sdpa
+from kp_compiler.passes.attention.match import attention_to_sdpa
 from kp_compiler.testing.compare import assert_same_grads, grads_of
 from tests.utils import compile_and_collect
 

@@ -6,8 +6,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from bench.cases import attention as cases
-from kp_compiler.passes import attention
-from kp_compiler.passes.mask_mod import lift_mask_mod
+from kp_compiler.passes.attention import match as attention
+from kp_compiler.passes.attention.mask_mod import lift_mask_mod
 
 L = 64
 
@@ -71,7 +71,7 @@ def test_masks_reading_data_are_not_lifted():
 
 
 def test_describe_spells_the_lifted_mask():
-    from kp_compiler.passes.mask_mod import describe
+    from kp_compiler.passes.attention.mask_mod import describe
 
     texts = {name: describe(lift_mask_mod(keep_mask_of(fn))) for name, (fn, _) in EXPECTED.items()}
     assert texts == {
@@ -83,7 +83,7 @@ def test_describe_spells_the_lifted_mask():
 
 def test_size_one_dims_read_index_zero():
     """``arange(1)`` on the query axis broadcasts one row to all: q_idx must not appear."""
-    from kp_compiler.passes.mask_mod import describe
+    from kp_compiler.passes.attention.mask_mod import describe
 
     def fn(q, k, v):
         keep = torch.arange(1)[:, None] <= torch.arange(L)[None, :]
@@ -102,7 +102,7 @@ def test_hugging_face_4d_causal_mask_is_lifted():
         keep = (j <= i).expand(q.shape[0], -1, L, L)
         return cases.naive(q, k, v, mask=keep)
 
-    from kp_compiler.passes.mask_mod import describe
+    from kp_compiler.passes.attention.mask_mod import describe
 
     assert describe(lift_mask_mod(keep_mask_of(fn), L, L)) == "kv_idx <= q_idx"
 
@@ -117,7 +117,7 @@ def test_masks_varying_over_heads_are_not_lifted():
 
 
 def test_the_grid_proof_rejects_a_wrong_lift():
-    from kp_compiler.passes.mask_mod import _same_on_grid
+    from kp_compiler.passes.attention.mask_mod import _same_on_grid
 
     keep = keep_mask_of(cases.causal)
     assert _same_on_grid(keep, lambda b, h, q, kv: kv <= q, L, L)

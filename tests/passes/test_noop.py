@@ -5,7 +5,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from kp_compiler.passes.noop import noop_elimination
+from kp_compiler.passes.cleanup.noop import noop_elimination
 from tests.utils import compile_and_collect
 
 aten = torch.ops.aten

@@ -8,8 +8,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from bench.cases import attention as cases
-from kp_compiler.passes import attention
-from kp_compiler.passes.score_mod import describe_bias, lift_score_bias
+from kp_compiler.passes.attention import match as attention
+from kp_compiler.passes.attention.score_mod import describe_bias, lift_score_bias
 
 L, H = 32, 4
 

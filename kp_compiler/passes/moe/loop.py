@@ -46,11 +46,11 @@ from typing import Optional
 import torch
 from torch import fx
 
-from .. import ops  # noqa: F401  (registers kp::routed_experts)
-from ..core.graph import alive, val
-from ..core.rules import Matches
-from . import moe_batched, moe_dense
-from .moe_common import activation_of, erase_unused, ids_bounded
+from ... import ops  # noqa: F401  (registers kp::routed_experts)
+from ...core.graph import alive, val
+from ...core.rules import Matches
+from . import batched as moe_batched, dense as moe_dense
+from .common import activation_of, erase_unused, ids_bounded
 
 aten = torch.ops.aten
 _SIZE_CHECKS = {aten.sym_size.int, operator.ge, operator.le, operator.lt, operator.gt, operator.eq,

@@ -41,14 +41,14 @@ from typing import Optional
 import torch
 from torch import fx
 
-from ..core import context
-from ..core.graph import val
-from ..core.rules import Matches
-from ..ops import fp8 as _fp8  # noqa: F401  (registers kp::fp8_linear)
-from ..ops import fp8_shared as _fp8_shared  # noqa: F401  (registers kp::fp8_cast_pair, kp::fp8_linear_shared)
-from ..ops import fp8_train as _fp8_train  # noqa: F401  (registers kp::fp8_linear_train)
-from ..core.devices import DeviceInfo, fp8_dtypes
-from ..ops import fp8_state
+from ...core import context
+from ...core.graph import val
+from ...core.rules import Matches
+from ...ops import fp8 as _fp8  # noqa: F401  (registers kp::fp8_linear)
+from ...ops import fp8_shared as _fp8_shared  # noqa: F401  (registers kp::fp8_cast_pair, kp::fp8_linear_shared)
+from ...ops import fp8_train as _fp8_train  # noqa: F401  (registers kp::fp8_linear_train)
+from ...core.devices import DeviceInfo, fp8_dtypes
+from ...ops import fp8_state
 
 aten = torch.ops.aten
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from ..core.graph import AliasFacts, can_forward, val
-from ..core.rules import P, Rule, RuleSet
+from ...core.graph import AliasFacts, can_forward, val
+from ...core.rules import P, Rule, RuleSet
 
 aten = torch.ops.aten
 

@@ -6,7 +6,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..core.graph import val
+from ...core.graph import val
 
 aten = torch.ops.aten
 

@@ -31,9 +31,9 @@ from torch import fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..core.graph import val
-from ..core.rules import erase_unused
-from .attention_layout import gqa_source
+from ...core.graph import val
+from ...core.rules import erase_unused
+from .layout import gqa_source
 from .mask_mod import every_row_attends
 
 _CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()

@@ -51,11 +51,11 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..core.graph import alive, val
-from ..core.rules import Matches, erase_unused
-from .attention_layout import gqa_source, regroup, untranspose
-from .attention_sdpa_mask import note, sdpa_mask, tag
-from .attention_site import Attention
+from ...core.graph import alive, val
+from ...core.rules import Matches, erase_unused
+from .layout import gqa_source, regroup, untranspose
+from .sdpa_mask import note, sdpa_mask, tag
+from .site import Attention
 from .mask_mod import memoized
 
 aten = torch.ops.aten

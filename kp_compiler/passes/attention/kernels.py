@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..core import context
-from ..core import devices as capabilities
-from ..core.devices import DeviceInfo
-from ..core.graph import val
-from ..core.rules import Matches, erase_unused
-from ..core.target import Target
+from ...core import context
+from ...core import devices as capabilities
+from ...core.devices import DeviceInfo
+from ...core.graph import val
+from ...core.rules import Matches, erase_unused
+from ...core.target import Target
 from . import flex
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import fx
 
-from ..core.graph import val
+from ...core.graph import val
 
 aten = torch.ops.aten
 

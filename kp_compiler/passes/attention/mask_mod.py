@@ -42,8 +42,8 @@ from torch import fx
 
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..core.graph import val
-from .attention_masks import _arange_length, _skip_full_slices
+from ...core.graph import val
+from .masks import _arange_length, _skip_full_slices
 
 aten = torch.ops.aten
 

@@ -52,8 +52,8 @@ from typing import Optional
 import torch
 from torch import fx
 
-from ..core.graph import val
-from .moe_common import activation_of, erase_unused, ids_bounded
+from ...core.graph import val
+from .common import activation_of, erase_unused, ids_bounded
 
 aten = torch.ops.aten
 

@@ -6,7 +6,7 @@ is a registered ``tril`` buffer, under a runtime guard), else a mask tensor.
 Along the way it lifts index-arithmetic masks and biases into a ``mask_mod``
 and ``score_mod`` (``mask_mod.py``, ``score_mod.py``) and decides whether
 rows with no key must keep eager's NaN. ``tag`` and ``note`` record that on
-the SDPA node for ``passes/attention_kernels.py`` and for the dumps.
+the SDPA node for ``passes/attention/kernels.py`` and for the dumps.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx
 
-from ..core import context
-from ..core.graph import val
-from .attention_masks import holds_lower_triangle, is_causal_keep_mask, tril_buffer_source
+from ...core import context
+from ...core.graph import val
+from .masks import holds_lower_triangle, is_causal_keep_mask, tril_buffer_source
 from .mask_mod import describe, every_row_attends, lift_mask_mod
 from .score_mod import describe_bias, lift_score_bias
 
 if TYPE_CHECKING:
-    from .attention_site import Attention
+    from .site import Attention
 
 aten = torch.ops.aten
 CAUSAL_MASK_MODS = ("kv_idx <= q_idx", "q_idx >= kv_idx")  # describe() spellings of a causal mask
@@ -97,7 +97,7 @@ def sdpa_mask(g: fx.Graph, att: Attention, L, S, dtype):
     return (fill if bias is None else g.call_function(aten.add.Tensor, (bias, fill))), False
 
 def tag(kind: str, mask_mod, score_bias=None) -> dict:
-    """What the lowering's kernel choice reads off the SDPA node (``passes/attention_kernels.py``).
+    """What the lowering's kernel choice reads off the SDPA node (``passes/attention/kernels.py``).
 
     ``mask_mod`` may be None with a ``score_bias`` (a bias and no boolean mask): no block mask then.
     """

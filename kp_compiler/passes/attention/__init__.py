@@ -1,0 +1,1 @@
+"""Attention: the match (``match.py``), what SDPA gets for the mask (``sdpa_mask.py``), mask and score lifting (``mask_mod.py``, ``score_mod.py``, ``masks.py``), layouts (``layout.py``), and the kernel choice step (``kernels.py``, ``flex.py``)."""

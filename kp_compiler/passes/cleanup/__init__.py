@@ -1,0 +1,1 @@
+"""Graph cleanups that clear the way for the other passes (``noop-elimination``)."""

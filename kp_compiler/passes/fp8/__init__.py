@@ -1,0 +1,1 @@
+"""FP8 cast insertion: the ``fp8-linear`` pass and its size table (``linear.py``)."""
