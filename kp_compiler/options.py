@@ -1,18 +1,8 @@
 """The backend's options: ``torch.compile(..., mode=..., options={...})``.
 
-| key               | values                                            | default |
-|-------------------|---------------------------------------------------|---------|
-| ``lowering``      | ``"auto"``, ``"inductor"``, ``"eager"``, ``"xla"`` | ``"auto"``: XLA for XLA tensors, else Inductor |
-| ``passes``        | list of registered pass names, run in order        | ``default_passes()`` |
-| ``dump_dir``      | a folder for graph dumps and ``report.json``        | ``$KP_DUMP_DIR`` or off |
-| ``strict``        | ``bool``: a failing pass raises                    | ``False``: rolled back |
-| ``verify``        | ``bool``: check each pass on random inputs         | ``False`` |
-| ``mode``          | as ``torch.compile``'s ``mode`` (which cannot be given together with ``options``) | ``"default"`` |
-| ``inductor_config`` | dict of ``torch._inductor.config`` patches        | ``{}`` |
-| ``fp8``           | ``None`` (off), ``True``, or a dict: ``recipe`` (``"tensorwise"`` (default), ``"rowwise"``, ``"delayed"``, ``"static"``: see ``docs/passes/fp8.md``), ``include`` / ``exclude`` (globs on module paths), ``emulate`` (bool: convert on any device through the exact emulation), ``min_dims`` (``[M, K, N]`` thresholds replacing the device's size-table row), ``history_len`` (delayed: amax history length, 1 to 1024, default 16), ``margin`` (delayed: scale headroom in powers of 2, 0 to 8, default 0), ``fast_accum`` (bool, default ``True``: the forward GEMM accumulates with the GPU's fast FP8 mode; gradients never do) | ``None`` |
-| ``constant_buffers`` | ``bool``: registered buffers are constants a rewrite may rely on (nanoGPT's ``tril`` mask becomes ``is_causal``; ordinary in-place writes are seen by a version guard, writes through ``.data`` are not) | ``False`` |
-| ``pass_timeout_s`` | seconds after which a running pass is interrupted and rolled back (a pass still running after 30 s is named in a warning either way) | ``None`` |
-| ``attention_kernel`` | ``"auto"`` (the table in ``passes/attention/kernels.py``), ``"sdpa"`` (never FlexAttention), ``"flex"`` (FlexAttention wherever it can run, the CPU included) | ``"auto"`` |
+``Options`` holds them parsed; ``OPTION_DOCS`` says what each takes, and the options table in
+``docs/architecture.md`` is generated from it (``python -m kp_compiler.options``; a test keeps the two
+equal and checks that every ``Options`` field has a row).
 """
 
 from __future__ import annotations
@@ -43,6 +33,49 @@ class Options:
 
 
 VALID_KEYS = tuple(Options.__dataclass_fields__)
+
+OPTION_DOCS = (  # (key, values, default), markdown; docs/architecture.md's table is generated from it
+    ('lowering',
+     '`"auto"`, `"inductor"`, `"eager"`, `"xla"`',
+     '`"auto"`: XLA for tensors on an XLA device, else Inductor (CUDA, ROCm, XPU, MPS, CPU)'),
+    ('passes',
+     'list of registered pass names, run in that order',
+     '`kp_compiler.default_passes()`'),
+    ('dump_dir',
+     'folder for dumps and `report.json`; a `ValueError` if it cannot be created or written (an unusable `$KP_DUMP_DIR` only warns, once, and compiles without dumps)',
+     '`$KP_DUMP_DIR`, else off'),
+    ('strict',
+     '`True`: a failing pass or fallback raises, and so does a pass that adds a shape guard',
+     '`False`'),
+    ('verify',
+     "`True`: compare each pass's graph before/after on random inputs",
+     '`False`'),
+    ('mode',
+     '`"default"`, `"reduce-overhead"` (CUDA graphs through Inductor), `"max-autotune"`, `"max-autotune-no-cudagraphs"`',
+     '`"default"`'),
+    ('inductor_config',
+     "dict of `torch._inductor.config` keys, applied after the mode's",
+     '`{}`'),
+    ('pass_timeout_s',
+     'seconds after which a running pass is interrupted (at its next Python bytecode) and rolled back; either way a pass still running after 30 s is named in a warning',
+     '`None`'),
+    ('constant_buffers',
+     "`True`: registered buffers are constants a rewrite may rely on (nanoGPT's `tril` mask becomes `is_causal` under a version guard; writes through `.data` are not seen)",
+     '`False`'),
+    ('attention_kernel',
+     '`"auto"` (the table in `passes/attention/kernels.py`), `"sdpa"` (never FlexAttention), `"flex"` (FlexAttention wherever it can run, the CPU included)',
+     '`"auto"`'),
+    ('fp8',
+     '`None` (off), `True`, or a dict: `recipe` (`"tensorwise"` (default), `"rowwise"`, `"delayed"`, `"static"`: see [docs/passes/fp8.md](passes/fp8.md)), `include` / `exclude` (globs on module paths), `emulate` (bool: convert on any device through the exact emulation), `min_dims` (`[M, K, N]` thresholds replacing the device\'s size-table row), `history_len` (delayed: amax history length, 1 to 1024, default 16), `margin` (delayed: scale headroom in powers of 2, 0 to 8, default 0), `fast_accum` (bool, default `True`: the forward GEMM accumulates with the GPU\'s fast FP8 mode; gradients never do)',
+     '`None`'),
+)
+
+
+def options_markdown() -> str:
+    """The options table, as ``docs/architecture.md`` shows it."""
+    rows = ["| key | values | default |", "|---|---|---|"]
+    rows += [f"| `{key}` | {values} | {default} |" for key, values, default in OPTION_DOCS]
+    return "\n".join(rows) + "\n"
 
 
 def parse_options(mode: Optional[str] = None, options: Optional[Mapping[str, Any]] = None) -> Options:
@@ -181,3 +214,15 @@ def _check_inductor_config(patches: Any) -> None:
     unknown = sorted(k for k in patches if k not in known)
     if unknown:
         raise ValueError(f"kernelpytorch: unknown Inductor config key(s) {unknown} in options['inductor_config']")
+
+
+if __name__ == "__main__":
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
+    text = path.read_text()
+    begin, end = "<!-- options table: python -m kp_compiler.options -->\n", "<!-- end of options table -->"
+    text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: begin + options_markdown() + end, text, flags=re.S)
+    path.write_text(text)
+    print(f"wrote the options table in {path}")

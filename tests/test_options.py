@@ -96,3 +96,14 @@ def test_a_dump_dir_that_cannot_be_used_is_a_value_error(tmp_path):
         parse_options(options={"dump_dir": str(blocker)})
     with pytest.raises(ValueError, match=r"options\['dump_dir'\].*cannot be created"):
         parse_options(options={"dump_dir": str(blocker / "below")})
+
+
+def test_the_options_table_is_generated_from_the_option_data():
+    """Every ``Options`` field has a row in ``OPTION_DOCS``, and docs/architecture.md shows that table."""
+    from pathlib import Path
+
+    from kp_compiler import options
+
+    assert [k for k, _, _ in options.OPTION_DOCS] and {k for k, _, _ in options.OPTION_DOCS} == set(options.VALID_KEYS)
+    text = (Path(options.__file__).resolve().parent.parent / "docs" / "architecture.md").read_text()
+    assert options.options_markdown() in text, "run: python -m kp_compiler.options"
