@@ -12,7 +12,7 @@
 
 ``model`` is the ``nn.Module`` (the compiled wrapper works too: its
 parameters are the module's). State is per weight parameter
-(``runtime/fp8_state.py``); the dynamic recipes keep none.
+(``ops/fp8_state.py``); the dynamic recipes keep none.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ and count these events, are ``ops/fp8_scaled.py``.
 
 ``cache_weight=True`` (the step sets it for graphs compiled under
 ``torch.no_grad()``) quantizes ``w`` once and reuses it until the weight
-changes (``runtime/fp8_weights.py``).
+changes (``ops/fp8_weights.py``).
 
 The default implementation is the exact emulation (``fp8_quant.EMULATED``):
 quantize, dequantize to fp32, multiply in fp32. ``ops/fp8_cuda.py``

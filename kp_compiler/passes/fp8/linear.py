@@ -145,7 +145,7 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: dict, train: bool =
     """Convert the linears ``decide`` accepts; every decision goes to the report's notes.
 
     ``train=False`` (a graph compiled under ``torch.no_grad()``) lets the ops
-    keep each weight quantized between calls (``runtime/fp8_weights.py``).
+    keep each weight quantized between calls (``ops/fp8_weights.py``).
     """
     recipe = fp8.get("recipe", "tensorwise")
     converted, decisions = {}, {}
