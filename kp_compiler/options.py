@@ -12,6 +12,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from .core.fp8_options import FP8Options, parse_fp8
+
 LOWERINGS = ("auto", "inductor", "eager", "xla")
 ATTENTION_KERNELS = ("auto", "sdpa", "flex")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -27,7 +29,7 @@ class Options:
     mode: str = "default"
     inductor_config: dict = field(default_factory=dict)
     attention_kernel: str = "auto"
-    fp8: Optional[dict] = None
+    fp8: Optional[FP8Options] = None  # core/fp8_options.py
     constant_buffers: bool = False
     pass_timeout_s: Optional[float] = None
 
@@ -106,52 +108,11 @@ def parse_options(mode: Optional[str] = None, options: Optional[Mapping[str, Any
         options["passes"] = tuple(passes)
     options["dump_dir"] = _dump_dir(options)
     if "fp8" in options:
-        options["fp8"] = _check_fp8(options["fp8"])
+        options["fp8"] = parse_fp8(options["fp8"])
     inductor_config = options.get("inductor_config", {})
     _check_inductor_config(inductor_config)
     options["inductor_config"] = dict(inductor_config)
     return Options(mode=mode, **options)
-
-
-FP8_KEYS = ("recipe", "include", "exclude", "emulate", "min_dims", "history_len", "margin", "fast_accum")
-FP8_RECIPES = ("tensorwise", "rowwise", "delayed", "static")
-
-
-def _check_fp8(value: Any) -> Optional[dict]:
-    if value is None or value is False:
-        return None
-    if value is True:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ValueError(f"kernelpytorch: options['fp8'] must be None, True or a dict, got {value!r}")
-    unknown = sorted(k for k in value if k not in FP8_KEYS)
-    if unknown:
-        raise ValueError(f"kernelpytorch: unknown key(s) {unknown} in options['fp8']; valid: {list(FP8_KEYS)}")
-    recipe = value.get("recipe", "tensorwise")
-    _check_choice("fp8 recipe", recipe, FP8_RECIPES)
-    for key in ("include", "exclude"):
-        globs = value.get(key, [])
-        if not _string_list(globs):
-            raise ValueError(f"kernelpytorch: options['fp8'][{key!r}] must be a list of glob strings, got {globs!r}")
-    dims = value.get("min_dims")
-    if dims is not None and (not isinstance(dims, (list, tuple)) or len(dims) != 3
-                             or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims)):
-        raise ValueError(f"kernelpytorch: options['fp8']['min_dims'] must be three positive ints [M, K, N], got {dims!r}")
-    if "emulate" in value and not isinstance(value["emulate"], bool):
-        raise ValueError(f"kernelpytorch: options['fp8']['emulate'] must be True or False, got {value['emulate']!r}")
-    if "fast_accum" in value and not isinstance(value["fast_accum"], bool):
-        raise ValueError(f"kernelpytorch: options['fp8']['fast_accum'] must be True or False, got {value['fast_accum']!r}")
-    for key in ("history_len", "margin"):
-        if key in value and recipe != "delayed":
-            raise ValueError(f"kernelpytorch: options['fp8'][{key!r}] applies to recipe 'delayed' only, not {recipe!r}")
-    n = value.get("history_len", 16)
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
-        raise ValueError(f"kernelpytorch: options['fp8']['history_len'] must be an int from 1 to 1024, got {n!r}")
-    margin = value.get("margin", 0)
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 8:
-        raise ValueError(f"kernelpytorch: options['fp8']['margin'] must be a number from 0 to 8 (powers of 2 of "
-                         f"headroom), got {margin!r}")
-    return dict(value)
 
 
 def _string_list(value: Any) -> bool:

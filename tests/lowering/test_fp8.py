@@ -6,6 +6,7 @@ from torch import nn
 
 from kp_compiler.core.report import collect
 from kp_compiler.core.devices import DeviceInfo, fp8_dtypes
+from kp_compiler.core.fp8_options import FP8Options
 from kp_compiler.passes.fp8.linear import SIZE_TABLE, thresholds
 from kp_compiler.options import parse_options
 from tests.utils import filecheck
@@ -118,9 +119,9 @@ def test_without_fp8_on_the_device_nothing_is_converted_and_each_linear_says_why
 
 
 def test_fp8_options_are_checked():
-    assert parse_options(options={"fp8": True}).fp8 == {}
+    assert parse_options(options={"fp8": True}).fp8 == FP8Options()
     assert parse_options(options={"fp8": None}).fp8 is None
-    assert parse_options(options={"fp8": {"recipe": "delayed", "history_len": 4, "margin": 1}}).fp8["history_len"] == 4
+    assert parse_options(options={"fp8": {"recipe": "delayed", "history_len": 4, "margin": 1}}).fp8.history_len == 4
     for bad, msg in [({"recipe": "blockwise"}, "fp8 recipe"), ({"exclude": "head"}, "list of glob"),
                      ({"min_dims": [1, 2]}, "three positive ints"), ({"scale": 1}, "unknown key"),
                      ({"recipe": "delayed", "history_len": 0}, "history_len"),

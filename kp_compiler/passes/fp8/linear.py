@@ -48,6 +48,7 @@ from ...ops import fp8 as _fp8  # noqa: F401  (registers kp::fp8_linear)
 from ...ops import fp8_shared as _fp8_shared  # noqa: F401  (registers kp::fp8_cast_pair, kp::fp8_linear_shared)
 from ...ops import fp8_train as _fp8_train  # noqa: F401  (registers kp::fp8_linear_train)
 from ...core.devices import DeviceInfo, fp8_dtypes
+from ...core.fp8_options import FP8Options, parse_fp8
 from ...ops import fp8_state
 
 aten = torch.ops.aten
@@ -94,15 +95,15 @@ def thresholds(device: DeviceInfo, emulate: bool, min_dims, train: bool = True) 
     return None if row is None else row["training" if train else "inference"]
 
 
-def decide(node: fx.Node, device: DeviceInfo, fp8: dict, train: bool = True) -> tuple[bool, str]:
+def decide(node: fx.Node, device: DeviceInfo, fp8: FP8Options, train: bool = True) -> tuple[bool, str]:
     """(convert, why) for one ``aten.linear`` node."""
     x, w = node.args[0], node.args[1]
     path = module_path(w) if isinstance(w, fx.Node) else "?"
     if not (isinstance(w, fx.Node) and w.op == "placeholder"):
         return False, "weight is not a parameter of the graph"
-    if fp8.get("include") and not any(fnmatch.fnmatch(path, p) for p in fp8["include"]):
+    if fp8.include and not any(fnmatch.fnmatch(path, p) for p in fp8.include):
         return False, "not in options['fp8']['include']"
-    if any(fnmatch.fnmatch(path, p) for p in fp8.get("exclude", ())):
+    if any(fnmatch.fnmatch(path, p) for p in fp8.exclude):
         return False, "in options['fp8']['exclude']"
     xv, wv = val(x), val(w)
     if not isinstance(xv, torch.Tensor) or not xv.is_floating_point() or wv.dim() != 2:
@@ -116,7 +117,7 @@ def decide(node: fx.Node, device: DeviceInfo, fp8: dict, train: bool = True) -> 
     k, n = wv.shape[1], wv.shape[0]
     if k % 16 or n % 16:
         return False, f"K={k}, N={n} not multiples of 16 (scaled-matmul alignment)"
-    limits = thresholds(device, bool(fp8.get("emulate")), fp8.get("min_dims"), train)
+    limits = thresholds(device, fp8.emulate, fp8.min_dims, train)
     if limits is None:
         return False, f"no FP8 size table for {device.kind} {device.capability or ''}".rstrip()
     if m < limits[0] or k < limits[1] or n < limits[2]:
@@ -125,13 +126,13 @@ def decide(node: fx.Node, device: DeviceInfo, fp8: dict, train: bool = True) -> 
 
 
 
-def beside_converted(node: fx.Node, device: DeviceInfo, fp8: dict) -> Optional[str]:
+def beside_converted(node: fx.Node, device: DeviceInfo, fp8: FP8Options) -> Optional[str]:
     """Why a training linear kept by the size table's N converts anyway when its input is already cast for
     a converted linear (``SHARED_MIN_N``), or None. Not with ``min_dims`` (the user's thresholds hold)."""
-    if fp8.get("min_dims") is not None:
+    if fp8.min_dims is not None:
         return None
-    key = (9, 0) if fp8.get("emulate") else device.capability
-    limits, min_n = thresholds(device, bool(fp8.get("emulate")), None, True), SHARED_MIN_N.get(key)
+    key = (9, 0) if fp8.emulate else device.capability
+    limits, min_n = thresholds(device, fp8.emulate, None, True), SHARED_MIN_N.get(key)
     xv, wv = val(node.args[0]), val(node.args[1])
     if limits is None or min_n is None:
         return None
@@ -141,13 +142,14 @@ def beside_converted(node: fx.Node, device: DeviceInfo, fp8: dict) -> Optional[s
     return None
 
 
-def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: dict, train: bool = True) -> Matches:
+def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: FP8Options, train: bool = True) -> Matches:
     """Convert the linears ``decide`` accepts; every decision goes to the report's notes.
 
     ``train=False`` (a graph compiled under ``torch.no_grad()``) lets the ops
     keep each weight quantized between calls (``ops/fp8_weights.py``).
     """
-    recipe = fp8.get("recipe", "tensorwise")
+    fp8 = parse_fp8(fp8)  # FP8Options (a dict is parsed, for callers outside the backend)
+    recipe = fp8.recipe
     converted, decisions = {}, {}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not aten.linear.default:
@@ -174,7 +176,7 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: dict, train: bool =
             node.meta["kp_note"] = f"fp8: kept ({why})"
             continue
         plan.append((node, why, state))
-    formats, fast = _formats(device, bool(fp8.get("emulate"))) if plan else None, bool(fp8.get("fast_accum", True))
+    formats, fast = _formats(device, fp8.emulate) if plan else None, fp8.fast_accum
     # Training graphs, default recipe: linears that read one input cast it once (ops/fp8_shared.py).
     readers: dict = {}
     if shared:
@@ -202,7 +204,7 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: dict, train: bool =
 STATEFUL = ("delayed", "static")
 
 
-def _state(weight: fx.Node, recipe: str, fp8: dict):
+def _state(weight: fx.Node, recipe: str, fp8: FP8Options):
     """``(LayerState, None)``, or ``(None, why not)`` when the layer cannot take ``recipe``."""
     ctx = context.current()
     param = ctx.example_value(weight) if ctx is not None else None
@@ -212,7 +214,7 @@ def _state(weight: fx.Node, recipe: str, fp8: dict):
         state = fp8_state.calibrated(param)
         return (state, None) if state is not None else (None, "static recipe: not calibrated (run "
                                                                 "kp_compiler.fp8.calibrate(model, batches) first)")
-    return fp8_state.layer_state(param, "delayed", fp8.get("history_len", 16), float(fp8.get("margin", 0.0))), None
+    return fp8_state.layer_state(param, "delayed", fp8.history_len, fp8.margin), None
 
 
 def _emit(gm: fx.GraphModule, node: fx.Node, recipe: str, formats: tuple, state, cache: bool, fast: bool) -> fx.Node:
