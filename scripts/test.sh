@@ -10,7 +10,7 @@ lane() {  # lane NAME PYTHON PYTEST-ARGS...
   local name=$1 py=$2 start rc
   shift 2
   start=$(date +%s)
-  "$py" -m pytest -q -p no:cacheprovider "$@"
+  PYTHONFAULTHANDLER=1 "$py" -m pytest -q -p no:cacheprovider "$@"  # a crash prints every thread's stack
   rc=$?
   if [ "$rc" -eq 5 ]; then
     echo "scripts/test.sh: $name collected no tests; treating that as a failure" >&2
