@@ -43,14 +43,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _reset_code_state() -> None:
-    try:
-        from torch._dynamo.pgo import reset_code_state
-    except ImportError:
-        return
-    reset_code_state()
-
-
 def first_pass(f, ids: dict, device: str, start: "float | None" = None) -> float:
     """Seconds for the six sizes' first calls, each positionally and by keyword (compiles included), from
     ``start`` if given (the ``torch.compile`` call: a backend may import its compiler there or at the
@@ -71,7 +63,7 @@ def run_mode(model, mode: str, device: str, reps: int, rounds: int, refs: dict) 
     pooled), so drift in a host-bound regime falls on both alike."""
     from torch._dynamo.utils import counters
 
-    from .runner import _recompile_limit
+    from .runner import _recompile_limit, _reset_code_state
     from .timing import median_ci
 
     torch._dynamo.reset()

@@ -120,7 +120,7 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
         dump.write("dynamo", gm.graph, "dynamo graph (torch IR)", numbered=False)
     # With the default passes and nothing any of them could rewrite, the lowering gets the graph as Dynamo
     # captured it (no canonicalization cost). Passes named in options["passes"] always run.
-    target = Target.of(example_inputs, record.lowering)  # the one place the device and training are worked out
+    target = Target.of(example_inputs, record.lowering)  # what every pass reads (context.current().target)
     idle = idle_reason(gm, [name for name, _ in chosen], target, opts) if opts.passes is None else None
     if idle is not None:
         why = f"nothing to rewrite ({idle}; options['passes'] runs it anyway)"

@@ -2,19 +2,19 @@
 
 ``Target`` is frozen: the device as the capability table describes it (``core/devices.py``), whether a
 backward may run, and which lowering will run the result. Passes read ``context.current().target``
-instead of looking at tensors or at the machine; tests build one by hand (``Target(DeviceInfo("cuda",
+instead of looking at tensors or at the machine, and look its device up with ``core/devices.py``'s
+``flex_attention``, ``fa3``, ``fp8_dtypes``; tests build one by hand (``Target(DeviceInfo("cuda",
 (9, 0)), training=True)``) to walk any device's decision path on the CPU.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-from .devices import Capabilities, DeviceInfo, capabilities, describe
+from .devices import DeviceInfo, describe
 
 
 @dataclass(frozen=True)
@@ -30,21 +30,3 @@ class Target:
         device = describe(tensors[0].device) if tensors else DeviceInfo("cpu")
         training = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
         return cls(device, training, lowering)
-
-    @property
-    def caps(self) -> Capabilities:
-        return capabilities(self.device)
-
-    def flex_attention(self) -> bool:
-        """Inductor lowers ``flex_attention`` here (with its backward when training)."""
-        flex = self.caps.flex_attention
-        return flex == "train" or (flex == "inference" and not self.training)
-
-    def fa3(self) -> bool:
-        """FlashAttention-3 can run: the table allows it and its Python package imports."""
-        return self.caps.fa3 and any(importlib.util.find_spec(m) is not None
-                                     for m in ("flash_attn_interface", "flash_attn_3"))
-
-    def fp8_dtypes(self) -> tuple:
-        """The FP8 dtypes the device's matmuls take, in (forward, gradient) order; empty if none."""
-        return tuple(getattr(torch, name) for name in self.caps.fp8)
