@@ -219,3 +219,32 @@ def alive(node: fx.Node) -> bool:
         return any(n is node for n in node.graph.find_nodes(op=node.op, target=node.target))
     except TypeError:  # an unhashable target is not indexed: walk the graph
         return any(n is node for n in node.graph.nodes)
+
+
+def erase_dead(nodes: Iterable[fx.Node]) -> None:
+    """Erase the replaced ``nodes`` nothing uses any more, then what only they kept alive.
+
+    The project's one dead-code eraser. The listed nodes go once unused,
+    whatever they are (the caller replaced them: a random op such as dropout,
+    or an in-place op into a buffer nothing reads any more); they are taken
+    users first, so a chain goes in one call. Their inputs follow only when
+    unused, pure and not in-place. Only ``call_function`` nodes are erased:
+    a placeholder is part of the graph's calling convention.
+    """
+    pending = [n for n in nodes if isinstance(n, fx.Node) and n.op == "call_function" and alive(n)]
+    inputs: list = []
+    while pending:
+        dead = [n for n in pending if not n.users]
+        if not dead:
+            break
+        for n in dead:
+            if alive(n):  # not already gone as an earlier node's input
+                inputs.extend(n.all_input_nodes)
+                n.graph.erase_node(n)
+        pending = [n for n in pending if alive(n)]
+    while inputs:
+        n = inputs.pop()
+        if n.users or n.op != "call_function" or n.is_impure() or is_mutating(n) or not alive(n):
+            continue
+        inputs.extend(n.all_input_nodes)
+        n.graph.erase_node(n)

@@ -30,135 +30,14 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.utils._pytree as pytree
 from torch import fx
 
-from .graph import fake_execution, is_mutating
-
-_ANY = object()
-
-
-class P:
-    """A pattern over one FX node (or one argument value).
-
-    ``P(target, *args, name=None, where=None, **kwargs)`` matches a
-    ``call_function`` node whose target is ``target`` (an ``OpOverload``;
-    an ``OpOverloadPacket`` matches any overload; a tuple matches any of its
-    members) and whose leading positional args and the named kwargs match
-    the sub-patterns. Args beyond those given are not constrained, so match
-    exact overloads where an extra argument changes the meaning.
-
-    Sub-patterns are ``P`` objects or plain values (compared with ``==``).
-    ``name`` captures the matched node; ``where(node_or_value)`` is an extra
-    predicate. ``a | b`` tries ``a`` then ``b``.
-    """
-
-    def __init__(self, target=_ANY, *args, name=None, where=None, **kwargs):
-        self.target = target
-        self.args = args
-        self.kwargs = kwargs
-        self.name = name
-        self.where = where
-        self._is_var = False
-        self._lit = _ANY
-
-    @classmethod
-    def var(cls, name: Optional[str] = None, where: Optional[Callable] = None) -> "P":
-        """Any argument (node or constant), captured as ``name``."""
-        p = cls(name=name, where=where)
-        p._is_var = True
-        return p
-
-    @classmethod
-    def lit(cls, value, name: Optional[str] = None) -> "P":
-        """A Python number equal to ``value`` (``1`` matches ``1`` and ``1.0``, not ``True``)."""
-        p = cls(name=name)
-        p._lit = value
-        return p
-
-    def __or__(self, other: "P") -> "P":
-        return _Alt(self, other)
-
-    def match(self, value: Any, captures: dict) -> bool:
-        """Match ``value``, adding captures on success (``captures`` untouched on failure)."""
-        trial = dict(captures)
-        if not self._match(value, trial):
-            return False
-        captures.clear()
-        captures.update(trial)
-        return True
-
-    def _match(self, value: Any, caps: dict) -> bool:
-        if self._lit is not _ANY:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not (ok and value == self._lit):
-                return False
-        elif not self._is_var and not self._match_node(value, caps):
-            return False
-        if self.where is not None and not self.where(value):
-            return False
-        return _capture(caps, self.name, value)
-
-    def _match_node(self, value: Any, caps: dict) -> bool:
-        if not isinstance(value, fx.Node) or value.op != "call_function":
-            return False
-        if self.target is not _ANY and not _target_matches(self.target, value.target):
-            return False
-        if len(value.args) < len(self.args):
-            return False
-        for pat, arg in zip(self.args, value.args):
-            if not _match_arg(pat, arg, caps):
-                return False
-        for key, pat in self.kwargs.items():
-            if key not in value.kwargs or not _match_arg(pat, value.kwargs[key], caps):
-                return False
-        return True
-
-    def __repr__(self) -> str:
-        if self._is_var:
-            return f"P.var({self.name!r})"
-        if self._lit is not _ANY:
-            return f"P.lit({self._lit!r})"
-        return f"P({self.target}, {', '.join(map(repr, self.args))})"
-
-
-class _Alt(P):
-    def __init__(self, *alts: P):
-        super().__init__()
-        self.alts = alts
-
-    def _match(self, value: Any, caps: dict) -> bool:
-        return any(alt.match(value, caps) for alt in self.alts)
-
-    def __repr__(self) -> str:
-        return " | ".join(map(repr, self.alts))
-
-
-def _capture(caps: dict, name: Optional[str], value: Any) -> bool:
-    if name is None:
-        return True
-    if name in caps:
-        return caps[name] is value or (not isinstance(value, fx.Node) and caps[name] == value)
-    caps[name] = value
-    return True
-
-
-def _match_arg(pat: Any, arg: Any, caps: dict) -> bool:
-    if isinstance(pat, P):
-        return pat._match(arg, caps)
-    return not isinstance(arg, fx.Node) and type(arg) is type(pat) and arg == pat
-
-
-def _target_matches(want, got) -> bool:
-    if isinstance(want, tuple):
-        return any(_target_matches(w, got) for w in want)
-    if isinstance(want, torch._ops.OpOverloadPacket):
-        return getattr(got, "overloadpacket", None) is want
-    return got is want
-
+from .graph import alive, erase_dead, fake_execution, is_mutating
+from .pattern import P  # noqa: F401  (the rule API's pattern: ``from kp_compiler.core.rules import P`` keeps working)
 
 @dataclass
 class Match:
@@ -272,10 +151,9 @@ class RuleSet:
 
     def _one_round(self, graph: fx.Graph, counts: dict) -> int:
         fired = 0
-        erased: set[int] = set()
         state: dict = {}  # analyses rules may cache for this round
         for node in list(graph.nodes):
-            if id(node) in erased or node.op != "call_function" or not node.users:
+            if node.op != "call_function" or not node.users or not alive(node):
                 continue
             for rule in self.rules:
                 captures: dict = {}
@@ -285,7 +163,8 @@ class RuleSet:
                 if new is None or new is node:
                     continue
                 node.replace_all_uses_with(new)
-                erase_unused(node, erased)
+                if not is_mutating(node):  # in-place ops stay: their effect is not the value
+                    erase_dead([node])
                 counts[rule.key] += 1
                 fired += 1
                 break
@@ -297,26 +176,3 @@ class RuleSet:
 
 def _kwargs(captures: dict) -> dict:
     return {k: v for k, v in captures.items() if k.isidentifier()}
-
-
-def erase_unused(root: fx.Node, erased: Optional[set] = None) -> None:
-    """Erase a replaced ``root``, then whatever it alone kept alive if side-effect free.
-
-    The root goes even if FX calls it impure for drawing random numbers (a
-    rule replaced it, so its value is not needed); in-place ops never go.
-    """
-    erased = set() if erased is None else erased
-    if root.users or is_mutating(root):
-        return
-    inputs = root.all_input_nodes
-    root.graph.erase_node(root)
-    erased.add(id(root))
-    work = list(inputs)
-    while work:
-        n = work.pop()
-        if id(n) in erased or n.users or n.op != "call_function" or n.is_impure() or is_mutating(n):
-            continue
-        inputs = n.all_input_nodes
-        n.graph.erase_node(n)
-        erased.add(id(n))
-        work.extend(inputs)

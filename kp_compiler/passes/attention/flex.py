@@ -31,8 +31,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ...core.graph import val
-from ...core.rules import erase_unused
+from ...core.graph import erase_dead, val
 from .layout import gqa_source
 from .mask_mod import every_row_attends
 
@@ -89,9 +88,7 @@ def replace_sdpa(gm: fx.GraphModule, sdpa: fx.Node, mask_mod: Optional[Callable]
         "; score_mod: score + bias" if score_bias is not None else "")
     sdpa.replace_all_uses_with(out)
     repeated = [a for a in sdpa.args[1:3] if isinstance(a, fx.Node)]
-    gm.graph.erase_node(sdpa)
-    for node in repeated:
-        erase_unused(node)
+    erase_dead([sdpa, *repeated])
     return None
 
 

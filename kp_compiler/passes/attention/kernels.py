@@ -27,7 +27,8 @@ from ...core import context
 from ...core import devices as capabilities
 from ...core.devices import DeviceInfo
 from ...core.graph import val
-from ...core.rules import Matches, erase_unused
+from ...core.graph import erase_dead
+from ...core.rules import Matches
 from ...core.target import Target
 from . import flex
 
@@ -128,7 +129,7 @@ def select_attention_kernels(
             node.meta["kp_note"] = f"{note}; kernel: sdpa ({refusal})"
             continue
         if isinstance(mask, fx.Node):
-            erase_unused(mask)
+            erase_dead([mask])
         counts["flex"] += 1
     if counts["flex"]:
         gm.recompile()

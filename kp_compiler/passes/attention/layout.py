@@ -7,12 +7,10 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ...core.graph import val
+from ...core.pattern import number
 
 aten = torch.ops.aten
 
-
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def gqa_source(node):
@@ -25,7 +23,7 @@ def gqa_source(node):
         return None
     if node.target is aten.repeat_interleave.self_int and len(node.args) >= 3:
         groups, dim = node.args[1], node.args[2]
-        return (node.args[0], groups) if dim in (1, -3) and _number(groups) else None
+        return (node.args[0], groups) if dim in (1, -3) and number(groups) else None
     if node.target not in (aten.reshape.default, aten.view.default):
         return None
     expand = node.args[0]
@@ -39,7 +37,7 @@ def gqa_source(node):
     groups = list(expand.args[1])[2]
     shape_ok = (statically_known_true(val(expand).shape[2] == groups)
                 and all(statically_known_true(a == c) for a, c in zip(val(node).shape, (b, h * groups, s_, d))))
-    return (kv, groups) if _number(groups) and shape_ok else None
+    return (kv, groups) if number(groups) and shape_ok else None
 
 def untranspose(g: fx.Graph, k_t: fx.Node) -> fx.Node:
     """k from k^T: peel a transpose (or permute) of the last two dims, else transpose back."""

@@ -43,6 +43,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ...core.graph import val
+from ...core.pattern import number
 from .masks import _arange_length, _skip_full_slices
 
 aten = torch.ops.aten
@@ -183,7 +184,7 @@ def _lift_node(node: fx.Node, memo: dict):
         return Field(lambda ix: ix[1], (n,))
     if t in (aten.arange.start, aten.arange.start_step) and isinstance(val(node), torch.Tensor):
         start, step = args[0], (args[2] if len(args) > 2 else 1)
-        if _number(start) and _number(step) and isinstance(val(node).shape[0], int):
+        if number(start) and number(step) and isinstance(val(node).shape[0], int):
             return Field(lambda ix: start + step * ix[1], (val(node).shape[0],))
         return None
     if t in _BINARY and len(args) == 2 and node.kwargs.get("alpha", 1) == 1:
@@ -207,7 +208,7 @@ def _lift_node(node: fx.Node, memo: dict):
     if t is aten.clamp.default:
         lo = args[1] if len(args) > 1 else node.kwargs.get("min")
         hi = args[2] if len(args) > 2 else node.kwargs.get("max")
-        ok = all(x is None or _number(x) for x in (lo, hi))
+        ok = all(x is None or number(x) for x in (lo, hi))
         return _unary(lambda x: _clamp(x, lo, hi), a) if ok else None
     if t in (aten.to.dtype, aten._to_copy.default) and out.dtype.is_floating_point:
         return a  # computed in float32 inside flex; the grid proof bounds the difference
@@ -216,9 +217,6 @@ def _lift_node(node: fx.Node, memo: dict):
     if t in (aten.expand.default, aten.expand_as.default):
         return _broadcast_to(a, tuple(out.shape))
     return None
-
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _clamp(x, lo, hi):

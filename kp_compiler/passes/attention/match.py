@@ -51,208 +51,22 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ...core.graph import alive, val
-from ...core.rules import Matches, erase_unused
+from ...core.graph import alive, erase_dead, val
+from ...core.pattern import P
+from ...core.rules import Matches
 from .layout import gqa_source, regroup, untranspose
+from .mask_mod import memoized
+from .scalars import CASTS, bias_as_keep, cast_dtype, const_scalar, is_mask_fill, sym_sqrt_of
 from .sdpa_mask import note, sdpa_mask, tag
 from .site import Attention
-from .mask_mod import memoized
 
 aten = torch.ops.aten
 
 SOFTMAX = (aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)
 MATMUL = (aten.matmul.default, aten.bmm.default)
-CASTS = (aten.to.dtype, aten._to_copy.default, aten.type_as.default)
 SCALES = (aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar)
 MULS = (aten.mul.Tensor, aten.mul.Scalar)
-FILLS = (aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.where.ScalarOther)
-
-
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _single_user(node: fx.Node) -> Optional[fx.Node]:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
-def _cast_dtype(node: fx.Node):
-    """The floating dtype a pure cast converts to (None if ``node`` is not one).
-
-    Casts to integer or bool dtypes truncate: they are never looked through.
-    """
-    dtype = None
-    if node.target is aten.to.dtype:
-        dtype = node.args[1] if len(node.args) > 1 else node.kwargs.get("dtype")
-    elif node.target is aten._to_copy.default and set(node.kwargs) <= {"dtype"}:
-        dtype = node.kwargs.get("dtype")
-    elif node.target is aten.type_as.default and isinstance(val(node.args[1]), torch.Tensor):
-        dtype = val(node.args[1]).dtype
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
-
-
-def _const_scalar(arg) -> Optional[float]:
-    """A Python number, or the value of a 0-dim ``full([], c)`` / ``scalar_tensor(c)`` / tensor-constant node."""
-    if _number(arg):
-        return arg
-    if not isinstance(arg, fx.Node) or arg.op != "call_function":
-        return None
-    if arg.target is aten.full.default and list(arg.args[0]) == [] and _number(arg.args[1]):
-        return arg.args[1]
-    if arg.target is aten.scalar_tensor.default and _number(arg.args[0]):
-        return arg.args[0]
-    if arg.target is aten.zeros.default and list(arg.args[0]) == []:
-        return 0
-    return _tensor_constant(arg)
-
-
-def _tensor_constant(arg) -> Optional[float]:
-    """The value of a one-element tensor constant, ``detach_(lift_fresh_copy(_tensor_constant0))``
-    (how Dynamo records ``torch.tensor(0.0)`` written in model code, e.g. transformers 5.17's masks)."""
-    while isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in (
-            aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default, aten.clone.default):
-        arg = arg.args[0]
-    if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
-        return None
-    value = getattr(arg.graph.owning_module, arg.target, None)
-    if not isinstance(value, torch.Tensor) or value.numel() != 1 or value.dim() != 0:
-        return None
-    return value.item()
-
-
-def _sym_sqrt_of(arg) -> Optional[fx.Node]:
-    """The SymInt node ``e`` when ``arg`` is ``sqrt(float(e))`` (``math.sqrt(q.size(-1))`` traced)."""
-    if not isinstance(arg, fx.Node) or getattr(arg.target, "__name__", "") != "_sym_sqrt":
-        return None
-    inner = arg.args[0]
-    if not isinstance(inner, fx.Node) or getattr(inner.target, "__name__", "") != "sym_float":
-        return None
-    e = inner.args[0]
-    return e if isinstance(e, fx.Node) and isinstance(val(e), torch.SymInt) else None
-
-
-def _bias_as_keep(bias: fx.Node):
-    """(keep or ("not", masked_out), fill) when ``bias`` is 0 where kept and a -1e4-or-lower fill elsewhere."""
-    while isinstance(bias, fx.Node) and bias.target in CASTS and _cast_dtype(bias) is not None:
-        bias = bias.args[0]
-    if not isinstance(bias, fx.Node) or bias.op != "call_function":
-        return None
-    if bias.target in (aten.where.self, aten.where.ScalarOther):
-        cond, a, b = bias.args[:3]
-        a, b = _const_scalar(a), _const_scalar(b)
-        if a == 0 and _is_mask_fill(b):
-            return cond, b
-        if b == 0 and _is_mask_fill(a):
-            return ("not", cond), a
-        return None
-    if bias.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor) and _all_zeros(bias.args[0]):
-        fill = _const_scalar(bias.args[2])
-        return (("not", bias.args[1]), fill) if _is_mask_fill(fill) else None
-    return None
-
-
-def _is_mask_fill(x) -> bool:
-    return _number(x) and (x == -math.inf or x <= -1e4)
-
-
-def _all_zeros(node) -> bool:
-    if not isinstance(node, fx.Node) or node.op != "call_function":
-        return False
-    if node.target in (aten.zeros.default, aten.zeros_like.default):
-        return True
-    return node.target in (aten.full.default, aten.full_like.default) and node.args[1] == 0
-
-
-def _fill_parts(node: fx.Node):
-    """(scores, not_keep or ("keep", keep), fill) for masked_fill / where, else None."""
-    if node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-        fill = _const_scalar(node.args[2])
-        return None if fill is None else (node.args[0], node.args[1], fill)
-    if node.target in (aten.where.self, aten.where.ScalarOther):
-        fill = _const_scalar(node.args[2])
-        return None if fill is None else (node.args[1], ("keep", node.args[0]), fill)
-    return None
-
-
-def _forward(softmax: fx.Node, att: Attention) -> bool:
-    """From the softmax down to ``matmul(p, v)``; every step single-user."""
-    cur = softmax
-    while True:
-        user = _single_user(cur)
-        if user is None or user.op != "call_function":
-            return False
-        if user.target in CASTS and _cast_dtype(user) is not None:
-            att.removed.append(user)
-            cur = user
-            continue
-        if user.target is aten.dropout.default:
-            p, train = user.args[1], user.args[2]
-            att.dropout_p = float(p) if train else 0.0
-            att.removed.append(user)
-            cur = user
-            continue
-        if user.target in MATMUL and user.args[0] is cur and user.args[1] is not cur:
-            att.v, att.out = user.args[1], user
-            return True
-        operands = _einsum_operands(user, "pv")
-        if operands is not None and operands[0] is cur and operands[1] is not cur:
-            att.v, att.out = operands[1], user
-            return True
-        return False
-
-
-def _backward(scores: fx.Node, att: Attention) -> bool:
-    """From the softmax input up to ``matmul(q, k^T)``: masks first, then scalings."""
-    cur, phase = scores, "mask"
-    while True:
-        if not isinstance(cur, fx.Node) or cur.op != "call_function" or len(_value_users(cur)) != 1:
-            return False
-        t = cur.target
-        if t in CASTS and _cast_dtype(cur) is not None:
-            nxt = cur.args[0]
-        elif t in FILLS and phase == "mask" and att.keep_mask is None and _fill_parts(cur) is not None:
-            nxt, not_keep, att.fill = _fill_parts(cur)
-            att.fill_then_bias = att.bias is not None
-            if not (att.fill == -math.inf or att.fill <= -1e4):
-                return False
-            att.keep_mask = not_keep[1] if isinstance(not_keep, tuple) else _invert(not_keep)
-            att.keep_mask = _unbroadcast(att.keep_mask)
-            att.space = _space(att, cur)
-        elif t in (aten.view.default, aten.reshape.default) and _regroups_batch(cur):
-            nxt = cur.args[0]  # e.g. [B*H, L, S] <-> [B, H, L, S] around the mask (MBart)
-        elif t is aten.add.Tensor and phase == "mask" and att.bias is None and len(cur.args) == 2:
-            a, b = cur.args
-            if cur.kwargs.get("alpha", 1) != 1:
-                return False
-            nxt, att.bias = (a, b) if _reaches_matmul(a) else (b, a)
-            if not isinstance(att.bias, fx.Node):
-                return False
-            att.space = _space(att, cur)
-            if att.space is False:
-                return False
-        elif t in (aten.div.Tensor, aten.div.Scalar) and att.sqrt_head_dim is None and _sym_sqrt_of(cur.args[1]):
-            phase = "scale"  # / sqrt(E) with a symbolic E: SDPA's default scale, checked in _shapes_ok
-            att.sqrt_head_dim = _sym_sqrt_of(cur.args[1])
-            nxt = cur.args[0]
-        elif t in SCALES and _const_scalar(cur.args[1]) not in (None, 0):
-            phase = "scale"
-            c = _const_scalar(cur.args[1])
-            att.scale *= c if t in MULS else 1.0 / c
-            nxt = cur.args[0]
-        elif t in MATMUL:
-            att.q, att.k_t = _peel_scale(cur.args[0], att), _peel_scale(cur.args[1], att)
-            att.removed.append(cur)
-            return True
-        elif _einsum_operands(cur, "qk") is not None:
-            q, k = _einsum_operands(cur, "qk")
-            att.q, att.k = _peel_scale(q, att), _peel_scale(k, att)
-            att.removed.append(cur)
-            return True
-        else:
-            return False
-        att.removed.append(cur)
-        cur = nxt
+VIEWS = (aten.view.default, aten.reshape.default)
 
 
 def _einsum_operands(node: fx.Node, kind: str):
@@ -302,35 +116,77 @@ def _regroups_batch(node: fx.Node) -> bool:
     return static and all(statically_known_true(a == b) for a, b in zip(out.shape[-2:], inp.shape[-2:]))
 
 
-def _space(att: Attention, node: fx.Node):
-    """The scores' shape at ``node``; a second mask/bias in another space is refused (False)."""
-    shape = tuple(val(node).shape)
-    if att.space is not None and len(att.space) != len(shape):
-        return False
-    return shape
+def _one_reader(node: fx.Node) -> bool:
+    return len(_value_users(node)) == 1
 
 
-def _reaches_matmul(node, depth: int = 8) -> bool:
-    for _ in range(depth):
-        if not isinstance(node, fx.Node) or node.op != "call_function":
-            return False
-        if node.target in MATMUL or _einsum_operands(node, "qk") is not None:
-            return True
-        if node.target in FILLS and _fill_parts(node) is not None:
-            node = _fill_parts(node)[0]
-            continue
-        if node.target not in CASTS + SCALES + (aten.view.default, aten.reshape.default):
-            return False
-        node = node.args[0]
-    return False
+def _float_cast(node) -> bool:
+    return cast_dtype(node) is not None
 
 
-def _peel_scale(node, att: Attention):
-    while isinstance(node, fx.Node) and node.target in SCALES and _const_scalar(node.args[1]) not in (None, 0):
-        c = _const_scalar(node.args[1])
+def _scale_factor(arg) -> bool:
+    return const_scalar(arg) not in (None, 0)
+
+
+def _alpha_one(node: fx.Node) -> bool:
+    return len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1
+
+
+def _is_node(x) -> bool:
+    return isinstance(x, fx.Node)
+
+
+def _fills(fill_ok, **kw) -> P:
+    """``masked_fill(x, not_keep, fill)`` or ``where(keep, x, fill)`` with ``fill_ok(fill)``."""
+    fill = P.var("fill", where=lambda a: fill_ok(const_scalar(a)))
+    return (P((aten.masked_fill.Scalar, aten.masked_fill.Tensor), P.var("x"), P.var("not_keep"), fill, **kw)
+            | P((aten.where.self, aten.where.ScalarOther), P.var("keep"), P.var("x"), fill, **kw))
+
+
+def _qk(**kw) -> P:
+    """``q @ k^T`` (``matmul``/``bmm``) or a two-operand einsum of that shape."""
+    return (P(MATMUL, P.var("q"), P.var("kt"), **kw)
+            | P(aten.einsum.default, where=lambda n: _einsum_operands(n, "qk") is not None, **kw))
+
+
+# Links between q @ k^T and the softmax, each read by the next link only.
+_cast = P(CASTS, P.var("x"), where=_float_cast, users=_one_reader)
+_regroup = P(VIEWS, P.var("x"), where=_regroups_batch, users=_one_reader)
+_fill = _fills(is_mask_fill, users=_one_reader)
+_bias = P(aten.add.Tensor, P.var("x", where=lambda n: _REACHES_QK.find(n) is not None),
+          P.var("bias", where=_is_node), commute=True, where=_alpha_one, users=_one_reader)
+_div_sqrt = P((aten.div.Tensor, aten.div.Scalar), P.var("x"), P.var("e", where=sym_sqrt_of), users=_one_reader)
+_scale = P(SCALES, P.var("x"), P.var("c", where=_scale_factor), users=_one_reader)
+
+# Masks first (nearest the softmax), then scalings: ``(s + bias) * c`` would scale the bias too.
+SCORES = P.skip(_cast | _regroup | _fill | _bias,
+                P.skip(_cast | _regroup | _div_sqrt | _scale, _qk(name="qk", users=_one_reader), name="scalings"),
+                name="masks")
+
+# Softmax, then any float casts and a dropout, into ``p @ v``.
+_PROBS = P.skip(P(CASTS, P.var("x"), where=_float_cast, users=1) | P(aten.dropout.default, P.var("x"), users=1),
+                P(SOFTMAX, SCORES, P.var("dim"), name="softmax", users=1), name="after")
+ATTENTION = (P(MATMUL, _PROBS, P.var("v"), name="out")
+             | P(aten.einsum.default, P.var("equation"), [_PROBS, P.var("v")], name="out",
+                 where=lambda n: _einsum_operands(n, "pv") is not None))
+
+# Whether an add's operand leads up to q @ k^T (it is the scores; the other is the bias).
+_REACHES_QK = P.skip(P(CASTS + SCALES + VIEWS, P.var("x")) | _fills(lambda c: c is not None), _qk(), max=7)
+
+# Constant scalings on q or k themselves.
+_PEEL = P.skip(P(SCALES, P.var("x"), P.var("c", where=_scale_factor)), P.var("t"), name="scalings")
+
+
+def _scaled(att: Attention, links: list) -> None:
+    for node, caps in links:
+        c = const_scalar(caps["c"])
         att.scale *= c if node.target in MULS else 1.0 / c
-        node = node.args[0]
-    return node
+
+
+def _peel(node, att: Attention):
+    caps = _PEEL.find(node)
+    _scaled(att, caps["scalings"])
+    return caps["t"]
 
 
 def _invert(not_keep):
@@ -340,18 +196,69 @@ def _invert(not_keep):
     return ("not", not_keep)
 
 
+def _attention(caps: dict) -> Optional[Attention]:
+    """The ``Attention`` a match of ``ATTENTION`` describes, or None if a count or space rule fails."""
+    p = caps["after"][0][0] if caps["after"] else caps["softmax"]  # what p @ v reads
+    if caps["v"] is p:
+        return None
+    masks, scalings = caps["masks"], caps["scalings"]
+    kinds = [("fill" in c, "bias" in c) for _, c in masks]
+    if sum(f for f, _ in kinds) > 1 or sum(b for _, b in kinds) > 1 or sum("e" in c for _, c in scalings) > 1:
+        return None
+    spaces = [tuple(val(n).shape) for (n, _), (f, b) in zip(masks, kinds) if f or b]
+    if len({len(s) for s in spaces}) > 1:
+        return None  # a mask and a bias in two groupings of the batch dims
+    qk = caps["qk"]
+    att = Attention(q=None, k_t=None, v=caps["v"], out=caps["out"], removed=[caps["softmax"]])
+    att.removed += [n for n, _ in caps["after"]][::-1] + [n for n, _ in masks + scalings] + [qk]
+    att.space = spaces[-1] if spaces else None
+    for node, _ in caps["after"][::-1]:
+        if node.target is aten.dropout.default:
+            p, train = node.args[1], node.args[2]
+            att.dropout_p = float(p) if train else 0.0
+    for (node, link), (is_fill, is_bias) in zip(masks, kinds):
+        if is_bias:
+            att.bias = link["bias"]
+        elif is_fill:
+            att.fill = const_scalar(link["fill"])
+            att.fill_then_bias = att.bias is not None
+            keep = link["keep"] if "keep" in link else _invert(link["not_keep"])
+            att.keep_mask = _unbroadcast(keep)
+    for node, link in scalings:
+        if "e" in link:
+            att.sqrt_head_dim = sym_sqrt_of(link["e"])
+    _scaled(att, [(n, c) for n, c in scalings if "c" in c])
+    if qk.target in MATMUL:
+        att.q, att.k_t = _peel(qk.args[0], att), _peel(qk.args[1], att)
+    else:
+        q, k = _einsum_operands(qk, "qk")
+        att.q, att.k = _peel(q, att), _peel(k, att)
+    return att
+
+
 def match(softmax: fx.Node) -> Optional[Attention]:
     """The attention around ``softmax``, or None if any precondition fails."""
     x, dim = softmax.args[0], softmax.args[1]
     vx = val(x)
     if not isinstance(vx, torch.Tensor) or dim % vx.dim() != vx.dim() - 1:
         return None
-    att = Attention(q=None, k_t=None, v=None, out=None, removed=[softmax])
-    if not _forward(softmax, att) or not _backward(x, att):
+    end = softmax
+    for _ in range(8):  # down the single users (casts, dropout) to the p @ v the pattern is rooted at
+        users = list(end.users)
+        if len(users) != 1:
+            return None
+        end = users[0]
+        caps = ATTENTION.find(end)
+        if caps is not None and caps["softmax"] is softmax:
+            break
+    else:
         return None
-    if att.bias is not None and att.keep_mask is None and _bias_as_keep(att.bias) is not None:
+    att = _attention(caps)
+    if att is None:
+        return None
+    if att.bias is not None and att.keep_mask is None and bias_as_keep(att.bias) is not None:
         # transformers adds where(keep, 0, finfo.min): a boolean mask with a finite fill.
-        keep, att.fill = _bias_as_keep(att.bias)
+        keep, att.fill = bias_as_keep(att.bias)
         att.keep_mask, att.bias = _unbroadcast(keep), None
     return att if _shapes_ok(att) else None
 
@@ -420,31 +327,8 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
     if q is att.q:
         sdpa.meta["val"] = val(att.out)
     att.out.replace_all_uses_with(out)
-    erase_unused(att.out)
-    _erase_matched(att.removed)  # dropout is "impure" to FX; SDPA took it over
+    erase_dead([att.out, *att.removed])  # dropout is "impure" to FX; SDPA took it over
     return kind
-
-
-def _erased(node: fx.Node) -> bool:
-    return not alive(node)
-
-
-def _erase_matched(nodes: list) -> None:
-    """Erase the matched chain's nodes that nothing uses any more, and what only they used."""
-    pending = [n for n in nodes if not _erased(n)]
-    while pending:
-        dead = [n for n in pending if not n.users]
-        if not dead:
-            return
-        for n in dead:
-            if _erased(n):  # already gone with an earlier node's inputs
-                continue
-            inputs = n.all_input_nodes
-            n.graph.erase_node(n)
-            for i in inputs:
-                if not _erased(i) and not i.users and i.op == "call_function":
-                    erase_unused(i)
-        pending = [n for n in pending if not _erased(n)]
 
 
 def attention_to_sdpa(gm: fx.GraphModule) -> Matches:
@@ -452,7 +336,7 @@ def attention_to_sdpa(gm: fx.GraphModule) -> Matches:
     counts = {"causal": 0, "mask-tensor": 0, "no-mask": 0}
     with memoized():  # one lift and proof per shared mask node, not per layer
         for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node.target not in SOFTMAX or _erased(node):
+            if node.op != "call_function" or node.target not in SOFTMAX or not alive(node):
                 continue
             att = match(node)
             if att is not None:

@@ -52,8 +52,8 @@ from typing import Optional
 import torch
 from torch import fx
 
-from ...core.graph import val
-from .common import activation_of, erase_unused, ids_bounded
+from ...core.graph import erase_dead, val
+from .common import activation_of, ids_bounded
 
 aten = torch.ops.aten
 
@@ -308,5 +308,5 @@ def rewrite(gm: fx.GraphModule, form: Batched) -> bool:
             result = g.call_function(aten.to.dtype, (out, val(form.end).dtype))
     form.end.replace_all_uses_with(result)
 
-    erase_unused(g, inside)
+    erase_dead(inside)
     return True

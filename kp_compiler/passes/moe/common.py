@@ -36,12 +36,3 @@ def ids_bounded(ids: fx.Node, experts: int) -> bool:
     dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
     probs = val(topk.args[0])
     return isinstance(probs, torch.Tensor) and dim in (-1, probs.dim() - 1) and probs.shape[-1] == experts
-
-
-def erase_unused(g: fx.Graph, nodes) -> None:
-    """Erase the replaced form's nodes, users first (in-place ops such as ``index_put_`` included,
-    which dead-code elimination keeps)."""
-    order = {n: i for i, n in enumerate(g.nodes)}
-    for n in sorted(nodes, key=order.__getitem__, reverse=True):
-        if not n.users:
-            g.erase_node(n)

@@ -31,8 +31,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import fx
 
-from ...core.graph import val
-from .common import activation_of, erase_unused, ids_bounded
+from ...core.graph import erase_dead, val
+from .common import activation_of, ids_bounded
 
 aten = torch.ops.aten
 
@@ -148,5 +148,5 @@ def rewrite(gm: fx.GraphModule, form: Dense) -> bool:
             form.x, form.ids, form.weights, [form.gate] if form.gate is not None else [], [form.up], [form.down],
             form.activation))
     form.end.replace_all_uses_with(out)
-    erase_unused(g, inside)
+    erase_dead(inside)
     return True

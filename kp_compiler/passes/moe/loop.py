@@ -47,10 +47,10 @@ import torch
 from torch import fx
 
 from ... import ops  # noqa: F401  (registers kp::routed_experts)
-from ...core.graph import alive, val
+from ...core.graph import alive, erase_dead, val
 from ...core.rules import Matches
 from . import batched as moe_batched, dense as moe_dense
-from .common import activation_of, erase_unused, ids_bounded
+from .common import activation_of, ids_bounded
 
 aten = torch.ops.aten
 _SIZE_CHECKS = {aten.sym_size.int, operator.ge, operator.le, operator.lt, operator.gt, operator.eq,
@@ -258,7 +258,7 @@ def _rewrite(gm: fx.GraphModule, loop: Loop) -> None:
     kind = "gated " if loop.steps[0].gate is not None else ""
     out.meta["kp_note"] = f"{len(loop.steps)} experts, {kind}{loop.steps[0].activation}, from an unrolled loop"
     loop.last.replace_all_uses_with(out)
-    erase_unused(g, step_nodes | set(checks) | wheres | {w.args[0] for w in wheres} | {loop.start})
+    erase_dead(step_nodes | set(checks) | wheres | {w.args[0] for w in wheres} | {loop.start})
 
 
 GROUPED_MM_ENV = "KP_MOE_REWRITE_GROUPED_MM"
