@@ -13,7 +13,7 @@ def python_blocks(path: Path):
 
 
 def test_writing_passes_example_runs(capsys):
-    (example,) = python_blocks(DOCS / "writing-passes.md")
+    example = python_blocks(DOCS / "writing-passes.md")[0]
     try:
         exec(compile(example, "writing-passes.md", "exec"), {})
     finally:
@@ -23,3 +23,13 @@ def test_writing_passes_example_runs(capsys):
     assert "my-cleanup         ok                 2" in printed
     assert "double-neg (writing-passes.md:" in printed and "square (writing-passes.md:" in printed
     assert "count-matmuls      ok                 1" in printed
+
+
+def test_writing_passes_region_example_runs(capsys):
+    blocks = python_blocks(DOCS / "writing-passes.md")
+    assert len(blocks) == 2
+    try:
+        exec(compile(blocks[1], "writing-passes.md", "exec"), {})
+    finally:
+        kp_compiler.unregister_pass("swish-to-silu")
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "[2, 8]"

@@ -48,6 +48,11 @@ def number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def is_call(node: Any, *targets) -> bool:
+    """``node`` calls one of ``targets`` (the one-node pattern ``P(targets)`` without captures)."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and _target_matches(targets, node.target)
+
+
 class P:
     """A pattern over one FX node (or one argument value); see the module docstring."""
 
@@ -64,9 +69,10 @@ class P:
         self._lit = _ANY
 
     @classmethod
-    def var(cls, name: Optional[str] = None, where: Optional[Callable] = None) -> "P":
+    def var(cls, name: Optional[str] = None, where: Optional[Callable] = None,
+            users: Union[int, Callable, None] = None) -> "P":
         """Any argument (node or constant), captured as ``name``."""
-        p = cls(name=name, where=where)
+        p = cls(name=name, where=where, users=users)
         p._is_var = True
         return p
 

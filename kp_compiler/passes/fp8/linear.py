@@ -42,7 +42,8 @@ import torch
 from torch import fx
 
 from ...core import context
-from ...core.graph import val
+from ...core.graph import erase_dead, val
+from ...core.pattern import P
 from ...core.rules import Matches
 from ...ops import fp8 as _fp8  # noqa: F401  (registers kp::fp8_linear)
 from ...ops import fp8_shared as _fp8_shared  # noqa: F401  (registers kp::fp8_cast_pair, kp::fp8_linear_shared)
@@ -95,9 +96,14 @@ def thresholds(device: DeviceInfo, emulate: bool, min_dims, train: bool = True) 
     return None if row is None else row["training" if train else "inference"]
 
 
+# What the pass converts: ``linear(x, w)`` or ``linear(x, w, b)``; ``decide`` says which and why.
+LINEAR = P(aten.linear.default, P.var("x"), P.var("w"))
+
+
 def decide(node: fx.Node, device: DeviceInfo, fp8: FP8Options, train: bool = True) -> tuple[bool, str]:
     """(convert, why) for one ``aten.linear`` node."""
-    x, w = node.args[0], node.args[1]
+    found = LINEAR.find(node)
+    x, w = found["x"], found["w"]
     path = module_path(w) if isinstance(w, fx.Node) else "?"
     if not (isinstance(w, fx.Node) and w.op == "placeholder"):
         return False, "weight is not a parameter of the graph"
@@ -152,7 +158,7 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: FP8Options, train: 
     recipe = fp8.recipe
     converted, decisions = {}, {}
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not aten.linear.default:
+        if LINEAR.find(node) is None:
             continue
         ok, why = decide(node, device, fp8, train)
         state = None
@@ -194,7 +200,7 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: FP8Options, train: 
         new.meta["val"] = val(node)
         new.meta["kp_note"] = f"fp8: converted, {recipe}{', input cast shared' if x in casts else ''} ({why})"
         node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        erase_dead([node])
         converted[recipe] = converted.get(recipe, 0) + 1
     if converted:
         gm.recompile()

@@ -53,6 +53,7 @@ import torch
 from torch import fx
 
 from ...core.graph import erase_dead, val
+from ...core.pattern import is_call
 from .common import activation_of, ids_bounded
 
 aten = torch.ops.aten
@@ -72,10 +73,6 @@ class Batched:
     grouped: bool = False  # the grouped_mm form (else batched_mm)
 
 
-def _is(node, *targets) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
-
-
 def _grouped_mm_targets() -> tuple:
     found = [aten._grouped_mm.default]
     fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
@@ -86,14 +83,14 @@ def _grouped_mm_targets() -> tuple:
 
 def _same_dtype_cast(node):
     """``node`` through a ``.to(dtype)`` that changes nothing (else the node itself)."""
-    if _is(node, aten.to.dtype, aten._to_copy.default) and val(node) is not None and val(node.args[0]) is not None \
+    if is_call(node, aten.to.dtype, aten._to_copy.default) and val(node) is not None and val(node.args[0]) is not None \
             and val(node).dtype == val(node.args[0]).dtype:
         return node.args[0], [node]
     return node, []
 
 
 def _transposed_param(node) -> Optional[fx.Node]:
-    if _is(node, aten.transpose.int) and sorted(node.args[1:3]) in ([-2, -1], [1, 2]):
+    if is_call(node, aten.transpose.int) and sorted(node.args[1:3]) in ([-2, -1], [1, 2]):
         return node.args[0]
     return None
 
@@ -109,10 +106,10 @@ class _Form:
     def unmask(self, node):
         """``node`` through transformers 5.17's expert-parallel sentinel mask, ``masked_fill(t, ge(sorted_ids,
         E).unsqueeze(-1), 0.0)`` (or ``masked_fill_``): all False when every id is below E (checked in ``_match``)."""
-        if not (_is(node, aten.masked_fill.Scalar, aten.masked_fill_.Scalar) and node.args[2] == 0.0):
+        if not (is_call(node, aten.masked_fill.Scalar, aten.masked_fill_.Scalar) and node.args[2] == 0.0):
             return node
         mask = node.args[1]
-        if not (_is(mask, aten.unsqueeze.default) and _is(mask.args[0], aten.ge.Scalar)):
+        if not (is_call(mask, aten.unsqueeze.default) and is_call(mask.args[0], aten.ge.Scalar)):
             return node
         self.nodes += [node, mask, mask.args[0]]
         self.sentinels.append(mask.args[0])
@@ -120,14 +117,14 @@ class _Form:
 
     def unclamp(self, ids):
         """``ids`` through ``clamp(ids, 0, E - 1)`` (transformers 5.17's batched form), recorded for the bound check."""
-        if _is(ids, aten.clamp.default):
+        if is_call(ids, aten.clamp.default):
             self.nodes.append(ids)
             self.sentinels.append(ids)
             return ids.args[0]
         return ids
 
     def take(self, node, *targets):
-        if not _is(node, *targets):
+        if not is_call(node, *targets):
             raise LookupError(node)
         self.nodes.append(node)
         return node
@@ -143,10 +140,10 @@ def _gated(form: _Form, h) -> tuple[str, fx.Node]:
     form.take(h, aten.mul.Tensor)
     for a, u in (h.args, h.args[::-1]):
         act = activation_of(a)
-        if act is None or not (_is(act[1], operator.getitem) and _is(u, operator.getitem)):
+        if act is None or not (is_call(act[1], operator.getitem) and is_call(u, operator.getitem)):
             continue
         chunk = act[1].args[0]
-        if not (_is(chunk, aten.chunk.default) and u.args[0] is chunk and act[1].args[1] == 0 and u.args[1] == 1
+        if not (is_call(chunk, aten.chunk.default) and u.args[0] is chunk and act[1].args[1] == 0 and u.args[1] == 1
                 and chunk.args[1] == 2 and chunk.args[2] in (-1, 1)):
             continue
         form.nodes += [a, act[1], u, chunk]
@@ -170,7 +167,7 @@ def _match(end: fx.Node) -> Optional[Batched]:
         return None
     view = form.take(end.args[0], aten.view.default, aten.reshape.default)
     y = view.args[0]
-    grouped = _is(y, aten.index.Tensor)
+    grouped = is_call(y, aten.index.Tensor)
     perm = None
     if grouped:  # y[inv]: undo the sort
         form.take(y, aten.index.Tensor)
@@ -181,7 +178,7 @@ def _match(end: fx.Node) -> Optional[Batched]:
         y = y.args[0]
     mul = form.take(y, aten.mul.Tensor)
     proj_down, route = mul.args
-    if _is(proj_down, aten.unsqueeze.default):
+    if is_call(proj_down, aten.unsqueeze.default):
         proj_down, route = route, proj_down
     form.take(route, aten.unsqueeze.default)
     flat_w = route.args[0]
@@ -242,16 +239,16 @@ def _offsets(form: _Form, offs, perm):
     cumsum = form.take(offs, aten.cumsum.default)
     histc = form.take(cumsum.args[0], aten.histc.default)
     sorted_ids = histc.args[0]
-    if _is(sorted_ids, aten.to.dtype, aten._to_copy.default):
+    if is_call(sorted_ids, aten.to.dtype, aten._to_copy.default):
         form.nodes.append(sorted_ids)
         sorted_ids = sorted_ids.args[0]
     form.take(sorted_ids, operator.getitem)
     for user in sorted_ids.users:  # transformers 5.17: ``sorted_ids.clamp_(max=E - 1)``, read by nothing after
-        if _is(user, aten.clamp_.default) and not user.users:
+        if is_call(user, aten.clamp_.default) and not user.users:
             form.nodes.append(user)
             form.sentinels.append(user)
     sort = form.take(sorted_ids.args[0], aten.sort.default)
-    if not (_is(perm, operator.getitem) and perm.args == (sort, 1)):
+    if not (is_call(perm, operator.getitem) and perm.args == (sort, 1)):
         raise LookupError(perm)
     form.nodes.append(perm)
     flat_ids = form.take(sort.args[0], aten.reshape.default, aten.view.default)
@@ -263,8 +260,8 @@ def _no_op_on_ids(guard: fx.Node, experts: int, form: _Form) -> bool:
     """A sentinel guard of transformers 5.17 that changes nothing when every id is in ``[0, E)``:
     ``ge(sorted_ids, E)`` (all False), or ``clamp(ids, lo, hi)`` / ``clamp_`` with ``lo <= 0`` and
     ``hi >= E - 1`` on the form's own ids."""
-    if _is(guard, aten.ge.Scalar):
-        return guard.args[1] >= experts and _is(guard.args[0], operator.getitem) and guard.args[0] in form.nodes
+    if is_call(guard, aten.ge.Scalar):
+        return guard.args[1] >= experts and is_call(guard.args[0], operator.getitem) and guard.args[0] in form.nodes
     lo = guard.args[1] if len(guard.args) > 1 else guard.kwargs.get("min")
     hi = guard.args[2] if len(guard.args) > 2 else guard.kwargs.get("max")
     return (lo is None or lo <= 0) and (hi is None or hi >= experts - 1) and guard.args[0] in form.nodes

@@ -32,13 +32,10 @@ import torch
 from torch import fx
 
 from ...core.graph import erase_dead, val
+from ...core.pattern import is_call
 from .common import activation_of, ids_bounded
 
 aten = torch.ops.aten
-
-
-def _is(node, *targets) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
 class Dense(NamedTuple):
@@ -55,23 +52,23 @@ class Dense(NamedTuple):
 
 def _weight_t(node) -> Optional[fx.Node]:
     """``w`` for ``w.transpose(1, 2)`` (or ``(-2, -1)``) of a 3-D ``w``."""
-    if _is(node, aten.transpose.int) and sorted(node.args[1:3]) in ([1, 2], [-2, -1]) and val(node.args[0]).dim() == 3:
+    if is_call(node, aten.transpose.int) and sorted(node.args[1:3]) in ([1, 2], [-2, -1]) and val(node.args[0]).dim() == 3:
         return node.args[0]
     return None
 
 
 def _combine(node) -> Optional[tuple]:
     """(ids, weights, nodes) for ``zeros(T, E).scatter(1, ids, weights).t().unsqueeze(-1)``."""
-    if not (_is(node, aten.unsqueeze.default) and node.args[1] in (-1, 2)):
+    if not (is_call(node, aten.unsqueeze.default) and node.args[1] in (-1, 2)):
         return None
     t = node.args[0]
-    if not (_is(t, aten.t.default) or (_is(t, aten.transpose.int) and sorted(t.args[1:3]) in ([0, 1], [-2, -1]))):
+    if not (is_call(t, aten.t.default) or (is_call(t, aten.transpose.int) and sorted(t.args[1:3]) in ([0, 1], [-2, -1]))):
         return None
     scatter = t.args[0]
-    if not (_is(scatter, aten.scatter.src, aten.scatter_.src) and scatter.args[1] in (1, -1)):
+    if not (is_call(scatter, aten.scatter.src, aten.scatter_.src) and scatter.args[1] in (1, -1)):
         return None
     zeros, ids, weights = scatter.args[0], scatter.args[2], scatter.args[3]
-    if not (_is(zeros, aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default)):
+    if not (is_call(zeros, aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default)):
         return None
     return ids, weights, [node, t, scatter, zeros]
 
@@ -79,15 +76,15 @@ def _combine(node) -> Optional[tuple]:
 def match(end: fx.Node) -> Optional[Dense]:
     """The dense form ending in ``end``, else None."""
 
-    if not (_is(end, aten.sum.dim_IntList) and list(end.args[1]) == [0] and not end.kwargs
+    if not (is_call(end, aten.sum.dim_IntList) and list(end.args[1]) == [0] and not end.kwargs
             and not (len(end.args) > 2 and end.args[2])):
         return None
     mul = end.args[0]
-    if not _is(mul, aten.mul.Tensor):
+    if not is_call(mul, aten.mul.Tensor):
         return None
     for y, c in (mul.args, mul.args[::-1]):
         combine = _combine(c)
-        if combine is not None and _is(y, aten.bmm.default):
+        if combine is not None and is_call(y, aten.bmm.default):
             break
     else:
         return None
@@ -102,21 +99,21 @@ def match(end: fx.Node) -> Optional[Dense]:
     if act is not None:  # ungated
         activation, up_mm, gate_mm = act[0], act[1], None
     else:
-        if not _is(h, aten.mul.Tensor):
+        if not is_call(h, aten.mul.Tensor):
             return None
         for a, u in (h.args, h.args[::-1]):
             act = activation_of(a)
-            if act is not None and _is(act[1], aten.bmm.default) and _is(u, aten.bmm.default):
+            if act is not None and is_call(act[1], aten.bmm.default) and is_call(u, aten.bmm.default):
                 activation, gate_mm, up_mm = act[0], act[1], u
                 nodes.append(a)
                 break
         else:
             return None
     mms = [m for m in (gate_mm, up_mm) if m is not None]
-    if not all(_is(m, aten.bmm.default) for m in mms) or len({m.args[0] for m in mms}) != 1:
+    if not all(is_call(m, aten.bmm.default) for m in mms) or len({m.args[0] for m in mms}) != 1:
         return None
     expand = mms[0].args[0]
-    if not (_is(expand, aten.expand.default) and _is(expand.args[0], aten.unsqueeze.default)
+    if not (is_call(expand, aten.expand.default) and is_call(expand.args[0], aten.unsqueeze.default)
             and expand.args[0].args[1] == 0):
         return None
     x = expand.args[0].args[0]
@@ -126,7 +123,7 @@ def match(end: fx.Node) -> Optional[Dense]:
     nodes += [*mms, *(m.args[1] for m in mms), expand, expand.args[0]]
     gate, up = (params if gate_mm is not None else [None, params[0]])
     E = val(down).shape[0]
-    if not (_is(ids, operator.getitem) and ids_bounded(ids, E)):
+    if not (is_call(ids, operator.getitem) and ids_bounded(ids, E)):
         return None
     xv, wv = val(x), val(weights)
     if xv is None or wv is None or xv.dim() != 2 or wv.dtype != xv.dtype:

@@ -48,6 +48,7 @@ from torch import fx
 
 from ... import ops  # noqa: F401  (registers kp::routed_experts)
 from ...core.graph import alive, erase_dead, val
+from ...core.pattern import P
 from ...core.rules import Matches
 from . import batched as moe_batched, dense as moe_dense
 from .common import activation_of, ids_bounded
@@ -83,11 +84,14 @@ def _one_user(node: fx.Node) -> bool:
     return len(node.users) == 1
 
 
-def _linear_of(node, xs) -> Optional[fx.Node]:
-    """The weight of ``linear(xs, w)`` or ``linear(xs, w, b)``, else None (``_bias_of`` gives ``b``)."""
-    if not isinstance(node, fx.Node) or node.target is not aten.linear.default or len(node.args) not in (2, 3):
-        return None
-    return node.args[1] if node.args[0] is xs else None
+def _linear(x: P, weight: str, **kw) -> P:
+    """``linear(x, w)`` or ``linear(x, w, b)``, ``b`` a node or None."""
+    return P(aten.linear.default, x, P.var(weight), where=_linear_args, **kw)
+
+
+def _linear_args(node: fx.Node) -> bool:
+    return len(node.args) in (2, 3) and (len(node.args) == 2 or node.args[2] is None
+                                         or isinstance(node.args[2], fx.Node))
 
 
 def _bias_of(node) -> Optional[fx.Node]:
@@ -95,91 +99,41 @@ def _bias_of(node) -> Optional[fx.Node]:
     return bias if isinstance(bias, fx.Node) else None
 
 
-def _routing(node) -> Optional[tuple[fx.Node, int, fx.Node]]:
-    """(ids, e, where) for ``tok = where(ids == e)[0]``."""
-    if not (isinstance(node, fx.Node) and node.target is operator.getitem and node.args[1] == 0):
-        return None
-    where = node.args[0]
-    if not (isinstance(where, fx.Node) and where.target is aten.where.default and len(where.args) == 1):
-        return None
-    eq = where.args[0]
-    if not (isinstance(eq, fx.Node) and eq.target is aten.eq.Scalar and isinstance(eq.args[1], int)):
-        return None
-    return eq.args[0], eq.args[1], where
+def _act(inner: P, **kw) -> P:
+    return P((aten.silu.default, aten.relu.default, aten.gelu.default), inner, **kw)
 
 
-def _routing_weight(node, tok, where) -> Optional[fx.Node]:
-    """``weights`` for ``weights.unsqueeze(-1)[tok, slot]``."""
-    if not (isinstance(node, fx.Node) and node.target is aten.index.Tensor):
-        return None
-    src, idx = node.args
-    if len(idx) != 2 or idx[0] is not tok:
-        return None
-    slot = idx[1]
-    if not (isinstance(slot, fx.Node) and slot.target is operator.getitem and slot.args == (where, 1)):
-        return None
-    if not (isinstance(src, fx.Node) and src.target is aten.unsqueeze.default and src.args[1] in (2, -1)):
-        return None
-    return src.args[0]
+def _xs(users: int) -> P:
+    """``x[tok]``: the tokens routed to this step's expert."""
+    return P(aten.index.Tensor, P.var("x"), [P.var("tok")], name="xs", users=users)
+
+
+_TOK = P(operator.getitem, P(aten.where.default, P(aten.eq.Scalar, P.var("ids"), P.var("e", where=lambda e: isinstance(e, int))),
+                             where=lambda n: len(n.args) == 1, name="where"), 0, name="tok")
+# weights.unsqueeze(-1)[tok, slot], slot = where(ids == e)[1]
+_RW = P(aten.index.Tensor, P(aten.unsqueeze.default, P.var("weights"), P.var(where=lambda d: d in (2, -1)), name="unsq"),
+        [P.var("tok"), P(operator.getitem, P.var("where"), 1, where=lambda n: len(n.args) == 2)], name="rw", users=1)
+_GATED = P(aten.mul.Tensor, _act(_linear(_xs(2), "w_gate", name="gate_lin", users=1), name="act", users=1),
+           _linear(_xs(2), "w_up", name="up_lin", users=1), commute=True, name="h", users=1)
+_UNGATED = _act(_linear(_xs(1), "w_up", name="up_lin", users=1), name="act", users=1)
+# out = out.index_add(0, tok, linear(h, w_down) * routing weight)
+STEP = P(aten.index_add.default, P.var("acc"), 0, _TOK,
+         P(aten.mul.Tensor, _linear(_UNGATED | _GATED, "w_down", name="down_lin", users=1), _RW, commute=True,
+           name="y", users=1), where=lambda n: len(n.args) == 4 and not n.kwargs)
 
 
 def _step(add: fx.Node) -> Optional[tuple[Step, fx.Node, fx.Node, fx.Node, fx.Node]]:
     """(step, x, ids, weights, accumulator) for one ``index_add``, else None."""
-    if add.target is not aten.index_add.default or len(add.args) != 4 or add.args[1] != 0 or add.kwargs:
+    c = STEP.find(add)
+    if c is None:
         return None
-    acc, _, tok, y = add.args
-    routing = _routing(tok)
-    if routing is None or not isinstance(y, fx.Node) or y.target is not aten.mul.Tensor or not _one_user(y):
-        return None
-    ids, e, where = routing
-    for out, rw in (y.args, y.args[::-1]):
-        weights = _routing_weight(rw, tok, where)
-        if weights is not None and isinstance(out, fx.Node) and out.target is aten.linear.default:
-            break
-    else:
-        return None
-    if len(out.args) not in (2, 3) or not _one_user(out) or not _one_user(rw):
-        return None
-    h, w_down = out.args[:2]
-    if len(out.args) == 3 and out.args[2] is not None and not isinstance(out.args[2], fx.Node):
-        return None
-    ungated = _ungated(h, tok, add, y, rw, out, e, w_down)
-    if ungated is not None:
-        return ungated
-    if not (isinstance(h, fx.Node) and h.target is aten.mul.Tensor and _one_user(h)):
-        return None
-    for a, u in (h.args, h.args[::-1]):
-        act = activation_of(a)
-        if act is None or not _one_user(a):
-            continue
-        gate_lin = act[1]
-        xs = gate_lin.args[0] if isinstance(gate_lin, fx.Node) and gate_lin.args else None
-        if not (isinstance(xs, fx.Node) and xs.target is aten.index.Tensor and list(xs.args[1]) == [tok]):
-            continue
-        w_gate, w_up = _linear_of(gate_lin, xs), _linear_of(u, xs)
-        if w_gate is None or w_up is None or not (_one_user(gate_lin) and _one_user(u)) or len(xs.users) != 2:
-            continue
-        nodes = [add, y, rw, out, h, a, gate_lin, u, xs, rw.args[0]]
-        step = Step(e, w_gate, w_up, w_down, act[0], nodes, (_bias_of(gate_lin), _bias_of(u), _bias_of(out)))
-        return step, xs.args[0], ids, weights, acc
-    return None
-
-
-def _ungated(h, tok, add, y, rw, out, e, w_down):
-    """The step for ``h = act(linear(xs, w_up))`` (GELU/ReLU experts), else None."""
-    act = activation_of(h)
-    if act is None or not _one_user(h):
-        return None
-    lin = act[1]
-    xs = lin.args[0] if isinstance(lin, fx.Node) and lin.args else None
-    if not (isinstance(xs, fx.Node) and xs.target is aten.index.Tensor and list(xs.args[1]) == [tok]):
-        return None
-    w_up = _linear_of(lin, xs)
-    if w_up is None or not _one_user(lin) or not _one_user(xs):
-        return None
-    step = Step(e, None, w_up, w_down, act[0], [add, y, rw, out, h, lin, xs, rw.args[0]],
-                (None, _bias_of(lin), _bias_of(out)))
-    return step, xs.args[0], _routing(tok)[0], rw.args[0].args[0], add.args[0]
+    gated = "h" in c
+    nodes = [add, c["y"], c["rw"], c["down_lin"], c["act"], c["up_lin"], c["xs"], c["unsq"]]
+    nodes += [c["h"], c["gate_lin"]] if gated else []
+    biases = (_bias_of(c["gate_lin"]) if gated else None, _bias_of(c["up_lin"]), _bias_of(c["down_lin"]))
+    step = Step(c["e"], c["w_gate"] if gated else None, c["w_up"], c["w_down"], activation_of(c["act"])[0],
+                nodes, biases)
+    return step, c["x"], c["ids"], c["weights"], c["acc"]
 
 
 def _where_users_ok(where: fx.Node, step_nodes: set) -> Optional[list]:
