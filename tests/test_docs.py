@@ -33,3 +33,13 @@ def test_writing_passes_region_example_runs(capsys):
     finally:
         kp_compiler.unregister_pass("swish-to-silu")
     assert capsys.readouterr().out.strip().splitlines()[-1] == "[2, 8]"
+
+
+def test_architecture_file_table_is_generated_from_the_source():
+    from kp_compiler.testing import layout
+
+    text = (DOCS / "architecture.md").read_text()
+    assert layout.BEGIN in text and layout.END in text
+    assert text == layout.render(text), "docs/architecture.md is stale: run python -m kp_compiler.testing.layout"
+    for path in layout.modules().values():
+        assert f"`{path.relative_to(layout.PACKAGE).as_posix()}`" in text

@@ -1,5 +1,6 @@
-"""One matched attention site: what ``attention-to-sdpa`` found around a softmax (``attention.py``) and what
-the SDPA emission reads (``attention_sdpa_mask.py``)."""
+"""One matched attention site: what ``attention-to-sdpa`` found (``match.py``) and what the SDPA emission reads.
+
+``sdpa_mask.py`` turns its mask fields into what SDPA gets."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What the three expert-loop recognizers share (``moe.py``, ``moe_batched.py``, ``moe_dense.py``)."""
+"""What the three expert-form recognizers share (``loop.py``, ``batched.py``, ``dense.py``): activations, routing ids."""
 
 from __future__ import annotations
 
