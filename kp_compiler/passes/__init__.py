@@ -7,7 +7,7 @@ from ..core.pass_manager import register_pass
 from .attention.match import attention_to_sdpa
 from .attention.kernels import choose_attention_kernels
 from .fp8.linear import convert_fp8_linears, fp8_applies
-from .moe.loop import moe_dispatch
+from .moe.dispatch import moe_dispatch
 from .cleanup.noop import noop_elimination
 
 # Anchors: what a Dynamo graph must call for the pass to have work (core/pass_manager.register_pass).

@@ -1,1 +1,1 @@
-"""Mixture-of-experts dispatch: expert loops (``loop.py``), transformers' batched forms (``batched.py``), the dense masked form (``dense.py``), what they share (``common.py``)."""
+"""Mixture-of-experts dispatch: the ``moe-dispatch`` pass (``dispatch.py``: one recognizer, one emitter) over three forms: expert loops (``loop.py``), transformers' batched forms (``batched.py``), the dense masked form (``dense.py``); ``common.py`` holds the ``Experts`` description, ``emit`` and shared helpers."""

@@ -1,6 +1,6 @@
 """Hugging Face transformers v5's batched expert forms onto one ``kp::routed_experts`` op.
 
-Part of ``moe-dispatch`` (``moe.py`` matches the ``for e in range(E)`` loop).
+Part of ``moe-dispatch`` (``dispatch.py``; ``loop.py`` matches the ``for e in range(E)`` loop).
 Both forms keep the experts as 3-D parameters, ``gate_up [E, 2f, d]`` (gate
 rows first) or ``up [E, f, d]``, and ``down [E, d, f]``, and end in
 ``y.view(T, k, d).sum(1)``.
@@ -46,31 +46,16 @@ the form's dtype.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import fx
 
-from ...core.graph import erase_dead, val
+from ...core.graph import val
 from ...core.pattern import is_call
-from .common import activation_of, ids_bounded
+from .common import Experts, activation_of, ids_bounded
 
 aten = torch.ops.aten
-
-
-@dataclass
-class Batched:
-    x: fx.Node
-    ids: fx.Node
-    weights: fx.Node
-    gate_up: Optional[fx.Node]  # [E, 2f, d], gate rows first; None when ungated
-    up: Optional[fx.Node]  # [E, f, d] for ungated experts
-    down: fx.Node
-    activation: str
-    end: fx.Node  # the sum over k
-    nodes: list  # everything the form alone uses
-    grouped: bool = False  # the grouped_mm form (else batched_mm)
 
 
 def _grouped_mm_targets() -> tuple:
@@ -151,7 +136,7 @@ def _gated(form: _Form, h) -> tuple[str, fx.Node]:
     raise LookupError(h)
 
 
-def match(end: fx.Node) -> Optional[Batched]:
+def match(end: fx.Node) -> Optional[Experts]:
     """The form ending in ``end`` (``sum(view(y, [T, k, d]), [1])``), else None."""
     try:
         return _match(end)
@@ -159,7 +144,7 @@ def match(end: fx.Node) -> Optional[Batched]:
         return None
 
 
-def _match(end: fx.Node) -> Optional[Batched]:
+def _match(end: fx.Node) -> Optional[Experts]:
 
     form = _Form()
     form.take(end, aten.sum.dim_IntList)
@@ -206,7 +191,8 @@ def _match(end: fx.Node) -> Optional[Batched]:
         return None
     if not all(_no_op_on_ids(guard, E, form) for guard in form.sentinels):
         return None
-    return Batched(x, ids, weights, gate_up, up, down, activation, end, form.nodes, grouped)
+    return Experts("batched", x, ids, weights, [], [up] if up is not None else [], [down], activation, end,
+                   form.nodes, gate_up=gate_up, grouped=grouped)
 
 
 def _projection(form: _Form, node, grouped: bool, perm):
@@ -278,32 +264,3 @@ def _projection_input(form: _Form, proj, grouped: bool, perm):
         return param, flat_ids, inp.args[0]
     rep = form.take(inp, aten.repeat_interleave.self_int)
     return param, flat_ids, rep.args[0]
-
-
-def rewrite(gm: fx.GraphModule, form: Batched) -> bool:
-    """Replace the form by one ``kp::routed_experts`` call; False (graph untouched) if an
-    intermediate value has a user outside the form."""
-    inside = set(form.nodes)
-    if any(n is not form.end and any(u not in inside for u in n.users) for n in form.nodes):
-        return False
-    g = gm.graph
-    with g.inserting_before(form.end):
-        weights = form.weights
-        if val(weights).dtype != val(form.x).dtype:
-            weights = g.call_function(aten.to.dtype, (weights, val(form.x).dtype))
-        if form.gate_up is not None:  # the stacked halves, so the gradient is one slice_backward each
-            f = val(form.gate_up).shape[1] // 2
-            gate = [g.call_function(aten.slice.Tensor, (form.gate_up, 1, 0, f))]
-            up = [g.call_function(aten.slice.Tensor, (form.gate_up, 1, f, 2 * f))]
-        else:
-            gate, up = [], [form.up]
-        down = [form.down]
-        out = g.call_function(torch.ops.kp.routed_experts.default,
-                              (form.x, form.ids, weights, gate, up, down, form.activation))
-        result = out
-        if val(form.end).dtype != val(form.x).dtype:
-            result = g.call_function(aten.to.dtype, (out, val(form.end).dtype))
-    form.end.replace_all_uses_with(result)
-
-    erase_dead(inside)
-    return True

@@ -26,28 +26,16 @@ intermediate is used only by the form.
 from __future__ import annotations
 
 import operator
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import fx
 
-from ...core.graph import erase_dead, val
+from ...core.graph import val
 from ...core.pattern import is_call
-from .common import activation_of, ids_bounded
+from .common import Experts, activation_of, ids_bounded
 
 aten = torch.ops.aten
-
-
-class Dense(NamedTuple):
-    x: fx.Node
-    ids: fx.Node
-    weights: fx.Node
-    gate: Optional[fx.Node]  # [E, f, d]; None for ungated experts
-    up: fx.Node
-    down: fx.Node
-    activation: str
-    end: fx.Node  # the sum over experts
-    nodes: list  # everything the form alone uses
 
 
 def _weight_t(node) -> Optional[fx.Node]:
@@ -73,7 +61,7 @@ def _combine(node) -> Optional[tuple]:
     return ids, weights, [node, t, scatter, zeros]
 
 
-def match(end: fx.Node) -> Optional[Dense]:
+def match(end: fx.Node) -> Optional[Experts]:
     """The dense form ending in ``end``, else None."""
 
     if not (is_call(end, aten.sum.dim_IntList) and list(end.args[1]) == [0] and not end.kwargs
@@ -130,20 +118,4 @@ def match(end: fx.Node) -> Optional[Dense]:
         return None
     if list(val(zeros).shape) != [xv.shape[0], E] or any(val(p).dtype != xv.dtype for p in (*params, down)):
         return None
-    return Dense(x, ids, weights, gate, up, down, activation, end, nodes)
-
-
-def rewrite(gm: fx.GraphModule, form: Dense) -> bool:
-    """Replace the form by one op; False (graph untouched) if an intermediate is used outside it."""
-
-    inside = set(form.nodes)
-    if any(n is not form.end and any(u not in inside for u in n.users) for n in form.nodes):
-        return False
-    g = gm.graph
-    with g.inserting_before(form.end):
-        out = g.call_function(torch.ops.kp.routed_experts.default, (
-            form.x, form.ids, form.weights, [form.gate] if form.gate is not None else [], [form.up], [form.down],
-            form.activation))
-    form.end.replace_all_uses_with(out)
-    erase_dead(inside)
-    return True
+    return Experts("dense", x, ids, weights, [gate] if gate is not None else [], [up], [down], activation, end, nodes)

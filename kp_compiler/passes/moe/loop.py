@@ -1,4 +1,4 @@
-"""``moe-dispatch``: an unrolled expert loop onto one ``kp::routed_experts`` op.
+"""The unrolled expert loop form of ``moe-dispatch`` (``dispatch.py``): one ``STEP`` pattern per expert.
 
 Matches the loop as Dynamo captures it with
 ``torch._dynamo.config.capture_dynamic_output_shape_ops = True``: a chain of
@@ -39,19 +39,15 @@ After::
 from __future__ import annotations
 
 import operator
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import fx
 
-from ... import ops  # noqa: F401  (registers kp::routed_experts)
-from ...core.graph import alive, erase_dead, val
+from ...core.graph import val
 from ...core.pattern import P
-from ...core.rules import Matches
-from . import batched as moe_batched, dense as moe_dense
-from .common import activation_of, ids_bounded
+from .common import Experts, activation_of, ids_bounded
 
 aten = torch.ops.aten
 _SIZE_CHECKS = {aten.sym_size.int, operator.ge, operator.le, operator.lt, operator.gt, operator.eq,
@@ -68,16 +64,6 @@ class Step:
     activation: str
     nodes: list = field(default_factory=list)  # what the step alone uses, to erase
     biases: tuple = (None, None, None)  # (gate, up, down) bias nodes, None where a linear has none
-
-
-@dataclass
-class Loop:
-    x: fx.Node
-    ids: fx.Node
-    weights: fx.Node
-    steps: list
-    last: fx.Node  # the final index_add
-    start: fx.Node  # zeros_like(x)
 
 
 def _one_user(node: fx.Node) -> bool:
@@ -154,7 +140,7 @@ def _where_users_ok(where: fx.Node, step_nodes: set) -> Optional[list]:
     return checks
 
 
-def match(last: fx.Node) -> Optional[Loop]:
+def match(last: fx.Node) -> Optional[Experts]:
     """The expert loop ending in the ``index_add`` ``last``, or None."""
     steps, cur = [], last
     x = ids = weights = None
@@ -185,81 +171,20 @@ def match(last: fx.Node) -> Optional[Loop]:
                tuple(None if b is None else tuple(val(b).shape) for b in s.biases)) for s in steps}
     if len(shapes) != 1:
         return None  # one weight shape per role, and every expert with or without each bias
-    return Loop(x, ids, weights, sorted(steps, key=lambda s: s.expert), last, start)
-
-
-def _rewrite(gm: fx.GraphModule, loop: Loop) -> None:
-    g = gm.graph
-    step_nodes = {n for s in loop.steps for n in s.nodes}
-    wheres = {s.nodes[0].args[2].args[0] for s in loop.steps}  # tok = getitem(where, 0)
+    steps.sort(key=lambda s: s.expert)
+    step_nodes = {n for s in steps for n in s.nodes}
+    wheres = {s.nodes[0].args[2].args[0] for s in steps}  # tok = getitem(where, 0)
     checks = []
     for where in wheres:
         found = _where_users_ok(where, step_nodes)
         if found is None:
-            return
+            return None
         checks += found
-    weights = ([s.gate for s in loop.steps if s.gate is not None], [s.up for s in loop.steps],
-               [s.down for s in loop.steps])
-    biases = tuple([s.biases[i] for s in loop.steps if s.biases[i] is not None] for i in range(3))
-    with g.inserting_before(loop.last):
-        if any(biases):
-            out = g.call_function(torch.ops.kp.routed_experts_biased.default,
-                                  (loop.x, loop.ids, loop.weights, *weights, *biases, loop.steps[0].activation))
-        else:
-            out = g.call_function(torch.ops.kp.routed_experts.default,
-                                  (loop.x, loop.ids, loop.weights, *weights, loop.steps[0].activation))
-    out.meta["val"] = val(loop.last)
-    kind = "gated " if loop.steps[0].gate is not None else ""
-    out.meta["kp_note"] = f"{len(loop.steps)} experts, {kind}{loop.steps[0].activation}, from an unrolled loop"
-    loop.last.replace_all_uses_with(out)
-    erase_dead(step_nodes | set(checks) | wheres | {w.args[0] for w in wheres} | {loop.start})
-
-
-GROUPED_MM_ENV = "KP_MOE_REWRITE_GROUPED_MM"
-GROUPED_MM_KEPT = ("transformers grouped_mm experts left as they are: on an H100 the routed op ran them "
-                   "slower than Inductor does (bench hf-mixtral-grouped-mm: 0.91x inference, 0.74x training "
-                   f"step); {GROUPED_MM_ENV}=1 rewrites them anyway")
-
-
-def moe_dispatch(gm: fx.GraphModule) -> Matches:
-    """Rewrite every provable expert loop in ``gm``; matches counted per activation.
-
-    transformers' ``grouped_mm`` experts already run as grouped GEMMs and were
-    measured faster left alone, so that form is rewritten only with
-    ``KP_MOE_REWRITE_GROUPED_MM=1`` (the report's notes say when one was kept).
-    """
-    counts: dict = {}  # by activation, "gated-" prefixed for gated experts
-    notes: list = []
-    grouped_ok = os.environ.get(GROUPED_MM_ENV, "0") == "1"
-    for node in reversed(list(gm.graph.nodes)):
-        if node.target is not aten.index_add.default or not alive(node):
-            continue
-        if any(u.target is aten.index_add.default and u.args[0] is node for u in node.users):
-            continue  # not the end of a chain
-        loop = match(node)
-        if loop is None:
-            continue
-        _rewrite(gm, loop)
-        if not not alive(loop.last):
-            continue  # _rewrite declined
-        kind = ("gated-" if loop.steps[0].gate is not None else "") + loop.steps[0].activation
-        kind += "-biased" if any(b is not None for b in loop.steps[0].biases) else ""
-        counts[kind] = counts.get(kind, 0) + 1
-    for node in reversed(list(gm.graph.nodes)):  # the batched forms end in a sum over k or over experts
-        if node.target is not aten.sum.dim_IntList or not alive(node):
-            continue
-        form = moe_batched.match(node)
-        if form is not None and form.grouped and not grouped_ok:
-            notes.append(GROUPED_MM_KEPT)
-            continue
-        if form is not None and moe_batched.rewrite(gm, form):
-            kind = ("gated-" if form.gate_up is not None else "") + form.activation + "-batched"
-        else:
-            dense = moe_dense.match(node)
-            if dense is None or not moe_dense.rewrite(gm, dense):
-                continue
-            kind = ("gated-" if dense.gate is not None else "") + dense.activation + "-dense"
-        counts[kind] = counts.get(kind, 0) + 1
-    if counts:
-        gm.recompile()
-    return Matches(counts, notes)
+    first = steps[0]
+    gated = "gated " if first.gate is not None else ""
+    return Experts(
+        "loop", x, ids, weights, [s.gate for s in steps if s.gate is not None], [s.up for s in steps],
+        [s.down for s in steps], first.activation, last,
+        [*step_nodes, *checks, *wheres, *(w.args[0] for w in wheres), start],
+        biases=tuple([s.biases[i] for s in steps if s.biases[i] is not None] for i in range(3)),
+        note=f"{len(steps)} experts, {gated}{first.activation}, from an unrolled loop")

@@ -1,0 +1,78 @@
+"""``moe-dispatch``: every recognized expert block onto one ``kp::routed_experts`` op.
+
+One recognizer (``recognize``) over the three forms the pass knows, each
+returning the same ``Experts`` description, and one emitter (``common.emit``):
+
+- ``loop.py``: an unrolled expert loop, a chain of ``index_add`` (ends at the last one);
+- ``batched.py``: transformers v5's ``batched_mm`` / ``grouped_mm`` experts (end in a sum over k);
+- ``dense.py``: every expert on every token, then masked (ends in a sum over experts).
+
+Before (the loop form, one of E steps; see each form's module for its own)::
+
+    %index_add = aten.index_add.default(%zeros_like, 0, %getitem_2, %mul_1) : f32[10, 16]
+
+After::
+
+    %routed_experts = kp.routed_experts.default(%x, %ids, %weights, [%w_gate_0, ...], [%w_up_0, ...], [%w_down_0, ...], 'silu') : f32[10, 16]
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import torch
+from torch import fx
+
+from ...core.graph import alive
+from ...core.pattern import is_call
+from ...core.rules import Matches
+from . import batched, dense, loop
+from .common import Experts, emit
+
+aten = torch.ops.aten
+
+GROUPED_MM_ENV = "KP_MOE_REWRITE_GROUPED_MM"
+GROUPED_MM_KEPT = ("transformers grouped_mm experts left as they are: on an H100 the routed op ran them "
+                   "slower than Inductor does (bench hf-mixtral-grouped-mm: 0.91x inference, 0.74x training "
+                   f"step); {GROUPED_MM_ENV}=1 rewrites them anyway")
+
+
+def recognize(node: fx.Node) -> Iterator[Experts]:
+    """The expert blocks ending at ``node``, in the order to try them (at most one per form)."""
+    if is_call(node, aten.index_add.default):
+        if any(is_call(u, aten.index_add.default) and u.args[0] is node for u in node.users):
+            return  # not the end of a chain
+        found = loop.match(node)
+        if found is not None:
+            yield found
+    elif is_call(node, aten.sum.dim_IntList):
+        for form in (batched, dense):
+            found = form.match(node)
+            if found is not None:
+                yield found
+
+
+def moe_dispatch(gm: fx.GraphModule) -> Matches:
+    """Rewrite every provable expert block in ``gm``; matches counted per kind (``Experts.kind``).
+
+    transformers' ``grouped_mm`` experts already run as grouped GEMMs and were
+    measured faster left alone, so that form is rewritten only with
+    ``KP_MOE_REWRITE_GROUPED_MM=1`` (the report's notes say when one was kept).
+    """
+    counts: dict = {}
+    notes: list = []
+    grouped_ok = os.environ.get(GROUPED_MM_ENV, "0") == "1"
+    for node in reversed(list(gm.graph.nodes)):
+        if not alive(node):
+            continue
+        for experts in recognize(node):
+            if experts.grouped and not grouped_ok:
+                notes.append(GROUPED_MM_KEPT)
+                break
+            if emit(gm, experts):
+                counts[experts.kind] = counts.get(experts.kind, 0) + 1
+                break
+    if counts:
+        gm.recompile()
+    return Matches(counts, notes)
