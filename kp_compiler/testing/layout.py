@@ -36,8 +36,8 @@ def table() -> str:
     for name, path in modules().items():
         rel = path.relative_to(PACKAGE).as_posix()
         lines.append(f"| `{rel}` | {_summary(path)} | {', '.join(sorted(out_layers.get(name, ()))) or '-'} |")
-    edge_text = ", ".join(f"`{a} -> {b}` ({n})" for (a, b), n in sorted(layer_edges(es).items()))
-    return "\n".join([f"{len(modules())} modules, {len(es)} import edges; between layers: {edge_text}.", "",
+    edge_text = ", ".join(f"`{a} -> {b}`" for (a, b) in sorted(layer_edges(es)))
+    return "\n".join([f"{len(modules())} modules; imports between layers: {edge_text}.", "",
                       *lines])
 
 

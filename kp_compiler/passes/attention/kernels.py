@@ -31,6 +31,7 @@ from ...core.graph import erase_dead
 from ...core.rules import Matches
 from ...core.target import Target
 from . import flex
+from .site import META_KEY, SdpaTag
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 KERNEL_CHOICES = ("auto", "sdpa", "flex")
@@ -90,12 +91,12 @@ def _flex_refusal(case: AttentionCase, prefer: str) -> str:
     return ""
 
 
-def _case_of(node: fx.Node, info: dict, device: DeviceInfo, lowering: str, train: bool) -> AttentionCase:
+def _case_of(node: fx.Node, info: SdpaTag, device: DeviceInfo, lowering: str, train: bool) -> AttentionCase:
     q, k, v = (val(a) for a in node.args[:3])
     static = all(isinstance(d, int) for t in (q, k, v) for d in t.shape)
     return AttentionCase(
         device=device, dtype=q.dtype, head_dim=q.shape[-1] if isinstance(q.shape[-1], int) else -1,
-        mask=info.get("mask_kind", "tensor"), train=train,
+        mask=info.mask_kind, train=train,
         dropout=bool(node.kwargs.get("dropout_p", 0.0)), static_shapes=static and q.dim() == 4,
         lowering=lowering,
     )
@@ -109,23 +110,23 @@ def select_attention_kernels(
     ``train``: a backward may run (grad mode on and an input that requires
     grad); the graph's fake values do not carry ``requires_grad``.
 
-    The decision and its reason land in ``node.meta["kp_attention"]`` (``kernel``, ``why``).
+    The decision and its reason land in the node's ``SdpaTag`` (``node.meta[META_KEY]``: ``kernel``, ``why``).
     """
     counts = {"flex": 0}
     for node in list(gm.graph.nodes):
-        info = node.meta.get("kp_attention")
-        if node.target is not SDPA or not info or "mask_mod" not in info:
+        info = node.meta.get(META_KEY)
+        if node.target is not SDPA or not isinstance(info, SdpaTag) or info.mask_kind != "mask_mod":
             continue
         choice = choose(_case_of(node, info, device, lowering, train), prefer)
-        info.update(kernel=choice.kernel, why=choice.why)
+        info.kernel, info.why = choice.kernel, choice.why
         note = node.meta.get("kp_note", "")
         node.meta["kp_note"] = f"{note}; kernel: sdpa ({choice.why})"
         if choice.kernel != "flex":
             continue
         mask = node.kwargs.get("attn_mask")
-        refusal = flex.replace_sdpa(gm, node, info["mask_mod"], info["mask_mod_text"], info.get("score_bias"))
+        refusal = flex.replace_sdpa(gm, node, info.mask_mod, info.mask_mod_text, info.score_bias)
         if refusal:
-            info.update(kernel="sdpa", why=refusal)
+            info.kernel, info.why = "sdpa", refusal
             node.meta["kp_note"] = f"{note}; kernel: sdpa ({refusal})"
             continue
         if isinstance(mask, fx.Node):

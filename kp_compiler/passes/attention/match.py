@@ -58,7 +58,7 @@ from .layout import gqa_source, regroup, untranspose
 from .mask_mod import memoized
 from .scalars import CASTS, bias_as_keep, cast_dtype, const_scalar, is_mask_fill, sym_sqrt_of
 from .sdpa_mask import note, sdpa_mask, tag
-from .site import Attention
+from .site import META_KEY, Attention
 
 aten = torch.ops.aten
 
@@ -320,8 +320,8 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
         if q is not att.q:
             out = g.call_function(aten.reshape.default, (out, list(val(att.out).shape)))
     kind = "causal" if causal else ("mask-tensor" if mask is not None else "no-mask")
-    sdpa.meta["kp_attention"] = info = tag(kind, att.lifted, att.score_bias)
-    if info.get("mask_kind") == "mask_mod":
+    sdpa.meta[META_KEY] = info = tag(kind, att.lifted, att.score_bias)
+    if info.mask_kind == "mask_mod":
         sdpa.meta["kp_note"] = note(info)
     out.meta["val"] = val(att.out)  # until shape propagation: a later attention may read it (stacked layers)
     if q is att.q:

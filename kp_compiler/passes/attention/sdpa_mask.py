@@ -12,7 +12,6 @@ the SDPA node for ``passes/attention/kernels.py`` and for the dumps.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
@@ -22,9 +21,7 @@ from ...core.graph import val
 from .masks import holds_lower_triangle, is_causal_keep_mask, tril_buffer_source
 from .mask_mod import describe, every_row_attends, lift_mask_mod
 from .score_mod import describe_bias, lift_score_bias
-
-if TYPE_CHECKING:
-    from .site import Attention
+from .site import Attention, SdpaTag
 
 aten = torch.ops.aten
 CAUSAL_MASK_MODS = ("kv_idx <= q_idx", "q_idx >= kv_idx")  # describe() spellings of a causal mask
@@ -96,18 +93,18 @@ def sdpa_mask(g: fx.Graph, att: Attention, L, S, dtype):
     fill = g.call_function(aten.masked_fill.Scalar, (zeros, masked_out, att.fill))
     return (fill if bias is None else g.call_function(aten.add.Tensor, (bias, fill))), False
 
-def tag(kind: str, mask_mod, score_bias=None) -> dict:
-    """What the lowering's kernel choice reads off the SDPA node (``passes/attention/kernels.py``).
+def tag(kind: str, mask_mod, score_bias=None) -> SdpaTag:
+    """What the kernel choice (``passes/attention/kernels.py``) reads off the SDPA node.
 
     ``mask_mod`` may be None with a ``score_bias`` (a bias and no boolean mask): no block mask then.
     """
     if (mask_mod is not None or score_bias is not None) and kind != "causal":
-        return {"mask": kind, "mask_kind": "mask_mod", "mask_mod": mask_mod,
-                "mask_mod_text": describe(mask_mod) if mask_mod is not None else "",
-                "score_bias": score_bias, "score_bias_text": describe_bias(score_bias) if score_bias else ""}
-    return {"mask": kind, "mask_kind": {"causal": "causal", "no-mask": "none"}.get(kind, "tensor")}
+        return SdpaTag(kind, "mask_mod", mask_mod, describe(mask_mod) if mask_mod is not None else "",
+                       score_bias, describe_bias(score_bias) if score_bias else "")
+    return SdpaTag(kind, {"causal": "causal", "no-mask": "none"}.get(kind, "tensor"))
 
-def note(info: dict) -> str:
-    parts = [f"mask_mod: {info['mask_mod_text']}"] if info["mask_mod_text"] else []
-    parts += [f"score_mod: score + {info['score_bias_text']}"] if info["score_bias_text"] else []
+
+def note(info: SdpaTag) -> str:
+    parts = [f"mask_mod: {info.mask_mod_text}"] if info.mask_mod_text else []
+    parts += [f"score_mod: score + {info.score_bias_text}"] if info.score_bias_text else []
     return "; ".join(parts)

@@ -30,3 +30,26 @@ class Attention:
     lifted: Optional[object] = None  # the keep mask as a mask_mod, when it is index arithmetic
     score_bias: Optional[object] = None  # the bias as bias_fn(b, h, q_idx, kv_idx), when it is index arithmetic
     nan_rows: Optional[fx.Node] = None  # keep mask whose fully masked rows must come out NaN, as in eager
+
+
+META_KEY = "kp_attention"  # node.meta key of an SdpaTag, on the SDPA nodes attention-to-sdpa emits
+
+
+@dataclass
+class SdpaTag:
+    """What ``attention-to-sdpa`` tells the later ``attention-kernels`` pass about one SDPA node it emitted.
+
+    Stored as ``node.meta[META_KEY]``. ``mask_kind`` is what the kernel table
+    keys on; only ``"mask_mod"`` nodes (a mask or bias lifted to index
+    arithmetic) can move to FlexAttention. ``kernel``/``why`` are filled in
+    by ``attention-kernels``.
+    """
+
+    mask: str  # the report's match kind: "causal", "mask-tensor", "no-mask"
+    mask_kind: str  # "causal", "none", "tensor", or "mask_mod"
+    mask_mod: Optional[object] = None  # mask_mod(b, h, q_idx, kv_idx) -> bool, or None (a bias alone)
+    mask_mod_text: str = ""
+    score_bias: Optional[object] = None  # bias_fn(b, h, q_idx, kv_idx), for a score_mod
+    score_bias_text: str = ""
+    kernel: str = ""  # "sdpa" or "flex", once attention-kernels chose
+    why: str = ""
