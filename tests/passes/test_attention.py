@@ -423,3 +423,23 @@ def test_a_slice_to_a_symbolic_length_is_not_a_crash_in_the_pass():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
     (rec,) = [p for p in records[0].passes if p.name == "attention-to-sdpa"]
     assert rec.status == "ok", rec.reason
+
+
+@pytest.mark.parametrize("T", [16, 8], ids=["full-length", "shorter"])
+def test_tril_buffer_at_full_length_is_causal(T):
+    """Issue 16: ``bias[:, :, :T, :T]`` with ``T == block_size`` canonicalizes to ``aten.alias`` of the
+    whole buffer, not a slice; it is the same causal mask as at ``T < block_size``."""
+    from kp_compiler.testing.models import Block
+
+    model, x = Block(d=32, heads=4, max_len=16), torch.randn(2, T, 32)
+    compiled, out, records = compile_and_collect(model, (x,), constant_buffers=True)
+    (rec,) = [p for p in records[0].passes if p.name == "attention-to-sdpa"]
+    assert rec.by_rule == {"causal": 1}
+    assert len(records[0].guards) == 1
+    xa, xb = torch.randn(2, T, 32, requires_grad=True), None
+    xb = xa.detach().clone().requires_grad_()
+    got, want = compiled(xa), model(xb)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.square().sum().backward()
+    want.square().sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)

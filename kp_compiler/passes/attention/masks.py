@@ -136,14 +136,20 @@ def is_causal_keep_mask(node, L, S) -> bool:
 
 
 def _top_left_slice_source(node, L, S) -> Optional[fx.Node]:
-    """The placeholder ``P`` when ``node`` is ``P[..., :L, :S]`` (slices from 0, step 1)."""
+    """The placeholder ``P`` when ``node`` is ``P[..., :L, :S]`` (slices from 0, step 1).
+
+    Slicing the whole buffer (``T == block_size``) canonicalizes to ``aten.alias``: looked through too.
+    """
     v = val(node)
     if not isinstance(v, torch.Tensor) or v.dim() < 2:
         return None
     if not (_same(v.shape[-2], L) and _same(v.shape[-1], S)):
         return None
     rank = v.dim()
-    while isinstance(node, fx.Node) and node.target is aten.slice.Tensor:
+    while isinstance(node, fx.Node) and node.target in (aten.slice.Tensor, aten.alias.default):
+        if node.target is aten.alias.default:
+            node = node.args[0]
+            continue
         args = list(node.args) + [None] * (5 - len(node.args))
         dim, start, step = args[1], args[2], args[4]
         if dim % rank not in (rank - 2, rank - 1) or start not in (None, 0) or step not in (None, 1):
