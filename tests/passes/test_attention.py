@@ -75,6 +75,19 @@ def bool_padding_mask(q, k, v):
     return torch.softmax((q @ k.transpose(-2, -1) / math.sqrt(D)).masked_fill(~keep, float("-inf")), -1) @ v
 
 
+def inplace_div_scale(q, k, v):
+    """Falcon's spelling: the scores scaled in place (``/=`` on a fresh matmul result)."""
+    s = q @ k.transpose(-2, -1)
+    s /= math.sqrt(D)
+    return torch.softmax(s, -1) @ v
+
+
+def inplace_mul_scale(q, k, v):
+    s = torch.matmul(q, k.transpose(-2, -1))
+    s.mul_(0.125)
+    return torch.softmax(s, -1) @ v
+
+
 def tril_ones(q, k, v):
     keep = torch.tril(torch.ones(L, L)).bool()
     return torch.softmax((q @ k.transpose(-2, -1)).masked_fill(~keep, float("-inf")), -1) @ v
@@ -99,6 +112,8 @@ SPELLINGS = {
     "softmax-dtype-upcast": (upcast, {"no-mask": 1}),
     "float-upcast": (upcast_float, {"no-mask": 1}),
     "dropout-in-eval": (dropout_off, {"no-mask": 1}),
+    "inplace-div-scale": (inplace_div_scale, {"no-mask": 1}),
+    "inplace-mul-scale": (inplace_mul_scale, {"no-mask": 1}),
     "einsum": (einsum_spelled, {"no-mask": 1}),
 }
 
@@ -443,3 +458,19 @@ def test_tril_buffer_at_full_length_is_causal(T):
     got.square().sum().backward()
     want.square().sum().backward()
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_scaling_of_scores_read_elsewhere_is_left_alone():
+    """The scores are also read before the in-place scaling: SDPA would not reproduce that reader's value."""
+    def fn(q, k, v):
+        s = q @ k.transpose(-2, -1)
+        total = s.sum()
+        s.div_(2.0)
+        return torch.softmax(s, -1) @ v, total
+
+    inputs = qkv()
+    gm = canonical(fn, inputs)
+    assert attention_to_sdpa(gm) == 0
+    fresh = [torch.randn_like(t) for t in inputs]
+    for a, b in zip(gm(*fresh), fn(*fresh)):
+        torch.testing.assert_close(a, b)

@@ -65,7 +65,10 @@ aten = torch.ops.aten
 SOFTMAX = (aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)
 MATMUL = (aten.matmul.default, aten.bmm.default)
 SCALES = (aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar)
-MULS = (aten.mul.Tensor, aten.mul.Scalar)
+# Scaling the scores in place (Falcon: ``scores /= sqrt(d)``) writes only to storage the chain owns:
+# every link up to ``q @ k^T`` has this chain as its only reader, so no one else sees the write.
+IN_PLACE_SCALES = (aten.mul_.Tensor, aten.div_.Tensor, aten.mul_.Scalar, aten.div_.Scalar)
+MULS = (aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor, aten.mul_.Scalar)
 VIEWS = (aten.view.default, aten.reshape.default)
 
 
@@ -155,8 +158,8 @@ _regroup = P(VIEWS, P.var("x"), where=_regroups_batch, users=_one_reader)
 _fill = _fills(is_mask_fill, users=_one_reader)
 _bias = P(aten.add.Tensor, P.var("x", where=lambda n: _REACHES_QK.find(n) is not None),
           P.var("bias", where=_is_node), commute=True, where=_alpha_one, users=_one_reader)
-_div_sqrt = P((aten.div.Tensor, aten.div.Scalar), P.var("x"), P.var("e", where=sym_sqrt_of), users=_one_reader)
-_scale = P(SCALES, P.var("x"), P.var("c", where=_scale_factor), users=_one_reader)
+_div_sqrt = P((aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor, aten.div_.Scalar), P.var("x"), P.var("e", where=sym_sqrt_of), users=_one_reader)
+_scale = P(SCALES + IN_PLACE_SCALES, P.var("x"), P.var("c", where=_scale_factor), users=_one_reader)
 
 # Masks first (nearest the softmax), then scalings: ``(s + bias) * c`` would scale the bias too.
 SCORES = P.skip(_cast | _regroup | _fill | _bias,
