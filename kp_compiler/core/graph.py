@@ -221,8 +221,8 @@ def alive(node: fx.Node) -> bool:
         return any(n is node for n in node.graph.nodes)
 
 
-def erase_dead(nodes: Iterable[fx.Node]) -> None:
-    """Erase the replaced ``nodes`` nothing uses any more, then what only they kept alive.
+def erase_dead(nodes: Iterable[fx.Node]) -> set:
+    """Erase the replaced ``nodes`` nothing uses any more, then what only they kept alive; return the erased.
 
     The project's one dead-code eraser. The listed nodes go once unused,
     whatever they are (the caller replaced them: a random op such as dropout,
@@ -231,20 +231,24 @@ def erase_dead(nodes: Iterable[fx.Node]) -> None:
     unused, pure and not in-place. Only ``call_function`` nodes are erased:
     a placeholder is part of the graph's calling convention.
     """
-    pending = [n for n in nodes if isinstance(n, fx.Node) and n.op == "call_function" and alive(n)]
+    listed = dict.fromkeys(n for n in nodes if isinstance(n, fx.Node) and n.op == "call_function")
+    pending = [n for n in listed if alive(n)]
+    gone: set = set()
     inputs: list = []
     while pending:
         dead = [n for n in pending if not n.users]
         if not dead:
             break
         for n in dead:
-            if alive(n):  # not already gone as an earlier node's input
-                inputs.extend(n.all_input_nodes)
-                n.graph.erase_node(n)
-        pending = [n for n in pending if alive(n)]
+            inputs.extend(n.all_input_nodes)
+            n.graph.erase_node(n)
+            gone.add(n)
+        pending = [n for n in pending if n not in gone]
     while inputs:
         n = inputs.pop()
-        if n.users or n.op != "call_function" or n.is_impure() or is_mutating(n) or not alive(n):
+        if n in gone or n.users or n.op != "call_function" or n.is_impure() or is_mutating(n):
             continue
         inputs.extend(n.all_input_nodes)
         n.graph.erase_node(n)
+        gone.add(n)
+    return gone

@@ -36,7 +36,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx
 
-from .graph import alive, erase_dead, fake_execution, is_mutating
+from .graph import erase_dead, fake_execution, is_mutating
 from .pattern import P  # noqa: F401  (the rule API's pattern: ``from kp_compiler.core.rules import P`` keeps working)
 
 @dataclass
@@ -151,9 +151,10 @@ class RuleSet:
 
     def _one_round(self, graph: fx.Graph, counts: dict) -> int:
         fired = 0
+        erased: set = set()
         state: dict = {}  # analyses rules may cache for this round
         for node in list(graph.nodes):
-            if node.op != "call_function" or not node.users or not alive(node):
+            if node in erased or node.op != "call_function" or not node.users:
                 continue
             for rule in self.rules:
                 captures: dict = {}
@@ -164,7 +165,7 @@ class RuleSet:
                     continue
                 node.replace_all_uses_with(new)
                 if not is_mutating(node):  # in-place ops stay: their effect is not the value
-                    erase_dead([node])
+                    erased |= erase_dead([node])
                 counts[rule.key] += 1
                 fired += 1
                 break

@@ -81,7 +81,8 @@ def test_erase_dead_takes_a_chain_users_first_then_pure_inputs_only():
     sin = nodes_of(gm, aten.sin.default)[0]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     add_ = nodes_of(gm, aten.add_.Tensor)[0]
-    erase_dead([dropout, cos, *placeholders])
+    gone = erase_dead([dropout, cos, *placeholders])
+    assert gone == {cos, dropout, sin}, "it returns exactly what it erased"
     assert not alive(cos) and not alive(dropout), "listed nodes go even if impure, users first"
     assert not alive(sin), "a pure input nothing else reads follows"
     assert all(alive(p) for p in placeholders), "placeholders (even unused ones) are the calling convention"
