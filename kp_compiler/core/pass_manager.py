@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 from torch import fx
 
@@ -40,7 +40,8 @@ log = logging.getLogger("kp_compiler.passes")
 PassFn = Callable[[fx.GraphModule], int]
 
 _REGISTRY: dict[str, PassFn] = {}
-_ANCHORS: dict[str, Optional[tuple[str, ...]]] = {}  # per pass: what it needs in a Dynamo graph (see register_pass)
+Anchor = Union[str, Callable[[fx.Node], bool]]
+_ANCHORS: dict[str, Optional[tuple[Anchor, ...]]] = {}  # per pass: what it needs in a Dynamo graph (see register_pass)
 _APPLIES: dict[str, Callable] = {}  # per pass: applies(target, options) -> None, or why it does not apply
 _DEFAULT: list[str] = []
 _LISTENERS: list = []  # called after the registry changes (the backend renews its identity for Dynamo)
@@ -104,7 +105,7 @@ class _Watchdog:
 
 
 def register_pass(name: str, fn: PassFn, *, default: bool = False, replace: bool = False,
-                  anchors: Optional[Sequence[str]] = None, applies: Optional[Callable] = None) -> PassFn:
+                  anchors: Optional[Sequence[Anchor]] = None, applies: Optional[Callable] = None) -> PassFn:
     """Register ``fn`` as the pass ``name`` so ``options={"passes": [...]}`` can select it.
 
     Args:
@@ -116,7 +117,10 @@ def register_pass(name: str, fn: PassFn, *, default: bool = False, replace: bool
         anchors: op names without which the pass has nothing to do, matched
             (case-insensitively, as substrings) against the targets of the
             Dynamo graph's calls: ``("softmax",)`` for a pass that starts
-            from a softmax. ``()`` for a pass that only prepares the graph
+            from a softmax. An anchor may also be a predicate on a Dynamo
+            graph node (its docstring's first line names it in the report),
+            for a call that only counts with certain arguments (an SDPA call
+            with an ``attn_mask``). ``()`` for a pass that only prepares the graph
             for other passes. ``None`` (the default): the pass always runs.
             When every chosen pass has anchors and none is in a graph, the
             graph skips canonicalization and the passes and is lowered as
@@ -137,7 +141,7 @@ def register_pass(name: str, fn: PassFn, *, default: bool = False, replace: bool
         raise ValueError(f"a pass named {name!r} is already registered; pass replace=True to override it")
     changed = name in _REGISTRY and _REGISTRY[name] is not fn
     _REGISTRY[name] = fn
-    _ANCHORS[name] = None if anchors is None else tuple(a.lower() for a in anchors)
+    _ANCHORS[name] = None if anchors is None else tuple(a.lower() if isinstance(a, str) else a for a in anchors)
     if applies is None:
         _APPLIES.pop(name, None)
     else:
@@ -210,9 +214,23 @@ def idle_reason(gm: fx.GraphModule, names: Sequence[str], target=None, options=N
         wanted += anchors
     targets = _call_targets(gm)
     for anchor in wanted:
-        if any(anchor in t for t in targets):
+        if isinstance(anchor, str) and any(anchor in t for t in targets):
             return None
-    return f"the graph has no {' or '.join(sorted(set(wanted)))}" if wanted else "no pass looks for anything"
+        if callable(anchor) and any(anchor(n) for n in _call_nodes(gm)):
+            return None
+    names = sorted({a if isinstance(a, str) else (a.__doc__ or a.__name__).strip().splitlines()[0] for a in wanted})
+    return f"the graph has no {' or '.join(names)}" if wanted else "no pass looks for anything"
+
+
+def _call_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Every call node of ``gm`` and of the graphs nested in it (regions' bodies)."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op in ("call_function", "call_method"):
+            out.append(n)
+        elif n.op == "get_attr" and isinstance(getattr(gm, str(n.target), None), fx.GraphModule):
+            out += _call_nodes(getattr(gm, str(n.target)))
+    return out
 
 
 def _call_targets(gm: fx.GraphModule) -> list[str]:

@@ -4,6 +4,7 @@ This file is the one place that registers and orders them.
 """
 
 from ..core.pass_manager import register_pass
+from .attention.given import sdpa_with_mask
 from .attention.match import attention_to_sdpa
 from .attention.kernels import choose_attention_kernels
 from .fp8.linear import convert_fp8_linears, fp8_applies
@@ -14,10 +15,10 @@ from .cleanup.noop import noop_elimination
 # noop-elimination only clears the way for the others (Inductor and XLA drop no-ops themselves; the eager
 # lowering, a debugging aid, keeps them), so alone it is no reason to canonicalize a graph.
 register_pass("noop-elimination", noop_elimination, default=True, anchors=())
-register_pass("attention-to-sdpa", attention_to_sdpa, default=True, anchors=("softmax",))
+register_pass("attention-to-sdpa", attention_to_sdpa, default=True, anchors=("softmax", sdpa_with_mask))
 # The kernel for each SDPA node attention-to-sdpa tagged with a lifted mask: SDPA or FlexAttention (the table
 # in attention_kernels.py, read against the target's device row).
-register_pass("attention-kernels", choose_attention_kernels, default=True, anchors=("softmax",))
+register_pass("attention-kernels", choose_attention_kernels, default=True, anchors=("softmax", sdpa_with_mask))
 # Default, but the backend leaves it out where no fused kernel would run the op (lowering/moe.py).
 register_pass("moe-dispatch", moe_dispatch, default=True, anchors=("topk",))
 # Last: it converts the linears the others left. Only with options["fp8"] (its applies says so otherwise).

@@ -58,8 +58,13 @@ def test_idle_reason_reads_the_anchors_of_every_pass():
     mlp = _graph(MLP(d=8, hidden=16), torch.randn(2, 8))
     att = _graph(Attention(), *(torch.randn(1, 2, 4, 8) for _ in range(3)))
     defaults = ["noop-elimination", "attention-to-sdpa", "moe-dispatch"]
-    assert idle_reason(mlp, defaults) == "the graph has no softmax or topk"
+    assert idle_reason(mlp, defaults) == "the graph has no masked sdpa or softmax or topk"
     assert idle_reason(att, defaults) is None
+    qkv = [torch.randn(1, 2, 4, 8) for _ in range(3)]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    assert idle_reason(_graph(lambda q, k, v: sdpa(q, k, v, is_causal=True), *qkv), defaults) is not None
+    masked = _graph(lambda q, k, v: sdpa(q, k, v, attn_mask=torch.ones(4, 4, dtype=torch.bool).tril()), *qkv)
+    assert idle_reason(masked, defaults) is None, "an SDPA mask may be index arithmetic to lift"
     assert idle_reason(mlp, ["noop-elimination"]) == "no pass looks for anything"
     kp_compiler.register_pass("test-no-anchors", lambda gm: 0, replace=True)
     try:
@@ -74,7 +79,7 @@ def test_a_graph_without_anchors_is_lowered_as_dynamo_captured_it(tmp_path):
     compiled, out, records = compile_and_collect(model, (torch.randn(4, 8),), dump_dir=str(tmp_path))
     (rec,) = records
     assert rec.passes == [] and not rec.fallbacks
-    idle = {s["pass"] for s in rec.skipped if "nothing to rewrite (the graph has no softmax" in s["reason"]}
+    idle = {s["pass"] for s in rec.skipped if "nothing to rewrite (the graph has no masked sdpa or softmax" in s["reason"]}
     assert idle == set(kp_compiler.default_passes()) - {"moe-dispatch"}, rec.skipped
     assert rec.nodes_in == rec.nodes_out > 0
     files = os.listdir(load_report(tmp_path)["graphs"][0]["dump"])

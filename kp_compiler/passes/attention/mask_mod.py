@@ -45,6 +45,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ...core.graph import val
 from ...core.pattern import number
 from .masks import _arange_length, _skip_full_slices
+from .subgraph import evaluate
+from .value_masks import recognise
 
 aten = torch.ops.aten
 
@@ -245,7 +247,8 @@ def _zero_dim_constant(node: fx.Node):
 def lift_mask_mod(keep: fx.Node, L: Any = None, S: Any = None) -> Optional[Callable]:
     """``mask_mod(b, h, q_idx, kv_idx)`` equal to the boolean ``keep`` grid, or None.
 
-    With static ``L`` and ``S`` the claim is also proven: the mask subgraph
+    A mask this module cannot read op by op may still be recognised by its
+    value (``value_masks.py``). With static ``L`` and ``S`` the claim is also proven: the mask subgraph
     (index arithmetic only, so it reads no input) is run for real and must
     equal the lifted function on the whole ``L x S`` grid.
     """
@@ -271,10 +274,10 @@ def memoized() -> Iterator[None]:
 def _lift_and_prove(keep: fx.Node, L: Any, S: Any) -> Optional[Callable]:
     lifted = _lift(keep, {})
     if not isinstance(lifted, Field) or len(lifted.shape) > 4:
-        return None
+        return recognise(keep, L, S)  # ops no mask_mod spells (gathers, cumsum): by value, if it reads no input
     # Only the query and key axes may vary: batch and head dims must be size 1 (broadcast).
     if any(not _known(lifted.shape[-p] == 1) for p in range(3, len(lifted.shape) + 1)):
-        return None
+        return recognise(keep, L, S)  # e.g. expanded over the batch: the same grid for each batch, by value
     rank = len(lifted.shape)
     ones = {p for p in (1, 2) if p <= rank and _known(lifted.shape[-p] == 1)}
     for p, size in ((1, S), (2, L)):  # the mask must cover the scores' grid, or broadcast along it
@@ -307,30 +310,6 @@ def every_row_attends(mask_mod: Callable, L: Any, S: Any) -> bool:
         if len(_ROWS) > 256:
             _ROWS.pop(next(iter(_ROWS)))
     return _ROWS[key]
-
-
-def evaluate(root: fx.Node) -> Optional[torch.Tensor]:
-    """Run the subgraph behind ``root`` for real; None if it reads anything but constants it builds."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    nodes, seen, work = [], set(), [root]
-    while work:
-        n = work.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op != "call_function":
-            return None
-        nodes.append(n)
-        work.extend(n.all_input_nodes)
-    order = {n: i for i, n in enumerate(root.graph.nodes)}
-    graph, env = fx.Graph(), {}
-    for n in sorted(nodes, key=order.__getitem__):
-        env[n] = graph.node_copy(n, env.__getitem__)
-    graph.output(env[root])
-    with unset_fake_temporarily(), torch.no_grad():
-        out = fx.GraphModule(torch.nn.Module(), graph)()
-    return out if isinstance(out, torch.Tensor) else None
 
 
 def _same_on_grid(keep: fx.Node, mask_mod: Callable, L: int, S: int) -> bool:

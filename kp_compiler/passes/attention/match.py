@@ -15,6 +15,10 @@ Views that regroup static batch dims ([B*H, L, S] <-> [B, H, L, S]) may sit in
 the chain (MBart adds its mask in the 4-D view of 3-D scores); SDPA then runs
 on q, k, v viewed the same way and the result is viewed back.
 
+SDPA calls already in the graph (transformers' ``sdpa`` path) get their
+``attn_mask`` proven the same way (``given.py``): causal becomes
+``is_causal``, other structured masks are tagged for ``attention-kernels``.
+
 Emits ``aten.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p,
 is_causal, scale=c)``; ``is_causal=True`` (and no mask) when the boolean mask
 is proven causal (``attention_masks.is_causal_keep_mask``), else the mask
@@ -54,6 +58,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ...core.graph import alive, erase_dead, val
 from ...core.pattern import P
 from ...core.rules import Matches
+from .given import lift_given_sdpa
 from .layout import gqa_source, regroup, untranspose
 from .mask_mod import memoized
 from .scalars import CASTS, bias_as_keep, cast_dtype, const_scalar, is_mask_fill, sym_sqrt_of
@@ -336,7 +341,7 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
 
 def attention_to_sdpa(gm: fx.GraphModule) -> Matches:
     """Rewrite every provable attention in ``gm`` to SDPA; matches counted per mask kind."""
-    counts = {"causal": 0, "mask-tensor": 0, "no-mask": 0}
+    counts = {"causal": 0, "mask-tensor": 0, "no-mask": 0, "sdpa-causal": 0, "sdpa-mask_mod": 0}
     with memoized():  # one lift and proof per shared mask node, not per layer
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in SOFTMAX or not alive(node):
@@ -344,6 +349,11 @@ def attention_to_sdpa(gm: fx.GraphModule) -> Matches:
             att = match(node)
             if att is not None:
                 counts[_rewrite(gm, att)] += 1
+        for node in list(gm.graph.nodes):  # SDPA calls the model made itself (transformers' sdpa path)
+            kind = lift_given_sdpa(gm, node) if node.op == "call_function" and alive(node) else None
+            if kind is not None:
+                counts[kind] += 1
+    erase_dead([n for n in gm.graph.nodes if n.meta.get("kp_made") and not n.users])  # unused helper nodes
     if any(counts.values()):
         gm.recompile()
     return Matches(counts)

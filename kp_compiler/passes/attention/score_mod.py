@@ -31,7 +31,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import fx
 
-from .mask_mod import Field, _known, _lift, _Sym, evaluate
+from .mask_mod import Field, _known, _lift, _Sym
+from .subgraph import evaluate
 
 _TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
