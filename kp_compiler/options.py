@@ -65,7 +65,7 @@ OPTION_DOCS = (  # (key, values, default), markdown; docs/architecture.md's tabl
      "`True`: registered buffers are constants a rewrite may rely on (nanoGPT's `tril` mask becomes `is_causal` under a version guard; writes through `.data` are not seen)",
      '`False`'),
     ('attention_kernel',
-     '`"auto"` (the table in `passes/attention/kernels.py`), `"sdpa"` (never FlexAttention), `"flex"` (FlexAttention wherever it can run, the CPU included)',
+     '`"auto"` (the table in `passes/attention/kernel_table.py`), `"sdpa"` (never FlexAttention), `"flex"` (FlexAttention wherever it can run, the CPU included)',
      '`"auto"`'),
     ('fp8',
      '`None` (off), `True`, or a dict: `recipe` (`"tensorwise"` (default), `"rowwise"`, `"delayed"`, `"static"`: see [docs/passes/fp8.md](passes/fp8.md)), `include` / `exclude` (globs on module paths), `emulate` (bool: convert on any device through the exact emulation), `min_dims` (`[M, K, N]` thresholds replacing the device\'s size-table row), `history_len` (delayed: amax history length, 1 to 1024, default 16), `margin` (delayed: scale headroom in powers of 2, 0 to 8, default 0), `fast_accum` (bool, default `True`: the forward GEMM accumulates with the GPU\'s fast FP8 mode; gradients never do)',

@@ -150,7 +150,7 @@ def devices_markdown() -> str:
         "",
         "- Lowering: `auto` picks `xla` for tensors on an XLA device and Inductor for everything else;",
         "  `eager` runs the rewritten graph op by op on any device.",
-        "- Attention (`passes/attention/kernels.py`): SDPA everywhere (`is_causal` when the mask is proven causal;",
+        "- Attention (`passes/attention/kernel_table.py`): SDPA everywhere (`is_causal` when the mask is proven causal;",
         "  torch's dispatcher picks flash, cuDNN, memory-efficient or math). Masks built from index arithmetic",
         "  go to FlexAttention where the FlexAttention column allows it (\"inference\": only without a backward,",
         "  and on the CPU only with `attention_kernel=\"flex\"`), with the Inductor lowering and static shapes;",

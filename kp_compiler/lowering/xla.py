@@ -3,7 +3,7 @@
 The rewritten graph goes to torch_xla's ``openxla`` backend, which runs
 AOTAutograd and hands the forward and backward graphs to XLA, so training
 works as with Inductor. Passes see the target through the kernel table
-(``passes/attention/kernels.py``): no Triton kernel and no FlexAttention is chosen
+(``passes/attention/kernel_table.py``): no Triton kernel and no FlexAttention is chosen
 for XLA; attention stays SDPA, which XLA lowers itself.
 """
 

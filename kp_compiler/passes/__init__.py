@@ -17,7 +17,7 @@ from .cleanup.noop import noop_elimination
 register_pass("noop-elimination", noop_elimination, default=True, anchors=())
 register_pass("attention-to-sdpa", attention_to_sdpa, default=True, anchors=("softmax", sdpa_with_mask))
 # The kernel for each SDPA node attention-to-sdpa tagged with a lifted mask: SDPA or FlexAttention (the table
-# in attention_kernels.py, read against the target's device row).
+# in attention/kernel_table.py, read against the target's device row).
 register_pass("attention-kernels", choose_attention_kernels, default=True, anchors=("softmax", sdpa_with_mask))
 # Default, but the backend leaves it out where no fused kernel would run the op (lowering/moe.py).
 register_pass("moe-dispatch", moe_dispatch, default=True, anchors=("topk",))

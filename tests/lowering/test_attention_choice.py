@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kp_compiler.core import devices as capabilities
-from kp_compiler.passes.attention.kernels import AttentionCase, choose
+from kp_compiler.passes.attention.kernel_table import AttentionCase, choose
 from kp_compiler.core.devices import DeviceInfo
 
 H100 = DeviceInfo("cuda", (9, 0), "H100")

@@ -62,10 +62,24 @@ def replace_sdpa(gm: fx.GraphModule, sdpa: fx.Node, mask_mod: Optional[Callable]
 
     ``mask_mod`` None: no block mask (every pair attends); ``score_bias``: ``score_mod`` adds it.
     """
+    q, k, v = sdpa.args[:3]
+    refusal = splice(gm, sdpa, q, k, v, scale=sdpa.kwargs.get("scale"), gqa=bool(sdpa.kwargs.get("enable_gqa")),
+                     mask_mod=mask_mod, key=key, score_bias=score_bias)
+    if refusal is None:
+        repeated = [a for a in sdpa.args[1:3] if isinstance(a, fx.Node)]
+        erase_dead([sdpa, *repeated])
+    return refusal
+
+
+def splice(gm: fx.GraphModule, replaced: fx.Node, q, k, v, *, scale, gqa: bool, mask_mod: Optional[Callable],
+           key: str, score_bias: Optional[Callable] = None, softcap: Optional[float] = None) -> Optional[str]:
+    """``flex_attention(q, k, v)`` in place of ``replaced`` (its users moved over); None when done, else why not.
+
+    The score_mod applies ``tanh(s / softcap) * softcap`` first, then adds ``score_bias``, as eager
+    does with a softcap and a mask or bias; ``replaced`` and what only it read are left to the caller.
+    """
     from torch.nn.attention.flex_attention import flex_attention
 
-    q, k, v = sdpa.args[:3]
-    gqa = bool(sdpa.kwargs.get("enable_gqa", False))
     k0, v0 = gqa_source(k), gqa_source(v)
     if k0 and v0 and k0[1] == v0[1]:  # heads repeated for the masked SDPA path: flex takes GQA
         k, v, gqa = k0[0], v0[0], True
@@ -74,28 +88,35 @@ def replace_sdpa(gm: fx.GraphModule, sdpa: fx.Node, mask_mod: Optional[Callable]
     block_mask, rows_ok = block_mask_for(mask_mod, key, L, S, qv.device) if mask_mod else (None, True)
     if not rows_ok:
         return "a query row has no key to attend to (eager gives NaN or uniform weights there, flex zeros)"
-    scale = sdpa.kwargs.get("scale")
-    score_mod = _adding(score_bias) if score_bias is not None else None
+    score_mod = _score_mod(score_bias, softcap) if score_bias is not None or softcap is not None else None
 
     def attend(q, k, v):
         return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 
     traced = _trace(attend, qv, val(k), val(v))
-    with gm.graph.inserting_before(sdpa):
+    with gm.graph.inserting_before(replaced):
         out = _splice(gm, traced, (q, k, v), (key, L, S, str(qv.device)))
-    out.meta.update({k_: v_ for k_, v_ in sdpa.meta.items() if k_ != "val"})
+    out.meta.update({k_: v_ for k_, v_ in replaced.meta.items() if k_ != "val"})
     out.meta["kp_note"] = "flex_attention output" + (f"; mask_mod: {key}" if key else "") + (
-        "; score_mod: score + bias" if score_bias is not None else "")
-    sdpa.replace_all_uses_with(out)
-    repeated = [a for a in sdpa.args[1:3] if isinstance(a, fx.Node)]
-    erase_dead([sdpa, *repeated])
+        f"; score_mod: {describe_score_mod(score_bias, softcap)}" if score_mod is not None else "")
+    replaced.replace_all_uses_with(out)
     return None
 
 
-def _adding(score_bias: Callable) -> Callable:
-    """``score_mod`` that adds the lifted bias to each score."""
+def describe_score_mod(score_bias: Optional[Callable], softcap: Optional[float]) -> str:
+    """The score_mod as text: ``tanh(score / 50) * 50 + ...``; a bias alone reads ``score + bias``."""
+    text = f"tanh(score / {softcap:g}) * {softcap:g}" if softcap is not None else "score"
+    return text + (" + bias" if score_bias is not None else "")
+
+
+def _score_mod(score_bias: Optional[Callable], softcap: Optional[float]) -> Callable:
+    """``score_mod``: the softcap, then the lifted bias, as eager applies them."""
     def score_mod(score, b, h, q_idx, kv_idx):
-        return score + score_bias(b, h, q_idx, kv_idx)
+        if softcap is not None:
+            score = torch.tanh(score / softcap) * softcap
+        if score_bias is not None:
+            score = score + score_bias(b, h, q_idx, kv_idx)
+        return score
     return score_mod
 
 

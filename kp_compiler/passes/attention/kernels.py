@@ -1,94 +1,29 @@
-"""Attention kernel choice: a table over device, dtype, head dim and mask kind.
+"""``attention-kernels``: apply the kernel table (``kernel_table.py``) to the attention sites.
 
 ``attention-to-sdpa`` (a pass) emits SDPA and, when the mask is index
 arithmetic, tags the node with the lifted ``mask_mod``. Choosing the kernel
-is the lowering's job: ``choose(case)`` is the table, and
-``select_attention_kernels`` applies it to every tagged SDPA node before the
-graph is lowered, splicing in ``flex_attention`` where the table says so.
-
-| mask                       | kernel                                   |
-|----------------------------|------------------------------------------|
-| none, or causal            | SDPA (``is_causal``): torch picks flash / cuDNN / memory-efficient |
-| data-dependent tensor      | SDPA with the mask tensor                |
-| index arithmetic (``mask_mod``) | FlexAttention with a cached block mask when all hold: Inductor lowering, static lengths, no dropout, fp16/bf16/fp32, head dim a power of two in 16..256, flex on the device (CUDA 8.0+, ROCm; the CPU for inference, only when ``attention_kernel="flex"``); else SDPA with the mask tensor |
-
-FA3 (``flash_attn_interface``) is not emitted: SDPA's flash kernel serves
-the unmasked and causal cases (see ``docs/passes/attention.md``).
+is the lowering's job: ``select_attention_kernels`` applies the table to
+every tagged SDPA node before the graph is lowered, splicing in
+``flex_attention`` where the table says so, and takes softcapped attention
+(which SDPA cannot express) to ``flex_attention`` too (``softcap.py``).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import fx
 
 from ...core import context
-from ...core import devices as capabilities
 from ...core.devices import DeviceInfo
-from ...core.graph import val
-from ...core.graph import erase_dead
+from ...core.graph import erase_dead, val
 from ...core.rules import Matches
 from ...core.target import Target
 from . import flex
+from .kernel_table import AttentionCase, choose
 from .site import META_KEY, SdpaTag
+from .softcap import softcapped_to_flex
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
-KERNEL_CHOICES = ("auto", "sdpa", "flex")
-FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@dataclass(frozen=True)
-class AttentionCase:
-    """One attention site as the table sees it."""
-
-    device: DeviceInfo
-    dtype: torch.dtype
-    head_dim: int
-    mask: str  # "none" | "causal" | "tensor" | "mask_mod"
-    train: bool = False
-    dropout: bool = False
-    static_shapes: bool = True
-    lowering: str = "inductor"
-
-
-@dataclass(frozen=True)
-class Choice:
-    kernel: str  # "sdpa" | "flex"
-    why: str
-
-
-def choose(case: AttentionCase, prefer: str = "auto") -> Choice:
-    """The kernel for ``case``; ``prefer`` is the ``attention_kernel`` option."""
-    if case.mask in ("none", "causal"):
-        return Choice("sdpa", "no mask or causal: SDPA's flash/cuDNN kernels")
-    if case.mask != "mask_mod":
-        return Choice("sdpa", "mask reads data: SDPA with the mask tensor")
-    if prefer == "sdpa":
-        return Choice("sdpa", "attention_kernel='sdpa'")
-    refusal = _flex_refusal(case, prefer)
-    if refusal:
-        return Choice("sdpa", refusal)
-    return Choice("flex", "structured mask: FlexAttention skips fully masked blocks")
-
-
-def _flex_refusal(case: AttentionCase, prefer: str) -> str:
-    if case.lowering != "inductor":
-        return f"flex_attention needs the Inductor lowering, not {case.lowering!r}"
-    if case.dropout:
-        return "flex_attention has no dropout"
-    if not case.static_shapes:
-        return "symbolic shapes: the block mask is built for static lengths"
-    if case.dtype not in FLEX_DTYPES:
-        return f"flex_attention does not take {case.dtype}"
-    d = case.head_dim
-    if not (16 <= d <= 256 and d & (d - 1) == 0):
-        return f"head dim {d} is not a power of two in 16..256"
-    if not capabilities.flex_attention(case.device, case.train):
-        return f"no flex_attention {'backward ' if case.train else ''}on {case.device.kind} {case.device.capability or ''}".rstrip()
-    if case.device.kind == "cpu" and prefer != "flex":
-        return "on the CPU flex is not measured faster; attention_kernel='flex' forces it"
-    return ""
 
 
 def _case_of(node: fx.Node, info: SdpaTag, device: DeviceInfo, lowering: str, train: bool) -> AttentionCase:
@@ -132,7 +67,10 @@ def select_attention_kernels(
         if isinstance(mask, fx.Node):
             erase_dead([mask])
         counts["flex"] += 1
-    if counts["flex"]:
+    ctx = context.current()
+    notes = ctx.notes if ctx is not None else []
+    counts["flex-softcap"] = softcapped_to_flex(gm, device, lowering, prefer, train, notes)
+    if counts["flex"] or counts["flex-softcap"]:
         gm.recompile()
     return Matches(counts)
 

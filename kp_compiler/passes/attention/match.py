@@ -5,6 +5,8 @@ Matches, around every ``softmax`` over the last dim::
     scores = matmul(q', k'^T)                # matmul or bmm; k'^T a transpose of k or any tensor
     scores = scores * c | scores / c         # any number of scalar scalings (also on q' or k')
     scores = scores.float()                  # optional upcast (anywhere before the softmax)
+    scores = tanh(scores / cap) * cap        # optional softcap (Gemma2): left for attention-kernels,
+                                             # since only FlexAttention (a score_mod) expresses it
     scores = scores + bias                   # optional additive float mask (at most one)
     scores = scores.masked_fill(~keep, -inf) # optional boolean mask (at most one)
     p = softmax(scores, -1)[.to(dtype)]      # optional cast back
@@ -55,6 +57,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ...core import context
 from ...core.graph import alive, erase_dead, val
 from ...core.pattern import P
 from ...core.rules import Matches
@@ -166,9 +169,18 @@ _bias = P(aten.add.Tensor, P.var("x", where=lambda n: _REACHES_QK.find(n) is not
 _div_sqrt = P((aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor, aten.div_.Scalar), P.var("x"), P.var("e", where=sym_sqrt_of), users=_one_reader)
 _scale = P(SCALES + IN_PLACE_SCALES, P.var("x"), P.var("c", where=_scale_factor), users=_one_reader)
 
-# Masks first (nearest the softmax), then scalings: ``(s + bias) * c`` would scale the bias too.
+# Softcapping (Gemma2): ``tanh(s / cap) * cap``, also spelled ``tanh(s * (1 / cap)) * cap``.
+_softcap = P(MULS[:2], P(aten.tanh.default, P(SCALES, P.var("x"), P.var("cap_in", where=_scale_factor),
+                                                name="cap_scale", users=_one_reader), users=_one_reader),
+             P.var("cap", where=_scale_factor), commute=True, users=_one_reader)
+
+# Masks first (nearest the softmax), then at most one softcap, then scalings: ``(s + bias) * c`` would
+# scale the bias too, and a scaling outside the tanh is not a scaling of q @ k^T.
 SCORES = P.skip(_cast | _regroup | _fill | _bias,
-                P.skip(_cast | _regroup | _div_sqrt | _scale, _qk(name="qk", users=_one_reader), name="scalings"),
+                P.skip(_softcap,
+                       P.skip(_cast | _regroup | _div_sqrt | _scale, _qk(name="qk", users=_one_reader),
+                              name="scalings"),
+                       name="softcaps", max=1),
                 name="masks")
 
 # Softmax, then any float casts and a dropout, into ``p @ v``.
@@ -179,7 +191,8 @@ ATTENTION = (P(MATMUL, _PROBS, P.var("v"), name="out")
                  where=lambda n: _einsum_operands(n, "pv") is not None))
 
 # Whether an add's operand leads up to q @ k^T (it is the scores; the other is the bias).
-_REACHES_QK = P.skip(P(CASTS + SCALES + VIEWS, P.var("x")) | _fills(lambda c: c is not None), _qk(), max=7)
+_REACHES_QK = P.skip(P(CASTS + SCALES + VIEWS + (aten.tanh.default,), P.var("x")) | _fills(lambda c: c is not None),
+                     _qk(), max=9)
 
 # Constant scalings on q or k themselves.
 _PEEL = P.skip(P(SCALES, P.var("x"), P.var("c", where=_scale_factor)), P.var("t"), name="scalings")
@@ -218,7 +231,11 @@ def _attention(caps: dict) -> Optional[Attention]:
         return None  # a mask and a bias in two groupings of the batch dims
     qk = caps["qk"]
     att = Attention(q=None, k_t=None, v=caps["v"], out=caps["out"], removed=[caps["softmax"]])
-    att.removed += [n for n, _ in caps["after"]][::-1] + [n for n, _ in masks + scalings] + [qk]
+    att.removed += [n for n, _ in caps["after"]][::-1] + [n for n, _ in masks + caps["softcaps"] + scalings] + [qk]
+    for _, link in caps["softcaps"]:
+        att.softcap = _softcap_value(link)
+        if att.softcap is None:
+            return None
     att.space = spaces[-1] if spaces else None
     for node, _ in caps["after"][::-1]:
         if node.target is aten.dropout.default:
@@ -242,6 +259,16 @@ def _attention(caps: dict) -> Optional[Attention]:
         q, k = _einsum_operands(qk, "qk")
         att.q, att.k = _peel(q, att), _peel(k, att)
     return att
+
+
+def _softcap_value(link: dict) -> Optional[float]:
+    """``cap`` when the link is ``tanh(s / cap) * cap`` (or ``tanh(s * r) * cap`` with ``r * cap == 1``)."""
+    cap, inner = const_scalar(link["cap"]), const_scalar(link["cap_in"])
+    if cap is None or inner is None or cap <= 0:
+        return None
+    if link["cap_scale"].target in MULS:
+        inner = 1.0 / inner
+    return float(cap) if math.isclose(inner, cap, rel_tol=1e-6) else None
 
 
 def match(softmax: fx.Node) -> Optional[Attention]:
@@ -339,6 +366,12 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
     return kind
 
 
+def _note(text: str) -> None:
+    ctx = context.current()
+    if ctx is not None:
+        ctx.notes.append(text)
+
+
 def attention_to_sdpa(gm: fx.GraphModule) -> Matches:
     """Rewrite every provable attention in ``gm`` to SDPA; matches counted per mask kind."""
     counts = {"causal": 0, "mask-tensor": 0, "no-mask": 0, "sdpa-causal": 0, "sdpa-mask_mod": 0}
@@ -347,7 +380,10 @@ def attention_to_sdpa(gm: fx.GraphModule) -> Matches:
             if node.op != "call_function" or node.target not in SOFTMAX or not alive(node):
                 continue
             att = match(node)
-            if att is not None:
+            if att is not None and att.softcap is not None:
+                _note(f"{node.name}: softcapped attention (cap {att.softcap:g}); SDPA cannot express it, "
+                      "attention-kernels may take it to FlexAttention")
+            elif att is not None:
                 counts[_rewrite(gm, att)] += 1
         for node in list(gm.graph.nodes):  # SDPA calls the model made itself (transformers' sdpa path)
             kind = lift_given_sdpa(gm, node) if node.op == "call_function" and alive(node) else None

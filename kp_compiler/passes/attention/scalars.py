@@ -86,7 +86,7 @@ def bias_as_keep(bias: fx.Node):
         bias = bias.args[0]
     if not isinstance(bias, fx.Node) or bias.op != "call_function":
         return None
-    if bias.target in (aten.where.self, aten.where.ScalarOther):
+    if bias.target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar):
         cond, a, b = bias.args[:3]
         a, b = const_scalar(a), const_scalar(b)
         if a == 0 and is_mask_fill(b):

@@ -30,6 +30,7 @@ class Attention:
     lifted: Optional[object] = None  # the keep mask as a mask_mod, when it is index arithmetic
     score_bias: Optional[object] = None  # the bias as bias_fn(b, h, q_idx, kv_idx), when it is index arithmetic
     nan_rows: Optional[fx.Node] = None  # keep mask whose fully masked rows must come out NaN, as in eager
+    softcap: Optional[float] = None  # scores went through tanh(s / cap) * cap before any mask (Gemma2)
 
 
 META_KEY = "kp_attention"  # node.meta key of an SdpaTag, on the SDPA nodes attention-to-sdpa emits

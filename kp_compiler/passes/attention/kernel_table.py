@@ -1,0 +1,84 @@
+"""The attention kernel table: which kernel one attention site gets, as data.
+
+| mask                       | kernel                                   |
+|----------------------------|------------------------------------------|
+| none, or causal            | SDPA (``is_causal``): torch picks flash / cuDNN / memory-efficient |
+| data-dependent tensor      | SDPA with the mask tensor                |
+| index arithmetic (``mask_mod``), or a softcap | FlexAttention with a cached block mask when all hold: Inductor lowering, static lengths, no dropout, fp16/bf16/fp32, head dim a power of two in 16..256, flex on the device (CUDA 8.0+, ROCm; the CPU for inference, only when ``attention_kernel="flex"``); else SDPA with the mask tensor (a softcapped site keeps its eager math) |
+
+FA3 (``flash_attn_interface``) is not emitted: SDPA's flash kernel serves
+the unmasked and causal cases (see ``docs/passes/attention.md``).
+
+Before (one site as the table sees it)::
+
+    AttentionCase(device=cuda 9.0, dtype=bf16, head_dim=128, mask="mask_mod", train=True)
+
+After::
+
+    Choice(kernel="flex", why="structured mask: FlexAttention skips fully masked blocks")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...core import devices as capabilities
+from ...core.devices import DeviceInfo
+
+KERNEL_CHOICES = ("auto", "sdpa", "flex")
+FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    """One attention site as the table sees it."""
+
+    device: DeviceInfo
+    dtype: torch.dtype
+    head_dim: int
+    mask: str  # "none" | "causal" | "tensor" | "mask_mod"
+    train: bool = False
+    dropout: bool = False
+    static_shapes: bool = True
+    lowering: str = "inductor"
+
+
+@dataclass(frozen=True)
+class Choice:
+    kernel: str  # "sdpa" | "flex"
+    why: str
+
+
+def choose(case: AttentionCase, prefer: str = "auto") -> Choice:
+    """The kernel for ``case``; ``prefer`` is the ``attention_kernel`` option."""
+    if case.mask in ("none", "causal"):
+        return Choice("sdpa", "no mask or causal: SDPA's flash/cuDNN kernels")
+    if case.mask != "mask_mod":
+        return Choice("sdpa", "mask reads data: SDPA with the mask tensor")
+    if prefer == "sdpa":
+        return Choice("sdpa", "attention_kernel='sdpa'")
+    refusal = _flex_refusal(case, prefer)
+    if refusal:
+        return Choice("sdpa", refusal)
+    return Choice("flex", "structured mask: FlexAttention skips fully masked blocks")
+
+
+def _flex_refusal(case: AttentionCase, prefer: str) -> str:
+    if case.lowering != "inductor":
+        return f"flex_attention needs the Inductor lowering, not {case.lowering!r}"
+    if case.dropout:
+        return "flex_attention has no dropout"
+    if not case.static_shapes:
+        return "symbolic shapes: the block mask is built for static lengths"
+    if case.dtype not in FLEX_DTYPES:
+        return f"flex_attention does not take {case.dtype}"
+    d = case.head_dim
+    if not (16 <= d <= 256 and d & (d - 1) == 0):
+        return f"head dim {d} is not a power of two in 16..256"
+    if not capabilities.flex_attention(case.device, case.train):
+        return f"no flex_attention {'backward ' if case.train else ''}on {case.device.kind} {case.device.capability or ''}".rstrip()
+    if case.device.kind == "cpu" and prefer != "flex":
+        return "on the CPU flex is not measured faster; attention_kernel='flex' forces it"
+    return ""
