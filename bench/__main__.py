@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     step, close = _progress(len(selected) * len(backends))
     try:
         for case in selected:
-            results["cases"].append(run_case(case, backends, scale, reps, step, args.row_timeout, rounds))
+            chosen = [b for b in backends if not case.backends or b.name in case.backends] or backends
+            results["cases"].append(run_case(case, chosen, scale, reps, step, args.row_timeout, rounds))
             report.write(results, args.out, stem)  # after every case: a cut-off run keeps what it has
     finally:
         close()

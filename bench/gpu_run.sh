@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|decode-first-pass|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|decode-first-pass|attention-models-infer|attention-models-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -144,6 +144,15 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
   decode-first-pass)
     timeout "$(left)" python3 -m bench.decode --modes --first-pass-modes default --out "$out" --stem cuda-decode-first-pass \
       2>"$out/decode.log" | tail -8
+    ;;
+  attention-models-infer|attention-models-train)
+    # Issue 16: Mistral (sdpa, window 1024) and Gemma2 (softcapped) at 2 x 4096, each beside transformers' own
+    # flex_attention path under Inductor (the peer rows), in one process.
+    kind=${stage#attention-models-}
+    timeout "$(( $(left) - 10 ))" python3 -m bench --groups models --cases "model-mistral-window-$kind" \
+      "model-mistral-window-hf-flex-$kind" "model-gemma2-4096-$kind" "model-gemma2-4096-hf-flex-$kind" \
+      --backends inductor kernelpytorch --row-timeout 200 --reps 20 $extra --out "$out" \
+      --stem cuda-attention-models-$kind 2>>"$out/attention-models.log" | tail -20
     ;;
   suite-infer|suite-train|suite)
     # Issue 14: the real-model suite (transformers defaults), kernelpytorch beside Inductor, interleaved rounds.

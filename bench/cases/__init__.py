@@ -43,14 +43,15 @@ class Case:
     build: Callable[[Scale], Workload]
     train: bool = False
     requires: tuple = ()  # importable modules the case needs
+    backends: tuple = ()  # only these backends (a peer's own path: Inductor alone); () = every chosen backend
 
 
 CASES: dict[str, Case] = {}
 
 
-def case(name: str, group: str, train: bool = False, requires: tuple = ()):
+def case(name: str, group: str, train: bool = False, requires: tuple = (), backends: tuple = ()):
     def register(build):
-        CASES[name] = Case(name, group, build, train, requires)
+        CASES[name] = Case(name, group, build, train, requires, backends)
         return build
     return register
 

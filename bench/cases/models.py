@@ -5,8 +5,13 @@ transformers' own defaults: no ``attn_implementation`` or
 ``experts_implementation`` is passed, so Llama, Mistral and GPT-2 run the
 ``sdpa`` path, Qwen3-MoE its ``grouped_mm`` experts and Gemma2 its eager,
 softcapped attention. Sizes (GPU): 4 layers of d=1024 at batch 4 x 1024;
-Mistral with a 1024-token sliding window at batch 2 x 4096; Qwen3-MoE with
-64 experts, top-8. Smoke runs (CPU) use 2 layers of d=64 at 2 x 32 tokens.
+Mistral with a 1024-token sliding window at batch 2 x 4096, Gemma2 also at
+2 x 4096 (issue 16's shape); Qwen3-MoE with 64 experts, top-8. Smoke runs
+(CPU) use 2 layers of d=64 at 2 x 32 tokens.
+
+Peers (``PEERS``): the same models on transformers' own
+``attn_implementation="flex_attention"`` path, run under Inductor only, in
+the same process as the rows they are compared with.
 
 Each kernelpytorch row must be at least 0.98x of Inductor, or the README's
 table says which issue addresses it.
@@ -23,6 +28,7 @@ from .e2e import _lm_workload
 
 # name -> (transformers model, GPU tokens (batch, seq), what the defaults mean)
 MODELS = {
+    "gemma2-4096": ("gemma2", (2, 4096), "eager softcapped attention, 1024-token window on alternate layers"),
     "llama3": ("llama3", (4, 1024), "sdpa attention, GQA 16/4"),
     "mistral-window": ("mistral", (2, 4096), "sdpa attention with a 1024-token sliding window mask"),
     "qwen3-moe": ("qwen3_moe", (4, 1024), "64 experts top-8, grouped_mm experts"),
@@ -31,13 +37,20 @@ MODELS = {
 }
 
 
-def _build(name: str, scale: Scale, train: bool) -> Workload:
+# peer name -> (the MODELS entry it runs, attn_implementation): transformers' own kernels path
+PEERS = {
+    "mistral-window-hf-flex": ("mistral-window", "flex_attention"),
+    "gemma2-4096-hf-flex": ("gemma2-4096", "flex_attention"),
+}
+
+
+def _build(name: str, scale: Scale, train: bool, attn=None) -> Workload:
     model_name, tokens, note = MODELS[name]
-    model, vocab = hf.build(model_name, "tiny" if scale.smoke else "suite", attn=None, experts=None)
+    model, vocab = hf.build(model_name, "tiny" if scale.smoke else "suite", attn=attn, experts=None)
     wl = _lm_workload(model, vocab, scale, train, tokens=None if scale.smoke else tokens)
-    wl.note = note
-    if model_name == "qwen3_moe":
-        wl.reference_dtype = torch.float32  # torch._grouped_mm has no float64 kernel
+    wl.note = note if attn is None else f"transformers' attn_implementation={attn!r} (the peer)"
+    if model_name == "qwen3_moe" or attn == "flex_attention":
+        wl.reference_dtype = torch.float32  # torch._grouped_mm and flex_attention have no float64 kernels
     return wl
 
 
@@ -45,3 +58,7 @@ for _name in MODELS:
     for _train in (False, True):
         case(f"model-{_name}-{'train' if _train else 'infer'}", "models", train=_train, requires=("transformers",))(
             lambda scale, n=_name, train=_train: _build(n, scale, train))
+for _name, (_model, _attn) in PEERS.items():
+    for _train in (False, True):
+        case(f"model-{_name}-{'train' if _train else 'infer'}", "models", train=_train, requires=("transformers",),
+             backends=("inductor",))(lambda scale, n=_model, a=_attn, train=_train: _build(n, scale, train, a))
