@@ -150,7 +150,8 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
     # flex_attention path under Inductor (the peer rows), in one process.
     kind=${stage#attention-models-}
     timeout "$(( $(left) - 10 ))" python3 -m bench --groups models --cases "model-mistral-window-$kind" \
-      "model-mistral-window-hf-flex-$kind" "model-gemma2-4096-$kind" "model-gemma2-4096-hf-flex-$kind" \
+      "model-mistral-window-hf-flex-$kind" "model-gemma2-4096-$kind" "model-gemma2-4096-eager-$kind" \
+      "model-gemma2-4096-hf-flex-$kind" \
       --backends inductor kernelpytorch --row-timeout 200 --reps 20 $extra --out "$out" \
       --stem cuda-attention-models-$kind 2>>"$out/attention-models.log" | tail -20
     ;;

@@ -28,7 +28,8 @@ from .e2e import _lm_workload
 
 # name -> (transformers model, GPU tokens (batch, seq), what the defaults mean)
 MODELS = {
-    "gemma2-4096": ("gemma2", (2, 4096), "eager softcapped attention, 1024-token window on alternate layers"),
+    "gemma2-4096": ("gemma2", (2, 4096), "its default attention (transformers 5.17: sdpa, which drops the softcap; "
+                    "5.24: eager, softcapped), 1024-token window on alternate layers"),
     "llama3": ("llama3", (4, 1024), "sdpa attention, GQA 16/4"),
     "mistral-window": ("mistral", (2, 4096), "sdpa attention with a 1024-token sliding window mask"),
     "qwen3-moe": ("qwen3_moe", (4, 1024), "64 experts top-8, grouped_mm experts"),
@@ -37,6 +38,11 @@ MODELS = {
 }
 
 
+# variant name -> (the MODELS entry it runs, attn_implementation): an attention path other than the default
+VARIANTS = {
+    "gemma2-4096-eager": ("gemma2-4096", "eager"),  # the softcapped path, whichever transformers is installed
+}
+
 # peer name -> (the MODELS entry it runs, attn_implementation): transformers' own kernels path
 PEERS = {
     "mistral-window-hf-flex": ("mistral-window", "flex_attention"),
@@ -44,11 +50,11 @@ PEERS = {
 }
 
 
-def _build(name: str, scale: Scale, train: bool, attn=None) -> Workload:
+def _build(name: str, scale: Scale, train: bool, attn=None, peer: bool = True) -> Workload:
     model_name, tokens, note = MODELS[name]
     model, vocab = hf.build(model_name, "tiny" if scale.smoke else "suite", attn=attn, experts=None)
     wl = _lm_workload(model, vocab, scale, train, tokens=None if scale.smoke else tokens)
-    wl.note = note if attn is None else f"transformers' attn_implementation={attn!r} (the peer)"
+    wl.note = note if attn is None else f"transformers' attn_implementation={attn!r}" + (" (the peer)" if peer else "")
     if model_name == "qwen3_moe" or attn == "flex_attention":
         wl.reference_dtype = torch.float32  # torch._grouped_mm and flex_attention have no float64 kernels
     return wl
@@ -58,6 +64,10 @@ for _name in MODELS:
     for _train in (False, True):
         case(f"model-{_name}-{'train' if _train else 'infer'}", "models", train=_train, requires=("transformers",))(
             lambda scale, n=_name, train=_train: _build(n, scale, train))
+for _name, (_model, _attn) in VARIANTS.items():
+    for _train in (False, True):
+        case(f"model-{_name}-{'train' if _train else 'infer'}", "models", train=_train, requires=("transformers",))(
+            lambda scale, n=_model, a=_attn, train=_train: _build(n, scale, train, a, peer=False))
 for _name, (_model, _attn) in PEERS.items():
     for _train in (False, True):
         case(f"model-{_name}-{'train' if _train else 'infer'}", "models", train=_train, requires=("transformers",),
