@@ -182,8 +182,8 @@ def _lift_node(node: fx.Node, memo: dict):
     node = _skip_full_slices(node)
     t, args = node.target, node.args
     n = _arange_length(node)
-    if n is not None:
-        return Field(lambda ix: ix[1], (n,))
+    if n is not None:  # a symbolic length arrives as the SymInt's node: the shape holds the SymInt itself
+        return Field(lambda ix: ix[1], (val(n) if isinstance(n, fx.Node) else n,))
     if t in (aten.arange.start, aten.arange.start_step) and isinstance(val(node), torch.Tensor):
         start, step = args[0], (args[2] if len(args) > 2 else 1)
         if number(start) and number(step) and isinstance(val(node).shape[0], int):

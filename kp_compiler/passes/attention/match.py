@@ -136,7 +136,16 @@ def _float_cast(node) -> bool:
 
 
 def _scale_factor(arg) -> bool:
+    return const_scalar(arg) not in (None, 0) or _symbolic_float(arg)
+
+
+def _constant_factor(arg) -> bool:
     return const_scalar(arg) not in (None, 0)
+
+
+def _symbolic_float(arg) -> bool:
+    """A SymFloat node: a module's float attribute (``self.scaling``) under ``dynamic=True`` arrives so."""
+    return isinstance(arg, fx.Node) and isinstance(val(arg), torch.SymFloat)
 
 
 def _alpha_one(node: fx.Node) -> bool:
@@ -170,9 +179,9 @@ _div_sqrt = P((aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor, aten.div_.Sca
 _scale = P(SCALES + IN_PLACE_SCALES, P.var("x"), P.var("c", where=_scale_factor), users=_one_reader)
 
 # Softcapping (Gemma2): ``tanh(s / cap) * cap``, also spelled ``tanh(s * (1 / cap)) * cap``.
-_softcap = P(MULS[:2], P(aten.tanh.default, P(SCALES, P.var("x"), P.var("cap_in", where=_scale_factor),
+_softcap = P(MULS[:2], P(aten.tanh.default, P(SCALES, P.var("x"), P.var("cap_in", where=_constant_factor),
                                                 name="cap_scale", users=_one_reader), users=_one_reader),
-             P.var("cap", where=_scale_factor), commute=True, users=_one_reader)
+             P.var("cap", where=_constant_factor), commute=True, users=_one_reader)
 
 # Masks first (nearest the softmax), then at most one softcap, then scalings: ``(s + bias) * c`` would
 # scale the bias too, and a scaling outside the tanh is not a scaling of q @ k^T.
@@ -200,6 +209,9 @@ _PEEL = P.skip(P(SCALES, P.var("x"), P.var("c", where=_scale_factor)), P.var("t"
 
 def _scaled(att: Attention, links: list) -> None:
     for node, caps in links:
+        if _symbolic_float(caps["c"]):  # applied to q before SDPA (_rewrite): SDPA's scale is a number
+            att.sym_scales.append((caps["c"], node.target in MULS))
+            continue
         c = const_scalar(caps["c"])
         att.scale *= c if node.target in MULS else 1.0 / c
 
@@ -344,6 +356,9 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
         if mask is None and k0 and v0 and k0[1] == v0[1]:
             k, v, kwargs["enable_gqa"] = k0[0], v0[0], True
         q = att.q
+        for factor, is_mul in att.sym_scales:  # (q * c) @ k^T == (q @ k^T) * c, for a symbolic float c
+            q = g.call_function(aten.mul.Tensor if is_mul else aten.div.Tensor, (q, factor))
+            q.meta["val"] = q_val
         if att.space is not None and len(att.space) != q_val.dim():
             # The mask lives in another grouping of the batch dims: attend there, then view back.
             q, k, v = (regroup(g, t, att.space) for t in (q, k, v))
@@ -352,14 +367,14 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
             # softmax over a row of -inf is NaN in eager; SDPA returns 0 there: keep eager's NaN.
             has_key = g.call_function(aten.any.dim, (att.nan_rows, -1, True))
             out = g.call_function(aten.where.ScalarOther, (has_key, sdpa, math.nan))
-        if q is not att.q:
+        if att.space is not None and len(att.space) != q_val.dim():
             out = g.call_function(aten.reshape.default, (out, list(val(att.out).shape)))
     kind = "causal" if causal else ("mask-tensor" if mask is not None else "no-mask")
     sdpa.meta[META_KEY] = info = tag(kind, att.lifted, att.score_bias)
     if info.mask_kind == "mask_mod":
         sdpa.meta["kp_note"] = note(info)
     out.meta["val"] = val(att.out)  # until shape propagation: a later attention may read it (stacked layers)
-    if q is att.q:
+    if not (att.space is not None and len(att.space) != q_val.dim()):
         sdpa.meta["val"] = val(att.out)
     att.out.replace_all_uses_with(out)
     erase_dead([att.out, *att.removed])  # dropout is "impure" to FX; SDPA took it over

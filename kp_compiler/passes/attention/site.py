@@ -30,6 +30,7 @@ class Attention:
     lifted: Optional[object] = None  # the keep mask as a mask_mod, when it is index arithmetic
     score_bias: Optional[object] = None  # the bias as bias_fn(b, h, q_idx, kv_idx), when it is index arithmetic
     nan_rows: Optional[fx.Node] = None  # keep mask whose fully masked rows must come out NaN, as in eager
+    sym_scales: list = field(default_factory=list)  # (SymFloat node, multiplies?): scalings not known as numbers
     softcap: Optional[float] = None  # scores went through tanh(s / cap) * cap before any mask (Gemma2)
 
 

@@ -66,6 +66,8 @@ def _to_flex(gm: fx.GraphModule, att: Attention, device, lowering, prefer, train
     q = val(att.q)
     if q.dim() != 4 or (att.space is not None and len(att.space) != q.dim()):
         return "flex_attention takes 4-D q, k, v"
+    if att.sym_scales:
+        return "the scale is a symbolic float"
     static = all(isinstance(d, int) for d in q.shape)
     case = AttentionCase(device=device, dtype=q.dtype, head_dim=q.shape[-1] if static else -1, mask="mask_mod",
                          train=train, dropout=att.dropout_p > 0, static_shapes=static, lowering=lowering)
