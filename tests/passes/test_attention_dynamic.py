@@ -66,3 +66,20 @@ def test_transformers_eager_llama_dynamic_training_gradients():
             model.zero_grad(set_to_none=True)
     assert len(records) == 1
     assert attention_rules(records)["attention-to-sdpa"] == {"causal": 2}
+
+
+def test_float_index_arithmetic_is_not_lifted_without_a_grid():
+    """Positions cast to bf16 round above 256; the op-by-op lift treats the cast as exact, so with symbolic
+    lengths (no grid to check) only int and bool arithmetic is accepted."""
+    def fn(q, k, v):
+        i = torch.arange(q.shape[2]).to(torch.bfloat16)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=i[None, :] <= i[:, None])
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="kernelpytorch", dynamic=True)
+    with collect() as records:
+        for L in LENGTHS:
+            q, k, v = (torch.randn(2, 4, L, 16) for _ in range(3))
+            torch.testing.assert_close(compiled(q, k, v), fn(q, k, v), rtol=1e-5, atol=1e-5)
+    assert len(records) == 1
+    assert attention_rules(records)["attention-to-sdpa"] == {}

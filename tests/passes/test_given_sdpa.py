@@ -201,3 +201,33 @@ def test_transformers_mistral_sdpa_inference_on_flex(tmp_path):
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
     filecheck("CHECK: scaled_dot_product_attention{{.*}}# mask_mod: (kv_idx > q_idx - 16) & (kv_idx <= q_idx)\n",
               (tmp_path / "graph-000" / "02-attention-to-sdpa.txt").read_text())
+
+
+def test_a_mask_from_a_random_op_is_not_proven_by_value():
+    """rand() < 2 is always true, so this grid equals causal on every call, but a random op's value is not
+    a fact about the next call: the by-value proof refuses it."""
+    def fn(q, k, v):
+        keep = (torch.rand(q.shape[2], k.shape[2]) < 2.0) & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+    _, out, records = compile_and_collect(fn, [q, k, v])
+    assert pass_record(records, "attention-to-sdpa").matches == 0
+    torch.testing.assert_close(out, fn(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_keeps_a_lifted_mask_off_flex():
+    """SDPA's dropout_p arrives positionally from make_fx; flex has no dropout, so the table must see it."""
+    class Dropped(MaskedSdpa):
+        def forward(self, q, k, v):
+            mask = tf_masks.sdpa_mask(batch_size=q.shape[0], q_length=q.shape[2], kv_length=k.shape[2],
+                                      mask_function=self.mask_function(q), allow_is_causal_skip=False,
+                                      device=q.device)
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask, dropout_p=0.5)
+
+    q = torch.randn(B, H, L, D)
+    with torch.no_grad():
+        _, out, records = compile_and_collect(Dropped(window), [q, q, q], attention_kernel="flex")
+    assert pass_record(records, "attention-to-sdpa").by_rule == {"sdpa-mask_mod": 1}
+    assert pass_record(records, "attention-kernels").matches == 0
+    assert out.shape == q.shape and torch.isfinite(out).all()

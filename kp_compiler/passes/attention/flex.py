@@ -34,6 +34,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from ...core.graph import erase_dead, val
 from .layout import gqa_source
 from .mask_mod import every_row_attends
+from .site import sdpa_arguments
 
 _CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _CACHE_SIZE = 64
@@ -63,6 +64,8 @@ def replace_sdpa(gm: fx.GraphModule, sdpa: fx.Node, mask_mod: Optional[Callable]
     ``mask_mod`` None: no block mask (every pair attends); ``score_bias``: ``score_mod`` adds it.
     """
     q, k, v = sdpa.args[:3]
+    if sdpa_arguments(sdpa).get("dropout_p", 0.0):
+        return "flex_attention has no dropout"
     refusal = splice(gm, sdpa, q, k, v, scale=sdpa.kwargs.get("scale"), gqa=bool(sdpa.kwargs.get("enable_gqa")),
                      mask_mod=mask_mod, key=key, score_bias=score_bias)
     if refusal is None:

@@ -12,8 +12,9 @@ spellings (``mask_mod.py``, then ``value_masks.py``):
 - any other lifted mask (sliding window, chunked) tags the node with its
   ``mask_mod`` for ``attention-kernels`` (FlexAttention with a block mask
   where the kernel table says so, else SDPA keeps the tensor);
-- a mask that reads data (padding, ids the caller passes), has symbolic
-  lengths, or is not proven is left as it is.
+- a mask that reads data (padding, ids the caller passes) or is not proven
+  is left as it is. With symbolic lengths only the op-by-op lift applies,
+  and only to integer and boolean index arithmetic (``mask_mod.py``).
 
 Before (transformers' sdpa path, Mistral's sliding window of 16)::
 
@@ -39,11 +40,10 @@ from .layout import gqa_source
 from .mask_mod import describe, lift_mask_mod
 from .scalars import bias_as_keep
 from .sdpa_mask import CAUSAL_MASK_MODS, note, tag
-from .site import META_KEY
+from .site import META_KEY, sdpa_arguments
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
-_POSITIONAL = ("attn_mask", "dropout_p", "is_causal")  # SDPA's arguments after q, k, v
 
 
 def sdpa_with_mask(node: fx.Node) -> bool:
@@ -53,12 +53,7 @@ def sdpa_with_mask(node: fx.Node) -> bool:
     """
     if "scaled_dot_product_attention" not in str(getattr(node.target, "__name__", node.target)):
         return False
-    return _arguments(node).get("attn_mask") is not None
-
-
-def _arguments(node: fx.Node) -> dict:
-    """SDPA's arguments after q, k, v, by name."""
-    return {**dict(zip(_POSITIONAL, node.args[3:])), **node.kwargs}
+    return sdpa_arguments(node).get("attn_mask") is not None
 
 
 def _keep_node(g: fx.Graph, sdpa: fx.Node, mask: fx.Node) -> Optional[fx.Node]:
@@ -87,7 +82,7 @@ def _keep_node(g: fx.Graph, sdpa: fx.Node, mask: fx.Node) -> Optional[fx.Node]:
 
 def _make_causal(sdpa: fx.Node, keep: fx.Node) -> None:
     """``is_causal=True`` in place of the mask; GQA heads from their source when k and v repeat them."""
-    args = _arguments(sdpa)
+    args = sdpa_arguments(sdpa)
     q, k, v = sdpa.args[:3]
     dropped = [args["attn_mask"], keep, k, v]
     del args["attn_mask"]
@@ -103,7 +98,7 @@ def lift_given_sdpa(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     """Lift one SDPA call's ``attn_mask``: ``"sdpa-causal"``, ``"sdpa-mask_mod"``, or None (left alone)."""
     if node.target is not SDPA or node.meta.get(META_KEY) is not None or not sdpa_with_mask(node):
         return None
-    args = _arguments(node)
+    args = sdpa_arguments(node)
     mask = args["attn_mask"]
     if args.get("is_causal") or not isinstance(mask, fx.Node):
         return None

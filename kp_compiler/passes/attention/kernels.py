@@ -20,7 +20,7 @@ from ...core.rules import Matches
 from ...core.target import Target
 from . import flex
 from .kernel_table import AttentionCase, choose
-from .site import META_KEY, SdpaTag
+from .site import META_KEY, SdpaTag, sdpa_arguments
 from .softcap import softcapped_to_flex
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -32,7 +32,7 @@ def _case_of(node: fx.Node, info: SdpaTag, device: DeviceInfo, lowering: str, tr
     return AttentionCase(
         device=device, dtype=q.dtype, head_dim=q.shape[-1] if isinstance(q.shape[-1], int) else -1,
         mask=info.mask_kind, train=train,
-        dropout=bool(node.kwargs.get("dropout_p", 0.0)), static_shapes=static and q.dim() == 4,
+        dropout=bool(sdpa_arguments(node).get("dropout_p", 0.0)), static_shapes=static and q.dim() == 4,
         lowering=lowering,
     )
 
@@ -58,7 +58,7 @@ def select_attention_kernels(
         node.meta["kp_note"] = f"{note}; kernel: sdpa ({choice.why})"
         if choice.kernel != "flex":
             continue
-        mask = node.kwargs.get("attn_mask")
+        mask = sdpa_arguments(node).get("attn_mask")
         refusal = flex.replace_sdpa(gm, node, info.mask_mod, info.mask_mod_text, info.score_bias)
         if refusal:
             info.kernel, info.why = "sdpa", refusal

@@ -13,7 +13,9 @@ size-1 dims, ``expand`` and elementwise ops are modelled exactly, size-1
 dims included (they read index 0). At the end the last dim is the key axis
 and the one before it the query axis; any dim further left must be size 1
 (a mask that varies over batch or heads is not lifted). With static lengths
-the lift is also checked against the real mask on the whole grid.
+the lift is also checked against the real mask on the whole grid; with
+symbolic lengths the lift itself is the proof, so it is accepted only for
+bool, int32 and int64 arithmetic, which Python ints model exactly.
 
 Before (the mask subgraph)::
 
@@ -287,9 +289,32 @@ def _lift_and_prove(keep: fx.Node, L: Any, S: Any) -> Optional[Callable]:
     def mask_mod(b, h, q_idx, kv_idx):
         ix = {1: 0 if 1 in ones else kv_idx, 2: 0 if 2 in ones else q_idx}
         return lifted.f({p: ix.get(p, 0) for p in range(1, rank + 1)})
-    if isinstance(L, int) and isinstance(S, int) and not _same_on_grid(keep, mask_mod, L, S):
-        return None
-    return mask_mod
+    if isinstance(L, int) and isinstance(S, int):
+        return mask_mod if _same_on_grid(keep, mask_mod, L, S) else None
+    return mask_mod if _exactly_modelled(keep) else None
+
+
+_EXACT_DTYPES = (torch.bool, torch.int32, torch.int64)
+
+
+def _exactly_modelled(keep: fx.Node) -> bool:
+    """Every tensor behind ``keep`` is bool, int32 or int64: Python ints model that arithmetic exactly.
+
+    Without a grid to run (symbolic lengths) the lift is the only proof, and it
+    models float casts, float arithmetic and narrow integers (which wrap)
+    only approximately; those are left to the static-length grid proof.
+    """
+    seen, work = set(), [keep]
+    while work:
+        n = work.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        v = val(n)
+        if isinstance(v, torch.Tensor) and v.dtype not in _EXACT_DTYPES:
+            return False
+        work.extend(n.all_input_nodes)
+    return True
 
 
 def every_row_attends(mask_mod: Callable, L: Any, S: Any) -> bool:

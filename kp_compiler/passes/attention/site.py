@@ -55,3 +55,12 @@ class SdpaTag:
     score_bias_text: str = ""
     kernel: str = ""  # "sdpa" or "flex", once attention-kernels chose
     why: str = ""
+
+
+SDPA_POSITIONAL = ("attn_mask", "dropout_p", "is_causal")  # SDPA's arguments after q, k, v that may be positional
+
+
+def sdpa_arguments(node: fx.Node) -> dict:
+    """An SDPA call's arguments after q, k, v, by name (``make_fx`` may pass ``attn_mask``, ``dropout_p`` and
+    ``is_causal`` positionally)."""
+    return {**dict(zip(SDPA_POSITIONAL, node.args[3:])), **node.kwargs}

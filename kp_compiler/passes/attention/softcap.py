@@ -68,7 +68,7 @@ def _to_flex(gm: fx.GraphModule, att: Attention, device, lowering, prefer, train
         return "flex_attention takes 4-D q, k, v"
     if att.sym_scales:
         return "the scale is a symbolic float"
-    static = all(isinstance(d, int) for d in q.shape)
+    static = all(isinstance(d, int) for t in (att.q, att.v) for d in val(t).shape)
     case = AttentionCase(device=device, dtype=q.dtype, head_dim=q.shape[-1] if static else -1, mask="mask_mod",
                          train=train, dropout=att.dropout_p > 0, static_shapes=static, lowering=lowering)
     choice = choose(case, prefer)

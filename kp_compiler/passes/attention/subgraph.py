@@ -26,15 +26,28 @@ from torch import fx
 MAX_ELEMENTS = 1 << 28  # a subgraph node bigger than this is not run (compile-time memory)
 
 
+_UNSET_VALUES = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")
+
+
+def _same_every_call(n: fx.Node) -> bool:
+    """A call whose value depends on its inputs alone: not random, not impure, not uninitialised memory."""
+    target = n.target
+    if n.is_impure() or getattr(target, "__name__", "").split(".")[0] in _UNSET_VALUES:
+        return False
+    tags = getattr(target, "tags", ())
+    return torch.Tag.nondeterministic_seeded not in tags
+
+
 def reads_no_input(root: fx.Node) -> Optional[list[fx.Node]]:
-    """The call nodes behind ``root`` in graph order, or None if it reads a placeholder or an attribute."""
+    """The call nodes behind ``root`` in graph order, or None if it reads a placeholder or an attribute,
+    or one of them may differ between calls (random, impure, uninitialised)."""
     nodes, seen, work = [], set(), [root]
     while work:
         n = work.pop()
         if n in seen:
             continue
         seen.add(n)
-        if n.op != "call_function":
+        if n.op != "call_function" or not _same_every_call(n):
             return None
         nodes.append(n)
         work.extend(n.all_input_nodes)
