@@ -25,7 +25,7 @@ Before (transformers' sdpa path, Mistral's sliding window of 16)::
 After::
 
     %sdpa = aten.scaled_dot_product_attention.default(%q, %k_rep, %v_rep, attn_mask=%expand, scale=0.25)
-        # kp_attention: mask_mod (kv_idx <= q_idx) & (q_idx - kv_idx < 16)
+        # mask_mod: (kv_idx > q_idx - 16) & (kv_idx <= q_idx)      (the tag attention-kernels reads)
 """
 
 from __future__ import annotations
