@@ -41,6 +41,24 @@ def check_forward_backward(model, compiled, make_inputs, rtol=1e-4, atol=1e-5):
         assert_same_grads(got_grads, ref_grads, rtol=rtol, atol=atol)
 
 
+def input_grads(fn, inputs):
+    """``fn``'s output on fresh leaf copies of ``inputs``, and their gradients of ``out.square().sum()`` by position."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    out.square().sum().backward()
+    return out, grads_of(enumerate(leaves))
+
+
+def loss_and_grads(model, step, *args):
+    """``step(*args)``'s loss and ``model``'s parameter gradients from its backward (cleared before and after)."""
+    model.zero_grad(set_to_none=True)
+    loss = step(*args)
+    loss.backward()
+    grads = grads_of(model.named_parameters())
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
 def load_report(dump_dir) -> dict:
     with open(os.path.join(dump_dir, "report.json")) as f:
         return json.load(f)

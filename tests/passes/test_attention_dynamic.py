@@ -5,7 +5,9 @@ import torch
 
 from kp_compiler.core.report import collect
 from kp_compiler.testing import hf
+from kp_compiler.testing.compare import assert_same_grads
 from tests.passes.test_given_sdpa import MaskedSdpa, causal, window
+from tests.utils import loss_and_grads
 
 LENGTHS = (24, 40, 56)
 
@@ -54,16 +56,10 @@ def test_transformers_eager_llama_dynamic_training_gradients():
     with collect() as records:
         for T in LENGTHS:
             ids = torch.randint(0, vocab, (2, T))
-            loss = step(ids)
-            loss.backward()
-            got = {n: p.grad.clone() for n, p in model.named_parameters()}
-            model.zero_grad(set_to_none=True)
-            ref = model(ids, labels=ids).loss
-            ref.backward()
+            loss, got = loss_and_grads(model, step, ids)
+            ref, want = loss_and_grads(model, lambda i: model(i, labels=i).loss, ids)
             torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
-            for n, p in model.named_parameters():
-                torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-5)
-            model.zero_grad(set_to_none=True)
+            assert_same_grads(got, want, rtol=1e-4, atol=1e-5)
     assert len(records) == 1
     assert attention_rules(records)["attention-to-sdpa"] == {"causal": 2}
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kp_compiler.testing import hf
-from tests.utils import compile_and_collect, filecheck
+from kp_compiler.testing.compare import assert_same_grads
+from tests.utils import compile_and_collect, filecheck, input_grads, loss_and_grads
 
 tf_masks = pytest.importorskip("transformers.masking_utils")
 
@@ -57,15 +58,11 @@ def qkv(requires_grad=False):
 
 
 def check_grads(fn, compiled):
-    inputs = qkv(requires_grad=True)
-    ref_in = [x.detach().clone().requires_grad_() for x in inputs]
-    out, ref = compiled(*inputs), fn(*ref_in)
+    inputs = qkv()
+    out, got = input_grads(compiled, inputs)
+    ref, want = input_grads(fn, inputs)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    out.square().sum().backward()
-    ref.square().sum().backward()
-    for a, b in zip(inputs, ref_in):
-        assert a.grad is not None and b.grad is not None
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    assert_same_grads(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("float_mask", [False, True], ids=["bool", "finfo-min"])
@@ -169,16 +166,10 @@ def test_transformers_sdpa_models_training_step(name, kind):
     compiled, out, records = compile_and_collect(lambda i: model(i, labels=i, use_cache=False), [ids])
     rec = pass_record(records, "attention-to-sdpa")
     assert rec.by_rule.get(kind, 0) == 2 or (kind == "sdpa-causal" and rec.matches == 0 and _causal_skipped()), rec
-    loss = out.loss
-    ref = model(ids, labels=ids, use_cache=False).loss
+    loss, got = loss_and_grads(model, lambda i: compiled(i).loss, ids)
+    ref, want = loss_and_grads(model, lambda i: model(i, labels=i, use_cache=False).loss, ids)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
-    loss.backward()
-    got = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    ref.backward()
-    for n, p in model.named_parameters():
-        assert (got[n] is None) == (p.grad is None), n
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-5)
+    assert_same_grads(got, want, rtol=1e-4, atol=1e-5)
 
 
 def _causal_skipped():

@@ -8,7 +8,8 @@ import torch
 from kp_compiler.passes.attention import softcap
 from kp_compiler.passes.attention.kernel_table import Choice
 from kp_compiler.testing import hf
-from tests.utils import compile_and_collect, filecheck
+from kp_compiler.testing.compare import assert_same_grads
+from tests.utils import compile_and_collect, filecheck, input_grads, loss_and_grads
 
 B, H, L, D = 2, 4, 32, 16
 
@@ -87,15 +88,11 @@ def test_softcap_gradients_equal_eager(monkeypatch):
     inputs = qkv(requires_grad=True)
     compiled, out, records = compile_and_collect(fn, inputs, lowering="eager")
     assert kernels(records).by_rule == {"flex-softcap": 1}
-    ref_in = [x.detach().clone().requires_grad_() for x in inputs]
-    ref = fn(*ref_in)
+    out, got = input_grads(compiled, inputs)
+    ref, want = input_grads(fn, inputs)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    out.square().sum().backward()
-    ref.square().sum().backward()
-    for a, b in zip(inputs, ref_in):
-        assert a.grad is not None and b.grad is not None
-        # fp32; flex's backward sums in another order: absolute tolerance 1e-5 of the largest gradient
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5 * float(b.grad.abs().max()))
+    # fp32; flex's backward sums in another order: absolute tolerance 1e-5 of the largest gradient
+    assert_same_grads(got, want, rtol=1e-3, atol=1e-5 * max(float(g.abs().max()) for g in want.values()))
 
 
 def test_transformers_gemma2_eager_attention_on_flex(tmp_path):
@@ -123,13 +120,7 @@ def test_transformers_gemma2_training_step_gradients(monkeypatch):
     compiled, out, records = compile_and_collect(lambda i: model(i, labels=i, use_cache=False), [ids],
                                                  lowering="eager")
     assert kernels(records).by_rule == {"flex-softcap": 2}
-    ref = model(ids, labels=ids, use_cache=False).loss
-    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
-    out.loss.backward()
-    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    ref.backward()
-    for n, p in model.named_parameters():
-        assert (n in got) == (p.grad is not None), n
-        if p.grad is not None:
-            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-5)
+    loss, got = loss_and_grads(model, lambda i: compiled(i).loss, ids)
+    ref, want = loss_and_grads(model, lambda i: model(i, labels=i, use_cache=False).loss, ids)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    assert_same_grads(got, want, rtol=1e-4, atol=1e-5)
