@@ -46,22 +46,18 @@ class Capabilities:
         fa3: FlashAttention-3 kernels exist for it (the package must still import).
         fp8: FP8 dtypes its matmuls take (``torch._scaled_mm``), empty if none.
         note: what the row means, for the docs.
-        flash_window: causal sliding windows go to torch's flash kernel (its ``window_size_left``)
-            rather than FlexAttention: measured faster here (``docs/passes/attention.md``).
     """
 
     flex_attention: str
     fa3: bool
     fp8: tuple
     note: str
-    flash_window: bool = False
 
 
 # (label, matches(device), capabilities); the first row that matches wins.
 TABLE: list[tuple[str, Callable[[DeviceInfo], bool], Capabilities]] = [
     ("CUDA 9.0 (Hopper: H100, H200)", lambda d: d.kind == "cuda" and d.capability == (9, 0),
-     Capabilities("train", True, ("float8_e4m3fn", "float8_e5m2"), "FA3 where flash_attn_interface/flash_attn_3 imports; "
-                  "sliding windows on torch's flash kernel (measured on the H200)", flash_window=True)),
+     Capabilities("train", True, ("float8_e4m3fn", "float8_e5m2"), "FA3 where flash_attn_interface/flash_attn_3 imports")),
     ("CUDA 10.0 and up (Blackwell)", lambda d: d.kind == "cuda" and d.capability is not None and d.capability >= (10, 0),
      Capabilities("train", False, ("float8_e4m3fn", "float8_e5m2"), "FA3 is Hopper-only")),
     ("CUDA 8.9 (Ada: L4, L40S, RTX 4090)", lambda d: d.kind == "cuda" and d.capability == (8, 9),
@@ -122,11 +118,6 @@ def flex_attention(device: DeviceInfo, train: bool) -> bool:
     return flex == "train" or (flex == "inference" and not train)
 
 
-def flash_window(device: DeviceInfo) -> bool:
-    """Causal sliding windows go to torch's flash kernel here (``Capabilities.flash_window``)."""
-    return capabilities(device).flash_window
-
-
 def fa3(device: DeviceInfo) -> bool:
     """FlashAttention-3 can run: the table allows it and its Python package imports."""
     if not capabilities(device).fa3:
@@ -147,13 +138,12 @@ def devices_markdown() -> str:
         "Generated from `kp_compiler/core/devices.py` (`python -m kp_compiler.core.devices`);",
         "a test fails when this file and the table disagree. Every kernel choice reads this table.",
         "",
-        "| device | FlexAttention | flash window | FA3 | FP8 matmul dtypes | note |",
-        "|---|---|---|---|---|---|",
+        "| device | FlexAttention | FA3 | FP8 matmul dtypes | note |",
+        "|---|---|---|---|---|",
     ]
     for label, _, caps in TABLE:
         fp8 = ", ".join(caps.fp8) or "none"
-        lines.append(f"| {label} | {caps.flex_attention} | {'yes' if caps.flash_window else 'no'} | "
-                     f"{'yes' if caps.fa3 else 'no'} | {fp8} | {caps.note} |")
+        lines.append(f"| {label} | {caps.flex_attention} | {'yes' if caps.fa3 else 'no'} | {fp8} | {caps.note} |")
     lines += [
         "",
         "What runs where, and what falls back:",

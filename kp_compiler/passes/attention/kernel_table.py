@@ -4,7 +4,6 @@
 |----------------------------|------------------------------------------|
 | none, or causal            | SDPA (``is_causal``): torch picks flash / cuDNN / memory-efficient |
 | data-dependent tensor      | SDPA with the mask tensor                |
-| causal sliding window (proven on the grid), on a device whose row says ``flash window`` | torch's flash kernel with ``window_size_left`` (``flash_window.py``) when: fp16/bf16, head dim a multiple of 8 up to 256, no dropout, no bias or softcap; else as the next row |
 | index arithmetic (``mask_mod``), or a softcap | FlexAttention with a cached block mask when all hold: Inductor lowering, static lengths, no dropout, fp16/bf16/fp32, head dim a power of two in 16..256, flex on the device (CUDA 8.0+, ROCm; the CPU for inference, only when ``attention_kernel="flex"``); else SDPA with the mask tensor (a softcapped site keeps its eager math) |
 
 FA3 (``flash_attn_interface``) is not emitted: SDPA's flash kernel serves
@@ -22,7 +21,6 @@ After::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -45,13 +43,11 @@ class AttentionCase:
     dropout: bool = False
     static_shapes: bool = True
     lowering: str = "inductor"
-    window: Optional[int] = None  # the mask is exactly a causal window of this many keys (flash_window.window_of)
-    score_mod: bool = False  # a bias or softcap rides on the scores
 
 
 @dataclass(frozen=True)
 class Choice:
-    kernel: str  # "sdpa" | "flex" | "flash-window"
+    kernel: str  # "sdpa" | "flex"
     why: str
 
 
@@ -63,31 +59,10 @@ def choose(case: AttentionCase, prefer: str = "auto") -> Choice:
         return Choice("sdpa", "mask reads data: SDPA with the mask tensor")
     if prefer == "sdpa":
         return Choice("sdpa", "attention_kernel='sdpa'")
-    if prefer == "auto" and not _flash_window_refusal(case):
-        return Choice("flash-window", f"causal window {case.window}: torch's flash kernel takes it as an argument "
-                      "(measured faster than FlexAttention on this device)")
     refusal = _flex_refusal(case, prefer)
     if refusal:
         return Choice("sdpa", refusal)
     return Choice("flex", "structured mask: FlexAttention skips fully masked blocks")
-
-
-def _flash_window_refusal(case: AttentionCase) -> str:
-    if case.window is None:
-        return "not a causal sliding window"
-    if not capabilities.flash_window(case.device):
-        return f"flash windows not measured faster on {case.device.kind} {case.device.capability or ''}".rstrip()
-    if case.score_mod:
-        return "a bias or softcap: the flash kernel takes neither"
-    if case.dropout:
-        return "dropout"
-    if case.dtype not in (torch.float16, torch.bfloat16):
-        return f"the flash kernel does not take {case.dtype}"
-    if not (0 < case.head_dim <= 256 and case.head_dim % 8 == 0):
-        return f"head dim {case.head_dim}: the flash kernel takes multiples of 8 up to 256"
-    if case.lowering == "xla":
-        return "XLA lowers SDPA itself"
-    return ""
 
 
 def _flex_refusal(case: AttentionCase, prefer: str) -> str:

@@ -14,13 +14,11 @@ import torch
 from torch import fx
 
 from ...core import context
-from ...core import devices as capabilities
 from ...core.devices import DeviceInfo
 from ...core.graph import erase_dead, val
 from ...core.rules import Matches
 from ...core.target import Target
-from . import flash_window, flex
-from .flash_window import window_of
+from . import flex
 from .kernel_table import AttentionCase, choose
 from .site import META_KEY, SdpaTag, sdpa_arguments
 from .softcap import softcapped_to_flex
@@ -31,14 +29,11 @@ SDPA = torch.ops.aten.scaled_dot_product_attention.default
 def _case_of(node: fx.Node, info: SdpaTag, device: DeviceInfo, lowering: str, train: bool) -> AttentionCase:
     q, k, v = (val(a) for a in node.args[:3])
     static = all(isinstance(d, int) for t in (q, k, v) for d in t.shape)
-    window = None
-    if capabilities.flash_window(device) and info.mask_mod is not None and info.score_bias is None and q.dim() == 4:
-        window = window_of(info.mask_mod, q.shape[-2], k.shape[-2])
     return AttentionCase(
         device=device, dtype=q.dtype, head_dim=q.shape[-1] if isinstance(q.shape[-1], int) else -1,
         mask=info.mask_kind, train=train,
         dropout=bool(sdpa_arguments(node).get("dropout_p", 0.0)), static_shapes=static and q.dim() == 4,
-        lowering=lowering, window=window, score_mod=info.score_bias is not None,
+        lowering=lowering,
     )
 
 
@@ -52,24 +47,18 @@ def select_attention_kernels(
 
     The decision and its reason land in the node's ``SdpaTag`` (``node.meta[META_KEY]``: ``kernel``, ``why``).
     """
-    counts = {"flex": 0, "flash-window": 0}
+    counts = {"flex": 0}
     for node in list(gm.graph.nodes):
         info = node.meta.get(META_KEY)
         if node.target is not SDPA or not isinstance(info, SdpaTag) or info.mask_kind != "mask_mod":
             continue
-        case = _case_of(node, info, device, lowering, train)
-        choice = choose(case, prefer)
+        choice = choose(_case_of(node, info, device, lowering, train), prefer)
         info.kernel, info.why = choice.kernel, choice.why
         note = node.meta.get("kp_note", "")
         node.meta["kp_note"] = f"{note}; kernel: sdpa ({choice.why})"
-        mask = sdpa_arguments(node).get("attn_mask")
-        if choice.kernel == "flash-window":
-            flash_window.replace_sdpa(gm, node, case.window)
-            erase_dead([mask] if isinstance(mask, fx.Node) else [])
-            counts["flash-window"] += 1
-            continue
         if choice.kernel != "flex":
             continue
+        mask = sdpa_arguments(node).get("attn_mask")
         refusal = flex.replace_sdpa(gm, node, info.mask_mod, info.mask_mod_text, info.score_bias)
         if refusal:
             info.kernel, info.why = "sdpa", refusal
@@ -81,7 +70,7 @@ def select_attention_kernels(
     ctx = context.current()
     notes = ctx.notes if ctx is not None else []
     counts["flex-softcap"] = softcapped_to_flex(gm, device, lowering, prefer, train, notes)
-    if counts["flex"] or counts["flex-softcap"] or counts["flash-window"]:
+    if counts["flex"] or counts["flex-softcap"]:
         gm.recompile()
     return Matches(counts)
 
