@@ -29,6 +29,7 @@ class Options:
     mode: str = "default"
     inductor_config: dict = field(default_factory=dict)
     attention_kernel: str = "auto"
+    flex_kernel_options: Any = "auto"
     fp8: Optional[FP8Options] = None  # core/fp8_options.py
     constant_buffers: bool = False
     pass_timeout_s: Optional[float] = None
@@ -67,6 +68,9 @@ OPTION_DOCS = (  # (key, values, default), markdown; docs/architecture.md's tabl
     ('attention_kernel',
      '`"auto"` (the table in `passes/attention/kernel_table.py`), `"sdpa"` (never FlexAttention), `"flex"` (FlexAttention wherever it can run, the CPU included)',
      '`"auto"`'),
+    ('flex_kernel_options',
+     '`"auto"` (the tuned rows in `passes/attention/kernel_table.py`, measured per device and head dim), or a dict passed to every `flex_attention` call as its `kernel_options` (`{}`: flex\'s own heuristics everywhere)',
+     '`"auto"`'),
     ('fp8',
      '`None` (off), `True`, or a dict: `recipe` (`"tensorwise"` (default), `"rowwise"`, `"delayed"`, `"static"`: see [docs/passes/fp8.md](passes/fp8.md)), `include` / `exclude` (globs on module paths), `emulate` (bool: convert on any device through the exact emulation), `min_dims` (`[M, K, N]` thresholds replacing the device\'s size-table row), `history_len` (delayed: amax history length, 1 to 1024, default 16), `margin` (delayed: scale headroom in powers of 2, 0 to 8, default 0), `fast_accum` (bool, default `True`: the forward GEMM accumulates with the GPU\'s fast FP8 mode; gradients never do)',
      '`None`'),
@@ -94,6 +98,10 @@ def parse_options(mode: Optional[str] = None, options: Optional[Mapping[str, Any
     _check_choice("mode", mode, MODES)
     _check_choice("lowering", options.get("lowering", "auto"), LOWERINGS)
     _check_choice("attention_kernel", options.get("attention_kernel", "auto"), ATTENTION_KERNELS)
+    flex_options = options.get("flex_kernel_options", "auto")
+    if flex_options != "auto" and not (isinstance(flex_options, dict) and all(isinstance(k, str) for k in flex_options)):
+        raise ValueError(f"kernelpytorch: options['flex_kernel_options'] must be 'auto' or a dict of flex_attention "
+                         f"kernel_options, got {flex_options!r}")
     timeout = options.get("pass_timeout_s")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise ValueError(f"kernelpytorch: options['pass_timeout_s'] must be a positive number of seconds or None, "

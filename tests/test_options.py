@@ -36,6 +36,8 @@ def test_unknown_key_lists_valid_ones():
     ("verify", 1, "verify"),
     ("passes", "noop-elimination", "list of pass names"),
     ("inductor_config", {"not_a_config_key": 1}, "not_a_config_key"),
+    ("flex_kernel_options", "fast", "'auto' or a dict"),
+    ("flex_kernel_options", {1: 64}, "'auto' or a dict"),
 ])
 def test_bad_values(key, value, needle):
     with pytest.raises(ValueError, match=key) as err:

@@ -102,6 +102,18 @@ def test_structured_mask_is_lifted_and_runs_on_flex(name, tmp_path):
               (tmp_path / "graph-000" / "03-attention-kernels.txt").read_text())
 
 
+def test_flex_kernel_options_given_reach_flex(tmp_path):
+    """``flex_kernel_options`` is passed to the flex call as given (the dump's note shows it)."""
+    fn = MaskedSdpa(window)
+    with torch.no_grad():
+        compiled, _, _ = compile_and_collect(fn, qkv(), attention_kernel="flex", dump_dir=str(tmp_path),
+                                             flex_kernel_options={"PRESCALE_QK": False})
+        inputs = qkv()
+        torch.testing.assert_close(compiled(*inputs), fn(*inputs), rtol=1e-5, atol=1e-5)
+    filecheck("CHECK: flex_attention{{.*}}kernel_options: {'PRESCALE_QK': False}\n",
+              (tmp_path / "graph-000" / "03-attention-kernels.txt").read_text())
+
+
 @pytest.mark.parametrize("name", sorted(MASK_MODS))
 def test_structured_mask_gradients_equal_eager(name):
     fn = MaskedSdpa(MASK_MODS[name][0])

@@ -58,7 +58,7 @@ def block_mask_for(mask_mod: Callable, key: str, L: int, S: int, device: torch.d
 
 
 def replace_sdpa(gm: fx.GraphModule, sdpa: fx.Node, mask_mod: Optional[Callable], key: str,
-                 score_bias: Optional[Callable] = None) -> Optional[str]:
+                 score_bias: Optional[Callable] = None, kernel_options: Optional[dict] = None) -> Optional[str]:
     """Put ``flex_attention`` in place of ``sdpa``; None when done, else why not.
 
     ``mask_mod`` None: no block mask (every pair attends); ``score_bias``: ``score_mod`` adds it.
@@ -67,7 +67,7 @@ def replace_sdpa(gm: fx.GraphModule, sdpa: fx.Node, mask_mod: Optional[Callable]
     if sdpa_arguments(sdpa).get("dropout_p", 0.0):
         return "flex_attention has no dropout"
     refusal = splice(gm, sdpa, q, k, v, scale=sdpa.kwargs.get("scale"), gqa=bool(sdpa.kwargs.get("enable_gqa")),
-                     mask_mod=mask_mod, key=key, score_bias=score_bias)
+                     mask_mod=mask_mod, key=key, score_bias=score_bias, kernel_options=kernel_options)
     if refusal is None:
         repeated = [a for a in sdpa.args[1:3] if isinstance(a, fx.Node)]
         erase_dead([sdpa, *repeated])
@@ -75,8 +75,11 @@ def replace_sdpa(gm: fx.GraphModule, sdpa: fx.Node, mask_mod: Optional[Callable]
 
 
 def splice(gm: fx.GraphModule, replaced: fx.Node, q, k, v, *, scale, gqa: bool, mask_mod: Optional[Callable],
-           key: str, score_bias: Optional[Callable] = None, softcap: Optional[float] = None) -> Optional[str]:
+           key: str, score_bias: Optional[Callable] = None, softcap: Optional[float] = None,
+           kernel_options: Optional[dict] = None) -> Optional[str]:
     """``flex_attention(q, k, v)`` in place of ``replaced`` (its users moved over); None when done, else why not.
+
+    ``kernel_options`` go to ``flex_attention`` as they are (the kernel table's tuned rows).
 
     The score_mod applies ``tanh(s / softcap) * softcap`` first, then adds ``score_bias``, as eager
     does with a softcap and a mask or bias; ``replaced`` and what only it read are left to the caller.
@@ -94,14 +97,16 @@ def splice(gm: fx.GraphModule, replaced: fx.Node, q, k, v, *, scale, gqa: bool, 
     score_mod = _score_mod(score_bias, softcap) if score_bias is not None or softcap is not None else None
 
     def attend(q, k, v):
-        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+                              kernel_options=kernel_options)
 
     traced = _trace(attend, qv, val(k), val(v))
     with gm.graph.inserting_before(replaced):
         out = _splice(gm, traced, (q, k, v), (key, L, S, str(qv.device)))
     out.meta.update({k_: v_ for k_, v_ in replaced.meta.items() if k_ != "val"})
     out.meta["kp_note"] = "flex_attention output" + (f"; mask_mod: {key}" if key else "") + (
-        f"; score_mod: {describe_score_mod(score_bias, softcap)}" if score_mod is not None else "")
+        f"; score_mod: {describe_score_mod(score_bias, softcap)}" if score_mod is not None else "") + (
+        f"; kernel_options: {kernel_options}" if kernel_options else "")
     replaced.replace_all_uses_with(out)
     return None
 

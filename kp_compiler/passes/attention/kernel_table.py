@@ -7,7 +7,13 @@
 | index arithmetic (``mask_mod``), or a softcap | FlexAttention with a cached block mask when all hold: Inductor lowering, static lengths, no dropout, fp16/bf16/fp32, head dim a power of two in 16..256, flex on the device (CUDA 8.0+, ROCm; the CPU for inference, only when ``attention_kernel="flex"``); else SDPA with the mask tensor (a softcapped site keeps its eager math) |
 
 FA3 (``flash_attn_interface``) is not emitted: SDPA's flash kernel serves
-the unmasked and causal cases (see ``docs/passes/attention.md``).
+the unmasked and causal cases (see ``docs/passes/attention.md``). Torch's
+flash kernel with a window argument was measured slower than flex for
+sliding windows on the H200 and is not a row.
+
+``FLEX_TUNING`` holds flex ``kernel_options`` measured faster than flex's own
+heuristics for one device, head dim and pass; the ``flex_kernel_options``
+option replaces it (``{}``: flex's heuristics everywhere).
 
 Before (one site as the table sees it)::
 
@@ -21,6 +27,7 @@ After::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -43,16 +50,39 @@ class AttentionCase:
     dropout: bool = False
     static_shapes: bool = True
     lowering: str = "inductor"
+    score_mod: bool = False  # a bias or softcap rides on the scores
 
 
 @dataclass(frozen=True)
 class Choice:
     kernel: str  # "sdpa" | "flex"
     why: str
+    kernel_options: Optional[dict] = None  # flex_attention(kernel_options=...), for "flex"
 
 
-def choose(case: AttentionCase, prefer: str = "auto") -> Choice:
-    """The kernel for ``case``; ``prefer`` is the ``attention_kernel`` option."""
+# (label, matches(case), kernel_options): flex options measured faster than flex's own heuristics.
+# H200, torch 2.11, bf16 causal window 1024, B=2 H=16/4 S=4096 D=64 (the suite's Mistral layer), fwd+bwd:
+# 1.201 ms with these against 1.438 ms with flex's heuristics (bench/results/2026-12-01-h200-attention-backward-kernels.txt).
+FLEX_TUNING: list = [
+    ("Hopper, head dim 64, training, 16-bit, no score_mod",
+     lambda c: c.device.kind == "cuda" and c.device.capability == (9, 0) and c.head_dim == 64 and c.train
+     and c.dtype in (torch.float16, torch.bfloat16) and not c.score_mod,
+     {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64,
+      "bwd_num_warps": 8, "bwd_num_stages": 2}),
+]
+
+
+def flex_kernel_options(case: AttentionCase, given="auto") -> Optional[dict]:
+    """The ``kernel_options`` flex gets at ``case``: ``given`` when it is a dict, else the first matching
+    ``FLEX_TUNING`` row (None: flex's own heuristics)."""
+    if isinstance(given, dict):
+        return dict(given) or None
+    return next((dict(opts) for _, matches, opts in FLEX_TUNING if matches(case)), None)
+
+
+def choose(case: AttentionCase, prefer: str = "auto", flex_options="auto") -> Choice:
+    """The kernel for ``case``; ``prefer`` is the ``attention_kernel`` option, ``flex_options`` the
+    ``flex_kernel_options`` one."""
     if case.mask in ("none", "causal"):
         return Choice("sdpa", "no mask or causal: SDPA's flash/cuDNN kernels")
     if case.mask != "mask_mod":
@@ -62,7 +92,8 @@ def choose(case: AttentionCase, prefer: str = "auto") -> Choice:
     refusal = _flex_refusal(case, prefer)
     if refusal:
         return Choice("sdpa", refusal)
-    return Choice("flex", "structured mask: FlexAttention skips fully masked blocks")
+    return Choice("flex", "structured mask: FlexAttention skips fully masked blocks",
+                  flex_kernel_options(case, flex_options))
 
 
 def _flex_refusal(case: AttentionCase, prefer: str) -> str:

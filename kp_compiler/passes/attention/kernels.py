@@ -33,17 +33,19 @@ def _case_of(node: fx.Node, info: SdpaTag, device: DeviceInfo, lowering: str, tr
         device=device, dtype=q.dtype, head_dim=q.shape[-1] if isinstance(q.shape[-1], int) else -1,
         mask=info.mask_kind, train=train,
         dropout=bool(sdpa_arguments(node).get("dropout_p", 0.0)), static_shapes=static and q.dim() == 4,
-        lowering=lowering,
+        lowering=lowering, score_mod=info.score_bias is not None,
     )
 
 
 def select_attention_kernels(
-    gm: fx.GraphModule, device: DeviceInfo, lowering: str, prefer: str = "auto", train: bool = True
+    gm: fx.GraphModule, device: DeviceInfo, lowering: str, prefer: str = "auto", train: bool = True,
+    flex_options="auto",
 ) -> Matches:
     """Apply ``choose`` to every SDPA node the attention pass tagged; count the kernels spliced in.
 
     ``train``: a backward may run (grad mode on and an input that requires
-    grad); the graph's fake values do not carry ``requires_grad``.
+    grad); the graph's fake values do not carry ``requires_grad``. ``flex_options``: the
+    ``flex_kernel_options`` option (``"auto"``: the table's tuned rows).
 
     The decision and its reason land in the node's ``SdpaTag`` (``node.meta[META_KEY]``: ``kernel``, ``why``).
     """
@@ -52,14 +54,15 @@ def select_attention_kernels(
         info = node.meta.get(META_KEY)
         if node.target is not SDPA or not isinstance(info, SdpaTag) or info.mask_kind != "mask_mod":
             continue
-        choice = choose(_case_of(node, info, device, lowering, train), prefer)
+        choice = choose(_case_of(node, info, device, lowering, train), prefer, flex_options)
         info.kernel, info.why = choice.kernel, choice.why
         note = node.meta.get("kp_note", "")
         node.meta["kp_note"] = f"{note}; kernel: sdpa ({choice.why})"
         if choice.kernel != "flex":
             continue
         mask = sdpa_arguments(node).get("attn_mask")
-        refusal = flex.replace_sdpa(gm, node, info.mask_mod, info.mask_mod_text, info.score_bias)
+        refusal = flex.replace_sdpa(gm, node, info.mask_mod, info.mask_mod_text, info.score_bias,
+                                    choice.kernel_options)
         if refusal:
             info.kernel, info.why = "sdpa", refusal
             node.meta["kp_note"] = f"{note}; kernel: sdpa ({refusal})"
@@ -69,7 +72,7 @@ def select_attention_kernels(
         counts["flex"] += 1
     ctx = context.current()
     notes = ctx.notes if ctx is not None else []
-    counts["flex-softcap"] = softcapped_to_flex(gm, device, lowering, prefer, train, notes)
+    counts["flex-softcap"] = softcapped_to_flex(gm, device, lowering, prefer, train, notes, flex_options)
     if counts["flex"] or counts["flex-softcap"]:
         gm.recompile()
     return Matches(counts)
@@ -78,7 +81,8 @@ def select_attention_kernels(
 def choose_attention_kernels(gm: fx.GraphModule) -> Matches:
     """The ``attention-kernels`` pass: ``select_attention_kernels`` for the graph's target.
 
-    Reads ``context.current().target`` (device, training, lowering) and ``options["attention_kernel"]``;
+    Reads ``context.current().target`` (device, training, lowering) and ``options["attention_kernel"]``,
+    ``options["flex_kernel_options"]``;
     acts only on SDPA nodes ``attention-to-sdpa`` tagged with a lifted ``mask_mod``.
 
     Before (a tagged node, on a device whose table row allows FlexAttention)::
@@ -91,5 +95,7 @@ def choose_attention_kernels(gm: fx.GraphModule) -> Matches:
     """
     ctx = context.current()
     target = ctx.target if ctx is not None and ctx.target is not None else Target(DeviceInfo("cpu"))
-    prefer = getattr(getattr(ctx, "options", None), "attention_kernel", "auto")
-    return select_attention_kernels(gm, target.device, target.lowering, prefer, target.training)
+    options = getattr(ctx, "options", None)
+    prefer = getattr(options, "attention_kernel", "auto")
+    flex_options = getattr(options, "flex_kernel_options", "auto")
+    return select_attention_kernels(gm, target.device, target.lowering, prefer, target.training, flex_options)

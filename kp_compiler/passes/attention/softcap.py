@@ -45,7 +45,7 @@ aten = torch.ops.aten
 
 
 def softcapped_to_flex(gm: fx.GraphModule, device: DeviceInfo, lowering: str, prefer: str, train: bool,
-                       notes: list) -> int:
+                       notes: list, flex_options="auto") -> int:
     """Splice flex in for every softcapped attention the table and the proofs allow; how many."""
     done = 0
     with memoized():
@@ -55,14 +55,14 @@ def softcapped_to_flex(gm: fx.GraphModule, device: DeviceInfo, lowering: str, pr
             att = match(node)
             if att is None or att.softcap is None:
                 continue
-            refusal = _to_flex(gm, att, device, lowering, prefer, train)
+            refusal = _to_flex(gm, att, device, lowering, prefer, train, flex_options)
             notes.append(f"{node.name}: softcapped attention (cap {att.softcap:g}) -> "
                          + ("flex_attention" if refusal is None else f"left as it is: {refusal}"))
             done += refusal is None
     return done
 
 
-def _to_flex(gm: fx.GraphModule, att: Attention, device, lowering, prefer, train) -> Optional[str]:
+def _to_flex(gm: fx.GraphModule, att: Attention, device, lowering, prefer, train, flex_options) -> Optional[str]:
     q = val(att.q)
     if q.dim() != 4 or (att.space is not None and len(att.space) != q.dim()):
         return "flex_attention takes 4-D q, k, v"
@@ -70,8 +70,9 @@ def _to_flex(gm: fx.GraphModule, att: Attention, device, lowering, prefer, train
         return "the scale is a symbolic float"
     static = all(isinstance(d, int) for t in (att.q, att.v) for d in val(t).shape)
     case = AttentionCase(device=device, dtype=q.dtype, head_dim=q.shape[-1] if static else -1, mask="mask_mod",
-                         train=train, dropout=att.dropout_p > 0, static_shapes=static, lowering=lowering)
-    choice = choose(case, prefer)
+                         train=train, dropout=att.dropout_p > 0, static_shapes=static, lowering=lowering,
+                         score_mod=True)
+    choice = choose(case, prefer, flex_options)
     if choice.kernel != "flex":
         return choice.why
     g = gm.graph
@@ -94,7 +95,7 @@ def _to_flex(gm: fx.GraphModule, att: Attention, device, lowering, prefer, train
     if refusal is None:
         refusal = flex.splice(gm, att.out, att.q, k, att.v, scale=scale, gqa=False, mask_mod=mask_mod,
                               key=describe(mask_mod) if mask_mod is not None else "", score_bias=score_bias,
-                              softcap=att.softcap)
+                              softcap=att.softcap, kernel_options=choice.kernel_options)
     if refusal is not None:
         erase_dead(made)
         return refusal
