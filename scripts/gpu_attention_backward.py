@@ -128,7 +128,7 @@ def flex_window():
 
 
 def profile(names=("model-mistral-window-train", "model-gemma2-4096-train", "model-gemma2-4096-infer",
-                   "attention-causal-fwd-bwd")):
+                   "attention-causal-fwd-bwd"), top=14):
     from torch.profiler import ProfilerActivity, profile as prof
 
     from bench.cases import Scale, load_all
@@ -151,7 +151,7 @@ def profile(names=("model-mistral-window-train", "model-gemma2-4096-train", "mod
                       key=lambda r: -r[1])
         total = sum(r[1] for r in rows)
         print(f"  GPU kernel time per step {total:.3f} ms")
-        for key, ms, n in rows[:14]:
+        for key, ms, n in rows[:top]:
             print(f"  {ms:7.3f} ms  x{n:<4d} {key[:110]}")
         torch._dynamo.reset()
 
@@ -159,11 +159,14 @@ def profile(names=("model-mistral-window-train", "model-gemma2-4096-train", "mod
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", default="all", choices=["kernels", "flex", "profile", "all"])
-    part = ap.parse_args().part
+    ap.add_argument("--cases", nargs="*", help="bench cases to profile (default: the suite's attention models)")
+    ap.add_argument("--top", type=int, default=14)
+    args = ap.parse_args()
+    part = args.part
     print(torch.__version__, torch.cuda.get_device_name(), file=sys.stderr)
     if part in ("kernels", "all"):
         kernels()
     if part in ("flex", "all"):
         flex_window()
     if part in ("profile", "all"):
-        profile()
+        profile(*([args.cases] if args.cases else []), top=args.top)
