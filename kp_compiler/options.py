@@ -69,7 +69,7 @@ OPTION_DOCS = (  # (key, values, default), markdown; docs/architecture.md's tabl
      '`"auto"` (the table in `passes/attention/kernel_table.py`), `"sdpa"` (never FlexAttention), `"flex"` (FlexAttention wherever it can run, the CPU included)',
      '`"auto"`'),
     ('flex_kernel_options',
-     '`"auto"` (the tuned rows in `passes/attention/kernel_table.py`, measured per device and head dim), or a dict passed to every `flex_attention` call as its `kernel_options` (`{}`: flex\'s own heuristics everywhere)',
+     '`"auto"` (flex\'s own heuristics: no tuned options measured faster in a model step, see `passes/attention/kernel_table.py`), or a dict passed to every `flex_attention` call as its `kernel_options` (`{}`: flex\'s own heuristics everywhere)',
      '`"auto"`'),
     ('fp8',
      '`None` (off), `True`, or a dict: `recipe` (`"tensorwise"` (default), `"rowwise"`, `"delayed"`, `"static"`: see [docs/passes/fp8.md](passes/fp8.md)), `include` / `exclude` (globs on module paths), `emulate` (bool: convert on any device through the exact emulation), `min_dims` (`[M, K, N]` thresholds replacing the device\'s size-table row), `history_len` (delayed: amax history length, 1 to 1024, default 16), `margin` (delayed: scale headroom in powers of 2, 0 to 8, default 0), `fast_accum` (bool, default `True`: the forward GEMM accumulates with the GPU\'s fast FP8 mode; gradients never do)',

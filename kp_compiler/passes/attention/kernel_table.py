@@ -11,9 +11,12 @@ the unmasked and causal cases (see ``docs/passes/attention.md``). Torch's
 flash kernel with a window argument was measured slower than flex for
 sliding windows on the H200 and is not a row.
 
-``FLEX_TUNING`` holds flex ``kernel_options`` measured faster than flex's own
-heuristics for one device, head dim and pass; the ``flex_kernel_options``
-option replaces it (``{}``: flex's heuristics everywhere).
+Flex runs with its own heuristics (its ``kernel_options`` left unset): on the
+H200 the backward block sizes that ran one Mistral-suite layer's fwd+bwd in
+1.20 ms against 1.44 ms made no difference in the training step (13.88 vs
+13.75 ms, ``bench/results/2026-12-01-h200-flex-options-models-train.md``),
+so no tuned row ships. The ``flex_kernel_options`` option passes a dict to
+every flex call for users who tune their own.
 
 Before (one site as the table sees it)::
 
@@ -60,24 +63,12 @@ class Choice:
     kernel_options: Optional[dict] = None  # flex_attention(kernel_options=...), for "flex"
 
 
-# (label, matches(case), kernel_options): flex options measured faster than flex's own heuristics.
-# H200, torch 2.11, bf16 causal window 1024, B=2 H=16/4 S=4096 D=64 (the suite's Mistral layer), fwd+bwd:
-# 1.201 ms with these against 1.438 ms with flex's heuristics (bench/results/2026-12-01-h200-attention-backward-kernels.txt).
-FLEX_TUNING: list = [
-    ("Hopper, head dim 64, training, 16-bit, no score_mod",
-     lambda c: c.device.kind == "cuda" and c.device.capability == (9, 0) and c.head_dim == 64 and c.train
-     and c.dtype in (torch.float16, torch.bfloat16) and not c.score_mod,
-     {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64,
-      "bwd_num_warps": 8, "bwd_num_stages": 2}),
-]
-
-
 def flex_kernel_options(case: AttentionCase, given="auto") -> Optional[dict]:
-    """The ``kernel_options`` flex gets at ``case``: ``given`` when it is a dict, else the first matching
-    ``FLEX_TUNING`` row (None: flex's own heuristics)."""
+    """The ``kernel_options`` flex gets at ``case``: ``given`` when it is a dict; for ``"auto"`` None (flex's
+    own heuristics: no options measured so far beat them in a model step, see the module docstring)."""
     if isinstance(given, dict):
         return dict(given) or None
-    return next((dict(opts) for _, matches, opts in FLEX_TUNING if matches(case)), None)
+    return None
 
 
 def choose(case: AttentionCase, prefer: str = "auto", flex_options="auto") -> Choice:
