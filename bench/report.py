@@ -82,6 +82,10 @@ def markdown(results: dict) -> str:
         lines += [f"- {c} / {r['backend']}: " + (", ".join(f"{k} x{v}" for k, v in r["passes"].items()) or "none")
                   + (f" ({r['idle_graphs']} of {r['graphs']} graph(s) idle)" if r.get("idle_graphs") else "")
                   for c, r in fired]
+    compiles = [(case["case"], r) for case in results["cases"] for r in case.get("rows", []) if "compiles" in r]
+    if compiles:
+        lines += ["", "Dynamic-length cases (one step runs every length): graphs Dynamo compiled in the first step", ""]
+        lines += [f"- {c} / {r['backend']}: {r['compiles']}" for c, r in compiles]
     return "\n".join(lines) + "\n"
 
 

@@ -44,27 +44,41 @@ def _grads(model: Any, inputs: tuple) -> dict:
 
 
 class Step:
-    """One call of the workload: inference under no_grad, or a full training step."""
+    """One call of the workload: inference under no_grad, or a full training step.
+
+    A workload with ``more_inputs`` (a dynamic-length case) runs one call per input tuple in a step;
+    captured, its outputs are flattened and joined, its gradients named by tuple (``"1: input 0"``).
+    """
 
     def __init__(self, wl: Workload, model: Any, compiled: Any, train: bool, device: str):
         self.wl, self.model, self.compiled, self.train = wl, model, compiled, train
-        self.inputs = tuple(_upcast(x, x.dtype) if isinstance(x, torch.Tensor) else x for x in wl.inputs)
+        self.input_sets = [tuple(_upcast(x, x.dtype) if isinstance(x, torch.Tensor) else x for x in inputs)
+                           for inputs in (wl.inputs, *wl.more_inputs)]
+        self.inputs = self.input_sets[0]
         self.opt = None
         if train and isinstance(model, torch.nn.Module):
             self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
 
     def __call__(self, capture: bool = False):
+        results = [self._one(inputs, capture) for inputs in self.input_sets]
+        if not capture or len(results) == 1:
+            return results[0]
+        if not self.train:
+            return torch.cat([r.flatten() for r in results])
+        return {f"{i}: {name}": g for i, grads in enumerate(results) for name, g in grads.items()}
+
+    def _one(self, inputs: tuple, capture: bool):
         if not self.train:
             with torch.no_grad():
-                out = self.compiled(*self.inputs)
+                out = self.compiled(*inputs)
             return self.wl.output(out) if capture else None
-        loss = self.wl.loss(self.compiled(*self.inputs))
+        loss = self.wl.loss(self.compiled(*inputs))
         loss.backward()
-        grads = _grads(self.model, self.inputs) if capture else None
+        grads = _grads(self.model, inputs) if capture else None
         if self.opt is not None:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-        for t in self.inputs:
+        for t in inputs:
             if isinstance(t, torch.Tensor):
                 t.grad = None
         return grads
@@ -79,6 +93,7 @@ def reference(wl: Workload, train: bool, scale: Scale) -> list[torch.Tensor]:
         model = copy.deepcopy(model).to(dtype)
     ref_wl = copy.copy(wl)
     ref_wl.inputs = tuple(_upcast(x, dtype) for x in wl.inputs)
+    ref_wl.more_inputs = [tuple(_upcast(x, dtype) for x in inputs) for inputs in wl.more_inputs]
     ref_wl.model = model
     step = Step(ref_wl, model, model, train, scale.device)
     out = step(capture=True)
@@ -128,11 +143,14 @@ def prepare_backend(case: Case, wl: Workload, backend: Backend, ref, scale: Scal
         with _time_limit(row_timeout), dynamo_config(wl.dynamo_config):
             step = Step(wl, model, backend.for_case(wl.kp_options).wrap(model), case.train, scale.device)
             _sync(scale.device)
+            graphs_before = _compiled_graphs()
             t0 = time.perf_counter()
             with collect() as records:
                 first = step(capture=True)
             _sync(scale.device)
             row["first_call_ms"] = (time.perf_counter() - t0) * 1e3
+            if wl.more_inputs and backend.backend is not None:
+                row["compiles"] = _compiled_graphs() - graphs_before
             if records:  # kernelpytorch: the rewrites that fired, summed over graphs
                 fired: dict = {}
                 for rec in records:
@@ -152,6 +170,13 @@ def prepare_backend(case: Case, wl: Workload, backend: Backend, ref, scale: Scal
         row["traceback"] = traceback.format_exc()[-2000:]
         return row, None
     return row, step
+
+
+def _compiled_graphs() -> int:
+    """Graphs Dynamo has compiled in this process so far (its ``unique_graphs`` counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _step_memory(step: "Step", device: str) -> "float | None":

@@ -34,6 +34,7 @@ class Workload:
     note: str = ""
     reference_dtype: Optional[torch.dtype] = None  # the error reference's dtype, where float64 cannot run
     kp_options: dict = field(default_factory=dict)  # options every kernelpytorch row of this case gets (fp8)
+    more_inputs: list = field(default_factory=list)  # further input tuples one step also runs (other lengths)
 
 
 @dataclass(frozen=True)

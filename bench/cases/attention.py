@@ -156,3 +156,32 @@ def _documents_mod(scale: Scale):
 _register("ref-sdpa-causal", lambda s: sdpa_causal, "causal")
 _register("ref-flex-sliding-window", _flex_reference(_window_mod), "window")
 _register("ref-flex-documents", _flex_reference(_documents_mod), "docs")
+
+
+# Dynamic lengths: one step runs the naive code at three sequence lengths, compiled with every dim
+# dynamic from the first call (Dynamo's assume_static_by_default off): one compile should serve them all.
+DYNAMIC_LENGTHS = (4096, 3072, 2048)
+_ALL_DYNAMIC = {"assume_static_by_default": False, "automatic_dynamic_shapes": True}
+
+
+def _register_dynamic(name, fn_for_scale, kind):
+    for train in (False, True):
+        suffix = "-fwd-bwd" if train else ""
+
+        def build(scale, train=train):
+            B, H, _, D = _shape(scale)
+            lengths = (64, 48, 32) if scale.smoke else DYNAMIC_LENGTHS
+            g = torch.Generator(device=scale.device).manual_seed(0)
+            sets = [tuple(torch.randn(B, H, S, D, device=scale.device, dtype=scale.dtype, generator=g)
+                          .requires_grad_(train) for _ in range(3)) for S in lengths]
+            flops = sum(4 * B * H * D * _pairs(kind, S, _window(scale), _doc_len(scale)) for S in lengths)
+            return Workload(fn_for_scale(scale), sets[0], flops=flops * (3.5 if train else 1),
+                            loss=(lambda out: out.float().square().mean()) if train else None,
+                            dynamo_config=dict(_ALL_DYNAMIC), more_inputs=sets[1:],
+                            note=f"one step = lengths {lengths}, every dim dynamic")
+
+        case(f"attention-{name}-dynamic{suffix}", "attention", train=train)(build)
+
+
+_register_dynamic("causal", lambda s: causal, "causal")
+_register_dynamic("sliding-window", lambda s: make_sliding_window(_window(s)), "window")

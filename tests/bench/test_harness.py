@@ -107,6 +107,33 @@ def test_rows_are_timed_in_interleaved_rounds_with_samples_pooled():
     assert all(r["rounds"] == 3 for r in result["rows"])
 
 
+def test_a_dynamic_length_case_runs_every_length_per_step_and_counts_compiles():
+    """One step calls the model once per input tuple; the first step's compiles are counted per compiled row,
+    and the error covers every length's output."""
+    import torch
+
+    from bench.backends import STANDARD, Backend
+    from bench.cases import Scale
+    from bench.runner import run_case
+
+    shapes = []
+
+    class Seen(Backend):
+        def wrap(self, model):
+            def run(q, k, v):
+                shapes.append(q.shape[-2])
+                return model(q, k, v)
+            return run
+
+    case = load_all()["attention-causal-dynamic"]
+    result = run_case(case, [Seen("seen"), STANDARD["kernelpytorch"]], Scale("cpu", torch.float32, True), reps=2)
+    assert shapes[:3] == [64, 48, 32]  # the first (captured) step: every length, in order
+    seen, kp = result["rows"]
+    assert "compiles" not in seen  # an uncompiled row has nothing to count
+    assert kp["compiles"] == 1, kp  # every dim dynamic: one graph serves the three lengths
+    assert kp["error"] < 1e-6 and seen["error"] < 1e-6
+
+
 def test_a_row_past_its_time_limit_is_recorded_and_the_run_goes_on():
     import time
 
