@@ -122,25 +122,6 @@ def test_structured_mask_gradients_equal_eager(name):
     check_grads(fn, compiled)
 
 
-class PaddedSdpa(torch.nn.Module):
-    """transformers' causal-and-padding mask: reads the caller's attention_mask (data)."""
-
-    def forward(self, q, k, v, padding):
-        mask = tf_masks.sdpa_mask(batch_size=q.shape[0], q_length=q.shape[2], kv_length=k.shape[2],
-                                  attention_mask=padding, allow_is_causal_skip=False, device=q.device)
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def test_padding_mask_reads_data_and_is_left_alone():
-    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
-    padding = torch.ones(B, L, dtype=torch.bool)
-    padding[0, :5] = False  # left padding on the first row
-    fn = PaddedSdpa()
-    _, out, records = compile_and_collect(fn, [q, k, v, padding])
-    assert pass_record(records, "attention-to-sdpa").matches == 0
-    torch.testing.assert_close(out, fn(q, k, v, padding), rtol=1e-5, atol=1e-5, equal_nan=True)
-
-
 def test_a_mask_from_the_caller_is_left_alone():
     q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
     mask = torch.ones(L, L, dtype=torch.bool).tril()  # causal, but an input: it may change between calls

@@ -83,7 +83,7 @@ def test_softcap_gradients_equal_eager(monkeypatch):
     """The rewritten graph, run by the eager lowering (flex_attention's own autograd on the CPU):
     outputs and gradients of q, k, v equal eager. The table would keep training on the CPU eager,
     so it is told to pick flex here; the GPU runs the same graph through Inductor."""
-    monkeypatch.setattr(softcap, "choose", lambda case, prefer: Choice("flex", "test"))
+    monkeypatch.setattr(softcap, "choose", lambda case, prefer, flex_options="auto": Choice("flex", "test"))
     fn = capped(window=8)
     inputs = qkv(requires_grad=True)
     compiled, out, records = compile_and_collect(fn, inputs, lowering="eager")
@@ -113,7 +113,7 @@ def test_transformers_gemma2_eager_attention_on_flex(tmp_path):
 
 
 def test_transformers_gemma2_training_step_gradients(monkeypatch):
-    monkeypatch.setattr(softcap, "choose", lambda case, prefer: Choice("flex", "test"))
+    monkeypatch.setattr(softcap, "choose", lambda case, prefer, flex_options="auto": Choice("flex", "test"))
     model, vocab = hf.build("gemma2", "tiny", attn="eager")
     model.train()
     ids = torch.randint(0, vocab, (2, 32))

@@ -12,8 +12,10 @@ spellings (``mask_mod.py``, then ``value_masks.py``):
 - any other lifted mask (sliding window, chunked) tags the node with its
   ``mask_mod`` for ``attention-kernels`` (FlexAttention with a block mask
   where the kernel table says so, else SDPA keeps the tensor);
-- a mask that reads data (padding, ids the caller passes) or is not proven
-  is left as it is. With symbolic lengths only the op-by-op lift applies,
+- a bool mask that reads a per-row tensor (padding flags, document ids) at
+  index positions is lifted with that read (``data_masks.py``), static
+  lengths only; any other mask that reads data, or is not proven, is left
+  as it is. With symbolic lengths only the op-by-op lift applies,
   and only to integer and boolean index arithmetic (``mask_mod.py``).
 
 Before (transformers' sdpa path, Mistral's sliding window of 16)::
@@ -40,7 +42,8 @@ from .layout import gqa_source
 from .mask_mod import describe, lift_mask_mod
 from .scalars import bias_as_keep
 from .sdpa_mask import CAUSAL_MASK_MODS, note, tag
-from .site import META_KEY, sdpa_arguments
+from .data_masks import lift_data_mask
+from .site import META_KEY, SdpaTag, sdpa_arguments
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -94,8 +97,21 @@ def _make_causal(sdpa: fx.Node, keep: fx.Node) -> None:
     erase_dead(dropped)  # only what nothing else reads any more (other layers share the mask)
 
 
+def _lift_data_mask(node: fx.Node, mask: fx.Node, keep: Optional[fx.Node], B, L, S) -> Optional[str]:
+    """A bool mask reading a per-row tensor (padding, document ids): tagged with its ``DataMask``, or None."""
+    if keep is None or getattr(val(mask), "dtype", None) is not torch.bool:
+        return None  # an additive mask gives a row with no key uniform weights, flex zeros: left alone
+    dm = lift_data_mask(keep, L, S, B)
+    if dm is None:
+        return None
+    node.meta[META_KEY] = SdpaTag("mask-tensor", "mask_mod", dm.mask_mod, dm.text, data_mask=dm)
+    node.meta["kp_note"] = f"mask_mod: {dm.text} (reads {', '.join(d.name for d in dm.data)})"
+    return "sdpa-data-mask"
+
+
 def lift_given_sdpa(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
-    """Lift one SDPA call's ``attn_mask``: ``"sdpa-causal"``, ``"sdpa-mask_mod"``, or None (left alone)."""
+    """Lift one SDPA call's ``attn_mask``: ``"sdpa-causal"``, ``"sdpa-mask_mod"``, ``"sdpa-data-mask"`` (it reads
+    a per-row tensor, ``data_masks.py``), or None (left alone)."""
     if node.target is not SDPA or node.meta.get(META_KEY) is not None or not sdpa_with_mask(node):
         return None
     args = sdpa_arguments(node)
@@ -109,7 +125,7 @@ def lift_given_sdpa(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     keep = _keep_node(gm.graph, node, mask)
     mask_mod = lift_mask_mod(keep, L, S) if keep is not None else None
     if mask_mod is None:
-        return None  # a logical_not made to read a float mask is erased with the pass's dead nodes
+        return _lift_data_mask(node, mask, keep, q.shape[0], L, S)
     if describe(mask_mod) in CAUSAL_MASK_MODS:
         _make_causal(node, keep)
         node.meta[META_KEY] = tag("causal", None)

@@ -18,7 +18,7 @@ from ...core.devices import DeviceInfo
 from ...core.graph import erase_dead, val
 from ...core.rules import Matches
 from ...core.target import Target
-from . import flex
+from . import data_masks, flex
 from .kernel_table import AttentionCase, choose
 from .site import META_KEY, SdpaTag, sdpa_arguments
 from .softcap import softcapped_to_flex
@@ -61,8 +61,11 @@ def select_attention_kernels(
         if choice.kernel != "flex":
             continue
         mask = sdpa_arguments(node).get("attn_mask")
-        refusal = flex.replace_sdpa(gm, node, info.mask_mod, info.mask_mod_text, info.score_bias,
-                                    choice.kernel_options)
+        if info.data_mask is not None:
+            refusal = data_masks.replace_sdpa(gm, node, info.data_mask, device, choice.kernel_options)
+        else:
+            refusal = flex.replace_sdpa(gm, node, info.mask_mod, info.mask_mod_text, info.score_bias,
+                                        choice.kernel_options)
         if refusal:
             info.kernel, info.why = "sdpa", refusal
             node.meta["kp_note"] = f"{note}; kernel: sdpa ({refusal})"

@@ -191,6 +191,10 @@ def _lift_node(node: fx.Node, memo: dict):
         if number(start) and number(step) and isinstance(val(node).shape[0], int):
             return Field(lambda ix: start + step * ix[1], (val(node).shape[0],))
         return None
+    if t is aten.index.Tensor:  # a per-row tensor read at index positions (padding, document ids)
+        from .data_masks import read_field
+
+        return read_field(node, memo, _lift)
     if t in _BINARY and len(args) == 2 and node.kwargs.get("alpha", 1) == 1:
         a, b = _lift(args[0], memo), _lift(args[1], memo)
         return None if a is None or b is None else _binary(_BINARY[t], a, b)
@@ -274,7 +278,12 @@ def memoized() -> Iterator[None]:
 
 
 def _lift_and_prove(keep: fx.Node, L: Any, S: Any) -> Optional[Callable]:
-    lifted = _lift(keep, {})
+    from .data_masks import DATA_KEY
+
+    memo: dict = {}
+    lifted = _lift(keep, memo)
+    if memo.get(DATA_KEY):  # it reads a tensor: one the graph makes from no input is a fact at static lengths,
+        return recognise(keep, L, S)  # else data_masks.lift_data_mask's case
     if not isinstance(lifted, Field) or len(lifted.shape) > 4:
         return recognise(keep, L, S)  # ops no mask_mod spells (gathers, cumsum): by value, if it reads no input
     # Only the query and key axes may vary: batch and head dims must be size 1 (broadcast).
@@ -297,8 +306,9 @@ def _lift_and_prove(keep: fx.Node, L: Any, S: Any) -> Optional[Callable]:
 _EXACT_DTYPES = (torch.bool, torch.int32, torch.int64)
 
 
-def _exactly_modelled(keep: fx.Node) -> bool:
-    """Every tensor behind ``keep`` is bool, int32 or int64: Python ints model that arithmetic exactly.
+def _exactly_modelled(keep: fx.Node, stop: frozenset = frozenset()) -> bool:
+    """Every tensor behind ``keep`` (up to the ``stop`` nodes, data read as it is) is bool, int32 or int64:
+    Python ints model that arithmetic exactly.
 
     Without a grid to run (symbolic lengths) the lift is the only proof, and it
     models float casts, float arithmetic and narrow integers (which wrap)
@@ -313,7 +323,8 @@ def _exactly_modelled(keep: fx.Node) -> bool:
         v = val(n)
         if isinstance(v, torch.Tensor) and v.dtype not in _EXACT_DTYPES:
             return False
-        work.extend(n.all_input_nodes)
+        if n not in stop:
+            work.extend(n.all_input_nodes)
     return True
 
 

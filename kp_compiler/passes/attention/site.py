@@ -53,6 +53,7 @@ class SdpaTag:
     mask_mod_text: str = ""
     score_bias: Optional[object] = None  # bias_fn(b, h, q_idx, kv_idx), for a score_mod
     score_bias_text: str = ""
+    data_mask: Optional[object] = None  # a data_masks.DataMask: the mask_mod reads a per-row tensor
     kernel: str = ""  # "sdpa" or "flex", once attention-kernels chose
     why: str = ""
 
