@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-masked-infer|attention-masked-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -154,6 +154,16 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
       "model-gemma2-4096-hf-flex-$kind" \
       --backends inductor kernelpytorch --row-timeout 200 --reps 20 $extra --out "$out" \
       --stem cuda-attention-models-$kind 2>>"$out/attention-models.log" | tail -20
+    ;;
+  attention-masked-infer|attention-masked-train)
+    # Issue 16: transformers' Llama with a padded batch and with packed documents (masks that read data),
+    # kernelpytorch vs Inductor, transformers' own flex path as the peer; the GPU check of those masks first.
+    kind=${stage#attention-masked-}
+    [ "$kind" = infer ] && PYTHONPATH=. timeout 200 python3 scripts/gpu_data_mask_check.py > "$out/data-mask-check.txt" 2>&1; tail -8 "$out/data-mask-check.txt" 2>/dev/null
+    timeout "$(( $(left) - 10 ))" python3 -m bench --groups models --cases "model-llama3-padded-$kind" \
+      "model-llama3-padded-hf-flex-$kind" "model-llama3-packed-$kind" "model-llama3-packed-hf-flex-$kind" \
+      --backends inductor kernelpytorch --row-timeout 150 --reps 20 $extra --out "$out" \
+      --stem cuda-attention-masked-$kind 2>>"$out/attention-masked.log" | tail -16
     ;;
   attention-dynamic)
     # Issue 16: the naive attention at three lengths per step, every dim dynamic (one compile), vs Inductor.
