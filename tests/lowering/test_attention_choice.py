@@ -43,6 +43,9 @@ TABLE = [
     (case(device=CPU), "flex", "flex", "skips"),
     (case(device=CPU, train=True), "flex", "sdpa", "no flex_attention backward on cpu"),
     (case(), "sdpa", "sdpa", "attention_kernel='sdpa'"),
+    (case(reads_data=True, train=True), "auto", "sdpa", "reads a per-row tensor"),
+    (case(reads_data=True), "flex", "flex", "skips"),
+    (case(reads_data=True, static_shapes=False), "flex", "sdpa", "symbolic"),
 ]
 
 

@@ -4,6 +4,7 @@
 |----------------------------|------------------------------------------|
 | none, or causal            | SDPA (``is_causal``): torch picks flash / cuDNN / memory-efficient |
 | data-dependent tensor      | SDPA with the mask tensor                |
+| a bool mask reading a per-row tensor (padding, document ids: ``data_masks.py``) | SDPA with the mask tensor; FlexAttention reading the tensor only under ``attention_kernel="flex"`` (measured slower for padding) |
 | index arithmetic (``mask_mod``), or a softcap | FlexAttention with a cached block mask when all hold: Inductor lowering, static lengths, no dropout, fp16/bf16/fp32, head dim a power of two in 16..256, flex on the device (CUDA 8.0+, ROCm; the CPU for inference, only when ``attention_kernel="flex"``); else SDPA with the mask tensor (a softcapped site keeps its eager math) |
 
 FA3 (``flash_attn_interface``) is not emitted: SDPA's flash kernel serves
@@ -54,6 +55,7 @@ class AttentionCase:
     static_shapes: bool = True
     lowering: str = "inductor"
     score_mod: bool = False  # a bias or softcap rides on the scores
+    reads_data: bool = False  # the mask_mod reads a per-row tensor (data_masks.py: padding, document ids)
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,9 @@ def choose(case: AttentionCase, prefer: str = "auto", flex_options="auto") -> Ch
         return Choice("sdpa", "mask reads data: SDPA with the mask tensor")
     if prefer == "sdpa":
         return Choice("sdpa", "attention_kernel='sdpa'")
+    if case.reads_data and prefer != "flex":
+        return Choice("sdpa", "the mask reads a per-row tensor: flex measured slower for padding on the H200 "
+                      "(0.40-0.54x, packed documents 1.03-1.12x); attention_kernel='flex' forces it")
     refusal = _flex_refusal(case, prefer)
     if refusal:
         return Choice("sdpa", refusal)

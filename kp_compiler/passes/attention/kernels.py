@@ -33,7 +33,7 @@ def _case_of(node: fx.Node, info: SdpaTag, device: DeviceInfo, lowering: str, tr
         device=device, dtype=q.dtype, head_dim=q.shape[-1] if isinstance(q.shape[-1], int) else -1,
         mask=info.mask_kind, train=train,
         dropout=bool(sdpa_arguments(node).get("dropout_p", 0.0)), static_shapes=static and q.dim() == 4,
-        lowering=lowering, score_mod=info.score_bias is not None,
+        lowering=lowering, score_mod=info.score_bias is not None, reads_data=info.data_mask is not None,
     )
 
 
