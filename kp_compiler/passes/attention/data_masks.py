@@ -42,17 +42,13 @@ from torch import fx
 
 from ...core.graph import erase_dead, val
 from .layout import gqa_source
+from .mask_mod import _exactly_modelled, _known, _lift, describe, lift_mask_mod
+from .fields import Field
+from .reads import _ENV, DATA_KEY
 
 aten = torch.ops.aten
-DATA_KEY = "__data_reads__"  # memo key of the data nodes a lift read
-_ENV: list = []  # stack of {data node: tensor} that the lifted mask_mod reads
 _AND = (aten.bitwise_and.Tensor, aten.__and__.Tensor, aten.logical_and.default)
 _BLOCKS: "OrderedDict[tuple, tuple]" = OrderedDict()
-_READABLE = (torch.bool, torch.int32, torch.int64)
-
-
-class NoData(LookupError):
-    """A lifted mask read its data outside ``reading`` (e.g. a compile-time grid check)."""
 
 
 @dataclass
@@ -63,76 +59,8 @@ class DataMask:
     text: str
 
 
-def read_field(node: fx.Node, memo: dict, lift: Callable):
-    """``aten.index.Tensor(data, [positions])`` with every position index arithmetic: a Field reading ``data``."""
-    from .mask_mod import Field, _broadcast_to, _result_shape
-
-    data, indices = node.args[0], node.args[1]
-    data, as_bool = _through_bool_cast(data)
-    dv = val(data)
-    if (not isinstance(data, fx.Node) or not isinstance(dv, torch.Tensor) or dv.dtype not in _READABLE
-            or len(indices) != dv.dim() or not 1 <= dv.dim() <= 2 or lift(data, memo) is not None):
-        return None
-    fields = [lift(i, memo) if isinstance(i, fx.Node) else None for i in indices]
-    if not all(isinstance(f, Field) for f in fields) or not _in_bounds(fields, dv.shape):
-        return None
-    shape = _result_shape(*(f.shape for f in fields))
-    fields = [_broadcast_to(f, shape) for f in fields]
-    if any(f is None for f in fields):
-        return None
-    memo.setdefault(DATA_KEY, [])
-    if data not in memo[DATA_KEY]:
-        memo[DATA_KEY].append(data)
-    return Field(lambda ix: _read(data, [f.f(ix) for f in fields], as_bool), shape)
-
-
-def _in_bounds(fields: list, sizes) -> bool:
-    """Each position field, run on its own static grid, stays in ``0 .. size - 1`` (flex reads unchecked)."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    for f, size in zip(fields, sizes):
-        if not isinstance(size, int) or not all(isinstance(d, int) for d in f.shape):
-            return False
-        rank = len(f.shape)
-        with unset_fake_temporarily(), torch.no_grad():
-            ix = {p: torch.arange(f.shape[-p]).reshape([-1] + [1] * (p - 1)) for p in range(1, rank + 1)}
-            try:
-                pos = torch.as_tensor(f.f(ix))
-            except NoData:  # a position that itself reads data: not index arithmetic
-                return False
-            if pos.dtype.is_floating_point or pos.numel() == 0 or int(pos.min()) < 0 or int(pos.max()) >= size:
-                return False
-    return True
-
-
-def _through_bool_cast(data):
-    """``(source, True)`` when ``data`` is an integer tensor cast to bool (``attention_mask.bool()``): the
-    mask reads the caller's tensor itself and tests ``!= 0``, which is what the cast computes."""
-    casts = (aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout)
-    if isinstance(data, fx.Node) and data.target in casts and getattr(val(data), "dtype", None) is torch.bool:
-        src = data.args[0]
-        if isinstance(src, fx.Node) and getattr(val(src), "dtype", None) in (torch.int32, torch.int64):
-            return src, True
-    return data, False
-
-
-def _read(data: fx.Node, idx: list, as_bool: bool = False):
-    from .mask_mod import _Sym
-
-    if any(isinstance(i, _Sym) for i in idx):
-        text = f"{data.name}[{', '.join(str(i) for i in idx)}]"
-        return _Sym(f"{text} != 0" if as_bool else text, 0 if as_bool else 9)
-    for env in reversed(_ENV):
-        if data in env:
-            value = env[data][tuple(idx)]
-            return value != 0 if as_bool else value
-    raise NoData(data.name)
-
-
 def lift_data_mask(keep: fx.Node, L, S, B) -> Optional[DataMask]:
     """``keep`` (bool ``[B or 1, 1, L or 1, S or 1]``) as a ``DataMask``, or None. Static lengths only."""
-    from .mask_mod import Field, _exactly_modelled, _known, describe, lift_mask_mod, _lift
-
     if not all(isinstance(x, int) for x in (L, S, B)):
         return None
     memo: dict = {}
@@ -192,7 +120,6 @@ def _reads(node, data: set) -> bool:
 def _superset_blocks(structure: Optional[Callable], L: int, S: int, device: torch.device, block: int = 128):
     """``(kv_num_blocks, kv_indices)`` of every block ``structure`` keeps a pair in (none marked full)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
-    from .mask_mod import describe
 
     key = (describe(structure) if structure else "all", L, S, str(device), block)
     if key in _BLOCKS:
