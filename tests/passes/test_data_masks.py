@@ -137,3 +137,28 @@ def test_a_read_in_bounds_by_index_arithmetic_is_lifted():
         assert pass_record(records, "attention-to-sdpa").by_rule == {"sdpa-data-mask": 1}
         inputs = padded_inputs(3)
         torch.testing.assert_close(compiled(*inputs), fn(*inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_transformers_packed_sequences_gradients_equal_eager():
+    """The training step packed data is for: the lifted mask keeps SDPA by default, and the parameters'
+    gradients equal eager's."""
+    from kp_compiler.testing.compare import assert_same_grads, grads_of
+
+    model, vocab = hf.build("llama3", "tiny", attn="sdpa")
+    pos = torch.cat([torch.arange(n) for n in (12, 8, 12)])[None].expand(2, 32).clone()
+
+    def loss(m, ids):
+        return m(input_ids=ids, position_ids=pos, use_cache=False).logits.float().square().mean()
+
+    compiled = torch.compile(lambda ids: loss(model, ids), backend="kernelpytorch")
+    from kp_compiler.core.report import collect
+
+    ids = torch.randint(0, vocab, (2, 32))
+    with collect() as records:
+        compiled(ids).backward()
+    assert pass_record(records, "attention-to-sdpa").by_rule == {"sdpa-data-mask": 2}
+    got = grads_of(model.named_parameters())
+    model.zero_grad(set_to_none=True)
+    loss(model, ids).backward()
+    want = grads_of(model.named_parameters())
+    assert_same_grads(got, want, rtol=1e-4, atol=1e-5)
