@@ -81,7 +81,8 @@ def _through_bool_cast(data):
     casts = (aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout)
     if isinstance(data, fx.Node) and data.target in casts and getattr(val(data), "dtype", None) is torch.bool:
         src = data.args[0]
-        if isinstance(src, fx.Node) and getattr(val(src), "dtype", None) in (torch.int32, torch.int64):
+        same_device = getattr(val(src), "device", None) == val(data).device  # a cast that also moves is not looked through
+        if isinstance(src, fx.Node) and getattr(val(src), "dtype", None) in (torch.int32, torch.int64) and same_device:
             return src, True
     return data, False
 
