@@ -53,7 +53,7 @@ _BLOCKS: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 @dataclass
 class DataMask:
-    mask_mod: Callable  # mask_mod(b, h, q_idx, kv_idx), reading ``data`` inside ``reading``
+    mask_mod: Callable  # mask_mod(b, h, q_idx, kv_idx); reads ``data`` from ``reads._ENV``, which replace_sdpa fills
     data: tuple  # the graph nodes it reads
     structure: Optional[Callable]  # the data-free conjuncts as a mask_mod (None: every pair)
     text: str
