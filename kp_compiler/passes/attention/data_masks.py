@@ -168,7 +168,7 @@ def replace_sdpa(gm: fx.GraphModule, sdpa: fx.Node, dm: DataMask, device, kernel
     def attend(q, k, v, *data):
         block_mask = copy.copy(template)
         block_mask.mask_mod = dm.mask_mod
-        _ENV.append(dict(zip(dm.data, data)))
+        _ENV.append(tuple(data))  # in dm.data's order: the slots the lifted reads index
         try:
             return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
                                   kernel_options=kernel_options)

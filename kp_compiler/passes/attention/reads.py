@@ -27,7 +27,7 @@ from .fields import Field, _Sym, _broadcast_to, _result_shape
 
 aten = torch.ops.aten
 DATA_KEY = "__data_reads__"  # memo key of the data nodes a lift read
-_ENV: list = []  # stack of {data node: tensor} that the lifted mask_mod reads
+_ENV: list = []  # stack of tuples: the tensors a lifted mask_mod reads, in its lift's DATA_KEY order
 _READABLE = (torch.bool, torch.int32, torch.int64)
 
 
@@ -50,10 +50,11 @@ def read_field(node: fx.Node, memo: dict, lift: Callable):
     fields = [_broadcast_to(f, shape) for f in fields]
     if any(f is None for f in fields):
         return None
-    memo.setdefault(DATA_KEY, [])
-    if data not in memo[DATA_KEY]:
-        memo[DATA_KEY].append(data)
-    return Field(lambda ix: _read(data, [f.f(ix) for f in fields], as_bool), shape)
+    reads = memo.setdefault(DATA_KEY, [])
+    if data not in reads:
+        reads.append(data)
+    slot = reads.index(data)  # where the flex splice puts this tensor in _ENV (a node is no key under Dynamo)
+    return Field(lambda ix: _read(data, slot, [f.f(ix) for f in fields], as_bool), shape)
 
 
 def _in_bounds(fields: list, sizes) -> bool:
@@ -87,12 +88,11 @@ def _through_bool_cast(data):
     return data, False
 
 
-def _read(data: fx.Node, idx: list, as_bool: bool = False):
+def _read(data: fx.Node, slot: int, idx: list, as_bool: bool = False):
     if any(isinstance(i, _Sym) for i in idx):
         text = f"{data.name}[{', '.join(str(i) for i in idx)}]"
         return _Sym(f"{text} != 0" if as_bool else text, 0 if as_bool else 9)
-    for env in reversed(_ENV):
-        if data in env:
-            value = env[data][tuple(idx)]
-            return value != 0 if as_bool else value
-    raise NoData(data.name)
+    if not _ENV:
+        raise NoData(data.name)
+    value = _ENV[-1][slot][tuple(idx)]
+    return value != 0 if as_bool else value
