@@ -163,9 +163,16 @@ def _fills(fill_ok, **kw) -> P:
             | P((aten.where.self, aten.where.ScalarOther), P.var("keep"), P.var("x"), fill, **kw))
 
 
+def _baddbmm_ok(node: fx.Node) -> bool:
+    """``baddbmm(bias, q, k^T, beta=1, alpha=c)`` with ``c`` a number: ``bias + c * (q @ k^T)`` (BLOOM's ALiBi)."""
+    return len(node.args) == 3 and node.kwargs.get("beta", 1) == 1 and const_scalar(node.kwargs.get("alpha", 1)) is not None
+
+
 def _qk(**kw) -> P:
-    """``q @ k^T`` (``matmul``/``bmm``) or a two-operand einsum of that shape."""
+    """``q @ k^T`` (``matmul``/``bmm``), ``baddbmm`` of a bias and that product, or a two-operand einsum."""
     return (P(MATMUL, P.var("q"), P.var("kt"), **kw)
+            | P(aten.baddbmm.default, P.var("qk_bias", where=_is_node), P.var("q"), P.var("kt"), where=_baddbmm_ok,
+                **kw)
             | P(aten.einsum.default, where=lambda n: _einsum_operands(n, "qk") is not None, **kw))
 
 
@@ -192,8 +199,9 @@ SCORES = P.skip(_cast | _regroup | _fill | _bias,
                        name="softcaps", max=1),
                 name="masks")
 
-# Softmax, then any float casts and a dropout, into ``p @ v``.
-_PROBS = P.skip(P(CASTS, P.var("x"), where=_float_cast, users=1) | P(aten.dropout.default, P.var("x"), users=1),
+# Softmax, then any float casts, a dropout and a regrouping of the batch dims (BLOOM), into ``p @ v``.
+_PROBS = P.skip(P(CASTS, P.var("x"), where=_float_cast, users=1) | P(aten.dropout.default, P.var("x"), users=1)
+                | P(VIEWS, P.var("x"), where=_regroups_batch, users=1),
                 P(SOFTMAX, SCORES, P.var("dim"), name="softmax", users=1), name="after")
 ATTENTION = (P(MATMUL, _PROBS, P.var("v"), name="out")
              | P(aten.einsum.default, P.var("equation"), [_PROBS, P.var("v")], name="out",
@@ -265,7 +273,13 @@ def _attention(caps: dict) -> Optional[Attention]:
         if "e" in link:
             att.sqrt_head_dim = sym_sqrt_of(link["e"])
     _scaled(att, [(n, c) for n, c in scalings if "c" in c])
-    if qk.target in MATMUL:
+    if qk.target is aten.baddbmm.default:
+        if caps["softcaps"] or any("c" in c or "e" in c for _, c in scalings):
+            return None  # a scaling or softcap after baddbmm applies to its bias too
+        att.scale *= const_scalar(qk.kwargs.get("alpha", 1))
+        att.qk_bias = qk.args[0]
+        att.q, att.k_t = _peel(qk.args[1], att), _peel(qk.args[2], att)
+    elif qk.target in MATMUL:
         att.q, att.k_t = _peel(qk.args[0], att), _peel(qk.args[1], att)
     else:
         q, k = _einsum_operands(qk, "qk")
@@ -307,6 +321,10 @@ def match(softmax: fx.Node) -> Optional[Attention]:
         # transformers adds where(keep, 0, finfo.min): a boolean mask with a finite fill.
         keep, att.fill = bias_as_keep(att.bias)
         att.keep_mask, att.bias = _unbroadcast(keep), None
+    if att.qk_bias is not None:
+        if att.bias is not None or (att.keep_mask is not None and att.fill_then_bias):
+            return None  # two additive biases
+        att.bias = att.qk_bias  # in q @ k^T's grouping of the batch dims; _rewrite regroups it with q, k, v
     return att if _shapes_ok(att) else None
 
 
@@ -347,6 +365,9 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> str:
     with g.inserting_before(att.out):
         k = att.k if att.k is not None else untranspose(g, att.k_t)
         v = att.v
+        if att.qk_bias is not None and att.space is not None and len(att.space) != val(att.qk_bias).dim():
+            att.bias = regroup(g, att.qk_bias, att.space)  # baddbmm's bias, in the mask's grouping
+            att.bias.meta["val"] = val(att.qk_bias).reshape(*att.space[:-2], *val(att.qk_bias).shape[-2:])
         mask, causal = sdpa_mask(g, att, L, S, q_val.dtype)
         scale = None if att.sqrt_head_dim is not None else att.scale  # None: SDPA's 1/sqrt(E)
         kwargs = {"attn_mask": mask, "dropout_p": att.dropout_p, "is_causal": causal, "scale": scale}

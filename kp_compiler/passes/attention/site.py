@@ -32,6 +32,7 @@ class Attention:
     nan_rows: Optional[fx.Node] = None  # keep mask whose fully masked rows must come out NaN, as in eager
     sym_scales: list = field(default_factory=list)  # (SymFloat node, multiplies?): scalings not known as numbers
     softcap: Optional[float] = None  # scores went through tanh(s / cap) * cap before any mask (Gemma2)
+    qk_bias: Optional[fx.Node] = None  # baddbmm(bias, q, k^T): the bias added to the product (BLOOM's ALiBi)
 
 
 META_KEY = "kp_attention"  # node.meta key of an SdpaTag, on the SDPA nodes attention-to-sdpa emits
