@@ -103,14 +103,16 @@ def test_structured_mask_is_lifted_and_runs_on_flex(name, tmp_path):
 
 
 def test_flex_kernel_options_given_reach_flex(tmp_path):
-    """``flex_kernel_options`` is passed to the flex call as given (the dump's note shows it)."""
+    """``flex_kernel_options`` is passed to the flex call as given (in its options, and in the dump's note)."""
     fn = MaskedSdpa(window)
     with torch.no_grad():
         compiled, _, _ = compile_and_collect(fn, qkv(), attention_kernel="flex", dump_dir=str(tmp_path),
-                                             flex_kernel_options={"PRESCALE_QK": False})
+                                             flex_kernel_options={"WRITE_DQ": False})
         inputs = qkv()
         torch.testing.assert_close(compiled(*inputs), fn(*inputs), rtol=1e-5, atol=1e-5)
-    filecheck("CHECK: flex_attention{{.*}}kernel_options: {'PRESCALE_QK': False}\n",
+    # WRITE_DQ defaults to True: False in the flex call's options is the option arriving, not a default
+    filecheck("CHECK: higher_order.flex_attention({{.*}}{'WRITE_DQ': False,\n"
+              "CHECK: # flex_attention output{{.*}}kernel_options: {'WRITE_DQ': False}\n",
               (tmp_path / "graph-000" / "03-attention-kernels.txt").read_text())
 
 

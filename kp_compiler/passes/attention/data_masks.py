@@ -141,12 +141,8 @@ def _superset_blocks(structure: Optional[Callable], L: int, S: int, device: torc
     return _BLOCKS[key]
 
 
-def replace_sdpa(gm: fx.GraphModule, sdpa: fx.Node, dm: DataMask, device, kernel_options: Optional[dict] = None
-                 ) -> Optional[str]:
-    """``flex_attention`` with ``dm``'s mask_mod (its data as buffers) in place of ``sdpa``; None when done, else why not.
-
-    ``device`` is the target's ``DeviceInfo`` (every current row can take the reads as buffers).
-    """
+def replace_sdpa(gm: fx.GraphModule, sdpa: fx.Node, dm: DataMask, kernel_options: Optional[dict] = None) -> None:
+    """``flex_attention`` with ``dm``'s mask_mod (its data as buffers) in place of ``sdpa``."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     from .flex import _splice, _trace
@@ -182,4 +178,3 @@ def replace_sdpa(gm: fx.GraphModule, sdpa: fx.Node, dm: DataMask, device, kernel
     out.meta["kp_note"] = f"flex_attention output; mask_mod reads data: {dm.text}"
     sdpa.replace_all_uses_with(out)
     erase_dead([sdpa, *[a for a in sdpa.args[1:4] if isinstance(a, fx.Node)]])
-    return None

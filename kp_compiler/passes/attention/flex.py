@@ -79,7 +79,7 @@ def splice(gm: fx.GraphModule, replaced: fx.Node, q, k, v, *, scale, gqa: bool, 
            kernel_options: Optional[dict] = None) -> Optional[str]:
     """``flex_attention(q, k, v)`` in place of ``replaced`` (its users moved over); None when done, else why not.
 
-    ``kernel_options`` go to ``flex_attention`` as they are (the kernel table's tuned rows).
+    ``kernel_options`` go to ``flex_attention`` as they are (the ``flex_kernel_options`` option).
 
     The score_mod applies ``tanh(s / softcap) * softcap`` first, then adds ``score_bias``, as eager
     does with a softcap and a mask or bias; ``replaced`` and what only it read are left to the caller.

@@ -45,7 +45,7 @@ def select_attention_kernels(
 
     ``train``: a backward may run (grad mode on and an input that requires
     grad); the graph's fake values do not carry ``requires_grad``. ``flex_options``: the
-    ``flex_kernel_options`` option (``"auto"``: the table's tuned rows).
+    ``flex_kernel_options`` option (``"auto"``: flex's own heuristics).
 
     The decision and its reason land in the node's ``SdpaTag`` (``node.meta[META_KEY]``: ``kernel``, ``why``).
     """
@@ -62,7 +62,8 @@ def select_attention_kernels(
             continue
         mask = sdpa_arguments(node).get("attn_mask")
         if info.data_mask is not None:
-            refusal = data_masks.replace_sdpa(gm, node, info.data_mask, device, choice.kernel_options)
+            data_masks.replace_sdpa(gm, node, info.data_mask, choice.kernel_options)
+            refusal = None
         else:
             refusal = flex.replace_sdpa(gm, node, info.mask_mod, info.mask_mod_text, info.score_bias,
                                         choice.kernel_options)

@@ -32,7 +32,7 @@ _READABLE = (torch.bool, torch.int32, torch.int64)
 
 
 class NoData(LookupError):
-    """A lifted mask read its data outside ``reading`` (e.g. a compile-time grid check)."""
+    """A lifted mask read its data with no tensors in ``_ENV`` (outside a flex splice: a compile-time grid check)."""
 
 
 def read_field(node: fx.Node, memo: dict, lift: Callable):
