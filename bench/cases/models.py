@@ -20,11 +20,12 @@ table says which issue addresses it.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kp_compiler.testing import hf
 
 from . import Scale, Workload, case
-from .e2e import _lm_workload
+from .e2e import _lm_workload, _logits
 
 # name -> (transformers model, GPU tokens (batch, seq), what the defaults mean)
 MODELS = {
@@ -50,6 +51,41 @@ PEERS = {
 }
 
 
+# dynamic-length runs: name -> (the MODELS entry, GPU lengths one step runs, attn_implementation or None)
+DYNAMIC_LENGTHS = (4096, 3072, 2048)
+DYNAMIC = {
+    "mistral-window-dynamic": ("mistral-window", None),
+    "mistral-window-dynamic-hf-flex": ("mistral-window", "flex_attention"),  # the peer, under Inductor
+}
+_ALL_DYNAMIC = {"assume_static_by_default": False, "automatic_dynamic_shapes": True}
+
+
+def _build_dynamic(name: str, scale: Scale, train: bool, attn=None) -> Workload:
+    """One step runs the model at three lengths with every dim dynamic from the first call (one compile);
+    the loss is cross-entropy against targets made from the positions (the step's cost, not a real task)."""
+    model_name, (batch, _), note = MODELS[name]
+    model, vocab = hf.build(model_name, "tiny" if scale.smoke else "suite", attn=attn, experts=None)
+    model = model.to(scale.device, scale.dtype)
+    if not train:
+        model.eval()
+    lengths = (64, 48, 32) if scale.smoke else DYNAMIC_LENGTHS
+    g = torch.Generator().manual_seed(0)
+    sets = [(torch.randint(0, vocab, (2 if scale.smoke else batch, T), generator=g).to(scale.device),)
+            for T in lengths]
+
+    def loss(out):
+        logits = _logits(out).float().flatten(0, 1)
+        return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device) % logits.shape[1])
+
+    wl = Workload(model, sets[0], loss=loss if train else None, output=_logits, dynamo_config=dict(_ALL_DYNAMIC),
+                  more_inputs=sets[1:])
+    wl.note = (f"one step = lengths {lengths}, every dim dynamic; "
+               + (note if attn is None else f"transformers' attn_implementation={attn!r} (the peer)"))
+    if attn == "flex_attention":
+        wl.reference_dtype = torch.float32
+    return wl
+
+
 def _build(name: str, scale: Scale, train: bool, attn=None, peer: bool = True) -> Workload:
     model_name, tokens, note = MODELS[name]
     model, vocab = hf.build(model_name, "tiny" if scale.smoke else "suite", attn=attn, experts=None)
@@ -72,3 +108,8 @@ for _name, (_model, _attn) in PEERS.items():
     for _train in (False, True):
         case(f"model-{_name}-{'train' if _train else 'infer'}", "models", train=_train, requires=("transformers",),
              backends=("inductor",))(lambda scale, n=_model, a=_attn, train=_train: _build(n, scale, train, a))
+for _name, (_model, _attn) in DYNAMIC.items():
+    for _train in (False, True):
+        case(f"model-{_name}-{'train' if _train else 'infer'}", "models", train=_train, requires=("transformers",),
+             backends=("inductor",) if _attn else ())(
+            lambda scale, n=_model, a=_attn, train=_train: _build_dynamic(n, scale, train, a))

@@ -49,12 +49,19 @@ class PassContext:
     notes: list = field(default_factory=list)  # remarks for the pass's report entry (how to enable a rewrite)
     target: Optional[Target] = None  # what the graph is compiled for (core/target.py)
     options: Any = None  # the parsed ``kp_compiler.options.Options`` (None outside the backend)
+    guards_by_design: list = field(default_factory=list)  # why this pass's shape guards are meant (see below)
 
     def example_value(self, node: fx.Node) -> Optional[Any]:
         """The example value of a placeholder (None for anything else)."""
         if node.op != "placeholder" or node not in self.graph_inputs:
             return None
         return self.real_inputs[self.graph_inputs.index(node)]
+
+    def shape_guards_by_design(self, why: str) -> None:
+        """The shape guards this pass adds are meant (a rewrite that needs a concrete size says so): the pass
+        manager records them with ``why`` in the report instead of warning that a size was read by mistake."""
+        if why not in self.guards_by_design:
+            self.guards_by_design.append(why)
 
     def guard_unchanged(self, node: fx.Node, reason: str) -> Guard:
         value = self.example_value(node)

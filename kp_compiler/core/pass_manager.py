@@ -329,16 +329,22 @@ class PassManager:
             self._note_shape_guards(name, rec, mark)
             self._fail(gm, before, name, rec, e)
             return
-        self._note_shape_guards(name, rec, mark)
+        self._note_shape_guards(name, rec, mark, ctx.guards_by_design)
         if ctx.guards and self.unguarded is None:
             self.unguarded = before
         self.guards += ctx.guards
 
-    def _note_shape_guards(self, name: str, rec: PassRecord, mark) -> None:
+    def _note_shape_guards(self, name: str, rec: PassRecord, mark, by_design: tuple = ()) -> None:
         rec.guards_added = self.shape_guards.added_since(mark)
         if not rec.guards_added:
             return
-        self.record.guards_added += [{"step": name, "guard": text} for text in rec.guards_added]
+        why = "; ".join(by_design)
+        self.record.guards_added += [{"step": name, "guard": text, **({"why": why} if why else {})}
+                                     for text in rec.guards_added]
+        if by_design:  # the pass said these guards are meant: in the report, not a warning
+            rec.notes.append(f"shape guards by design ({why}): {rec.guards_added}")
+            log.info("pass %s added shape guards by design (%s): %s", name, why, rec.guards_added)
+            return
         msg = (f"kp_compiler: pass {name!r} added shape guard(s) {rec.guards_added}: it read a symbolic size "
                "as a number, so Dynamo recompiles this graph for other sizes")
         if self.strict:

@@ -35,7 +35,7 @@ TABLE = [
     (case(device=XLA, lowering="xla"), "flex", "sdpa", "needs the Inductor lowering"),
     (case(lowering="eager"), "auto", "sdpa", "needs the Inductor lowering"),
     (case(dropout=True), "auto", "sdpa", "no dropout"),
-    (case(static_shapes=False), "auto", "sdpa", "symbolic"),
+    (case(static_shapes=False), "auto", "flex", "skips"),  # block masks per length (ops/block_masks.py)
     (case(dtype=torch.float64), "auto", "sdpa", "does not take torch.float64"),
     (case(head_dim=80), "auto", "sdpa", "head dim 80"),
     (case(head_dim=8), "auto", "sdpa", "head dim 8"),

@@ -31,12 +31,18 @@ from torch import fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from ...core import context
 from ...core.graph import erase_dead, val
+from ...ops import block_masks
+from .kernel_table import specialize_head_dim
 from .layout import gqa_source
 from .mask_mod import every_row_attends
 from .site import sdpa_arguments
 
 _CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+GUARDS_WHY = ("flex compiles one kernel per head dim, so a symbolic head dim is guarded to its value; tracing "
+              "flex on symbolic lengths records whether the block tables hold one block or more (lengths up to "
+              "128 and longer ones compile apart); the lengths themselves stay symbolic")
 _CACHE_SIZE = 64
 
 
@@ -86,29 +92,107 @@ def splice(gm: fx.GraphModule, replaced: fx.Node, q, k, v, *, scale, gqa: bool, 
     """
     from torch.nn.attention.flex_attention import flex_attention
 
-    k0, v0 = gqa_source(k), gqa_source(v)
+    k0, v0 = gqa_source(k, symbolic_groups=True), gqa_source(v, symbolic_groups=True)
     if k0 and v0 and k0[1] == v0[1]:  # heads repeated for the masked SDPA path: flex takes GQA
         k, v, gqa = k0[0], v0[0], True
     qv = val(q)
     L, S = qv.shape[-2], val(k).shape[-2]
-    block_mask, rows_ok = block_mask_for(mask_mod, key, L, S, qv.device) if mask_mod else (None, True)
+    static = isinstance(L, int) and isinstance(S, int)
+    flat = None
+    if mask_mod is not None and static:
+        block_mask, rows_ok = block_mask_for(mask_mod, key, L, S, qv.device)
+    elif mask_mod is not None:
+        if isinstance(scale, fx.Node):
+            return "a symbolic scale with symbolic lengths"
+        rows_ok = every_row_attends(mask_mod, L, S)
+        if rows_ok and not key_is_length_free(key):
+            return f"the mask reads more than q_idx and kv_idx ({key}): no block mask per length"
+        flat = _runtime_block_mask(gm, replaced, q, k, mask_mod, key) if rows_ok else None
+    else:
+        block_mask, rows_ok = None, True
     if not rows_ok:
-        return "a query row has no key to attend to (eager gives NaN or uniform weights there, flex zeros)"
+        return ("a query row has no key to attend to (eager gives NaN or uniform weights there, flex zeros)"
+                + ("" if static else "; with symbolic lengths this needs L <= S and a mask proven to keep "
+                   "the diagonal"))
     score_mod = _score_mod(score_bias, softcap) if score_bias is not None or softcap is not None else None
 
-    def attend(q, k, v):
+    head_dim = specialize_head_dim(qv)
+    if not static or not isinstance(qv.shape[-1], int):
+        ctx = context.current()
+        if ctx is not None:
+            ctx.shape_guards_by_design(GUARDS_WHY)
+
+    def attend(q, k, v, *parts):
+        if parts:
+            mask = block_masks.block_mask(parts, q.shape[-2], k.shape[-2], mask_mod)
+            return _flex_hop(q, k, v, score_mod, mask, scale if scale is not None else head_dim ** -0.5,
+                             kernel_options)
         return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
                               kernel_options=kernel_options)
 
-    traced = _trace(attend, qv, val(k), val(v))
+    inputs = (q, k, v) + (tuple(flat) if flat is not None else ())
+    traced = _trace(attend, *(val(a) for a in inputs))
     with gm.graph.inserting_before(replaced):
-        out = _splice(gm, traced, (q, k, v), (key, L, S, str(qv.device)))
+        out = _splice(gm, traced, inputs, (key, str(L), str(S), str(qv.device)))
     out.meta.update({k_: v_ for k_, v_ in replaced.meta.items() if k_ != "val"})
     out.meta["kp_note"] = "flex_attention output" + (f"; mask_mod: {key}" if key else "") + (
         f"; score_mod: {describe_score_mod(score_bias, softcap)}" if score_mod is not None else "") + (
         f"; kernel_options: {kernel_options}" if kernel_options else "")
     replaced.replace_all_uses_with(out)
     return None
+
+
+def _flex_hop(q, k, v, score_mod, block_mask, scale: float, kernel_options):
+    """The flex HOP called directly: ``flex_attention`` itself runs Dynamo over the mask_mod, which under
+    symbolic lengths captures the graph's sizes as extra mask inputs that Inductor then rejects."""
+    from torch.nn.attention.flex_attention import _apply_kernel_options
+
+    options = _apply_kernel_options(q, k, v, False, kernel_options)
+    out = torch.ops.higher_order.flex_attention(q, k, v, score_mod or _identity, block_mask.as_tuple(), scale,
+                                                options)
+    return out[0]
+
+
+def _identity(score, b, h, q_idx, kv_idx):
+    return score
+
+
+def key_is_length_free(key: str) -> bool:
+    """The mask text names only ``q_idx`` and ``kv_idx`` (no symbolic length captured from the graph)."""
+    import re
+
+    return set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", key)) <= {"q_idx", "kv_idx", "abs", "True", "False"}
+
+
+def _runtime_block_mask(gm: fx.GraphModule, site: fx.Node, q: fx.Node, k: fx.Node, mask_mod: Callable,
+                        key: str) -> list:
+    """The ``kp::flex_block_mask`` nodes (its eight tensors) for ``key`` at the lengths of ``q`` and ``k``,
+    one op per graph (reused by every later site with the same mask and lengths)."""
+    block_masks.register(key, mask_mod)
+    L, S, device = val(q).shape[-2], val(k).shape[-2], val(q).device
+    made = gm.meta.setdefault("kp_flex_runtime_masks", {})
+    cache_key = (key, str(L), str(S), str(device))
+    nodes = made.get(cache_key)
+    if nodes is not None and nodes[0].graph is gm.graph and _before(nodes[-1], site):
+        return nodes
+
+    def make(q, k):
+        return tuple(torch.ops.kp.flex_block_mask(key, q.shape[-2], k.shape[-2], q.device))
+
+    traced = _trace(make, val(q), val(k))
+    with gm.graph.inserting_before(site):
+        nodes = _splice(gm, traced, (q, k), (key, "runtime"), every_output=True)
+    made[cache_key] = nodes
+    return nodes
+
+
+def _before(a: fx.Node, b: fx.Node) -> bool:
+    for n in a.graph.nodes:
+        if n is a:
+            return True
+        if n is b:
+            return False
+    return False
 
 
 def describe_score_mod(score_bias: Optional[Callable], softcap: Optional[float]) -> str:
@@ -141,8 +225,9 @@ def _trace(fn: Callable, *fakes) -> fx.GraphModule:
         fake_mode.allow_non_fake_inputs = allowed
 
 
-def _splice(gm: fx.GraphModule, traced: fx.GraphModule, inputs: tuple, mask_key: tuple) -> fx.Node:
-    """Copy ``traced``'s nodes into ``gm`` at the insertion point; return its first output.
+def _splice(gm: fx.GraphModule, traced: fx.GraphModule, inputs: tuple, mask_key: tuple, every_output: bool = False):
+    """Copy ``traced``'s nodes into ``gm`` at the insertion point; return its first output (all of them, as a
+    list, with ``every_output``).
 
     The block-mask tensors of one ``mask_key`` become one set of buffers, shared by every site.
     """
@@ -156,6 +241,8 @@ def _splice(gm: fx.GraphModule, traced: fx.GraphModule, inputs: tuple, mask_key:
             continue
         if node.op == "output":
             result = node.args[0]
+            if every_output:
+                return [env[r] for r in result]
             return env[result[0] if isinstance(result, (tuple, list)) else result]
         if node.op == "get_attr":
             obj = getattr(traced, node.target)

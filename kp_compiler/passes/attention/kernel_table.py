@@ -65,6 +65,29 @@ class Choice:
     kernel_options: Optional[dict] = None  # flex_attention(kernel_options=...), for "flex"
 
 
+def head_dim_of(q) -> int:
+    """``q``'s head dim for the table: the int, or a symbolic one's hint (-1 without one).
+
+    Reading the hint adds no guard; ``specialize_head_dim`` adds it once flex is chosen.
+    """
+    d = q.shape[-1]
+    if isinstance(d, int):
+        return d
+    hint = getattr(getattr(d, "node", None), "hint", None)
+    return int(hint) if isinstance(hint, int) else -1
+
+
+def specialize_head_dim(q) -> int:
+    """Flex compiles one kernel per head dim: a symbolic head dim (``dynamic=True`` makes every dim symbolic)
+    is guarded to its value, so another head dim recompiles and meets the table again. Lengths stay symbolic."""
+    d = q.shape[-1]
+    if isinstance(d, int):
+        return d
+    from torch.fx.experimental.symbolic_shapes import guard_int
+
+    return guard_int(d)
+
+
 def flex_kernel_options(case: AttentionCase, given="auto") -> Optional[dict]:
     """The ``kernel_options`` flex gets at ``case``: ``given`` when it is a dict; for ``"auto"`` None (flex's
     own heuristics: no options measured so far beat them in a model step, see the module docstring)."""
@@ -97,8 +120,8 @@ def _flex_refusal(case: AttentionCase, prefer: str) -> str:
         return f"flex_attention needs the Inductor lowering, not {case.lowering!r}"
     if case.dropout:
         return "flex_attention has no dropout"
-    if not case.static_shapes:
-        return "symbolic shapes: the block mask is built for static lengths"
+    if not case.static_shapes and case.reads_data:
+        return "symbolic shapes: a mask that reads a per-row tensor is lifted for static lengths only"
     if case.dtype not in FLEX_DTYPES:
         return f"flex_attention does not take {case.dtype}"
     d = case.head_dim

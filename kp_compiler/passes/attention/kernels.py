@@ -19,7 +19,7 @@ from ...core.graph import erase_dead, val
 from ...core.rules import Matches
 from ...core.target import Target
 from . import data_masks, flex
-from .kernel_table import AttentionCase, choose
+from .kernel_table import AttentionCase, choose, head_dim_of
 from .site import META_KEY, SdpaTag, sdpa_arguments
 from .softcap import softcapped_to_flex
 
@@ -30,7 +30,7 @@ def _case_of(node: fx.Node, info: SdpaTag, device: DeviceInfo, lowering: str, tr
     q, k, v = (val(a) for a in node.args[:3])
     static = all(isinstance(d, int) for t in (q, k, v) for d in t.shape)
     return AttentionCase(
-        device=device, dtype=q.dtype, head_dim=q.shape[-1] if isinstance(q.shape[-1], int) else -1,
+        device=device, dtype=q.dtype, head_dim=head_dim_of(q),
         mask=info.mask_kind, train=train,
         dropout=bool(sdpa_arguments(node).get("dropout_p", 0.0)), static_shapes=static and q.dim() == 4,
         lowering=lowering, score_mod=info.score_bias is not None, reads_data=info.data_mask is not None,

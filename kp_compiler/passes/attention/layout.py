@@ -13,11 +13,13 @@ aten = torch.ops.aten
 
 
 
-def gqa_source(node):
+def gqa_source(node, symbolic_groups: bool = False):
     """(kv, groups) when ``node`` repeats 4-D ``kv``'s heads ``groups`` times (each head in a row).
 
     Spellings: ``repeat_interleave(kv, groups, dim=1)`` and Hugging Face's
     ``repeat_kv``: ``kv[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)``.
+    ``groups`` is a number, or with ``symbolic_groups`` also a symbolic-int node (``dynamic=True``: the
+    caller then must not need its value, as flex, which reads the grouping off the shapes).
     """
     if not isinstance(node, fx.Node) or val(node) is None or val(node).dim() != 4:
         return None
@@ -35,9 +37,12 @@ def gqa_source(node):
     kv = unsq.args[0]
     b, h, s_, d = val(kv).shape
     groups = list(expand.args[1])[2]
-    shape_ok = (statically_known_true(val(expand).shape[2] == groups)
-                and all(statically_known_true(a == c) for a, c in zip(val(node).shape, (b, h * groups, s_, d))))
-    return (kv, groups) if number(groups) and shape_ok else None
+    g = groups if number(groups) else val(groups) if symbolic_groups and isinstance(groups, fx.Node) else None
+    if not isinstance(g, (int, torch.SymInt)):
+        return None
+    shape_ok = (statically_known_true(val(expand).shape[2] == g)
+                and all(statically_known_true(a == c) for a, c in zip(val(node).shape, (b, h * g, s_, d))))
+    return (kv, groups) if shape_ok else None
 
 def untranspose(g: fx.Graph, k_t: fx.Node) -> fx.Node:
     """k from k^T: peel a transpose (or permute) of the last two dims, else transpose back."""

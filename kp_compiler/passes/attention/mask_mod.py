@@ -47,6 +47,7 @@ from ...core.pattern import number
 from .masks import _arange_length, _skip_full_slices
 from .subgraph import evaluate
 from .fields import Field, _Sym, _broadcast_to, _known, _result_shape  # noqa: F401  (re-exported)
+from .proofs import keeps_diagonal
 from .reads import DATA_KEY, read_field
 from .value_masks import recognise
 
@@ -280,12 +281,17 @@ def _exactly_modelled(keep: fx.Node, stop: frozenset = frozenset()) -> bool:
 
 
 def every_row_attends(mask_mod: Callable, L: Any, S: Any) -> bool:
-    """Every query row of the static ``L x S`` grid keeps at least one key (False if not static).
+    """Every query row of the ``L x S`` grid keeps at least one key.
 
-    Cached by the mask's spelled-out expression (``describe``) and lengths: layers share masks.
+    Static lengths: checked on the grid, cached by the mask's spelled-out
+    expression (``describe``) and lengths (layers share masks). Symbolic
+    lengths: ``L <= S`` must be known and sympy must prove the mask keeps the
+    diagonal (``proofs.keeps_diagonal``); otherwise False.
     """
     if not (isinstance(L, int) and isinstance(S, int)):
-        return False
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return statically_known_true(L <= S) and keeps_diagonal(mask_mod)
     key = (describe(mask_mod), L, S)
     if key not in _ROWS:
         from torch._subclasses.fake_tensor import unset_fake_temporarily

@@ -34,7 +34,7 @@ from torch import fx
 from ...core.devices import DeviceInfo
 from ...core.graph import alive, erase_dead, val
 from . import flex
-from .kernel_table import AttentionCase, choose
+from .kernel_table import AttentionCase, choose, head_dim_of
 from .layout import untranspose
 from .mask_mod import describe, lift_mask_mod, memoized
 from .match import SOFTMAX, match
@@ -69,7 +69,7 @@ def _to_flex(gm: fx.GraphModule, att: Attention, device, lowering, prefer, train
     if att.sym_scales:
         return "the scale is a symbolic float"
     static = all(isinstance(d, int) for t in (att.q, att.v) for d in val(t).shape)
-    case = AttentionCase(device=device, dtype=q.dtype, head_dim=q.shape[-1] if static else -1, mask="mask_mod",
+    case = AttentionCase(device=device, dtype=q.dtype, head_dim=head_dim_of(q), mask="mask_mod",
                          train=train, dropout=att.dropout_p > 0, static_shapes=static, lowering=lowering,
                          score_mod=True)
     choice = choose(case, prefer, flex_options)
