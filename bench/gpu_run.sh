@@ -168,7 +168,8 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
   attention-dynamic)
     # Issue 16: the naive attention at three lengths per step, every dim dynamic (one compile), vs Inductor.
     timeout "$(( $(left) - 10 ))" python3 -m bench --cases 'attention-causal-dynamic' 'attention-causal-dynamic-fwd-bwd' \
-      'attention-sliding-window-dynamic' 'attention-sliding-window-dynamic-fwd-bwd' --backends inductor kernelpytorch \
+      'attention-sliding-window-dynamic' 'attention-sliding-window-dynamic-fwd-bwd' 'attention-sliding-window-attr-dynamic' \
+      'attention-sliding-window-attr-dynamic-fwd-bwd' --backends inductor kernelpytorch \
       --row-timeout 150 --reps 20 $extra --out "$out" --stem cuda-attention-dynamic 2>"$out/attention-dynamic.log" | tail -24
     ;;
   attention-dynamic-models)

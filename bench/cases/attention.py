@@ -183,5 +183,21 @@ def _register_dynamic(name, fn_for_scale, kind):
         case(f"attention-{name}-dynamic{suffix}", "attention", train=train)(build)
 
 
+class SlidingWindow(torch.nn.Module):
+    """The naive sliding window with the window a module attribute, as models carry it (from their config).
+
+    In ``make_sliding_window`` the window is a closure int, which Dynamo with every dim dynamic turns into a
+    symbolic graph input: that mask is not lifted to flex (the block mask would depend on a symbolic int)."""
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+
+    def forward(self, q, k, v):
+        i, j = _positions(q)
+        return naive(q, k, v, mask=(j <= i) & (i - j < self.window))
+
+
 _register_dynamic("causal", lambda s: causal, "causal")
 _register_dynamic("sliding-window", lambda s: make_sliding_window(_window(s)), "window")
+_register_dynamic("sliding-window-attr", lambda s: SlidingWindow(_window(s)), "window")
