@@ -56,7 +56,7 @@ class Step:
                            for inputs in (wl.inputs, *wl.more_inputs)]
         self.inputs = self.input_sets[0]
         self.opt = None
-        if train and isinstance(model, torch.nn.Module):
+        if train and isinstance(model, torch.nn.Module) and any(True for _ in model.parameters()):
             self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
 
     def __call__(self, capture: bool = False):
