@@ -89,8 +89,7 @@ def _cuda_forward_biased(x, ids, weights, w_gate, w_up, w_down, b_gate, b_up, b_
 
 def _forward(x, ids, weights, w_gate, w_up, w_down, activation, biases):
     """Both ops' CUDA forward: the table's implementation (Triton only where it can read every weight and bias)."""
-    per_expert = routed_experts.per_expert
-    tables = _triton_tables(x, per_expert(w_gate), per_expert(w_up), per_expert(w_down))
+    tables = _triton_tables(x, w_gate, w_up, w_down)  # a 3-D role is read in place, never unbound per call
     bias_tabs = None
     if tables is not None:
         from ..ops import triton_experts
@@ -100,8 +99,7 @@ def _forward(x, ids, weights, w_gate, w_up, w_down, activation, biases):
     with torch.no_grad():
         if impl == "triton":
             from ..ops import triton_experts
-            return triton_experts.forward(x, ids, weights, per_expert(w_gate), per_expert(w_up), per_expert(w_down),
-                                          activation, tables, biases, bias_tabs)
+            return triton_experts.forward(x, ids, weights, w_gate, w_up, w_down, activation, tables, biases, bias_tabs)
         if impl == "grouped_mm":
             return grouped_experts.forward(x, ids, weights, w_gate, w_up, w_down, activation, biases)
         return routed_experts.reference(x, ids, weights, w_gate, w_up, w_down, activation, biases)

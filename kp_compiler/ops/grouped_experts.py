@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from .routed_experts import ACTIVATIONS, act_backward, per_expert, stacked
+from .routed_experts import ACTIVATIONS, act_backward, num_experts, stacked
 
 
 def _stack(ws) -> torch.Tensor:
@@ -52,14 +52,21 @@ def forward(x, ids, weights, w_gate, w_up, w_down, activation: str, biases=((), 
     act = ACTIVATIONS[activation]
     b_gate, b_up, b_down = biases
     k = ids.shape[1]
-    order, offs = _sort_by_expert(ids, len(per_expert(w_up)))
+    order, offs = _sort_by_expert(ids, num_experts(w_up))
     tokens, expert = order // k, ids.reshape(-1)[order]
     xs = x[tokens]
     up = _linear(xs, w_up, b_up, offs, expert)
     h = act(_linear(xs, w_gate, b_gate, offs, expert)) * up if w_gate else act(up)
     y = _linear(h, w_down, b_down, offs, expert)
     y = y * weights.flatten()[order, None]
-    return torch.zeros_like(x).index_add(0, tokens, y)
+    return _combine(y, order, k)
+
+
+def _combine(rows: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+    """Sum each token's ``k`` rows (given sorted by expert): put them back in assignment order (each
+    position written once: no atomics, deterministic), then ``view(T, k, -1).sum(1)``."""
+    out = rows.new_empty(rows.shape).index_copy_(0, order, rows)
+    return out.view(-1, k, rows.shape[-1]).sum(1)
 
 
 def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, biases=((), (), ())):
@@ -68,7 +75,7 @@ def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, biase
     act = ACTIVATIONS[activation]
     b_gate, b_up, b_down = biases
     T, k = ids.shape
-    E = len(per_expert(w_up))
+    E = num_experts(w_up)
     order, offs = _sort_by_expert(ids, E)
     tokens, expert = order // k, ids.reshape(-1)[order]
     xs, gs = x[tokens], grad[tokens]
@@ -98,7 +105,7 @@ def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, biase
         du, dg, grad_gate = act_backward(activation, dh, u), None, x.new_empty(0)
         dxs = torch._grouped_mm(du, up_w, offs=offs)
     grad_up = torch._grouped_mm(du.t(), xs, offs=offs)
-    grad_x = torch.zeros_like(x).index_add_(0, tokens, dxs)
+    grad_x = _combine(dxs, order, k)
     grad_weights = torch.zeros(T * k, device=x.device, dtype=torch.float32).index_put_((order,), grad_route)
 
     def bias_grad(present, rows):

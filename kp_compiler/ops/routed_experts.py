@@ -42,6 +42,11 @@ def stacked(ws: Sequence) -> bool:
     return len(ws) == 1 and ws[0].dim() == 3
 
 
+def num_experts(ws: Sequence) -> int:
+    """How many experts a role holds (no per-expert views made: those cost host time per call)."""
+    return ws[0].shape[0] if stacked(ws) else len(ws)
+
+
 def per_expert(ws: Sequence) -> list:
     """One 2-D weight per expert (views of a stacked tensor)."""
     return list(ws[0].unbind(0)) if stacked(ws) else list(ws)
@@ -191,7 +196,7 @@ def _check(x, ids, weights, w_gate, w_up, w_down, activation) -> None:
         raise ValueError(f"kp::routed_experts: activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
     if not w_up or len({stacked(ws) for ws in (w_gate, w_up, w_down) if ws}) != 1:
         raise ValueError("kp::routed_experts: give every role as one weight per expert or as one 3-D tensor")
-    counts = {len(per_expert(ws)) for ws in (w_gate, w_up, w_down) if ws}
+    counts = {num_experts(ws) for ws in (w_gate, w_up, w_down) if ws}
     if len(counts) != 1:
         raise ValueError("kp::routed_experts: w_up and w_down (and w_gate, unless empty) need one weight per expert")
     if x.dim() != 2 or ids.shape != weights.shape or ids.shape[0] != x.shape[0]:

@@ -204,24 +204,49 @@ _experts: dict = {}
 _data_ptr = torch.Tensor.data_ptr
 
 
+def _stacked(ws) -> bool:
+    return len(ws) == 1 and ws[0].dim() == 3
+
+
+def role_shape(ws) -> tuple:
+    """``(experts, rows, cols, row stride)`` of a role: one weight per expert, or one 3-D ``[E, rows, cols]``
+    tensor read in place (no per-expert views: 192 of them cost more host time than a decode step)."""
+    w = ws[0]
+    if _stacked(ws):
+        return w.shape[0], w.shape[1], w.shape[2], w.stride(1)
+    return len(ws), w.shape[0], w.shape[1], w.stride(0)
+
+
+def _addresses(ws) -> tuple:
+    """Every expert weight's address: for a 3-D role, the base plus ``e`` times its expert stride."""
+    if _stacked(ws):
+        w = ws[0]
+        step = w.stride(0) * w.element_size()
+        return tuple(w.data_ptr() + e * step for e in range(w.shape[0]))
+    return tuple(map(_data_ptr, ws))  # map: no generator frame per weight
+
+
 def expert_tables(x: torch.Tensor, w_gate, w_up, w_down):
     """``(gate, up, down)`` device tables of the expert weights' addresses (``gate`` is ``up`` for
     ungated experts), or None where the kernels cannot read the weights (``supported``).
 
-    Cached by the weights' addresses with the first weight's shape and strides per role: checking
-    every weight costs more than a decode step's kernels (0.24 ms for 192 weights on a CPU core).
-    Inside a compiled graph the weights' shapes and strides are fixed by Dynamo's guards.
+    Cached by the weights' addresses (a 3-D role: its base address and expert stride) with the first
+    weight's shape and strides per role: checking every weight costs more than a decode step's kernels
+    (0.24 ms for 192 weights on a CPU core). Inside a compiled graph the weights' shapes and strides are
+    fixed by Dynamo's guards.
     """
-    ptrs = tuple(tuple(map(_data_ptr, ws)) for ws in (w_gate, w_up, w_down))  # map: no generator frame per weight
-    key = (x.device, x.dtype, ptrs, *((tuple(ws[0].shape), ws[0].stride()) for ws in (w_gate, w_up, w_down) if ws))
+    roles = (w_gate, w_up, w_down)
+    key = (x.device, x.dtype,
+           *((ws[0].data_ptr(), tuple(ws[0].shape), ws[0].stride()) if _stacked(ws)
+             else (tuple(map(_data_ptr, ws)), tuple(ws[0].shape), ws[0].stride()) if ws else () for ws in roles))
     if key in _experts:
         return _experts[key]
     if len(_experts) > 256:
         _experts.clear()
     tables = None
     if supported(x, w_gate, w_up, w_down):
-        up, down = (torch.tensor(p, dtype=torch.int64).to(x.device) for p in ptrs[1:])
-        tables = (torch.tensor(ptrs[0], dtype=torch.int64).to(x.device) if w_gate else up, up, down)
+        up, down = (torch.tensor(_addresses(ws), dtype=torch.int64).to(x.device) for ws in roles[1:])
+        tables = (torch.tensor(_addresses(w_gate), dtype=torch.int64).to(x.device) if w_gate else up, up, down)
     _experts[key] = tables
     return tables
 
@@ -250,6 +275,12 @@ def supported(x: torch.Tensor, w_gate, w_up, w_down) -> bool:
     for ws in (w_gate, w_up, w_down):
         if not ws:
             continue
+        if _stacked(ws):
+            w = ws[0]
+            if (w.stride(-1) != 1 or w.dtype != x.dtype or w.device != x.device or w.data_ptr() % 16
+                    or (w.stride(1) * w.element_size()) % 16 or (w.stride(0) * w.element_size()) % 16):
+                return False
+            continue
         if any(w.shape != ws[0].shape or w.stride() != ws[0].stride() or w.stride(-1) != 1
                or w.dtype != x.dtype or w.device != x.device or w.data_ptr() % 16
                or (w.stride(0) * w.element_size()) % 16 for w in ws):
@@ -265,7 +296,8 @@ def forward(x, ids, weights, w_gate, w_up, w_down, activation: str, tables=None,
     b_gate, b_up, b_down = bias_tabs or bias_tables(x, biases)
     T, d = x.shape
     k = ids.shape[1]
-    E, f = len(w_up), w_up[0].shape[0]
+    E, f, _, up_stride = role_shape(w_up)
+    down_stride = role_shape(w_down)[3]
     n = T * k
     block = block_rows(n, E)
     plan = schedule(ids, E, block)
@@ -278,7 +310,7 @@ def forward(x, ids, weights, w_gate, w_up, w_down, activation: str, tables=None,
         bn, bk, warps, stages = config
         grid = (rows_total // block * triton.cdiv(f, bn),)
         _gate_up[grid](x, plan.rows, plan.block_expert, gate, up, _or(b_gate, up), _or(b_up, up), h, n, E, f,
-                       x.stride(0), w_up[0].stride(0), h.stride(0),
+                       x.stride(0), up_stride, h.stride(0),
                        K=d, UPCAST=upcast, TOP_K=k, GATED=bool(w_gate), ACT=ACT_CODES[activation], PRECISION=precision,
                        GATE_BIAS=b_gate is not None, UP_BIAS=b_up is not None,
                        BM=block, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
@@ -292,7 +324,7 @@ def forward(x, ids, weights, w_gate, w_up, w_down, activation: str, tables=None,
         bn, bk, warps, stages = config
         grid = (rows_total // block * triton.cdiv(d, bn),)
         _down[grid](h, plan.rows, plan.block_expert, down, _or(b_down, down), route, y, n, E, d,
-                    h.stride(0), w_down[0].stride(0), y.stride(0),
+                    h.stride(0), down_stride, y.stride(0),
                     K=f, UPCAST=upcast, PRECISION=precision, DOWN_BIAS=b_down is not None,
                     BM=block, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
 

@@ -90,6 +90,31 @@ def test_stacked_halves_of_one_gate_up_parameter():
     assert err < 1e-5 * exact.abs().max().item()
 
 
+def test_3d_roles_are_read_in_place_without_per_expert_views(monkeypatch):
+    """transformers' gate_up [E, 2f, d] halves and down [E, d, f] given as 3-D roles: the same result as the
+    per-expert views, the same address tables, and no unbind or select per call (host time)."""
+    from kp_compiler.ops.routed_experts import per_expert
+
+    x, ids, w, _, _, _ = make(10, 16, 32, 4, 2, torch.float32)
+    gate_up, down = torch.randn(4, 64, 16) / 4, torch.randn(4, 16, 32) / 6
+    G, U, Dn = [gate_up[:, :32]], [gate_up[:, 32:]], [down]
+    views = per_expert(G), per_expert(U), per_expert(Dn)
+    assert triton_experts.supported(x, G, U, Dn)
+    tables = triton_experts.expert_tables(x, G, U, Dn)
+    for table, role in zip(tables, views):
+        assert table.tolist() == [t.data_ptr() for t in role]
+    want = triton_experts.forward(x, ids, w, *views, "silu")
+    calls = []
+    for name in ("unbind", "select"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (calls.append(_n), _o(self, *a, **k))[1])
+    got = triton_experts.forward(x, ids, w, G, U, Dn, "silu")
+    monkeypatch.undo()
+    assert calls == []
+    torch.testing.assert_close(got, want)
+    assert not triton_experts.supported(x, G, [gate_up[:, 32:].transpose(1, 2)], Dn)  # column-major rows
+
+
 @pytest.mark.parametrize("gated", [True, False])
 def test_biases_in_the_epilogues(gated):
     x, ids, w, G, U, Dn = make(12, 16, 32, 4, 2, torch.float32, gated)
