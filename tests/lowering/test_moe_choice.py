@@ -137,19 +137,21 @@ def test_the_cuda_kernels_return_fresh_tensors(monkeypatch, impl):
     from kp_compiler.lowering import moe
 
     monkeypatch.setenv("KP_MOE_KERNEL", impl)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # with a GPU the kernels run on it (no interpreter)
     g = torch.Generator().manual_seed(3)
     T, d, f, E, k = 6, 16, 32, 3, 2
-    x = torch.randn(T, d, generator=g).bfloat16()
-    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
-    w = torch.rand(T, k, generator=g).bfloat16()
-    mk = lambda r, c: [torch.randn(r, c, generator=g).bfloat16() for _ in range(E)]
+    x = torch.randn(T, d, generator=g).bfloat16().to(dev)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(dev)
+    w = torch.rand(T, k, generator=g).bfloat16().to(dev)
+    mk = lambda r, c: [torch.randn(r, c, generator=g).bfloat16().to(dev) for _ in range(E)]
     G, U, D = mk(f, d), mk(f, d), mk(d, f)
-    biases = ([torch.randn(f, generator=g).bfloat16() for _ in range(E)],) * 2 + ([torch.randn(d, generator=g).bfloat16() for _ in range(E)],)
+    biases = (([torch.randn(f, generator=g).bfloat16().to(dev) for _ in range(E)],) * 2
+              + ([torch.randn(d, generator=g).bfloat16().to(dev) for _ in range(E)],))
     inputs = [x, ids, w, *G, *U, *D, *biases[0], *biases[2]]
     storages = {t.untyped_storage().data_ptr() for t in inputs}
     outs = [moe._cuda_forward(x, ids, w, G, U, D, "silu"),
             moe._cuda_forward_biased(x, ids, w, G, U, D, *biases, "silu"),
-            *moe._cuda_backward(torch.randn(T, d, generator=g).bfloat16(), x, ids, w, G, U, D, *biases, "silu")]
+            *moe._cuda_backward(torch.randn(T, d, generator=g).bfloat16().to(dev), x, ids, w, G, U, D, *biases, "silu")]
     want = reference(x.float(), ids, w.float(), [t.float() for t in G], [t.float() for t in U], [t.float() for t in D], "silu")
     assert ((outs[0].float() - want).norm() / want.norm()).item() < 2e-2  # bf16 against the fp32 loop
     ptrs = [o.untyped_storage().data_ptr() for o in outs if o.numel()]

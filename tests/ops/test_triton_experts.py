@@ -62,7 +62,7 @@ def test_row_blocks_padding_and_idle_experts(T, E, k):
 
 def test_experts_as_slices_of_3d_parameters_are_read_in_place():
     x, ids, w, _, _, _ = make(10, 16, 32, 4, 2, torch.float32)
-    gate, up, down = torch.randn(4, 32, 16), torch.randn(4, 32, 16), torch.randn(4, 16, 32)
+    gate, up, down = (torch.randn(*shape).to(DEVICE) for shape in ((4, 32, 16), (4, 32, 16), (4, 16, 32)))
     G, U, Dn = list(gate), list(up), list(down)
     assert triton_experts.supported(x, G, U, Dn)
     out = triton_experts.forward(x, ids, w, G, U, Dn, "silu")
@@ -82,7 +82,7 @@ def test_stacked_halves_of_one_gate_up_parameter():
     from kp_compiler.ops.routed_experts import per_expert
 
     x, ids, w, _, _, Dn = make(10, 16, 32, 4, 2, torch.float32)
-    gate_up = torch.randn(4, 64, 16) / 4
+    gate_up = (torch.randn(4, 64, 16) / 4).to(DEVICE)
     G, U = per_expert([gate_up[:, :32]]), per_expert([gate_up[:, 32:]])
     assert triton_experts.supported(x, G, U, Dn)
     out = triton_experts.forward(x, ids, w, G, U, Dn, "silu")
@@ -96,7 +96,7 @@ def test_3d_roles_are_read_in_place_without_per_expert_views(monkeypatch):
     from kp_compiler.ops.routed_experts import per_expert
 
     x, ids, w, _, _, _ = make(10, 16, 32, 4, 2, torch.float32)
-    gate_up, down = torch.randn(4, 64, 16) / 4, torch.randn(4, 16, 32) / 6
+    gate_up, down = (torch.randn(4, 64, 16) / 4).to(DEVICE), (torch.randn(4, 16, 32) / 6).to(DEVICE)
     G, U, Dn = [gate_up[:, :32]], [gate_up[:, 32:]], [down]
     views = per_expert(G), per_expert(U), per_expert(Dn)
     assert triton_experts.supported(x, G, U, Dn)
