@@ -290,3 +290,70 @@ def test_the_left_out_note_appears_only_where_the_graph_routes_tokens():
 
     report = str(kp_compiler.explain(torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.ReLU()), torch.randn(4, D)))
     assert "moe-dispatch" not in report
+
+
+class SwiGLU(nn.Module):
+    """transformers 4's ``MixtralBlockSparseTop2MLP``: ``w2(silu(w1(x)) * w3(x))``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w3 = nn.Linear(D, FF, bias=False), nn.Linear(D, FF, bias=False)
+        self.w2 = nn.Linear(FF, D, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MixtralV4(nn.Module):
+    """transformers 4's ``MixtralSparseMoeBlock.forward`` (also Qwen2-MoE's and others' before v5): the
+    experts found by ``where(one_hot(ids, E).permute(2, 1, 0)[e])`` (slot first, then token), rows gathered
+    as ``x[None, top_x].reshape(-1, d)``, summed in place into ``zeros((T, d))`` with ``index_add_``."""
+
+    def __init__(self, loop=E, classes=E):
+        super().__init__()
+        self.loop, self.classes = loop, classes
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = nn.ModuleList(SwiGLU() for _ in range(E))
+
+    def forward(self, hidden_states):
+        T, d = hidden_states.shape
+        routing_weights = F.softmax(self.gate(hidden_states), dim=1, dtype=torch.float)
+        routing_weights, selected_experts = torch.topk(routing_weights, K, dim=-1)
+        routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+        routing_weights = routing_weights.to(hidden_states.dtype)
+        final = torch.zeros((T, d), dtype=hidden_states.dtype, device=hidden_states.device)
+        expert_mask = F.one_hot(selected_experts, num_classes=self.classes).permute(2, 1, 0)
+        for expert_idx in range(self.loop):
+            idx, top_x = torch.where(expert_mask[expert_idx])
+            current_state = hidden_states[None, top_x].reshape(-1, d)
+            current_hidden = self.experts[expert_idx](current_state) * routing_weights[top_x, idx, None]
+            final.index_add_(0, top_x, current_hidden.to(hidden_states.dtype))
+        return final
+
+
+def test_transformers4_one_hot_dispatch_rewritten_and_equal(tmp_path):
+    torch.manual_seed(0)
+    model = MixtralV4()
+    _, out, records = compile_and_collect(model, (torch.randn(10, D),), passes=PASSES, dump_dir=str(tmp_path))
+    assert moe_pass(records).by_rule == {"gated-silu": 1}
+    filecheck(
+        "CHECK: after moe-dispatch | status ok | matches 1\n"
+        "CHECK: kp.routed_experts.default(%l_hidden_states_, %getitem_1, %to, "
+        "[%l_self_modules_experts_modules_0_modules_w1_parameters_weight_, {{.*}}], 'silu') : f32[10, 16]"
+        "  # 4 experts, gated silu, from an unrolled loop\n"
+        "CHECK-NOT: one_hot\nCHECK-NOT: index_add_\nCHECK-NOT: aten.where\n",
+        (tmp_path / "graph-000" / "02-moe-dispatch.txt").read_text(),
+    )
+    torch._dynamo.reset()
+    check_equal(model, torch.randn(10, D))
+
+
+@pytest.mark.parametrize("model", [MixtralV4(loop=E - 1), MixtralV4(classes=E + 1)],
+                         ids=["missing-expert", "one-hot-over-more-classes"])
+def test_transformers4_look_alikes_untouched(model):
+    """A loop that skips an expert drops its tokens (as eager does); a one_hot over more classes than the loop
+    covers is not proven to route every token to a looped expert, so it is left alone too."""
+    _, _, records = compile_and_collect(model, (torch.randn(10, D),), passes=PASSES)
+    assert moe_pass(records).matches == 0
+    torch._dynamo.reset()
+    check_equal(model, torch.randn(10, D))

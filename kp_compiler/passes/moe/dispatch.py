@@ -40,8 +40,8 @@ GROUPED_MM_KEPT = ("transformers grouped_mm experts left as they are: on an H100
 
 def recognize(node: fx.Node) -> Iterator[Experts]:
     """The expert blocks ending at ``node``, in the order to try them (at most one per form)."""
-    if is_call(node, aten.index_add.default):
-        if any(is_call(u, aten.index_add.default) and u.args[0] is node for u in node.users):
+    if is_call(node, *loop.INDEX_ADD):
+        if any(is_call(u, *loop.INDEX_ADD) and u.args[0] is node for u in node.users):
             return  # not the end of a chain
         found = loop.match(node)
         if found is not None:

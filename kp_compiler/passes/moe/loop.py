@@ -11,13 +11,21 @@ Matches the loop as Dynamo captures it with
     y = linear(h, w_down_e) * weights.unsqueeze(-1)[tok, slot]
     out = out.index_add(0, tok, y)
 
+transformers 4's spelling (Mixtral, Qwen2-MoE and others before v5) matches too::
+
+    slot, tok = where(one_hot(ids, E).permute(2, 1, 0)[e])    # the same (token, slot) pairs, another order
+    xs = x[None, tok].reshape(-1, d)
+    final.index_add_(0, tok, expert_e(xs) * weights[tok, slot, None])    # in place, into zeros((T, d))
+
 Experts may be ``nn.ModuleList`` MLPs (weights are parameters) or slices of
 3-D parameters (``w[e]``): the op takes whatever nodes hold the weights, so
 gradients reach the model's own parameters.
 
 Preconditions (else the graph is left as it is): the steps cover experts
 ``0..E-1`` exactly once; ``ids`` is the index output of ``topk`` over a last
-dim of size ``E`` (so no id falls outside the loop); every step reads the
+dim of size ``E`` (so no id falls outside the loop), and a ``one_hot`` has
+``E`` classes; the sum starts from ``zeros_like(x)`` or ``zeros`` of ``x``'s
+shape, dtype and device, used by nothing else; every step reads the
 same ``x``, ``ids``, ``weights`` and activation; the expert weights have one
 shape per role; ``weights`` has ``x``'s dtype; no intermediate value has a
 user outside its step (the routing ``where`` may only feed the step and
@@ -64,6 +72,7 @@ class Step:
     activation: str
     nodes: list = field(default_factory=list)  # what the step alone uses, to erase
     biases: tuple = (None, None, None)  # (gate, up, down) bias nodes, None where a linear has none
+    classes: Optional[int] = None  # one_hot(ids, classes) dispatch: must be the number of experts
 
 
 def _one_user(node: fx.Node) -> bool:
@@ -90,20 +99,36 @@ def _act(inner: P, **kw) -> P:
 
 
 def _xs(users: int) -> P:
-    """``x[tok]``: the tokens routed to this step's expert."""
-    return P(aten.index.Tensor, P.var("x"), [P.var("tok")], name="xs", users=users)
+    """``x[tok]``, or ``x[None, tok].reshape(-1, d)`` (transformers 4's Mixtral): the tokens routed to this
+    step's expert."""
+    return (P(aten.index.Tensor, P.var("x"), [P.var("tok")], name="xs", users=users)
+            | P(aten.reshape.default, P(aten.index.Tensor, P(aten.unsqueeze.default, P.var("x"), 0, users=1,
+                                                              name="xs_unsq"),
+                                        [None, P.var("tok")], users=1, name="xs_index"),
+                P.var(where=lambda s: isinstance(s, (list, tuple)) and len(s) == 2 and s[0] == -1),
+                name="xs", users=users))
 
 
-_TOK = P(operator.getitem, P(aten.where.default, P(aten.eq.Scalar, P.var("ids"), P.var("e", where=lambda e: isinstance(e, int))),
-                             where=lambda n: len(n.args) == 1, name="where"), 0, name="tok")
-# weights.unsqueeze(-1)[tok, slot], slot = where(ids == e)[1]
+_E = P.var("e", where=lambda e: isinstance(e, int))
+# tok, slot = where(ids == e)
+_WHERE_EQ = P(aten.where.default, P(aten.eq.Scalar, P.var("ids"), _E), where=lambda n: len(n.args) == 1, name="where")
+# slot, tok = where(one_hot(ids, E).permute(2, 1, 0)[e])   (transformers 4's Mixtral, Qwen2-MoE, ...)
+_WHERE_ONE_HOT = P(aten.where.default,
+                   P(aten.select.int, P(aten.permute.default, P(aten.one_hot.default, P.var("ids"), P.var("classes")),
+                                        P.var(where=lambda d: list(d) == [2, 1, 0])), 0, _E),
+                   where=lambda n: len(n.args) == 1, name="where")
+_TOK = (P(operator.getitem, _WHERE_EQ, 0, name="tok")
+        | P(operator.getitem, _WHERE_ONE_HOT, 1, name="tok"))
+# weights.unsqueeze(-1)[tok, slot] (weights[tok, slot, None] spells the same), slot the other half of the where
 _RW = P(aten.index.Tensor, P(aten.unsqueeze.default, P.var("weights"), P.var(where=lambda d: d in (2, -1)), name="unsq"),
-        [P.var("tok"), P(operator.getitem, P.var("where"), 1, where=lambda n: len(n.args) == 2)], name="rw", users=1)
+        [P.var("tok"), P(operator.getitem, P.var("where"), P.var("slot_i"), where=lambda n: len(n.args) == 2)],
+        name="rw", users=1)
 _GATED = P(aten.mul.Tensor, _act(_linear(_xs(2), "w_gate", name="gate_lin", users=1), name="act", users=1),
            _linear(_xs(2), "w_up", name="up_lin", users=1), commute=True, name="h", users=1)
 _UNGATED = _act(_linear(_xs(1), "w_up", name="up_lin", users=1), name="act", users=1)
+INDEX_ADD = (aten.index_add.default, aten.index_add_.default)  # out.index_add(...) or out.index_add_(...)
 # out = out.index_add(0, tok, linear(h, w_down) * routing weight)
-STEP = P(aten.index_add.default, P.var("acc"), 0, _TOK,
+STEP = P(INDEX_ADD, P.var("acc"), 0, _TOK,
          P(aten.mul.Tensor, _linear(_UNGATED | _GATED, "w_down", name="down_lin", users=1), _RW, commute=True,
            name="y", users=1), where=lambda n: len(n.args) == 4 and not n.kwargs)
 
@@ -111,14 +136,18 @@ STEP = P(aten.index_add.default, P.var("acc"), 0, _TOK,
 def _step(add: fx.Node) -> Optional[tuple[Step, fx.Node, fx.Node, fx.Node, fx.Node]]:
     """(step, x, ids, weights, accumulator) for one ``index_add``, else None."""
     c = STEP.find(add)
-    if c is None:
+    if c is None or c["slot_i"] != 1 - c["tok"].args[1]:  # the slot is the where's other output
+        return None
+    xv, xsv = val(c["x"]), val(c["xs"])
+    if xv is None or xsv is None or xv.dim() != 2 or xsv.dim() != 2 or xsv.shape[-1] != xv.shape[-1]:
         return None
     gated = "h" in c
     nodes = [add, c["y"], c["rw"], c["down_lin"], c["act"], c["up_lin"], c["xs"], c["unsq"]]
     nodes += [c["h"], c["gate_lin"]] if gated else []
+    nodes += [c[k] for k in ("xs_index", "xs_unsq") if k in c]
     biases = (_bias_of(c["gate_lin"]) if gated else None, _bias_of(c["up_lin"]), _bias_of(c["down_lin"]))
     step = Step(c["e"], c["w_gate"] if gated else None, c["w_up"], c["w_down"], activation_of(c["act"])[0],
-                nodes, biases)
+                nodes, biases, c.get("classes"))
     return step, c["x"], c["ids"], c["weights"], c["acc"]
 
 
@@ -140,11 +169,22 @@ def _where_users_ok(where: fx.Node, step_nodes: set) -> Optional[list]:
     return checks
 
 
+def _zeros_like(start, x: fx.Node) -> bool:
+    """``zeros_like(x)``, or ``zeros(shape)`` with ``x``'s shape, dtype and device."""
+    if not isinstance(start, fx.Node):
+        return False
+    if start.target is aten.zeros_like.default:
+        return start.args[0] is x
+    sv, xv = val(start), val(x)
+    return (start.target is aten.zeros.default and isinstance(sv, torch.Tensor) and isinstance(xv, torch.Tensor)
+            and tuple(sv.shape) == tuple(xv.shape) and sv.dtype == xv.dtype and sv.device == xv.device)
+
+
 def match(last: fx.Node) -> Optional[Experts]:
     """The expert loop ending in the ``index_add`` ``last``, or None."""
     steps, cur = [], last
     x = ids = weights = None
-    while isinstance(cur, fx.Node) and cur.target is aten.index_add.default:
+    while isinstance(cur, fx.Node) and cur.target in INDEX_ADD:
         found = _step(cur)
         if found is None:
             return None
@@ -158,13 +198,14 @@ def match(last: fx.Node) -> Optional[Experts]:
             return None
         cur = acc
     start = cur
-    if not (isinstance(start, fx.Node) and start.target is aten.zeros_like.default and start.args[0] is x
-            and _one_user(start)):
+    if not (_zeros_like(start, x) and _one_user(start)):
         return None
     steps.reverse()
     E = len(steps)
     if sorted(s.expert for s in steps) != list(range(E)) or len({(s.activation, s.gate is None) for s in steps}) != 1:
         return None
+    if any(s.classes is not None and s.classes != E for s in steps):
+        return None  # one_hot over another number of classes: a where could miss or invent an expert
     if not ids_bounded(ids, E) or val(weights) is None or val(weights).dtype != val(x).dtype:
         return None
     shapes = {(s.gate is None or tuple(val(s.gate).shape), tuple(val(s.up).shape), tuple(val(s.down).shape),
