@@ -207,13 +207,14 @@ class PartlyBiased(SlicedExperts):
         return out
 
 
-@pytest.mark.parametrize("model", [
-    SlicedExperts(loop=E - 1),   # one expert never looped: its tokens must be dropped, as in eager
-    PartlyBiased(),              # one expert's linear has a bias, the others have none
+@pytest.mark.parametrize("model,why", [
+    (SlicedExperts(loop=E - 1), f"not topk indices over {E - 1} experts"),  # one expert never looped: eager drops its tokens
+    (PartlyBiased(), "only some experts have a bias"),  # one expert's linear has a bias, the others have none
 ], ids=["missing-expert", "partly-biased"])
-def test_look_alikes_untouched(model):
+def test_look_alikes_untouched(model, why):
     _, out, records = compile_and_collect(model, (torch.randn(10, D),), passes=PASSES)
     assert moe_pass(records).matches == 0
+    assert any("left alone" in n and why in n for n in moe_pass(records).notes), moe_pass(records).notes
     torch._dynamo.reset()
     check_equal(model, torch.randn(10, D))
 
@@ -222,6 +223,7 @@ def test_plain_index_add_untouched():
     x = torch.randn(6, D)
     _, out, records = compile_and_collect(scatter_rows, (x,), passes=PASSES)
     assert moe_pass(records).matches == 0
+    assert moe_pass(records).notes == []  # not an expert loop at all: nothing to explain
     torch.testing.assert_close(out, scatter_rows(x))
 
 
@@ -348,12 +350,16 @@ def test_transformers4_one_hot_dispatch_rewritten_and_equal(tmp_path):
     check_equal(model, torch.randn(10, D))
 
 
-@pytest.mark.parametrize("model", [MixtralV4(loop=E - 1), MixtralV4(classes=E + 1)],
-                         ids=["missing-expert", "one-hot-over-more-classes"])
-def test_transformers4_look_alikes_untouched(model):
+@pytest.mark.parametrize("model,why", [
+    (MixtralV4(loop=E - 1), f"one_hot over {E} classes, the loop covers {E - 1} experts"),
+    (MixtralV4(classes=E + 1), f"one_hot over {E + 1} classes, the loop covers {E} experts"),
+], ids=["missing-expert", "one-hot-over-more-classes"])
+def test_transformers4_look_alikes_untouched(model, why):
     """A loop that skips an expert drops its tokens (as eager does); a one_hot over more classes than the loop
-    covers is not proven to route every token to a looped expert, so it is left alone too."""
+    covers is not proven to route every token to a looped expert, so it is left alone too. The report names
+    the link that failed."""
     _, _, records = compile_and_collect(model, (torch.randn(10, D),), passes=PASSES)
     assert moe_pass(records).matches == 0
+    assert any("left alone" in n and why in n for n in moe_pass(records).notes), moe_pass(records).notes
     torch._dynamo.reset()
     check_equal(model, torch.randn(10, D))

@@ -19,7 +19,7 @@ After::
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import fx
@@ -38,12 +38,13 @@ GROUPED_MM_KEPT = ("transformers grouped_mm experts left as they are: on an H100
                    f"step); {GROUPED_MM_ENV}=1 rewrites them anyway")
 
 
-def recognize(node: fx.Node) -> Iterator[Experts]:
-    """The expert blocks ending at ``node``, in the order to try them (at most one per form)."""
+def recognize(node: fx.Node, misses: Optional[list] = None) -> Iterator[Experts]:
+    """The expert blocks ending at ``node``, in the order to try them (at most one per form); a near-miss's
+    failed link is appended to ``misses``."""
     if is_call(node, *loop.INDEX_ADD):
         if any(is_call(u, *loop.INDEX_ADD) and u.args[0] is node for u in node.users):
             return  # not the end of a chain
-        found = loop.match(node)
+        found = loop.match(node, misses)
         if found is not None:
             yield found
     elif is_call(node, aten.sum.dim_IntList):
@@ -66,7 +67,7 @@ def moe_dispatch(gm: fx.GraphModule) -> Matches:
     for node in reversed(list(gm.graph.nodes)):
         if not alive(node):
             continue
-        for experts in recognize(node):
+        for experts in recognize(node, notes):
             if experts.grouped and not grouped_ok:
                 notes.append(GROUPED_MM_KEPT)
                 break

@@ -180,38 +180,53 @@ def _zeros_like(start, x: fx.Node) -> bool:
             and tuple(sv.shape) == tuple(xv.shape) and sv.dtype == xv.dtype and sv.device == xv.device)
 
 
-def match(last: fx.Node) -> Optional[Experts]:
-    """The expert loop ending in the ``index_add`` ``last``, or None."""
+def match(last: fx.Node, misses: Optional[list] = None) -> Optional[Experts]:
+    """The expert loop ending in the ``index_add`` ``last``, or None.
+
+    ``misses``: where a chain of expert steps was found but a link of the proof failed, the reason is
+    appended (the report names it: a near-miss is not silently left alone).
+    """
     steps, cur = [], last
     x = ids = weights = None
+
+    def miss(why: str) -> None:
+        if misses is not None and steps:
+            misses.append(f"expert loop ending at {last.name} ({len(steps)} steps found) left alone: {why}")
+        return None
+
     while isinstance(cur, fx.Node) and cur.target in INDEX_ADD:
         found = _step(cur)
         if found is None:
-            return None
+            return miss(f"{cur.name} is not an expert step (routing where, gather, MLP, routing weight, "
+                        "index_add)") if steps else None
         step, sx, sids, sweights, acc = found
         if x is None:
             x, ids, weights = sx, sids, sweights
         if (sx, sids, sweights) != (x, ids, weights):
-            return None
+            return miss("the steps read different tokens, expert ids or routing weights")
         steps.append(step)
         if cur is not last and not _one_user(cur):
-            return None
+            return miss(f"the partial sum {cur.name} is read outside the loop")
         cur = acc
     start = cur
     if not (_zeros_like(start, x) and _one_user(start)):
-        return None
+        return miss("the sum does not start from zeros of the tokens' shape, dtype and device (used only there)")
     steps.reverse()
     E = len(steps)
-    if sorted(s.expert for s in steps) != list(range(E)) or len({(s.activation, s.gate is None) for s in steps}) != 1:
-        return None
+    if sorted(s.expert for s in steps) != list(range(E)):
+        return miss(f"the steps cover experts {sorted(s.expert for s in steps)}, not 0..{E - 1} once each")
+    if len({(s.activation, s.gate is None) for s in steps}) != 1:
+        return miss("the experts differ in activation or gating")
     if any(s.classes is not None and s.classes != E for s in steps):
-        return None  # one_hot over another number of classes: a where could miss or invent an expert
-    if not ids_bounded(ids, E) or val(weights) is None or val(weights).dtype != val(x).dtype:
-        return None
+        return miss(f"one_hot over {steps[0].classes} classes, the loop covers {E} experts")
+    if not ids_bounded(ids, E):
+        return miss(f"the expert ids are not topk indices over {E} experts (a token could go to no looped expert)")
+    if val(weights) is None or val(weights).dtype != val(x).dtype:
+        return miss(f"routing weights are {getattr(val(weights), 'dtype', None)}, the tokens {val(x).dtype}")
     shapes = {(s.gate is None or tuple(val(s.gate).shape), tuple(val(s.up).shape), tuple(val(s.down).shape),
                tuple(None if b is None else tuple(val(b).shape) for b in s.biases)) for s in steps}
     if len(shapes) != 1:
-        return None  # one weight shape per role, and every expert with or without each bias
+        return miss("the experts' weights differ in shape, or only some experts have a bias")
     steps.sort(key=lambda s: s.expert)
     step_nodes = {n for s in steps for n in s.nodes}
     wheres = {s.nodes[0].args[2].args[0] for s in steps}  # tok = getitem(where, 0)
@@ -219,7 +234,7 @@ def match(last: fx.Node) -> Optional[Experts]:
     for where in wheres:
         found = _where_users_ok(where, step_nodes)
         if found is None:
-            return None
+            return miss(f"the routing {where.name} is read outside its step")
         checks += found
     first = steps[0]
     gated = "gated " if first.gate is not None else ""
