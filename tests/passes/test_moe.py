@@ -363,3 +363,31 @@ def test_transformers4_look_alikes_untouched(model, why):
     assert any("left alone" in n and why in n for n in moe_pass(records).notes), moe_pass(records).notes
     torch._dynamo.reset()
     check_equal(model, torch.randn(10, D))
+
+
+class Qwen2MoeV4(MixtralV4):
+    """transformers 4's ``Qwen2MoeSparseMoeBlock``: the same loop with a shared expert beside it, gated by a
+    sigmoid of its own linear, added after the loop (the shared expert stays as plain ops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared_expert = SwiGLU()
+        self.shared_expert_gate = nn.Linear(D, 1, bias=False)
+
+    def forward(self, hidden_states):
+        routed = super().forward(hidden_states)
+        shared = F.sigmoid(self.shared_expert_gate(hidden_states)) * self.shared_expert(hidden_states)
+        return routed + shared
+
+
+def test_transformers4_shared_expert_beside_the_loop(tmp_path):
+    torch.manual_seed(0)
+    model = Qwen2MoeV4()
+    _, _, records = compile_and_collect(model, (torch.randn(10, D),), passes=PASSES, dump_dir=str(tmp_path))
+    assert moe_pass(records).by_rule == {"gated-silu": 1}
+    filecheck("CHECK: %routed_experts_default = kp.routed_experts.default(%l_hidden_states_\n"
+              "CHECK: aten.sigmoid.default\n"
+              "CHECK: aten.add.Tensor(%routed_experts_default, \n",
+              (tmp_path / "graph-000" / "02-moe-dispatch.txt").read_text())
+    torch._dynamo.reset()
+    check_equal(model, torch.randn(10, D))
