@@ -391,3 +391,46 @@ def test_transformers4_shared_expert_beside_the_loop(tmp_path):
               (tmp_path / "graph-000" / "02-moe-dispatch.txt").read_text())
     torch._dynamo.reset()
     check_equal(model, torch.randn(10, D))
+
+
+class MatmulExperts(nn.Module):
+    """Experts as slices of 3-D parameters with biases, GELU, written with ``@`` and ``.T`` (no ``F.linear``)."""
+
+    def __init__(self, extra_term=False):
+        super().__init__()
+        self.extra_term = extra_term
+        self.router = nn.Linear(D, E, bias=False)
+        self.w_up = nn.Parameter(torch.randn(E, FF, D) * 0.2)
+        self.b_up = nn.Parameter(torch.randn(E, FF) * 0.1)
+        self.w_down = nn.Parameter(torch.randn(E, D, FF) * 0.2)
+        self.b_down = nn.Parameter(torch.randn(E, D) * 0.1)
+
+    def forward(self, x):
+        weights, ids = torch.topk(torch.softmax(self.router(x), -1), K, dim=-1)
+        out = torch.zeros_like(x)
+        for e in range(E):
+            tok, slot = torch.where(ids == e)
+            xs = x[tok]
+            # a per-row term is not a bias: x @ w.T + t is then not a linear
+            up = xs @ self.w_up[e].T + (xs.sum(-1, keepdim=True) if self.extra_term else self.b_up[e])
+            h = F.gelu(up)
+            out.index_add_(0, tok, (h @ self.w_down[e].t() + self.b_down[e]) * weights[tok, slot, None])
+        return out
+
+
+def test_matmul_spelled_biased_gelu_experts_rewritten_and_equal():
+    torch.manual_seed(0)
+    model = MatmulExperts()
+    _, _, records = compile_and_collect(model, (torch.randn(10, D),), passes=PASSES)
+    assert moe_pass(records).by_rule == {"gelu-biased": 1}
+    torch._dynamo.reset()
+    check_equal(model, torch.randn(10, D))
+
+
+def test_matmul_plus_a_per_row_term_is_not_a_linear():
+    torch.manual_seed(0)
+    model = MatmulExperts(extra_term=True)
+    _, _, records = compile_and_collect(model, (torch.randn(10, D),), passes=PASSES)
+    assert moe_pass(records).matches == 0
+    torch._dynamo.reset()
+    check_equal(model, torch.randn(10, D))

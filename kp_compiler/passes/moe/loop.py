@@ -17,7 +17,8 @@ transformers 4's spelling (Mixtral, Qwen2-MoE and others before v5) matches too:
     xs = x[None, tok].reshape(-1, d)
     final.index_add_(0, tok, expert_e(xs) * weights[tok, slot, None])    # in place, into zeros((T, d))
 
-Experts may be ``nn.ModuleList`` MLPs (weights are parameters) or slices of
+A linear may be ``F.linear(x, w[, b])`` or ``x @ w.T [+ b]`` (``b`` 1-D, of the
+output's width). Experts may be ``nn.ModuleList`` MLPs (weights are parameters) or slices of
 3-D parameters (``w[e]``): the op takes whatever nodes hold the weights, so
 gradients reach the model's own parameters.
 
@@ -79,9 +80,25 @@ def _one_user(node: fx.Node) -> bool:
     return len(node.users) == 1
 
 
+def _transposed(weight: str) -> P:
+    """``w.T``, ``w.t()``, ``w.transpose(0, 1)`` (either order, negative dims too) or ``w.permute(1, 0)``."""
+    return (P((aten.numpy_T.default, aten.t.default), P.var(weight))
+            | P(aten.transpose.int, P.var(weight), P.var(), P.var(), where=_swaps_2d)
+            | P(aten.permute.default, P.var(weight), P.var(where=lambda d: list(d) == [1, 0])))
+
+
+def _swaps_2d(node: fx.Node) -> bool:
+    return len(node.args) == 3 and {node.args[1] % 2, node.args[2] % 2} == {0, 1}
+
+
 def _linear(x: P, weight: str, **kw) -> P:
-    """``linear(x, w)`` or ``linear(x, w, b)``, ``b`` a node or None."""
-    return P(aten.linear.default, x, P.var(weight), where=_linear_args, **kw)
+    """``linear(x, w)``, ``linear(x, w, b)`` (``b`` a node or None), ``x @ w.T`` or ``x @ w.T + b``."""
+    name = kw["name"]
+    matmul = P(aten.matmul.default, x, _transposed(weight), users=1, name=f"{name}_mm")
+    return (P(aten.linear.default, x, P.var(weight), where=_linear_args, **kw)
+            | P(aten.add.Tensor, matmul, P.var(f"{name}_bias"), commute=True, where=lambda n: len(n.args) == 2
+                and not n.kwargs, **kw)
+            | P(aten.matmul.default, x, _transposed(weight), **kw))
 
 
 def _linear_args(node: fx.Node) -> bool:
@@ -89,8 +106,17 @@ def _linear_args(node: fx.Node) -> bool:
                                          or isinstance(node.args[2], fx.Node))
 
 
-def _bias_of(node) -> Optional[fx.Node]:
-    bias = node.args[2] if len(node.args) == 3 else None
+def _bias_of(node, c: dict, name: str):
+    """The bias node of the linear ``node`` (None without one); False for an added term that is not a
+    bias of the output's width (``x @ w.T + t`` with ``t`` anything else is not a linear)."""
+    if node.target is aten.add.Tensor:
+        bias = c.get(f"{name}_bias")
+        bv, out = val(bias), val(node)
+        if not (isinstance(bias, fx.Node) and isinstance(bv, torch.Tensor) and bv.dim() == 1
+                and bv.shape[0] == out.shape[-1] and bv.dtype == out.dtype):
+            return False
+        return bias
+    bias = node.args[2] if node.target is aten.linear.default and len(node.args) == 3 else None
     return bias if isinstance(bias, fx.Node) else None
 
 
@@ -144,8 +170,12 @@ def _step(add: fx.Node) -> Optional[tuple[Step, fx.Node, fx.Node, fx.Node, fx.No
     gated = "h" in c
     nodes = [add, c["y"], c["rw"], c["down_lin"], c["act"], c["up_lin"], c["xs"], c["unsq"]]
     nodes += [c["h"], c["gate_lin"]] if gated else []
-    nodes += [c[k] for k in ("xs_index", "xs_unsq") if k in c]
-    biases = (_bias_of(c["gate_lin"]) if gated else None, _bias_of(c["up_lin"]), _bias_of(c["down_lin"]))
+    nodes += [c[k] for k in ("xs_index", "xs_unsq", "gate_lin_mm", "up_lin_mm", "down_lin_mm") if k in c]
+    biases = (_bias_of(c["gate_lin"], c, "gate_lin") if gated else None, _bias_of(c["up_lin"], c, "up_lin"),
+              _bias_of(c["down_lin"], c, "down_lin"))
+    if any(b is False for b in biases) or any(val(c[w]) is None or val(c[w]).dim() != 2
+                                              for w in ("w_gate", "w_up", "w_down") if w in c):
+        return None
     step = Step(c["e"], c["w_gate"] if gated else None, c["w_up"], c["w_down"], activation_of(c["act"])[0],
                 nodes, biases, c.get("classes"))
     return step, c["x"], c["ids"], c["weights"], c["acc"]
