@@ -119,8 +119,9 @@ def test_3d_roles_are_read_in_place_without_per_expert_views(monkeypatch):
 def test_biases_in_the_epilogues(gated):
     x, ids, w, G, U, Dn = make(12, 16, 32, 4, 2, torch.float32, gated)
     g = torch.Generator().manual_seed(5)
-    biases = ([torch.randn(32, generator=g) for _ in range(4)] if gated else [],
-              [torch.randn(32, generator=g) for _ in range(4)], [torch.randn(16, generator=g) for _ in range(4)])
+    biases = ([torch.randn(32, generator=g).to(DEVICE) for _ in range(4)] if gated else [],
+              [torch.randn(32, generator=g).to(DEVICE) for _ in range(4)],
+              [torch.randn(16, generator=g).to(DEVICE) for _ in range(4)])
     assert triton_experts.bias_tables(x, biases) is not None
     out = triton_experts.forward(x, ids, w, G, U, Dn, "gelu", biases=biases)
     wide = lambda ts: [t.double() for t in ts]
