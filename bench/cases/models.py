@@ -3,7 +3,8 @@
 Every model is built from a small config with random weights and
 transformers' own defaults: no ``attn_implementation`` or
 ``experts_implementation`` is passed, so Llama, Mistral and GPT-2 run the
-``sdpa`` path, Qwen3-MoE its ``grouped_mm`` experts and Gemma2 its eager,
+``sdpa`` path, Qwen3-MoE, Mixtral, OLMoE and DeepSeek-V3 their
+``grouped_mm`` experts and Gemma2 its eager,
 softcapped attention. Sizes (GPU): 4 layers of d=1024 at batch 4 x 1024;
 Mistral with a 1024-token sliding window at batch 2 x 4096, Gemma2 also at
 2 x 4096 (issue 16's shape); Qwen3-MoE with 64 experts, top-8. Smoke runs
@@ -34,6 +35,10 @@ MODELS = {
     "llama3": ("llama3", (4, 1024), "sdpa attention, GQA 16/4"),
     "mistral-window": ("mistral", (2, 4096), "sdpa attention with a 1024-token sliding window mask"),
     "qwen3-moe": ("qwen3_moe", (4, 1024), "64 experts top-8, grouped_mm experts"),
+    "mixtral": ("mixtral", (4, 1024), "8 experts top-2 (d=1024, f=2816), grouped_mm experts"),
+    "olmoe": ("olmoe", (4, 1024), "64 experts top-8, softmax routing not renormalised, grouped_mm experts"),
+    "deepseek-v3": ("deepseek_v3", (4, 1024), "64 experts top-8, sigmoid routing with a selection bias, "
+                    "group-limited (4 groups, top 2), a shared expert, MLA attention; grouped_mm experts"),
     "gemma2": ("gemma2", (4, 1024), "eager softcapped attention, sliding window on alternate layers"),
     "gpt2": ("gpt2", (4, 1024), "sdpa attention"),
 }
@@ -91,7 +96,7 @@ def _build(name: str, scale: Scale, train: bool, attn=None, peer: bool = True) -
     model, vocab = hf.build(model_name, "tiny" if scale.smoke else "suite", attn=attn, experts=None)
     wl = _lm_workload(model, vocab, scale, train, tokens=None if scale.smoke else tokens)
     wl.note = note if attn is None else f"transformers' attn_implementation={attn!r}" + (" (the peer)" if peer else "")
-    if model_name == "qwen3_moe" or attn == "flex_attention":
+    if model_name in ("qwen3_moe", "mixtral", "olmoe", "deepseek_v3") or attn == "flex_attention":
         wl.reference_dtype = torch.float32  # torch._grouped_mm and flex_attention have no float64 kernels
     return wl
 

@@ -51,8 +51,23 @@ def config(name: str, size: str = "tiny"):
         return _llama_like(tf.Gemma2Config, s, head_dim=s["d"] // s["heads"], sliding_window=s["window"])
     if name == "mistral":
         return _llama_like(tf.MistralConfig, s, sliding_window=s["window"])
-    if name == "mixtral":
-        return _llama_like(tf.MixtralConfig, s, num_local_experts=s["experts"], num_experts_per_tok=2)
+    if name == "olmoe":  # 64 experts top-8, softmax routing without renormalising
+        return _llama_like(tf.OlmoeConfig, {**s, "ffn": s["moe_ffn"]}, num_experts=s["experts"], eos_token_id=0,
+                           num_experts_per_tok=s["top_k"])
+    if name == "deepseek_v3":  # sigmoid routing with a selection bias, group-limited top-k, a shared expert, MLA
+        heads = s["heads"]
+        return tf.DeepseekV3Config(
+            vocab_size=s["vocab"], hidden_size=s["d"], intermediate_size=s["ffn"], moe_intermediate_size=s["moe_ffn"],
+            num_hidden_layers=s["layers"], num_attention_heads=heads, num_key_value_heads=heads,
+            n_routed_experts=s["experts"], num_experts_per_tok=s["top_k"], n_shared_experts=1,
+            first_k_dense_replace=0, n_group=4 if s["experts"] >= 32 else 1, topk_group=2 if s["experts"] >= 32 else 1,
+            bos_token_id=0, eos_token_id=0,
+            q_lora_rank=s["d"] // 2, kv_lora_rank=s["d"] // 4, qk_rope_head_dim=s["d"] // heads // 2,
+            qk_nope_head_dim=s["d"] // heads // 2, v_head_dim=s["d"] // heads,
+            max_position_embeddings=s["positions"])
+    if name == "mixtral":  # the suite takes Mixtral's own 8 experts top-2
+        return _llama_like(tf.MixtralConfig, s, num_local_experts=8 if size == "suite" else s["experts"],
+                           num_experts_per_tok=2)
     if name == "qwen2_moe":
         return _llama_like(
             tf.Qwen2MoeConfig, s, num_experts=s["experts"], num_experts_per_tok=2,

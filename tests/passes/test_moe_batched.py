@@ -26,9 +26,11 @@ def run(model, ids, train, dump_dir=None):
     return out, records
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3"])
 @pytest.mark.parametrize("experts", ["grouped_mm", "batched_mm"])
 def test_batched_forms_become_one_op_per_layer_and_equal_eager(name, experts, tmp_path):
+    """OLMoE: softmax routing without renormalising; DeepSeek-V3: sigmoid routing with a selection bias,
+    scaled and renormalised weights, and a shared expert beside (kept as plain ops)."""
     model, vocab = build(name, experts=experts)
     ids = torch.randint(0, vocab, (2, 12))
     with torch.no_grad():
@@ -43,9 +45,10 @@ def test_batched_forms_become_one_op_per_layer_and_equal_eager(name, experts, tm
     filecheck("CHECK-NOT: aten.bmm\nCHECK-NOT: grouped_mm\nCHECK-NOT: aten.histc\n", dump)
 
 
+@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v3"])
 @pytest.mark.parametrize("experts", ["grouped_mm", "batched_mm"])
-def test_training_gradients_reach_the_3d_expert_parameters(experts):
-    model, vocab = build("qwen2_moe", experts=experts)
+def test_training_gradients_reach_the_3d_expert_parameters(name, experts):
+    model, vocab = build(name, experts=experts)
     model.train()
     ids = torch.randint(0, vocab, (2, 12))
     ref = model(ids, labels=ids).loss
