@@ -434,3 +434,46 @@ def test_matmul_plus_a_per_row_term_is_not_a_linear():
     assert moe_pass(records).matches == 0
     torch._dynamo.reset()
     check_equal(model, torch.randn(10, D))
+
+
+class DeepSeekV3V4(nn.Module):
+    """transformers 4's DeepSeek-V3 ``moe``: ``where(one_hot(ids, E).permute(2, 0, 1)[e])`` (token first),
+    ``weights[tok, slot].unsqueeze(-1)``, in place into ``zeros_like`` (its ``if numel() > 0`` guard is left
+    out: a data-dependent branch breaks the graph). ``wide_sum``: the sum kept in float64 as that code keeps
+    it in the routing weights' dtype, which the op does not do, so that spelling is left alone."""
+
+    def __init__(self, wide_sum=False):
+        super().__init__()
+        self.wide_sum = wide_sum
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = nn.ModuleList(SwiGLU() for _ in range(E))
+
+    def forward(self, hidden_states):
+        topk_weights, topk_indices = torch.topk(torch.sigmoid(self.gate(hidden_states)), K, dim=-1)
+        topk_weights = topk_weights / topk_weights.sum(-1, keepdim=True) * 2.5
+        final = torch.zeros_like(hidden_states, dtype=torch.float64 if self.wide_sum else hidden_states.dtype)
+        expert_mask = F.one_hot(topk_indices, num_classes=E).permute(2, 0, 1)
+        for expert_idx in range(E):
+            token_indices, weight_indices = torch.where(expert_mask[expert_idx])
+            expert_weights = topk_weights[token_indices, weight_indices]
+            out = self.experts[expert_idx](hidden_states[token_indices]) * expert_weights.unsqueeze(-1)
+            final.index_add_(0, token_indices, out.to(final.dtype))
+        return final.type(hidden_states.dtype)
+
+
+def test_transformers4_deepseek_v3_loop_rewritten_and_equal():
+    torch.manual_seed(0)
+    model = DeepSeekV3V4()
+    _, _, records = compile_and_collect(model, (torch.randn(10, D),), passes=PASSES)
+    assert moe_pass(records).by_rule == {"gated-silu": 1}
+    torch._dynamo.reset()
+    check_equal(model, torch.randn(10, D))
+
+
+def test_a_sum_kept_in_a_wider_dtype_is_left_alone_and_said():
+    torch.manual_seed(0)
+    model = DeepSeekV3V4(wide_sum=True)
+    _, _, records = compile_and_collect(model, (torch.randn(10, D),), passes=PASSES)
+    assert moe_pass(records).matches == 0
+    assert any("cast to ['torch.float64'] and summed there" in n for n in moe_pass(records).notes), \
+        moe_pass(records).notes

@@ -14,8 +14,10 @@ Matches the loop as Dynamo captures it with
 transformers 4's spelling (Mixtral, Qwen2-MoE and others before v5) matches too::
 
     slot, tok = where(one_hot(ids, E).permute(2, 1, 0)[e])    # the same (token, slot) pairs, another order
+                                                              # (.permute(2, 0, 1): tok, slot)
     xs = x[None, tok].reshape(-1, d)
-    final.index_add_(0, tok, expert_e(xs) * weights[tok, slot, None])    # in place, into zeros((T, d))
+    final.index_add_(0, tok, expert_e(xs) * weights[tok, slot, None])    # in place, into zeros((T, d));
+                                                              # weights[tok, slot].unsqueeze(-1) as well
 
 A linear may be ``F.linear(x, w[, b])`` or ``x @ w.T [+ b]`` (``b`` 1-D, of the
 output's width). Experts may be ``nn.ModuleList`` MLPs (weights are parameters) or slices of
@@ -74,6 +76,7 @@ class Step:
     nodes: list = field(default_factory=list)  # what the step alone uses, to erase
     biases: tuple = (None, None, None)  # (gate, up, down) bias nodes, None where a linear has none
     classes: Optional[int] = None  # one_hot(ids, classes) dispatch: must be the number of experts
+    cast: Optional[torch.dtype] = None  # the step's output cast before the sum (refused: the op sums in x's dtype)
 
 
 def _one_user(node: fx.Node) -> bool:
@@ -138,25 +141,36 @@ def _xs(users: int) -> P:
 _E = P.var("e", where=lambda e: isinstance(e, int))
 # tok, slot = where(ids == e)
 _WHERE_EQ = P(aten.where.default, P(aten.eq.Scalar, P.var("ids"), _E), where=lambda n: len(n.args) == 1, name="where")
-# slot, tok = where(one_hot(ids, E).permute(2, 1, 0)[e])   (transformers 4's Mixtral, Qwen2-MoE, ...)
-_WHERE_ONE_HOT = P(aten.where.default,
-                   P(aten.select.int, P(aten.permute.default, P(aten.one_hot.default, P.var("ids"), P.var("classes")),
-                                        P.var(where=lambda d: list(d) == [2, 1, 0])), 0, _E),
-                   where=lambda n: len(n.args) == 1, name="where")
+def _where_one_hot(perm: list) -> P:
+    """``where(one_hot(ids, E).permute(*perm)[e])``: (slot, tok) for ``[2, 1, 0]`` (transformers 4's Mixtral,
+    Qwen2-MoE, ...), (tok, slot) for ``[2, 0, 1]`` (its DeepSeek-V3)."""
+    return P(aten.where.default,
+             P(aten.select.int, P(aten.permute.default, P(aten.one_hot.default, P.var("ids"), P.var("classes")),
+                                  P.var(where=lambda d: list(d) == perm)), 0, _E),
+             where=lambda n: len(n.args) == 1, name="where")
+
+
 _TOK = (P(operator.getitem, _WHERE_EQ, 0, name="tok")
-        | P(operator.getitem, _WHERE_ONE_HOT, 1, name="tok"))
-# weights.unsqueeze(-1)[tok, slot] (weights[tok, slot, None] spells the same), slot the other half of the where
-_RW = P(aten.index.Tensor, P(aten.unsqueeze.default, P.var("weights"), P.var(where=lambda d: d in (2, -1)), name="unsq"),
-        [P.var("tok"), P(operator.getitem, P.var("where"), P.var("slot_i"), where=lambda n: len(n.args) == 2)],
-        name="rw", users=1)
+        | P(operator.getitem, _where_one_hot([2, 1, 0]), 1, name="tok")
+        | P(operator.getitem, _where_one_hot([2, 0, 1]), 0, name="tok"))
+_SLOT = P(operator.getitem, P.var("where"), P.var("slot_i"), where=lambda n: len(n.args) == 2)
+# weights.unsqueeze(-1)[tok, slot] (weights[tok, slot, None] spells the same), or weights[tok, slot].unsqueeze(-1);
+# slot the other half of the where
+_RW = (P(aten.index.Tensor, P(aten.unsqueeze.default, P.var("weights"), P.var(where=lambda d: d in (2, -1)),
+                              name="unsq"), [P.var("tok"), _SLOT], name="rw", users=1)
+       | P(aten.unsqueeze.default, P(aten.index.Tensor, P.var("weights"), [P.var("tok"), _SLOT], name="unsq", users=1),
+           P.var(where=lambda d: d in (1, -1)), name="rw", users=1))
 _GATED = P(aten.mul.Tensor, _act(_linear(_xs(2), "w_gate", name="gate_lin", users=1), name="act", users=1),
            _linear(_xs(2), "w_up", name="up_lin", users=1), commute=True, name="h", users=1)
 _UNGATED = _act(_linear(_xs(1), "w_up", name="up_lin", users=1), name="act", users=1)
 INDEX_ADD = (aten.index_add.default, aten.index_add_.default)  # out.index_add(...) or out.index_add_(...)
 # out = out.index_add(0, tok, linear(h, w_down) * routing weight)
-STEP = P(INDEX_ADD, P.var("acc"), 0, _TOK,
-         P(aten.mul.Tensor, _linear(_UNGATED | _GATED, "w_down", name="down_lin", users=1), _RW, commute=True,
-           name="y", users=1), where=lambda n: len(n.args) == 4 and not n.kwargs)
+_Y = P(aten.mul.Tensor, _linear(_UNGATED | _GATED, "w_down", name="down_lin", users=1), _RW, commute=True,
+       name="y", users=1)
+# a cast of each step's output (to another dtype than x's: noop-elimination removed same-dtype casts) is matched
+# only so that the report can say why the loop is left alone
+STEP = P(INDEX_ADD, P.var("acc"), 0, _TOK, _Y | P(aten.to.dtype, _Y, P.var("cast"), name="y_cast", users=1),
+         where=lambda n: len(n.args) == 4 and not n.kwargs)
 
 
 def _step(add: fx.Node) -> Optional[tuple[Step, fx.Node, fx.Node, fx.Node, fx.Node]]:
@@ -170,14 +184,14 @@ def _step(add: fx.Node) -> Optional[tuple[Step, fx.Node, fx.Node, fx.Node, fx.No
     gated = "h" in c
     nodes = [add, c["y"], c["rw"], c["down_lin"], c["act"], c["up_lin"], c["xs"], c["unsq"]]
     nodes += [c["h"], c["gate_lin"]] if gated else []
-    nodes += [c[k] for k in ("xs_index", "xs_unsq", "gate_lin_mm", "up_lin_mm", "down_lin_mm") if k in c]
+    nodes += [c[k] for k in ("xs_index", "xs_unsq", "gate_lin_mm", "up_lin_mm", "down_lin_mm", "y_cast") if k in c]
     biases = (_bias_of(c["gate_lin"], c, "gate_lin") if gated else None, _bias_of(c["up_lin"], c, "up_lin"),
               _bias_of(c["down_lin"], c, "down_lin"))
     if any(b is False for b in biases) or any(val(c[w]) is None or val(c[w]).dim() != 2
                                               for w in ("w_gate", "w_up", "w_down") if w in c):
         return None
     step = Step(c["e"], c["w_gate"] if gated else None, c["w_up"], c["w_down"], activation_of(c["act"])[0],
-                nodes, biases, c.get("classes"))
+                nodes, biases, c.get("classes"), c.get("cast"))
     return step, c["x"], c["ids"], c["weights"], c["acc"]
 
 
@@ -239,6 +253,10 @@ def match(last: fx.Node, misses: Optional[list] = None) -> Optional[Experts]:
             return miss(f"the partial sum {cur.name} is read outside the loop")
         cur = acc
     start = cur
+    casts = {s.cast for s in steps if s.cast is not None}
+    if casts:
+        return miss(f"each expert's output is cast to {sorted(map(str, casts))} and summed there; the routed op "
+                    f"sums in the tokens' dtype {val(x).dtype}")
     if not (_zeros_like(start, x) and _one_user(start)):
         return miss("the sum does not start from zeros of the tokens' shape, dtype and device (used only there)")
     steps.reverse()
