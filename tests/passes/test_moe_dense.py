@@ -44,3 +44,43 @@ def test_dense_form_with_an_outside_use_is_left_alone():
     model = DenseExperts(leak=True)
     _, out, records = compile_and_collect(model, (torch.randn(10, D),), passes=PASSES)
     assert moe_pass(records).matches == 0
+
+
+class EinsumExperts(SlicedExperts):
+    """The dense form written with einsum, in other letters and operand orders than the docstring's."""
+
+    def __init__(self, gated=True, activation="silu", combine_eq="bnd,nb->nd"):
+        super().__init__(activation)
+        self.gated, self.combine_eq = gated, combine_eq
+
+    def forward(self, x):
+        weights, ids = torch.topk(torch.softmax(self.router(x), dim=-1), K, dim=-1)
+        combine = torch.zeros(x.shape[0], E, dtype=x.dtype).scatter(1, ids, weights)
+        up = torch.einsum("nd,bfd->bnf", x, self.w_up)
+        h = self.act(torch.einsum("bfd,nd->bnf", self.w_gate, x)) * up if self.gated else self.act(up)
+        y = torch.einsum("bnf,bdf->bnd", h, self.w_down)
+        return torch.einsum(self.combine_eq, y, combine) if self.combine_eq[0] == "b" else \
+            torch.einsum(self.combine_eq, combine, y)
+
+
+@pytest.mark.parametrize("gated,act,rule,eq", [(True, "silu", "gated-silu-dense", "bnd,nb->nd"),
+                                               (False, "gelu", "gelu-dense", "nb,bnd->nd")])
+def test_einsum_dense_form_becomes_one_routed_op_and_equals_eager(gated, act, rule, eq, tmp_path):
+    torch.manual_seed(0)
+    model = EinsumExperts(gated, act, eq)
+    _, _, records = compile_and_collect(model, (torch.randn(10, D),), passes=PASSES, dump_dir=str(tmp_path))
+    assert moe_pass(records).by_rule == {rule: 1}
+    dump = open(next(tmp_path.glob("graph-*/02-moe-dispatch.txt"))).read()
+    filecheck("CHECK: kp.routed_experts.default\nCHECK-NOT: aten.einsum\nCHECK-NOT: aten.scatter\n", dump)
+    torch._dynamo.reset()
+    check_equal(model, torch.randn(10, D))
+
+
+def test_an_einsum_that_does_not_sum_over_the_experts_is_left_alone():
+    """``bnd,nb->bnd`` keeps the expert axis (a look-alike: no sum over experts, not an MoE combine)."""
+    torch.manual_seed(0)
+    model = EinsumExperts(combine_eq="bnd,nb->bnd")
+    _, _, records = compile_and_collect(model, (torch.randn(10, D),), passes=PASSES)
+    assert moe_pass(records).matches == 0
+    torch._dynamo.reset()
+    check_equal(model, torch.randn(10, D))

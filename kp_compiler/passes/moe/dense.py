@@ -9,6 +9,11 @@ Part of ``moe-dispatch``. Matches, with ``w_gate``, ``w_up`` of shape
     h = act(bmm(xe, w_gate.transpose(1, 2))) * bmm(xe, w_up.transpose(1, 2))   # or act(bmm(xe, w_up^T))
     out = (bmm(h, w_down.transpose(1, 2)) * combine.t().unsqueeze(-1)).sum(0)
 
+or the same with ``einsum`` (``match_einsum``; any letters, either operand order)::
+
+    h = act(einsum("td,efd->etf", x, w_gate)) * einsum("td,efd->etf", x, w_up)   # or act(einsum(x, w_up))
+    out = einsum("etd,te->td", einsum("etf,edf->etd", h, w_down), combine)
+
 After::
 
     %routed_experts = kp.routed_experts.default(%x, %ids, %weights, [%w_gate], [%w_up], [%w_down], 'silu')
@@ -117,5 +122,87 @@ def match(end: fx.Node) -> Optional[Experts]:
     if xv is None or wv is None or xv.dim() != 2 or wv.dtype != xv.dtype:
         return None
     if list(val(zeros).shape) != [xv.shape[0], E] or any(val(p).dtype != xv.dtype for p in (*params, down)):
+        return None
+    return Experts("dense", x, ids, weights, [gate] if gate is not None else [], [up], [down], activation, end, nodes)
+
+
+def _einsum_as(node, canonical: str) -> Optional[list]:
+    """The two operands of ``aten.einsum`` ``node`` in ``canonical``'s order when its equation is ``canonical``
+    up to a renaming of the letters (the operands may be listed in either order), else None."""
+    if not (is_call(node, aten.einsum.default) and isinstance(node.args[0], str) and len(node.args[1]) == 2):
+        return None
+    eq = node.args[0].replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return None
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    want_lhs, want_out = canonical.split("->")
+    want = want_lhs.split(",")
+    if len(terms) != 2:
+        return None
+    for order in ((0, 1), (1, 0)):
+        got = [terms[order[0]], terms[order[1]], out]
+        mapping: dict = {}
+        if all(len(a) == len(b) for a, b in zip([*want, want_out], got)) and all(
+                mapping.setdefault(a, b) == b for w, g in zip([*want, want_out], got) for a, b in zip(w, g)) \
+                and len(set(mapping.values())) == len(mapping):
+            return [node.args[1][order[0]], node.args[1][order[1]]]
+    return None
+
+
+def _scattered(node) -> Optional[tuple]:
+    """(ids, weights, nodes) for ``zeros(T, E).scatter(1, ids, weights)``."""
+    if not (is_call(node, aten.scatter.src, aten.scatter_.src) and node.args[1] in (1, -1)):
+        return None
+    zeros = node.args[0]
+    if not is_call(zeros, aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default):
+        return None
+    return node.args[2], node.args[3], [node, zeros]
+
+
+def match_einsum(end: fx.Node) -> Optional[Experts]:
+    """The dense form written with ``einsum`` ending in ``end``, else None (the preconditions of ``match``)."""
+    combined = _einsum_as(end, "etd,te->td")
+    if combined is None:
+        return None
+    y, comb = combined
+    scattered = _scattered(comb)
+    down_in = _einsum_as(y, "etf,edf->etd")
+    if scattered is None or down_in is None:
+        return None
+    ids, weights, nodes = scattered
+    zeros = nodes[1]
+    h, down = down_in
+    nodes += [end, y, h]
+    act = activation_of(h)
+    projections = []
+    if act is not None:  # ungated
+        activation, projections = act[0], [None, act[1]]
+    elif is_call(h, aten.mul.Tensor):
+        for a, u in (h.args, h.args[::-1]):
+            act = activation_of(a)
+            if act is not None:
+                activation, projections = act[0], [act[1], u]
+                nodes.append(a)
+                break
+    if not projections:
+        return None
+    operands = [_einsum_as(m, "td,efd->etf") if m is not None else None for m in projections]
+    if any(o is None for o, m in zip(operands, projections) if m is not None):
+        return None
+    present = [o for o in operands if o is not None]
+    if len({o[0] for o in present}) != 1:
+        return None
+    x = present[0][0]
+    nodes += [m for m in projections if m is not None]
+    gate, up = (operands[0][1] if operands[0] else None), operands[1][1]
+    E = val(down).shape[0] if isinstance(val(down), torch.Tensor) else None
+    if E is None or not (is_call(ids, operator.getitem) and ids_bounded(ids, E)):
+        return None
+    xv, wv = val(x), val(weights)
+    params = [p for p in (gate, up, down) if p is not None]
+    if xv is None or wv is None or xv.dim() != 2 or wv.dtype != xv.dtype:
+        return None
+    if list(val(zeros).shape) != [xv.shape[0], E] or any(val(p).dim() != 3 or val(p).dtype != xv.dtype for p in params):
         return None
     return Experts("dense", x, ids, weights, [gate] if gate is not None else [], [up], [down], activation, end, nodes)

@@ -52,6 +52,10 @@ def recognize(node: fx.Node, misses: Optional[list] = None) -> Iterator[Experts]
             found = form.match(node)
             if found is not None:
                 yield found
+    elif is_call(node, aten.einsum.default):
+        found = dense.match_einsum(node)
+        if found is not None:
+            yield found
 
 
 def moe_dispatch(gm: fx.GraphModule) -> Matches:
