@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -178,6 +178,15 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
     timeout "$(( $(left) - 10 ))" python3 -m bench --groups models --cases 'model-mistral-window-dynamic*' \
       --backends inductor kernelpytorch --row-timeout 200 $extra --out "$out" --stem cuda-attention-dynamic-models \
       2>"$out/attention-dynamic-models.log" | tail -24
+    ;;
+  moe-suite-infer|moe-suite-train)
+    # Issue 17: transformers' MoE models with their default experts, kernelpytorch as shipped (grouped_mm kept)
+    # and with the grouped_mm form rewritten, beside Inductor in one process.
+    kind=${stage#moe-suite-}
+    timeout "$(( $(left) - 10 ))" python3 -m bench --groups models --cases "model-qwen3-moe-$kind" "model-mixtral-$kind" \
+      "model-olmoe-$kind" "model-deepseek-v3-$kind" --backends inductor kernelpytorch \
+      --kp-options '{"moe_grouped_mm": "rewrite"}' --row-timeout 150 $extra --out "$out" --stem "cuda-moe-suite-$kind" \
+      2>"$out/moe-suite-$kind.log" | tail -30
     ;;
   suite-infer|suite-train|suite)
     # Issue 14: the real-model suite (transformers defaults), kernelpytorch beside Inductor, interleaved rounds.

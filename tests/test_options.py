@@ -38,6 +38,7 @@ def test_unknown_key_lists_valid_ones():
     ("inductor_config", {"not_a_config_key": 1}, "not_a_config_key"),
     ("flex_kernel_options", "fast", "'auto' or a dict"),
     ("flex_kernel_options", {1: 64}, "'auto' or a dict"),
+    ("moe_grouped_mm", True, "'rewrite'"),
 ])
 def test_bad_values(key, value, needle):
     with pytest.raises(ValueError, match=key) as err:

@@ -174,4 +174,18 @@ def test_by_default_the_grouped_mm_form_is_kept_and_the_report_says_why(monkeypa
     torch.testing.assert_close(out.logits, ref, rtol=1e-4, atol=1e-5)
     (moe,) = [p for r in records for p in r.passes if p.name == "moe-dispatch"]
     assert moe.matches == 0
-    assert len(moe.notes) == 2 and "KP_MOE_REWRITE_GROUPED_MM=1" in moe.notes[0]  # one per layer
+    assert len(moe.notes) == 2 and "options['moe_grouped_mm']='rewrite'" in moe.notes[0]  # one per layer
+
+
+def test_the_moe_grouped_mm_option_rewrites_the_form(monkeypatch):
+    """``options={"moe_grouped_mm": "rewrite"}``: the rewrite per compile, so a benchmark can put both rows in one
+    process (the environment variable applies to every compile)."""
+    monkeypatch.delenv("KP_MOE_REWRITE_GROUPED_MM")
+    model, vocab = build("mixtral", experts="grouped_mm")
+    ids = torch.randint(0, vocab, (2, 12))
+    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES, "moe_grouped_mm": "rewrite"})
+    with torch.no_grad(), collect() as records:
+        out = compiled(ids)
+        torch.testing.assert_close(out.logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+    (moe,) = [p for r in records for p in r.passes if p.name == "moe-dispatch"]
+    assert moe.by_rule == {"gated-silu-batched": 2}

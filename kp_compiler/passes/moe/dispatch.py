@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 import torch
 from torch import fx
 
+from ...core import context
 from ...core.graph import alive
 from ...core.pattern import is_call
 from ...core.rules import Matches
@@ -35,7 +36,7 @@ aten = torch.ops.aten
 GROUPED_MM_ENV = "KP_MOE_REWRITE_GROUPED_MM"
 GROUPED_MM_KEPT = ("transformers grouped_mm experts left as they are: on an H100 the routed op ran them "
                    "slower than Inductor does (bench hf-mixtral-grouped-mm: 0.91x inference, 0.74x training "
-                   f"step); {GROUPED_MM_ENV}=1 rewrites them anyway")
+                   f"step); options['moe_grouped_mm']='rewrite' (or {GROUPED_MM_ENV}=1) rewrites them anyway")
 
 
 def recognize(node: fx.Node, misses: Optional[list] = None) -> Iterator[Experts]:
@@ -63,11 +64,14 @@ def moe_dispatch(gm: fx.GraphModule) -> Matches:
 
     transformers' ``grouped_mm`` experts already run as grouped GEMMs and were
     measured faster left alone, so that form is rewritten only with
-    ``KP_MOE_REWRITE_GROUPED_MM=1`` (the report's notes say when one was kept).
+    ``options["moe_grouped_mm"]="rewrite"`` or ``KP_MOE_REWRITE_GROUPED_MM=1`` (the report's notes say when one
+    was kept).
     """
     counts: dict = {}
     notes: list = []
-    grouped_ok = os.environ.get(GROUPED_MM_ENV, "0") == "1"
+    ctx = context.current()
+    grouped_ok = (getattr(getattr(ctx, "options", None), "moe_grouped_mm", "keep") == "rewrite"
+                  or os.environ.get(GROUPED_MM_ENV, "0") == "1")
     for node in reversed(list(gm.graph.nodes)):
         if not alive(node):
             continue
