@@ -133,3 +133,23 @@ def test_transformers_mistral_sdpa_window_with_dynamic_lengths():
     assert len(records) == 1
     (kernels,) = _kernels(records)
     assert kernels.by_rule.get("flex", 0) == model.config.num_hidden_layers
+
+
+def test_softcap_without_a_mask_on_symbolic_lengths_is_left_alone():
+    """No lifted mask means no run-time block tables: the softcapped attention keeps its eager math (and the
+    report says why) instead of flex with a block mask traced on symbolic lengths."""
+    def softcapped(q, k, v):
+        s = (q @ k.transpose(-2, -1)) * 0.25
+        s = torch.tanh(s / 30.0) * 30.0
+        return torch.softmax(s, dim=-1) @ v
+
+    torch._dynamo.reset()
+    compiled = torch.compile(softcapped, backend="kernelpytorch", dynamic=True, options={"attention_kernel": "flex"})
+    with torch.no_grad(), collect() as records:
+        for L in LENGTHS:
+            q, k, v = (torch.randn(2, 4, L, 16) for _ in range(3))
+            torch.testing.assert_close(compiled(q, k, v), softcapped(q, k, v), rtol=1e-5, atol=1e-5)
+    assert len(records) == 1
+    (kernels,) = _kernels(records)
+    assert kernels.by_rule == {}
+    assert any("symbolic lengths and no mask" in n for n in kernels.notes), kernels.notes

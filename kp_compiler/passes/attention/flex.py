@@ -98,7 +98,9 @@ def splice(gm: fx.GraphModule, replaced: fx.Node, q, k, v, *, scale, gqa: bool, 
     qv = val(q)
     L, S = qv.shape[-2], val(k).shape[-2]
     static = isinstance(L, int) and isinstance(S, int)
-    flat = None
+    tables = None  # with symbolic lengths: the eight block-table nodes kp::flex_block_mask makes at run time
+    if mask_mod is None and not static:
+        return "symbolic lengths and no mask: not lifted (the run-time block tables are made for lifted masks)"
     if mask_mod is not None and static:
         block_mask, rows_ok = block_mask_for(mask_mod, key, L, S, qv.device)
     elif mask_mod is not None:
@@ -107,7 +109,7 @@ def splice(gm: fx.GraphModule, replaced: fx.Node, q, k, v, *, scale, gqa: bool, 
         rows_ok = every_row_attends(mask_mod, L, S)
         if rows_ok and not key_is_length_free(key):
             return f"the mask reads more than q_idx and kv_idx ({key}): no block mask per length"
-        flat = _runtime_block_mask(gm, replaced, q, k, mask_mod, key) if rows_ok else None
+        tables = _runtime_block_mask(gm, replaced, q, k, mask_mod, key) if rows_ok else None
     else:
         block_mask, rows_ok = None, True
     if not rows_ok:
@@ -130,7 +132,7 @@ def splice(gm: fx.GraphModule, replaced: fx.Node, q, k, v, *, scale, gqa: bool, 
         return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
                               kernel_options=kernel_options)
 
-    inputs = (q, k, v) + (tuple(flat) if flat is not None else ())
+    inputs = (q, k, v) + (tuple(tables) if tables is not None else ())
     traced = _trace(attend, *(val(a) for a in inputs))
     with gm.graph.inserting_before(replaced):
         out = _splice(gm, traced, inputs, (key, str(L), str(S), str(qv.device)))
