@@ -477,3 +477,32 @@ def test_a_sum_kept_in_a_wider_dtype_is_left_alone_and_said():
     assert moe_pass(records).matches == 0
     assert any("cast to ['torch.float64'] and summed there" in n for n in moe_pass(records).notes), \
         moe_pass(records).notes
+
+
+class WideRoutingWeights(nn.Module):
+    """Sigmoid routing computed in float64 (a float32 model; in bf16 models the router runs in float32), each
+    step's product cast back to the tokens' dtype: the routed op takes weights in x's dtype, so this is left
+    alone and the report names the routing weights' dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False).double()
+        self.experts = nn.ModuleList(SwiGLU() for _ in range(E))
+
+    def forward(self, x):
+        w, ids = torch.topk(torch.sigmoid(self.gate(x.double())), K, dim=-1)
+        out = torch.zeros_like(x)
+        for e in range(E):
+            tok, slot = torch.where(ids == e)
+            out.index_add_(0, tok, (self.experts[e](x[tok]) * w[tok, slot, None]).to(x.dtype))
+        return out
+
+
+def test_routing_weights_in_a_wider_dtype_are_left_alone_and_said():
+    torch.manual_seed(0)
+    model = WideRoutingWeights()
+    _, _, records = compile_and_collect(model, (torch.randn(10, D),), passes=PASSES)
+    assert moe_pass(records).matches == 0
+    assert any("routing weights are torch.float64, the tokens torch.float32" in n for n in moe_pass(records).notes)
+    torch._dynamo.reset()
+    check_equal(model, torch.randn(10, D))

@@ -253,7 +253,7 @@ def match(last: fx.Node, misses: Optional[list] = None) -> Optional[Experts]:
             return miss(f"the partial sum {cur.name} is read outside the loop")
         cur = acc
     start = cur
-    casts = {s.cast for s in steps if s.cast is not None}
+    casts = {s.cast for s in steps if s.cast is not None and s.cast != val(x).dtype}  # to x's dtype: see weights
     if casts:
         return miss(f"each expert's output is cast to {sorted(map(str, casts))} and summed there; the routed op "
                     f"sums in the tokens' dtype {val(x).dtype}")
