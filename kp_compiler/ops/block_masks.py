@@ -34,7 +34,8 @@ import torch
 BLOCK = 128  # create_block_mask's default block size, both axes
 CACHE_SIZE = 64
 _MASKS: dict = {}  # mask text -> mask_mod
-_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_CACHE: "OrderedDict[tuple, list]" = OrderedDict()  # (mask, L, S, device) -> the eight block tables
+_BAND = 16 * BLOCK  # query rows evaluated at once: bounds the dense mask to 2048 x S
 
 
 def register(key: str, mask_mod: Callable) -> None:
@@ -105,9 +106,6 @@ def _build(key: str, L: int, S: int, device: torch.device) -> list:
     if [tuple(p.shape) for p in parts] != [tuple(w) for w in want]:
         raise RuntimeError(f"kp::flex_block_mask: block shapes {[tuple(p.shape) for p in parts]}, expected {want}")
     return parts
-
-
-_BAND = 16 * BLOCK  # query rows evaluated at once: bounds the dense mask to 2048 x S
 
 
 def _ordered(blocks: torch.Tensor) -> tuple:

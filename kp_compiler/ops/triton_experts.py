@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .routed_experts import stacked
 from .triton_routing import schedule
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
@@ -204,22 +205,18 @@ _experts: dict = {}
 _data_ptr = torch.Tensor.data_ptr
 
 
-def _stacked(ws) -> bool:
-    return len(ws) == 1 and ws[0].dim() == 3
-
-
 def role_shape(ws) -> tuple:
     """``(experts, rows, cols, row stride)`` of a role: one weight per expert, or one 3-D ``[E, rows, cols]``
     tensor read in place (no per-expert views: 192 of them cost more host time than a decode step)."""
     w = ws[0]
-    if _stacked(ws):
+    if stacked(ws):
         return w.shape[0], w.shape[1], w.shape[2], w.stride(1)
     return len(ws), w.shape[0], w.shape[1], w.stride(0)
 
 
 def _addresses(ws) -> tuple:
     """Every expert weight's address: for a 3-D role, the base plus ``e`` times its expert stride."""
-    if _stacked(ws):
+    if stacked(ws):
         w = ws[0]
         step = w.stride(0) * w.element_size()
         return tuple(w.data_ptr() + e * step for e in range(w.shape[0]))
@@ -237,7 +234,7 @@ def expert_tables(x: torch.Tensor, w_gate, w_up, w_down):
     """
     roles = (w_gate, w_up, w_down)
     key = (x.device, x.dtype,
-           *((ws[0].data_ptr(), tuple(ws[0].shape), ws[0].stride()) if _stacked(ws)
+           *((ws[0].data_ptr(), tuple(ws[0].shape), ws[0].stride()) if stacked(ws)
              else (tuple(map(_data_ptr, ws)), tuple(ws[0].shape), ws[0].stride()) if ws else () for ws in roles))
     if key in _experts:
         return _experts[key]
@@ -275,7 +272,7 @@ def supported(x: torch.Tensor, w_gate, w_up, w_down) -> bool:
     for ws in (w_gate, w_up, w_down):
         if not ws:
             continue
-        if _stacked(ws):
+        if stacked(ws):
             w = ws[0]
             if (w.stride(-1) != 1 or w.dtype != x.dtype or w.device != x.device or w.data_ptr() % 16
                     or (w.stride(1) * w.element_size()) % 16 or (w.stride(0) * w.element_size()) % 16):

@@ -52,8 +52,8 @@ def config(name: str, size: str = "tiny"):
     if name == "mistral":
         return _llama_like(tf.MistralConfig, s, sliding_window=s["window"])
     if name == "olmoe":  # 64 experts top-8, softmax routing without renormalising
-        return _llama_like(tf.OlmoeConfig, {**s, "ffn": s["moe_ffn"]}, num_experts=s["experts"], eos_token_id=0,
-                           num_experts_per_tok=s["top_k"])
+        return _llama_like(tf.OlmoeConfig, {**s, "ffn": s["moe_ffn"]}, num_experts=s["experts"],
+                           num_experts_per_tok=s["top_k"], eos_token_id=0)
     if name == "deepseek_v3":  # sigmoid routing with a selection bias, group-limited top-k, a shared expert, MLA
         heads = s["heads"]
         return tf.DeepseekV3Config(

@@ -40,10 +40,10 @@ from .mask_mod import every_row_attends
 from .site import sdpa_arguments
 
 _CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_CACHE_SIZE = 64
 GUARDS_WHY = ("flex compiles one kernel per head dim, so a symbolic head dim is guarded to its value; tracing "
               "flex on symbolic lengths records whether the block tables hold one block or more (lengths up to "
               "128 and longer ones compile apart); the lengths themselves stay symbolic")
-_CACHE_SIZE = 64
 
 
 def block_mask_for(mask_mod: Callable, key: str, L: int, S: int, device: torch.device):

@@ -115,13 +115,20 @@ def match(end: fx.Node) -> Optional[Experts]:
         return None
     nodes += [*mms, *(m.args[1] for m in mms), expand, expand.args[0]]
     gate, up = (params if gate_mm is not None else [None, params[0]])
-    E = val(down).shape[0]
-    if not (is_call(ids, operator.getitem) and ids_bounded(ids, E)):
+    return _proven(x, ids, weights, zeros, gate, up, down, activation, end, nodes)
+
+
+def _proven(x, ids, weights, zeros, gate, up, down, activation: str, end: fx.Node, nodes: list) -> Optional[Experts]:
+    """The dense form's ``Experts`` when its preconditions hold (both spellings), else None."""
+    dv = val(down)
+    E = dv.shape[0] if isinstance(dv, torch.Tensor) and dv.dim() == 3 else None
+    if E is None or not (is_call(ids, operator.getitem) and ids_bounded(ids, E)):
         return None
     xv, wv = val(x), val(weights)
     if xv is None or wv is None or xv.dim() != 2 or wv.dtype != xv.dtype:
         return None
-    if list(val(zeros).shape) != [xv.shape[0], E] or any(val(p).dtype != xv.dtype for p in (*params, down)):
+    params = [p for p in (gate, up, down) if p is not None]
+    if list(val(zeros).shape) != [xv.shape[0], E] or any(val(p).dim() != 3 or val(p).dtype != xv.dtype for p in params):
         return None
     return Experts("dense", x, ids, weights, [gate] if gate is not None else [], [up], [down], activation, end, nodes)
 
@@ -196,13 +203,4 @@ def match_einsum(end: fx.Node) -> Optional[Experts]:
     x = present[0][0]
     nodes += [m for m in projections if m is not None]
     gate, up = (operands[0][1] if operands[0] else None), operands[1][1]
-    E = val(down).shape[0] if isinstance(val(down), torch.Tensor) else None
-    if E is None or not (is_call(ids, operator.getitem) and ids_bounded(ids, E)):
-        return None
-    xv, wv = val(x), val(weights)
-    params = [p for p in (gate, up, down) if p is not None]
-    if xv is None or wv is None or xv.dim() != 2 or wv.dtype != xv.dtype:
-        return None
-    if list(val(zeros).shape) != [xv.shape[0], E] or any(val(p).dim() != 3 or val(p).dtype != xv.dtype for p in params):
-        return None
-    return Experts("dense", x, ids, weights, [gate] if gate is not None else [], [up], [down], activation, end, nodes)
+    return _proven(x, ids, weights, zeros, gate, up, down, activation, end, nodes)

@@ -76,7 +76,7 @@ class Step:
     nodes: list = field(default_factory=list)  # what the step alone uses, to erase
     biases: tuple = (None, None, None)  # (gate, up, down) bias nodes, None where a linear has none
     classes: Optional[int] = None  # one_hot(ids, classes) dispatch: must be the number of experts
-    cast: Optional[torch.dtype] = None  # the step's output cast before the sum (refused: the op sums in x's dtype)
+    cast: Optional[torch.dtype] = None  # the step's output cast before the sum (to another dtype than x's: refused)
 
 
 def _one_user(node: fx.Node) -> bool:
@@ -141,6 +141,8 @@ def _xs(users: int) -> P:
 _E = P.var("e", where=lambda e: isinstance(e, int))
 # tok, slot = where(ids == e)
 _WHERE_EQ = P(aten.where.default, P(aten.eq.Scalar, P.var("ids"), _E), where=lambda n: len(n.args) == 1, name="where")
+
+
 def _where_one_hot(perm: list) -> P:
     """``where(one_hot(ids, E).permute(*perm)[e])``: (slot, tok) for ``[2, 1, 0]`` (transformers 4's Mixtral,
     Qwen2-MoE, ...), (tok, slot) for ``[2, 0, 1]`` (its DeepSeek-V3)."""
