@@ -20,7 +20,8 @@ from typing import Sequence
 
 import torch
 
-from .routed_experts import ACTIVATIONS, act_backward, num_experts, stacked
+from . import expert_grads
+from .routed_experts import ACTIVATIONS, num_experts, stacked
 
 
 def _stack(ws) -> torch.Tensor:
@@ -69,46 +70,73 @@ def _combine(rows: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
     return out.view(-1, k, rows.shape[-1]).sum(1)
 
 
+def side_by_side(w_gate, w_up) -> "torch.Tensor | None":
+    """``[E, 2f, d]``: the gate and up roles as one tensor, where they are the two halves of one
+    parameter in that order (transformers' ``gate_up_proj``); else None. Only a view, never a copy."""
+    if not (w_gate and stacked(w_gate) and stacked(w_up)):
+        return None
+    g, u = w_gate[0], w_up[0]
+    E, f, d = g.shape
+    if (u.shape != g.shape or u.stride() != g.stride() or u.dtype != g.dtype or g.stride(2) != 1
+            or g.untyped_storage().data_ptr() != u.untyped_storage().data_ptr()
+            or u.storage_offset() != g.storage_offset() + f * g.stride(1) or g.stride(0) < 2 * f * g.stride(1)):
+        return None
+    return g.as_strided((E, 2 * f, d), g.stride())
+
+
+def _rows(bs, expert):
+    return torch.stack(list(bs))[expert]
+
+
 def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, biases=((), (), ())):
     """``(grad_x, grad_weights, grad_gate [E, F, D] or empty, grad_up [E, F, D], grad_down [E, D, F],
-    grad_b_gate [E, F] or empty, grad_b_up, grad_b_down)``; the bias gradients are empty without biases."""
-    act = ACTIVATIONS[activation]
+    grad_b_gate [E, F] or empty, grad_b_up, grad_b_down)``; the bias gradients are empty without biases.
+
+    Grouped GEMMs around one elementwise pass (``expert_grads``): gate/up recomputed (one GEMM over
+    ``[gate | up]`` where the model keeps them side by side, ``side_by_side``), ``grad @ w_down[e]``,
+    then the weight gradients and ``dx`` (again one GEMM over ``[dg | du]`` against ``gate_up``).
+    """
     b_gate, b_up, b_down = biases
     T, k = ids.shape
     E = num_experts(w_up)
     order, offs = _sort_by_expert(ids, E)
     tokens, expert = order // k, ids.reshape(-1)[order]
     xs, gs = x[tokens], grad[tokens]
-    route = weights.reshape(-1)[order, None]
-    up_w = _stack(w_up)  # [E, F, D]
-    down_w = _stack(w_down)  # [E, D, F]
-    u = _linear(xs, w_up, b_up, offs, expert)
-    g_dh = torch._grouped_mm(gs, down_w, offs=offs)  # grad @ w_down[e]: dh before the routing weight
-    if w_gate:
-        gate_w = _stack(w_gate)
-        g = _linear(xs, w_gate, b_gate, offs, expert)
-        a = act(g)
-        h = a * u
+    route = weights.reshape(-1)[order]
+    rows, f = xs.shape[0], (w_up[0].shape[1] if stacked(w_up) else w_up[0].shape[0])
+    gate_up = side_by_side(w_gate, w_up)
+    if gate_up is not None:
+        gu = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)
+        g, u = gu[:, :f], gu[:, f:]
+        if b_gate:
+            g += _rows(b_gate, expert)
+        if b_up:
+            u += _rows(b_up, expert)
+        d_gu = xs.new_empty(rows, 2 * f)
+        dg, du = d_gu[:, :f], d_gu[:, f:]
     else:
-        h = act(u)
-    grad_route = (h.float() * g_dh.float()).sum(-1)
+        u = _linear(xs, w_up, b_up, offs, expert)
+        g = _linear(xs, w_gate, b_gate, offs, expert) if w_gate else None
+        dg, du = (xs.new_empty(rows, f) if w_gate else None), xs.new_empty(rows, f)
+    g_dh = torch._grouped_mm(gs, _stack(w_down), offs=offs)  # grad @ w_down[e]: dh before the routing weight
+    hr = xs.new_empty(rows, f)
+    grad_route = expert_grads.grads(g, u, g_dh, route, activation, dg, du, hr)
     if b_down:
-        grad_route = grad_route + (gs.float() * torch.stack(list(b_down))[expert].float()).sum(-1)
-    dh = g_dh * route
-    dy = gs * route
-    grad_down = torch._grouped_mm(dy.t(), h, offs=offs)
-    if w_gate:
-        du, dg = dh * a, act_backward(activation, dh * u, g)
-        grad_gate = torch._grouped_mm(dg.t(), xs, offs=offs)
-        dxs = torch._grouped_mm(dg, gate_w, offs=offs) + torch._grouped_mm(du, up_w, offs=offs)
-    else:
-        du, dg, grad_gate = act_backward(activation, dh, u), None, x.new_empty(0)
-        dxs = torch._grouped_mm(du, up_w, offs=offs)
+        grad_route = grad_route + (gs.float() * _rows(b_down, expert).float()).sum(-1)
+    grad_down = torch._grouped_mm(gs.t(), hr, offs=offs)  # sum over rows of (grad * r)^T h
     grad_up = torch._grouped_mm(du.t(), xs, offs=offs)
+    grad_gate = torch._grouped_mm(dg.t(), xs, offs=offs) if w_gate else x.new_empty(0)
+    if gate_up is not None:
+        dxs = torch._grouped_mm(d_gu, gate_up, offs=offs)
+    else:
+        dxs = torch._grouped_mm(du, _stack(w_up), offs=offs)
+        if w_gate:
+            dxs += torch._grouped_mm(dg, _stack(w_gate), offs=offs)
     grad_x = _combine(dxs, order, k)
-    grad_weights = torch.zeros(T * k, device=x.device, dtype=torch.float32).index_put_((order,), grad_route)
+    grad_weights = torch.empty(T * k, device=x.device, dtype=torch.float32).index_copy_(0, order, grad_route)
 
-    def bias_grad(present, rows):
-        return x.new_zeros(E, rows.shape[1]).index_add_(0, expert, rows) if present else x.new_empty(0)
+    def bias_grad(present, rows_grad):
+        return x.new_zeros(E, rows_grad.shape[1]).index_add_(0, expert, rows_grad) if present else x.new_empty(0)
+    dy = gs * route[:, None] if b_down else None
     return (grad_x, grad_weights.view(T, k).to(weights.dtype), grad_gate, grad_up, grad_down,
             bias_grad(b_gate, dg), bias_grad(b_up, du), bias_grad(b_down, dy))

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .routed_experts import stacked
+from .triton_launch import Launcher
 from .triton_routing import schedule
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
@@ -147,6 +148,9 @@ def _down(h_ptr, rows_ptr, block_expert_ptr, down_table, down_bias_table, route_
     acc = (acc + _bias_row(down_bias_table, e, offs_n, N, h_ptr, DOWN_BIAS)[None, :]) * route[:, None]
     y_ptrs = y_ptr + safe[:, None] * stride_y + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
+
+
+_GATE_UP, _DOWN = Launcher(_gate_up), Launcher(_down)  # about 30 us less host time per launch
 
 
 def _or(table, fallback):
@@ -306,7 +310,7 @@ def forward(x, ids, weights, w_gate, w_up, w_down, activation: str, tables=None,
     def gate_up(config):
         bn, bk, warps, stages = config
         grid = (rows_total // block * triton.cdiv(f, bn),)
-        _gate_up[grid](x, plan.rows, plan.block_expert, gate, up, _or(b_gate, up), _or(b_up, up), h, n, E, f,
+        _GATE_UP(grid, x, plan.rows, plan.block_expert, gate, up, _or(b_gate, up), _or(b_up, up), h, n, E, f,
                        x.stride(0), up_stride, h.stride(0),
                        K=d, UPCAST=upcast, TOP_K=k, GATED=bool(w_gate), ACT=ACT_CODES[activation], PRECISION=precision,
                        GATE_BIAS=b_gate is not None, UP_BIAS=b_up is not None,
@@ -320,7 +324,7 @@ def forward(x, ids, weights, w_gate, w_up, w_down, activation: str, tables=None,
     def down_proj(config):
         bn, bk, warps, stages = config
         grid = (rows_total // block * triton.cdiv(d, bn),)
-        _down[grid](h, plan.rows, plan.block_expert, down, _or(b_down, down), route, y, n, E, d,
+        _DOWN(grid, h, plan.rows, plan.block_expert, down, _or(b_down, down), route, y, n, E, d,
                     h.stride(0), down_stride, y.stride(0),
                     K=f, UPCAST=upcast, PRECISION=precision, DOWN_BIAS=b_down is not None,
                     BM=block, BN=bn, BK=bk, num_warps=warps, num_stages=stages)

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .expert_routing import Schedule, capacity
+from .triton_launch import Launcher
 
 
 @triton.jit
@@ -76,6 +77,9 @@ def _route(ids_ptr, rows_ptr, block_expert_ptr, n, cap,
             b += CHUNK
 
 
+_ROUTE = Launcher(_route)
+
+
 def schedule(ids: torch.Tensor, experts: int, block: int) -> Schedule:
     """``expert_routing.schedule(ids, experts, block)`` in one launch (``ids`` contiguous on a Triton device)."""
     flat = ids.reshape(-1)
@@ -85,6 +89,6 @@ def schedule(ids: torch.Tensor, experts: int, block: int) -> Schedule:
     block_expert = torch.empty(cap // block, dtype=torch.int32, device=ids.device)
     e_pow2 = triton.next_power_of_2(experts)
     chunk = max(e_pow2, min(2048, triton.next_power_of_2(n)))  # few passes: each program walks all of ids
-    _route[(experts,)](flat, rows, block_expert, n, cap, E=experts, E_POW2=e_pow2, BLOCK=block,
+    _ROUTE((experts,), flat, rows, block_expert, n, cap, E=experts, E_POW2=e_pow2, BLOCK=block,
                        CHUNK=chunk, num_warps=8 if chunk >= 1024 else 4)
     return Schedule(rows, block_expert, block, experts, n)

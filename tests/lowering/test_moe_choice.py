@@ -156,3 +156,38 @@ def test_the_cuda_kernels_return_fresh_tensors(monkeypatch, impl):
     assert ((outs[0].float() - want).norm() / want.norm()).item() < 2e-2  # bf16 against the fp32 loop
     ptrs = [o.untyped_storage().data_ptr() for o in outs if o.numel()]
     assert not storages & set(ptrs) and len(set(ptrs)) == len(ptrs)
+
+
+def test_gate_and_up_side_by_side_are_seen_as_one_weight_only_when_they_are():
+    E, f, d = 3, 8, 16
+    gate_up = torch.randn(E, 2 * f, d)
+    both = grouped_experts.side_by_side([gate_up[:, :f]], [gate_up[:, f:]])
+    assert both is not None and both.data_ptr() == gate_up.data_ptr() and torch.equal(both, gate_up)
+    assert grouped_experts.side_by_side([gate_up[:, f:]], [gate_up[:, :f]]) is None  # up first: not [gate | up]
+    assert grouped_experts.side_by_side([torch.randn(E, f, d)], [torch.randn(E, f, d)]) is None
+    wide = torch.randn(E, 3 * f, d)  # gate and up with a gap between them
+    assert grouped_experts.side_by_side([wide[:, :f]], [wide[:, 2 * f:]]) is None
+    assert grouped_experts.side_by_side([], [gate_up[:, f:]]) is None
+    assert grouped_experts.side_by_side(list(gate_up[:, :f]), list(gate_up[:, f:])) is None  # per-expert lists
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_side_by_side_backward_with_biases_equals_the_reference(activation):
+    """One GEMM over ``[gate | up]`` for the recompute and for dx, biases added to each half."""
+    T, d, f, E, k = 30, 16, 32, 4, 2
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T, d, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) % (E - 1)  # one expert idle
+    w = torch.rand(T, k, generator=g)
+    gate_up, down = torch.randn(E, 2 * f, d, generator=g), torch.randn(E, d, f, generator=g)
+    b_gu, b_down = torch.randn(E, 2 * f, generator=g), torch.randn(E, d, generator=g)
+    roles = ([gate_up[:, :f]], [gate_up[:, f:]], [down])
+    assert grouped_experts.side_by_side(*roles[:2]) is not None
+    biases = (list(b_gu[:, :f]), list(b_gu[:, f:]), list(b_down))
+    listed = (list(gate_up[:, :f]), list(gate_up[:, f:]), list(down))
+    grad = torch.randn(T, d, generator=g)
+    got = grouped_experts.backward(grad, x, ids, w, *roles, activation, biases)
+    want = reference_backward(grad, x, ids, w, *listed, activation, biases)
+    for name, a, b in zip(("x", "weights", "gate", "up", "down", "b_gate", "b_up", "b_down"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3, msg=name)
+    assert torch.count_nonzero(got[2][-1]) == 0 and torch.count_nonzero(got[5][-1]) == 0  # the idle expert

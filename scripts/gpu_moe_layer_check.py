@@ -1,0 +1,116 @@
+"""Issue 17 diagnostics at the Qwen3-MoE suite layer (T=4096, d=1024, f=768, E=64, top-8, bf16, gate_up as
+transformers keeps it): not a benchmark (speed claims come from ``python -m bench``).
+
+1. The routed-experts backward (``grouped_experts.backward``: one elementwise pass, ``[gate | up]`` GEMMs)
+   against the fp32 reference, beside the eager bf16 loop's own error; the previous backward
+   (``scripts/moe_backward_before.py``, commit 3c7e78b) too.
+2. GPU time per call (CUDA events, 20 calls) of the old and new backward; host and wall time per call of the
+   op's forward (``host_per_call``), with the Launcher's fast-path count.
+3. transformers' Qwen3-MoE sparse block (router + ``grouped_mm`` experts) alone: Inductor vs kernelpytorch with
+   the rewrite, inference and forward+backward, synchronized wall time (median of 20).
+    PYTHONPATH=. python scripts/gpu_moe_layer_check.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+import kp_compiler.lowering.moe  # noqa: F401  (registers the CUDA kernels)
+from bench.timing import host_per_call
+from kp_compiler.ops import grouped_experts, triton_experts, triton_routing
+from kp_compiler.ops.routed_experts import reference, reference_backward
+from kp_compiler.testing import hf
+
+import importlib.util
+import pathlib
+
+_spec = importlib.util.spec_from_file_location("before", pathlib.Path(__file__).with_name("moe_backward_before.py"))
+before = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(before)
+
+T, d, f, E, k = 4096, 1024, 768, 64, 8
+g = torch.Generator(device="cuda").manual_seed(0)
+x = torch.randn(T, d, device="cuda", generator=g).bfloat16()
+w, ids = torch.topk(torch.softmax(torch.randn(T, E, device="cuda", generator=g), -1), k)
+w = (w / w.sum(-1, keepdim=True)).bfloat16()
+gate_up = (torch.randn(E, 2 * f, d, device="cuda", generator=g) / d ** 0.5).bfloat16()
+down = (torch.randn(E, d, f, device="cuda", generator=g) / f ** 0.5).bfloat16()
+roles = ([gate_up[:, :f]], [gate_up[:, f:]], [down])
+grad = torch.randn(T, d, device="cuda", generator=g).bfloat16()
+assert grouped_experts.side_by_side(*roles[:2]) is not None
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+print(torch.__version__, torch.cuda.get_device_name(), flush=True)
+wide = [[t.float()] for t in (gate_up[:, :f], gate_up[:, f:], down)]
+exact = reference_backward(grad.float(), x.float(), ids, w.float(), *wide, "silu")
+eager = reference_backward(grad, x, ids, w, *roles, "silu")
+new = grouped_experts.backward(grad, x, ids, w, *roles, "silu")
+old = before.backward(grad, x, ids, w, *roles, "silu")
+names = ("x", "weights", "gate", "up", "down")
+for name, n, o, e, r in zip(names, new, old, eager, exact):
+    print(f"backward {name:8s} rel L2 vs fp32: new {rel(n, r):.2e}  before {rel(o, r):.2e}  eager bf16 {rel(e, r):.2e}"
+          f"  finite {bool(torch.isfinite(n).all())}", flush=True)
+out = torch.ops.kp.routed_experts(x, ids, w, *roles, "silu")
+print(f"forward rel L2 vs fp32: {rel(out, reference(x.float(), ids, w.float(), *wide, 'silu')):.2e}", flush=True)
+
+
+def gpu_ms(fn, reps=20):
+    fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(reps):
+        fn()
+    e.record()
+    e.synchronize()
+    return s.elapsed_time(e) / reps
+
+
+print(f"backward GPU ms/call: new {gpu_ms(lambda: grouped_experts.backward(grad, x, ids, w, *roles, 'silu')):.3f}"
+      f"  before {gpu_ms(lambda: before.backward(grad, x, ids, w, *roles, 'silu')):.3f}", flush=True)
+print(f"forward GPU ms/call: {gpu_ms(lambda: torch.ops.kp.routed_experts(x, ids, w, *roles, 'silu')):.3f}")
+for T2 in (4096, 64):
+    x2, ids2, w2 = x[:T2], ids[:T2], w[:T2]
+    host, wall = host_per_call(lambda: torch.ops.kp.routed_experts(x2, ids2, w2, *roles, "silu"), reps=50)
+    print(f"forward T={T2}: host {host:.3f} ms/call, wall {wall:.3f} ms/call", flush=True)
+print("launcher stats:", triton_experts._GATE_UP.stats, triton_experts._DOWN.stats, triton_routing._ROUTE.stats)
+
+
+def wall_ms(fn, reps=20):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(samples)
+
+
+torch.manual_seed(0)
+model, _ = hf.build("qwen3_moe", "suite", attn=None, experts=None)
+block = model.model.layers[0].mlp.cuda().bfloat16()
+hidden = torch.randn(4, 1024, d, device="cuda", dtype=torch.bfloat16)
+for name, backend, options in (("inductor", "inductor", None),
+                               ("kernelpytorch rewrite", "kernelpytorch", {"moe_grouped_mm": "rewrite"}),
+                               ("kernelpytorch kept", "kernelpytorch", None)):
+    torch._dynamo.reset()
+    fn = torch.compile(block, backend=backend, options=options)
+    with torch.no_grad():
+        infer = wall_ms(lambda: fn(hidden))
+    hidden_g = hidden.clone().requires_grad_()
+
+    def step():
+        out = fn(hidden_g)
+        (out[0] if isinstance(out, tuple) else out).float().square().mean().backward()
+    train = wall_ms(step)
+    print(f"qwen3-moe block {name:24s} infer {infer:.3f} ms  fwd+bwd {train:.3f} ms", flush=True)
