@@ -6,22 +6,29 @@ transformers keeps it): not a benchmark (speed claims come from ``python -m benc
    (``scripts/moe_backward_before.py``, commit 3c7e78b) too.
 2. GPU time per call (CUDA events, 20 calls) of the old and new backward; host and wall time per call of the
    op's forward (``host_per_call``), with the Launcher's fast-path count.
-3. transformers' Qwen3-MoE sparse block (router + ``grouped_mm`` experts) alone: Inductor vs kernelpytorch with
-   the rewrite, inference and forward+backward, synchronized wall time (median of 20).
+3. The op's forward as Triton and as grouped_mm (GPU time, TFLOP/s); cProfile of its host time at T=64.
+4. transformers' Qwen3-MoE sparse block (router + ``grouped_mm`` experts) alone, then the suite model:
+   Inductor vs kernelpytorch with the rewrite (and kept, for the block), inference and forward+backward:
+   synchronized wall time (median of 20) and GPU kernel time by category (torch.profiler).
     PYTHONPATH=. python scripts/gpu_moe_layer_check.py
 """
 
 from __future__ import annotations
 
+import cProfile
+import os
+import pstats
 import statistics
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import kp_compiler.lowering.moe  # noqa: F401  (registers the CUDA kernels)
 from bench.timing import host_per_call
 from kp_compiler.ops import grouped_experts, triton_experts, triton_routing
 from kp_compiler.ops.routed_experts import reference, reference_backward
+from kp_compiler.backend import kernelpytorch
 from kp_compiler.testing import hf
 
 import importlib.util
@@ -96,21 +103,87 @@ def wall_ms(fn, reps=20):
     return statistics.median(samples)
 
 
+CATEGORIES = (("kp triton", ("_gate_up", "_down", "_route", "_grads")),
+              ("grouped gemm", ("cutlass", "grouped")), ("gemm", ("nvjet", "gemm", "sm90_xmma", "cublas")),
+              ("attention", ("attention", "flash", "fmha", "cudnn")), ("inductor triton", ("triton_",)))
+
+
+def gpu_profile(fn, reps=5):
+    """(GPU kernel ms per call, {category: ms per call}, top kernels) from torch.profiler."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    cats, total, rows = {}, 0.0, []
+    for e in p.key_averages():
+        if e.device_type != torch.autograd.DeviceType.CUDA or e.self_device_time_total <= 0:
+            continue
+        ms = e.self_device_time_total / 1e3 / reps
+        total += ms
+        rows.append((ms, e.key[:60]))
+        cat = next((c for c, keys in CATEGORIES if any(kw in e.key for kw in keys)), "other")
+        cats[cat] = cats.get(cat, 0.0) + ms
+    return total, cats, sorted(rows, reverse=True)[:8]
+
+
+def report(label, fn):
+    wall = wall_ms(fn)
+    total, cats, top = gpu_profile(fn)
+    split = ", ".join(f"{c} {ms:.2f}" for c, ms in sorted(cats.items(), key=lambda t: -t[1]))
+    print(f"{label:48s} wall {wall:7.3f} ms  GPU {total:7.3f} ms  ({split})", flush=True)
+    for ms, name in top:
+        print(f"      {ms:7.3f} ms  {name}")
+
+
+flops = 2 * T * k * d * 3 * f
+for impl in ("triton", "grouped_mm"):
+    os.environ["KP_MOE_KERNEL"] = impl
+    ms = gpu_ms(lambda: torch.ops.kp.routed_experts(x, ids, w, *roles, "silu"))
+    print(f"forward {impl:10s} GPU {ms:.3f} ms/call ({flops / ms / 1e9:.0f} TFLOP/s)", flush=True)
+os.environ.pop("KP_MOE_KERNEL")
+print("tuned tiles:", {key[0]: cfg for key, cfg in triton_experts._best.items()})
+
+x64, ids64, w64 = x[:64], ids[:64], w[:64]
+prof = cProfile.Profile()
+prof.enable()
+for _ in range(200):
+    torch.ops.kp.routed_experts(x64, ids64, w64, *roles, "silu")
+prof.disable()
+torch.cuda.synchronize()
+pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+
 torch.manual_seed(0)
-model, _ = hf.build("qwen3_moe", "suite", attn=None, experts=None)
-block = model.model.layers[0].mlp.cuda().bfloat16()
+model, vocab = hf.build("qwen3_moe", "suite", attn=None, experts=None)
+model = model.cuda().bfloat16()
+block = model.model.layers[0].mlp
 hidden = torch.randn(4, 1024, d, device="cuda", dtype=torch.bfloat16)
-for name, backend, options in (("inductor", "inductor", None),
-                               ("kernelpytorch rewrite", "kernelpytorch", {"moe_grouped_mm": "rewrite"}),
-                               ("kernelpytorch kept", "kernelpytorch", None)):
+VARIANTS = (("inductor", "inductor", None), ("kernelpytorch rewrite", kernelpytorch, {"moe_grouped_mm": "rewrite"}),
+            ("kernelpytorch kept", kernelpytorch, None))
+for name, backend, options in VARIANTS:
     torch._dynamo.reset()
     fn = torch.compile(block, backend=backend, options=options)
     with torch.no_grad():
-        infer = wall_ms(lambda: fn(hidden))
+        report(f"block {name} infer", lambda: fn(hidden))
     hidden_g = hidden.clone().requires_grad_()
 
     def step():
         out = fn(hidden_g)
         (out[0] if isinstance(out, tuple) else out).float().square().mean().backward()
-    train = wall_ms(step)
-    print(f"qwen3-moe block {name:24s} infer {infer:.3f} ms  fwd+bwd {train:.3f} ms", flush=True)
+    report(f"block {name} fwd+bwd", step)
+
+tokens = torch.randint(0, vocab, (4, 1024), device="cuda")
+for name, backend, options in VARIANTS[:2]:
+    torch._dynamo.reset()
+    model.train()
+    loss = torch.compile(lambda i: model(i, labels=i).loss, backend=backend, options=options)
+
+    def train():
+        loss(tokens).backward()
+        model.zero_grad(set_to_none=True)
+    report(f"model {name} train step", train)
+    model.eval()
+    fwd = torch.compile(model, backend=backend, options=options)
+    with torch.no_grad():
+        report(f"model {name} infer", lambda: fwd(tokens))

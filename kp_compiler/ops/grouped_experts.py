@@ -56,8 +56,15 @@ def forward(x, ids, weights, w_gate, w_up, w_down, activation: str, biases=((), 
     order, offs = _sort_by_expert(ids, num_experts(w_up))
     tokens, expert = order // k, ids.reshape(-1)[order]
     xs = x[tokens]
-    up = _linear(xs, w_up, b_up, offs, expert)
-    h = act(_linear(xs, w_gate, b_gate, offs, expert)) * up if w_gate else act(up)
+    gate_up = side_by_side(w_gate, w_up)
+    if gate_up is not None:  # one GEMM over [gate | up]
+        f = w_up[0].shape[1]
+        gu = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)
+        gate = gu[:, :f] + _rows(b_gate, expert) if b_gate else gu[:, :f]
+        h = act(gate) * (gu[:, f:] + _rows(b_up, expert) if b_up else gu[:, f:])
+    else:
+        up = _linear(xs, w_up, b_up, offs, expert)
+        h = act(_linear(xs, w_gate, b_gate, offs, expert)) * up if w_gate else act(up)
     y = _linear(h, w_down, b_down, offs, expert)
     y = y * weights.flatten()[order, None]
     return _combine(y, order, k)

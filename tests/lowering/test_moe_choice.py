@@ -172,7 +172,7 @@ def test_gate_and_up_side_by_side_are_seen_as_one_weight_only_when_they_are():
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
-def test_side_by_side_backward_with_biases_equals_the_reference(activation):
+def test_side_by_side_forward_and_backward_with_biases_equal_the_reference(activation):
     """One GEMM over ``[gate | up]`` for the recompute and for dx, biases added to each half."""
     T, d, f, E, k = 30, 16, 32, 4, 2
     g = torch.Generator().manual_seed(5)
@@ -185,6 +185,8 @@ def test_side_by_side_backward_with_biases_equals_the_reference(activation):
     assert grouped_experts.side_by_side(*roles[:2]) is not None
     biases = (list(b_gu[:, :f]), list(b_gu[:, f:]), list(b_down))
     listed = (list(gate_up[:, :f]), list(gate_up[:, f:]), list(down))
+    torch.testing.assert_close(grouped_experts.forward(x, ids, w, *roles, activation, biases),
+                               reference(x, ids, w, *listed, activation, biases), rtol=1e-5, atol=1e-4)
     grad = torch.randn(T, d, generator=g)
     got = grouped_experts.backward(grad, x, ids, w, *roles, activation, biases)
     want = reference_backward(grad, x, ids, w, *listed, activation, biases)
