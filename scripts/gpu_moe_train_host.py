@@ -1,18 +1,21 @@
-"""Issue 17 diagnostics: why the rewritten Qwen3-MoE training step takes twice its GPU time in wall time.
+"""Issue 17 diagnostics: the rewritten Qwen3-MoE training step takes about twice its GPU time in wall time.
 
-The suite model's training step under kernelpytorch with the ``grouped_mm`` rewrite: one step under
-``torch.cuda.set_sync_debug_mode("warn")`` (every host sync warns, with its stack), then torch.profiler's top
-rows by self CPU time over 3 steps. Not a benchmark.
+Run 1 (8287fc1, ``bench/results/2026-12-01-h200-moe-train-host.txt``): no host sync under
+``torch.cuda.set_sync_debug_mode("warn")``; torch.profiler's CPU rows. This run: for Inductor and for
+kernelpytorch with the ``grouped_mm`` rewrite, the step's wall time (synchronized, median of 10) against its
+host time (until ``backward()`` returns, before the sync: the time the CPU needs to enqueue the step), then
+cProfile's top rows by own time over 5 steps. Not a benchmark.
     PYTHONPATH=. python scripts/gpu_moe_train_host.py
 """
 
 from __future__ import annotations
 
-import traceback
-import warnings
+import cProfile
+import pstats
+import statistics
+import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from kp_compiler.backend import kernelpytorch
 from kp_compiler.testing import hf
@@ -21,37 +24,32 @@ torch.manual_seed(0)
 model, vocab = hf.build("qwen3_moe", "suite", attn=None, experts=None)
 model = model.cuda().bfloat16().train()
 tokens = torch.randint(0, vocab, (4, 1024), device="cuda")
-loss = torch.compile(lambda i: model(i, labels=i).loss, backend=kernelpytorch, options={"moe_grouped_mm": "rewrite"})
 
+for name, backend, options in (("inductor", "inductor", None),
+                               ("kernelpytorch rewrite", kernelpytorch, {"moe_grouped_mm": "rewrite"})):
+    torch._dynamo.reset()
+    loss = torch.compile(lambda i: model(i, labels=i).loss, backend=backend, options=options)
 
-def step():
-    loss(tokens).backward()
-    model.zero_grad(set_to_none=True)
+    def step():
+        loss(tokens).backward()
+        model.zero_grad(set_to_none=True)
 
-
-for _ in range(3):
-    step()
-torch.cuda.synchronize()
-seen = set()
-
-
-def show(message, category, filename, lineno, file=None, line=None):
-    where = "".join(traceback.format_stack(limit=14)[:-2])
-    if (filename, lineno, where) in seen:
-        return
-    seen.add((filename, lineno, where))
-    print(f"SYNC: {message}\n{where}", flush=True)
-
-
-warnings.showwarning = show
-warnings.simplefilter("always")
-torch.cuda.set_sync_debug_mode("warn")
-step()
-torch.cuda.set_sync_debug_mode("default")
-torch.cuda.synchronize()
-print(f"{len(seen)} distinct sync sites", flush=True)
-with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+    host, wall = [], []
+    for _ in range(10):
+        t = time.perf_counter()
+        step()
+        host.append((time.perf_counter() - t) * 1e3)
+        torch.cuda.synchronize()
+        wall.append((time.perf_counter() - t) * 1e3)
+    print(f"{name}: wall {statistics.median(wall):.3f} ms/step, host {statistics.median(host):.3f} ms/step",
+          flush=True)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(5):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(22)

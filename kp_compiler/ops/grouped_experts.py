@@ -16,12 +16,15 @@ this path is not chosen).
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Sequence
 
 import torch
 
 from . import expert_grads
 from .routed_experts import ACTIVATIONS, num_experts, stacked
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _stack(ws) -> torch.Tensor:
@@ -36,6 +39,13 @@ def aligned(x: torch.Tensor, w_up: Sequence[torch.Tensor]) -> bool:
 
 
 def _sort_by_expert(ids: torch.Tensor, experts: int):
+    """``(order, offs)``: assignments sorted by expert (stable) and each expert's end in that order (int32).
+    One Triton launch on CUDA (``triton_routing.sort_by_expert``: an ATen sort and scan are about ten
+    launches, each with its host time); ATen ops elsewhere."""
+    if ids.is_cuda and _HAS_TRITON:
+        from .triton_routing import sort_by_expert
+        order, offs = sort_by_expert(ids.contiguous(), experts)
+        return order.long(), offs
     flat = ids.flatten()
     order = torch.argsort(flat, stable=True)
     counts = torch.zeros(experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))

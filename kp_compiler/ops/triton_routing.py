@@ -29,8 +29,8 @@ from .triton_launch import Launcher
 
 
 @triton.jit
-def _route(ids_ptr, rows_ptr, block_expert_ptr, n, cap,
-           E: tl.constexpr, E_POW2: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+def _route(ids_ptr, rows_ptr, block_expert_ptr, ends_ptr, n, cap,
+           E: tl.constexpr, E_POW2: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENDS: tl.constexpr):
     e = tl.program_id(0)
     experts = tl.arange(0, E_POW2)
     lanes = tl.arange(0, CHUNK)
@@ -47,6 +47,8 @@ def _route(ids_ptr, rows_ptr, block_expert_ptr, n, cap,
     end = tl.sum(tl.where(mine, ends, 0))
     begin = end - tl.sum(tl.where(mine, padded, 0))
     count = tl.sum(tl.where(mine, counts, 0))
+    if ENDS:
+        tl.store(ends_ptr + e, end)
     seen = 0
     start = 0
     while start < n:
@@ -82,6 +84,19 @@ _ROUTE = Launcher(_route)
 
 def schedule(ids: torch.Tensor, experts: int, block: int) -> Schedule:
     """``expert_routing.schedule(ids, experts, block)`` in one launch (``ids`` contiguous on a Triton device)."""
+    return _schedule(ids, experts, block, None)
+
+
+def sort_by_expert(ids: torch.Tensor, experts: int):
+    """``(order, ends)``: the assignments sorted by expert, stably (int32 ``[T*k]``), and each expert's end
+    in that order (int32 ``[E]``, the ``offs`` of ``torch._grouped_mm``), in one launch: the schedule with
+    a block of one row has no padding. Equal to ``argsort(ids.flatten(), stable=True)`` and the cumsum of
+    the counts (tested)."""
+    ends = torch.empty(experts, dtype=torch.int32, device=ids.device)
+    return _schedule(ids, experts, 1, ends).rows, ends
+
+
+def _schedule(ids, experts, block, ends) -> Schedule:
     flat = ids.reshape(-1)
     n = flat.numel()
     cap = capacity(n, experts, block)
@@ -89,6 +104,6 @@ def schedule(ids: torch.Tensor, experts: int, block: int) -> Schedule:
     block_expert = torch.empty(cap // block, dtype=torch.int32, device=ids.device)
     e_pow2 = triton.next_power_of_2(experts)
     chunk = max(e_pow2, min(2048, triton.next_power_of_2(n)))  # few passes: each program walks all of ids
-    _ROUTE((experts,), flat, rows, block_expert, n, cap, E=experts, E_POW2=e_pow2, BLOCK=block,
-                       CHUNK=chunk, num_warps=8 if chunk >= 1024 else 4)
+    _ROUTE((experts,), flat, rows, block_expert, rows if ends is None else ends, n, cap, E=experts, E_POW2=e_pow2,
+           BLOCK=block, CHUNK=chunk, ENDS=ends is not None, num_warps=8 if chunk >= 1024 else 4)
     return Schedule(rows, block_expert, block, experts, n)

@@ -42,3 +42,17 @@ def test_the_triton_schedule_is_the_aten_schedule_bit_for_bit(T, k, E, block):
     want, got = schedule(ids, E, block), triton_routing.schedule(ids, E, block)
     assert torch.equal(got.rows, want.rows)
     assert torch.equal(got.block_expert, want.block_expert)
+
+
+@pytest.mark.parametrize("T,k,E", [(10, 2, 4), (64, 8, 64), (37, 3, 5), (1, 1, 3)])
+def test_sort_by_expert_is_a_stable_argsort_and_the_counts_scan(T, k, E):
+    """The backward's sort (one launch, a block of one row) against ``argsort(stable=True)`` and a cumsum."""
+    from kp_compiler.ops import triton_routing
+
+    g = torch.Generator().manual_seed(T * E)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    ids[: T // 2] = ids[: T // 2] % 2  # skewed, some experts idle
+    order, ends = triton_routing.sort_by_expert(ids, E)
+    assert order.dtype == ends.dtype == torch.int32
+    assert torch.equal(order.long(), torch.argsort(ids.flatten(), stable=True))
+    assert torch.equal(ends.long(), torch.cumsum(torch.bincount(ids.flatten(), minlength=E), 0))
