@@ -16,7 +16,7 @@ from .core.fp8_options import FP8Options, parse_fp8
 
 LOWERINGS = ("auto", "inductor", "eager", "xla")
 ATTENTION_KERNELS = ("auto", "sdpa", "flex")
-MOE_GROUPED_MM = ("keep", "rewrite")
+MOE_GROUPED_MM = ("auto", "keep", "rewrite")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -31,7 +31,7 @@ class Options:
     inductor_config: dict = field(default_factory=dict)
     attention_kernel: str = "auto"
     flex_kernel_options: Any = "auto"
-    moe_grouped_mm: str = "keep"
+    moe_grouped_mm: str = "auto"
     fp8: Optional[FP8Options] = None  # core/fp8_options.py
     constant_buffers: bool = False
     pass_timeout_s: Optional[float] = None
@@ -74,8 +74,8 @@ OPTION_DOCS = (  # (key, values, default), markdown; docs/architecture.md's tabl
      '`"auto"` (flex\'s own heuristics: no tuned options measured faster in a model step, see `passes/attention/kernel_table.py`), or a dict passed to every `flex_attention` call as its `kernel_options` (`{}`: flex\'s own heuristics everywhere)',
      '`"auto"`'),
     ('moe_grouped_mm',
-     '`"keep"` (transformers\' `grouped_mm` experts left as they are: the routed op measured slower there, see [docs/passes/moe.md](passes/moe.md)), `"rewrite"` (rewritten into `kp::routed_experts` like the other forms; `$KP_MOE_REWRITE_GROUPED_MM=1` does the same)',
-     '`"keep"`'),
+     '`"auto"` (transformers\' `grouped_mm` experts rewritten into `kp::routed_experts` in inference graphs, left as they are in training graphs, where the routed op measured slower: see [docs/passes/moe.md](passes/moe.md)), `"keep"` (left as they are everywhere), `"rewrite"` (rewritten everywhere; `$KP_MOE_REWRITE_GROUPED_MM=1` does the same)',
+     '`"auto"`'),
     ('fp8',
      '`None` (off), `True`, or a dict: `recipe` (`"tensorwise"` (default), `"rowwise"`, `"delayed"`, `"static"`: see [docs/passes/fp8.md](passes/fp8.md)), `include` / `exclude` (globs on module paths), `emulate` (bool: convert on any device through the exact emulation), `min_dims` (`[M, K, N]` thresholds replacing the device\'s size-table row), `history_len` (delayed: amax history length, 1 to 1024, default 16), `margin` (delayed: scale headroom in powers of 2, 0 to 8, default 0), `fast_accum` (bool, default `True`: the forward GEMM accumulates with the GPU\'s fast FP8 mode; gradients never do)',
      '`None`'),
@@ -103,7 +103,7 @@ def parse_options(mode: Optional[str] = None, options: Optional[Mapping[str, Any
     _check_choice("mode", mode, MODES)
     _check_choice("lowering", options.get("lowering", "auto"), LOWERINGS)
     _check_choice("attention_kernel", options.get("attention_kernel", "auto"), ATTENTION_KERNELS)
-    _check_choice("moe_grouped_mm", options.get("moe_grouped_mm", "keep"), MOE_GROUPED_MM)
+    _check_choice("moe_grouped_mm", options.get("moe_grouped_mm", "auto"), MOE_GROUPED_MM)
     flex_options = options.get("flex_kernel_options", "auto")
     if flex_options != "auto" and not (isinstance(flex_options, dict) and all(isinstance(k, str) for k in flex_options)):
         raise ValueError(f"kernelpytorch: options['flex_kernel_options'] must be 'auto' or a dict of flex_attention "

@@ -15,7 +15,8 @@ PASSES = ["noop-elimination", "moe-dispatch"]  # named: on the CPU the default l
 
 @pytest.fixture(autouse=True)
 def rewrite_grouped_mm(monkeypatch):
-    """transformers' grouped_mm form is rewritten only on request (it was measured faster left alone)."""
+    """transformers' grouped_mm form is kept in training graphs unless asked (it was measured faster left alone
+    there); these tests check the rewrite in both."""
     monkeypatch.setenv("KP_MOE_REWRITE_GROUPED_MM", "1")
 
 
@@ -164,7 +165,8 @@ def test_transformers_5_17_sentinel_guards_are_seen_through_only_when_they_are_n
     assert model.gate_up.grad is not None and torch.count_nonzero(model.gate_up.grad) > 0
 
 
-def test_by_default_the_grouped_mm_form_is_kept_and_the_report_says_why(monkeypatch):
+def test_by_default_the_grouped_mm_form_is_rewritten_for_inference_and_kept_for_training(monkeypatch):
+    """``moe_grouped_mm="auto"``: the routed op measured faster in inference and slower in a training step."""
     monkeypatch.delenv("KP_MOE_REWRITE_GROUPED_MM")
     model, vocab = build("mixtral", experts="grouped_mm")
     ids = torch.randint(0, vocab, (2, 12))
@@ -173,8 +175,26 @@ def test_by_default_the_grouped_mm_form_is_kept_and_the_report_says_why(monkeypa
         out, records = run(model, ids, train=False)
     torch.testing.assert_close(out.logits, ref, rtol=1e-4, atol=1e-5)
     (moe,) = [p for r in records for p in r.passes if p.name == "moe-dispatch"]
+    assert moe.by_rule == {"gated-silu-batched": 2} and not moe.notes
+    torch._dynamo.reset()
+    out, records = run(model, ids, train=True)
+    out.loss.backward()
+    (moe,) = [p for r in records for p in r.passes if p.name == "moe-dispatch"]
     assert moe.matches == 0
-    assert len(moe.notes) == 2 and "options['moe_grouped_mm']='rewrite'" in moe.notes[0]  # one per layer
+    assert len(moe.notes) == 2 and "training graph" in moe.notes[0]  # one per layer, saying why
+    assert "options['moe_grouped_mm']='rewrite'" in moe.notes[0]
+    assert model.model.layers[0].mlp.experts.gate_up_proj.grad is not None
+
+
+def test_the_keep_option_keeps_the_grouped_mm_form_in_inference_too(monkeypatch):
+    monkeypatch.delenv("KP_MOE_REWRITE_GROUPED_MM")
+    model, vocab = build("mixtral", experts="grouped_mm")
+    ids = torch.randint(0, vocab, (2, 12))
+    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES, "moe_grouped_mm": "keep"})
+    with torch.no_grad(), collect() as records:
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+    (moe,) = [p for r in records for p in r.passes if p.name == "moe-dispatch"]
+    assert moe.matches == 0 and "'keep'" in moe.notes[0]
 
 
 def test_the_moe_grouped_mm_option_rewrites_the_form(monkeypatch):

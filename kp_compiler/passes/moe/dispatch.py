@@ -34,9 +34,22 @@ from .common import Experts, emit
 aten = torch.ops.aten
 
 GROUPED_MM_ENV = "KP_MOE_REWRITE_GROUPED_MM"
-GROUPED_MM_KEPT = ("transformers grouped_mm experts left as they are: on an H100 the routed op ran them "
-                   "slower than Inductor does (bench hf-mixtral-grouped-mm: 0.91x inference, 0.74x training "
-                   f"step); options['moe_grouped_mm']='rewrite' (or {GROUPED_MM_ENV}=1) rewrites them anyway")
+GROUPED_MM_KEPT = ("transformers grouped_mm experts left as they are in this training graph: the routed op's "
+                   "training step measured slower than Inductor's there (H200, Qwen3-MoE suite: see "
+                   "docs/passes/moe.md); options['moe_grouped_mm']='rewrite' (or "
+                   f"{GROUPED_MM_ENV}=1) rewrites them anyway")
+GROUPED_MM_KEPT_BY_OPTION = "transformers grouped_mm experts left as they are (options['moe_grouped_mm']='keep')"
+
+
+def _grouped_mm_choice(ctx) -> "str | None":
+    """None where transformers' grouped_mm form is rewritten, else the note saying why it is kept."""
+    choice = getattr(getattr(ctx, "options", None), "moe_grouped_mm", "auto")
+    if choice == "rewrite" or os.environ.get(GROUPED_MM_ENV, "0") == "1":
+        return None
+    if choice == "keep":
+        return GROUPED_MM_KEPT_BY_OPTION
+    target = getattr(ctx, "target", None)
+    return GROUPED_MM_KEPT if target is None or target.training else None
 
 
 def recognize(node: fx.Node, misses: Optional[list] = None) -> Iterator[Experts]:
@@ -62,22 +75,21 @@ def recognize(node: fx.Node, misses: Optional[list] = None) -> Iterator[Experts]
 def moe_dispatch(gm: fx.GraphModule) -> Matches:
     """Rewrite every provable expert block in ``gm``; matches counted per kind (``Experts.kind``).
 
-    transformers' ``grouped_mm`` experts already run as grouped GEMMs and were
-    measured faster left alone, so that form is rewritten only with
-    ``options["moe_grouped_mm"]="rewrite"`` or ``KP_MOE_REWRITE_GROUPED_MM=1`` (the report's notes say when one
-    was kept).
+    transformers' ``grouped_mm`` experts already run as grouped GEMMs: that form is rewritten in inference
+    graphs and kept in training graphs (``options["moe_grouped_mm"]``: ``"auto"``; ``"keep"``, ``"rewrite"`` or
+    ``KP_MOE_REWRITE_GROUPED_MM=1`` force one; the report's notes say when one was kept and why). A graph with
+    no known target (a pass run by hand) keeps it.
     """
     counts: dict = {}
     notes: list = []
     ctx = context.current()
-    grouped_ok = (getattr(getattr(ctx, "options", None), "moe_grouped_mm", "keep") == "rewrite"
-                  or os.environ.get(GROUPED_MM_ENV, "0") == "1")
+    grouped_kept = _grouped_mm_choice(ctx)
     for node in reversed(list(gm.graph.nodes)):
         if not alive(node):
             continue
         for experts in recognize(node, notes):
-            if experts.grouped and not grouped_ok:
-                notes.append(GROUPED_MM_KEPT)
+            if experts.grouped and grouped_kept:
+                notes.append(grouped_kept)
                 break
             if emit(gm, experts):
                 counts[experts.kind] = counts.get(experts.kind, 0) + 1
