@@ -55,8 +55,8 @@ def _grouped_mm_choice(ctx) -> "str | None":
 def recognize(node: fx.Node, misses: Optional[list] = None) -> Iterator[Experts]:
     """The expert blocks ending at ``node``, in the order to try them (at most one per form); a near-miss's
     failed link is appended to ``misses``."""
-    if is_call(node, *loop.INDEX_ADD):
-        if any(is_call(u, *loop.INDEX_ADD) and u.args[0] is node for u in node.users):
+    if is_call(node, *loop.COMBINES):
+        if any(is_call(u, *loop.COMBINES) and u.args[0] is node for u in node.users):
             return  # not the end of a chain
         found = loop.match(node, misses)
         if found is not None:

@@ -19,6 +19,12 @@ transformers 4's spelling (Mixtral, Qwen2-MoE and others before v5) matches too:
     final.index_add_(0, tok, expert_e(xs) * weights[tok, slot, None])    # in place, into zeros((T, d));
                                                               # weights[tok, slot].unsqueeze(-1) as well
 
+The routing may also be spelled ``tok, slot = (ids == e).nonzero(as_tuple=True)``
+(``aten.nonzero_numpy``) or ``nz = nonzero(ids == e); tok, slot = nz[:, 0], nz[:, 1]``, and the
+sum ``out.scatter_add(0, tok[:, None].expand(-1, d), y)`` (the index must span the whole row:
+a narrower one drops columns, and the report says so) or ``out.index_put((tok,), y,
+accumulate=True)``, each also in place.
+
 A linear may be ``F.linear(x, w[, b])`` or ``x @ w.T [+ b]`` (``b`` 1-D, of the
 output's width). Experts may be ``nn.ModuleList`` MLPs (weights are parameters) or slices of
 3-D parameters (``w[e]``): the op takes whatever nodes hold the weights, so
@@ -77,6 +83,7 @@ class Step:
     biases: tuple = (None, None, None)  # (gate, up, down) bias nodes, None where a linear has none
     classes: Optional[int] = None  # one_hot(ids, classes) dispatch: must be the number of experts
     cast: Optional[torch.dtype] = None  # the step's output cast before the sum (to another dtype than x's: refused)
+    where: Optional[fx.Node] = None  # the routing: where / nonzero_numpy (tok, slot) or nonzero ([n, 2])
 
 
 def _one_user(node: fx.Node) -> bool:
@@ -139,8 +146,12 @@ def _xs(users: int) -> P:
 
 
 _E = P.var("e", where=lambda e: isinstance(e, int))
-# tok, slot = where(ids == e)
-_WHERE_EQ = P(aten.where.default, P(aten.eq.Scalar, P.var("ids"), _E), where=lambda n: len(n.args) == 1, name="where")
+_EQ = P(aten.eq.Scalar, P.var("ids"), _E)
+# tok, slot = where(ids == e), or (ids == e).nonzero(as_tuple=True)
+_WHERE_EQ = (P(aten.where.default, _EQ, where=lambda n: len(n.args) == 1, name="where")
+             | P(aten.nonzero_numpy.default, _EQ, name="where"))
+# nz = nonzero(ids == e); tok, slot = nz[:, 0], nz[:, 1]
+_NONZERO_EQ = P(aten.nonzero.default, _EQ, name="where")
 
 
 def _where_one_hot(perm: list) -> P:
@@ -153,9 +164,11 @@ def _where_one_hot(perm: list) -> P:
 
 
 _TOK = (P(operator.getitem, _WHERE_EQ, 0, name="tok")
+        | P(aten.select.int, _NONZERO_EQ, 1, 0, name="tok")
         | P(operator.getitem, _where_one_hot([2, 1, 0]), 1, name="tok")
         | P(operator.getitem, _where_one_hot([2, 0, 1]), 0, name="tok"))
-_SLOT = P(operator.getitem, P.var("where"), P.var("slot_i"), where=lambda n: len(n.args) == 2)
+_SLOT = (P(operator.getitem, P.var("where"), P.var("slot_i"), where=lambda n: len(n.args) == 2)
+         | P(aten.select.int, P.var("where"), 1, P.var("slot_i")))
 # weights.unsqueeze(-1)[tok, slot] (weights[tok, slot, None] spells the same), or weights[tok, slot].unsqueeze(-1);
 # slot the other half of the where
 _RW = (P(aten.index.Tensor, P(aten.unsqueeze.default, P.var("weights"), P.var(where=lambda d: d in (2, -1)),
@@ -166,34 +179,50 @@ _GATED = P(aten.mul.Tensor, _act(_linear(_xs(2), "w_gate", name="gate_lin", user
            _linear(_xs(2), "w_up", name="up_lin", users=1), commute=True, name="h", users=1)
 _UNGATED = _act(_linear(_xs(1), "w_up", name="up_lin", users=1), name="act", users=1)
 INDEX_ADD = (aten.index_add.default, aten.index_add_.default)  # out.index_add(...) or out.index_add_(...)
+SCATTER_ADD = (aten.scatter_add.default, aten.scatter_add_.default)
+INDEX_PUT = (aten.index_put.default, aten.index_put_.default)
+COMBINES = INDEX_ADD + SCATTER_ADD + INDEX_PUT  # what sums one expert step into the output
 # out = out.index_add(0, tok, linear(h, w_down) * routing weight)
 _Y = P(aten.mul.Tensor, _linear(_UNGATED | _GATED, "w_down", name="down_lin", users=1), _RW, commute=True,
        name="y", users=1)
 # a cast of each step's output (to another dtype than x's: noop-elimination removed same-dtype casts) is matched
 # only so that the report can say why the loop is left alone
-STEP = P(INDEX_ADD, P.var("acc"), 0, _TOK, _Y | P(aten.to.dtype, _Y, P.var("cast"), name="y_cast", users=1),
-         where=lambda n: len(n.args) == 4 and not n.kwargs)
+_Y_OR_CAST = _Y | P(aten.to.dtype, _Y, P.var("cast"), name="y_cast", users=1)
+# out.index_add(0, tok, y); out.scatter_add(0, tok[:, None].expand(-1, d), y); out.index_put((tok,), y, accumulate=True)
+STEP = (P(INDEX_ADD, P.var("acc"), 0, _TOK, _Y_OR_CAST, where=lambda n: len(n.args) == 4 and not n.kwargs)
+        | P(SCATTER_ADD, P.var("acc"), 0,
+            P(aten.expand.default, P(aten.unsqueeze.default, _TOK, P.var(where=lambda d: d in (1, -1)), users=1,
+                                     name="tok_col"), P.var("width"), users=1, name="tok_wide"),
+            _Y_OR_CAST, where=lambda n: len(n.args) == 4 and not n.kwargs)
+        | P(INDEX_PUT, P.var("acc"), [_TOK], _Y_OR_CAST, True, where=lambda n: len(n.args) == 4 and not n.kwargs))
 
 
-def _step(add: fx.Node) -> Optional[tuple[Step, fx.Node, fx.Node, fx.Node, fx.Node]]:
-    """(step, x, ids, weights, accumulator) for one ``index_add``, else None."""
+def _step(add: fx.Node) -> "tuple[Step, fx.Node, fx.Node, fx.Node, fx.Node] | str | None":
+    """(step, x, ids, weights, accumulator) for one combine (``index_add``, ``scatter_add``, accumulating
+    ``index_put``), else None; a string where the step matched but is not safe to rewrite (why)."""
     c = STEP.find(add)
-    if c is None or c["slot_i"] != 1 - c["tok"].args[1]:  # the slot is the where's other output
+    if c is None or c["slot_i"] != 1 - c["tok"].args[-1]:  # the slot is the where's other output (or column)
         return None
     xv, xsv = val(c["x"]), val(c["xs"])
     if xv is None or xsv is None or xv.dim() != 2 or xsv.dim() != 2 or xsv.shape[-1] != xv.shape[-1]:
         return None
+    if "tok_wide" in c:  # scatter_add adds only the index's columns: it must span the whole row
+        wide = val(c["tok_wide"])
+        if wide is None or wide.dim() != 2 or not isinstance(wide.shape[1], int) or wide.shape[1] != xv.shape[-1]:
+            cols = None if wide is None else tuple(wide.shape)[1:]
+            return f"{add.name} scatters {cols} columns of each row, the rows have {xv.shape[-1]}"
     gated = "h" in c
     nodes = [add, c["y"], c["rw"], c["down_lin"], c["act"], c["up_lin"], c["xs"], c["unsq"]]
     nodes += [c["h"], c["gate_lin"]] if gated else []
-    nodes += [c[k] for k in ("xs_index", "xs_unsq", "gate_lin_mm", "up_lin_mm", "down_lin_mm", "y_cast") if k in c]
+    nodes += [c[k] for k in ("xs_index", "xs_unsq", "gate_lin_mm", "up_lin_mm", "down_lin_mm", "y_cast",
+                             "tok_col", "tok_wide") if k in c]
     biases = (_bias_of(c["gate_lin"], c, "gate_lin") if gated else None, _bias_of(c["up_lin"], c, "up_lin"),
               _bias_of(c["down_lin"], c, "down_lin"))
     if any(b is False for b in biases) or any(val(c[w]) is None or val(c[w]).dim() != 2
                                               for w in ("w_gate", "w_up", "w_down") if w in c):
         return None
     step = Step(c["e"], c["w_gate"] if gated else None, c["w_up"], c["w_down"], activation_of(c["act"])[0],
-                nodes, biases, c.get("classes"), c.get("cast"))
+                nodes, biases, c.get("classes"), c.get("cast"), c["where"])
     return step, c["x"], c["ids"], c["weights"], c["acc"]
 
 
@@ -207,7 +236,8 @@ def _where_users_ok(where: fx.Node, step_nodes: set) -> Optional[list]:
         seen.add(n)
         if n in step_nodes:
             continue
-        if n.target is operator.getitem or n.target in _SIZE_CHECKS:
+        if (n.target is operator.getitem or n.target in _SIZE_CHECKS
+                or (n.target is aten.select.int and n.args[0] is where and n.args[1] == 1)):  # nonzero's columns
             checks.append(n)
             work.extend(n.users)
             continue
@@ -235,16 +265,18 @@ def match(last: fx.Node, misses: Optional[list] = None) -> Optional[Experts]:
     steps, cur = [], last
     x = ids = weights = None
 
-    def miss(why: str) -> None:
-        if misses is not None and steps:
+    def miss(why: str, step_found: bool = False) -> None:
+        if misses is not None and (steps or step_found):
             misses.append(f"expert loop ending at {last.name} ({len(steps)} steps found) left alone: {why}")
         return None
 
-    while isinstance(cur, fx.Node) and cur.target in INDEX_ADD:
+    while isinstance(cur, fx.Node) and cur.target in COMBINES:
         found = _step(cur)
+        if isinstance(found, str):
+            return miss(found, step_found=True)
         if found is None:
             return miss(f"{cur.name} is not an expert step (routing where, gather, MLP, routing weight, "
-                        "index_add)") if steps else None
+                        "index_add / scatter_add / accumulating index_put)") if steps else None
         step, sx, sids, sweights, acc = found
         if x is None:
             x, ids, weights = sx, sids, sweights
@@ -279,7 +311,7 @@ def match(last: fx.Node, misses: Optional[list] = None) -> Optional[Experts]:
         return miss("the experts' weights differ in shape, or only some experts have a bias")
     steps.sort(key=lambda s: s.expert)
     step_nodes = {n for s in steps for n in s.nodes}
-    wheres = {s.nodes[0].args[2].args[0] for s in steps}  # tok = getitem(where, 0)
+    wheres = {s.where for s in steps}
     checks = []
     for where in wheres:
         found = _where_users_ok(where, step_nodes)
