@@ -108,3 +108,57 @@ def test_index_put_without_accumulate_is_not_an_expert_sum():
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
     check_equal(model, torch.randn(10, D))
+
+
+class Masked(Spelled):
+    """The mask form: ``sel = (ids == e).any(-1)``, ``x[sel]``, the weight ``(weights * (ids == e)).sum(-1)[sel]``,
+    summed as ``out[sel] += y`` or an accumulating ``index_put``. ``weight_expert`` shifts the expert whose mask
+    picks the weight (a look-alike: the wrong routing weight)."""
+
+    def __init__(self, combine="iadd", weight_expert=0):
+        super().__init__(combine=combine)
+        self.shift = weight_expert
+
+    def forward(self, x):
+        weights, ids = torch.topk(torch.softmax(self.router(x), dim=-1), K, dim=-1)
+        out = torch.zeros_like(x)
+        for e in range(E):
+            mask = ids == e
+            sel = mask.any(dim=-1)
+            xs = x[sel]
+            w_e = (weights * (ids == (e + self.shift) % E if self.shift else mask)).sum(-1)[sel]
+            y = F.linear(F.silu(F.linear(xs, self.w_gate[e])) * F.linear(xs, self.w_up[e]), self.w_down[e])
+            if self.combine == "iadd":
+                out[sel] += y * w_e[:, None]
+            else:
+                out = out.index_put((sel,), y * w_e.unsqueeze(-1), accumulate=True)
+        return out
+
+
+@pytest.mark.parametrize("combine", ["iadd", "index_put"])
+def test_mask_form_rewritten_and_equal(combine, tmp_path):
+    torch.manual_seed(0)
+    model = Masked(combine)
+    x = torch.randn(10, D)
+    _, out, records = compile_and_collect(model, (x,), passes=PASSES, dump_dir=str(tmp_path))
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    assert moe_pass(records).by_rule == {"gated-silu": 1}, moe_pass(records).notes
+    filecheck(
+        "CHECK: after moe-dispatch | status ok | matches 1\n"
+        "CHECK: kp.routed_experts.default({{.*}}'silu') : f32[10, 16]  # 4 experts, gated silu, from an unrolled loop\n"
+        "CHECK-NOT: aten.any\nCHECK-NOT: index_put\nCHECK-NOT: _assert_scalar\n",
+        (tmp_path / "graph-000" / "02-moe-dispatch.txt").read_text(),
+    )
+    torch._dynamo.reset()
+    check_equal(model, torch.randn(10, D))
+
+
+def test_mask_form_weighted_by_another_experts_mask_is_left_alone():
+    torch.manual_seed(0)
+    model = Masked("iadd", weight_expert=1)
+    x = torch.randn(10, D)
+    _, out, records = compile_and_collect(model, (x,), passes=PASSES)
+    assert moe_pass(records).matches == 0
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    check_equal(model, torch.randn(10, D))

@@ -19,6 +19,11 @@ transformers 4's spelling (Mixtral, Qwen2-MoE and others before v5) matches too:
     final.index_add_(0, tok, expert_e(xs) * weights[tok, slot, None])    # in place, into zeros((T, d));
                                                               # weights[tok, slot].unsqueeze(-1) as well
 
+The mask form matches too, with ``sel = (ids == e).any(-1)``, ``xs = x[sel]``, the weight
+``(weights * (ids == e)).sum(-1)[sel]`` and ``out[sel] += y`` (or ``out.index_put((sel,), y,
+accumulate=True)``): top-k ids are distinct per row, so ``sel`` holds the tokens of
+``where(ids == e)`` once each and the masked sum is the weight of the one matching slot.
+
 The routing may also be spelled ``tok, slot = (ids == e).nonzero(as_tuple=True)``
 (``aten.nonzero_numpy``) or ``nz = nonzero(ids == e); tok, slot = nz[:, 0], nz[:, 1]``, and the
 sum ``out.scatter_add(0, tok[:, None].expand(-1, d), y)`` (the index must span the whole row:
@@ -83,11 +88,9 @@ class Step:
     biases: tuple = (None, None, None)  # (gate, up, down) bias nodes, None where a linear has none
     classes: Optional[int] = None  # one_hot(ids, classes) dispatch: must be the number of experts
     cast: Optional[torch.dtype] = None  # the step's output cast before the sum (to another dtype than x's: refused)
-    where: Optional[fx.Node] = None  # the routing: where / nonzero_numpy (tok, slot) or nonzero ([n, 2])
-
-
-def _one_user(node: fx.Node) -> bool:
-    return len(node.users) == 1
+    where: Optional[fx.Node] = None  # the routing: where / nonzero_numpy (tok, slot), nonzero ([n, 2]) or a row mask
+    sized: list = field(default_factory=list)  # nodes whose data-dependent size Dynamo checks (the mask form)
+    acc_reads: list = field(default_factory=list)  # besides the combine, what reads the partial sum (out[sel] += y)
 
 
 def _transposed(weight: str) -> P:
@@ -134,10 +137,15 @@ def _act(inner: P, **kw) -> P:
     return P((aten.silu.default, aten.relu.default, aten.gelu.default), inner, **kw)
 
 
+def _users_besides_size_checks(users: int):
+    """A ``where`` test: the node has ``users`` users other than Dynamo's size checks (``x[mask]`` has those)."""
+    return lambda n: sum(1 for u in n.users if u.target not in _SIZE_CHECKS) == users
+
+
 def _xs(users: int) -> P:
-    """``x[tok]``, or ``x[None, tok].reshape(-1, d)`` (transformers 4's Mixtral): the tokens routed to this
-    step's expert."""
-    return (P(aten.index.Tensor, P.var("x"), [P.var("tok")], name="xs", users=users)
+    """``x[tok]`` (``tok`` an index or a row mask), or ``x[None, tok].reshape(-1, d)`` (transformers 4's
+    Mixtral): the tokens routed to this step's expert."""
+    return (P(aten.index.Tensor, P.var("x"), [P.var("tok")], name="xs", where=_users_besides_size_checks(users))
             | P(aten.reshape.default, P(aten.index.Tensor, P(aten.unsqueeze.default, P.var("x"), 0, users=1,
                                                               name="xs_unsq"),
                                         [None, P.var("tok")], users=1, name="xs_index"),
@@ -163,6 +171,9 @@ def _where_one_hot(perm: list) -> P:
              where=lambda n: len(n.args) == 1, name="where")
 
 
+_LAST = P.var(where=lambda d: d in (1, -1))
+# sel = (ids == e).any(-1): a boolean row mask (the mask form; with distinct top-k ids, the tokens of where(ids == e))
+_SEL = P(aten.any.dim, P(aten.eq.Scalar, P.var("ids"), _E, name="eq"), _LAST, name="tok")
 _TOK = (P(operator.getitem, _WHERE_EQ, 0, name="tok")
         | P(aten.select.int, _NONZERO_EQ, 1, 0, name="tok")
         | P(operator.getitem, _where_one_hot([2, 1, 0]), 1, name="tok")
@@ -174,7 +185,15 @@ _SLOT = (P(operator.getitem, P.var("where"), P.var("slot_i"), where=lambda n: le
 _RW = (P(aten.index.Tensor, P(aten.unsqueeze.default, P.var("weights"), P.var(where=lambda d: d in (2, -1)),
                               name="unsq"), [P.var("tok"), _SLOT], name="rw", users=1)
        | P(aten.unsqueeze.default, P(aten.index.Tensor, P.var("weights"), [P.var("tok"), _SLOT], name="unsq", users=1),
-           P.var(where=lambda d: d in (1, -1)), name="rw", users=1))
+           P.var(where=lambda d: d in (1, -1)), name="rw", users=1)
+       # the mask form: (weights * (ids == e)).sum(-1)[sel].unsqueeze(-1)
+       | P(aten.unsqueeze.default,
+           P(aten.index.Tensor,
+             P(aten.sum.dim_IntList, P(aten.mul.Tensor, P.var("weights"), P.var("eq"), commute=True, users=1,
+                                       name="w_masked"),
+               P.var(where=lambda d: list(d) in ([1], [-1])), users=1, name="w_sum"),
+             [P.var("tok")], name="unsq", users=1),
+           _LAST, name="rw", users=1))
 _GATED = P(aten.mul.Tensor, _act(_linear(_xs(2), "w_gate", name="gate_lin", users=1), name="act", users=1),
            _linear(_xs(2), "w_up", name="up_lin", users=1), commute=True, name="h", users=1)
 _UNGATED = _act(_linear(_xs(1), "w_up", name="up_lin", users=1), name="act", users=1)
@@ -194,15 +213,24 @@ STEP = (P(INDEX_ADD, P.var("acc"), 0, _TOK, _Y_OR_CAST, where=lambda n: len(n.ar
             P(aten.expand.default, P(aten.unsqueeze.default, _TOK, P.var(where=lambda d: d in (1, -1)), users=1,
                                      name="tok_col"), P.var("width"), users=1, name="tok_wide"),
             _Y_OR_CAST, where=lambda n: len(n.args) == 4 and not n.kwargs)
-        | P(INDEX_PUT, P.var("acc"), [_TOK], _Y_OR_CAST, True, where=lambda n: len(n.args) == 4 and not n.kwargs))
+        | P(INDEX_PUT, P.var("acc"), [_TOK | _SEL], _Y_OR_CAST, True, where=lambda n: len(n.args) == 4 and not n.kwargs)
+        # out[sel] += y: each selected row read, added to and written back once
+        | P(INDEX_PUT, P.var("acc"), [_SEL],
+            P((aten.add_.Tensor, aten.add.Tensor),
+              P(aten.index.Tensor, P.var("acc"), [P.var("tok")], users=1, name="acc_rows"), _Y_OR_CAST,
+              users=1, name="acc_sum"),
+            where=lambda n: len(n.args) == 3 and not n.kwargs))
 
 
 def _step(add: fx.Node) -> "tuple[Step, fx.Node, fx.Node, fx.Node, fx.Node] | str | None":
     """(step, x, ids, weights, accumulator) for one combine (``index_add``, ``scatter_add``, accumulating
     ``index_put``), else None; a string where the step matched but is not safe to rewrite (why)."""
     c = STEP.find(add)
-    if c is None or c["slot_i"] != 1 - c["tok"].args[-1]:  # the slot is the where's other output (or column)
-        return None
+    mask = c is not None and c["tok"].target is aten.any.dim
+    if c is None or (mask and "w_masked" not in c) or (not mask and c["slot_i"] != 1 - c["tok"].args[-1]):
+        return None  # a mask's routing weight must come from the same mask; a where's slot is its other output
+    if mask and (val(c["weights"]) is None or tuple(val(c["weights"]).shape) != tuple(val(c["ids"]).shape)):
+        return f"{add.name}: the masked routing weights are not one per (token, slot) of the expert ids"
     xv, xsv = val(c["x"]), val(c["xs"])
     if xv is None or xsv is None or xv.dim() != 2 or xsv.dim() != 2 or xsv.shape[-1] != xv.shape[-1]:
         return None
@@ -215,14 +243,16 @@ def _step(add: fx.Node) -> "tuple[Step, fx.Node, fx.Node, fx.Node, fx.Node] | st
     nodes = [add, c["y"], c["rw"], c["down_lin"], c["act"], c["up_lin"], c["xs"], c["unsq"]]
     nodes += [c["h"], c["gate_lin"]] if gated else []
     nodes += [c[k] for k in ("xs_index", "xs_unsq", "gate_lin_mm", "up_lin_mm", "down_lin_mm", "y_cast",
-                             "tok_col", "tok_wide") if k in c]
+                             "tok_col", "tok_wide", "w_masked", "w_sum", "acc_rows", "acc_sum") if k in c]
     biases = (_bias_of(c["gate_lin"], c, "gate_lin") if gated else None, _bias_of(c["up_lin"], c, "up_lin"),
               _bias_of(c["down_lin"], c, "down_lin"))
     if any(b is False for b in biases) or any(val(c[w]) is None or val(c[w]).dim() != 2
                                               for w in ("w_gate", "w_up", "w_down") if w in c):
         return None
+    sized = [c[k] for k in ("xs", "unsq", "acc_rows") if k in c] if mask else []  # boolean indexing: sizes Dynamo checks
     step = Step(c["e"], c["w_gate"] if gated else None, c["w_up"], c["w_down"], activation_of(c["act"])[0],
-                nodes, biases, c.get("classes"), c.get("cast"), c["where"])
+                nodes, biases, c.get("classes"), c.get("cast"), c["tok"] if mask else c["where"], sized,
+                [c["acc_rows"]] if "acc_rows" in c else [])
     return step, c["x"], c["ids"], c["weights"], c["acc"]
 
 
@@ -270,7 +300,10 @@ def match(last: fx.Node, misses: Optional[list] = None) -> Optional[Experts]:
             misses.append(f"expert loop ending at {last.name} ({len(steps)} steps found) left alone: {why}")
         return None
 
+    readers = None  # what may read the partial sum ``cur``: the later step's combine (and its row read)
     while isinstance(cur, fx.Node) and cur.target in COMBINES:
+        if readers is not None and not set(cur.users) <= readers:
+            return miss(f"the partial sum {cur.name} is read outside the loop")
         found = _step(cur)
         if isinstance(found, str):
             return miss(found, step_found=True)
@@ -283,15 +316,14 @@ def match(last: fx.Node, misses: Optional[list] = None) -> Optional[Experts]:
         if (sx, sids, sweights) != (x, ids, weights):
             return miss("the steps read different tokens, expert ids or routing weights")
         steps.append(step)
-        if cur is not last and not _one_user(cur):
-            return miss(f"the partial sum {cur.name} is read outside the loop")
+        readers = {cur, *step.acc_reads}
         cur = acc
     start = cur
     casts = {s.cast for s in steps if s.cast is not None and s.cast != val(x).dtype}  # to x's dtype: see weights
     if casts:
         return miss(f"each expert's output is cast to {sorted(map(str, casts))} and summed there; the routed op "
                     f"sums in the tokens' dtype {val(x).dtype}")
-    if not (_zeros_like(start, x) and _one_user(start)):
+    if not (_zeros_like(start, x) and set(start.users) <= readers):
         return miss("the sum does not start from zeros of the tokens' shape, dtype and device (used only there)")
     steps.reverse()
     E = len(steps)
@@ -313,7 +345,7 @@ def match(last: fx.Node, misses: Optional[list] = None) -> Optional[Experts]:
     step_nodes = {n for s in steps for n in s.nodes}
     wheres = {s.where for s in steps}
     checks = []
-    for where in wheres:
+    for where in wheres | {n for s in steps for n in s.sized}:
         found = _where_users_ok(where, step_nodes)
         if found is None:
             return miss(f"the routing {where.name} is read outside its step")
