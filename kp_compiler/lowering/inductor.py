@@ -10,6 +10,18 @@ its own post-grad passes) go there as ``lowered-forward.txt`` and
 ``lowered-backward.txt``, and ``lowered-code.txt`` lists the generated
 modules; Inductor's FX graph cache is then off, so they are always written.
 
+Inference graphs (grad mode off, or no input requiring grad) are lowered
+with Inductor's ``size_asserts`` and ``alignment_asserts`` off (``RUNTIME_ASSERTS``):
+those re-check every graph input's sizes, strides and alignment on every call,
+which Dynamo's guards already check before the call (a changed stride
+recompiles), at about 1 us per input of host time; a graph holding 192
+expert weights spent 0.4 ms per call in them (H100 host, torch 2.11,
+``bench/results/2026-11-24-h100-moe-overhead.txt``), more than the decode
+step's GPU work. vLLM turns them off for serving for the same reason. The
+checks they also make on fallback kernels' outputs are lost with them;
+training graphs keep both. ``options["inductor_config"]`` (or
+``$TORCHINDUCTOR_SIZE_ASSERTS``) still decides where given.
+
 Inductor's and AOTAutograd's on-disk caches key a graph by its code, not by
 what its custom ops do: a ``kp::`` op whose schema or autograd formula
 changed (a kernelpytorch upgrade) would otherwise be served an artifact
@@ -21,7 +33,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from pathlib import Path
+
+import torch
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 
@@ -66,6 +81,18 @@ def mode_config(mode: str) -> dict:
     return dict(list_mode_options(mode))
 
 
+RUNTIME_ASSERTS = {"size_asserts": "TORCHINDUCTOR_SIZE_ASSERTS", "alignment_asserts": "TORCHINDUCTOR_ALIGNMENT_ASSERTS"}
+
+
+def inference_asserts_off(patches: dict, example_inputs, config_module) -> None:
+    """For an inference graph, ``RUNTIME_ASSERTS`` off unless the caller's patches or environment set them."""
+    if torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in example_inputs):
+        return
+    for name, env in RUNTIME_ASSERTS.items():
+        if hasattr(config_module, name) and name not in patches and env not in os.environ:
+            patches[name] = False
+
+
 def lower(gm, example_inputs, mode: str, inductor_config: dict, dump=None):
     import torch._inductor.config as inductor_config_module
     from torch._inductor.codecache import PyCodeCache
@@ -73,6 +100,7 @@ def lower(gm, example_inputs, mode: str, inductor_config: dict, dump=None):
 
     patches = mode_config(mode)
     patches.update(inductor_config)
+    inference_asserts_off(patches, example_inputs, inductor_config_module)
     if "post_grad_custom_post_pass" not in patches and inductor_config_module.post_grad_custom_post_pass is None:
         patches["post_grad_custom_post_pass"] = _tag(dump)
         if dump is not None:  # a cache hit would skip the pass that writes the lowered graphs
