@@ -3,7 +3,8 @@ transformers keeps it): not a benchmark (speed claims come from ``python -m benc
 
 1. The routed-experts backward (``grouped_experts.backward``: one elementwise pass, ``[gate | up]`` GEMMs)
    against the fp32 reference, beside the eager bf16 loop's own error; the previous backward
-   (``scripts/moe_backward_before.py``, commit 3c7e78b) too.
+   (``scripts/moe_backward_before.py``, commit 3c7e78b) and the Triton one (``triton_expert_backward``) too,
+   with their GPU time and host time per call.
 2. GPU time per call (CUDA events, 20 calls) of the old and new backward; host and wall time per call of the
    op's forward (``host_per_call``), with the Launcher's fast-path count.
 3. The op's forward as Triton and as grouped_mm (GPU time, TFLOP/s); cProfile of its host time at T=64.
@@ -26,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import kp_compiler.lowering.moe  # noqa: F401  (registers the CUDA kernels)
 from bench.timing import host_per_call
-from kp_compiler.ops import grouped_experts, triton_experts, triton_routing
+from kp_compiler.ops import grouped_experts, triton_expert_backward, triton_experts, triton_routing
 from kp_compiler.ops.routed_experts import reference, reference_backward
 from kp_compiler.backend import kernelpytorch
 from kp_compiler.testing import hf
@@ -80,8 +81,20 @@ def gpu_ms(fn, reps=20):
     return s.elapsed_time(e) / reps
 
 
+tables = triton_experts.expert_tables(x, *roles)
+tri = triton_expert_backward.backward(grad, x, ids, w, *roles, "silu", tables)
+for name, t, r in zip(names, tri, exact):
+    print(f"triton backward {name:8s} rel L2 vs fp32: {rel(t, r):.2e}", flush=True)
 print(f"backward GPU ms/call: new {gpu_ms(lambda: grouped_experts.backward(grad, x, ids, w, *roles, 'silu')):.3f}"
-      f"  before {gpu_ms(lambda: before.backward(grad, x, ids, w, *roles, 'silu')):.3f}", flush=True)
+      f"  before {gpu_ms(lambda: before.backward(grad, x, ids, w, *roles, 'silu')):.3f}"
+      f"  triton {gpu_ms(lambda: triton_expert_backward.backward(grad, x, ids, w, *roles, 'silu', tables)):.3f}",
+      flush=True)
+for T2 in (4096, 64):  # host time per call of each backward (enqueue), at the layer and at decode size
+    a2 = (grad[:T2], x[:T2], ids[:T2], w[:T2])
+    hg, wg = host_per_call(lambda: grouped_experts.backward(*a2, *roles, "silu"), reps=30)
+    ht, wt = host_per_call(lambda: triton_expert_backward.backward(*a2, *roles, "silu", tables), reps=30)
+    print(f"backward T={T2}: grouped_mm host {hg:.3f} / wall {wg:.3f} ms, triton host {ht:.3f} / wall {wt:.3f} ms",
+          flush=True)
 print(f"forward GPU ms/call: {gpu_ms(lambda: torch.ops.kp.routed_experts(x, ids, w, *roles, 'silu')):.3f}")
 for T2 in (4096, 64):
     x2, ids2, w2 = x[:T2], ids[:T2], w[:T2]

@@ -17,7 +17,11 @@ unit stride in ``x``'s dtype).
 
 ``KP_MOE_KERNEL=triton|grouped_mm|reference`` forces one forward
 implementation where it can run (for benchmarks and bisecting); anything
-else there is an error, not a silent fallback.
+else there is an error, not a silent fallback. ``KP_MOE_BACKWARD`` does the
+same for the backward; its ``triton`` (``ops/triton_expert_backward.py``:
+weights read in place through the forward's address tables, about ten
+launches) runs where the Triton forward can and the experts have no biases.
+It is not the default: not yet measured on a GPU.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from ..ops import grouped_experts, routed_experts, routed_experts_biased
 from ..core.devices import DeviceInfo, describe
 
 IMPLEMENTATIONS = ("triton", "grouped_mm", "reference")
+BACKWARD_IMPLEMENTATIONS = ("triton", "grouped_mm", "reference")
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -105,9 +110,23 @@ def _forward(x, ids, weights, w_gate, w_up, w_down, activation, biases):
         return routed_experts.reference(x, ids, weights, w_gate, w_up, w_down, activation, biases)
 
 
+def _forced_backward() -> str:
+    forced = os.environ.get("KP_MOE_BACKWARD", "")
+    if forced and forced not in BACKWARD_IMPLEMENTATIONS:
+        raise ValueError(f"KP_MOE_BACKWARD={forced!r} is not one of {BACKWARD_IMPLEMENTATIONS}")
+    return forced
+
+
 def _cuda_backward(grad, x, ids, weights, w_gate, w_up, w_down, b_gate, b_up, b_down, activation):
-    impl = choose_backward(_device_info(x.device), x.dtype, grouped_experts.aligned(x, w_up))
     biases = (b_gate, b_up, b_down)
+    if _forced_backward() == "triton" and not any(biases):
+        tables = _triton_tables(x, w_gate, w_up, w_down)
+        if tables is not None:
+            from ..ops import triton_expert_backward
+            return triton_expert_backward.backward(grad, x, ids, weights, w_gate, w_up, w_down, activation, tables)
+    impl = choose_backward(_device_info(x.device), x.dtype, grouped_experts.aligned(x, w_up))
+    if _forced_backward() == "reference":
+        impl = "reference"
     if impl == "grouped_mm":
         return grouped_experts.backward(grad.contiguous(), x, ids, weights, w_gate, w_up, w_down, activation, biases)
     return routed_experts.reference_backward(grad, x, ids, weights, w_gate, w_up, w_down, activation, biases)

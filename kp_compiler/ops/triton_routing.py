@@ -87,6 +87,13 @@ def schedule(ids: torch.Tensor, experts: int, block: int) -> Schedule:
     return _schedule(ids, experts, block, None)
 
 
+def schedule_with_ends(ids: torch.Tensor, experts: int, block: int):
+    """``(schedule, ends)``: ``schedule(ids, experts, block)`` and each expert's padded end row (int32 ``[E]``),
+    so a kernel can walk one expert's rows ``[ends[e - 1], ends[e])``."""
+    ends = torch.empty(experts, dtype=torch.int32, device=ids.device)
+    return _schedule(ids, experts, block, ends), ends
+
+
 def sort_by_expert(ids: torch.Tensor, experts: int):
     """``(order, ends)``: the assignments sorted by expert, stably (int32 ``[T*k]``), and each expert's end
     in that order (int32 ``[E]``, the ``offs`` of ``torch._grouped_mm``), in one launch: the schedule with

@@ -193,3 +193,39 @@ def test_side_by_side_forward_and_backward_with_biases_equal_the_reference(activ
     for name, a, b in zip(("x", "weights", "gate", "up", "down", "b_gate", "b_up", "b_down"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3, msg=name)
     assert torch.count_nonzero(got[2][-1]) == 0 and torch.count_nonzero(got[5][-1]) == 0  # the idle expert
+
+
+def test_the_triton_backward_is_chosen_by_kp_moe_backward(monkeypatch):
+    """``KP_MOE_BACKWARD=triton``: the Triton backward (no stacked weights) where it can run, fresh tensors equal
+    to the reference; experts with biases keep the table's backward; an unknown value is an error."""
+    from kp_compiler.lowering import moe
+    from kp_compiler.ops import triton_expert_backward
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(6)
+    T, d, f, E, k = 10, 16, 32, 3, 2
+    x = torch.randn(T, d, generator=g).bfloat16().to(dev)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(dev)
+    w = torch.rand(T, k, generator=g).bfloat16().to(dev)
+    mk = lambda r, c: [(torch.randn(r, c, generator=g) / c ** 0.5).bfloat16().to(dev) for _ in range(E)]  # noqa: E731
+    G, U, D = mk(f, d), mk(f, d), mk(d, f)
+    grad = torch.randn(T, d, generator=g).bfloat16().to(dev)
+    calls = []
+    real = triton_expert_backward.backward
+    monkeypatch.setattr(triton_expert_backward, "backward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("KP_MOE_BACKWARD", "triton")
+    got = moe._cuda_backward(grad, x, ids, w, G, U, D, [], [], [], "silu")
+    assert calls == [1]
+    want = reference_backward(grad.float(), x.float(), ids, w.float(), *([t.float() for t in ts] for ts in (G, U, D)),
+                              "silu")
+    for a, b in zip(got[:5], want):
+        assert ((a.float() - b).norm() / b.norm()).item() < 3e-2
+    inputs = {t.untyped_storage().data_ptr() for t in (x, ids, w, *G, *U, *D)}
+    ptrs = [o.untyped_storage().data_ptr() for o in got if o.numel()]
+    assert not inputs & set(ptrs) and len(set(ptrs)) == len(ptrs)
+    bias = [torch.zeros(f, dtype=torch.bfloat16, device=dev)] * E
+    moe._cuda_backward(grad, x, ids, w, G, U, D, bias, [], [], "silu")
+    assert calls == [1]  # biases: the table's backward
+    monkeypatch.setenv("KP_MOE_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="KP_MOE_BACKWARD='fast'"):
+        moe._cuda_backward(grad, x, ids, w, G, U, D, [], [], [], "silu")
