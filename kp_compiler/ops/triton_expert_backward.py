@@ -18,7 +18,8 @@ expert's run padded to the row block, padding rows index ``T*k``):
    (``dg^T x``, ``du^T x``, ``grad^T (h * r)``); an expert with no rows gets zeros.
 
 About ten launches in all, deterministic (no atomics). Experts with biases
-take the grouped-GEMM backward. Tile sizes are fixed (not yet tuned on a GPU).
+take the grouped-GEMM backward. Tile sizes are timed once per shape on the GPU, among
+``triton_experts._CANDIDATES['rows_gemm' | 'wgrad']``, as the forward's are.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import expert_grads
-from .triton_experts import _interpreting, _operand, block_rows, role_shape
+from .triton_experts import _interpreting, _operand, _tuned, block_rows, role_shape
 from .triton_launch import Launcher
 from .triton_routing import schedule_with_ends
 
@@ -123,7 +124,6 @@ def _wgrad(a_ptr, b_ptr, rows_ptr, ends_ptr, out_ptr, n_assign, N, K, stride_a, 
 
 
 _ROWS_GEMM, _WGRAD = Launcher(_rows_gemm), Launcher(_wgrad)
-_TILE = dict(BN=64, BK=64, num_warps=4, num_stages=3)
 
 
 def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, tables):
@@ -145,16 +145,24 @@ def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, table
     common = dict(UPCAST=_interpreting() and x.dtype != torch.float32, PRECISION=precision, BM=block)
 
     def rows_gemm(a, w1, w2, out, N, K1, K2, stride_wn, stride_wk, gather, scatter):
-        grid = (rows_total // block * triton.cdiv(N, _TILE["BN"]),)
-        _ROWS_GEMM(grid, a, plan.rows, plan.block_expert, w1, w2, out, n, E, N, K1, K2, a.stride(0),
-                   stride_wn, stride_wk, out.stride(0), TOP_K=k, GATHER=gather, SCATTER=scatter, TWO=w2 is not w1,
-                   **common, **_TILE)
+        def launch(config):
+            bn, bk, warps, stages = config
+            grid = (rows_total // block * triton.cdiv(N, bn),)
+            _ROWS_GEMM(grid, a, plan.rows, plan.block_expert, w1, w2, out, n, E, N, K1, K2, a.stride(0),
+                       stride_wn, stride_wk, out.stride(0), TOP_K=k, GATHER=gather, SCATTER=scatter,
+                       TWO=w2 is not w1, **common, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+        _tuned("rows_gemm", ("rows_gemm", block, N, K1, K2, stride_wk == 1, gather, scatter, x.dtype), block, launch)
 
     def wgrad(a, b, out, gather_a, gather_b):
         N, K = out.shape[1:]
-        grid = (triton.cdiv(N, _TILE["BN"]) * triton.cdiv(K, _TILE["BK"]), E)
-        _WGRAD(grid, a, b, plan.rows, ends, out, n, N, K, a.stride(0), b.stride(0), out.stride(0), out.stride(1),
-               TOP_K=k, GATHER_A=gather_a, GATHER_B=gather_b, **common, **_TILE)
+
+        def launch(config):
+            bn, bk, warps, stages = config
+            grid = (triton.cdiv(N, bn) * triton.cdiv(K, bk), E)
+            _WGRAD(grid, a, b, plan.rows, ends, out, n, N, K, a.stride(0), b.stride(0), out.stride(0), out.stride(1),
+                   TOP_K=k, GATHER_A=gather_a, GATHER_B=gather_b, **common, BN=bn, BK=bk, num_warps=warps,
+                   num_stages=stages)
+        _tuned("wgrad", ("wgrad", block, N, K, gather_a, gather_b, x.dtype), block, launch)
 
     width = 2 * f if gated else f
     gu = x.new_empty(rows_total, width)  # [g | u] per schedule row
