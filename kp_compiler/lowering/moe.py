@@ -20,7 +20,7 @@ implementation where it can run (for benchmarks and bisecting); anything
 else there is an error, not a silent fallback. ``KP_MOE_BACKWARD`` does the
 same for the backward; its ``triton`` (``ops/triton_expert_backward.py``:
 weights read in place through the forward's address tables, about ten
-launches) runs where the Triton forward can and the experts have no biases.
+launches) runs where the Triton forward can.
 It is not the default: not yet measured on a GPU.
 """
 
@@ -119,11 +119,12 @@ def _forced_backward() -> str:
 
 def _cuda_backward(grad, x, ids, weights, w_gate, w_up, w_down, b_gate, b_up, b_down, activation):
     biases = (b_gate, b_up, b_down)
-    if _forced_backward() == "triton" and not any(biases):
+    if _forced_backward() == "triton":
         tables = _triton_tables(x, w_gate, w_up, w_down)
         if tables is not None:
             from ..ops import triton_expert_backward
-            return triton_expert_backward.backward(grad, x, ids, weights, w_gate, w_up, w_down, activation, tables)
+            return triton_expert_backward.backward(grad, x, ids, weights, w_gate, w_up, w_down, activation, tables,
+                                                   biases)
     impl = choose_backward(_device_info(x.device), x.dtype, grouped_experts.aligned(x, w_up))
     if _forced_backward() == "reference":
         impl = "reference"

@@ -17,8 +17,10 @@ expert's run padded to the row block, padding rows index ``T*k``):
 4. ``_wgrad`` per role: ``grad_w[e] = A_e^T @ B_e`` over expert ``e``'s rows
    (``dg^T x``, ``du^T x``, ``grad^T (h * r)``); an expert with no rows gets zeros.
 
-About ten launches in all, deterministic (no atomics). Experts with biases
-take the grouped-GEMM backward. Tile sizes are timed once per shape on the GPU, among
+About ten launches in all, deterministic (no atomics). Expert biases add a
+few ATen ops (their rows added after the recompute, the down bias's share of
+the routing weights' gradient) and one ``_wgrad`` per bias (a sum over the
+expert's rows, against a column of ones or of routing weights). Tile sizes are timed once per shape on the GPU, among
 ``triton_experts._CANDIDATES['rows_gemm' | 'wgrad']``, as the forward's are.
 """
 
@@ -126,9 +128,10 @@ def _wgrad(a_ptr, b_ptr, rows_ptr, ends_ptr, out_ptr, n_assign, N, K, stride_a, 
 _ROWS_GEMM, _WGRAD = Launcher(_rows_gemm), Launcher(_wgrad)
 
 
-def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, tables):
-    """``(grad_x, grad_weights, grad_gate [E, f, d] or empty, grad_up, grad_down [E, d, f], and three empty bias
-    gradients)``, as ``routed_experts.reference_backward``. ``tables``: the forward's ``expert_tables``."""
+def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, tables, biases=((), (), ())):
+    """``(grad_x, grad_weights, grad_gate [E, f, d] or empty, grad_up, grad_down [E, d, f], grad_b_gate [E, f],
+    grad_b_up, grad_b_down [E, d])``, as ``routed_experts.reference_backward`` (a role without bias gets an
+    empty gradient). ``tables``: the forward's ``expert_tables``; ``biases``: per-expert lists, or empty."""
     gate_t, up_t, down_t = tables
     T, k = ids.shape
     E, f, d, up_stride = role_shape(w_up)
@@ -167,15 +170,26 @@ def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, table
     width = 2 * f if gated else f
     gu = x.new_empty(rows_total, width)  # [g | u] per schedule row
     g, u = (gu[:, :f], gu[:, f:]) if gated else (None, gu)
+    b_gate, b_up, b_down = biases
+    expert = None
+    if any(biases):  # each schedule row's expert (E for padding: a zero bias row)
+        expert = plan.block_expert.repeat_interleave(block).long()
     if gated:
         rows_gemm(x, gate_t, gate_t, g, f, d, 0, up_stride, 1, True, False)
+        if b_gate:
+            g += _rows(b_gate, expert)
     rows_gemm(x, up_t, up_t, u, f, d, 0, up_stride, 1, True, False)
+    if b_up:
+        u += _rows(b_up, expert)
     g_dh = x.new_empty(rows_total, f)
     rows_gemm(grad, down_t, down_t, g_dh, f, d, 0, 1, down_stride, True, False)  # grad_rows @ w_down[e]
     route = torch.cat([weights.reshape(-1), weights.new_zeros(1)])[plan.rows]  # padding rows: weight 0
     d_gu, hr = x.new_empty(rows_total, width), x.new_empty(rows_total, f)
     dg, du = (d_gu[:, :f], d_gu[:, f:]) if gated else (None, d_gu)
     dr = expert_grads.grads(g, u, g_dh, route, activation, dg, du, hr)
+    if b_down:  # the routing weight also scales the down bias: + grad_row . b_down[e]
+        token = (plan.rows.long() // k).clamp(max=T - 1)
+        dr = dr + (grad[token].float() * _rows(b_down, expert).float()).sum(-1)
     grad_weights = torch.zeros(n + 1, device=x.device, dtype=torch.float32).index_copy_(0, plan.rows.long(), dr)
     dx_rows = x.new_empty(n, d)
     if gated:  # [dg | du] @ [w_gate[e]; w_up[e]]
@@ -190,6 +204,21 @@ def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, table
         wgrad(dg, x, grad_gate, False, True)
     grad_down = x.new_empty(E, d, f)
     wgrad(grad, hr, grad_down, True, False)
-    empty = x.new_empty(0)
+
+    def bias_grad(present, a, b, gather_a):
+        """Per expert, the sum over its rows of ``a * b`` (``b`` one column): a bias's gradient."""
+        if not present:
+            return x.new_empty(0)
+        out = x.new_empty(E, a.shape[1], 1)
+        wgrad(a, b, out, gather_a, False)
+        return out.view(E, -1)
+    ones = x.new_ones(rows_total, 1) if (b_gate or b_up) else None
     return (dx_rows.view(T, k, d).sum(1), grad_weights[:n].view(T, k).to(weights.dtype), grad_gate, grad_up,
-            grad_down, empty, empty, empty)
+            grad_down, bias_grad(b_gate, dg, ones, False), bias_grad(b_up, du, ones, False),
+            bias_grad(b_down, grad, route.view(-1, 1), True))
+
+
+def _rows(bs, expert) -> torch.Tensor:
+    """Each schedule row's expert bias (``expert == E``, a padding row: zeros)."""
+    stacked = torch.stack(list(bs))
+    return torch.cat([stacked, stacked.new_zeros(1, stacked.shape[1])])[expert]

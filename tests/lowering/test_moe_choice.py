@@ -197,7 +197,7 @@ def test_side_by_side_forward_and_backward_with_biases_equal_the_reference(activ
 
 def test_the_triton_backward_is_chosen_by_kp_moe_backward(monkeypatch):
     """``KP_MOE_BACKWARD=triton``: the Triton backward (no stacked weights) where it can run, fresh tensors equal
-    to the reference; experts with biases keep the table's backward; an unknown value is an error."""
+    to the reference, experts with biases too; another value picks another; an unknown value is an error."""
     from kp_compiler.lowering import moe
     from kp_compiler.ops import triton_expert_backward
 
@@ -225,7 +225,10 @@ def test_the_triton_backward_is_chosen_by_kp_moe_backward(monkeypatch):
     assert not inputs & set(ptrs) and len(set(ptrs)) == len(ptrs)
     bias = [torch.zeros(f, dtype=torch.bfloat16, device=dev)] * E
     moe._cuda_backward(grad, x, ids, w, G, U, D, bias, [], [], "silu")
-    assert calls == [1]  # biases: the table's backward
+    assert calls == [1, 1]  # with biases too
+    monkeypatch.setenv("KP_MOE_BACKWARD", "grouped_mm")
+    moe._cuda_backward(grad, x, ids, w, G, U, D, [], [], [], "silu")
+    assert calls == [1, 1]
     monkeypatch.setenv("KP_MOE_BACKWARD", "fast")
     with pytest.raises(ValueError, match="KP_MOE_BACKWARD='fast'"):
         moe._cuda_backward(grad, x, ids, w, G, U, D, [], [], [], "silu")

@@ -74,3 +74,25 @@ def test_bfloat16_is_as_close_as_the_eager_loop():
         assert a.dtype == c.dtype, name
         err, eager_err = ((t.double() - b).norm() / b.norm() for t in (a, c))
         assert err <= max(BF16_FACTOR * eager_err, 1e-3), (name, err.item(), eager_err.item())
+
+
+@pytest.mark.parametrize("gated,roles", [(True, "gate-up-down"), (True, "down"), (False, "up-down")])
+def test_biases_equal_the_reference(gated, roles):
+    """Bias gradients per expert (sums over its rows), the biases added to the recomputed projections and the
+    down bias's share of the routing weights' gradient; an idle expert's bias gradients are zeros."""
+    args = make(30, 16, 32, 4, 2, torch.float32, gated, seed=7)
+    grad, x, ids, w, G, U, Dn = args
+    g = torch.Generator().manual_seed(8)
+
+    def bias(rows, name):
+        return [torch.randn(rows, generator=g).to(DEVICE) for _ in range(4)] if name in roles.split("-") else []
+    biases = (bias(32, "gate") if gated else [], bias(32, "up"), bias(16, "down"))
+    got = triton_expert_backward.backward(grad, x, ids, w, G, U, Dn, "gelu", triton_experts.expert_tables(x, G, U, Dn),
+                                          biases)
+    want = reference_backward(grad, x, ids, w, G, U, Dn, "gelu", biases)
+    for name, a, b in zip(NAMES + ("b_gate", "b_up", "b_down"), got, want):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+    for b in got[5:]:
+        if b.numel():
+            assert torch.count_nonzero(b[-1]) == 0  # the idle expert
