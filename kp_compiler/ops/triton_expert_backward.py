@@ -43,8 +43,8 @@ def _weight(table, e, like_ptr):
 
 @triton.jit
 def _rows_gemm(a_ptr, rows_ptr, block_expert_ptr, w1_table, w2_table, out_ptr,
-               n_assign, n_experts, N, K1, K2, stride_a, stride_wn, stride_wk, stride_out,
-               TOP_K: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, TWO: tl.constexpr,
+               n_assign, n_experts, N, stride_a, stride_wn, stride_wk, stride_out,
+               K1: tl.constexpr, K2: tl.constexpr, TOP_K: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, TWO: tl.constexpr,
                UPCAST: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """``out[row] = A[row] @ W_e`` for each padded row of one expert's block, ``W_e[k, n]`` at
     ``w + n * stride_wn + k * stride_wk`` (the second table continues ``k`` past ``K1``). ``A``'s row is the
@@ -94,11 +94,31 @@ def _rows_gemm(a_ptr, rows_ptr, block_expert_ptr, w1_table, w2_table, out_ptr,
 
 
 @triton.jit
+def _wgrad_rows(acc, r0, a_ptr, b_ptr, rows_ptr, n_assign, offs_n, offs_k, n_ok, k_ok, stride_a, stride_b,
+                TOP_K: tl.constexpr, GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr, BM: tl.constexpr):
+    """``acc += A[rows]^T @ B[rows]`` for the ``BM`` schedule rows from ``r0``."""
+    at = r0 + tl.arange(0, BM)
+    rows = tl.load(rows_ptr + at)
+    valid = rows < n_assign
+    token = (tl.where(valid, rows, 0) // TOP_K).to(tl.int64)
+    src_a = token if GATHER_A else at.to(tl.int64)
+    src_b = token if GATHER_B else at.to(tl.int64)
+    a = _operand(tl.load(a_ptr + src_a[None, :] * stride_a + offs_n[:, None], mask=valid[None, :] & n_ok[:, None],
+                         other=0.0), UPCAST)
+    b = _operand(tl.load(b_ptr + src_b[:, None] * stride_b + offs_k[None, :], mask=valid[:, None] & k_ok[None, :],
+                         other=0.0), UPCAST)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _wgrad(a_ptr, b_ptr, rows_ptr, ends_ptr, out_ptr, n_assign, N, K, stride_a, stride_b, stride_oe, stride_on,
            TOP_K: tl.constexpr, GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, UPCAST: tl.constexpr,
-           PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+           PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, WHILE: tl.constexpr):
     """``out[e][n, k] = sum over expert e's rows r of A[r, n] * B[r, k]`` (``A``/``B`` rows gathered by token or
-    in schedule order); expert ``e`` is program axis 1, its rows ``[ends[e - 1], ends[e])``."""
+    in schedule order); expert ``e`` is program axis 1, its rows ``[ends[e - 1], ends[e])``. ``WHILE``: walk
+    them with a while loop (Triton 3.5's interpreter takes no loaded value as a ``range`` bound; a ``for``
+    loop is the one the compiler pipelines)."""
     e = tl.program_id(1)
     pid = tl.program_id(0)
     k_tiles = (K + BK - 1) // BK
@@ -109,18 +129,16 @@ def _wgrad(a_ptr, b_ptr, rows_ptr, ends_ptr, out_ptr, n_assign, N, K, stride_a, 
     offs_k = pid_k * BK + tl.arange(0, BK)
     n_ok, k_ok = offs_n < N, offs_k < K
     acc = tl.zeros((BN, BK), dtype=tl.float32)
-    for r0 in range(start, end, BM):
-        at = r0 + tl.arange(0, BM)
-        rows = tl.load(rows_ptr + at)
-        valid = rows < n_assign
-        token = (tl.where(valid, rows, 0) // TOP_K).to(tl.int64)
-        src_a = token if GATHER_A else at.to(tl.int64)
-        src_b = token if GATHER_B else at.to(tl.int64)
-        a = _operand(tl.load(a_ptr + src_a[None, :] * stride_a + offs_n[:, None], mask=valid[None, :] & n_ok[:, None],
-                             other=0.0), UPCAST)
-        b = _operand(tl.load(b_ptr + src_b[:, None] * stride_b + offs_k[None, :], mask=valid[:, None] & k_ok[None, :],
-                             other=0.0), UPCAST)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if WHILE:
+        r0 = start
+        while r0 < end:
+            acc = _wgrad_rows(acc, r0, a_ptr, b_ptr, rows_ptr, n_assign, offs_n, offs_k, n_ok, k_ok, stride_a,
+                              stride_b, TOP_K, GATHER_A, GATHER_B, UPCAST, PRECISION, BM)
+            r0 += BM
+    else:
+        for r0 in range(start, end, BM):
+            acc = _wgrad_rows(acc, r0, a_ptr, b_ptr, rows_ptr, n_assign, offs_n, offs_k, n_ok, k_ok, stride_a,
+                              stride_b, TOP_K, GATHER_A, GATHER_B, UPCAST, PRECISION, BM)
     tl.store(out_ptr + e.to(tl.int64) * stride_oe + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
@@ -151,8 +169,8 @@ def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, table
         def launch(config):
             bn, bk, warps, stages = config
             grid = (rows_total // block * triton.cdiv(N, bn),)
-            _ROWS_GEMM(grid, a, plan.rows, plan.block_expert, w1, w2, out, n, E, N, K1, K2, a.stride(0),
-                       stride_wn, stride_wk, out.stride(0), TOP_K=k, GATHER=gather, SCATTER=scatter,
+            _ROWS_GEMM(grid, a, plan.rows, plan.block_expert, w1, w2, out, n, E, N, a.stride(0),
+                       stride_wn, stride_wk, out.stride(0), K1=K1, K2=K2, TOP_K=k, GATHER=gather, SCATTER=scatter,
                        TWO=w2 is not w1, **common, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
         _tuned("rows_gemm", ("rows_gemm", block, N, K1, K2, stride_wk == 1, gather, scatter, x.dtype), block, launch)
 
@@ -163,8 +181,8 @@ def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, table
             bn, bk, warps, stages = config
             grid = (triton.cdiv(N, bn) * triton.cdiv(K, bk), E)
             _WGRAD(grid, a, b, plan.rows, ends, out, n, N, K, a.stride(0), b.stride(0), out.stride(0), out.stride(1),
-                   TOP_K=k, GATHER_A=gather_a, GATHER_B=gather_b, **common, BN=bn, BK=bk, num_warps=warps,
-                   num_stages=stages)
+                   TOP_K=k, GATHER_A=gather_a, GATHER_B=gather_b, **common, BN=bn, BK=bk, WHILE=_interpreting(),
+                   num_warps=warps, num_stages=stages)
         _tuned("wgrad", ("wgrad", block, N, K, gather_a, gather_b, x.dtype), block, launch)
 
     width = 2 * f if gated else f

@@ -36,8 +36,9 @@ def _act_and_slope(z, ACT: tl.constexpr):
 
 @triton.jit
 def _grads(g_ptr, u_ptr, gdh_ptr, route_ptr, dg_ptr, du_ptr, hr_ptr, dr_ptr,
-           rows, F, stride_g, stride_u, stride_gdh, stride_dg, stride_du, stride_hr,
-           GATED: tl.constexpr, ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+           rows, stride_g, stride_u, stride_gdh, stride_dg, stride_du, stride_hr,
+           F: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+    # F is a constexpr (a loop bound): Triton 3.5's interpreter cannot take a runtime int as a range bound
     r_offs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r_offs < rows
     r64 = r_offs.to(tl.int64)[:, None]
@@ -78,7 +79,7 @@ def launch(g, u, g_dh, route, activation: str, dg, du, hr) -> torch.Tensor:
     block_r = 16
     grid = (triton.cdiv(rows, block_r),)
     _GRADS(grid, g if gated else u, u, g_dh, route.contiguous(), dg if gated else du, du, hr, dr,
-           rows, F, (g if gated else u).stride(0), u.stride(0), g_dh.stride(0), (dg if gated else du).stride(0),
-           du.stride(0), hr.stride(0), GATED=gated, ACT=ACT_CODES[activation], BLOCK_R=block_r, BLOCK_F=block_f,
+           rows, (g if gated else u).stride(0), u.stride(0), g_dh.stride(0), (dg if gated else du).stride(0),
+           du.stride(0), hr.stride(0), F=F, GATED=gated, ACT=ACT_CODES[activation], BLOCK_R=block_r, BLOCK_F=block_f,
            num_warps=4)
     return dr
