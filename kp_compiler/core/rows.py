@@ -46,6 +46,7 @@ class RowProof:
     node: Optional[str] = None
     inputs: list = field(default_factory=list)   # per placeholder: its batch axis, or None
     outputs: list = field(default_factory=list)  # per graph output: its batch axis, or None
+    sizes: list = field(default_factory=list)    # placeholders that are the batch size itself (Dynamo passes it)
 
 
 def _tensors(args) -> list:
@@ -100,7 +101,7 @@ class _Prover:
                 self.check_scalars(node, a)
 
     def run(self, graph: fx.Graph) -> RowProof:
-        inputs, outputs = [], []
+        inputs, outputs, sizes = [], [], []
         try:
             for node in graph.nodes:
                 if node.op == "placeholder":
@@ -108,7 +109,10 @@ class _Prover:
                     if isinstance(v, torch.Tensor):
                         self.state[node] = axis_of(v, self.symbol, node)
                     elif isinstance(v, torch.SymInt) and holds(v, self.symbol):
+                        if expr_of(v) != self.symbol:
+                            raise Broken(node, f"an input size {v} computed from the batch size")
                         self.tainted.add(node)
+                        sizes.append(len(inputs))
                     inputs.append(self.state.get(node))
                 elif node.op == "output":
                     outputs = [self.axis(node, a) for a in _tensors(node.args[0])]
@@ -123,7 +127,7 @@ class _Prover:
                     raise Broken(node, f"{node.op} nodes are not analysed")
         except Broken as e:
             return RowProof(False, e.why, e.node.name, inputs)
-        return RowProof(True, inputs=inputs, outputs=outputs)
+        return RowProof(True, inputs=inputs, outputs=outputs, sizes=sizes)
 
     def step(self, node: fx.Node):
         t = node.target
