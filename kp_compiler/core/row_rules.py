@@ -146,7 +146,9 @@ def _reshape(p, node):
     factor of its dim (``[B, S, d] -> [B*S, d] -> [B, S, d]``)."""
     a = _ax(p, node)
     if a is FREE:
-        return p.out_axis(node)
+        if p.out_axis(node) is not FREE:  # [16] -> [B, 16 / B]: what a row holds would depend on B
+            raise Broken(node, "reshapes a tensor without batch rows by the batch size")
+        return FREE
     src, out = val(node.args[0]), val(node)
     b = axis_of(out, p.symbol, node)
     if b is FREE:

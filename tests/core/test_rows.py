@@ -87,6 +87,8 @@ POSITIVE = {
     "conv-batchnorm-eval": (lambda: ConvNet().eval(), lambda: torch.randn(5, 3, 8, 8)),
     "softmax-over-features": (lambda: (lambda x: torch.softmax(x, -1) * x.topk(2, dim=-1).values.sum(-1, True)),
                               lambda: torch.randn(5, D)),
+    "prefix-of-free-data": (lambda: (lambda x: x + torch.arange(80.0)[: x.shape[0] * 4].view(x.shape[0], 4)
+                                     .repeat(1, D // 4)), lambda: torch.randn(5, D)),  # row i: 4i..4i+3, any B
     "positions-from-arange": (lambda: (lambda x: x + torch.arange(x.shape[0]).unsqueeze(-1) * 0.5),
                               lambda: torch.randn(5, D)),
 }
@@ -127,6 +129,8 @@ NEGATIVE = {
     "full-reduction": (lambda: (lambda x: x.sum()), "every dim"),
     "rows-interleaved": (lambda: (lambda x: x.view(-1, 2, D // 2).transpose(0, 1).reshape(-1, D // 2)),
                          "inside another dim"),
+    "free-data-shaped-by-batch": (lambda: (lambda x: x + torch.arange(60.0).view(x.shape[0], -1).sum(-1, True)),
+                                  "the batch size is in dims"),  # row i holds 60/B values: it changes with B
     "unknown-op": (lambda: (lambda x: torch.fft.fft(x, dim=-1).real), "not known to keep rows apart"),
 }
 
