@@ -66,7 +66,7 @@ def reference(x, ids, weights, w_gate: Sequence, w_up: Sequence, w_down: Sequenc
     act = ACTIVATIONS[activation]
     w_gate, w_up, w_down = per_expert(w_gate), per_expert(w_up), per_expert(w_down)
     b_gate, b_up, b_down = biases
-    out = torch.zeros_like(x)
+    out = x.new_zeros(x.shape)
     for e in range(len(w_up)):
         tok, slot = torch.where(ids == e)
         xs = x[tok]
@@ -89,7 +89,7 @@ def routed_experts(
 
 @routed_experts.register_fake
 def _(x, ids, weights, w_gate, w_up, w_down, activation):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as every implementation returns it
 
 
 @torch.library.custom_op("kp::routed_experts_backward", mutates_args=())
@@ -114,7 +114,7 @@ def reference_backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: 
     act = ACTIVATIONS[activation]
     w_gate, w_up, w_down = per_expert(w_gate), per_expert(w_up), per_expert(w_down)
     b_gate, b_up, b_down = biases
-    grad_x, grad_weights = torch.zeros_like(x), torch.zeros_like(weights)
+    grad_x, grad_weights = x.new_zeros(x.shape), weights.new_zeros(weights.shape)
     grad_gate, grad_up, grad_down, grad_b_gate, grad_b_up, grad_b_down = [], [], [], [], [], []
     for e in range(len(w_up)):
         tok, slot = torch.where(ids == e)
@@ -167,7 +167,8 @@ def _(grad, x, ids, weights, w_gate, w_up, w_down, b_gate, b_up, b_down, activat
         if not ws:
             return x.new_empty(0)
         return x.new_empty(ws[0].shape) if stacked(ws) else x.new_empty(len(ws), *ws[0].shape)
-    return (torch.empty_like(x), torch.empty_like(weights), grads(w_gate), grads(w_up), grads(w_down),
+    # contiguous, as every implementation returns them (empty_like would copy a transposed input's strides)
+    return (x.new_empty(x.shape), weights.new_empty(weights.shape), grads(w_gate), grads(w_up), grads(w_down),
             grads(b_gate), grads(b_up), grads(b_down))
 
 

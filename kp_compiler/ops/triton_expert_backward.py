@@ -155,8 +155,6 @@ def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, table
     E, f, d, up_stride = role_shape(w_up)
     down_stride = role_shape(w_down)[3]
     gated = bool(w_gate)
-    if gated and role_shape(w_gate)[3] != up_stride:
-        raise ValueError("triton_expert_backward: the gate and up weights need one row stride")
     n = T * k
     block = block_rows(n, E)
     plan, ends = schedule_with_ends(ids.contiguous(), E, block)
@@ -233,7 +231,7 @@ def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, table
     ones = x.new_ones(rows_total, 1) if (b_gate or b_up) else None
     return (dx_rows.view(T, k, d).sum(1), grad_weights[:n].view(T, k).to(weights.dtype), grad_gate, grad_up,
             grad_down, bias_grad(b_gate, dg, ones, False), bias_grad(b_up, du, ones, False),
-            bias_grad(b_down, grad, route.view(-1, 1), True))
+            bias_grad(b_down, grad, route.to(grad.dtype).view(-1, 1), True))  # tl.dot takes one dtype
 
 
 def _rows(bs, expert) -> torch.Tensor:

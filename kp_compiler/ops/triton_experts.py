@@ -210,6 +210,8 @@ def _tuned(name: str, key: tuple, block: int, launch) -> None:
         end.record()
         end.synchronize()
         timings.append((start.elapsed_time(end), config))
+    if not timings:
+        raise RuntimeError(f"no {name} tile candidate fits this GPU's shared memory and registers ({key})")
     _best[key] = min(timings, key=lambda t: t[0])[1]
     launch(_best[key])
 
@@ -281,7 +283,10 @@ def bias_tables(x: torch.Tensor, biases):
 
 def supported(x: torch.Tensor, w_gate, w_up, w_down) -> bool:
     """Every expert weight of a role has one shape and row stride, unit stride along its last dim,
-    and starts and keeps its rows 16-byte aligned (the kernels tell Triton so)."""
+    and starts and keeps its rows 16-byte aligned (the kernels tell Triton so); gate and up share one row
+    stride (``_gate_up`` reads both with it)."""
+    if w_gate and role_shape(w_gate)[3] != role_shape(w_up)[3]:
+        return False
     for ws in (w_gate, w_up, w_down):
         if not ws:
             continue

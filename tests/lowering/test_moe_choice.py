@@ -232,3 +232,16 @@ def test_the_triton_backward_is_chosen_by_kp_moe_backward(monkeypatch):
     monkeypatch.setenv("KP_MOE_BACKWARD", "fast")
     with pytest.raises(ValueError, match="KP_MOE_BACKWARD='fast'"):
         moe._cuda_backward(grad, x, ids, w, G, U, D, [], [], [], "silu")
+
+
+def test_gate_and_up_with_different_row_strides_take_the_grouped_path():
+    """``_gate_up`` reads gate and up with one row stride: where they differ, the Triton kernels are not used."""
+    from kp_compiler.ops import triton_experts
+
+    E, f, d = 3, 8, 16
+    gate = [torch.randn(f, d).bfloat16() for _ in range(E)]
+    up = [torch.randn(f, d + 8).bfloat16()[:, :d] for _ in range(E)]
+    down = [torch.randn(d, f).bfloat16() for _ in range(E)]
+    x = torch.randn(4, d).bfloat16()
+    assert not triton_experts.supported(x, gate, up, down)
+    assert triton_experts.supported(x, gate, [u.contiguous() for u in up], down)
