@@ -130,17 +130,20 @@ def _gather(p, node):
     a, dim, idx = _ax(p, node), node.args[1] % _rank(node), _ax(p, node, 2)
     if dim == a or (a is not FREE and idx is not FREE and a != idx):
         raise Broken(node, "gathers along the batch axis")
+    if a is not FREE and idx is FREE:
+        raise Broken(node, "gathers batch rows with an index that holds none (rows picked for every row)")
     return p.out_axis(node)
 
 
 # pure relabelings of dims: the batch dim (the one dim whose size holds the symbol) moves, its rows do not mix
 @rule("permute", "transpose", "t", "unsqueeze", "squeeze", "expand", "expand_as", "alias", "movedim",
-      "view_as", "one_hot", "numpy_T", "contiguous", "clone", "detach")
+      "one_hot", "numpy_T", "contiguous", "clone", "detach")
 def _relabel(p, node):
     return p.out_axis(node)
 
 
-@rule("view", "reshape", "_unsafe_view", "view_copy", "flatten", "unflatten", "_reshape_alias")
+@rule("view", "reshape", "_unsafe_view", "view_copy", "flatten", "unflatten", "_reshape_alias", "view_as",
+      "reshape_as")
 def _reshape(p, node):
     """The batch axis survives a reshape when the dims before it keep one product and it stays the outer
     factor of its dim (``[B, S, d] -> [B*S, d] -> [B, S, d]``)."""
@@ -286,18 +289,14 @@ def _factory(p, node):
 
 @rule("full", "new_full", "full_like")
 def _full(p, node):
-    value = node.args[1] if op_name(node.target) in ("full", "full_like") else node.args[2]
-    p.check_scalars(node, [value])
+    """The fill value is checked with every op's scalars (``rows._Prover.check_scalar_args``)."""
     return p.out_axis(node)
 
 
 @rule("arange")
 def _arange(p, node):
     """``arange(n)`` holds ``i`` at row ``i`` whatever ``n``; a start or step from the batch size does not."""
-    args = list(node.args)
-    if len(args) > 1:
-        p.check_scalars(node, [args[0], *args[2:]])
-    return p.out_axis(node)
+    return p.out_axis(node)  # a start or step from the batch size is refused with every op's scalars
 
 
 @rule("copy_", "copy")

@@ -60,46 +60,55 @@ def _pad(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
 
 
 class Bucketed:
-    """Calls ``fn`` (flat graph inputs -> flat outputs) at bucketed batch sizes; see the module docstring."""
+    """Calls ``fn`` (flat graph inputs -> flat outputs) at bucketed batch sizes; see the module docstring.
+
+    A batched input or output may hold ``c`` rows per batch element (tokens flattened to rows: ``[B*S, d]``):
+    it is padded to ``c * bucket`` rows and narrowed to ``c * n``.
+    """
 
     def __init__(self, fn: Callable, proof: RowProof, sizes: Sequence[int]):
         if not proof.ok:
             raise ValueError(f"rows not proven independent along the batch ({proof.node}: {proof.reason}); "
                              "capture exact sizes only")
-        self.fn, self.proof, self.sizes = fn, proof, bucket_sizes(sizes)
+        if not proof.sizes and not proof.unit:
+            raise ValueError("no graph input is the batch size or has it as a dim: the batch cannot be read")
+        self.fn, self.proof = fn, proof
+        # buckets past the batch the graph was compiled for (a torch._check, a guard) are not used
+        self.sizes = [s for s in bucket_sizes(sizes) if proof.max_batch is None or s <= proof.max_batch]
         self.stats = {"calls": {}, "above_largest": 0}
 
     def batch_of(self, args: Sequence[Any]) -> int:
-        for a, axis in zip(args, self.proof.inputs):
-            if axis is not None and isinstance(a, torch.Tensor):
-                return a.shape[axis]
-        raise ValueError("no input holds batch rows")
+        if self.proof.sizes:  # Dynamo hands the batch size in
+            return int(args[self.proof.sizes[0]])
+        i = self.proof.unit[0]
+        return args[i].shape[self.proof.inputs[i]]
 
     def __call__(self, *args: Any) -> Any:
         n = self.batch_of(args)
-        size = smallest_fitting(n, self.sizes)
+        size = smallest_fitting(n, self.sizes) if n > 0 else None
         if size is None:
             self.stats["above_largest"] += 1
             return self.fn(*args)
         self.stats["calls"][size] = self.stats["calls"].get(size, 0) + 1
-        padded = [_pad(a, axis, size) if axis is not None and isinstance(a, torch.Tensor) else a
-                  for a, axis in zip(args, self.proof.inputs)]
-        for i in self.proof.sizes:  # Dynamo hands the batch size in as an int
+        padded = list(args)
+        for i, (a, axis) in enumerate(zip(args, self.proof.inputs)):
+            if axis is not None and isinstance(a, torch.Tensor):
+                per_row, rest = divmod(a.shape[axis], n)
+                if rest:
+                    raise ValueError(f"input {i} has {a.shape[axis]} rows along its batch dim, not a multiple of {n}")
+                padded[i] = _pad(a, axis, per_row * size)
+        for i in self.proof.sizes:
             padded[i] = size
-        outs = self.fn(*padded)
-        return self._slice(outs, n)
+        return self._narrow(self.fn(*padded), n, size)
 
-    def _slice(self, outs: Any, n: int) -> Any:
+    def _narrow(self, outs: Any, n: int, size: int) -> Any:
         single = not isinstance(outs, (list, tuple))
         seq = [outs] if single else list(outs)
-        axes = iter(self.proof.outputs)
         result = []
-        for o in seq:
-            if isinstance(o, torch.Tensor):
-                axis = next(axes, None)
-                result.append(o if axis is None else o.narrow(axis, 0, n))
-            else:
-                result.append(o)
+        for o, axis in zip(seq, self.proof.outputs):  # one axis per graph output, tensors or not
+            if axis is not None and isinstance(o, torch.Tensor):
+                o = o.narrow(axis, 0, o.shape[axis] // size * n)
+            result.append(o)
         if single:
             return result[0]
         return type(outs)(result) if isinstance(outs, tuple) else result

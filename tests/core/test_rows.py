@@ -89,6 +89,8 @@ POSITIVE = {
                               lambda: torch.randn(5, D)),
     "prefix-of-free-data": (lambda: (lambda x: x + torch.arange(80.0)[: x.shape[0] * 4].view(x.shape[0], 4)
                                      .repeat(1, D // 4)), lambda: torch.randn(5, D)),  # row i: 4i..4i+3, any B
+    "normalize-rows": (lambda: (lambda x: F.normalize(x, dim=-1) + torch.max(x, torch.zeros(1))),
+                       lambda: torch.randn(5, D)),
     "positions-from-arange": (lambda: (lambda x: x + torch.arange(x.shape[0]).unsqueeze(-1) * 0.5),
                               lambda: torch.randn(5, D)),
 }
@@ -131,6 +133,24 @@ NEGATIVE = {
                          "inside another dim"),
     "free-data-shaped-by-batch": (lambda: (lambda x: x + torch.arange(60.0).view(x.shape[0], -1).sum(-1, True)),
                                   "the batch size is in dims"),  # row i holds 60/B values: it changes with B
+    # found by review: each was proven before and changed real rows when padded
+    "norm-of-everything": (lambda: (lambda x: x / x.norm(1)), "every dim"),
+    "vector-norm-over-batch": (lambda: (lambda x: x / torch.linalg.vector_norm(x, dim=0)), "over dim 0"),
+    "std-unbiased-flag": (lambda: (lambda x: x / x.t().std(False)), "every dim"),
+    "var-mean-of-everything": (lambda: (lambda x: x / torch.var_mean(x.t(), False)[0]), "every dim"),
+    "view-as-a-transpose": (lambda: (lambda x: x.view_as(x.t()).t()), "inside another dim"),
+    "batch-size-as-a-tensor": (lambda: (lambda x: x * torch.tensor(x.shape[0])), "computed from the batch size"),
+    "batch-size-as-alpha": (lambda: (lambda x: torch.add(x, x, alpha=x.shape[0])), "as 'alpha'"),
+    "batch-size-as-a-start": (lambda: (lambda x: x.narrow(1, x.shape[0] % 4, 4)), "as 'start'"),
+    "batch-size-as-a-correction": (lambda: (lambda x: x.std(1, correction=x.shape[0] % 3, keepdim=True)),
+                                   "as 'correction'"),
+    "attention-dropout": (lambda: (lambda x: F.scaled_dot_product_attention(*(x[:, None],) * 3, dropout_p=0.5)),
+                          "random numbers"),
+    "random-fill": (lambda: (lambda x: x + torch.empty(1, D).exponential_()), "random numbers"),
+    "gather-of-one-row": (lambda: (lambda x: x + torch.gather(x, 1, torch.zeros(1, D, dtype=torch.long))),
+                          "an index that holds none"),
+    "where-as-nonzero": (lambda: (lambda x: x[torch.where(x > 0)]), "several tensors"),
+    "input-written": (lambda: (lambda x: x.add_(1) * 2), "writes into the input"),
     "unknown-op": (lambda: (lambda x: torch.fft.fft(x, dim=-1).real), "not known to keep rows apart"),
 }
 
@@ -171,3 +191,20 @@ def test_transformers_grouped_mm_experts_sort_tokens_across_the_batch():
     model.eval()
     proof = proof_of(lambda i: model(i).logits, torch.randint(0, vocab, (3, 12)))
     assert not proof.ok and "sort over dim 0" in proof.reason
+
+
+def test_a_rule_that_fails_makes_an_unproven_graph_not_a_crash(monkeypatch):
+    from kp_compiler.core import row_rules
+
+    def broken_rule(p, node):
+        raise TypeError("surprise")
+    monkeypatch.setitem(row_rules.RULES, "linear", broken_rule)
+    proof = proof_of(nn.Linear(D, D), torch.randn(5, D))
+    assert not proof.ok and "could not be analysed (TypeError: surprise)" in proof.reason
+
+
+def test_a_bound_on_the_batch_is_an_assert_or_a_range_buckets_must_respect():
+    """``torch._check(B <= 6)``: an assert in the graph (refused) on torch 2.13, a range on the symbol on 2.9
+    (recorded, so that no bucket passes it)."""
+    proof = proof_of(lambda x: (torch._check(x.shape[0] <= 6), x * 2)[1], torch.randn(5, D))
+    assert (not proof.ok and "computed from the batch size" in proof.reason) or proof.max_batch == 6

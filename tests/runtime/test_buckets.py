@@ -91,6 +91,33 @@ def test_the_padding_check_sees_a_leak_where_the_proof_is_forged():
     def mixes(x):
         return x - x.mean(0)
 
-    forged = Bucketed(mixes, RowProof(True, inputs=[0], outputs=[0]), [8])
+    forged = Bucketed(mixes, RowProof(True, inputs=[0], outputs=[0], unit=[0]), [8])
     x = torch.randn(3, D)
     assert not torch.allclose(forged(x), mixes(x))
+
+
+def test_inputs_and_outputs_with_several_rows_per_batch_element():
+    """``[B*S, d]`` rows (tokens flattened): padded to ``S * bucket`` rows and narrowed to ``S * n``."""
+    torch.manual_seed(0)
+    lin = nn.Linear(D, D).eval()
+
+    def flat(x):
+        return lin(x.reshape(-1, D)), x.sum(-1)
+    compiled, seen = compile_bucketed(flat, torch.randn(3, 4, D), [8], "eager")
+    with torch.no_grad():
+        x = torch.randn(5, 4, D)
+        (rows, sums), (want_rows, want_sums) = compiled(x), flat(x)
+    assert rows.shape == (20, D) and sums.shape == (5, 4)
+    torch.testing.assert_close(rows, want_rows, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums, want_sums)
+    assert seen["bucketed"].stats["calls"] == {8: 2}
+
+
+def test_buckets_past_the_compiled_range_are_not_used():
+    from kp_compiler.core.rows import RowProof
+
+    bucketed = Bucketed(lambda x: x * 2, RowProof(True, inputs=[0], outputs=[0], unit=[0], max_batch=6), [4, 8])
+    assert bucketed.sizes == [4]
+    x = torch.randn(5, D)
+    torch.testing.assert_close(bucketed(x), x * 2)
+    assert bucketed.stats == {"calls": {}, "above_largest": 1}
