@@ -26,9 +26,9 @@ def test_the_smallest_bucket_that_fits(n, bucket):
     assert smallest_fitting(n, [1, 2, 4, 8]) == bucket
 
 
-def compile_bucketed(model, x, sizes, lowering):
+def compile_bucketed(model, x, sizes, lowering, wrap=Bucketed):
     """``model`` captured once with a dynamic batch, its canonical graph lowered (``eager``: run as it is) and
-    wrapped in ``Bucketed``; returns the compiled callable and the wrapper."""
+    wrapped in ``wrap`` (``Bucketed``); returns the compiled callable and what the backend saw."""
     seen = {}
 
     def backend(gm, example_inputs):
@@ -38,7 +38,7 @@ def compile_bucketed(model, x, sizes, lowering):
         symbol = batch_symbol(cgm)
         if symbol is None:  # a static batch (Dynamo compiles a batch of 1 on its own): exact size only
             return fn
-        seen["bucketed"] = Bucketed(fn, prove_rows(cgm.graph, symbol), sizes)
+        seen["bucketed"] = wrap(fn, prove_rows(cgm.graph, symbol), sizes)
         return seen["bucketed"]
 
     torch._dynamo.reset()

@@ -1,0 +1,154 @@
+"""Batch buckets replayed as captured graphs (CUDA graphs on NVIDIA GPUs).
+
+``GraphBuckets(fn, proof, sizes, recorder)`` does what ``buckets.Bucketed``
+does, with one captured graph per bucket instead of a call:
+
+- on the first call that lands in a bucket, the batched inputs are copied into
+  static buffers of the bucket's size (zeros past the real rows), ``fn`` runs
+  once as a warm-up (compiling, autotuning), then once under capture;
+- later calls copy their real rows into the static buffers and replay; rows
+  past ``n`` keep whatever an earlier call left there, which the proof says
+  reaches no real row;
+- outputs are the captured graph's static tensors, so each is narrowed to the
+  real rows and cloned before it is returned (the next replay overwrites them);
+- tensor inputs without batch rows (parameters, buffers) are read where they
+  are: the graph is captured against their addresses, and a call where one
+  moved captures the bucket again;
+- every bucket captures into one memory pool (``recorder.pool``);
+  ``capture_all`` captures every bucket up front, the largest first, so the
+  smaller ones reuse its memory;
+- a batch above the largest bucket runs ``fn`` as it is.
+
+``CudaRecorder`` captures with ``torch.cuda.CUDAGraph``. ``EagerRecorder`` runs
+``fn`` again on replay and copies the results into the captured outputs: the
+same in-place semantics, on any device, which is how the CPU tests check the
+buffer handling. ``stats`` counts captures, replays and runs above the largest.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ..core.rows import RowProof
+from .buckets import Bucketed, smallest_fitting
+
+
+class EagerRecorder:
+    """A stand-in for CUDA graphs on any device: replay reruns the function into the captured outputs."""
+
+    pool = None
+
+    def capture(self, fn: Callable) -> tuple:
+        outs = fn()
+
+        class Replay:
+            def replay(self) -> None:
+                for dst, src in zip(_flat(outs), _flat(fn())):
+                    if isinstance(dst, torch.Tensor):
+                        dst.copy_(src)
+        return Replay(), outs
+
+
+class CudaRecorder:
+    """``torch.cuda.CUDAGraph`` capture into one shared pool, after a warm-up on a side stream."""
+
+    def __init__(self):
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def capture(self, fn: Callable) -> tuple:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outs = fn()
+        return graph, outs
+
+
+def _flat(outs: Any) -> list:
+    return list(outs) if isinstance(outs, (list, tuple)) else [outs]
+
+
+class _Captured:
+    def __init__(self, static_args: list, graph, outs, addresses: tuple):
+        self.static_args, self.graph, self.outs, self.addresses = static_args, graph, outs, addresses
+
+
+class GraphBuckets(Bucketed):
+    """One captured graph per bucket; see the module docstring."""
+
+    def __init__(self, fn: Callable, proof: RowProof, sizes: Sequence[int], recorder=None):
+        super().__init__(fn, proof, sizes)
+        self.recorder = recorder or EagerRecorder()
+        self.captured: dict = {}
+        self.stats.update(captures=0, replays=0)
+
+    def _addresses(self, args: Sequence[Any]) -> tuple:
+        """The data pointers of the inputs without batch rows (the graph reads them in place), and other args."""
+        return tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a
+                     for i, (a, axis) in enumerate(zip(args, self.proof.inputs))
+                     if axis is None and i not in self.proof.sizes)
+
+    def __call__(self, *args: Any) -> Any:
+        n = self.batch_of(args)
+        size = smallest_fitting(n, self.sizes) if n > 0 else None
+        if size is None:
+            self.stats["above_largest"] += 1
+            return self.fn(*args)
+        entry = self.captured.get(size)
+        if entry is None or entry.addresses != self._addresses(args):
+            entry = self._capture(size, args, n)
+        else:
+            self._fill(entry.static_args, args, n)
+            entry.graph.replay()
+            self.stats["replays"] += 1
+        self.stats["calls"][size] = self.stats["calls"].get(size, 0) + 1
+        return self._narrow_clone(entry.outs, n, size)
+
+    def capture_all(self, args: Sequence[Any]) -> None:
+        """Capture every bucket now, the largest first (smaller graphs then reuse its pool memory)."""
+        n = self.batch_of(args)
+        for size in sorted(self.sizes, reverse=True):
+            if size not in self.captured:
+                self._capture(size, args, min(n, size))
+
+    def _capture(self, size: int, args: Sequence[Any], n: int) -> _Captured:
+        static = list(args)
+        for i, (a, axis) in enumerate(zip(args, self.proof.inputs)):
+            if axis is not None and isinstance(a, torch.Tensor):
+                per_row = a.shape[axis] // self.batch_of(args)
+                shape = list(a.shape)
+                shape[axis] = per_row * size
+                static[i] = a.new_zeros(shape)
+        for i in self.proof.sizes:
+            static[i] = size
+        self._fill(static, args, n)
+        graph, outs = self.recorder.capture(lambda: self.fn(*static))
+        entry = _Captured(static, graph, outs, self._addresses(args))
+        self.captured[size] = entry
+        self.stats["captures"] += 1
+        return entry
+
+    def _fill(self, static: list, args: Sequence[Any], n: int) -> None:
+        """Copy each batched input's real rows into its static buffer."""
+        batch = self.batch_of(args)
+        for i, (a, axis) in enumerate(zip(args, self.proof.inputs)):
+            if axis is not None and isinstance(a, torch.Tensor):
+                rows = a.shape[axis] // batch * n
+                static[i].narrow(axis, 0, rows).copy_(a.narrow(axis, 0, rows))
+
+    def _narrow_clone(self, outs: Any, n: int, size: int) -> Any:
+        narrowed = self._narrow(outs, n, size)
+        if isinstance(narrowed, (list, tuple)):
+            cloned = [o.clone() if isinstance(o, torch.Tensor) else o for o in narrowed]
+            return type(narrowed)(cloned) if isinstance(narrowed, tuple) else cloned
+        return narrowed.clone() if isinstance(narrowed, torch.Tensor) else narrowed
+
+
+def recorder_for(device: torch.device) -> Optional[object]:
+    """``CudaRecorder`` on CUDA, else None (no captured graphs there: use ``buckets.Bucketed``)."""
+    return CudaRecorder() if device.type == "cuda" else None

@@ -1,0 +1,61 @@
+"""Captured-graph buckets (``runtime/graph_buckets.py``) with ``EagerRecorder``: CUDA-graph semantics (static
+inputs, outputs overwritten in place on replay) on the CPU, so the buffer handling is tested here."""
+
+import pytest
+import torch
+from torch import nn
+
+from kp_compiler.core.rows import RowProof
+from kp_compiler.runtime.graph_buckets import GraphBuckets
+from tests.core.test_rows import Block, D
+from tests.runtime.test_buckets import compile_bucketed
+
+
+@pytest.mark.parametrize("lowering", ["eager", "inductor"])
+def test_replays_equal_eager_and_outputs_survive_the_next_replay(lowering):
+    torch.manual_seed(0)
+    model = Block().eval()
+    compiled, seen = compile_bucketed(model, torch.randn(3, 6, D), [4, 8], lowering, wrap=GraphBuckets)
+    with torch.no_grad():
+        outs = []
+        for n in (3, 4, 2, 7, 8, 11):
+            x = torch.randn(n, 6, D)
+            out = compiled(x)
+            assert out.shape == (n, 6, D)
+            torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+            outs.append((x, out))
+        for x, out in outs:  # a returned output is a copy: later replays did not overwrite it
+            torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    graphs = seen["bucketed"]
+    # the compiling call (3) captured bucket 4; 3, 4 and 2 replayed it; 7 captured 8, 8 replayed; 11 ran as it is
+    assert graphs.stats["captures"] == 2 and graphs.stats["replays"] == 4 and graphs.stats["above_largest"] == 1
+    assert graphs.stats["calls"] == {4: 4, 8: 2}
+
+
+def test_a_moved_parameter_captures_the_bucket_again():
+    lin = nn.Linear(D, D)
+
+    def fn(x, w):
+        return [x @ w.t()]
+    graphs = GraphBuckets(fn, RowProof(True, inputs=[0, None], outputs=[0], unit=[0]), [4])
+    x = torch.randn(3, D)
+    graphs(x, lin.weight.detach())
+    new_weight = torch.randn(D, D)  # another tensor: the captured graph reads the old address
+    (out,) = graphs(x, new_weight)
+    torch.testing.assert_close(out, x @ new_weight.t())
+    assert graphs.stats["captures"] == 2
+
+
+def test_capture_all_takes_the_largest_first():
+    order = []
+
+    def fn(x):
+        order.append(x.shape[0])
+        return [x * 2]
+    graphs = GraphBuckets(fn, RowProof(True, inputs=[0], outputs=[0], unit=[0]), [2, 4, 8])
+    graphs.capture_all([torch.randn(3, D)])
+    assert order == [8, 4, 2] and graphs.stats["captures"] == 3
+    x = torch.randn(3, D)
+    (out,) = graphs(x)
+    torch.testing.assert_close(out, x * 2)
+    assert graphs.stats["replays"] == 1
