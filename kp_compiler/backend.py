@@ -38,7 +38,9 @@ from .core.target import Target
 from .lowering.moe import fused_available
 from .lowering.xla import XlaUnavailable
 from .options import Options, parse_options
+from .core.rows import batch_symbol, prove_rows
 from .runtime import CompiledGraph
+from .runtime.graph_buckets import CudaRecorder, GraphBuckets
 
 log = logging.getLogger("kp_compiler")
 
@@ -121,7 +123,9 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
     # With the default passes and nothing any of them could rewrite, the lowering gets the graph as Dynamo
     # captured it (no canonicalization cost). Passes named in options["passes"] always run.
     target = Target.of(example_inputs, record.lowering)  # what every pass reads (context.current().target)
-    idle = idle_reason(gm, [name for name, _ in chosen], target, opts) if opts.passes is None else None
+    # (buckets need the canonical graph to prove its rows apart: no shortcut then)
+    idle = (idle_reason(gm, [name for name, _ in chosen], target, opts)
+            if opts.passes is None and opts.cudagraph_buckets is None else None)
     if idle is not None:
         why = f"nothing to rewrite ({idle}; options['passes'] runs it anyway)"
         record.skipped += [{"pass": name, "reason": why} for name, _ in chosen]
@@ -155,7 +159,11 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
         record.autograd_regions = regions.restore(cgm)
         if fallback is not None:
             regions.restore(fallback)
-        fn = lower(record.lowering, cgm, example_inputs, opts.mode, opts.inductor_config, dump)
+        plan = _bucket_plan(cgm, example_inputs, opts, record, target)
+        config = opts.inductor_config if plan is None else {**opts.inductor_config, "triton.cudagraphs": False}
+        fn = lower(record.lowering, cgm, example_inputs, opts.mode, config, dump)
+        if plan is not None:
+            fn = GraphBuckets(fn, plan, opts.cudagraph_buckets, _recorder())
         _note_guards(record, f"lowering ({record.lowering})", watch.added_since(mark))
     except XlaUnavailable:
         raise
@@ -165,6 +173,39 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
         why = f"lowering the rewritten graph failed ({_brief(e)})"
         return _fallback(gm, example_inputs, opts, record, why), (), None
     return fn, manager.guards, fallback
+
+
+def _bucket_plan(cgm: fx.GraphModule, example_inputs, opts: Options, record: GraphRecord, target):
+    """The row proof of ``cgm`` where ``options["cudagraph_buckets"]`` applies to it, else None; the record
+    says which (``record.buckets``)."""
+    if opts.cudagraph_buckets is None:
+        return None
+    why = None
+    symbol = batch_symbol(cgm)
+    if opts.mode != "reduce-overhead":
+        why = "buckets are captured with mode='reduce-overhead'"
+    elif record.lowering != "inductor" or not _on_cuda(example_inputs):
+        why = "CUDA graphs need CUDA inputs lowered through Inductor"
+    elif target.training:
+        why = "a training graph: parameter gradients sum over the batch"
+    elif symbol is None:
+        why = "no dynamic batch (dim 0 of an input): Inductor's CUDA graphs, one per size"
+    if why is None:
+        proof = prove_rows(cgm.graph, symbol)
+        if proof.ok:
+            record.buckets = {"sizes": list(opts.cudagraph_buckets)}
+            return proof
+        why = f"rows not proven independent along the batch: {proof.node}: {proof.reason}"
+    record.buckets = {"why": why}
+    return None
+
+
+def _on_cuda(example_inputs) -> bool:
+    return any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
+
+
+def _recorder():
+    return CudaRecorder()
 
 
 def _note_guards(record: GraphRecord, step: str, added: list) -> None:

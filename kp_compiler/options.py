@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from .core.bucket_policy import bucket_sizes
 from .core.fp8_options import FP8Options, parse_fp8
 
 LOWERINGS = ("auto", "inductor", "eager", "xla")
@@ -32,6 +33,7 @@ class Options:
     attention_kernel: str = "auto"
     flex_kernel_options: Any = "auto"
     moe_grouped_mm: str = "auto"
+    cudagraph_buckets: Any = None
     fp8: Optional[FP8Options] = None  # core/fp8_options.py
     constant_buffers: bool = False
     pass_timeout_s: Optional[float] = None
@@ -76,6 +78,9 @@ OPTION_DOCS = (  # (key, values, default), markdown; docs/architecture.md's tabl
     ('moe_grouped_mm',
      '`"auto"` (transformers\' `grouped_mm` experts rewritten into `kp::routed_experts` in inference graphs, left as they are in training graphs, where the routed op measured slower: see [docs/passes/moe.md](passes/moe.md)), `"keep"` (left as they are everywhere), `"rewrite"` (rewritten everywhere; `$KP_MOE_REWRITE_GROUPED_MM=1` does the same)',
      '`"auto"`'),
+    ('cudagraph_buckets',
+     '`None` (off), a list of batch sizes, or `"pow2:<max>"`: with `mode="reduce-overhead"` on CUDA, an inference graph whose rows are proven independent along a dynamic batch is captured once per bucket and replayed with its inputs padded (see [docs/passes/cudagraphs.md](passes/cudagraphs.md)); other graphs keep Inductor\'s CUDA graphs, and the report says why',
+     '`None`'),
     ('fp8',
      '`None` (off), `True`, or a dict: `recipe` (`"tensorwise"` (default), `"rowwise"`, `"delayed"`, `"static"`: see [docs/passes/fp8.md](passes/fp8.md)), `include` / `exclude` (globs on module paths), `emulate` (bool: convert on any device through the exact emulation), `min_dims` (`[M, K, N]` thresholds replacing the device\'s size-table row), `history_len` (delayed: amax history length, 1 to 1024, default 16), `margin` (delayed: scale headroom in powers of 2, 0 to 8, default 0), `fast_accum` (bool, default `True`: the forward GEMM accumulates with the GPU\'s fast FP8 mode; gradients never do)',
      '`None`'),
@@ -123,6 +128,11 @@ def parse_options(mode: Optional[str] = None, options: Optional[Mapping[str, Any
     options["dump_dir"] = _dump_dir(options)
     if "fp8" in options:
         options["fp8"] = parse_fp8(options["fp8"])
+    if options.get("cudagraph_buckets") is not None:
+        try:
+            options["cudagraph_buckets"] = tuple(bucket_sizes(options["cudagraph_buckets"]))
+        except ValueError as e:
+            raise ValueError(f"kernelpytorch: options['cudagraph_buckets']: {e}") from None
     inductor_config = options.get("inductor_config", {})
     _check_inductor_config(inductor_config)
     options["inductor_config"] = dict(inductor_config)

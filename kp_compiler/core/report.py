@@ -42,6 +42,7 @@ class GraphRecord:
     skipped: list = field(default_factory=list)  # default passes left out here: {"pass", "reason"}
     guards_added: list = field(default_factory=list)  # {"step", "guard"}: shape guards a step added
     autograd_regions: int = 0  # custom autograd.Function / checkpoint calls kept whole (core/regions.py)
+    buckets: Optional[dict] = None  # options["cudagraph_buckets"]: {"sizes": [...]} where used, else {"why": ...}
     dump: Optional[str] = None
     compile_ms: float = 0.0
 

@@ -1,0 +1,70 @@
+"""``options["cudagraph_buckets"]`` through the backend: the option's values, where it applies and where the
+report says why not. On the CPU, CUDA is stood in for by ``EagerRecorder`` (CUDA graphs' replay semantics)."""
+
+import pytest
+import torch
+from torch import nn
+
+from kp_compiler import backend
+from kp_compiler.core.report import collect
+from kp_compiler.options import parse_options
+from kp_compiler.runtime.graph_buckets import EagerRecorder, GraphBuckets
+from tests.core.test_rows import Block, D
+
+
+def test_the_option_takes_sizes_or_a_policy():
+    assert parse_options(None, {"cudagraph_buckets": [8, 2, 4]}).cudagraph_buckets == (2, 4, 8)
+    assert parse_options(None, {"cudagraph_buckets": "pow2:8"}).cudagraph_buckets == (1, 2, 4, 8)
+    assert parse_options(None, {}).cudagraph_buckets is None
+    with pytest.raises(ValueError, match="cudagraph_buckets"):
+        parse_options(None, {"cudagraph_buckets": "all"})
+
+
+def run(model, sizes_seen, mode="reduce-overhead", first=3):
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="kernelpytorch",  # torch.compile takes mode or options, not both
+                             options={"mode": mode, "cudagraph_buckets": [4, 8], "passes": ["noop-elimination"]})
+    x = torch.randn(first, 6, D)
+    torch._dynamo.mark_dynamic(x, 0)
+    with collect() as records, torch.no_grad():
+        compiled(x)
+        for n in sizes_seen:
+            y = torch.randn(n, 6, D)
+            torch.testing.assert_close(compiled(y), model(y), rtol=1e-5, atol=1e-5)
+    return records
+
+
+def test_on_cuda_an_inference_graph_with_rows_apart_is_bucketed(monkeypatch):
+    monkeypatch.setattr(backend, "_on_cuda", lambda inputs: True)
+    monkeypatch.setattr(backend, "_recorder", EagerRecorder)
+    made = []
+    real_init = GraphBuckets.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        made.append(self)
+    monkeypatch.setattr(GraphBuckets, "__init__", spy)
+    torch.manual_seed(0)
+    records = run(Block().eval(), [4, 2, 7, 8, 11])
+    assert [r.buckets for r in records] == [{"sizes": [4, 8]}]
+    (graphs,) = made
+    assert graphs.stats["captures"] == 2 and graphs.stats["above_largest"] == 1
+
+
+@pytest.mark.parametrize("mode,why", [("reduce-overhead", "CUDA graphs need CUDA inputs"),
+                                      ("default", "mode='reduce-overhead'")])
+def test_elsewhere_the_report_says_why_not(mode, why):
+    torch.manual_seed(0)
+    records = run(Block().eval(), [5], mode=mode)
+    assert why in records[0].buckets["why"]
+
+
+def test_rows_that_mix_are_named_in_the_report(monkeypatch):
+    monkeypatch.setattr(backend, "_on_cuda", lambda inputs: True)
+    monkeypatch.setattr(backend, "_recorder", EagerRecorder)
+
+    class Centered(nn.Module):
+        def forward(self, x):
+            return x - x.mean(0)
+    records = run(Centered(), [5])
+    assert "rows not proven independent" in records[0].buckets["why"] and "over dim 0" in records[0].buckets["why"]
