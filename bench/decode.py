@@ -36,6 +36,18 @@ from .timing import time_fn
 
 SIZES = (1, 3, 8, 13, 24, 40)
 BACKENDS = ("inductor", "kernelpytorch")
+BUCKETS = "pow2:64"  # kernelpytorch-buckets: options["cudagraph_buckets"] (issue 18)
+
+
+def _backends(mode: str) -> tuple:
+    """The rows of ``mode``: in reduce-overhead also kernelpytorch with its batch buckets."""
+    return BACKENDS + (("kernelpytorch-buckets",) if mode == "reduce-overhead" else ())
+
+
+def _compile(model, backend: str, mode: str):
+    if backend == "kernelpytorch-buckets":
+        return torch.compile(model, backend="kernelpytorch", options={"mode": mode, "cudagraph_buckets": BUCKETS})
+    return torch.compile(model, backend=backend, mode=None if mode == "default" else mode)
 
 
 def _sync(device: str) -> None:
@@ -69,12 +81,12 @@ def run_mode(model, mode: str, device: str, reps: int, rounds: int, refs: dict) 
     torch._dynamo.reset()
     ids = {b: refs[b][0] for b in SIZES}
     rows, fns = [], []
-    with _recompile_limit(8 * len(BACKENDS)), torch.no_grad():
-        for backend in BACKENDS:
+    with _recompile_limit(8 * len(_backends(mode))), torch.no_grad():
+        for backend in _backends(mode):
             _reset_code_state()
             before = counters["stats"]["unique_graphs"]
             row: dict = {"backend": backend, "mode": mode}
-            f = torch.compile(model, backend=backend, mode=None if mode == "default" else mode)
+            f = _compile(model, backend, mode)
             try:
                 row["first_pass_in_process_s"] = first_pass(f, ids, device)
                 row["graphs"] = counters["stats"]["unique_graphs"] - before
@@ -164,10 +176,10 @@ def markdown(results: dict) -> str:
 def time_first_passes(modes, repeats: int, smoke: bool, device: str) -> list:
     """Per backend and mode: the first pass in fresh processes, cold then warm, ``repeats`` times, the
     backends' order reversed from one repeat to the next."""
-    rows = {(b, m): {"backend": b, "mode": m, "cold": [], "warm": []} for m in modes for b in BACKENDS}
+    rows = {(b, m): {"backend": b, "mode": m, "cold": [], "warm": []} for m in modes for b in _backends(m)}
     for k in range(repeats):
         for m in modes:
-            for b in (BACKENDS if k % 2 == 0 else BACKENDS[::-1]):
+            for b in (_backends(m) if k % 2 == 0 else _backends(m)[::-1]):
                 row = rows[(b, m)]
                 if row.get("failed"):
                     continue
@@ -185,7 +197,7 @@ def _first_pass_child(backend: str, mode: str, smoke: bool, device: str) -> int:
     model, vocab, refs = _setup(smoke, device)
     _sync(device)
     start = time.perf_counter()
-    f = torch.compile(model, backend=backend, mode=None if mode == "default" else mode)
+    f = _compile(model, backend, mode)
     with torch.no_grad():
         seconds = first_pass(f, {b: refs[b][0] for b in SIZES}, device, start)
     print(json.dumps({"first_pass_s": seconds}))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|buckets|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -140,6 +140,13 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
     # Issue 14: the decode sequence (six batch sizes, default and reduce-overhead), backends interleaved per
     # size; the default mode's first pass in fresh processes, cold and warm.
     timeout "$(left)" python3 -m bench.decode --out "$out" --stem cuda-decode 2>"$out/decode.log" | tail -12
+    ;;
+  buckets)
+    # Issue 18: the decode sequence in reduce-overhead with kernelpytorch's batch buckets beside Inductor's per-size
+    # graphs, after a correctness check of the bucketed graphs.
+    PYTHONPATH=. timeout 200 python3 scripts/gpu_buckets_check.py > "$out/buckets-check.txt" 2>&1; echo "check rc=$?"
+    timeout "$(left)" python3 -m bench.decode --modes reduce-overhead --out "$out" --stem cuda-decode-buckets \
+      2>"$out/decode.log" | tail -8
     ;;
   decode-first-pass)
     timeout "$(left)" python3 -m bench.decode --modes --first-pass-modes default --out "$out" --stem cuda-decode-first-pass \
