@@ -90,6 +90,11 @@ def _graph_lines(index: int, g: GraphRecord) -> list[str]:
         lines.append(f"  runtime guard on input {guard['input']}: {_one_line(guard['reason'])}")
     for added in g.guards_added:
         lines.append(f"  shape guard added by {added['step']}: {added['guard']}")
+    if g.buckets is not None:  # options["cudagraph_buckets"]
+        if "sizes" in g.buckets:
+            lines.append(f"  batch buckets: {g.buckets['sizes']} (one CUDA graph each, inputs padded)")
+        else:
+            lines.append(f"  batch buckets not used: {_one_line(g.buckets['why'])}")
     for why in g.fallbacks:
         lines.append(f"  fallback: {_one_line(why)}")
     return lines

@@ -68,3 +68,21 @@ def test_rows_that_mix_are_named_in_the_report(monkeypatch):
             return x - x.mean(0)
     records = run(Centered(), [5])
     assert "rows not proven independent" in records[0].buckets["why"] and "over dim 0" in records[0].buckets["why"]
+
+
+def test_explain_says_whether_buckets_were_used(monkeypatch):
+    from kp_compiler import explain
+
+    torch.manual_seed(0)
+    model = nn.Linear(D, D).eval()
+    x = torch.randn(3, D)
+    torch._dynamo.mark_dynamic(x, 0)
+    with torch.no_grad():
+        text = str(explain(model, x, mode="reduce-overhead", cudagraph_buckets=[4, 8]))
+    assert "batch buckets not used: CUDA graphs need CUDA inputs" in text
+    monkeypatch.setattr(backend, "_on_cuda", lambda inputs: True)
+    monkeypatch.setattr(backend, "_recorder", EagerRecorder)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        text = str(explain(model, x, mode="reduce-overhead", cudagraph_buckets=[4, 8]))
+    assert "batch buckets: [4, 8] (one CUDA graph each, inputs padded)" in text
