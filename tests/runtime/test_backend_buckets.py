@@ -86,3 +86,27 @@ def test_explain_says_whether_buckets_were_used(monkeypatch):
     with torch.no_grad():
         text = str(explain(model, x, mode="reduce-overhead", cudagraph_buckets=[4, 8]))
     assert "batch buckets: [4, 8] (one CUDA graph each, inputs padded)" in text
+
+
+def test_an_expert_loop_is_bucketed_once_rewritten_to_the_routed_op(monkeypatch):
+    """The unrolled loop routes by data-dependent sizes; rewritten (``moe-dispatch``), each token's output comes
+    from its own row through ``kp::routed_experts``, which the proof has a rule for: the decode layer buckets."""
+    from kp_compiler.testing.models import LoopMoE
+
+    monkeypatch.setattr(backend, "_on_cuda", lambda inputs: True)
+    monkeypatch.setattr(backend, "_recorder", EagerRecorder)
+    torch.manual_seed(0)
+    model = LoopMoE(D, 24, 4, 2).eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="kernelpytorch", options={
+        "mode": "reduce-overhead", "cudagraph_buckets": [4, 8], "passes": ["noop-elimination", "moe-dispatch"]})
+    x = torch.randn(3, 1, D)
+    torch._dynamo.mark_dynamic(x, 0)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), collect() as records, torch.no_grad():
+        compiled(x)
+        for n in (2, 5, 8, 13):
+            y = torch.randn(n, 1, D)
+            torch.testing.assert_close(compiled(y), model(y), rtol=1e-5, atol=1e-5)
+    moe = [p for r in records for p in r.passes if p.name == "moe-dispatch"]
+    assert moe and moe[0].matches == 1
+    assert records[0].buckets == {"sizes": [4, 8]}, records[0].buckets
