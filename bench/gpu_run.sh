@@ -145,8 +145,13 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
     # Issue 18: the decode sequence in reduce-overhead with kernelpytorch's batch buckets beside Inductor's per-size
     # graphs, after a correctness check of the bucketed graphs.
     PYTHONPATH=. timeout 200 python3 scripts/gpu_buckets_check.py > "$out/buckets-check.txt" 2>&1; echo "check rc=$?"
-    timeout "$(left)" python3 -m bench.decode --modes reduce-overhead --out "$out" --stem cuda-decode-buckets \
+    timeout "$(( $(left) - 200 ))" python3 -m bench.decode --modes reduce-overhead --out "$out" --stem cuda-decode-buckets \
       2>"$out/decode.log" | tail -8
+    # the MoE decode layer at 64, 40, 24, 8 tokens in one step (a row per mode; the buckets row is kernelpytorch's)
+    timeout "$(left)" python3 -m bench --cases moe-e64-top8-decode-dynamic \
+      --backends inductor inductor-reduce-overhead kernelpytorch-reduce-overhead \
+      --kp-options '{"mode": "reduce-overhead", "cudagraph_buckets": "pow2:64"}' --row-timeout 150 $extra \
+      --out "$out" --stem cuda-moe-decode-buckets 2>"$out/moe-decode-buckets.log" | tail -8
     ;;
   decode-first-pass)
     timeout "$(left)" python3 -m bench.decode --modes --first-pass-modes default --out "$out" --stem cuda-decode-first-pass \

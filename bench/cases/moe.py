@@ -42,6 +42,25 @@ for _name, _shape in SHAPES.items():
         case(f"{_name}{'-fwd-bwd' if _train else ''}", "moe", train=_train)(
             lambda scale, shape=_shape, train=_train: _build(shape, scale, train))
 
+DECODE_TOKENS = (64, 40, 24, 8)  # one step of the dynamic decode case: these token counts in turn (issue 18)
+
+
+@case("moe-e64-top8-decode-dynamic", "moe")
+def _decode_dynamic(scale: Scale) -> Workload:
+    """The decode layer at several token counts in one step, every dim dynamic: one symbolic graph (and, with
+    ``options["cudagraph_buckets"]``, one CUDA graph per bucket) against Inductor's graph per size."""
+    wl = _build(SHAPES["moe-e64-top8-decode"], scale, False)
+    s = SMOKE if scale.smoke else SHAPES["moe-e64-top8-decode"]
+    counts = (32, 20, 12, 4) if scale.smoke else DECODE_TOKENS
+    g = torch.Generator(device=scale.device).manual_seed(1)
+    sets = [(torch.randn(t, s["d"], device=scale.device, dtype=scale.dtype, generator=g),) for t in counts]
+    wl.inputs, wl.more_inputs = sets[0], sets[1:]
+    wl.flops = sum(2 * t * s["k"] * 3 * s["d"] * s["f"] for t in counts)
+    wl.dynamo_config = {"capture_dynamic_output_shape_ops": True, "assume_static_by_default": False,
+                        "automatic_dynamic_shapes": True}
+    wl.note = f"one step = {counts} tokens, every dim dynamic"
+    return wl
+
 
 class GroupedMoE(nn.Module):
     """The anchors' ``torch._grouped_mm`` reference: the same layer with expert weights stored stacked
