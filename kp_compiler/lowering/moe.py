@@ -119,14 +119,15 @@ def _forced_backward() -> str:
 
 def _cuda_backward(grad, x, ids, weights, w_gate, w_up, w_down, b_gate, b_up, b_down, activation):
     biases = (b_gate, b_up, b_down)
-    if _forced_backward() == "triton":
+    forced = _forced_backward()
+    if forced == "triton":
         tables = _triton_tables(x, w_gate, w_up, w_down)
         if tables is not None:
             from ..ops import triton_expert_backward
             return triton_expert_backward.backward(grad, x, ids, weights, w_gate, w_up, w_down, activation, tables,
                                                    biases)
     impl = choose_backward(_device_info(x.device), x.dtype, grouped_experts.aligned(x, w_up))
-    if _forced_backward() == "reference":
+    if forced == "reference":
         impl = "reference"
     if impl == "grouped_mm":
         return grouped_experts.backward(grad.contiguous(), x, ids, weights, w_gate, w_up, w_down, activation, biases)

@@ -69,13 +69,20 @@ class Bucketed:
         i = self.proof.unit[0]
         return args[i].shape[self.proof.inputs[i]]
 
-    def __call__(self, *args: Any) -> Any:
+    def bucket(self, args: Sequence[Any]) -> tuple:
+        """``(n, bucket)`` for a call; the bucket is None (counted) where the call runs unpadded."""
         n = self.batch_of(args)
         size = smallest_fitting(n, self.sizes) if n > 0 else None
         if size is None:
             self.stats["above_largest"] += 1
+        else:
+            self.stats["calls"][size] = self.stats["calls"].get(size, 0) + 1
+        return n, size
+
+    def __call__(self, *args: Any) -> Any:
+        n, size = self.bucket(args)
+        if size is None:
             return self.fn(*args)
-        self.stats["calls"][size] = self.stats["calls"].get(size, 0) + 1
         padded = list(args)
         for i, (a, axis) in enumerate(zip(args, self.proof.inputs)):
             if axis is not None and isinstance(a, torch.Tensor):

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..core.rows import RowProof
-from .buckets import Bucketed, smallest_fitting
+from .buckets import Bucketed
 
 
 class EagerRecorder:
@@ -94,48 +94,44 @@ class GraphBuckets(Bucketed):
                      if axis is None and i not in self.proof.sizes)
 
     def __call__(self, *args: Any) -> Any:
-        n = self.batch_of(args)
-        size = smallest_fitting(n, self.sizes) if n > 0 else None
+        n, size = self.bucket(args)
         if size is None:
-            self.stats["above_largest"] += 1
             return self.fn(*args)
         entry = self.captured.get(size)
         if entry is None or entry.addresses != self._addresses(args):
-            entry = self._capture(size, args, n)
+            entry = self._capture(size, args, n, n)
         else:
-            self._fill(entry.static_args, args, n)
+            self._fill(entry.static_args, args, n, n)
             entry.graph.replay()
             self.stats["replays"] += 1
-        self.stats["calls"][size] = self.stats["calls"].get(size, 0) + 1
         return self._narrow_clone(entry.outs, n, size)
 
     def capture_all(self, args: Sequence[Any]) -> None:
         """Capture every bucket now, the largest first (smaller graphs then reuse its pool memory)."""
-        n = self.batch_of(args)
+        batch = self.batch_of(args)
         for size in sorted(self.sizes, reverse=True):
             if size not in self.captured:
-                self._capture(size, args, min(n, size))
+                self._capture(size, args, batch, min(batch, size))
 
-    def _capture(self, size: int, args: Sequence[Any], n: int) -> _Captured:
+    def _capture(self, size: int, args: Sequence[Any], batch: int, n: int) -> _Captured:
+        """``batch``: the batch ``args`` hold; ``n``: how many of its rows to copy in (at most ``size``)."""
         static = list(args)
         for i, (a, axis) in enumerate(zip(args, self.proof.inputs)):
             if axis is not None and isinstance(a, torch.Tensor):
-                per_row = a.shape[axis] // self.batch_of(args)
                 shape = list(a.shape)
-                shape[axis] = per_row * size
+                shape[axis] = a.shape[axis] // batch * size
                 static[i] = a.new_zeros(shape)
         for i in self.proof.sizes:
             static[i] = size
-        self._fill(static, args, n)
+        self._fill(static, args, batch, n)
         graph, outs = self.recorder.capture(lambda: self.fn(*static))
         entry = _Captured(static, graph, outs, self._addresses(args))
         self.captured[size] = entry
         self.stats["captures"] += 1
         return entry
 
-    def _fill(self, static: list, args: Sequence[Any], n: int) -> None:
-        """Copy each batched input's real rows into its static buffer."""
-        batch = self.batch_of(args)
+    def _fill(self, static: list, args: Sequence[Any], batch: int, n: int) -> None:
+        """Copy the first ``n`` of ``batch`` rows of each batched input into its static buffer."""
         for i, (a, axis) in enumerate(zip(args, self.proof.inputs)):
             if axis is not None and isinstance(a, torch.Tensor):
                 rows = a.shape[axis] // batch * n
