@@ -5,7 +5,9 @@ does, with one captured graph per bucket instead of a call:
 
 - on the first call that lands in a bucket, the batched inputs are copied into
   static buffers of the bucket's size (zeros past the real rows), ``fn`` runs
-  once as a warm-up (compiling, autotuning), then once under capture;
+  once as a warm-up (compiling, autotuning), then once under capture, then the
+  graph is replayed once: kernels launched under capture do not run, so the
+  captured outputs hold nothing until the first replay;
 - later calls copy their real rows into the static buffers and replay; rows
   past ``n`` keep whatever an earlier call left there, which the proof says
   reaches no real row;
@@ -22,7 +24,8 @@ does, with one captured graph per bucket instead of a call:
 ``CudaRecorder`` captures with ``torch.cuda.CUDAGraph``. ``EagerRecorder`` runs
 ``fn`` again on replay and copies the results into the captured outputs: the
 same in-place semantics, on any device, which is how the CPU tests check the
-buffer handling. ``stats`` counts captures, replays and runs above the largest.
+buffer handling. Like a CUDA capture, its capture leaves the outputs without
+results (floating outputs are filled with NaN), so a missing replay shows. ``stats`` counts captures, replays and runs above the largest.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ class EagerRecorder:
 
     def capture(self, fn: Callable) -> tuple:
         outs = fn()
+        for o in _flat(outs):  # a CUDA capture computes nothing: the outputs hold no results until a replay
+            if isinstance(o, torch.Tensor) and o.is_floating_point():
+                o.fill_(float("nan"))
 
         class Replay:
             def replay(self) -> None:
@@ -102,8 +108,8 @@ class GraphBuckets(Bucketed):
             entry = self._capture(size, args, n, n)
         else:
             self._fill(entry.static_args, args, n, n)
-            entry.graph.replay()
-            self.stats["replays"] += 1
+        entry.graph.replay()
+        self.stats["replays"] += 1
         return self._narrow_clone(entry.outs, n, size)
 
     def capture_all(self, args: Sequence[Any]) -> None:

@@ -12,9 +12,9 @@ from kp_compiler.passes.attention.mask_mod import lift_mask_mod
 L = 64
 
 
-def keep_mask_of(fn):
+def keep_mask_of(fn, length=L):
     """The keep-mask node the attention matcher finds in ``fn``'s canonical graph."""
-    inputs = [torch.randn(1, 2, L, 8) for _ in range(3)]
+    inputs = [torch.randn(1, 2, length, 8) for _ in range(3)]
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         gm = make_fx(fn, pre_dispatch=True)(*[mode.from_tensor(t) for t in inputs])
     (softmax,) = [n for n in gm.graph.nodes if n.target in attention.SOFTMAX]
@@ -122,3 +122,16 @@ def test_the_grid_proof_rejects_a_wrong_lift():
     keep = keep_mask_of(cases.causal)
     assert _same_on_grid(keep, lambda b, h, q, kv: kv <= q, L, L)
     assert not _same_on_grid(keep, lambda b, h, q, kv: kv < q, L, L)
+
+
+def test_a_one_by_one_mask_lifts_to_a_tensor_valued_mask_mod():
+    """Decode at length 1: the causal grid is one kept cell, a constant; flex's vmap needs a tensor back
+    (on the H200 a Python ``True`` made the pass roll back)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mask_mod = lift_mask_mod(keep_mask_of(cases.causal, 1), 1, 1)
+    assert mask_mod is not None
+    kept = mask_mod(0, 0, torch.tensor(0), torch.tensor(0))
+    assert isinstance(kept, torch.Tensor) and kept.dtype == torch.bool and bool(kept)
+    block_mask = create_block_mask(mask_mod, None, None, 1, 1, device="cpu")
+    assert block_mask.to_dense().sum() == 1

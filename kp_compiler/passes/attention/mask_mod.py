@@ -249,7 +249,10 @@ def _lift_and_prove(keep: fx.Node, L: Any, S: Any) -> Optional[Callable]:
 
     def mask_mod(b, h, q_idx, kv_idx):
         ix = {1: 0 if 1 in ones else kv_idx, 2: 0 if 2 in ones else q_idx}
-        return lifted.f({p: ix.get(p, 0) for p in range(1, rank + 1)})
+        kept = lifted.f({p: ix.get(p, 0) for p in range(1, rank + 1)})
+        if isinstance(kept, (bool, int)):  # a constant grid (a 1 x 1 decode mask): flex wants a tensor
+            return kv_idx >= 0 if kept else kv_idx < 0
+        return kept
     if isinstance(L, int) and isinstance(S, int):
         return mask_mod if _same_on_grid(keep, mask_mod, L, S) else None
     return mask_mod if _exactly_modelled(keep) else None
