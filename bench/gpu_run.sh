@@ -146,7 +146,7 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
     # graphs, after a correctness check of the bucketed graphs.
     PYTHONPATH=. timeout 200 python3 scripts/gpu_buckets_check.py > "$out/buckets-check.txt" 2>&1; echo "check rc=$?"
     timeout "$(( $(left) - 150 ))" python3 -m bench.decode --modes default reduce-overhead \
-      --first-pass-modes ${KP_FIRST_PASS_MODES:-reduce-overhead} --first-pass-repeats 1 --out "$out" \
+      --first-pass-modes ${KP_FIRST_PASS_MODES-reduce-overhead} --first-pass-repeats 1 --out "$out" \
       --stem cuda-decode-buckets 2>"$out/decode.log" | tail -14
     # the MoE decode layer at 64, 40, 24, 8 tokens in one step (a row per mode; the buckets row is kernelpytorch's)
     timeout "$(left)" python3 -m bench --cases moe-e64-top8-decode-dynamic \

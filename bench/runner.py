@@ -71,7 +71,10 @@ class Step:
         if not self.train:
             with torch.no_grad():
                 out = self.compiled(*inputs)
-            return self.wl.output(out) if capture else None
+            if not capture:
+                return None
+            out = self.wl.output(out)  # kept while the step's later calls run: a copy (CUDA graphs reuse theirs)
+            return out.clone() if isinstance(out, torch.Tensor) else out
         loss = self.wl.loss(self.compiled(*inputs))
         loss.backward()
         grads = _grads(self.model, inputs) if capture else None

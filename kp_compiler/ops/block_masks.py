@@ -31,6 +31,8 @@ from typing import Callable
 
 import torch
 
+from ..core.persistent import capturing, persistent
+
 BLOCK = 128  # create_block_mask's default block size, both axes
 CACHE_SIZE = 64
 _MASKS: dict = {}  # mask text -> mask_mod
@@ -51,8 +53,10 @@ def _blocks(n):
 def flex_block_mask(key: str, L: int, S: int, device: torch.device) -> list[torch.Tensor]:
     cache_key = (key, L, S, str(device))
     parts = _CACHE.get(cache_key)
+    if parts is None and capturing():  # the graph's own tables, in its pool: not kept (core/persistent.py)
+        return _build(key, L, S, device)
     if parts is None:
-        parts = _build(key, L, S, device)
+        parts = persistent(lambda: _build(key, L, S, device))
         _CACHE[cache_key] = parts
         if len(_CACHE) > CACHE_SIZE:
             _CACHE.popitem(last=False)

@@ -22,6 +22,8 @@ from typing import Any, Callable, Hashable
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..core.persistent import capturing, persistent
+
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 stats = {"hits": 0, "misses": 0}
 
@@ -37,7 +39,9 @@ def cached(w: torch.Tensor, key: Hashable, make: Callable[[], Any]) -> Any:
         stats["hits"] += 1
         return hit[1]
     stats["misses"] += 1
-    value = make()
+    if capturing():  # the graph's own copy, in its pool: not kept (core/persistent.py)
+        return make()
+    value = persistent(make)
     entries[key] = (stamp, value)
     return value
 

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..core.persistent import capturing, persistent
 from .routed_experts import stacked
 from .triton_launch import Launcher
 from .triton_routing import schedule
@@ -257,8 +258,12 @@ def expert_tables(x: torch.Tensor, w_gate, w_up, w_down):
         _experts.clear()
     tables = None
     if supported(x, w_gate, w_up, w_down):
-        up, down = (torch.tensor(_addresses(ws), dtype=torch.int64).to(x.device) for ws in roles[1:])
-        tables = (torch.tensor(_addresses(w_gate), dtype=torch.int64).to(x.device) if w_gate else up, up, down)
+        def make():
+            up, down = (torch.tensor(_addresses(ws), dtype=torch.int64).to(x.device) for ws in roles[1:])
+            return (torch.tensor(_addresses(w_gate), dtype=torch.int64).to(x.device) if w_gate else up, up, down)
+        if capturing():  # the graph's own copy, in its pool: not kept (see core/persistent.py)
+            return make()
+        tables = persistent(make)
     _experts[key] = tables
     return tables
 
@@ -272,12 +277,16 @@ def bias_tables(x: torch.Tensor, biases):
             tables.append(None)
             continue
         key = ("bias", x.device, x.dtype, tuple(b.data_ptr() for b in bs))
+        table = _experts.get(key)
         if key not in _experts:
             ok = all(b.dim() == 1 and b.stride(0) == 1 and b.dtype == x.dtype and b.device == x.device for b in bs)
-            _experts[key] = torch.tensor(key[3], dtype=torch.int64).to(x.device) if ok else None
-        if _experts[key] is None:
+            make = lambda: torch.tensor(key[3], dtype=torch.int64).to(x.device)  # noqa: E731
+            table = None if not ok else make() if capturing() else persistent(make)
+            if not capturing():
+                _experts[key] = table
+        if table is None:
             return None
-        tables.append(_experts[key])
+        tables.append(table)
     return tuple(tables)
 
 

@@ -52,8 +52,8 @@ def chunked(q):
     return tf_masks.chunked_causal_mask_function(8, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
-def qkv(requires_grad=False):
-    shapes = [(B, H, L, D), (B, KV, L, D), (B, KV, L, D)]
+def qkv(requires_grad=False, length=L):
+    shapes = [(B, H, length, D), (B, KV, length, D), (B, KV, length, D)]
     return [torch.randn(s, requires_grad=requires_grad) for s in shapes]
 
 
@@ -75,6 +75,22 @@ def test_causal_mask_becomes_is_causal_with_gqa(float_mask, tmp_path):
     filecheck("CHECK: scaled_dot_product_attention.default(%l_q_, %l_k_, %l_v_, scale=0.25, is_causal=True, "
               "enable_gqa=True){{.*}}# attn_mask proven causal: is_causal\n"
               "CHECK-NOT: expand\n", text[text.index("scaled_dot"):])
+
+
+@pytest.mark.parametrize("float_mask", [False, True], ids=["bool", "finfo-min"])
+def test_a_mask_keeping_every_key_is_dropped(float_mask, tmp_path):
+    """Decode at length 1 (transformers 5.17 still builds the 1 x 1 mask): plain SDPA, GQA by enable_gqa.
+    On the H200 the mask had gone to flex_attention, which compiled a graph per batch size."""
+    fn = MaskedSdpa(causal, float_mask)
+    compiled, out, records = compile_and_collect(fn, qkv(requires_grad=True, length=1), dump_dir=str(tmp_path))
+    assert pass_record(records, "attention-to-sdpa").by_rule == {"sdpa-no-mask": 1}
+    inputs = qkv(length=1)
+    got, want = input_grads(compiled, inputs), input_grads(fn, inputs)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    assert_same_grads(got[1], want[1], rtol=1e-4, atol=1e-5)
+    text = (tmp_path / "graph-000" / "02-attention-to-sdpa.txt").read_text()
+    filecheck("CHECK: scaled_dot_product_attention.default(%l_q_, %l_k_, %l_v_, scale=0.25, enable_gqa=True)"
+              "{{.*}}# attn_mask proven to keep every key: dropped\n", text[text.index("scaled_dot"):])
 
 
 MASK_MODS = {

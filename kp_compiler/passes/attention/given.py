@@ -9,6 +9,8 @@ spellings (``mask_mod.py``, then ``value_masks.py``):
 
 - a causal mask becomes ``is_causal=True``: the mask tensor and the head
   repeats go, ``enable_gqa=True`` comes instead;
+- a mask that keeps every key (decode at length 1: a 1 x 1 grid) goes the
+  same way without ``is_causal``: plain SDPA;
 - any other lifted mask (sliding window, chunked) tags the node with its
   ``mask_mod`` for ``attention-kernels`` (FlexAttention with a block mask
   where the kernel table says so, else SDPA keeps the tensor);
@@ -39,7 +41,7 @@ from torch import fx
 
 from ...core.graph import erase_dead, val
 from .layout import gqa_source
-from .mask_mod import describe, lift_mask_mod
+from .mask_mod import EVERY_KEY_KEPT, describe, lift_mask_mod
 from .scalars import bias_as_keep
 from .sdpa_mask import CAUSAL_MASK_MODS, note, tag
 from .data_masks import lift_data_mask
@@ -83,13 +85,14 @@ def _keep_node(g: fx.Graph, sdpa: fx.Node, mask: fx.Node) -> Optional[fx.Node]:
     return mask if isinstance(mask, fx.Node) and getattr(val(mask), "dtype", None) is torch.bool else None
 
 
-def _make_causal(sdpa: fx.Node, keep: fx.Node) -> None:
-    """``is_causal=True`` in place of the mask; GQA heads from their source when k and v repeat them."""
+def _drop_mask(sdpa: fx.Node, keep: fx.Node, causal: bool) -> None:
+    """No mask (``is_causal=True`` if ``causal``); GQA heads from their source when k and v repeat them."""
     args = sdpa_arguments(sdpa)
     q, k, v = sdpa.args[:3]
     dropped = [args["attn_mask"], keep, k, v]
     del args["attn_mask"]
-    args["is_causal"] = True
+    if causal:
+        args["is_causal"] = True
     k0, v0 = gqa_source(k), gqa_source(v)
     if k0 and v0 and k0[1] == v0[1] and not args.get("enable_gqa"):
         k, v, args["enable_gqa"] = k0[0], v0[0], True
@@ -110,7 +113,7 @@ def _lift_data_mask(node: fx.Node, mask: fx.Node, keep: Optional[fx.Node], B, L,
 
 
 def lift_given_sdpa(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
-    """Lift one SDPA call's ``attn_mask``: ``"sdpa-causal"``, ``"sdpa-mask_mod"``, ``"sdpa-data-mask"`` (it reads
+    """Lift one SDPA call's ``attn_mask``: ``"sdpa-causal"``, ``"sdpa-no-mask"``, ``"sdpa-mask_mod"``, ``"sdpa-data-mask"`` (it reads
     a per-row tensor, ``data_masks.py``), or None (left alone)."""
     if node.target is not SDPA or node.meta.get(META_KEY) is not None or not sdpa_with_mask(node):
         return None
@@ -126,8 +129,13 @@ def lift_given_sdpa(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     mask_mod = lift_mask_mod(keep, L, S) if keep is not None else None
     if mask_mod is None:
         return _lift_data_mask(node, mask, keep, q.shape[0], L, S)
+    if describe(mask_mod) == EVERY_KEY_KEPT:
+        _drop_mask(node, keep, causal=False)
+        node.meta[META_KEY] = tag("no-mask", None)
+        node.meta["kp_note"] = "attn_mask proven to keep every key: dropped"
+        return "sdpa-no-mask"
     if describe(mask_mod) in CAUSAL_MASK_MODS:
-        _make_causal(node, keep)
+        _drop_mask(node, keep, causal=True)
         node.meta[META_KEY] = tag("causal", None)
         node.meta["kp_note"] = "attn_mask proven causal: is_causal"
         return "sdpa-causal"

@@ -54,6 +54,7 @@ from .value_masks import recognise
 aten = torch.ops.aten
 
 
+EVERY_KEY_KEPT = "kv_idx >= 0"  # describe() of a lifted mask whose grid is one constant True
 _memo: Optional[dict] = None  # (keep node, L, S) -> lifted mask_mod or None, inside memoized()
 _ROWS: dict = {}  # (describe(mask_mod), L, S) -> every row keeps a key
 

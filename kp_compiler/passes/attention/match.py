@@ -410,7 +410,8 @@ def _note(text: str) -> None:
 
 def attention_to_sdpa(gm: fx.GraphModule) -> Matches:
     """Rewrite every provable attention in ``gm`` to SDPA; matches counted per mask kind."""
-    counts = {"causal": 0, "mask-tensor": 0, "no-mask": 0, "sdpa-causal": 0, "sdpa-mask_mod": 0, "sdpa-data-mask": 0}
+    counts = {"causal": 0, "mask-tensor": 0, "no-mask": 0, "sdpa-causal": 0, "sdpa-no-mask": 0, "sdpa-mask_mod": 0,
+              "sdpa-data-mask": 0}
     with memoized():  # one lift and proof per shared mask node, not per layer
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in SOFTMAX or not alive(node):

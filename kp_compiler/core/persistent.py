@@ -1,0 +1,48 @@
+"""Device tensors kept between calls, allocated outside any CUDA-graph memory pool.
+
+Under ``mode="reduce-overhead"`` Inductor's CUDA-graph trees route every
+allocation of the calling thread into the graphs' private pool, warm-up runs
+included. A cache that keeps a tensor made there (a kernel's table of expert
+weight addresses, a block mask, a quantized weight) holds pool memory the
+trees do not track: they stop with "tensor(s) in the cudagraph pool not
+tracked as outputs", and a pool that reuses the memory would overwrite it.
+
+``persistent(make)`` runs ``make`` on a worker thread, whose allocations go to
+the ordinary caching allocator, and waits for its device work. Under a stream
+capture (``capturing()``) there is no safe place: callers build the value in
+the graph and do not cache it.
+
+Before::   tables = torch.tensor(addresses).to(device)          # in the pool during warm-up
+After::    tables = persistent(lambda: torch.tensor(addresses).to(device))
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any, Callable, Optional
+
+import torch
+
+_worker: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+
+def capturing() -> bool:
+    """A CUDA stream capture is running on this thread's current stream."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def persistent(make: Callable[[], Any]) -> Any:
+    """``make()``, with its CUDA allocations outside any pool the calling thread allocates into."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return make()
+    global _worker
+    if _worker is None:
+        _worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kp-persistent")
+    device = torch.cuda.current_device()
+
+    def run():
+        torch.cuda.set_device(device)
+        value = make()
+        torch.cuda.current_stream().synchronize()  # the caller's streams do not wait on this thread's
+        return value
+    return _worker.submit(run).result()

@@ -1,0 +1,71 @@
+"""Tensors kept between calls (``core/persistent.py``): built on a worker thread where CUDA is up (so
+CUDA-graph pools, which route the calling thread's allocations, never hold them), and never kept when built
+under a capture. CUDA is stood in for on the CPU: the thread and the caching are what is checked here."""
+
+import threading
+
+import pytest
+import torch
+
+from kp_compiler.ops import block_masks, fp8_weights, triton_experts
+from kp_compiler.core import persistent as mod
+
+
+@pytest.fixture
+def cuda_up(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+
+    class Stream:
+        def synchronize(self):
+            pass
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+
+
+def test_on_cuda_the_value_is_made_on_another_thread(cuda_up):
+    threads = []
+    value = mod.persistent(lambda: (threads.append(threading.get_ident()), torch.ones(3))[1])
+    assert threads and threads[0] != threading.get_ident()
+    torch.testing.assert_close(value, torch.ones(3))
+
+
+def test_without_cuda_it_is_made_here():
+    threads = []
+    mod.persistent(lambda: threads.append(threading.get_ident()))
+    assert threads == [threading.get_ident()]
+
+
+def _experts():
+    x = torch.randn(4, 16)
+    return x, [torch.randn(32, 16)], [torch.randn(32, 16)], [torch.randn(16, 32)]
+
+
+@pytest.mark.parametrize("capture", [False, True])
+def test_expert_tables_are_kept_only_outside_a_capture(monkeypatch, capture):
+    monkeypatch.setattr(triton_experts, "capturing", lambda: capture)
+    triton_experts._experts.clear()  # keyed by addresses: an earlier test's freed weights may share them
+    x, G, U, Dn = _experts()
+    first = triton_experts.expert_tables(x, G, U, Dn)
+    again = triton_experts.expert_tables(x, G, U, Dn)
+    assert first[1].tolist() == [U[0].data_ptr()]
+    assert (again[1] is first[1]) is (not capture)
+    bias = [torch.randn(32)]
+    b1, b2 = (triton_experts.bias_tables(x, ([], bias, [])) for _ in range(2))
+    assert b1[1].tolist() == [bias[0].data_ptr()] and (b2[1] is b1[1]) is (not capture)
+
+
+@pytest.mark.parametrize("capture", [False, True])
+def test_block_masks_and_quantized_weights_are_kept_only_outside_a_capture(monkeypatch, capture):
+    monkeypatch.setattr(block_masks, "capturing", lambda: capture)
+    monkeypatch.setattr(fp8_weights, "capturing", lambda: capture)
+    block_masks.register("kv_idx <= q_idx", lambda b, h, q, kv: kv <= q)
+    block_masks._CACHE.clear()
+    block_masks.flex_block_mask("kv_idx <= q_idx", 200, 200, torch.device("cpu"))
+    assert len(block_masks._CACHE) == (0 if capture else 1)
+    fp8_weights.clear()
+    w = torch.randn(4, 4)
+    fp8_weights.cached(w, "k", lambda: w * 2)
+    fp8_weights.cached(w, "k", lambda: w * 2)
+    assert fp8_weights.stats["misses"] == (2 if capture else 1)
