@@ -112,9 +112,10 @@ def run_mode(model, mode: str, device: str, reps: int, rounds: int, refs: dict) 
     return rows
 
 
-def first_pass_in_fresh_process(backend: str, mode: str, cache_dir: str, smoke: bool, device: str) -> float:
+def first_pass_in_fresh_process(backend: str, mode: str, cache_dir: str, smoke: bool, device: str) -> dict:
     """The first pass in a new process whose Inductor and Triton caches live in ``cache_dir``: an empty
-    folder gives the cold start a new user sees, the same folder again the warm restart."""
+    folder gives the cold start a new user sees, the same folder again the warm restart.
+    ``{"first_pass_s", "peak_gib"}``: seconds, and the process's peak GPU memory (0 on the CPU)."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"),
                TRITON_CACHE_DIR=os.path.join(cache_dir, "triton"))
     cmd = [sys.executable, "-m", "bench.decode", "--first-pass-child", backend, mode, "--device", device]
@@ -122,7 +123,7 @@ def first_pass_in_fresh_process(backend: str, mode: str, cache_dir: str, smoke: 
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"first-pass child for {backend}/{mode} failed: {proc.stderr[-500:]}")
-    return float(json.loads(proc.stdout.strip().splitlines()[-1])["first_pass_s"])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def markdown(results: dict) -> str:
@@ -155,9 +156,11 @@ def markdown(results: dict) -> str:
         lines += ["", "First pass = from the `torch.compile` call through the six sizes' first calls (both call "
                   "styles), compiles included, each in a fresh process: cold on an empty Inductor/Triton cache folder, then warm on the same folder; "
                   "the backends alternate in order from one repeat to the next. Seconds per repeat; median; "
-                  "ratio = Inductor's median over this row's.", "",
-                  "| backend | mode | cold s | cold median | vs Inductor | warm s | warm median | vs Inductor |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "ratio = Inductor's median over this row's. Peak GiB = the most GPU memory each process "
+                  "allocated (model and references included), over its processes.", "",
+                  "| backend | mode | cold s | cold median | vs Inductor | warm s | warm median | vs Inductor "
+                  "| peak GiB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         med = {(r["backend"], r["mode"]): r for r in results["first_pass"]}
         for r in results["first_pass"]:
             if r.get("failed"):
@@ -169,7 +172,8 @@ def markdown(results: dict) -> str:
                 m = statistics.median(r[kind])
                 q = statistics.median(ref[kind]) / m if ref and not ref.get("failed") else None
                 cells.append(f"{', '.join(f'{x:.1f}' for x in r[kind])} | {m:.1f} | " + (f"{q:.2f}x" if q else ""))
-            lines.append(f"| {r['backend']} | {r['mode']} | {cells[0]} | {cells[1]} |")
+            lines.append(f"| {r['backend']} | {r['mode']} | {cells[0]} | {cells[1]} "
+                         f"| {max(r.get('peak_gib') or [0.0]):.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -185,8 +189,10 @@ def time_first_passes(modes, repeats: int, smoke: bool, device: str) -> list:
                     continue
                 with tempfile.TemporaryDirectory(prefix="kp-decode-cache-") as cache:
                     try:
-                        row["cold"].append(first_pass_in_fresh_process(b, m, cache, smoke, device))
-                        row["warm"].append(first_pass_in_fresh_process(b, m, cache, smoke, device))
+                        for kind in ("cold", "warm"):
+                            got = first_pass_in_fresh_process(b, m, cache, smoke, device)
+                            row[kind].append(got["first_pass_s"])
+                            row.setdefault("peak_gib", []).append(got.get("peak_gib", 0.0))
                     except Exception as e:  # noqa: BLE001
                         row["failed"] = str(e)[:300]
                 print(json.dumps(row), file=sys.stderr, flush=True)
@@ -200,7 +206,8 @@ def _first_pass_child(backend: str, mode: str, smoke: bool, device: str) -> int:
     f = _compile(model, backend, mode)
     with torch.no_grad():
         seconds = first_pass(f, {b: refs[b][0] for b in SIZES}, device, start)
-    print(json.dumps({"first_pass_s": seconds}))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+    print(json.dumps({"first_pass_s": seconds, "peak_gib": peak}))
     return 0
 
 
