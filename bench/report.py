@@ -81,12 +81,18 @@ def markdown(results: dict) -> str:
                   "any default pass could rewrite and was lowered as Dynamo captured it):", ""]
         lines += [f"- {c} / {r['backend']}: " + (", ".join(f"{k} x{v}" for k, v in r["passes"].items()) or "none")
                   + (f" ({r['idle_graphs']} of {r['graphs']} graph(s) idle)" if r.get("idle_graphs") else "")
+                  + ("; CUDA-graph buckets: " + "; ".join(_buckets_text(b) for b in r["buckets"])
+                     if r.get("buckets") else "")
                   for c, r in fired]
     compiles = [(case["case"], r) for case in results["cases"] for r in case.get("rows", []) if "compiles" in r]
     if compiles:
         lines += ["", "Dynamic-length cases (one step runs every length): graphs Dynamo compiled in the first step", ""]
         lines += [f"- {c} / {r['backend']}: {r['compiles']}" for c, r in compiles]
     return "\n".join(lines) + "\n"
+
+
+def _buckets_text(b: dict) -> str:
+    return f"sizes {b['sizes']}" if "sizes" in b else f"none ({b.get('why', '?')})"
 
 
 def chart(results: dict, path: str) -> Optional[str]:

@@ -161,6 +161,7 @@ def prepare_backend(case: Case, wl: Workload, backend: Backend, ref, scale: Scal
                         fired[p.name] = fired.get(p.name, 0) + p.matches
                 row["passes"] = {k: v for k, v in fired.items() if v}
                 row["graphs"] = len(records)
+                row["buckets"] = [rec.buckets for rec in records if getattr(rec, "buckets", None)]
                 row["idle_graphs"] = sum(any("nothing to rewrite" in x["reason"] for x in rec.skipped) for rec in records)
             if case.train:
                 row["error"] = grad_error(first, ref)  # inf where a gradient is None on one side only
