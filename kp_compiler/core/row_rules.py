@@ -12,6 +12,7 @@ from typing import Callable
 
 import sympy
 import torch
+from torch import fx
 
 from .graph import val
 from .row_axis import FREE, Broken, axis_of, expr_of, op_name
@@ -95,6 +96,27 @@ def _attention(p, node):
         rank, m = _rank(node), val(mask)
         if rank - (m.dim() - p.state[mask]) != a:
             raise Broken(node, "the attention mask's batch axis is not the query's")
+    return _results(p, node)
+
+
+@rule("flex_attention")
+def _flex_attention(p, node):
+    """FlexAttention's op: rows apart when q, k and v hold the batch at dim 0 and nothing else does (the block
+    mask, the mods' captured tensors), and neither mod reads the batch index ``b``."""
+    if {_ax(p, node, i) for i in range(3)} != {0}:
+        raise Broken(node, "query, key and value do not all hold the batch at dim 0")
+    block_mask, others = node.args[4], [*node.args[7], *node.args[8]] if len(node.args) > 8 else []
+    if any(isinstance(t, fx.Node) and p.state.get(t) is not FREE for t in [*block_mask[:-1], *others]):
+        raise Broken(node, "its block mask or a tensor its score_mod / mask_mod reads holds batch rows")
+    if any(isinstance(t, fx.Node) and val(t).dim() > 0 and val(t).shape[0] != 1 for t in block_mask[:-1]):
+        raise Broken(node, "its block mask has a table per batch element (not one broadcast over the batch)")
+    gm = node.graph.owning_module
+    for mod, b_index, what in ((node.args[3], 1, "score_mod"), (block_mask[-1], 0, "mask_mod")):
+        if not isinstance(mod, fx.Node) or mod.op != "get_attr":
+            raise Broken(node, f"its {what} is not a graph the proof can read")
+        placeholders = [n for n in getattr(gm, mod.target).graph.nodes if n.op == "placeholder"]
+        if len(placeholders) <= b_index or placeholders[b_index].users:
+            raise Broken(node, f"its {what} reads the batch index b")
     return _results(p, node)
 
 

@@ -208,3 +208,50 @@ def test_a_bound_on_the_batch_is_an_assert_or_a_range_buckets_must_respect():
     (recorded, so that no bucket passes it)."""
     proof = proof_of(lambda x: (torch._check(x.shape[0] <= 6), x * 2)[1], torch.randn(5, D))
     assert (not proof.ok and "computed from the batch size" in proof.reason) or proof.max_batch == 6
+
+
+class Flex(nn.Module):
+    """FlexAttention as torch's docs write it: a block mask made once (broadcast over batch and heads, unless
+    ``mask_batch``) and a score_mod, over heads split from the features."""
+
+    def __init__(self, score_mod=None, mask_mod=None, mask_batch=None, S=16):
+        super().__init__()
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        self.S, self.score_mod = S, score_mod
+        self.block_mask = create_block_mask(mask_mod or (lambda b, h, q, kv: kv <= q), mask_batch, None, S, S,
+                                            device="cpu", BLOCK_SIZE=16)
+
+    def forward(self, x):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        B = x.shape[0]
+        q = x.view(B, self.S, 2, D // 2).transpose(1, 2)
+        out = flex_attention(q, q * 0.5, q + 1, score_mod=self.score_mod, block_mask=self.block_mask)
+        return out.transpose(1, 2).reshape(B, self.S, D)
+
+
+def _relative(score, b, h, q, kv):
+    return score + (q - kv) * 0.1
+
+
+def test_flex_attention_with_a_broadcast_block_mask_is_proven_and_padding_changes_no_row():
+    import warnings
+
+    torch.manual_seed(0)
+    model, x = Flex(_relative), torch.randn(3, 16, D)
+    proof = proof_of(model, x)
+    assert proof.ok, (proof.node, proof.reason)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns when run without torch.compile
+        padding_changes_nothing(model, x)
+
+
+@pytest.mark.parametrize("model,why", [
+    (lambda: Flex(lambda s, b, h, q, kv: s + b), "score_mod reads the batch index b"),
+    (lambda: Flex(mask_mod=lambda b, h, q, kv: (kv <= q) | (b > 2)), "mask_mod reads the batch index b"),
+    (lambda: Flex(mask_batch=3), "a table per batch element"),
+], ids=["score-mod-reads-b", "mask-mod-reads-b", "block-mask-per-batch"])
+def test_flex_attention_that_can_see_other_rows_is_not_proven(model, why):
+    proof = proof_of(model(), torch.randn(3, 16, D))
+    assert not proof.ok and why in proof.reason, (proof.node, proof.reason)
