@@ -164,6 +164,7 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
         fn = lower(record.lowering, cgm, example_inputs, opts.mode, config, dump)
         if plan is not None:
             fn = GraphBuckets(fn, plan, opts.cudagraph_buckets, _recorder())
+            record.buckets["runtime"] = fn.stats  # live: explain and report.json read the counts as they stand
         _note_guards(record, f"lowering ({record.lowering})", watch.added_since(mark))
     except XlaUnavailable:
         raise

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from .core.report import GraphRecord, collect
+from .runtime import host_time
 
 
 @dataclass
@@ -29,6 +30,7 @@ class ExplainReport:
     graph_breaks: dict = field(default_factory=dict)  # reason -> count
     output: Any = None
     fp8_events: dict = field(default_factory=dict)  # module path -> {role: count}, delayed/static FP8 layers
+    host_time: Any = None  # runtime.host_time.HostGpu of the compiled call (CUDA, default mode), else None
 
     @property
     def graph_count(self) -> int:
@@ -55,6 +57,8 @@ class ExplainReport:
             lines.append(f"  hint: {hint}")
         for i, g in enumerate(self.graphs):
             lines.extend(_graph_lines(i, g))
+        if self.host_time is not None:
+            lines.append(f"the compiled call, timed: {host_time.verdict(self.host_time)}")
         if self.fp8_events:
             lines.append("fp8 overflow events (non-finite or zero amax; the previous scale was kept):")
             for path, counts in self.fp8_events.items():
@@ -93,11 +97,23 @@ def _graph_lines(index: int, g: GraphRecord) -> list[str]:
     if g.buckets is not None:  # options["cudagraph_buckets"]
         if "sizes" in g.buckets:
             lines.append(f"  batch buckets: {g.buckets['sizes']} (one CUDA graph each, inputs padded)")
+            if g.buckets.get("runtime"):
+                lines.append("    " + bucket_counts(g.buckets["runtime"]))
         else:
             lines.append(f"  batch buckets not used: {_one_line(g.buckets['why'])}")
     for why in g.fallbacks:
         lines.append(f"  fallback: {_one_line(why)}")
     return lines
+
+
+def bucket_counts(stats: dict) -> str:
+    """One line from ``GraphBuckets.stats``: graphs captured, replays, calls per bucket, runs above the
+    largest bucket (no CUDA graph), and the shared pool's memory where known."""
+    calls = ", ".join(f"{size}: {n}" for size, n in sorted(stats.get("calls", {}).items())) or "none"
+    pool = stats.get("pool_bytes")
+    return (f"captured {stats.get('captures', 0)}, replays {stats.get('replays', 0)}, calls per bucket {{{calls}}}, "
+            f"above the largest {stats.get('above_largest', 0)} (run without CUDA graphs)"
+            + (f", pool {pool / 2**20:.1f} MiB" if pool is not None else ""))
 
 
 def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> ExplainReport:
@@ -114,6 +130,8 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Expl
         fallbacks. ``report.output`` holds the call's result.
 
     Dynamo's caches are reset first so that every graph is compiled afresh.
+    On CUDA in default mode the compiled call is then timed (``runtime/host_time.py``: ten forward calls in
+    the caller's grad mode) and the report says whether it is host-bound and what ``mode="reduce-overhead"`` could give.
     """
     from torch._dynamo.utils import counters
 
@@ -134,7 +152,16 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Expl
         now.subtract(before[k])
         breaks.update({reason: n for reason, n in now.items() if n > 0})
     fp8_events = fp8.events(model_or_fn) if isinstance(model_or_fn, torch.nn.Module) else {}
-    return ExplainReport(graphs=list(records), graph_breaks=dict(breaks), output=output, fp8_events=fp8_events)
+    timed = None
+    if options.get("mode", "default") == "default" and _on_cuda(output, example_inputs):
+        timed = host_time.measure(lambda: compiled(*example_inputs))  # forward calls, in the caller's grad mode
+    return ExplainReport(graphs=list(records), graph_breaks=dict(breaks), output=output, fp8_events=fp8_events,
+                         host_time=timed)
+
+
+def _on_cuda(*values: Any) -> bool:
+    leaves = torch.utils._pytree.tree_leaves(values)
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in leaves)
 
 
 def hints(graph_breaks: dict) -> list:

@@ -42,7 +42,8 @@ class GraphRecord:
     skipped: list = field(default_factory=list)  # default passes left out here: {"pass", "reason"}
     guards_added: list = field(default_factory=list)  # {"step", "guard"}: shape guards a step added
     autograd_regions: int = 0  # custom autograd.Function / checkpoint calls kept whole (core/regions.py)
-    buckets: Optional[dict] = None  # options["cudagraph_buckets"]: {"sizes": [...]} where used, else {"why": ...}
+    # options["cudagraph_buckets"]: {"sizes": [...], "runtime": GraphBuckets.stats} where used, else {"why": ...}
+    buckets: Optional[dict] = None
     dump: Optional[str] = None
     compile_ms: float = 0.0
 

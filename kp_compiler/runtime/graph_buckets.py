@@ -24,7 +24,8 @@ does, with one captured graph per bucket instead of a call:
 ``CudaRecorder`` captures with ``torch.cuda.CUDAGraph``. ``EagerRecorder`` runs
 ``fn`` again on replay and copies the results into the captured outputs: the
 same in-place semantics, on any device, which is how the CPU tests check the
-buffer handling. Like a CUDA capture, its capture leaves the outputs without
+buffer handling (its ``pool_bytes`` is None; ``CudaRecorder``'s sums the pool's
+segments, which ``stats["pool_bytes"]`` keeps after each capture). Like a CUDA capture, its capture leaves the outputs without
 results (floating outputs are filled with NaN), so a missing replay shows. ``stats`` counts captures, replays and runs above the largest.
 """
 
@@ -42,6 +43,9 @@ class EagerRecorder:
     """A stand-in for CUDA graphs on any device: replay reruns the function into the captured outputs."""
 
     pool = None
+
+    def pool_bytes(self) -> Optional[int]:
+        return None
 
     def capture(self, fn: Callable) -> tuple:
         outs = fn()
@@ -62,6 +66,11 @@ class CudaRecorder:
 
     def __init__(self):
         self.pool = torch.cuda.graph_pool_handle()
+
+    def pool_bytes(self) -> Optional[int]:
+        """Bytes the caching allocator holds in this pool's segments (``memory_snapshot``'s pool ids)."""
+        return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+                   if tuple(seg.get("segment_pool_id", ())) == tuple(self.pool))
 
     def capture(self, fn: Callable) -> tuple:
         side = torch.cuda.Stream()
@@ -134,6 +143,7 @@ class GraphBuckets(Bucketed):
         entry = _Captured(static, graph, outs, self._addresses(args))
         self.captured[size] = entry
         self.stats["captures"] += 1
+        self.stats["pool_bytes"] = self.recorder.pool_bytes()
         return entry
 
     def _fill(self, static: list, args: Sequence[Any], batch: int, n: int) -> None:

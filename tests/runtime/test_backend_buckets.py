@@ -46,9 +46,11 @@ def test_on_cuda_an_inference_graph_with_rows_apart_is_bucketed(monkeypatch):
     monkeypatch.setattr(GraphBuckets, "__init__", spy)
     torch.manual_seed(0)
     records = run(Block().eval(), [4, 2, 7, 8, 11])
-    assert [r.buckets for r in records] == [{"sizes": [4, 8]}]
     (graphs,) = made
+    assert [r.buckets for r in records] == [{"sizes": [4, 8], "runtime": graphs.stats}]
     assert graphs.stats["captures"] == 2 and graphs.stats["above_largest"] == 1
+    # the report's counts are the runtime's, as they stand after the calls (3, 4, 2 -> 4; 7, 8 -> 8; 11 above)
+    assert records[0].to_json()["buckets"]["runtime"]["calls"] == {4: 3, 8: 2}
 
 
 @pytest.mark.parametrize("mode,why", [("reduce-overhead", "CUDA graphs need CUDA inputs"),
@@ -86,6 +88,18 @@ def test_explain_says_whether_buckets_were_used(monkeypatch):
     with torch.no_grad():
         text = str(explain(model, x, mode="reduce-overhead", cudagraph_buckets=[4, 8]))
     assert "batch buckets: [4, 8] (one CUDA graph each, inputs padded)" in text
+    # explain's one call (batch 3) captured bucket 4 and replayed it once; the stand-in has no pool to measure
+    assert ("captured 1, replays 1, calls per bucket {4: 1}, above the largest 0 (run without CUDA graphs)"
+            in text), text
+
+
+def test_bucket_counts_line_with_a_pool():
+    from kp_compiler.explain import bucket_counts
+
+    line = bucket_counts({"calls": {8: 2, 4: 5}, "above_largest": 1, "captures": 2, "replays": 7,
+                          "pool_bytes": 3 * 2**20})
+    assert line == ("captured 2, replays 7, calls per bucket {4: 5, 8: 2}, above the largest 1 (run without CUDA "
+                    "graphs), pool 3.0 MiB")
 
 
 def test_an_expert_loop_is_bucketed_once_rewritten_to_the_routed_op(monkeypatch):
@@ -109,4 +123,5 @@ def test_an_expert_loop_is_bucketed_once_rewritten_to_the_routed_op(monkeypatch)
             torch.testing.assert_close(compiled(y), model(y), rtol=1e-5, atol=1e-5)
     moe = [p for r in records for p in r.passes if p.name == "moe-dispatch"]
     assert moe and moe[0].matches == 1
-    assert records[0].buckets == {"sizes": [4, 8]}, records[0].buckets
+    assert records[0].buckets["sizes"] == [4, 8], records[0].buckets
+    assert records[0].buckets["runtime"]["calls"] == {4: 2, 8: 2} and records[0].buckets["runtime"]["above_largest"] == 1

@@ -1,0 +1,67 @@
+"""Host time against GPU time of a compiled call: whether it is host-bound, and what CUDA graphs could give.
+
+``measure(call)`` (CUDA only; None elsewhere) times ``reps`` calls after one
+warm-up:
+
+- ``host_ms``: how long the call takes to return, the GPU idle before it
+  (Python, guards, wrappers, kernel launches);
+- ``wall_ms``: the call until its GPU work is done (what a user sees);
+- ``gpu_ms``: the GPU's own time, the calls queued behind a sleep kernel so
+  the launches are all in before the first kernel starts: no launch gaps.
+
+``verdict(t)`` says it in one line. Host-bound means the host takes longer to
+launch the work than the GPU takes to run it; CUDA graphs (``mode=
+"reduce-overhead"``) replay the launches at once, so a call could come near
+``gpu_ms``::
+
+    wall 2.31 ms per call: host 2.25 ms, GPU 0.62 ms -> host-bound; mode="reduce-overhead" could bring it
+    near 0.62 ms (up to 3.7x)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class HostGpu:
+    host_ms: float
+    gpu_ms: float
+    wall_ms: float
+
+
+def measure(call: Callable[[], object], reps: int = 10) -> Optional[HostGpu]:
+    """Host, GPU and wall time per call of ``call`` on the current CUDA device; None without CUDA."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    call()
+    torch.cuda.synchronize()
+    host = wall = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        call()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        host, wall = host + t1 - t0, wall + time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    rate_khz = torch.cuda.get_device_properties(torch.cuda.current_device()).clock_rate or 1_500_000
+    torch.cuda._sleep(int((2 * host * 1e3 + 5) * rate_khz))  # spin longer than the launches take (ms * kHz)
+    start.record()
+    for _ in range(reps):
+        call()
+    end.record()
+    end.synchronize()
+    return HostGpu(host / reps * 1e3, start.elapsed_time(end) / reps, wall / reps * 1e3)
+
+
+def verdict(t: HostGpu) -> str:
+    """One line: the three times, and whether the call is host-bound and by how much CUDA graphs could help."""
+    line = f"wall {t.wall_ms:.2f} ms per call: host {t.host_ms:.2f} ms, GPU {t.gpu_ms:.2f} ms"
+    if t.host_ms >= t.gpu_ms and t.gpu_ms > 0:
+        return (line + f" -> host-bound; mode=\"reduce-overhead\" could bring it near {t.gpu_ms:.2f} ms "
+                f"(up to {t.wall_ms / t.gpu_ms:.1f}x)")
+    return line + " -> GPU-bound: CUDA graphs would save little"
