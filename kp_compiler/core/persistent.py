@@ -8,7 +8,10 @@ trees do not track: they stop with "tensor(s) in the cudagraph pool not
 tracked as outputs", and a pool that reuses the memory would overwrite it.
 
 ``persistent(make)`` runs ``make`` on a worker thread, whose allocations go to
-the ordinary caching allocator, and waits for its device work. Under a stream
+the ordinary caching allocator. The worker runs it on the caller's current
+stream, so the allocation belongs to that stream (as if the caller had made
+it: a block freed later is not reused under kernels still reading it) and
+the caller's later kernels are ordered after ``make``'s. Under a stream
 capture (``capturing()``) there is no safe place: callers build the value in
 the graph and do not cache it.
 
@@ -38,11 +41,10 @@ def persistent(make: Callable[[], Any]) -> Any:
     global _worker
     if _worker is None:
         _worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kp-persistent")
-    device = torch.cuda.current_device()
+    device, stream = torch.cuda.current_device(), torch.cuda.current_stream()
 
     def run():
         torch.cuda.set_device(device)
-        value = make()
-        torch.cuda.current_stream().synchronize()  # the caller's streams do not wait on this thread's
-        return value
+        with torch.cuda.stream(stream):
+            return make()
     return _worker.submit(run).result()

@@ -18,16 +18,32 @@ def cuda_up(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
 
+    streams = []
+
     class Stream:
-        def synchronize(self):
-            pass
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+        pass
+
+    class Within:
+        def __init__(self, s):
+            streams.append(s)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+    caller = Stream()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: caller)
+    monkeypatch.setattr(torch.cuda, "stream", Within)
+    return caller, streams
 
 
-def test_on_cuda_the_value_is_made_on_another_thread(cuda_up):
+def test_on_cuda_the_value_is_made_on_another_thread_on_the_callers_stream(cuda_up):
+    caller, streams = cuda_up
     threads = []
     value = mod.persistent(lambda: (threads.append(threading.get_ident()), torch.ones(3))[1])
     assert threads and threads[0] != threading.get_ident()
+    assert streams == [caller]  # the allocation belongs to the caller's stream
     torch.testing.assert_close(value, torch.ones(3))
 
 
