@@ -177,13 +177,15 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def time_first_passes(modes, repeats: int, smoke: bool, device: str) -> list:
+def time_first_passes(modes, repeats: int, smoke: bool, device: str, only=None) -> list:
     """Per backend and mode: the first pass in fresh processes, cold then warm, ``repeats`` times, the
-    backends' order reversed from one repeat to the next."""
-    rows = {(b, m): {"backend": b, "mode": m, "cold": [], "warm": []} for m in modes for b in _backends(m)}
+    backends' order reversed from one repeat to the next; ``only``: these backends alone."""
+    def chosen(m):
+        return tuple(b for b in _backends(m) if not only or b in only)
+    rows = {(b, m): {"backend": b, "mode": m, "cold": [], "warm": []} for m in modes for b in chosen(m)}
     for k in range(repeats):
         for m in modes:
-            for b in (_backends(m) if k % 2 == 0 else _backends(m)[::-1]):
+            for b in (chosen(m) if k % 2 == 0 else chosen(m)[::-1]):
                 row = rows[(b, m)]
                 if row.get("failed"):
                     continue
@@ -237,6 +239,8 @@ def main(argv=None) -> int:
                    help="modes whose first pass is also timed in fresh processes, cold (empty caches) and warm "
                         "(the same caches again); default: default mode, none in smoke runs")
     p.add_argument("--first-pass-repeats", type=int, default=3, help="fresh-process first passes per backend")
+    p.add_argument("--first-pass-backends", nargs="*", default=None,
+                   help="time the first pass of these rows only (e.g. inductor kernelpytorch-buckets)")
     p.add_argument("--first-pass-child", nargs=2, metavar=("BACKEND", "MODE"), help=argparse.SUPPRESS)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--stem", default=None)
@@ -262,7 +266,8 @@ def main(argv=None) -> int:
             print(json.dumps(row), file=sys.stderr, flush=True)
     if fp_modes:
         del model, refs  # the children need the device memory more
-        results["first_pass"] = time_first_passes(fp_modes, args.first_pass_repeats, args.smoke, args.device)
+        results["first_pass"] = time_first_passes(fp_modes, args.first_pass_repeats, args.smoke, args.device,
+                                                  args.first_pass_backends)
     stem = args.stem or f"{time.strftime('%Y-%m-%d')}-{'smoke' if args.smoke else args.device}-decode"
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, stem + ".json"), "w") as f:

@@ -2,8 +2,9 @@
 
 Compiles the decode-size Llama (sdpa, bf16) with ``mode="reduce-overhead"`` and buckets ``pow2:64``, calls it
 at batch sizes 1, 3, 8, 13, 24, 40 (and 3 again), and prints per graph what the report says about buckets
-(the sizes, or why not), the logits' error against eager per size, and the peak memory. Not a benchmark
-(``python -m bench.decode`` times it).
+(the sizes, or why not), the logits' error against eager per size, and the peak memory. Then ``explain`` on
+the GPU: with buckets (the runtime's counts and the pool's memory) and in default mode (host time against GPU
+time). Not a benchmark (``python -m bench.decode`` times it).
     PYTHONPATH=. python scripts/gpu_buckets_check.py
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from kp_compiler import explain
 from kp_compiler.core.report import collect
 from kp_compiler.testing import hf
 from kp_compiler.testing.compare import rel_error
@@ -31,3 +33,9 @@ with collect() as records, torch.no_grad():
 for r in records:
     print(f"graph {r.id}: lowering {r.lowering}, buckets {r.buckets}", flush=True)
 print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+with torch.no_grad():
+    ids = torch.randint(0, vocab, (13, 1), device="cuda")
+    torch._dynamo.mark_dynamic(ids, 0)
+    print(explain(model, ids, mode="reduce-overhead", cudagraph_buckets="pow2:64"), flush=True)
+    print(explain(model, ids), flush=True)
