@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -20,6 +21,8 @@ import torch
 
 from .core.report import GraphRecord, collect
 from .runtime import host_time
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -130,8 +133,9 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Expl
         fallbacks. ``report.output`` holds the call's result.
 
     Dynamo's caches are reset first so that every graph is compiled afresh.
-    On CUDA in default mode the compiled call is then timed (``runtime/host_time.py``: ten forward calls in
-    the caller's grad mode) and the report says whether it is host-bound and what ``mode="reduce-overhead"`` could give.
+    On CUDA in default mode, for a module in eval mode (whose state more calls do not change), the compiled
+    call is then timed (``runtime/host_time.py``: 21 more forward calls in the caller's grad mode) and the
+    report says whether it is host-bound and what ``mode="reduce-overhead"`` could give.
     """
     from torch._dynamo.utils import counters
 
@@ -153,15 +157,23 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Expl
         breaks.update({reason: n for reason, n in now.items() if n > 0})
     fp8_events = fp8.events(model_or_fn) if isinstance(model_or_fn, torch.nn.Module) else {}
     timed = None
-    if options.get("mode", "default") == "default" and _on_cuda(output, example_inputs):
-        timed = host_time.measure(lambda: compiled(*example_inputs))  # forward calls, in the caller's grad mode
+    device = _cuda_device(output, example_inputs)
+    eval_module = isinstance(model_or_fn, torch.nn.Module) and not model_or_fn.training
+    if options.get("mode", "default") == "default" and device is not None and eval_module:
+        try:  # 21 more forward calls, in the caller's grad mode; an eval-mode module keeps its state
+            timed = host_time.measure(lambda: compiled(*example_inputs), device)
+        except Exception as e:  # noqa: BLE001  (the report stands without the timing)
+            log.warning("explain: timing the compiled call failed (%s: %s)", type(e).__name__, e)
     return ExplainReport(graphs=list(records), graph_breaks=dict(breaks), output=output, fp8_events=fp8_events,
                          host_time=timed)
 
 
-def _on_cuda(*values: Any) -> bool:
-    leaves = torch.utils._pytree.tree_leaves(values)
-    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in leaves)
+def _cuda_device(*values: Any):
+    """The device of the first CUDA tensor in ``values`` (outputs first), or None."""
+    for t in torch.utils._pytree.tree_leaves(values):
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            return t.device
+    return None
 
 
 def hints(graph_breaks: dict) -> list:

@@ -22,6 +22,7 @@ After::    tables = persistent(lambda: torch.tensor(addresses).to(device))
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from typing import Any, Callable, Optional
 
 import torch
@@ -35,16 +36,40 @@ def capturing() -> bool:
 
 
 def persistent(make: Callable[[], Any]) -> Any:
-    """``make()``, with its CUDA allocations outside any pool the calling thread allocates into."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+    """``make()``, with its CUDA allocations outside any pool the calling thread allocates into.
+
+    The worker runs it in the caller's grad and inference modes. It runs here instead where the worker
+    could deadlock: on the worker itself (a nested call), or while this thread holds Dynamo's compile lock
+    (``make`` might compile, and the worker would wait for the lock); no pool routes a compile's allocations.
+    """
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()) or _on_worker() or _compiling():
         return make()
     global _worker
     if _worker is None:
         _worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kp-persistent")
     device, stream = torch.cuda.current_device(), torch.cuda.current_stream()
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def run():
+        _local.worker = True
         torch.cuda.set_device(device)
-        with torch.cuda.stream(stream):
+        # inference_mode(False) would turn grad mode on: grad mode is set inside it
+        with torch.cuda.stream(stream), torch.inference_mode(inference), torch.set_grad_enabled(grad):
             return make()
     return _worker.submit(run).result()
+
+
+_local = threading.local()
+
+
+def _on_worker() -> bool:
+    return getattr(_local, "worker", False)
+
+
+def _compiling() -> bool:
+    try:
+        from torch._dynamo.convert_frame import compile_lock
+
+        return bool(compile_lock._is_owned())
+    except (ImportError, AttributeError):  # another torch: no such lock to hold
+        return False

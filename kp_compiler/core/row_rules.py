@@ -106,9 +106,10 @@ def _flex_attention(p, node):
     if {_ax(p, node, i) for i in range(3)} != {0}:
         raise Broken(node, "query, key and value do not all hold the batch at dim 0")
     block_mask, others = node.args[4], [*node.args[7], *node.args[8]] if len(node.args) > 8 else []
-    if any(isinstance(t, fx.Node) and p.state.get(t) is not FREE for t in [*block_mask[:-1], *others]):
+    tables = [t for t in block_mask[:-1] if isinstance(t, fx.Node) and isinstance(val(t), torch.Tensor)]
+    if any(isinstance(t, fx.Node) and p.state.get(t) is not FREE for t in [*tables, *others]):
         raise Broken(node, "its block mask or a tensor its score_mod / mask_mod reads holds batch rows")
-    if any(isinstance(t, fx.Node) and val(t).dim() > 0 and val(t).shape[0] != 1 for t in block_mask[:-1]):
+    if any(val(t).dim() > 0 and val(t).shape[0] != 1 for t in tables):  # the lengths in the tuple: SymInts
         raise Broken(node, "its block mask has a table per batch element (not one broadcast over the batch)")
     gm = node.graph.owning_module
     for mod, b_index, what in ((node.args[3], 1, "score_mod"), (block_mask[-1], 0, "mask_mod")):

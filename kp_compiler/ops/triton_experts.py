@@ -218,6 +218,9 @@ def _tuned(name: str, key: tuple, block: int, launch) -> None:
 
 
 _experts: dict = {}
+# Tables are never dropped: a captured CUDA graph reads them by address. Past this many (weights that keep
+# moving), new ones are made per call instead of kept.
+_KEEP = 4096
 _data_ptr = torch.Tensor.data_ptr
 
 
@@ -254,14 +257,12 @@ def expert_tables(x: torch.Tensor, w_gate, w_up, w_down):
              else (tuple(map(_data_ptr, ws)), tuple(ws[0].shape), ws[0].stride()) if ws else () for ws in roles))
     if key in _experts:
         return _experts[key]
-    if len(_experts) > 256:
-        _experts.clear()
     tables = None
     if supported(x, w_gate, w_up, w_down):
         def make():
             up, down = (torch.tensor(_addresses(ws), dtype=torch.int64).to(x.device) for ws in roles[1:])
             return (torch.tensor(_addresses(w_gate), dtype=torch.int64).to(x.device) if w_gate else up, up, down)
-        if capturing():  # the graph's own copy, in its pool: not kept (see core/persistent.py)
+        if capturing() or len(_experts) >= _KEEP:  # the graph's own copy, in its pool: not kept (core/persistent.py)
             return make()
         tables = persistent(make)
     _experts[key] = tables
@@ -281,8 +282,9 @@ def bias_tables(x: torch.Tensor, biases):
         if key not in _experts:
             ok = all(b.dim() == 1 and b.stride(0) == 1 and b.dtype == x.dtype and b.device == x.device for b in bs)
             make = lambda: torch.tensor(key[3], dtype=torch.int64).to(x.device)  # noqa: E731
-            table = None if not ok else make() if capturing() else persistent(make)
-            if not capturing():
+            keep = not capturing() and len(_experts) < _KEEP
+            table = None if not ok else persistent(make) if keep else make()
+            if keep:
                 _experts[key] = table
         if table is None:
             return None

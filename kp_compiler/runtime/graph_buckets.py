@@ -5,9 +5,10 @@ does, with one captured graph per bucket instead of a call:
 
 - on the first call that lands in a bucket, the batched inputs are copied into
   static buffers of the bucket's size (zeros past the real rows), ``fn`` runs
-  once as a warm-up (compiling, autotuning), then once under capture, then the
-  graph is replayed once: kernels launched under capture do not run, so the
-  captured outputs hold nothing until the first replay;
+  once as a warm-up (compiling, autotuning), then once under capture. Kernels
+  launched under capture do not run, so the captured outputs hold nothing
+  until a replay: this call returns the warm-up's outputs, and the graph ran
+  once, as the call asked (a replay on top would write into a buffer twice);
 - later calls copy their real rows into the static buffers and replay; rows
   past ``n`` keep whatever an earlier call left there, which the proof says
   reaches no real row;
@@ -18,15 +19,19 @@ does, with one captured graph per bucket instead of a call:
   moved captures the bucket again;
 - every bucket captures into one memory pool (``recorder.pool``);
   ``capture_all`` captures every bucket up front, the largest first, so the
-  smaller ones reuse its memory;
+  smaller ones reuse its memory (each bucket's warm-up runs the graph once:
+  a graph that writes into a buffer writes once per bucket);
 - a batch above the largest bucket runs ``fn`` as it is.
 
-``CudaRecorder`` captures with ``torch.cuda.CUDAGraph``. ``EagerRecorder`` runs
-``fn`` again on replay and copies the results into the captured outputs: the
-same in-place semantics, on any device, which is how the CPU tests check the
-buffer handling (its ``pool_bytes`` is None; ``CudaRecorder``'s sums the pool's
-segments, which ``stats["pool_bytes"]`` keeps after each capture). Like a CUDA capture, its capture leaves the outputs without
-results (floating outputs are filled with NaN), so a missing replay shows. ``stats`` counts captures, replays and runs above the largest.
+``recorder.capture(fn)`` returns ``(graph, static outputs, warm-up outputs)``.
+``CudaRecorder`` captures with ``torch.cuda.CUDAGraph``. ``EagerRecorder`` is
+its stand-in on any device, which is how the CPU tests check the buffer
+handling: the warm-up runs ``fn``; the "capture" runs nothing and makes static
+outputs that hold no results (NaN, -7, or the negation for bools), so a
+missing replay shows; a replay runs ``fn`` and copies its results into them.
+``pool_bytes()``: ``CudaRecorder`` sums the pool's segments (None for the
+stand-in); ``stats["pool_bytes"]`` keeps it after each capture. ``stats``
+counts captures, replays and runs above the largest.
 """
 
 from __future__ import annotations
@@ -48,17 +53,24 @@ class EagerRecorder:
         return None
 
     def capture(self, fn: Callable) -> tuple:
-        outs = fn()
-        for o in _flat(outs):  # a CUDA capture computes nothing: the outputs hold no results until a replay
-            if isinstance(o, torch.Tensor) and o.is_floating_point():
-                o.fill_(float("nan"))
+        warm = fn()
+        flat = [_no_result(o) for o in _flat(warm)]  # a capture runs nothing: no results until a replay
+        outs = type(warm)(flat) if isinstance(warm, (list, tuple)) else flat[0]
 
         class Replay:
             def replay(self) -> None:
                 for dst, src in zip(_flat(outs), _flat(fn())):
                     if isinstance(dst, torch.Tensor):
                         dst.copy_(src)
-        return Replay(), outs
+        return Replay(), outs, warm
+
+
+def _no_result(o: Any) -> Any:
+    if not isinstance(o, torch.Tensor):
+        return o
+    if o.dtype == torch.bool:
+        return torch.logical_not(o)
+    return torch.full_like(o, float("nan") if o.is_floating_point() or o.is_complex() else -7)
 
 
 class CudaRecorder:
@@ -76,12 +88,12 @@ class CudaRecorder:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            fn()
+            warm = fn()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             outs = fn()
-        return graph, outs
+        return graph, outs, warm
 
 
 def _flat(outs: Any) -> list:
@@ -114,9 +126,9 @@ class GraphBuckets(Bucketed):
             return self.fn(*args)
         entry = self.captured.get(size)
         if entry is None or entry.addresses != self._addresses(args):
-            entry = self._capture(size, args, n, n)
-        else:
-            self._fill(entry.static_args, args, n, n)
+            entry, warm = self._capture(size, args, n, n)
+            return self._narrow_clone(warm, n, size)  # the warm-up was this call's one run
+        self._fill(entry.static_args, args, n, n)
         entry.graph.replay()
         self.stats["replays"] += 1
         return self._narrow_clone(entry.outs, n, size)
@@ -128,8 +140,9 @@ class GraphBuckets(Bucketed):
             if size not in self.captured:
                 self._capture(size, args, batch, min(batch, size))
 
-    def _capture(self, size: int, args: Sequence[Any], batch: int, n: int) -> _Captured:
-        """``batch``: the batch ``args`` hold; ``n``: how many of its rows to copy in (at most ``size``)."""
+    def _capture(self, size: int, args: Sequence[Any], batch: int, n: int) -> tuple:
+        """``(entry, warm-up outputs)``; ``batch``: the batch ``args`` hold; ``n``: how many of its rows to copy
+        in (at most ``size``)."""
         static = list(args)
         for i, (a, axis) in enumerate(zip(args, self.proof.inputs)):
             if axis is not None and isinstance(a, torch.Tensor):
@@ -139,12 +152,12 @@ class GraphBuckets(Bucketed):
         for i in self.proof.sizes:
             static[i] = size
         self._fill(static, args, batch, n)
-        graph, outs = self.recorder.capture(lambda: self.fn(*static))
+        graph, outs, warm = self.recorder.capture(lambda: self.fn(*static))
         entry = _Captured(static, graph, outs, self._addresses(args))
         self.captured[size] = entry
         self.stats["captures"] += 1
         self.stats["pool_bytes"] = self.recorder.pool_bytes()
-        return entry
+        return entry, warm
 
     def _fill(self, static: list, args: Sequence[Any], batch: int, n: int) -> None:
         """Copy the first ``n`` of ``batch`` rows of each batched input into its static buffer."""

@@ -8,6 +8,8 @@ warm-up:
 - ``wall_ms``: the call until its GPU work is done (what a user sees);
 - ``gpu_ms``: the GPU's own time, the calls queued behind a sleep kernel so
   the launches are all in before the first kernel starts: no launch gaps.
+  None when the sleep ended before the launches were in (the launch queue
+  filled, or a call waits for the GPU): the figure would count the gaps.
 
 ``verdict(t)`` says it in one line. Host-bound means the host takes longer to
 launch the work than the GPU takes to run it; CUDA graphs (``mode=
@@ -30,14 +32,20 @@ import torch
 @dataclass
 class HostGpu:
     host_ms: float
-    gpu_ms: float
+    gpu_ms: Optional[float]
     wall_ms: float
 
 
-def measure(call: Callable[[], object], reps: int = 10) -> Optional[HostGpu]:
-    """Host, GPU and wall time per call of ``call`` on the current CUDA device; None without CUDA."""
+def measure(call: Callable[[], object], device=None, reps: int = 10) -> Optional[HostGpu]:
+    """Host, GPU and wall time per call of ``call`` on CUDA ``device`` (default: the current one); None
+    without CUDA."""
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return None
+    with torch.cuda.device(device if device is not None else torch.cuda.current_device()):
+        return _measure(call, reps)
+
+
+def _measure(call: Callable[[], object], reps: int) -> HostGpu:
     call()
     torch.cuda.synchronize()
     host = wall = 0.0
@@ -54,12 +62,16 @@ def measure(call: Callable[[], object], reps: int = 10) -> Optional[HostGpu]:
     for _ in range(reps):
         call()
     end.record()
+    queued = not start.query()  # the sleep still runs: every launch went in before the first kernel started
     end.synchronize()
-    return HostGpu(host / reps * 1e3, start.elapsed_time(end) / reps, wall / reps * 1e3)
+    return HostGpu(host / reps * 1e3, start.elapsed_time(end) / reps if queued else None, wall / reps * 1e3)
 
 
 def verdict(t: HostGpu) -> str:
     """One line: the three times, and whether the call is host-bound and by how much CUDA graphs could help."""
+    if t.gpu_ms is None:
+        return (f"wall {t.wall_ms:.2f} ms per call: host {t.host_ms:.2f} ms; GPU time not measured (the launches "
+                "did not all queue before the GPU started: too many, or a call waits for the GPU)")
     line = f"wall {t.wall_ms:.2f} ms per call: host {t.host_ms:.2f} ms, GPU {t.gpu_ms:.2f} ms"
     if t.host_ms >= t.gpu_ms and t.gpu_ms > 0:
         return (line + f" -> host-bound; mode=\"reduce-overhead\" could bring it near {t.gpu_ms:.2f} ms "

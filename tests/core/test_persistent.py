@@ -85,3 +85,30 @@ def test_block_masks_and_quantized_weights_are_kept_only_outside_a_capture(monke
     fp8_weights.cached(w, "k", lambda: w * 2)
     fp8_weights.cached(w, "k", lambda: w * 2)
     assert fp8_weights.stats["misses"] == (2 if capture else 1)
+
+
+def test_the_worker_keeps_the_callers_grad_and_inference_modes(cuda_up):
+    w = torch.randn(4, 4, requires_grad=True)
+    with torch.no_grad():
+        made = mod.persistent(lambda: w * 2)
+    assert not made.requires_grad and made.grad_fn is None  # no fp32 graph kept alive behind a cached weight
+    with torch.inference_mode():
+        assert mod.persistent(lambda: torch.is_inference_mode_enabled())
+    assert mod.persistent(lambda: torch.is_grad_enabled())
+
+
+def test_a_nested_call_and_a_call_under_the_compile_lock_run_here(cuda_up):
+    from torch._dynamo.convert_frame import compile_lock
+
+    here = threading.get_ident()
+    outer_thread, inner_thread = [], []
+
+    def outer():
+        outer_thread.append(threading.get_ident())
+        return mod.persistent(lambda: inner_thread.append(threading.get_ident()))
+    mod.persistent(outer)  # would wait on itself if the nested call went to the one worker
+    assert outer_thread[0] != here and inner_thread == outer_thread
+    with compile_lock:
+        threads = []
+        mod.persistent(lambda: threads.append(threading.get_ident()))
+    assert threads == [here]

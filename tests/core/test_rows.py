@@ -255,3 +255,28 @@ def test_flex_attention_with_a_broadcast_block_mask_is_proven_and_padding_change
 def test_flex_attention_that_can_see_other_rows_is_not_proven(model, why):
     proof = proof_of(model(), torch.randn(3, 16, D))
     assert not proof.ok and why in proof.reason, (proof.node, proof.reason)
+
+
+def test_flex_attention_with_its_block_mask_made_in_the_graph_at_symbolic_lengths_is_proven():
+    """``create_block_mask`` inside the model, the sequence length dynamic too: the block-mask tuple then holds
+    SymInt lengths beside its tables (the rule once called ``.dim()`` on them)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def fn(x):
+        B, S = x.shape[0], x.shape[1]
+        q = x.view(B, S, 2, D // 2).transpose(1, 2)
+        bm = create_block_mask(lambda b, h, qi, kv: kv <= qi, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+        return flex_attention(q, q * 0.5, q + 1, block_mask=bm).transpose(1, 2).reshape(B, S, D)
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["gm"] = canonicalize(gm, example_inputs)[0]
+        return gm.forward
+    torch._dynamo.reset()
+    x = torch.randn(3, 32, D)
+    torch._dynamo.mark_dynamic(x, 0)
+    torch._dynamo.mark_dynamic(x, 1)
+    with torch.no_grad():
+        torch.compile(fn, backend=backend, fullgraph=True)(x)
+    proof = prove_rows(seen["gm"].graph, batch_symbol(seen["gm"]))
+    assert proof.ok, (proof.node, proof.reason)
