@@ -183,3 +183,18 @@ def test_decode_first_pass_in_fresh_processes_cold_then_warm(tmp_path):
     assert cold["peak_gib"] == 0.0  # the CPU: no GPU memory to report
     with __import__("pytest").raises(RuntimeError, match="no_such_backend"):
         first_pass_in_fresh_process("no_such_backend", "default", str(tmp_path), True, "cpu")
+
+
+def test_generate_with_a_static_cache_smoke(tmp_path):
+    """``python -m bench.generate --smoke``: transformers compiles its decode step with each row's compile
+    config; tokens equal the uncompiled model's, and the buckets row names its graphs' plans."""
+    from bench import generate
+
+    rc = generate.main(["--smoke", "--rows", "inductor", "kernelpytorch-buckets", "--out", str(tmp_path),
+                        "--stem", "gen"])
+    assert rc == 0
+    results = json.loads((tmp_path / "gen.json").read_text())
+    rows = {r["row"]: r for r in results["rows"]}
+    assert all(rows["kernelpytorch-buckets"]["same_tokens"].values()) and rows["inductor"]["graphs"] >= 1
+    assert sorted(map(int, rows["inductor"]["steady_ms"])) == [1, 3, 8, 13]
+    assert "- kernelpytorch-buckets: none (CUDA graphs need CUDA inputs" in (tmp_path / "gen.md").read_text()
