@@ -181,15 +181,14 @@ def _bucket_plan(cgm: fx.GraphModule, example_inputs, opts: Options, record: Gra
     says which (``record.buckets``)."""
     if opts.cudagraph_buckets is None:
         return None
-    why = None
-    symbol = batch_symbol(cgm)
+    why, symbol = None, None
     if opts.mode != "reduce-overhead":
         why = "buckets are captured with mode='reduce-overhead'"
     elif record.lowering != "inductor" or not _on_cuda(example_inputs):
         why = "CUDA graphs need CUDA inputs lowered through Inductor"
     elif target.training:
         why = "a training graph: parameter gradients sum over the batch"
-    elif symbol is None:
+    elif (symbol := batch_symbol(cgm)) is None:
         why = "no dynamic batch (dim 0 of an input): Inductor's CUDA graphs, one per size"
     if why is None:
         proof = prove_rows(cgm.graph, symbol)

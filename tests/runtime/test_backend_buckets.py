@@ -61,6 +61,31 @@ def test_elsewhere_the_report_says_why_not(mode, why):
     assert why in records[0].buckets["why"]
 
 
+def test_a_training_graph_is_not_bucketed_and_its_gradients_equal_eager(monkeypatch):
+    """Parameter gradients sum over the batch: padded rows would add to them. The training graph keeps
+    Inductor's path, says why, and every gradient matches eager's (None on neither side)."""
+    from kp_compiler.testing.compare import assert_same_grads
+
+    monkeypatch.setattr(backend, "_on_cuda", lambda inputs: True)
+    monkeypatch.setattr(backend, "_recorder", EagerRecorder)
+    torch.manual_seed(0)
+    model = Block().train()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="kernelpytorch",
+                             options={"mode": "reduce-overhead", "cudagraph_buckets": [4, 8],
+                                      "passes": ["noop-elimination"]})
+    x = torch.randn(3, 6, D)
+    torch._dynamo.mark_dynamic(x, 0)
+    with collect() as records:
+        compiled(x).square().mean().backward()
+    got = {n: p.grad.clone() if p.grad is not None else None for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+    want = {n: p.grad for n, p in model.named_parameters()}
+    assert_same_grads(got, want, rtol=1e-5, atol=1e-6)
+    assert records and all("a training graph" in r.buckets["why"] for r in records), [r.buckets for r in records]
+
+
 def test_rows_that_mix_are_named_in_the_report(monkeypatch):
     monkeypatch.setattr(backend, "_on_cuda", lambda inputs: True)
     monkeypatch.setattr(backend, "_recorder", EagerRecorder)
