@@ -6,10 +6,11 @@ warm-up:
 - ``host_ms``: how long the call takes to return, the GPU idle before it
   (Python, guards, wrappers, kernel launches);
 - ``wall_ms``: the call until its GPU work is done (what a user sees);
-- ``gpu_ms``: the GPU's own time, the calls queued behind a sleep kernel so
-  the launches are all in before the first kernel starts: no launch gaps.
-  None when the sleep ended before the launches were in (the launch queue
-  filled, or a call waits for the GPU): the figure would count the gaps.
+- ``gpu_ms``: the GPU's own time, each call queued behind a sleep kernel so
+  its launches are all in before its first kernel starts: no launch gaps.
+  None when a sleep ended before the launches were in (one call's launches
+  fill the launch queue, or the call waits for the GPU): the figure would
+  count the gaps.
 
 ``verdict(t)`` says it in one line. Host-bound means the host takes longer to
 launch the work than the GPU takes to run it; CUDA graphs (``mode=
@@ -55,16 +56,20 @@ def _measure(call: Callable[[], object], reps: int) -> HostGpu:
         t1 = time.perf_counter()
         torch.cuda.synchronize()
         host, wall = host + t1 - t0, wall + time.perf_counter() - t0
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    # One call at a time behind its own sleep: ten calls queued at once can hold more launches than the
+    # launch queue takes, and the host then waits for the GPU (the figure would count the gaps).
+    gpu, queued = 0.0, True
     rate_khz = torch.cuda.get_device_properties(torch.cuda.current_device()).clock_rate or 1_500_000
-    torch.cuda._sleep(int((2 * host * 1e3 + 5) * rate_khz))  # spin longer than the launches take (ms * kHz)
-    start.record()
     for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(int((2 * host / reps * 1e3 + 2) * rate_khz))  # longer than one call's launches (ms*kHz)
+        start.record()
         call()
-    end.record()
-    queued = not start.query()  # the sleep still runs: every launch went in before the first kernel started
-    end.synchronize()
-    return HostGpu(host / reps * 1e3, start.elapsed_time(end) / reps if queued else None, wall / reps * 1e3)
+        end.record()
+        queued = queued and not start.query()  # the sleep still ran: the call's launches were all in first
+        end.synchronize()
+        gpu += start.elapsed_time(end)
+    return HostGpu(host / reps * 1e3, gpu / reps if queued else None, wall / reps * 1e3)
 
 
 def verdict(t: HostGpu) -> str:
