@@ -40,7 +40,7 @@ from .lowering.xla import XlaUnavailable
 from .options import Options, parse_options
 from .core.rows import batch_symbol, prove_rows
 from .runtime import CompiledGraph
-from .runtime.graph_buckets import CudaRecorder, GraphBuckets
+from .runtime.graph_buckets import GraphBuckets, shared_recorder
 
 log = logging.getLogger("kp_compiler")
 
@@ -163,7 +163,7 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
         config = opts.inductor_config if plan is None else {**opts.inductor_config, "triton.cudagraphs": False}
         fn = lower(record.lowering, cgm, example_inputs, opts.mode, config, dump)
         if plan is not None:
-            fn = GraphBuckets(fn, plan, opts.cudagraph_buckets, _recorder())
+            fn = GraphBuckets(fn, plan, opts.cudagraph_buckets, _recorder(_cuda_device(example_inputs)))
             record.buckets["runtime"] = fn.stats  # live: explain and report.json read the counts as they stand
         _note_guards(record, f"lowering ({record.lowering})", watch.added_since(mark))
     except XlaUnavailable:
@@ -201,11 +201,16 @@ def _bucket_plan(cgm: fx.GraphModule, example_inputs, opts: Options, record: Gra
 
 
 def _on_cuda(example_inputs) -> bool:
-    return any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
+    return _cuda_device(example_inputs) is not None
 
 
-def _recorder():
-    return CudaRecorder()
+def _cuda_device(example_inputs):
+    return next((x.device for x in example_inputs if isinstance(x, torch.Tensor) and x.is_cuda), None)
+
+
+def _recorder(device):
+    """One pool and one warm-up stream for every bucketed graph of the device and thread."""
+    return shared_recorder(device)
 
 
 def _note_guards(record: GraphRecord, step: str, added: list) -> None:

@@ -151,3 +151,36 @@ def test_an_expert_loop_is_bucketed_once_rewritten_to_the_routed_op(monkeypatch)
     assert records[0].buckets["sizes"] == [4, 8], records[0].buckets
     runtime = records[0].buckets["runtime"]
     assert runtime["calls"] == {4: 2, 8: 2} and runtime["above_largest"] == 1
+
+
+def test_two_bucketed_graphs_share_one_recorder(monkeypatch):
+    """Two bucketed graphs on one device (two models here; the decode model's positional and keyword calls on
+    the H200) capture with the device's one recorder (its pool and warm-up stream), not one each."""
+    from kp_compiler.runtime import graph_buckets
+
+    monkeypatch.setattr(backend, "_on_cuda", lambda inputs: True)
+    monkeypatch.setattr(backend, "_cuda_device", lambda inputs: torch.device("cuda", 0))
+    monkeypatch.setattr(graph_buckets, "_SHARED", {})
+    monkeypatch.setattr(backend, "shared_recorder",
+                        lambda device: graph_buckets.shared_recorder(device, EagerRecorder))
+    made = []
+    real_init = GraphBuckets.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        made.append(self)
+    monkeypatch.setattr(GraphBuckets, "__init__", spy)
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    x = torch.randn(3, 6, D)
+    torch._dynamo.mark_dynamic(x, 0)
+    class Other(Block):  # another class: Dynamo makes it a graph of its own
+        pass
+    for model in (Block().eval(), Other().eval()):
+        compiled = torch.compile(model, backend="kernelpytorch", options={
+            "mode": "reduce-overhead", "cudagraph_buckets": [4, 8], "passes": ["noop-elimination"]})
+        with torch.no_grad():
+            for n in (3, 2):
+                y = torch.randn(n, 6, D)
+                torch.testing.assert_close(compiled(y), model(y), rtol=1e-5, atol=1e-5)
+    assert len(made) == 2 and made[0].recorder is made[1].recorder

@@ -78,3 +78,28 @@ def test_a_call_that_captures_runs_the_graph_once():
             torch.testing.assert_close(g, w)
         assert counter.item() == eager_counter.item()
     assert counter.item() == 3 and graphs.stats["captures"] == 1 and graphs.stats["replays"] == 2
+
+
+def test_one_recorder_per_device_and_thread(monkeypatch):
+    """Every bucketed graph of a device and thread captures with one recorder (one pool, one warm-up stream):
+    a stream per capture held a cuBLAS workspace each (32 MiB on the H200) for the life of the process."""
+    import threading
+
+    from kp_compiler.runtime import graph_buckets
+    from kp_compiler.runtime.graph_buckets import EagerRecorder, shared_recorder
+
+    monkeypatch.setattr(graph_buckets, "_SHARED", {})
+    made = []
+
+    def make(device):
+        made.append(device)
+        return EagerRecorder(device)
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    first = shared_recorder(cuda0, make)
+    assert shared_recorder(cuda0, make) is first
+    other = []
+    thread = threading.Thread(target=lambda: other.append(shared_recorder(cuda0, make)))
+    thread.start()
+    thread.join()
+    assert other[0] is not first and shared_recorder(cuda1, make) is not first
+    assert made == [cuda0, cuda0, cuda1]
