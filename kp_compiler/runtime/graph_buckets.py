@@ -40,6 +40,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import threading
+import warnings
 
 import torch
 
@@ -95,6 +96,7 @@ class CudaRecorder:
         with torch.cuda.device(self.device):
             self.pool = torch.cuda.graph_pool_handle()
             self.stream = torch.cuda.Stream()
+        self._keep_pool = None
 
     def pool_bytes(self) -> Optional[int]:
         """Bytes the caching allocator holds in this pool's segments (``memory_snapshot``'s pool ids)."""
@@ -103,6 +105,13 @@ class CudaRecorder:
 
     def capture(self, fn: Callable) -> tuple:
         with torch.cuda.device(self.device):
+            if self._keep_pool is None:
+                # A pool lives while a graph captured into it does; once none does, a capture into it fails
+                # ("use_count > 0" in the caching allocator: seen on the H200 when explain compiled the model
+                # again after Dynamo's reset). An empty graph keeps it alive, as Inductor's cudagraph trees do.
+                self._keep_pool = torch.cuda.CUDAGraph()
+                with warnings.catch_warnings(), torch.cuda.graph(self._keep_pool, pool=self.pool):
+                    warnings.simplefilter("ignore")  # "the CUDA Graph is empty"
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):
                 warm = fn()
