@@ -203,3 +203,16 @@ def test_generate_with_a_static_cache_smoke(tmp_path):
     # back to Inductor on Dynamo's graph, and no bucket plan is made; newer torch makes one per graph
     if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 10):
         assert "- kernelpytorch-buckets: none (CUDA graphs need CUDA inputs" in (tmp_path / "gen.md").read_text()
+
+
+def test_generate_counts_the_new_tokens_equal_before_the_first_difference():
+    from bench.generate import equal_prefix
+
+    want = torch.tensor([[5, 6, 1, 2, 3, 4], [7, 8, 1, 2, 3, 4]])  # 2 prompt tokens, 4 new
+    assert equal_prefix(want.clone(), want, 2) == 4
+    got = want.clone()
+    got[1, 4] = 9  # the second sequence's third new token
+    assert equal_prefix(got, want, 2) == 2
+    got[0, 2] = 9
+    assert equal_prefix(got, want, 2) == 0
+    assert equal_prefix(want[:, :5], want, 2) == 0  # a shorter output is not equal
