@@ -152,8 +152,8 @@ def markdown(results: dict) -> str:
             continue
         cells = []
         for b in SIZES:
-            ms = r["steady_ms"][b]
-            q = ref["steady_ms"][b] / ms if ref else None
+            ms = _at(r["steady_ms"], b)  # int keys in the run, str keys once read back from its JSON
+            q = _at(ref["steady_ms"], b) / ms if ref else None
             cells.append(f"{ms:.1f}" + (f" ({q:.2f}x)" if q else ""))
         lines.append(f"| {r['row']} | {r['graphs']} | {r['first_pass_s']:.1f} | {' | '.join(cells)} "
                      f"| {_agreement(r, meta['new_tokens'])} |")
@@ -165,6 +165,10 @@ def markdown(results: dict) -> str:
         lines += [f"- {row}: " + (f"sizes {b['sizes']}" if "sizes" in b else f"none ({b.get('why')})")
                   for row, b in plans]
     return "\n".join(lines) + "\n"
+
+
+def _at(per_size: dict, b: int):
+    return per_size[b] if b in per_size else per_size[str(b)]
 
 
 def _agreement(row: dict, new_tokens: int) -> str:
