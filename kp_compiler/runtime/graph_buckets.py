@@ -37,10 +37,9 @@ counts captures, replays and runs above the largest.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
-
 import threading
 import warnings
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
