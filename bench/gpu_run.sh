@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|buckets|buckets-next|generate|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|buckets|buckets-next|buckets-verify|generate|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -165,6 +165,16 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
     timeout "$(left)" python3 -m bench --cases moe-e64-top8-decode-dynamic --backends inductor inductor-reduce-overhead \
       kernelpytorch-reduce-overhead --kp-options '{"mode": "reduce-overhead", "cudagraph_buckets": "pow2:64"}' \
       --row-timeout 120 $extra --out "$out" --stem cuda-moe-decode-buckets-2 2>"$out/moe-decode-buckets.log" | tail -8
+    ;;
+  buckets-verify)
+    # After session 8: the bucket check (its explain compiles again after Dynamo's reset, the path the pool's
+    # keep-alive graph fixed), the first pass with peak memory, then generate with the token-agreement column.
+    PYTHONPATH=. timeout 150 python3 scripts/gpu_buckets_check.py > "$out/buckets-check.txt" 2>&1; echo "check rc=$?"
+    grep -E "batch|graph [0-9]:|peak|captured|timed" "$out/buckets-check.txt" | grep -v Warn
+    timeout "$(( $(left) - 200 ))" python3 -m bench.decode --modes --first-pass-modes reduce-overhead \
+      --first-pass-backends inductor kernelpytorch-buckets --first-pass-repeats 1 --out "$out" \
+      --stem cuda-decode-first-pass-buckets 2>"$out/decode.log" | tail -6
+    timeout "$(left)" python3 -m bench.generate --out "$out" --stem cuda-generate 2>"$out/generate.log" | tail -12
     ;;
   generate)
     # Issue 18 item 5: transformers' generate with a static KV cache at batch 1, 3, 8, 13 (its own compile of the
