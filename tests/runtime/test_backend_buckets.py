@@ -180,7 +180,7 @@ def test_two_bucketed_graphs_share_one_recorder(monkeypatch):
         compiled = torch.compile(model, backend="kernelpytorch", options={
             "mode": "reduce-overhead", "cudagraph_buckets": [4, 8], "passes": ["noop-elimination"]})
         with torch.no_grad():
-            for n in (3, 2):
-                y = torch.randn(n, 6, D)
-                torch.testing.assert_close(compiled(y), model(y), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)  # x: its batch is dynamic
+            y = torch.randn(2, 6, D)
+            torch.testing.assert_close(compiled(y), model(y), rtol=1e-5, atol=1e-5)
     assert len(made) == 2 and made[0].recorder is made[1].recorder
