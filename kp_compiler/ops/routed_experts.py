@@ -29,12 +29,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
+from .activations import ACTIVATIONS, act_backward  # noqa: F401  (re-exported: the expert modules read them here)
+
 
 
 def stacked(ws: Sequence) -> bool:
@@ -150,15 +146,6 @@ def reference_backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: 
 
 def _stack(grads: list, like: torch.Tensor) -> torch.Tensor:
     return torch.stack(grads) if grads else like.new_empty(0)
-
-
-def act_backward(activation: str, grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    aten = torch.ops.aten
-    if activation == "silu":
-        return aten.silu_backward(grad, z)
-    if activation in ("gelu", "gelu_tanh"):
-        return aten.gelu_backward(grad, z, approximate="tanh" if activation == "gelu_tanh" else "none")
-    return aten.threshold_backward(grad, z, 0)
 
 
 @routed_experts_backward.register_fake
