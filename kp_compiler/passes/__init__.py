@@ -8,6 +8,7 @@ from .attention.given import sdpa_with_mask
 from .attention.match import attention_to_sdpa
 from .attention.kernels import choose_attention_kernels
 from .fp8.linear import convert_fp8_linears, fp8_applies
+from .linear.activation import linear_activation
 from .moe.dispatch import moe_dispatch
 from .cleanup.noop import noop_elimination
 
@@ -21,5 +22,7 @@ register_pass("attention-to-sdpa", attention_to_sdpa, default=True, anchors=("so
 register_pass("attention-kernels", choose_attention_kernels, default=True, anchors=("softmax", sdpa_with_mask))
 # Default, but the backend leaves it out where no fused kernel would run the op (lowering/moe.py).
 register_pass("moe-dispatch", moe_dispatch, default=True, anchors=("topk",))
+# Opt-in until a fused kernel is measured faster than Inductor's own linear + pointwise (issue 19).
+register_pass("linear-activation", linear_activation, anchors=("linear",))
 # Last: it converts the linears the others left. Only with options["fp8"] (its applies says so otherwise).
 register_pass("fp8-linear", convert_fp8_linears, default=True, anchors=("linear",), applies=fp8_applies)

@@ -1,0 +1,143 @@
+"""``linear-activation``: a linear and the activation that reads it onto one op (issue 19, opt-in).
+
+Matches, in the canonical graph:
+
+- gated: ``act(linear(x, w_gate, b_gate?)) * linear(x, w_up, b_up?)`` (either
+  order of the product) -> ``kp::gated_linear`` (SwiGLU with ``silu``, GEGLU
+  with ``gelu`` exact or tanh);
+- ``act(linear(x, w, b?))`` for ``silu``, ``gelu`` (exact or tanh), ``relu``
+  -> ``kp::linear_act``.
+
+Training graphs get the ``_train`` variants, which also return the
+pre-activations for the backward (``ops/linear_act.py``).
+
+Preconditions, per match: each weight is a parameter of the graph (a
+placeholder; a weight computed in the graph is left alone); the
+pre-activations and the activation have no other user (a second reader
+would need the value the op keeps inside); ``x``, weights and biases share
+one dtype; the two gated weights have one shape.
+
+Opt-in (``options={"passes": [..., "linear-activation"]}``): the ops run
+their ATen reference until a fused kernel exists and is measured faster than
+Inductor's own path, which fuses the activation into one pointwise kernel.
+
+Before::
+
+    %linear = aten.linear.default(%x, %w_gate) : f32[4, 24]
+    %silu = aten.silu.default(%linear) : f32[4, 24]
+    %linear_1 = aten.linear.default(%x, %w_up) : f32[4, 24]
+    %mul = aten.mul.Tensor(%silu, %linear_1) : f32[4, 24]
+
+After::
+
+    %gated_linear_default = kp.gated_linear.default(%x, %w_gate, %w_up, None, None, 'silu') : f32[4, 24]
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+from torch import fx
+from torch._guards import detect_fake_mode
+
+from ...core import context
+from ...core.graph import erase_dead, fake_execution, val
+from ...core.pattern import P
+from ...core.rules import Matches
+from ...ops import linear_act as _linear_act  # noqa: F401  (registers kp::linear_act, kp::gated_linear)
+
+aten, kp = torch.ops.aten, torch.ops.kp
+
+ACT = (aten.silu.default, aten.gelu.default, aten.relu.default)
+x = P.var("x")
+# one user each: the op keeps the pre-activation and the activation inside
+GATE = P(ACT, P(aten.linear.default, x, P.var("w_gate"), users=1, name="gate_linear"), users=1, name="act")
+UP = P(aten.linear.default, x, P.var("w_up"), users=1, name="up_linear")
+GATED = P(aten.mul.Tensor, GATE, UP, commute=True)
+SINGLE = P(ACT, P(aten.linear.default, x, P.var("w"), users=1, name="linear"))
+
+
+def activation_of(node: fx.Node) -> str:
+    """``silu``, ``relu``, ``gelu`` or ``gelu_tanh`` for an activation node of ``ACT``."""
+    if node.target is aten.gelu.default:
+        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        return "gelu_tanh" if approximate == "tanh" else "gelu"
+    return "silu" if node.target is aten.silu.default else "relu"
+
+
+def _bias(linear: fx.Node) -> Optional[fx.Node]:
+    return linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+
+
+def refusal(x: fx.Node, linears: list) -> Optional[str]:
+    """Why these linears of ``x`` may not become one op, or None."""
+    ctx = context.current()
+    weights = [lin.args[1] for lin in linears]
+    for w in weights:
+        if not (isinstance(w, fx.Node) and w.op == "placeholder"):
+            return f"{w}: the weight is not a parameter of the graph"
+        if ctx is not None and not isinstance(ctx.example_value(w), torch.nn.Parameter):
+            return f"{w.name}: the weight is a graph input, not a parameter"
+    xv = val(x)
+    values = [val(w) for w in weights] + [val(b) for b in map(_bias, linears) if b is not None]
+    if not isinstance(xv, torch.Tensor) or not xv.is_floating_point():
+        return "x is not a floating tensor"
+    if any(not isinstance(v, torch.Tensor) or v.dtype != xv.dtype for v in values):
+        return "x, the weights and the biases do not share one dtype"
+    if len(weights) == 2 and val(weights[0]).shape != val(weights[1]).shape:
+        return "the gate and up weights differ in shape"
+    return None
+
+
+def linear_activation(gm: fx.GraphModule) -> Matches:
+    """Rewrite the gated forms first (their gate is also a single ``act(linear)``), then the rest."""
+    ctx = context.current()
+    train = bool(ctx is not None and ctx.target is not None and ctx.target.training)
+    counts, notes = {"gated": 0, "single": 0}, []
+    graph = gm.graph
+    for node in list(graph.nodes):
+        found = GATED.find(node) if node.op == "call_function" else None
+        if found is None:
+            continue
+        gate, up = found["gate_linear"], found["up_linear"]
+        why = refusal(found["x"], [gate, up])
+        if why is not None:
+            notes.append(f"{node.name}: left alone: {why}")
+            continue
+        act = activation_of(found["act"])
+        op = kp.gated_linear_train.default if train else kp.gated_linear.default
+        _replace(graph, node, op, (found["x"], gate.args[1], up.args[1], _bias(gate), _bias(up), act), train,
+                 [node, found["act"], gate, up])
+        counts["gated"] += 1
+    for node in list(graph.nodes):
+        found = SINGLE.find(node) if node.op == "call_function" else None
+        if found is None:
+            continue
+        linear = found["linear"]
+        why = refusal(found["x"], [linear])
+        if why is not None:
+            notes.append(f"{node.name}: left alone: {why}")
+            continue
+        op = kp.linear_act_train.default if train else kp.linear_act.default
+        _replace(graph, node, op, (found["x"], linear.args[1], _bias(linear), activation_of(node)), train,
+                 [node, linear])
+        counts["single"] += 1
+    graph.lint()
+    return Matches({k: v for k, v in counts.items() if v}, notes)
+
+
+def _replace(graph: fx.Graph, root: fx.Node, op, args: tuple, train: bool, old: list) -> None:
+    fake = [val(a) if isinstance(a, fx.Node) else a for a in args]
+    with fake_execution(detect_fake_mode([v for v in fake if isinstance(v, torch.Tensor)])):
+        value = op(*fake)
+    with graph.inserting_before(root):
+        fused = graph.call_function(op, args)
+        fused.meta["val"] = value
+        out = fused
+        if train:  # (output, pre-activations...): the graph reads the output
+            out = graph.call_function(operator.getitem, (fused, 0))
+            out.meta["val"] = fused.meta["val"][0]
+    root.replace_all_uses_with(out)
+    erase_dead(old)
