@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|buckets|buckets-next|buckets-verify|generate|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|buckets|buckets-next|buckets-verify|linear-act|generate|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -175,6 +175,10 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
       --first-pass-backends inductor kernelpytorch-buckets --first-pass-repeats 1 --out "$out" \
       --stem cuda-decode-first-pass-buckets 2>"$out/decode.log" | tail -6
     timeout "$(left)" python3 -m bench.generate --out "$out" --stem cuda-generate 2>"$out/generate.log" | tail -12
+    ;;
+  linear-act)
+    # Issue 19: the Triton linear + activation forward against Inductor's linear + pointwise (diagnostics).
+    PYTHONPATH=. timeout "$(left)" python3 scripts/gpu_linear_act.py > "$out/linear-act.txt" 2>&1; tail -20 "$out/linear-act.txt"
     ;;
   generate)
     # Issue 18 item 5: transformers' generate with a static KV cache at batch 1, 3, 8, 13 (its own compile of the
