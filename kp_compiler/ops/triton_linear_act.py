@@ -1,4 +1,4 @@
-"""Triton forward of ``kp::linear_act`` and ``kp::gated_linear`` (issue 19; not yet wired to the ops).
+"""Triton forward of ``kp::linear_act`` and ``kp::gated_linear`` (issue 19; ``lowering/linear_act.py`` decides where).
 
 One kernel, ``_linear_act``: each program computes an ``[BM, BN]`` tile of
 ``x @ w_up.T`` and, for the gated form, of ``x @ w_gate.T`` in the same loop
@@ -13,8 +13,8 @@ weight tiles is reused from L2 by the row tiles beside it. Tile sizes are
 timed once per shape on the GPU (``triton_experts._tuned``); under
 ``TRITON_INTERPRET=1`` the first candidate runs (CPU tests).
 
-Not yet the ops' CUDA implementation: that waits for a GPU measurement
-against Inductor's own linear + pointwise (the issue's table).
+No shape chooses it yet: ``lowering/linear_act.py``'s table waits for a GPU
+measurement against Inductor's own linear + pointwise.
 """
 
 from __future__ import annotations

@@ -1,0 +1,99 @@
+"""Which implementation runs ``kp::linear_act`` / ``kp::gated_linear`` (and ``_train``) on CUDA: a table.
+
+| device | dtype | shapes | implementation |
+|---|---|---|---|
+| CUDA 8.0 and up, Triton imports | bf16, fp16 | a ``(K, N)`` in ``TRITON_SHAPES``, weights unit stride along ``K`` | ``ops/triton_linear_act.py`` |
+| anything else | | | the ATen reference (``ops/linear_act.py``) |
+
+``TRITON_SHAPES`` is empty: the kernel has not been measured against
+Inductor's linear + pointwise on a GPU yet (``scripts/gpu_linear_act.py``),
+and a kernel is chosen only where it was measured faster.
+``KP_LINEAR_ACT_KERNEL=triton|reference`` forces one where it can run (for
+benchmarks); any other value is an error. The backward is the ops' own
+autograd formula in both cases (ATen GEMMs and ``act_backward``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ..core.devices import DeviceInfo, describe
+from ..ops import linear_act as ops
+from ..ops.activations import ACTIVATIONS
+
+IMPLEMENTATIONS = ("triton", "reference")
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+# (K, N) measured faster through the Triton kernel than Inductor's own path, per (device capability, gated)
+TRITON_SHAPES: dict = {}
+
+
+def _forced() -> str:
+    forced = os.environ.get("KP_LINEAR_ACT_KERNEL", "")
+    if forced and forced not in IMPLEMENTATIONS:
+        raise ValueError(f"KP_LINEAR_ACT_KERNEL={forced!r} is not one of {IMPLEMENTATIONS}")
+    return forced
+
+
+def choose(device: DeviceInfo, dtype: torch.dtype, k: int, n: int, gated: bool, readable: bool,
+           triton: bool = _HAS_TRITON) -> str:
+    """``"triton"`` where the kernel can read the operands and was measured faster at ``(k, n)``, or where
+    ``KP_LINEAR_ACT_KERNEL=triton`` forces it; else ``"reference"``."""
+    can = (triton and readable and device.kind == "cuda" and device.capability is not None
+           and device.capability >= (8, 0) and dtype in (torch.bfloat16, torch.float16))
+    forced = _forced()
+    if forced:
+        return "triton" if forced == "triton" and can else "reference"
+    measured = (k, n) in TRITON_SHAPES.get((device.capability, gated), ())
+    return "triton" if can and measured else "reference"
+
+
+_device_info = functools.lru_cache(maxsize=None)(describe)
+
+
+def _run(x, w_gate, w_up, b_gate, b_up, activation, store_pre):
+    """``(out, gate pre-activation or None, up pre-activation or None)`` through the table's choice."""
+    from ..ops import triton_linear_act
+
+    weights = [w for w in (w_gate, w_up) if w is not None]
+    readable = triton_linear_act.supported(x, *weights) if _HAS_TRITON else False
+    impl = choose(_device_info(x.device), x.dtype, x.shape[-1], w_up.shape[0], w_gate is not None, readable)
+    with torch.no_grad():
+        if impl == "triton":
+            return triton_linear_act.forward(x, w_gate, w_up, b_gate, b_up, activation, store_pre)
+        u = F.linear(x, w_up, b_up)
+        if w_gate is None:
+            return ACTIVATIONS[activation](u), None, u
+        g = F.linear(x, w_gate, b_gate)
+        return ACTIVATIONS[activation](g) * u, g, u
+
+
+def _linear_act(x, w, b, activation):
+    ops._check("linear_act", x, (w,), (b,), activation)
+    return _run(x, None, w, None, b, activation, False)[0]
+
+
+def _linear_act_train(x, w, b, activation):
+    ops._check("linear_act_train", x, (w,), (b,), activation)
+    out, _, z = _run(x, None, w, None, b, activation, True)
+    return out, z
+
+
+def _gated_linear(x, w_gate, w_up, b_gate, b_up, activation):
+    ops._check("gated_linear", x, (w_gate, w_up), (b_gate, b_up), activation)
+    return _run(x, w_gate, w_up, b_gate, b_up, activation, False)[0]
+
+
+def _gated_linear_train(x, w_gate, w_up, b_gate, b_up, activation):
+    ops._check("gated_linear_train", x, (w_gate, w_up), (b_gate, b_up), activation)
+    return _run(x, w_gate, w_up, b_gate, b_up, activation, True)
+
+
+IMPLS = {"linear_act": _linear_act, "linear_act_train": _linear_act_train, "gated_linear": _gated_linear,
+         "gated_linear_train": _gated_linear_train}
+for _name, _fn in IMPLS.items():
+    torch.library.register_kernel(f"kp::{_name}", "cuda", _fn)
