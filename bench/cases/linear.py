@@ -1,6 +1,8 @@
-"""Linear cases: linear + GELU(tanh) (the fusion anchor) and FP8-sized linears.
+"""Linear cases: linear + GELU(tanh) (the fusion anchor), the Llama-3-8B SwiGLU MLP in bf16 (issue 19), forward
+and forward+backward, and FP8-sized linears.
 
-FLOPs 2*M*K*N. The FP8-sized shapes run in the working dtype today; the FP8
+FLOPs 2*M*K*N per linear (three times that for a forward+backward). The linear + activation pass is opt-in:
+its rows need ``--kp-options '{"passes": [..., "linear-activation"]}'`` (``bench/gpu_run.sh linear-act``). The FP8-sized shapes run in the working dtype today; the FP8
 pass will decide per shape whether they convert.
 """
 
@@ -9,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kp_compiler.testing.models import SwiGLU
 
 from . import Scale, Workload, case
 
@@ -33,6 +37,30 @@ def _linear(scale: Scale, m: int, k: int, n: int, module: nn.Module) -> Workload
 def linear_gelu(scale: Scale) -> Workload:
     m, k, n = (64, 32, 64) if scale.smoke else (8192, 4096, 16384)
     return _linear(scale, m, k, n, LinearGelu(k, n))
+
+
+def _loss(out):
+    return out.float().square().mean()
+
+
+@case("linear-gelu-fwd-bwd", "linear", train=True)
+def linear_gelu_train(scale: Scale) -> Workload:
+    m, k, n = (64, 32, 64) if scale.smoke else (8192, 4096, 16384)
+    work = _linear(scale, m, k, n, LinearGelu(k, n))
+    x = work.inputs[0].requires_grad_()
+    return Workload(work.model, (x,), flops=3 * work.flops, loss=_loss)
+
+
+def _swiglu(scale: Scale, train: bool) -> Workload:
+    t, d, f = (64, 32, 112) if scale.smoke else (8192, 4096, 14336)
+    torch.manual_seed(0)
+    model = SwiGLU(d, f).to(scale.device, scale.dtype)
+    x = torch.randn(t, d, device=scale.device, dtype=scale.dtype, requires_grad=train)
+    return Workload(model, (x,), flops=6 * t * d * f * (3 if train else 1), loss=_loss if train else None)
+
+
+case("swiglu-mlp", "linear")(lambda scale: _swiglu(scale, False))
+case("swiglu-mlp-fwd-bwd", "linear", train=True)(lambda scale: _swiglu(scale, True))
 
 
 FP8_SHAPES = {
