@@ -106,6 +106,16 @@ def test_transformers_llama_mlp():
     check(LlamaMLP(config), torch.float32, "gated")
 
 
+def test_transformers_gemma_mlp_geglu():
+    """Gemma's MLP: ``gelu_pytorch_tanh(gate_proj(x)) * up_proj(x)`` (transformers' ``ACT2FN``)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gemma.modeling_gemma import GemmaMLP
+
+    config = transformers.GemmaConfig(hidden_size=D, intermediate_size=H, hidden_activation="gelu_pytorch_tanh",
+                                      num_attention_heads=2, num_key_value_heads=2, head_dim=8)
+    check(GemmaMLP(config), torch.float32, "gated")
+
+
 def test_nanogpt_mlp():
     class MLP(nn.Module):  # nanoGPT's MLP, as written there
         def __init__(self):
