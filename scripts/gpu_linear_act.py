@@ -1,8 +1,8 @@
 """Issue 19 diagnostics: the Triton forward of ``kp::linear_act`` / ``kp::gated_linear`` (``ops/triton_linear_act.py``)
 against Inductor's own linear + pointwise on the same code, before the kernel is wired to the ops. Not a
 benchmark (speed claims come from ``python -m bench``): per shape, the error against fp32 beside eager bf16's,
-then the GPU time per call (CUDA events over 20 back-to-back calls) and the latency (``bench.timing.time_fn``,
-median) of eager, Inductor, and the kernel (tuned on its first call).
+then the GPU time per call (``bench.timing.time_fn`` with the launch hidden behind a sleep) and the latency (its
+default timing), medians, of eager, Inductor, and the kernel (tuned on its first call).
 
 Shapes: the issue's linear + GELU(tanh) 8192 x 4096 -> 16384; Llama-3-8B's SwiGLU gate/up 8192 x 4096 -> 14336,
 with and without the pre-activations stored (training); a decode-size SwiGLU 16 x 4096 -> 14336.
@@ -22,18 +22,6 @@ CASES = [("linear+gelu_tanh", 8192, 4096, 16384, False, "gelu_tanh", False),
          ("swiglu", 8192, 4096, 14336, True, "silu", False),
          ("swiglu, pre-activations stored", 8192, 4096, 14336, True, "silu", True),
          ("swiglu decode", 16, 4096, 14336, True, "silu", False)]
-
-
-def gpu_ms(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main() -> None:
@@ -57,7 +45,7 @@ def main() -> None:
                           ("kernel", kernel)):
             lat = time_fn(fn, "cuda", 20)
             flops = 2 * m * k * n * (2 if gated else 1)
-            ms = gpu_ms(fn)
+            ms = time_fn(fn, "cuda", 20, hide_launch=True).median_ms
             print(f"  {label:9s} GPU {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s), latency median {lat.median_ms:.3f} ms",
                   flush=True)
 

@@ -20,11 +20,9 @@ import importlib.util
 import os
 
 import torch
-import torch.nn.functional as F
 
 from ..core.devices import DeviceInfo, describe
 from ..ops import linear_act as ops
-from ..ops.activations import ACTIVATIONS
 
 IMPLEMENTATIONS = ("triton", "reference")
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -57,19 +55,15 @@ _device_info = functools.lru_cache(maxsize=None)(describe)
 
 def _run(x, w_gate, w_up, b_gate, b_up, activation, store_pre):
     """``(out, gate pre-activation or None, up pre-activation or None)`` through the table's choice."""
-    from ..ops import triton_linear_act
-
-    weights = [w for w in (w_gate, w_up) if w is not None]
-    readable = triton_linear_act.supported(x, *weights) if _HAS_TRITON else False
+    readable = False
+    if _HAS_TRITON:
+        from ..ops import triton_linear_act
+        readable = triton_linear_act.supported(x, *[w for w in (w_gate, w_up) if w is not None])
     impl = choose(_device_info(x.device), x.dtype, x.shape[-1], w_up.shape[0], w_gate is not None, readable)
     with torch.no_grad():
         if impl == "triton":
             return triton_linear_act.forward(x, w_gate, w_up, b_gate, b_up, activation, store_pre)
-        u = F.linear(x, w_up, b_up)
-        if w_gate is None:
-            return ACTIVATIONS[activation](u), None, u
-        g = F.linear(x, w_gate, b_gate)
-        return ACTIVATIONS[activation](g) * u, g, u
+        return ops.reference(x, w_gate, w_up, b_gate, b_up, activation)
 
 
 def _linear_act(x, w, b, activation):

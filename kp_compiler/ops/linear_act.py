@@ -48,6 +48,15 @@ def _check(op: str, x: torch.Tensor, weights: tuple, biases: tuple, activation: 
             raise ValueError(f"kp::{op}: a bias must be [N] = [{n}] in x's dtype, got {tuple(b.shape)} {b.dtype}")
 
 
+def reference(x, w_gate, w_up, b_gate, b_up, activation: str) -> tuple:
+    """``(out, gate pre-activation or None, up pre-activation)`` in ATen; ``w_gate`` None: ``act(x @ w_up.T + b_up)``."""
+    u = F.linear(x, w_up, b_up)
+    if w_gate is None:
+        return ACTIVATIONS[activation](u), None, u
+    g = F.linear(x, w_gate, b_gate)
+    return ACTIVATIONS[activation](g) * u, g, u
+
+
 def _out_shape(x: torch.Tensor, w: torch.Tensor) -> tuple:
     return (*x.shape[:-1], w.shape[0])
 
@@ -57,7 +66,7 @@ def _out_shape(x: torch.Tensor, w: torch.Tensor) -> tuple:
 @torch.library.custom_op("kp::linear_act", mutates_args=())
 def linear_act(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], activation: str) -> torch.Tensor:
     _check("linear_act", x, (w,), (b,), activation)
-    return ACTIVATIONS[activation](F.linear(x, w, b))
+    return reference(x, None, w, None, b, activation)[0]
 
 
 @linear_act.register_fake
@@ -69,8 +78,8 @@ def _(x, w, b, activation):
 def linear_act_train(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
                      activation: str) -> tuple[torch.Tensor, torch.Tensor]:
     _check("linear_act_train", x, (w,), (b,), activation)
-    z = F.linear(x, w, b)
-    return ACTIVATIONS[activation](z), z
+    out, _, z = reference(x, None, w, None, b, activation)
+    return out, z
 
 
 @linear_act_train.register_fake
@@ -115,7 +124,7 @@ linear_act_train.register_autograd(_linear_act_backward, setup_context=_linear_a
 def gated_linear(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: Optional[torch.Tensor],
                  b_up: Optional[torch.Tensor], activation: str) -> torch.Tensor:
     _check("gated_linear", x, (w_gate, w_up), (b_gate, b_up), activation)
-    return ACTIVATIONS[activation](F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up)
+    return reference(x, w_gate, w_up, b_gate, b_up, activation)[0]
 
 
 @gated_linear.register_fake
@@ -127,8 +136,7 @@ def _(x, w_gate, w_up, b_gate, b_up, activation):
 def gated_linear_train(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: Optional[torch.Tensor],
                        b_up: Optional[torch.Tensor], activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check("gated_linear_train", x, (w_gate, w_up), (b_gate, b_up), activation)
-    g, u = F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up)
-    return ACTIVATIONS[activation](g) * u, g, u
+    return reference(x, w_gate, w_up, b_gate, b_up, activation)
 
 
 @gated_linear_train.register_fake

@@ -183,15 +183,35 @@ def test_mismatched_dtypes_are_named():
     assert result == 0 and any("do not share one dtype" in n for n in result.notes), result.notes
 
 
-def test_one_graph_over_dynamic_batch_sizes():
-    torch._dynamo.reset()
-    model = Gated("silu", True)
-    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES})
+@pytest.mark.parametrize("train", [False, True])
+def test_one_graph_over_dynamic_sizes_with_gradients(train):
+    """transformers' ``LlamaMLP`` under ``dynamic=True`` at three token counts: one graph, the pass adds no shape
+    guard, outputs (and in training every gradient) equal to eager at each size."""
     from kp_compiler.core.report import collect
-    with collect() as records, torch.no_grad():
+    from kp_compiler.testing.compare import assert_same_grads
+    from tests.utils import grads_of
+
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LlamaMLP(transformers.LlamaConfig(hidden_size=D, intermediate_size=H, hidden_act="silu",
+                                              num_attention_heads=2, num_key_value_heads=2))
+    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES}, dynamic=True)
+    with collect() as records, torch.set_grad_enabled(train):
         for rows in (3, 7, 12):
-            x = torch.randn(rows, D)
-            torch._dynamo.mark_dynamic(x, 0)
-            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
-    assert len(records) == 1 and pass_of(records).matches == 1
-    assert not any("linear-activation" in g.get("step", "") for g in records[0].guards_added)
+            x = torch.randn(2, rows, D, requires_grad=train)
+            got = compiled(x)
+            want = model(x.detach().requires_grad_(train))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            if train:
+                model.zero_grad(set_to_none=True)
+                got.square().mean().backward()
+                got_grads = grads_of(model.named_parameters())
+                model.zero_grad(set_to_none=True)
+                want.square().mean().backward()
+                assert_same_grads(got_grads, grads_of(model.named_parameters()), rtol=1e-5, atol=1e-6)
+    assert len(records) == 1, [r.id for r in records]
+    found = pass_of(records)
+    assert found.matches == 1 and found.by_rule == {"gated": 1} and found.guards_added == []

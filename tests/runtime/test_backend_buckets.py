@@ -34,9 +34,8 @@ def run(model, sizes_seen, mode="reduce-overhead", first=3):
     return records
 
 
-def test_on_cuda_an_inference_graph_with_rows_apart_is_bucketed(monkeypatch):
-    monkeypatch.setattr(backend, "_on_cuda", lambda inputs: True)
-    monkeypatch.setattr(backend, "_recorder", EagerRecorder)
+def made_buckets(monkeypatch) -> list:
+    """The ``GraphBuckets`` the backend makes from now on, in order."""
     made = []
     real_init = GraphBuckets.__init__
 
@@ -44,6 +43,13 @@ def test_on_cuda_an_inference_graph_with_rows_apart_is_bucketed(monkeypatch):
         real_init(self, *a, **k)
         made.append(self)
     monkeypatch.setattr(GraphBuckets, "__init__", spy)
+    return made
+
+
+def test_on_cuda_an_inference_graph_with_rows_apart_is_bucketed(monkeypatch):
+    monkeypatch.setattr(backend, "_on_cuda", lambda inputs: True)
+    monkeypatch.setattr(backend, "_recorder", EagerRecorder)
+    made = made_buckets(monkeypatch)
     torch.manual_seed(0)
     records = run(Block().eval(), [4, 2, 7, 8, 11])
     (graphs,) = made
@@ -163,13 +169,7 @@ def test_two_bucketed_graphs_share_one_recorder(monkeypatch):
     monkeypatch.setattr(graph_buckets, "_SHARED", {})
     monkeypatch.setattr(backend, "shared_recorder",
                         lambda device: graph_buckets.shared_recorder(device, EagerRecorder))
-    made = []
-    real_init = GraphBuckets.__init__
-
-    def spy(self, *a, **k):
-        real_init(self, *a, **k)
-        made.append(self)
-    monkeypatch.setattr(GraphBuckets, "__init__", spy)
+    made = made_buckets(monkeypatch)
     torch.manual_seed(0)
     torch._dynamo.reset()
     x = torch.randn(3, 6, D)

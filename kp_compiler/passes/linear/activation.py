@@ -40,10 +40,9 @@ from typing import Optional
 
 import torch
 from torch import fx
-from torch._guards import detect_fake_mode
 
 from ...core import context
-from ...core.graph import erase_dead, fake_execution, val
+from ...core.graph import erase_dead, val
 from ...core.pattern import P
 from ...core.rules import Matches
 from ...ops import linear_act as _linear_act  # noqa: F401  (registers kp::linear_act, kp::gated_linear)
@@ -91,53 +90,51 @@ def refusal(x: fx.Node, linears: list) -> Optional[str]:
     return None
 
 
+def _gated(found: dict, root: fx.Node, train: bool) -> tuple:
+    """``(linears, op, args, replaced nodes)`` for a gated match."""
+    gate, up = found["gate_linear"], found["up_linear"]
+    op = kp.gated_linear_train.default if train else kp.gated_linear.default
+    args = (found["x"], gate.args[1], up.args[1], _bias(gate), _bias(up), activation_of(found["act"]))
+    return [gate, up], op, args, [root, found["act"], gate, up]
+
+
+def _single(found: dict, root: fx.Node, train: bool) -> tuple:
+    linear = found["linear"]
+    op = kp.linear_act_train.default if train else kp.linear_act.default
+    return [linear], op, (found["x"], linear.args[1], _bias(linear), activation_of(root)), [root, linear]
+
+
+# The gated forms first: their gate is also a single ``act(linear)``.
+FORMS = (("gated", GATED, _gated), ("single", SINGLE, _single))
+
+
 def linear_activation(gm: fx.GraphModule) -> Matches:
-    """Rewrite the gated forms first (their gate is also a single ``act(linear)``), then the rest."""
+    """Rewrite every match of ``FORMS`` in order; a refused one gets a note saying why."""
     ctx = context.current()
     train = bool(ctx is not None and ctx.target is not None and ctx.target.training)
-    counts, notes = {"gated": 0, "single": 0}, []
+    counts, notes = {}, []
     graph = gm.graph
-    for node in list(graph.nodes):
-        found = GATED.find(node) if node.op == "call_function" else None
-        if found is None:
-            continue
-        gate, up = found["gate_linear"], found["up_linear"]
-        why = refusal(found["x"], [gate, up])
-        if why is not None:
-            notes.append(f"{node.name}: left alone: {why}")
-            continue
-        act = activation_of(found["act"])
-        op = kp.gated_linear_train.default if train else kp.gated_linear.default
-        _replace(graph, node, op, (found["x"], gate.args[1], up.args[1], _bias(gate), _bias(up), act), train,
-                 [node, found["act"], gate, up])
-        counts["gated"] += 1
-    for node in list(graph.nodes):
-        found = SINGLE.find(node) if node.op == "call_function" else None
-        if found is None:
-            continue
-        linear = found["linear"]
-        why = refusal(found["x"], [linear])
-        if why is not None:
-            notes.append(f"{node.name}: left alone: {why}")
-            continue
-        op = kp.linear_act_train.default if train else kp.linear_act.default
-        _replace(graph, node, op, (found["x"], linear.args[1], _bias(linear), activation_of(node)), train,
-                 [node, linear])
-        counts["single"] += 1
+    for rule, pattern, build in FORMS:
+        for node in list(graph.nodes):
+            found = pattern.find(node) if node.op == "call_function" else None
+            if found is None:
+                continue
+            linears, op, args, old = build(found, node, train)
+            why = refusal(found["x"], linears)
+            if why is not None:
+                notes.append(f"{node.name}: left alone: {why}")
+                continue
+            # the op's output has the activation's value; the _train variants add the linears' (pre-activations)
+            value = (val(node), *map(val, linears)) if train else val(node)
+            with graph.inserting_before(node):
+                fused = graph.call_function(op, args)
+                fused.meta["val"] = value
+                out = fused
+                if train:  # the graph reads the output
+                    out = graph.call_function(operator.getitem, (fused, 0))
+                    out.meta["val"] = value[0]
+            node.replace_all_uses_with(out)
+            erase_dead(old)
+            counts[rule] = counts.get(rule, 0) + 1
     graph.lint()
-    return Matches({k: v for k, v in counts.items() if v}, notes)
-
-
-def _replace(graph: fx.Graph, root: fx.Node, op, args: tuple, train: bool, old: list) -> None:
-    fake = [val(a) if isinstance(a, fx.Node) else a for a in args]
-    with fake_execution(detect_fake_mode([v for v in fake if isinstance(v, torch.Tensor)])):
-        value = op(*fake)
-    with graph.inserting_before(root):
-        fused = graph.call_function(op, args)
-        fused.meta["val"] = value
-        out = fused
-        if train:  # (output, pre-activations...): the graph reads the output
-            out = graph.call_function(operator.getitem, (fused, 0))
-            out.meta["val"] = fused.meta["val"][0]
-    root.replace_all_uses_with(out)
-    erase_dead(old)
+    return Matches(counts, notes)
