@@ -65,13 +65,13 @@ def kernelpytorch(
         record.dump = dump.folder
     start = time.perf_counter()
     try:
-        fn, guards, fallback = _compile(gm, example_inputs, opts, chosen, record, dump)
+        fn, guards, fallback, hooks = _compile(gm, example_inputs, opts, chosen, record, dump)
     except Exception as e:
         if not _dynamo_control_flow(e):  # a restarted trace is not a compiled graph
             _finish(record, opts, start)
         raise
     _finish(record, opts, start)
-    return CompiledGraph(fn, record, guards, fallback)
+    return CompiledGraph(fn, record, guards, fallback, hooks)
 
 
 class _RenewedBackend:
@@ -130,7 +130,7 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
         why = f"nothing to rewrite ({idle}; options['passes'] runs it anyway)"
         record.skipped += [{"pass": name, "reason": why} for name, _ in chosen]
         record.nodes_in = record.nodes_out = len(gm.graph.nodes)
-        return lower(record.lowering, gm, example_inputs, opts.mode, opts.inductor_config, dump), (), None
+        return lower(record.lowering, gm, example_inputs, opts.mode, opts.inductor_config, dump), (), None, ()
     watch = GuardWatch(fake_mode_of(example_inputs))
     mark = watch.mark()
     try:
@@ -138,7 +138,7 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
     except Exception as e:  # noqa: BLE001 - fall back rather than break the model
         if opts.strict or _dynamo_control_flow(e):
             raise
-        return _fallback(gm, example_inputs, opts, record, f"canonicalization failed ({_brief(e)})"), (), None
+        return _fallback(gm, example_inputs, opts, record, f"canonicalization failed ({_brief(e)})"), (), None, ()
     _note_guards(record, "canonicalize", watch.added_since(mark))
     record.nodes_in = len(cgm.graph.nodes)
     if dump is not None:
@@ -172,8 +172,8 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
         if opts.strict or _dynamo_control_flow(e):
             raise
         why = f"lowering the rewritten graph failed ({_brief(e)})"
-        return _fallback(gm, example_inputs, opts, record, why), (), None
-    return fn, manager.guards, fallback
+        return _fallback(gm, example_inputs, opts, record, why), (), None, ()
+    return fn, manager.guards, fallback, manager.hooks
 
 
 def _bucket_plan(cgm: fx.GraphModule, example_inputs, opts: Options, record: GraphRecord, target):

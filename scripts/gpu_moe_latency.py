@@ -4,7 +4,7 @@ layer: host and wall per call back to back, then ``bench.timing.time_fn`` latenc
 timing: L2 flush and a sync around each call), first alone in the process, then again after an Inductor
 compile of the same module has run (as in the harness, where every backend of a case is compiled first).
 Not a benchmark (speed claims come from ``python -m bench``).
-    PYTHONPATH=. python scripts/gpu_moe_latency.py
+    PYTHONPATH=. python scripts/gpu_moe_latency.py [T] [--kp-only]
 """
 
 from __future__ import annotations
@@ -35,13 +35,20 @@ def report(label, fn):
 def main() -> None:
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     T = int(sys.argv[1]) if len(sys.argv) > 1 else 64
+    kp_only = "--kp-only" in sys.argv
     torch.manual_seed(0)
     model = LoopMoE(2048, 768, 64, 8).cuda().bfloat16()
     x = torch.randn(T, 2048, device="cuda", dtype=torch.bfloat16)
     kp = torch.compile(model, backend="kernelpytorch")
     with torch.no_grad():
-        kp(x)
+        out, ref = kp(x), model(x)
+        exact = model.float()(x.float())
+        model.bfloat16()
+    err = lambda t: ((t.float() - exact).norm() / exact.norm()).item()  # noqa: E731
+    print(f"T={T} rel. error vs fp32: kernelpytorch {err(out):.2e}, eager bf16 {err(ref):.2e}", flush=True)
     report(f"T={T} kernelpytorch alone", lambda: kp(x))
+    if kp_only:
+        return
     ind = torch.compile(model)
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -50,6 +50,10 @@ class PassContext:
     target: Optional[Target] = None  # what the graph is compiled for (core/target.py)
     options: Any = None  # the parsed ``kp_compiler.options.Options`` (None outside the backend)
     guards_by_design: list = field(default_factory=list)  # why this pass's shape guards are meant (see below)
+    # Called with the graph's inputs before every call of the compiled graph (never fail, unlike guards): a
+    # rewrite that keeps state about input tensors updates it here. ``hook.inputs``: the indices it reads,
+    # left as given when the pass manager verifies the rewrite on random inputs.
+    hooks: list = field(default_factory=list)
 
     def example_value(self, node: fx.Node) -> Optional[Any]:
         """The example value of a placeholder (None for anything else)."""

@@ -282,6 +282,7 @@ class PassManager:
         self.options = options
         self.shape_guards = GuardWatch(fake_mode)
         self.guards: list = []  # runtime guards the kept rewrites rely on
+        self.hooks: list = []  # what the kept rewrites run before every call (context.PassContext.hooks)
         # The graph before the first pass that added guards: valid whatever the guarded inputs hold.
         self.unguarded: Optional[fx.Graph] = None
 
@@ -321,7 +322,7 @@ class PassManager:
             rec.notes = [*getattr(result, "notes", []), *dict.fromkeys(ctx.notes)]
             changed = g.fingerprint(gm.graph) != before_print
             if changed:
-                self._check(gm, before, self.guards + ctx.guards)
+                self._check(gm, before, self.guards + ctx.guards, self.hooks + ctx.hooks)
         except Exception as e:  # noqa: BLE001 - any pass failure is rolled back
             rec.ms = (time.perf_counter() - start) * 1e3
             if isinstance(e, PassTimeout) or watchdog.interrupted:
@@ -333,6 +334,7 @@ class PassManager:
         if ctx.guards and self.unguarded is None:
             self.unguarded = before
         self.guards += ctx.guards
+        self.hooks += ctx.hooks
 
     def _note_shape_guards(self, name: str, rec: PassRecord, mark, by_design: tuple = ()) -> None:
         rec.guards_added = self.shape_guards.added_since(mark)
@@ -352,7 +354,7 @@ class PassManager:
         log.warning(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
-    def _check(self, gm: fx.GraphModule, before: fx.Graph, guards: list) -> None:
+    def _check(self, gm: fx.GraphModule, before: fx.Graph, guards: list, hooks: list = ()) -> None:
         gm.graph.lint()
         gm.recompile()
         g.propagate_shapes(gm, self.fake_mode, self.fake_inputs)
@@ -361,8 +363,10 @@ class PassManager:
             raise VerifyError(f"the graph outputs changed from {was} to {now}")
         if self.verify:
             reference = fx.GraphModule(gm, before)
-            # Guarded inputs keep their example values: the rewrite is only claimed for those.
-            check_same_outputs(reference, gm, self.real_inputs, keep={gd.index for gd in guards})
+            # Guarded inputs keep their example values: the rewrite is only claimed for those; so do inputs a
+            # hook keeps state about (tables of their addresses: the clones verify passes are not hooked).
+            keep = {gd.index for gd in guards} | {i for hook in hooks for i in hook.inputs}
+            check_same_outputs(reference, gm, self.real_inputs, keep=keep)
 
     def _fail(self, gm, before, name: str, rec: PassRecord, err: Exception) -> None:
         g.restore(gm, before)

@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from ..ops import grouped_experts, routed_experts, routed_experts_biased
+from ..ops import grouped_experts, routed_experts, routed_experts_biased, routed_experts_tables
 from ..core.devices import DeviceInfo, describe
 
 IMPLEMENTATIONS = ("triton", "grouped_mm", "reference")
@@ -92,6 +92,18 @@ def _cuda_forward_biased(x, ids, weights, w_gate, w_up, w_down, b_gate, b_up, b_
     return _forward(x, ids, weights, w_gate, w_up, w_down, activation, (b_gate, b_up, b_down))
 
 
+def _cuda_forward_tables(x, ids, weights, handle, activation):
+    """``kp::routed_experts_tables``: the Triton kernels on the tables (the pass made them only where the
+    kernels can read the weights); where this machine cannot run them, the reference on the weights."""
+    entry = routed_experts_tables.entry(handle)
+    if _HAS_TRITON and x.dtype in (torch.bfloat16, torch.float16) and _forced() in ("", "triton"):
+        from ..ops import triton_experts
+        with torch.no_grad():
+            return triton_experts.run(x, ids, weights, entry.roles, entry.tables, activation)
+    w_gate, w_up, w_down = entry.weights()
+    return _forward(x, ids, weights, w_gate, w_up, w_down, activation, routed_experts.NO_BIASES)
+
+
 def _forward(x, ids, weights, w_gate, w_up, w_down, activation, biases):
     """Both ops' CUDA forward: the table's implementation (Triton only where it can read every weight and bias)."""
     tables = _triton_tables(x, w_gate, w_up, w_down)  # a 3-D role is read in place, never unbound per call
@@ -149,3 +161,4 @@ _CUDA = torch.library.Library("kp", "IMPL")
 _CUDA.impl("routed_experts", _cuda_forward, "CUDA")
 _CUDA.impl("routed_experts_backward", _cuda_backward, "CUDA")
 _CUDA.impl("routed_experts_biased", _cuda_forward_biased, "CUDA")
+_CUDA.impl("routed_experts_tables", _cuda_forward_tables, "CUDA")

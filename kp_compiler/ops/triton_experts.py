@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core.persistent import capturing, persistent
-from .routed_experts import stacked
+from .expert_addresses import (  # noqa: F401  (re-exported: callers read them here)
+    Roles, _addresses, _experts, bias_tables, expert_tables, role_shape, roles, supported)
 from .triton_launch import Launcher
 from .triton_routing import schedule
 
@@ -217,113 +217,22 @@ def _tuned(name: str, key: tuple, block: int, launch) -> None:
     launch(_best[key])
 
 
-_experts: dict = {}
-# Tables are never dropped: a captured CUDA graph reads them by address. Past this many (weights that keep
-# moving), new ones are made per call instead of kept.
-_KEEP = 4096
-_data_ptr = torch.Tensor.data_ptr
-
-
-def role_shape(ws) -> tuple:
-    """``(experts, rows, cols, row stride)`` of a role: one weight per expert, or one 3-D ``[E, rows, cols]``
-    tensor read in place (no per-expert views: 192 of them cost more host time than a decode step)."""
-    w = ws[0]
-    if stacked(ws):
-        return w.shape[0], w.shape[1], w.shape[2], w.stride(1)
-    return len(ws), w.shape[0], w.shape[1], w.stride(0)
-
-
-def _addresses(ws) -> tuple:
-    """Every expert weight's address: for a 3-D role, the base plus ``e`` times its expert stride."""
-    if stacked(ws):
-        w = ws[0]
-        step = w.stride(0) * w.element_size()
-        return tuple(w.data_ptr() + e * step for e in range(w.shape[0]))
-    return tuple(map(_data_ptr, ws))  # map: no generator frame per weight
-
-
-def expert_tables(x: torch.Tensor, w_gate, w_up, w_down):
-    """``(gate, up, down)`` device tables of the expert weights' addresses (``gate`` is ``up`` for
-    ungated experts), or None where the kernels cannot read the weights (``supported``).
-
-    Cached by the weights' addresses (a 3-D role: its base address and expert stride) with the first
-    weight's shape and strides per role: checking every weight costs more than a decode step's kernels
-    (0.24 ms for 192 weights on a CPU core). Inside a compiled graph the weights' shapes and strides are
-    fixed by Dynamo's guards.
-    """
-    roles = (w_gate, w_up, w_down)
-    key = (x.device, x.dtype,
-           *((ws[0].data_ptr(), tuple(ws[0].shape), ws[0].stride()) if stacked(ws)
-             else (tuple(map(_data_ptr, ws)), tuple(ws[0].shape), ws[0].stride()) if ws else () for ws in roles))
-    if key in _experts:
-        return _experts[key]
-    tables = None
-    if supported(x, w_gate, w_up, w_down):
-        def make():
-            up, down = (torch.tensor(_addresses(ws), dtype=torch.int64).to(x.device) for ws in roles[1:])
-            return (torch.tensor(_addresses(w_gate), dtype=torch.int64).to(x.device) if w_gate else up, up, down)
-        if capturing() or len(_experts) >= _KEEP:  # the graph's own copy, in its pool: not kept (core/persistent.py)
-            return make()
-        tables = persistent(make)
-    _experts[key] = tables
-    return tables
-
-
-def bias_tables(x: torch.Tensor, biases):
-    """Per role (gate, up, down), a device table of the expert biases' addresses or None for a role
-    without bias; None overall where the kernels cannot read them (1-D, unit stride, ``x``'s dtype)."""
-    tables = []
-    for bs in biases:
-        if not bs:
-            tables.append(None)
-            continue
-        key = ("bias", x.device, x.dtype, tuple(b.data_ptr() for b in bs))
-        table = _experts.get(key)
-        if key not in _experts:
-            ok = all(b.dim() == 1 and b.stride(0) == 1 and b.dtype == x.dtype and b.device == x.device for b in bs)
-            make = lambda: torch.tensor(key[3], dtype=torch.int64).to(x.device)  # noqa: E731
-            keep = not capturing() and len(_experts) < _KEEP
-            table = None if not ok else persistent(make) if keep else make()
-            if keep:
-                _experts[key] = table
-        if table is None:
-            return None
-        tables.append(table)
-    return tuple(tables)
-
-
-def supported(x: torch.Tensor, w_gate, w_up, w_down) -> bool:
-    """Every expert weight of a role has one shape and row stride, unit stride along its last dim,
-    and starts and keeps its rows 16-byte aligned (the kernels tell Triton so); gate and up share one row
-    stride (``_gate_up`` reads both with it)."""
-    if w_gate and role_shape(w_gate)[3] != role_shape(w_up)[3]:
-        return False
-    for ws in (w_gate, w_up, w_down):
-        if not ws:
-            continue
-        if stacked(ws):
-            w = ws[0]
-            if (w.stride(-1) != 1 or w.dtype != x.dtype or w.device != x.device or w.data_ptr() % 16
-                    or (w.stride(1) * w.element_size()) % 16 or (w.stride(0) * w.element_size()) % 16):
-                return False
-            continue
-        if any(w.shape != ws[0].shape or w.stride() != ws[0].stride() or w.stride(-1) != 1
-               or w.dtype != x.dtype or w.device != x.device or w.data_ptr() % 16
-               or (w.stride(0) * w.element_size()) % 16 for w in ws):
-            return False
-    return x.stride(-1) == 1
-
-
 def forward(x, ids, weights, w_gate, w_up, w_down, activation: str, tables=None,
             biases=((), (), ()), bias_tabs=None) -> torch.Tensor:
     """``kp::routed_experts`` (or ``_biased``) through the two kernels; ``tables`` from ``expert_tables``
     and ``bias_tabs`` from ``bias_tables`` (neither None: the caller checked)."""
-    gate, up, down = tables or expert_tables(x, w_gate, w_up, w_down)
-    b_gate, b_up, b_down = bias_tabs or bias_tables(x, biases)
+    return run(x, ids, weights, roles(w_gate, w_up, w_down), tables or expert_tables(x, w_gate, w_up, w_down),
+               activation, bias_tabs or bias_tables(x, biases))
+
+
+def run(x, ids, weights, shape: Roles, tables, activation: str, bias_tabs=(None, None, None)) -> torch.Tensor:
+    """The kernels on the weights behind ``tables`` (``(gate, up, down)`` address tables, ``gate`` is ``up``
+    for ungated experts), shaped as ``shape`` says."""
+    gate, up, down = tables
+    b_gate, b_up, b_down = bias_tabs
     T, d = x.shape
     k = ids.shape[1]
-    E, f, _, up_stride = role_shape(w_up)
-    down_stride = role_shape(w_down)[3]
+    E, f, up_stride, down_stride, gated = shape
     n = T * k
     block = block_rows(n, E)
     plan = schedule(ids, E, block)
@@ -337,11 +246,11 @@ def forward(x, ids, weights, w_gate, w_up, w_down, activation: str, tables=None,
         grid = (rows_total // block * triton.cdiv(f, bn),)
         _GATE_UP(grid, x, plan.rows, plan.block_expert, gate, up, _or(b_gate, up), _or(b_up, up), h, n, E, f,
                        x.stride(0), up_stride, h.stride(0),
-                       K=d, UPCAST=upcast, TOP_K=k, GATED=bool(w_gate), ACT=ACT_CODES[activation], PRECISION=precision,
+                       K=d, UPCAST=upcast, TOP_K=k, GATED=gated, ACT=ACT_CODES[activation], PRECISION=precision,
                        GATE_BIAS=b_gate is not None, UP_BIAS=b_up is not None,
                        BM=block, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
 
-    _tuned("gate_up", ("gate_up", block, d, f, bool(w_gate), x.dtype, b_gate is not None, b_up is not None),
+    _tuned("gate_up", ("gate_up", block, d, f, gated, x.dtype, b_gate is not None, b_up is not None),
            block, gate_up)
     route = weights.reshape(-1).contiguous()
     y = torch.empty(n, d, device=x.device, dtype=x.dtype)

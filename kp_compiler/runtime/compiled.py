@@ -21,19 +21,25 @@ class CompiledGraph:
     causal ``tril`` buffer, say). They are checked on every call; when one
     fails, ``fallback`` (the graph without the rewrites) runs instead, and
     the record says so once.
+
+    ``hooks`` run with the inputs before every call, guards or not (state a
+    rewrite keeps about input tensors: ``core/context.py``).
     """
 
     def __init__(self, fn: Callable, record: GraphRecord, guards: Sequence = (),
-                 fallback: Optional[Callable] = None):
+                 fallback: Optional[Callable] = None, hooks: Sequence = ()):
         if guards and fallback is None:
             raise ValueError("a CompiledGraph with guards needs a fallback")
         self.fn = fn
         self.record = record
         self.guards = tuple(guards)
         self.fallback = fallback
+        self.hooks = tuple(hooks)
         self._warned = False
 
     def __call__(self, *args: Any) -> Any:
+        for hook in self.hooks:
+            hook(args)
         if self.guards and not all(g.holds(args) for g in self.guards):
             return self._run_fallback(args)
         return self.fn(*args)

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from kp_compiler.ops import block_masks, fp8_weights, triton_experts
+from kp_compiler.ops import block_masks, expert_addresses, fp8_weights, triton_experts
 from kp_compiler.core import persistent as mod
 
 
@@ -60,8 +60,8 @@ def _experts():
 
 @pytest.mark.parametrize("capture", [False, True])
 def test_expert_tables_are_kept_only_outside_a_capture(monkeypatch, capture):
-    monkeypatch.setattr(triton_experts, "capturing", lambda: capture)
-    triton_experts._experts.clear()  # keyed by addresses: an earlier test's freed weights may share them
+    monkeypatch.setattr(expert_addresses, "capturing", lambda: capture)
+    expert_addresses._experts.clear()  # keyed by addresses: an earlier test's freed weights may share them
     x, G, U, Dn = _experts()
     first = triton_experts.expert_tables(x, G, U, Dn)
     again = triton_experts.expert_tables(x, G, U, Dn)

@@ -30,6 +30,7 @@ from ...core.pattern import is_call
 from ...core.rules import Matches
 from . import batched, dense, loop
 from .common import Experts, emit
+from .tables import tabulate
 
 aten = torch.ops.aten
 
@@ -79,6 +80,9 @@ def moe_dispatch(gm: fx.GraphModule) -> Matches:
     graphs and kept in training graphs (``options["moe_grouped_mm"]``: ``"auto"``; ``"keep"``, ``"rewrite"`` or
     ``KP_MOE_REWRITE_GROUPED_MM=1`` force one; the report's notes say when one was kept and why). A graph with
     no known target (a pass run by hand) keeps it.
+
+    In an inference graph for CUDA, the ops then read their expert weights through address tables made now
+    (``tables.py``): 3 x E tensors passed per call cost more host time than a decode step's kernels.
     """
     counts: dict = {}
     notes: list = []
@@ -95,5 +99,6 @@ def moe_dispatch(gm: fx.GraphModule) -> Matches:
                 counts[experts.kind] = counts.get(experts.kind, 0) + 1
                 break
     if counts:
+        notes += tabulate(gm)[1]  # inference graphs on CUDA: weights through address tables (tables.py)
         gm.recompile()
     return Matches(counts, notes)

@@ -1,0 +1,118 @@
+"""``kp::routed_experts_tables``: ``kp::routed_experts`` for inference graphs, the expert weights named by a
+handle to address tables made when the graph was compiled, not passed on every call.
+
+Handing 3 x E weight tensors to an op costs host time at every call: for E=64 on the H200's host, 0.29 ms per
+decode-size call through the dispatcher against 0.19 ms for the same function without the weight lists
+(``bench/results/2026-12-02-h200-moe-dispatch-8abb686.txt``), about half the GPU time of the step. So an
+inference graph whose expert weights are all graph inputs calls this op instead (``passes/moe/tables.py``)::
+
+    before: %r = kp.routed_experts.default(%x, %ids, %w, [%g0, ..., %g63], [%u0, ...], [%d0, ...], 'silu')
+    after:  %r = kp.routed_experts_tables.default(%x, %ids, %w, 3, 'silu')    # 3: the handle
+
+``ExpertTables.refresh`` runs before every call of the compiled graph (a ``PassContext`` hook) with the
+weights the graph was called with: when one has moved (a parameter reassigned, a state dict loaded with
+``assign=True``), the tables are rewritten in place before the op reads them. Weights updated in place are
+read as they are, as by ``kp::routed_experts``. The op has no autograd formula: the pass emits it only in
+graphs compiled without a backward.
+
+On CUDA the Triton kernels read the tables (``lowering/moe.py``); elsewhere the reference loop runs on the
+weights the last refresh saw (kept by weak reference).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import weakref
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from ..core.devices import DeviceInfo
+from ..core.persistent import persistent
+from .routed_experts import NO_BIASES, reference, stacked
+from .expert_addresses import Roles, _addresses, roles, supported
+
+_data_ptr = torch.Tensor.data_ptr
+
+
+@dataclass
+class ExpertTables:
+    """One op's expert weights: device tables of their addresses, and what the kernels read besides."""
+
+    roles: Roles
+    tables: tuple  # (gate, up, down) int64 device tensors; gate is up for ungated experts
+    addresses: tuple  # every weight's data_ptr as last seen, gate then up then down
+    refs: list = field(default_factory=list)  # per role, weak references to its weights (reference path)
+
+    def weights(self) -> tuple:
+        """``(w_gate, w_up, w_down)`` as last seen by ``refresh``; raises if one was freed."""
+        out = []
+        for role in self.refs:
+            ws = [r() for r in role]
+            if any(w is None for w in ws):
+                raise RuntimeError("kp::routed_experts_tables: an expert weight was freed since the last call of "
+                                   "the graph that holds it")
+            out.append(ws)
+        return tuple(out)
+
+    def refresh(self, w_gate: Sequence, w_up: Sequence, w_down: Sequence) -> None:
+        """Point the tables at these weights (same shapes and strides: Dynamo guards them) if they moved."""
+        now = tuple(map(_data_ptr, (*w_gate, *w_up, *w_down)))
+        if now == self.addresses:
+            return
+        x = w_up[0]
+        if not supported(x, w_gate, w_up, w_down):  # alignment is all that can change under Dynamo's guards
+            raise RuntimeError("kp::routed_experts_tables: the expert weights moved to addresses the kernels "
+                               "cannot read (not 16-byte aligned); recompile with torch._dynamo.reset()")
+        gate, up, down = self.tables
+        for table, ws in ((up, w_up), (down, w_down), *(((gate, w_gate),) if w_gate else ())):
+            table.copy_(torch.tensor(_addresses(ws), dtype=torch.int64), non_blocking=False)
+        self.addresses = now
+        self.refs = [[weakref.ref(w) for w in ws] for ws in (w_gate, w_up, w_down)]
+
+
+def fused_kernels(device: DeviceInfo) -> bool:
+    """The Triton kernels run the op on ``device`` (``lowering/moe.choose``'s rule for them)."""
+    return (device.kind == "cuda" and device.capability is not None and device.capability >= (8, 0)
+            and importlib.util.find_spec("triton") is not None)
+
+
+_HANDLES: list = []  # handle -> ExpertTables; never dropped (a captured CUDA graph reads the tables by address)
+
+
+def make(x: torch.Tensor, w_gate: Sequence, w_up: Sequence, w_down: Sequence) -> Optional[int]:
+    """A handle to tables of these weights, or None where the kernels cannot read them (``supported``).
+    ``x``: a tensor (fake is fine) with the activations' dtype and device."""
+    if not supported(x, w_gate, w_up, w_down) or any(stacked(ws) for ws in (w_gate, w_up, w_down) if ws):
+        return None
+    device = w_up[0].device
+
+    def build():
+        up, down = (torch.tensor(_addresses(ws), dtype=torch.int64).to(device) for ws in (w_up, w_down))
+        return (torch.tensor(_addresses(w_gate), dtype=torch.int64).to(device) if w_gate else up, up, down)
+
+    entry = ExpertTables(roles(w_gate, w_up, w_down), persistent(build),
+                         tuple(map(_data_ptr, (*w_gate, *w_up, *w_down))),
+                         [[weakref.ref(w) for w in ws] for ws in (w_gate, w_up, w_down)])
+    _HANDLES.append(entry)
+    return len(_HANDLES) - 1
+
+
+def entry(handle: int) -> ExpertTables:
+    if not 0 <= handle < len(_HANDLES):
+        raise ValueError(f"kp::routed_experts_tables: no tables under handle {handle}")
+    return _HANDLES[handle]
+
+
+@torch.library.custom_op("kp::routed_experts_tables", mutates_args=())
+def routed_experts_tables(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, handle: int,
+                          activation: str) -> torch.Tensor:
+    w_gate, w_up, w_down = entry(handle).weights()
+    with torch.no_grad():
+        return reference(x, ids, weights, w_gate, w_up, w_down, activation, NO_BIASES)
+
+
+@routed_experts_tables.register_fake
+def _(x, ids, weights, handle, activation):
+    return x.new_empty(x.shape)
