@@ -1,9 +1,14 @@
 """Which implementation runs ``kp::linear_act`` / ``kp::gated_linear`` (and ``_train``) on CUDA: a table.
 
-| device | dtype | shapes | implementation |
+| device | dtype | op, shapes | implementation |
 |---|---|---|---|
+| CUDA | bf16, fp16 | ``kp::linear_act`` with GELU(tanh) or ReLU, 1-D bias or none, a ``(K, N)`` in ``EPILOGUE_SHAPES`` | ``torch._addmm_activation``: cuBLASLt's GEMM with the bias and activation in its epilogue |
 | CUDA 8.0 and up, Triton imports | bf16, fp16 | a ``(K, N)`` in ``TRITON_SHAPES``, weights unit stride along ``K`` | ``ops/triton_linear_act.py`` |
 | anything else | | | the ATen reference (``ops/linear_act.py``) |
+
+``EPILOGUE_SHAPES`` holds what was measured faster than Inductor's own linear + pointwise on the H200
+(``bench/results/2026-12-02-h200-linear-act-paths.txt``: 8192 x 4096 -> 16384 with bias and GELU(tanh), GPU
+1.468 against 1.573 ms). cuBLASLt's GELU epilogue is the tanh form only, so exact GELU never takes it.
 
 ``TRITON_SHAPES`` is empty: the kernel has not been measured against
 Inductor's linear + pointwise on a GPU yet (``scripts/gpu_linear_act.py``),
@@ -24,7 +29,10 @@ import torch
 from ..core.devices import DeviceInfo, describe
 from ..ops import linear_act as ops
 
-IMPLEMENTATIONS = ("triton", "reference")
+IMPLEMENTATIONS = ("cublaslt", "triton", "reference")
+# (K, N) measured faster through cuBLASLt's epilogue than Inductor's own path, per (device capability, activation)
+EPILOGUE_SHAPES: dict = {((9, 0), "gelu_tanh"): {(4096, 16384)}}
+EPILOGUE_ACTIVATIONS = {"gelu_tanh": True, "relu": False}  # activation -> use_gelu
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 # (K, N) measured faster through the Triton kernel than Inductor's own path, per (device capability, gated)
 TRITON_SHAPES: dict = {}
@@ -38,16 +46,21 @@ def _forced() -> str:
 
 
 def choose(device: DeviceInfo, dtype: torch.dtype, k: int, n: int, gated: bool, readable: bool,
-           triton: bool = _HAS_TRITON) -> str:
-    """``"triton"`` where the kernel can read the operands and was measured faster at ``(k, n)``, or where
-    ``KP_LINEAR_ACT_KERNEL=triton`` forces it; else ``"reference"``."""
-    can = (triton and readable and device.kind == "cuda" and device.capability is not None
-           and device.capability >= (8, 0) and dtype in (torch.bfloat16, torch.float16))
+           triton: bool = _HAS_TRITON, epilogue: "str | None" = None) -> str:
+    """``"cublaslt"`` for an ungated op without stored pre-activations whose activation cuBLASLt applies
+    (``epilogue``: that activation, else None) where measured faster at ``(k, n)``; ``"triton"`` where the
+    kernel can read the operands and was measured faster; either where ``KP_LINEAR_ACT_KERNEL`` forces it and
+    it can run; else ``"reference"``."""
+    cuda = device.kind == "cuda" and device.capability is not None and dtype in (torch.bfloat16, torch.float16)
+    can = {"cublaslt": cuda and not gated and epilogue in EPILOGUE_ACTIVATIONS,
+           "triton": cuda and triton and readable and device.capability >= (8, 0)}
     forced = _forced()
     if forced:
-        return "triton" if forced == "triton" and can else "reference"
+        return forced if can.get(forced) else "reference"
+    if can["cublaslt"] and (k, n) in EPILOGUE_SHAPES.get((device.capability, epilogue), ()):
+        return "cublaslt"
     measured = (k, n) in TRITON_SHAPES.get((device.capability, gated), ())
-    return "triton" if can and measured else "reference"
+    return "triton" if can["triton"] and measured else "reference"
 
 
 _device_info = functools.lru_cache(maxsize=None)(describe)
@@ -59,11 +72,29 @@ def _run(x, w_gate, w_up, b_gate, b_up, activation, store_pre):
     if _HAS_TRITON:
         from ..ops import triton_linear_act
         readable = triton_linear_act.supported(x, *[w for w in (w_gate, w_up) if w is not None])
-    impl = choose(_device_info(x.device), x.dtype, x.shape[-1], w_up.shape[0], w_gate is not None, readable)
+    epilogue = activation if not store_pre and _bias_ok(x, b_up) else None
+    impl = choose(_device_info(x.device), x.dtype, x.shape[-1], w_up.shape[0], w_gate is not None, readable,
+                  epilogue=epilogue)
     with torch.no_grad():
+        if impl == "cublaslt":
+            return _epilogue(x, w_up, b_up, activation), None, None
         if impl == "triton":
             return triton_linear_act.forward(x, w_gate, w_up, b_gate, b_up, activation, store_pre)
         return ops.reference(x, w_gate, w_up, b_gate, b_up, activation)
+
+
+def _bias_ok(x, b) -> bool:
+    return b is None or (b.dim() == 1 and b.is_contiguous() and b.dtype == x.dtype)
+
+
+def _epilogue(x, w, b, activation):
+    """``act(x @ w.T + b)`` as one cuBLASLt GEMM with the bias and activation in its epilogue (a zero bias
+    where there is none: the epilogue path needs one)."""
+    n = w.shape[0]
+    bias = b if b is not None else x.new_zeros(n)
+    out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), w.t(),
+                                  use_gelu=EPILOGUE_ACTIVATIONS[activation])
+    return out.view(*x.shape[:-1], n)
 
 
 def _linear_act(x, w, b, activation):
