@@ -6,9 +6,10 @@
 | CUDA 8.0 and up, Triton imports | bf16, fp16 | a ``(K, N)`` in ``TRITON_SHAPES``, weights unit stride along ``K`` | ``ops/triton_linear_act.py`` |
 | anything else | | | the ATen reference (``ops/linear_act.py``) |
 
-``EPILOGUE_SHAPES`` holds what was measured faster than Inductor's own linear + pointwise on the H200
-(``bench/results/2026-12-02-h200-linear-act-paths.txt``: 8192 x 4096 -> 16384 with bias and GELU(tanh), GPU
-1.468 against 1.573 ms). cuBLASLt's GELU epilogue is the tanh form only, so exact GELU never takes it.
+``EPILOGUE_SHAPES`` holds what was measured faster than Inductor's own linear + pointwise on the H200 in GPU
+time (``bench/results/2026-12-02-h200-linear-act-paths.txt``: 8192 x 4096 -> 16384 with bias and GELU(tanh),
+1.468 against 1.573 ms); in the harness's latency it ties (1.01x, ``...-linear-gelu-871b672.md``). cuBLASLt's
+GELU epilogue is the tanh form only, so exact GELU never takes it.
 
 ``TRITON_SHAPES`` is empty: the kernel has not been measured against
 Inductor's linear + pointwise on a GPU yet (``scripts/gpu_linear_act.py``),

@@ -11,6 +11,10 @@ Forward (``choose``):
 Backward (``choose_backward``): ``torch._grouped_mm`` on CUDA 9.0 and up in
 bf16 with aligned rows, the per-expert reference elsewhere.
 
+``kp::routed_experts_tables`` (inference graphs whose expert weights the pass put in address tables,
+``ops/routed_experts_tables.py``) runs the Triton kernels on the tables, the table's other rows on the
+weights behind them where Triton cannot run.
+
 ``kp::routed_experts_biased`` (experts with biases) takes the same table; the
 Triton kernels add each expert's biases in their epilogues (1-D biases with
 unit stride in ``x``'s dtype).

@@ -1,5 +1,6 @@
-"""Where the routed-experts kernels find the expert weights: device tables of their addresses, and the
-checks that the kernels can read them in place. No Triton here (``ops/routed_experts_tables.py`` and the
+"""Where the routed-experts kernels find the expert weights: device tables of their addresses.
+
+Also the checks that the kernels can read the weights in place. No Triton here (``ops/routed_experts_tables.py`` and the
 lowering import it where Triton is absent); ``triton_experts`` re-exports these names.
 """
 
