@@ -199,3 +199,46 @@ def test_which_graphs_may_take_tables():
     assert "backward" in why_not(SimpleNamespace(target=Target(h100, training=True)))
     assert "cpu" in why_not(SimpleNamespace(target=Target(DeviceInfo("cpu"), training=False)))
     assert "by hand" in why_not(None)
+
+
+class _GradInside(LoopMoE):
+    """Switches grad mode on inside the compiled region: a backward may run from its output."""
+
+    def forward(self, x):
+        with torch.enable_grad():
+            return super().forward(x)
+
+
+def test_a_graph_that_switches_grad_mode_keeps_the_weight_lists(cuda_target, tmp_path):
+    torch.manual_seed(0)
+    model = _GradInside(D, FF, E, K)
+    x = torch.randn(10, D)
+    with torch.no_grad():
+        compiled, out, records = compile_and_collect(model, (x,), passes=PASSES, dump_dir=str(tmp_path))
+        ref = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    notes = " ".join(n for ns in _ops(records) for n in ns)
+    assert "address tables" not in notes
+    dumps = " ".join(p.read_text() for p in tmp_path.rglob("*moe-dispatch.txt"))
+    assert "routed_experts_tables" not in dumps
+
+
+def test_tensor_subclass_weights_keep_the_weight_lists(cuda_target, monkeypatch):
+    """A weight whose type is a tensor subclass (DTensor, a quantized tensor) is not read by address."""
+    import kp_compiler.passes.moe.tables as tables
+    model = _model()
+    x = torch.randn(10, D)
+    real = tables.context.PassContext.example_value
+
+    class Sub(torch.Tensor):
+        pass
+
+    def as_subclass(self, node):
+        v = real(self, node)
+        return v.as_subclass(Sub) if isinstance(v, torch.Tensor) and "experts" in node.name else v
+    monkeypatch.setattr(tables.context.PassContext, "example_value", as_subclass)
+    with torch.no_grad():
+        _, out, records = compile_and_collect(model, (x,), passes=PASSES)
+    notes = " ".join(n for ns in _ops(records) for n in ns)
+    assert "tensor subclass" in notes
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)

@@ -96,6 +96,8 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, ctx) -> Optional[str]:
     x_val = x.meta.get("val") if isinstance(x, fx.Node) else None
     if x_val is None or not all(isinstance(v, torch.Tensor) for vs in values for v in vs):
         return "expert weights passed per call: no example value"
+    if not all(type(v) in (torch.Tensor, torch.nn.Parameter) for vs in values for v in vs):
+        return "expert weights passed per call: a weight is a tensor subclass (its address is not its data's)"
     handle = routed_experts_tables.make(x_val, *values)
     if handle is None:
         return "expert weights passed per call: the kernels cannot read them in place (stacked, unaligned)"
