@@ -32,7 +32,7 @@ import triton.language as tl
 
 from . import expert_grads
 from .triton_experts import _interpreting, _operand, _tuned, block_rows, role_shape
-from .triton_launch import Launcher
+from .triton_launch import Launcher, cdiv
 from .triton_routing import schedule_with_ends
 
 
@@ -166,7 +166,7 @@ def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, table
     def rows_gemm(a, w1, w2, out, N, K1, K2, stride_wn, stride_wk, gather, scatter):
         def launch(config):
             bn, bk, warps, stages = config
-            grid = (rows_total // block * triton.cdiv(N, bn),)
+            grid = (rows_total // block * cdiv(N, bn),)
             _ROWS_GEMM(grid, a, plan.rows, plan.block_expert, w1, w2, out, n, E, N, a.stride(0),
                        stride_wn, stride_wk, out.stride(0), K1=K1, K2=K2, TOP_K=k, GATHER=gather, SCATTER=scatter,
                        TWO=w2 is not w1, **common, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
@@ -177,7 +177,7 @@ def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, table
 
         def launch(config):
             bn, bk, warps, stages = config
-            grid = (triton.cdiv(N, bn) * triton.cdiv(K, bk), E)
+            grid = (cdiv(N, bn) * cdiv(K, bk), E)
             _WGRAD(grid, a, b, plan.rows, ends, out, n, N, K, a.stride(0), b.stride(0), out.stride(0), out.stride(1),
                    TOP_K=k, GATHER_A=gather_a, GATHER_B=gather_b, **common, BN=bn, BK=bk, WHILE=_interpreting(),
                    num_warps=warps, num_stages=stages)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .triton_experts import ACT_CODES
-from .triton_launch import Launcher
+from .triton_launch import Launcher, cdiv, next_power_of_2
 
 
 @triton.jit
@@ -75,9 +75,9 @@ def launch(g, u, g_dh, route, activation: str, dg, du, hr) -> torch.Tensor:
             raise ValueError("expert_grads: every [rows, f] operand needs unit stride along f")
     dr = torch.empty(rows, device=u.device, dtype=torch.float32)
     gated = g is not None
-    block_f = min(128, triton.next_power_of_2(F))
+    block_f = min(128, next_power_of_2(F))
     block_r = 16
-    grid = (triton.cdiv(rows, block_r),)
+    grid = (cdiv(rows, block_r),)
     _GRADS(grid, g if gated else u, u, g_dh, route.contiguous(), dg if gated else du, du, hr, dr,
            rows, (g if gated else u).stride(0), u.stride(0), g_dh.stride(0), (dg if gated else du).stride(0),
            du.stride(0), hr.stride(0), F=F, GATED=gated, ACT=ACT_CODES[activation], BLOCK_R=block_r, BLOCK_F=block_f,

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .expert_addresses import (  # noqa: F401  (re-exported: callers read them here)
     Roles, _addresses, _experts, bias_tables, expert_tables, role_shape, roles, supported)
-from .triton_launch import Launcher
+from .triton_launch import Launcher, cdiv
 from .triton_routing import schedule
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
@@ -243,7 +243,7 @@ def run(x, ids, weights, shape: Roles, tables, activation: str, bias_tabs=(None,
 
     def gate_up(config):
         bn, bk, warps, stages = config
-        grid = (rows_total // block * triton.cdiv(f, bn),)
+        grid = (rows_total // block * cdiv(f, bn),)
         _GATE_UP(grid, x, plan.rows, plan.block_expert, gate, up, _or(b_gate, up), _or(b_up, up), h, n, E, f,
                        x.stride(0), up_stride, h.stride(0),
                        K=d, UPCAST=upcast, TOP_K=k, GATED=gated, ACT=ACT_CODES[activation], PRECISION=precision,
@@ -257,7 +257,7 @@ def run(x, ids, weights, shape: Roles, tables, activation: str, bias_tabs=(None,
 
     def down_proj(config):
         bn, bk, warps, stages = config
-        grid = (rows_total // block * triton.cdiv(d, bn),)
+        grid = (rows_total // block * cdiv(d, bn),)
         _DOWN(grid, h, plan.rows, plan.block_expert, down, _or(b_down, down), route, y, n, E, d,
                     h.stride(0), down_stride, y.stride(0),
                     K=f, UPCAST=upcast, PRECISION=precision, DOWN_BIAS=b_down is not None,

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .fp8_quant import fp8_max, padded
-from .triton_launch import Launcher
+from .triton_launch import Launcher, cdiv
 
 FP32_MAX = tl.constexpr(3.4028234663852886e38)
 # Tiles and warps of each kernel (square tiles: a transposed view reads as well as a row-major one);
@@ -132,7 +132,7 @@ def amax(t: torch.Tensor, rowwise: bool) -> torch.Tensor:
     rows, cols = t.shape
     out = torch.zeros(rows if rowwise else (), dtype=torch.float32, device=t.device)
     cfg = CONFIG["amax"]  # TILES: column tiles per program, fewer atomics on the tensorwise scalar
-    grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(cols, cfg["BLOCK_C"] * cfg["TILES"]))
+    grid = (cdiv(rows, cfg["BLOCK_R"]), cdiv(cols, cfg["BLOCK_C"] * cfg["TILES"]))
     if t.numel():
         _AMAX(grid, t, out, rows, cols, t.stride(0), t.stride(1), ROWWISE=rowwise, **cfg)
     return out.view(rows, 1) if rowwise else out
@@ -156,7 +156,7 @@ def _launch(t, dtype, scale, m, rowwise: bool, transposed: bool = False):
     q = torch.empty(rows, cols, dtype=dtype, device=t.device)
     qt = torch.empty(cols, rows, dtype=dtype, device=t.device) if transposed else q
     cfg = CONFIG["quantize_pair" if transposed else "quantize"]
-    grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(cols, cfg["BLOCK_C"]))
+    grid = (cdiv(rows, cfg["BLOCK_R"]), cdiv(cols, cfg["BLOCK_C"]))
     if rows and cols:
         _QUANTIZE(grid, t, scale, m if m is not None else scale, q, qt, rows, cols, t.stride(0), t.stride(1),
                   RECIPROCAL=t.is_cuda, ROWWISE=rowwise, FROM_AMAX=m is not None, TRANSPOSED=transposed,

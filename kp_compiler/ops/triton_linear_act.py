@@ -25,6 +25,7 @@ import triton.language as tl
 
 from . import triton_experts
 from .triton_experts import ACT_CODES, _activation, _operand, _interpreting
+from .triton_launch import cdiv
 
 # (BM, BN, BK, num_warps, num_stages): few rows (decode) and many
 triton_experts._CANDIDATES["linear_act"] = {
@@ -110,7 +111,7 @@ def forward(x: torch.Tensor, w_gate, w_up: torch.Tensor, b_gate, b_up, activatio
 
     def launch(config):
         bm, bn, bk, warps, stages = config
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        grid = (cdiv(M, bm) * cdiv(N, bn),)
         _linear_act[grid](rows, w_gate if gated else w_up, w_up, b_gate if b_gate is not None else w_up,
                           b_up if b_up is not None else w_up, out, g if g is not None else out,
                           u if u is not None else out, M, N, rows.stride(0),

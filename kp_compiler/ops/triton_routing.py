@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .expert_routing import Schedule, capacity
-from .triton_launch import Launcher
+from .triton_launch import Launcher, next_power_of_2
 
 
 @triton.jit
@@ -109,8 +109,8 @@ def _schedule(ids, experts, block, ends) -> Schedule:
     cap = capacity(n, experts, block)
     rows = torch.empty(cap, dtype=torch.int32, device=ids.device)
     block_expert = torch.empty(cap // block, dtype=torch.int32, device=ids.device)
-    e_pow2 = triton.next_power_of_2(experts)
-    chunk = max(e_pow2, min(2048, triton.next_power_of_2(n)))  # few passes: each program walks all of ids
+    e_pow2 = next_power_of_2(experts)
+    chunk = max(e_pow2, min(2048, next_power_of_2(n)))  # few passes: each program walks all of ids
     _ROUTE((experts,), flat, rows, block_expert, rows if ends is None else ends, n, cap, E=experts, E_POW2=e_pow2,
            BLOCK=block, CHUNK=chunk, ENDS=ends is not None, num_warps=8 if chunk >= 1024 else 4)
     return Schedule(rows, block_expert, block, experts, n)

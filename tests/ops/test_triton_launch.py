@@ -104,3 +104,11 @@ def test_cpu_tensors_and_unverified_versions_take_the_plain_launch(monkeypatch):
     assert [e[0] for e in kernel.log] == ["compile", "compile"]
     monkeypatch.setattr(triton, "__version__", "9.9.0")
     assert not triton_launch._version_ok()
+
+
+def test_host_helpers_equal_tritons():
+    """``cdiv`` and ``next_power_of_2``: Triton's host helpers without their JIT wrapper, equal to them."""
+    for n in [*range(0, 70), 127, 128, 129, 1023, 1024, 1025, 2**20 - 1, 2**20, 2**31 + 5]:
+        assert triton_launch.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for b in (1, 2, 3, 16, 64, 128):
+            assert triton_launch.cdiv(n, b) == triton.cdiv(n, b), (n, b)
