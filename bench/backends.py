@@ -1,4 +1,11 @@
-"""The backends every case runs under, side by side."""
+"""The backends every case runs under, side by side.
+
+Peers that do the same job are rows too: ``torchao-float8-tensorwise`` and ``torchao-float8-rowwise`` convert
+the row's copy of the model with torchao's float8 training (``convert_to_float8_training``, the recipe by name;
+every ``nn.Linear`` whose dims are multiples of 16) and compile it with Inductor, as torchao's docs do. Where
+torchao is not importable the row fails with that message and the other rows run (on the GPU machine it
+travels as a wheel in ``.whl/``, which ``bench/gpu_run.sh`` installs).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ class Backend:
     backend: Optional[str] = None  # None: eager, no torch.compile
     mode: Optional[str] = None
     options: dict = field(default_factory=dict)
+    float8: Optional[str] = None  # a torchao float8 training recipe applied to the model first
 
     def for_case(self, kp_options: dict) -> "Backend":
         """This backend with a case's own kernelpytorch options merged in (other backends unchanged)."""
@@ -24,6 +32,9 @@ class Backend:
         return Backend(self.name, self.backend, None, {**mode, **kp_options, **self.options})
 
     def wrap(self, model: Any) -> Any:
+        """The callable the row times; ``model`` (the row's own copy) is converted in place where ``float8``."""
+        if self.float8 is not None:
+            _float8_training(model, self.float8)
         if self.backend is None:
             return model
         if self.options:
@@ -41,7 +52,24 @@ STANDARD = {
     "inductor-reduce-overhead": Backend("inductor-reduce-overhead", "inductor", mode="reduce-overhead"),
     "kernelpytorch-reduce-overhead": Backend("kernelpytorch-reduce-overhead", "kernelpytorch", mode="reduce-overhead"),
 }
+for _recipe in ("tensorwise", "rowwise"):
+    STANDARD[f"torchao-float8-{_recipe}"] = Backend(f"torchao-float8-{_recipe}", "inductor", float8=_recipe)
 DEFAULT = ("eager", "inductor", "inductor-max-autotune", "kernelpytorch")
+
+
+def _float8_training(model: Any, recipe: str) -> None:
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as e:
+        raise RuntimeError(f"torchao is not importable ({e}); the torchao-float8 rows need it") from e
+    if not isinstance(model, torch.nn.Module):
+        raise RuntimeError("torchao's float8 conversion needs an nn.Module workload")
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+                               module_filter_fn=_float8_linear)
+
+
+def _float8_linear(module: torch.nn.Module, fqn: str) -> bool:
+    return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
 def choose(names: list[str], kp_options: Optional[str]) -> list[Backend]:
