@@ -100,7 +100,7 @@ def _cuda_forward_tables(x, ids, weights, handle, activation):
     """``kp::routed_experts_tables``: the Triton kernels on the tables (the pass made them only where the
     kernels can read the weights); where this machine cannot run them, the reference on the weights."""
     entry = routed_experts_tables.entry(handle)
-    if _HAS_TRITON and x.dtype in (torch.bfloat16, torch.float16) and _forced() in ("", "triton"):
+    if entry.readable and _HAS_TRITON and x.dtype in (torch.bfloat16, torch.float16) and _forced() in ("", "triton"):
         from ..ops import triton_experts
         with torch.no_grad():
             return triton_experts.run(x, ids, weights, entry.roles, entry.tables, activation)

@@ -13,8 +13,8 @@ inference graph whose expert weights are all graph inputs calls this op instead 
 
 ``ExpertTables.refresh`` runs before every call of the compiled graph (a ``PassContext`` hook) with the
 weights the graph was called with: when one has moved (a parameter reassigned, a state dict loaded with
-``assign=True``), the tables are rewritten in place before the op reads them. Weights updated in place are
-read as they are, as by ``kp::routed_experts``. The op has no autograd formula: the pass emits it only in
+``assign=True``, or another layer sharing the compiled graph), the new addresses are copied into the table
+before the op reads them. Weights updated in place are read as they are, as by ``kp::routed_experts``. The op has no autograd formula: the pass emits it only in
 graphs compiled without a backward.
 
 On CUDA the Triton kernels read the tables (``lowering/moe.py``); elsewhere the reference loop runs on the
@@ -24,6 +24,7 @@ weights the last refresh saw (kept by weak reference).
 from __future__ import annotations
 
 import importlib.util
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -40,12 +41,22 @@ _data_ptr = torch.Tensor.data_ptr
 
 @dataclass
 class ExpertTables:
-    """One op's expert weights: device tables of their addresses, and what the kernels read besides."""
+    """One op's expert weights: a device table of their addresses, and what the kernels read besides.
+
+    ``table`` is ``[3 * E]`` int64 (gate, up, down; the gate slot holds up's addresses for ungated experts) and
+    ``tables`` its three views, which the kernels read. A refresh copies another weight set's addresses into
+    ``table`` in place (a CUDA graph captured over the op reads the table by address), from a device copy kept
+    per weight set (``known``): layers that share one compiled graph (a model compiled per layer) switch with
+    one device-to-device copy, not a host-to-device one per call.
+    """
 
     roles: Roles
-    tables: tuple  # (gate, up, down) int64 device tensors; gate is up for ungated experts
+    table: torch.Tensor
+    tables: tuple
     addresses: tuple  # every weight's data_ptr as last seen, gate then up then down
-    refs: list = field(default_factory=list)  # per role, weak references to its weights (reference path)
+    refs: list  # per role, weak references to its weights (the reference path)
+    known: dict = field(default_factory=dict)  # addresses -> a device table for them
+    readable: bool = True  # the kernels can read the weights last seen (else the op runs the reference)
 
     def weights(self) -> tuple:
         """``(w_gate, w_up, w_down)`` as last seen by ``refresh``; raises if one was freed."""
@@ -63,15 +74,34 @@ class ExpertTables:
         now = tuple(map(_data_ptr, (*w_gate, *w_up, *w_down)))
         if now == self.addresses:
             return
-        x = w_up[0]
-        if not supported(x, w_gate, w_up, w_down):  # alignment is all that can change under Dynamo's guards
-            raise RuntimeError("kp::routed_experts_tables: the expert weights moved to addresses the kernels "
-                               "cannot read (not 16-byte aligned); recompile with torch._dynamo.reset()")
-        gate, up, down = self.tables
-        for table, ws in ((up, w_up), (down, w_down), *(((gate, w_gate),) if w_gate else ())):
-            table.copy_(torch.tensor(_addresses(ws), dtype=torch.int64), non_blocking=False)
         self.addresses = now
         self.refs = [[weakref.ref(w) for w in ws] for ws in (w_gate, w_up, w_down)]
+        src = self.known.get(now)
+        if src is None:
+            # Alignment is all that can change under Dynamo's guards; unreadable weights run the reference.
+            self.readable = supported(w_up[0], w_gate, w_up, w_down)
+            if not self.readable:
+                warnings.warn("kp::routed_experts_tables: the expert weights moved to addresses the Triton kernels "
+                              "cannot read (not 16-byte aligned); running the op's reference for them", RuntimeWarning)
+                return
+            src = _device_table(w_gate, w_up, w_down, keep=len(self.known) < _KNOWN)
+            if len(self.known) < _KNOWN:
+                self.known[now] = src
+        self.readable = True
+        self.table.copy_(src)
+
+
+_KNOWN = 64  # weight sets kept per op (past this many, a new set's table is made per switch)
+
+
+def _device_table(w_gate, w_up, w_down, keep: bool) -> torch.Tensor:
+    """``[3 * E]`` int64 addresses (gate, up, down) on the weights' device; made outside any CUDA-graph pool
+    where ``keep`` (``core/persistent.py``)."""
+    def build():
+        up = _addresses(w_up)
+        return torch.tensor([*(_addresses(w_gate) if w_gate else up), *up, *_addresses(w_down)],
+                            dtype=torch.int64).to(w_up[0].device)
+    return persistent(build) if keep else build()
 
 
 def fused_kernels(device: DeviceInfo) -> bool:
@@ -88,15 +118,14 @@ def make(x: torch.Tensor, w_gate: Sequence, w_up: Sequence, w_down: Sequence) ->
     ``x``: a tensor (fake is fine) with the activations' dtype and device."""
     if not supported(x, w_gate, w_up, w_down) or any(stacked(ws) for ws in (w_gate, w_up, w_down) if ws):
         return None
-    device = w_up[0].device
-
-    def build():
-        up, down = (torch.tensor(_addresses(ws), dtype=torch.int64).to(device) for ws in (w_up, w_down))
-        return (torch.tensor(_addresses(w_gate), dtype=torch.int64).to(device) if w_gate else up, up, down)
-
-    entry = ExpertTables(roles(w_gate, w_up, w_down), persistent(build),
-                         tuple(map(_data_ptr, (*w_gate, *w_up, *w_down))),
-                         [[weakref.ref(w) for w in ws] for ws in (w_gate, w_up, w_down)])
+    src = _device_table(w_gate, w_up, w_down, keep=True)
+    table = persistent(src.clone)
+    E = len(w_up)
+    up = table[E:2 * E]
+    addresses = tuple(map(_data_ptr, (*w_gate, *w_up, *w_down)))
+    entry = ExpertTables(roles(w_gate, w_up, w_down), table, (table[:E] if w_gate else up, up, table[2 * E:]),
+                         addresses, [[weakref.ref(w) for w in ws] for ws in (w_gate, w_up, w_down)],
+                         known={addresses: src})
     _HANDLES.append(entry)
     return len(_HANDLES) - 1
 

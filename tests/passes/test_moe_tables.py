@@ -242,3 +242,49 @@ def test_tensor_subclass_weights_keep_the_weight_lists(cuda_target, monkeypatch)
     notes = " ".join(n for ns in _ops(records) for n in ns)
     assert "tensor subclass" in notes
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
+
+
+def _weights(seed):
+    g = torch.Generator().manual_seed(seed)
+    return ([torch.randn(FF, D, generator=g) for _ in range(E)], [torch.randn(FF, D, generator=g) for _ in range(E)],
+            [torch.randn(D, FF, generator=g) for _ in range(E)])
+
+
+def test_weight_sets_switch_through_kept_device_copies():
+    """Layers sharing one compiled graph: each switch is one copy into the same table, from a kept copy."""
+    a, b = _weights(1), _weights(2)
+    handle = routed_experts_tables.make(torch.empty(1, D), *a)
+    entry = routed_experts_tables.entry(handle)
+    table = entry.table
+    for ws in (b, a, b, a):
+        entry.refresh(*ws)
+        assert entry.table is table and entry.readable
+        assert entry.tables[1].tolist() == [w.data_ptr() for w in ws[1]]
+        assert entry.tables[2].tolist() == [w.data_ptr() for w in ws[2]]
+        assert entry.weights()[0][3] is ws[0][3]
+    assert len(entry.known) == 2
+
+
+def test_weights_moved_where_the_kernels_cannot_read_them_run_the_reference():
+    a = _weights(1)
+    handle = routed_experts_tables.make(torch.empty(1, D), *a)
+    entry = routed_experts_tables.entry(handle)
+    odd = torch.randn(FF * D + 1)[1:].view(FF, D)  # 4 bytes past a 16-byte boundary
+    moved = (a[0], [odd, *a[1][1:]], a[2])
+    with pytest.warns(RuntimeWarning, match="cannot read"):
+        entry.refresh(*moved)
+    assert not entry.readable and entry.weights()[1][0] is odd
+    entry.refresh(*a)
+    assert entry.readable and entry.tables[1][0].item() == a[1][0].data_ptr()
+
+
+def test_two_layers_sharing_one_compiled_graph(cuda_target):
+    """``torch.compile`` of a function given the layer: one graph serves both layers (their weights are its
+    inputs); each call's tables follow the layer it was given."""
+    torch.manual_seed(0)
+    layers = [LoopMoE(D, FF, E, K) for _ in range(2)]
+    compiled = torch.compile(lambda layer, x: layer(x), backend="kernelpytorch", options={"passes": PASSES})
+    x = torch.randn(10, D)
+    with torch.no_grad():
+        for layer in (*layers, *layers):
+            torch.testing.assert_close(compiled(layer, x), layer(x), rtol=1e-5, atol=1e-6)
