@@ -14,8 +14,8 @@ inference graph whose expert weights are all graph inputs calls this op instead 
 ``ExpertTables.refresh`` runs before every call of the compiled graph (a ``PassContext`` hook) with the
 weights the graph was called with: when one has moved (a parameter reassigned, a state dict loaded with
 ``assign=True``, or another layer sharing the compiled graph), the new addresses are copied into the table
-before the op reads them. Weights updated in place are read as they are, as by ``kp::routed_experts``. The op has no autograd formula: the pass emits it only in
-graphs compiled without a backward.
+before the op reads them. Weights updated in place are read as they are, as by ``kp::routed_experts``. The
+op has no autograd formula: the pass emits it only in graphs compiled without a backward.
 
 On CUDA the Triton kernels read the tables (``lowering/moe.py``); elsewhere the reference loop runs on the
 weights the last refresh saw (kept by weak reference).
