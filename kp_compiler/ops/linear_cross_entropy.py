@@ -1,0 +1,136 @@
+"""``kp::linear_cross_entropy``: a linear (the LM head) and the cross-entropy of its logits, chunk by chunk.
+
+::
+
+    loss, grad_h, grad_w, grad_b = linear_cross_entropy(h, w, b, labels, ignore_index, label_smoothing,
+                                                        reduction, softcap, chunk)
+    loss == F.cross_entropy(softcap(h @ w.T + b).float(), labels, ignore_index=..., label_smoothing=...,
+                            reduction=...)                 # softcap(z) = c * tanh(z / c), none where c == 0
+
+``h [N, d]``, ``w [V, d]`` (the model's parameter), ``b [V]`` or None, ``labels [N]`` (int64),
+``reduction`` ``"mean"`` or ``"sum"``. The logits are never whole: ``chunk`` rows of tokens at a time, the
+chunk's logits are made (``h`` dtype, as eager's linear makes them), taken to fp32, their log-sum-exp and
+loss computed, and turned in place into the gradient of the loss with respect to them, which then gives this
+chunk's rows of ``grad_h`` and its part of ``grad_w`` and ``grad_b`` (accumulated in fp32, in chunk order:
+deterministic). The gradients are made in the forward, for a gradient of the loss of 1, and returned; the
+autograd formula scales them by the incoming gradient. So a training step runs the three GEMMs an unfused
+one runs, and holds one chunk of logits instead of all of them (and their fp32 copy, and their gradient).
+
+The rows' part (log-sum-exp, loss, gradient of the logits) is ``rows``, in ATen here; CUDA registers a fused
+kernel for it in ``lowering``. Numerics follow eager: ``mean`` divides by the number of labels that are not
+``ignore_index``, so a batch with none gives a NaN loss and zero gradients, as eager does. The softcap is
+computed in fp32 (eager computes it in the logits' dtype before the cast).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+REDUCTIONS = ("mean", "sum")
+
+
+def _check(h, w, b, labels, reduction: str, softcap: float, chunk: int) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"kp::linear_cross_entropy: reduction {reduction!r} is not one of {REDUCTIONS}")
+    if h.dim() != 2 or w.dim() != 2 or h.shape[1] != w.shape[1]:
+        raise ValueError(f"kp::linear_cross_entropy: h must be [N, d] and w [V, d]; got {tuple(h.shape)}, "
+                         f"{tuple(w.shape)}")
+    if labels.shape != (h.shape[0],) or labels.dtype != torch.int64:
+        raise ValueError(f"kp::linear_cross_entropy: labels must be int64 [N] = [{h.shape[0]}]; got "
+                         f"{tuple(labels.shape)} {labels.dtype}")
+    if b is not None and b.shape != (w.shape[0],):
+        raise ValueError(f"kp::linear_cross_entropy: the bias must be [V] = [{w.shape[0]}]; got {tuple(b.shape)}")
+    if softcap < 0 or chunk < 1:
+        raise ValueError(f"kp::linear_cross_entropy: softcap must be >= 0 (0: none) and chunk >= 1; got "
+                         f"{softcap}, {chunk}")
+
+
+def rows(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, smoothing: float, softcap: float,
+         scale: torch.Tensor) -> tuple:
+    """For a chunk's logits ``z [n, V]``: (each row's loss in fp32, 0 for an ignored label; the gradient of
+    ``scale *`` the rows' summed loss with respect to ``z``, in ``z``'s dtype). ``scale``: a 0-d tensor in the
+    dtype the rows are computed in (fp32, or fp64 for fp64 logits)."""
+    zf = z.to(scale.dtype)
+    if softcap:
+        t = torch.tanh(zf / softcap)
+        zf = t * softcap
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0)
+    lse = torch.logsumexp(zf, dim=1)
+    nll = lse - zf.gather(1, safe[:, None]).squeeze(1)
+    loss = (1.0 - smoothing) * nll + smoothing * (lse - zf.mean(dim=1)) if smoothing else nll
+    loss = torch.where(valid, loss, 0.0)
+    grad = torch.exp(zf - lse[:, None])  # softmax
+    grad.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], smoothing - 1.0))
+    if smoothing:
+        grad -= smoothing / z.shape[1]
+    grad *= torch.where(valid, scale, 0.0)[:, None]
+    if softcap:
+        grad *= 1.0 - t * t
+    return loss, grad.to(z.dtype)
+
+
+def forward(h, w, b, labels, ignore_index: int, smoothing: float, reduction: str, softcap: float, chunk: int,
+            rows_fn=rows) -> tuple:
+    """The chunked loop (any device); ``rows_fn``: ``rows`` or a fused kernel with its signature."""
+    n = h.shape[0]
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    valid = (labels != ignore_index).sum().to(acc)
+    scale = torch.where(valid > 0, 1.0 / valid, 0.0) if reduction == "mean" else torch.ones((), dtype=acc,
+                                                                                              device=h.device)
+    total = torch.zeros((), dtype=acc, device=h.device)
+    grad_h = torch.empty_like(h)
+    grad_w = torch.zeros(w.shape, dtype=acc, device=w.device)
+    grad_b = torch.zeros(w.shape[0], dtype=acc, device=w.device) if b is not None else None
+    for start in range(0, n, chunk):
+        hc = h[start:start + chunk]
+        z = torch.nn.functional.linear(hc, w, b)
+        loss, g = rows_fn(z, labels[start:start + chunk], ignore_index, smoothing, softcap, scale)
+        total += loss.sum()
+        grad_h[start:start + chunk] = g @ w
+        grad_w += (g.t() @ hc).to(acc)
+        if grad_b is not None:
+            grad_b += g.to(acc).sum(0)
+    loss = total / valid if reduction == "mean" else total
+    return (loss, grad_h, grad_w.to(w.dtype),
+            grad_b.to(b.dtype) if grad_b is not None else h.new_empty(0))
+
+
+@torch.library.custom_op("kp::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], labels: torch.Tensor,
+                         ignore_index: int, label_smoothing: float, reduction: str, softcap: float,
+                         chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check(h, w, b, labels, reduction, softcap, chunk)
+    with torch.no_grad():
+        return forward(h, w, b, labels, ignore_index, label_smoothing, reduction, softcap, chunk)
+
+
+@linear_cross_entropy.register_fake
+def _(h, w, b, labels, ignore_index, label_smoothing, reduction, softcap, chunk):
+    grad_b = torch.empty_like(b) if b is not None else h.new_empty(0)
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    return h.new_empty((), dtype=acc), torch.empty_like(h), torch.empty_like(w), grad_b
+
+
+def _setup(ctx, inputs, output):
+    ctx.has_bias = inputs[2] is not None
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*output[1:])
+
+
+def _backward(ctx, grad_loss, *unused):
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    return (grad_h * grad_loss if need[0] else None, grad_w * grad_loss if need[1] else None,
+            grad_b * grad_loss if ctx.has_bias and need[2] else None, None, None, None, None, None, None)
+
+
+linear_cross_entropy.register_autograd(_backward, setup_context=_setup)
+
+
+def chunk_rows(vocab: int) -> int:
+    """Token rows per chunk: about 64 M logits (256 MiB in fp32) at a time, a multiple of 64, at most 4096
+    (the vocabulary is a weight's static size: no guard on the tokens' count)."""
+    return max(64, min(4096, (2 ** 26 // max(vocab, 1)) // 64 * 64))
