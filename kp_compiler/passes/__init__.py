@@ -9,6 +9,7 @@ from .attention.match import attention_to_sdpa
 from .attention.kernels import choose_attention_kernels
 from .fp8.linear import convert_fp8_linears, fp8_applies
 from .linear.activation import linear_activation
+from .loss import linear_cross_entropy as _lce
 from .moe.dispatch import moe_dispatch
 from .cleanup.noop import noop_elimination
 
@@ -24,5 +25,6 @@ register_pass("attention-kernels", choose_attention_kernels, default=True, ancho
 register_pass("moe-dispatch", moe_dispatch, default=True, anchors=("topk",))
 # Opt-in until a fused kernel is measured faster than Inductor's own linear + pointwise (issue 19).
 register_pass("linear-activation", linear_activation, anchors=("linear",))
+register_pass("linear-cross-entropy", _lce.linear_cross_entropy, anchors=("cross_entropy",), applies=_lce.applies)
 # Last: it converts the linears the others left. Only with options["fp8"] (its applies says so otherwise).
 register_pass("fp8-linear", convert_fp8_linears, default=True, anchors=("linear",), applies=fp8_applies)

@@ -1,0 +1,1 @@
+"""Passes over a training step's loss."""

@@ -1,0 +1,165 @@
+"""``linear-cross-entropy``: the LM head and the cross-entropy of its logits onto one chunked op (issue 20, opt-in).
+
+Matches, in the canonical graph of a training step, walking up from the loss::
+
+    cross_entropy_loss(view?(to_fp32?(softcap?(linear(h, W, b?)))), labels, weight=None, mean | sum,
+                       ignore_index, label_smoothing)
+
+with the views and the fp32 cast in either order (``logits.float().view(-1, V)``, as transformers' loss
+writes it, or the other way), ``softcap(z) = c * tanh(z / c)`` as Gemma writes it, and any label tensor
+(transformers' shifted labels included: they never touch the logits). Emits ``kp::linear_cross_entropy``
+(``ops/linear_cross_entropy.py``), which never makes the whole logits tensor.
+
+Preconditions, else the graph is left alone and the report's note names the failed one:
+
+- the graph is compiled for training (a backward may run): elsewhere the logits cost no gradient;
+- every value between the linear and the loss has the loss as its only reader: logits that are also an
+  output of the graph (transformers returns them beside the loss) would have to be made anyway;
+- ``W`` (and ``b``) are parameters of the graph (placeholders holding ``nn.Parameter``s);
+- the loss is computed in fp32 (the logits cast to it, or made in it): a loss in 16-bit floats is not what
+  the op computes; no class weights; reduction ``mean`` or ``sum``.
+
+Opt-in (``options={"passes": [..., "linear-cross-entropy"]}``) until its GPU numbers are measured.
+
+Before::
+
+    %linear_1 = aten.linear.default(%h, %w) : f32[2, 5, 50]
+    %to = aten.to.dtype(%linear_1, torch.float32) : f32[2, 5, 50]
+    %view = aten.view.default(%to, [-1, 50]) : f32[10, 50]
+    %cross_entropy_loss = aten.cross_entropy_loss.default(%view, %labels) : f32[]
+
+After::
+
+    %reshape = aten.reshape.default(%h, [-1, 16]) : f32[10, 16]
+    %linear_cross_entropy = kp.linear_cross_entropy.default(%reshape, %w, None, %labels, -100, 0.0, 'mean', 0.0, 4096)
+    %getitem = _operator.getitem(%linear_cross_entropy, 0) : f32[]
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+from torch import fx
+
+from ...core import context
+from ...core.graph import erase_dead, val
+from ...core.pattern import is_call
+from ...core.rules import Matches
+from ...ops import linear_cross_entropy as lce
+
+aten = torch.ops.aten
+
+VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+REDUCTIONS = {1: "mean", 2: "sum"}  # torch's Reduction enum: 0 none, 1 mean, 2 sum
+OUTPUT_NOTE = ("the logits are also an output of the graph (transformers returns them beside the loss), so "
+               "they would be made anyway; compile a step that returns only the loss (for example "
+               "`torch.compile(lambda ids, labels: model(input_ids=ids, labels=labels).loss)`)")
+
+
+def applies(target, options) -> Optional[str]:
+    """The pass only matters where a backward may run."""
+    return None if target.training else "no backward runs in this graph: its logits cost no gradient"
+
+
+def _arg(node: fx.Node, i: int, name: str, default):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _only_reader(node: fx.Node, reader: fx.Node) -> Optional[str]:
+    """None if ``reader`` is ``node``'s one user, else why not."""
+    others = [u for u in node.users if u is not reader]
+    if not others:
+        return None
+    if any(u.op == "output" for u in others):
+        return OUTPUT_NOTE
+    return f"{node.name} is also read by {others[0].name}"
+
+
+def _softcap(node: fx.Node) -> Optional[tuple]:
+    """``(z, c)`` for ``mul(tanh(div(z, c)), c)`` with each link read once, else None."""
+    if not (is_call(node, aten.mul.Tensor) and isinstance(node.args[1], (int, float))):
+        return None
+    tanh = node.args[0]
+    if not (is_call(tanh, aten.tanh.default) and len(tanh.users) == 1):
+        return None
+    div = tanh.args[0]
+    if not (is_call(div, aten.div.Tensor) and len(div.users) == 1 and div.args[1] == node.args[1]):
+        return None
+    return div.args[0], float(node.args[1])
+
+
+def match(loss: fx.Node) -> tuple:
+    """``(fields, None)`` for a loss the op can compute, ``(None, why not)`` for a near miss."""
+    if _arg(loss, 2, "weight", None) is not None:
+        return None, "class weights are not supported"
+    reduction = REDUCTIONS.get(_arg(loss, 3, "reduction", 1))
+    if reduction is None:
+        return None, "reduction 'none' (per-token losses) is not supported"
+    x = loss.args[0]
+    if val(x) is None or val(x).dtype != torch.float32:
+        return None, "the loss is not computed in fp32"
+    node, reader, softcap = x, loss, 0.0
+    while True:
+        why = _only_reader(node, reader)
+        if why is not None:
+            return None, why
+        if is_call(node, *VIEWS) or (is_call(node, aten.to.dtype) and node.args[1] == torch.float32):
+            node, reader = node.args[0], node
+            continue
+        capped = _softcap(node) if not softcap else None
+        if capped is not None:
+            reader = node.args[0].args[0]  # the div: the linear's reader
+            node, softcap = capped
+            continue
+        break
+    if not is_call(node, aten.linear.default):
+        return None, f"the logits come from {node.name}, not a linear"
+    h, w = node.args[0], node.args[1]
+    b = _arg(node, 2, "bias", None)
+    ctx = context.current()
+    for p in (w, b):
+        if p is None:
+            continue
+        if not (isinstance(p, fx.Node) and p.op == "placeholder"
+                and (ctx is None or isinstance(ctx.example_value(p), torch.nn.Parameter))):
+            return None, f"{getattr(p, 'name', p)}: the head's weight or bias is not a parameter of the graph"
+    if val(x).shape[-1] != val(w).shape[0] or val(x).dim() != 2:
+        return None, "the logits are not flattened to [tokens, vocabulary]"
+    fields = dict(linear=node, h=h, w=w, b=b, labels=loss.args[1], reduction=reduction, softcap=softcap,
+                  ignore_index=int(_arg(loss, 4, "ignore_index", -100)),
+                  smoothing=float(_arg(loss, 5, "label_smoothing", 0.0)))
+    return fields, None
+
+
+def linear_cross_entropy(gm: fx.GraphModule) -> Matches:
+    """Rewrite every LM head + cross-entropy of ``gm`` that ``match`` accepts; notes name the failed link."""
+    count, notes = 0, []
+    for loss in list(gm.graph.nodes):
+        if not is_call(loss, aten.cross_entropy_loss.default):
+            continue
+        fields, why = match(loss)
+        if fields is None:
+            notes.append(f"{loss.name} left as is: {why}")
+            continue
+        _emit(gm, loss, fields)
+        count += 1
+    if count:
+        gm.recompile()
+    return Matches({"linear-cross-entropy": count} if count else {}, notes)
+
+
+def _emit(gm: fx.GraphModule, loss: fx.Node, f: dict) -> None:
+    g = gm.graph
+    d = val(f["w"]).shape[1]
+    vocab = val(f["w"]).shape[0]
+    with g.inserting_before(loss):
+        h = g.call_function(aten.reshape.default, (f["h"], [-1, d]))
+        out = g.call_function(torch.ops.kp.linear_cross_entropy.default,
+                              (h, f["w"], f["b"], f["labels"], f["ignore_index"], f["smoothing"], f["reduction"],
+                               f["softcap"], lce.chunk_rows(vocab)))
+        new = g.call_function(operator.getitem, (out, 0))
+    new.meta["val"] = val(loss)
+    loss.replace_all_uses_with(new)
+    erase_dead([loss])

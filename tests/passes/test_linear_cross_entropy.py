@@ -1,0 +1,229 @@
+"""``linear-cross-entropy``: LM head + cross-entropy onto ``kp::linear_cross_entropy`` in training graphs;
+loss and every gradient equal to eager; near misses left alone with the failed link in the report."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kp_compiler.core.report import collect
+from kp_compiler.passes.loss import linear_cross_entropy as lce_pass
+from kp_compiler.testing.compare import assert_same_grads, grads_of
+from kp_compiler.testing.hf import build
+from tests.utils import filecheck
+
+PASSES = ["noop-elimination", "linear-cross-entropy"]
+D, V = 16, 50
+
+
+@pytest.fixture(autouse=True)
+def fresh():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Several chunks at test sizes (the op's own default is thousands of rows)."""
+    monkeypatch.setattr(lce_pass.lce, "chunk_rows", lambda vocab: 4)
+
+
+class Head(nn.Module):
+    """A body linear, the LM head, then the loss as the test's ``spelling`` writes it."""
+
+    def __init__(self, spelling="float-view", bias=False, softcap=0.0, **ce):
+        super().__init__()
+        self.spelling, self.softcap, self.ce = spelling, softcap, ce
+        self.body = nn.Linear(D, D)
+        self.lm = nn.Linear(D, V, bias=bias)
+
+    def forward(self, x, labels):
+        logits = self.lm(self.body(x))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        if self.spelling == "float-view":
+            flat = logits.float().view(-1, V)
+        elif self.spelling == "view-float":
+            flat = logits.view(-1, V).float()
+        else:  # "reshape": an fp32 model, no cast
+            flat = logits.reshape(-1, V)
+        return F.cross_entropy(flat, labels.view(-1), **self.ce)
+
+
+def _labels(shape, ignored=(1, 6), ignore_index=-100):
+    y = torch.randint(0, V, shape)
+    y.view(-1)[list(ignored)] = ignore_index
+    return y
+
+
+def _check(model, x, y, rtol=1e-5, atol=1e-6, expect=1, **options):
+    """Compile with the pass, one training step each way on the same inputs; returns the pass record."""
+    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES, **options})
+    xs = [x.detach().clone().requires_grad_() for _ in range(2)]
+    model.zero_grad(set_to_none=True)
+    with collect() as records:
+        got = compiled(xs[0], y)
+    got.backward()
+    got_grads = {**grads_of(model.named_parameters()), "x": xs[0].grad}
+    model.zero_grad(set_to_none=True)
+    ref = model(xs[1], y)
+    ref.backward()
+    ref_grads = {**grads_of(model.named_parameters()), "x": xs[1].grad}
+    torch.testing.assert_close(got, ref, rtol=rtol, atol=atol, equal_nan=True)
+    assert_same_grads(got_grads, ref_grads, rtol=rtol, atol=atol)
+    (rec,) = [p for r in records for p in r.passes if p.name == "linear-cross-entropy"]
+    assert rec.matches == expect, rec.notes
+    return rec
+
+
+@pytest.mark.parametrize("spelling", ["float-view", "view-float"])
+@pytest.mark.parametrize("ce", [{}, {"reduction": "sum"}, {"label_smoothing": 0.1}, {"ignore_index": 3}],
+                         ids=["mean", "sum", "smoothing", "ignore-3"])
+def test_spellings_equal_eager(small_chunks, spelling, ce):
+    torch.manual_seed(0)
+    _check(Head(spelling, **ce), torch.randn(2, 7, D), _labels((2, 7), ignore_index=ce.get("ignore_index", -100)))
+
+
+def test_fp32_model_without_cast_and_head_bias(small_chunks):
+    torch.manual_seed(0)
+    _check(Head("reshape", bias=True), torch.randn(3, 5, D), _labels((3, 5)))
+
+
+def test_softcap_as_gemma_writes_it(small_chunks):
+    torch.manual_seed(0)
+    _check(Head(softcap=2.0), torch.randn(2, 7, D) * 4, _labels((2, 7)))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_every_label_ignored(small_chunks, reduction):
+    """Eager: NaN loss for mean (0 / 0), 0 for sum; zero gradients either way."""
+    torch.manual_seed(0)
+    _check(Head(reduction=reduction), torch.randn(2, 5, D), torch.full((2, 5), -100))
+
+
+def test_bf16_model_within_bf16_tolerance(small_chunks):
+    torch.manual_seed(0)
+    model = Head().bfloat16()
+    _check(model, torch.randn(2, 7, D).bfloat16(), _labels((2, 7)), rtol=2e-2, atol=2e-2)
+
+
+def test_dump(small_chunks, tmp_path):
+    torch.manual_seed(0)
+    _check(Head(), torch.randn(2, 5, D), _labels((2, 5)), dump_dir=str(tmp_path))
+    text = (tmp_path / "graph-000" / "02-linear-cross-entropy.txt").read_text()
+    filecheck(
+        "CHECK: after linear-cross-entropy | status ok | matches 1\n"
+        "CHECK-NOT: cross_entropy_loss\n"
+        "CHECK: %reshape_default = aten.reshape.default(%linear, [-1, 16]) : f32[10, 16]\n"
+        "CHECK: kp.linear_cross_entropy.default(%reshape_default, %l_self_modules_lm_parameters_weight_, None, "
+        "%view_1, -100, 0.0, 'mean', 0.0, 4)\n"
+        "CHECK: _operator.getitem(%linear_cross_entropy_default, 0) : f32[]\n"
+        "CHECK-NOT: aten.linear.default(%linear\n",
+        text,
+    )
+
+
+def test_transformers_causal_lm_loss_through_a_loss_only_step(small_chunks):
+    """transformers' own loss (``ForCausalLMLoss``: labels padded and shifted, logits upcast) in a compiled step
+    that returns only the loss: rewritten, loss and every gradient equal to eager."""
+    model, vocab = build("llama", "tiny", attn="sdpa")
+    model.train()
+    ids = torch.randint(0, vocab, (2, 9))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    step = torch.compile(lambda ids, labels: model(input_ids=ids, labels=labels).loss, backend="kernelpytorch",
+                         options={"passes": PASSES})
+    with collect() as records:
+        got = step(ids, labels)
+    got.backward()
+    got_grads = grads_of(model.named_parameters())
+    model.zero_grad(set_to_none=True)
+    ref = model(input_ids=ids, labels=labels).loss
+    ref.backward()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert_same_grads(got_grads, grads_of(model.named_parameters()), rtol=1e-4, atol=1e-5)
+    assert sum(p.matches for r in records for p in r.passes if p.name == "linear-cross-entropy") == 1
+
+
+def test_transformers_model_returning_logits_is_left_alone_with_advice():
+    model, vocab = build("llama", "tiny", attn="sdpa")
+    model.train()
+    ids = torch.randint(0, vocab, (2, 9))
+    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES})
+    with collect() as records:
+        out = compiled(input_ids=ids, labels=ids)
+    out.loss.backward()
+    (rec,) = [p for r in records for p in r.passes if p.name == "linear-cross-entropy"]
+    assert rec.matches == 0 and "returns only the loss" in rec.notes[0], rec.notes
+
+
+class LogitsToo(Head):
+    def forward(self, x, labels):
+        logits = self.lm(self.body(x)).float()
+        return F.cross_entropy(logits.view(-1, V), labels.view(-1)), logits.argmax(-1)
+
+
+class ComputedWeight(Head):
+    def forward(self, x, labels):
+        logits = F.linear(self.body(x), self.lm.weight * 0.5).float()
+        return F.cross_entropy(logits.view(-1, V), labels.view(-1))
+
+
+class Bf16Loss(Head):
+    def forward(self, x, labels):
+        return F.cross_entropy(self.lm(self.body(x)).view(-1, V), labels.view(-1))
+
+
+@pytest.mark.parametrize("model, why", [
+    (LogitsToo(), "also read by"),
+    (ComputedWeight(), "not a parameter"),
+    (Head(reduction="none"), "reduction 'none'"),
+    (Head(weight=torch.rand(V)), "class weights"),
+], ids=["logits-read-elsewhere", "computed-weight", "reduction-none", "class-weights"])
+def test_near_misses_are_left_alone_and_say_why(model, why):
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 5, D, requires_grad=True), _labels((2, 5))
+    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES})
+    with collect() as records:
+        out = compiled(x, y)
+    ref = model(x, y)
+    for a, b in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
+        torch.testing.assert_close(a, b)
+    (rec,) = [p for r in records for p in r.passes if p.name == "linear-cross-entropy"]
+    assert rec.matches == 0 and why in " ".join(rec.notes), rec.notes
+
+
+def test_bf16_loss_without_upcast_is_left_alone():
+    torch.manual_seed(0)
+    model = Bf16Loss().bfloat16()
+    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES})
+    with collect() as records:
+        compiled(torch.randn(2, 5, D, requires_grad=True).bfloat16(), _labels((2, 5)))
+    (rec,) = [p for r in records for p in r.passes if p.name == "linear-cross-entropy"]
+    assert rec.matches == 0 and "not computed in fp32" in rec.notes[0]
+
+
+def test_inference_graphs_are_not_rewritten():
+    torch.manual_seed(0)
+    model = Head()
+    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES})
+    with torch.no_grad(), collect() as records:
+        compiled(torch.randn(2, 5, D), _labels((2, 5)))
+    skipped = [s for r in records for s in r.skipped if s["pass"] == "linear-cross-entropy"]
+    assert skipped and "no backward" in skipped[0]["reason"]
+
+
+def test_dynamic_token_count_compiles_once(small_chunks):
+    """The token count stays symbolic: the chunk size comes from the vocabulary (a weight's static size)."""
+    torch.manual_seed(0)
+    model = Head()
+    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES}, dynamic=True)
+    with collect() as records:
+        for t in (5, 7, 9):
+            x, y = torch.randn(2, t, D, requires_grad=True), _labels((2, t))
+            got = compiled(x, y)
+            torch.testing.assert_close(got, model(x, y), rtol=1e-5, atol=1e-6)
+    assert len(records) == 1  # one compile for the three lengths
+    (rec,) = [p for p in records[0].passes if p.name == "linear-cross-entropy"]
+    assert rec.matches == 1 and not rec.guards_added  # (Inductor's CPU codegen may add its own; not the pass)
