@@ -4,7 +4,9 @@ Peers that do the same job are rows too: ``torchao-float8-tensorwise`` and ``tor
 the row's copy of the model with torchao's float8 training (``convert_to_float8_training``, the recipe by name;
 every ``nn.Linear`` whose dims are multiples of 16) and compile it with Inductor, as torchao's docs do. Where
 torchao is not importable the row fails with that message and the other rows run (on the GPU machine it
-travels as a wheel in ``.whl/``, which ``bench/gpu_run.sh`` installs).
+travels as a wheel in ``.whl/``, which ``bench/gpu_run.sh`` installs). ``liger`` runs a loss case's loss
+through Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` on the model's hidden states, under Inductor (its
+wheel travels the same way).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class Backend:
     mode: Optional[str] = None
     options: dict = field(default_factory=dict)
     float8: Optional[str] = None  # a torchao float8 training recipe applied to the model first
+    liger: bool = False  # the workload's loss through Liger-Kernel's fused linear cross-entropy
 
     def for_case(self, kp_options: dict) -> "Backend":
         """This backend with a case's own kernelpytorch options merged in (other backends unchanged)."""
@@ -35,6 +38,8 @@ class Backend:
         """The callable the row times; ``model`` (the row's own copy) is converted in place where ``float8``."""
         if self.float8 is not None:
             _float8_training(model, self.float8)
+        if self.liger:
+            _liger_loss(model)
         if self.backend is None:
             return model
         if self.options:
@@ -54,7 +59,18 @@ STANDARD = {
 }
 for _recipe in ("tensorwise", "rowwise"):
     STANDARD[f"torchao-float8-{_recipe}"] = Backend(f"torchao-float8-{_recipe}", "inductor", float8=_recipe)
+STANDARD["liger"] = Backend("liger", "inductor", liger=True)
 DEFAULT = ("eager", "inductor", "inductor-max-autotune", "kernelpytorch")
+
+
+def _liger_loss(model: Any) -> None:
+    if not hasattr(model, "liger_loss"):
+        raise RuntimeError("this case has no Liger path (only the loss cases, bench/cases/loss.py, have one)")
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError as e:
+        raise RuntimeError(f"liger-kernel is not importable ({e}); the liger row needs it") from e
+    model.liger_loss = LigerFusedLinearCrossEntropyLoss()
 
 
 def _float8_training(model: Any, recipe: str) -> None:

@@ -58,5 +58,5 @@ def case(name: str, group: str, train: bool = False, requires: tuple = (), backe
 
 
 def load_all() -> dict[str, Case]:
-    from . import attention, e2e, fp8, linear, masked_models, models, moe  # noqa: F401  (registration)
+    from . import attention, e2e, fp8, linear, loss, masked_models, models, moe  # noqa: F401  (registration)
     return CASES
