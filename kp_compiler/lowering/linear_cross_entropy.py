@@ -1,0 +1,53 @@
+"""Which implementation runs the rows' part of ``kp::linear_cross_entropy`` on CUDA.
+
+| device | logits | implementation |
+|---|---|---|
+| CUDA, Triton imports | bf16, fp16, fp32, unit stride along the vocabulary | ``ops/triton_cross_entropy.py`` (one kernel: the logits read twice, the gradient written in place) |
+| anything else (CPU, fp64) | | ``linear_cross_entropy.rows`` (ATen) |
+
+The GEMMs around it are ATen's (cuBLAS) either way. The kernel is the default on CUDA without a GPU
+measurement yet: it does the ATen version's work in one pass over the logits instead of about a dozen (the
+pass that emits the op is opt-in). ``KP_LCE_ROWS=triton|aten`` forces one where it can run; any other value
+is an error.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from ..ops import linear_cross_entropy as ops
+
+IMPLEMENTATIONS = ("triton", "aten")
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _forced() -> str:
+    forced = os.environ.get("KP_LCE_ROWS", "")
+    if forced and forced not in IMPLEMENTATIONS:
+        raise ValueError(f"KP_LCE_ROWS={forced!r} is not one of {IMPLEMENTATIONS}")
+    return forced
+
+
+def choose(dtype: torch.dtype, triton: bool = _HAS_TRITON) -> str:
+    """``"triton"`` for CUDA logits the kernel reads (unless ``KP_LCE_ROWS=aten``), else ``"aten"``."""
+    can = triton and dtype in (torch.bfloat16, torch.float16, torch.float32)
+    return "triton" if can and _forced() != "aten" else "aten"
+
+
+def _rows(z, labels, ignore_index, smoothing, softcap, scale):
+    if choose(z.dtype) == "triton" and z.stride(1) == 1:
+        from ..ops import triton_cross_entropy
+        return triton_cross_entropy.rows(z, labels, ignore_index, smoothing, softcap, scale)
+    return ops.rows(z, labels, ignore_index, smoothing, softcap, scale)
+
+
+def _cuda(h, w, b, labels, ignore_index, label_smoothing, reduction, softcap, chunk):
+    ops._check(h, w, b, labels, reduction, softcap, chunk)
+    with torch.no_grad():
+        return ops.forward(h, w, b, labels, ignore_index, label_smoothing, reduction, softcap, chunk, rows_fn=_rows)
+
+
+torch.library.register_kernel("kp::linear_cross_entropy", "cuda", _cuda)

@@ -1,0 +1,89 @@
+"""The rows' part of ``kp::linear_cross_entropy`` as one Triton kernel: ``linear_cross_entropy.rows`` fused.
+
+One program per token row of a chunk's logits ``z [n, V]`` (16-bit or fp32, unit stride along ``V``):
+
+1. a pass over the row in blocks of ``BLOCK``: the softcapped logit in fp32, an online max and sum of
+   exponentials (the log-sum-exp), the sum of the logits (label smoothing) and the label's logit;
+2. the row's loss, 0 for an ignored label;
+3. a second pass writing ``scale * (softmax - (1 - eps) * onehot - eps / V)`` (times the softcap's derivative)
+   over the row in place, in ``z``'s dtype: the gradient of the loss with respect to the logits.
+
+So the logits are read twice and written once, against about a dozen passes of ATen's version in fp32.
+Equal to ``linear_cross_entropy.rows`` (tested under ``TRITON_INTERPRET=1``); the tile is ``BLOCK`` columns
+with 8 warps; not yet timed on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_launch import Launcher, next_power_of_2
+
+
+@triton.jit
+def _softcapped(z, SOFTCAP: tl.constexpr, cap):
+    if SOFTCAP:
+        e = tl.exp(-2.0 * tl.abs(z / cap))  # tanh without overflow: sign(x) (1 - e) / (1 + e), e = exp(-2|x|)
+        t = (1.0 - e) / (1.0 + e)
+        t = tl.where(z < 0, -t, t)
+        return t * cap, t
+    return z, z
+
+
+@triton.jit
+def _rows(z_ptr, labels_ptr, scale_ptr, loss_ptr, V, stride, ignore_index, smoothing, cap,
+          SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = z_ptr + row * stride
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    cols = tl.arange(0, BLOCK)
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), dtype=tl.float32)
+    total = tl.zeros((), dtype=tl.float32)
+    picked = tl.zeros((), dtype=tl.float32)
+    for start in range(0, V, BLOCK):
+        idx = start + cols
+        ok = idx < V
+        z, _ = _softcapped(tl.load(base + idx, mask=ok, other=0.0).to(tl.float32), SOFTCAP, cap)
+        zm = tl.where(ok, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(zm, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(zm - m_new), axis=0)
+        m = m_new
+        total += tl.sum(tl.where(ok, z, 0.0), axis=0)
+        picked += tl.sum(tl.where(idx == label, z, 0.0), axis=0)
+    lse = m + tl.log(s)
+    loss = (1.0 - smoothing) * (lse - picked) + smoothing * (lse - total / V)
+    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+    scale = tl.where(valid, tl.load(scale_ptr).to(tl.float32), 0.0)
+    for start in range(0, V, BLOCK):
+        idx = start + cols
+        ok = idx < V
+        z, t = _softcapped(tl.load(base + idx, mask=ok, other=0.0).to(tl.float32), SOFTCAP, cap)
+        g = tl.exp(z - lse) - tl.where(idx == label, 1.0 - smoothing, 0.0) - smoothing / V
+        g = g * scale
+        if SOFTCAP:
+            g = g * (1.0 - t * t)
+        tl.store(base + idx, g.to(z_ptr.dtype.element_ty), mask=ok)
+
+
+_ROWS = Launcher(_rows)
+
+
+def supported(z: torch.Tensor) -> bool:
+    """A 2-D chunk of 16-bit or fp32 logits, unit stride along the vocabulary."""
+    return z.dim() == 2 and z.stride(1) == 1 and z.dtype in (torch.bfloat16, torch.float16, torch.float32)
+
+
+def rows(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, smoothing: float, softcap: float,
+         scale: torch.Tensor) -> tuple:
+    """``linear_cross_entropy.rows``, with the gradient written over ``z`` (a chunk's fresh logits)."""
+    n, vocab = z.shape
+    loss = torch.empty(n, dtype=torch.float32, device=z.device)
+    if n:
+        block = min(4096, next_power_of_2(vocab))
+        _ROWS((n,), z, labels.contiguous(), scale.float(), loss, vocab, z.stride(0), ignore_index, float(smoothing),
+              float(softcap) or 1.0, SOFTCAP=bool(softcap), BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    return loss, z
