@@ -27,6 +27,7 @@ import torch
 from torch import fx
 
 from ...core import context
+from ...core.graph import erase_dead
 from ...core.pattern import is_call
 from ...ops import routed_experts_tables
 
@@ -108,5 +109,5 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, ctx) -> Optional[str]:
                                      (x, ids, weights, handle, activation))
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
+    erase_dead([node])
     return None
