@@ -155,7 +155,7 @@ def test_transformers_model_returning_logits_is_left_alone_with_advice():
         out = compiled(input_ids=ids, labels=ids)
     out.loss.backward()
     (rec,) = [p for r in records for p in r.passes if p.name == "linear-cross-entropy"]
-    assert rec.matches == 0 and "returns only the loss" in rec.notes[0], rec.notes
+    assert rec.matches == 0 and "returning only the loss" in rec.notes[0], rec.notes
 
 
 class LogitsToo(Head):

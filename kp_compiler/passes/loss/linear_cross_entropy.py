@@ -53,9 +53,9 @@ aten = torch.ops.aten
 
 VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 REDUCTIONS = {1: "mean", 2: "sum"}  # torch's Reduction enum: 0 none, 1 mean, 2 sum
-OUTPUT_NOTE = ("the logits are also an output of the graph (transformers returns them beside the loss), so "
-               "they would be made anyway; compile a step that returns only the loss (for example "
-               "`torch.compile(lambda ids, labels: model(input_ids=ids, labels=labels).loss)`)")
+# one explain line (160 characters) with the node's name in front
+OUTPUT_NOTE = ("logits also returned (as transformers does); compile a step returning only the loss: "
+               "lambda i, y: model(input_ids=i, labels=y).loss")
 
 
 def applies(target, options) -> Optional[str]:
