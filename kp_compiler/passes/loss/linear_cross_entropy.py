@@ -141,7 +141,7 @@ def linear_cross_entropy(gm: fx.GraphModule) -> Matches:
             continue
         fields, why = match(loss)
         if fields is None:
-            notes.append(f"{loss.name} left as is: {why}")
+            notes.append(f"{loss.name} kept: {why}")
             continue
         _emit(gm, loss, fields)
         count += 1
