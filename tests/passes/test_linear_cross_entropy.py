@@ -159,6 +159,31 @@ def test_transformers_model_returning_logits_is_left_alone_with_advice():
     assert rec.matches == 0 and "returning only the loss" in rec.notes[0], rec.notes
 
 
+class ShiftedLogits(Head):
+    """The older causal-LM shift (transformers before 4.46, much user code): slice the logits, then the labels."""
+
+    def forward(self, x, labels):
+        logits = self.lm(self.body(x))
+        shift_logits = logits[..., :-1, :].contiguous()
+        shift_labels = labels[..., 1:].contiguous()
+        return F.cross_entropy(shift_logits.view(-1, V).float(), shift_labels.view(-1), ignore_index=-1)
+
+
+def test_older_shift_spelling_slices_the_head_input(small_chunks, tmp_path):
+    torch.manual_seed(0)
+    _check(ShiftedLogits(), torch.randn(2, 7, D), _labels((2, 7), ignore_index=-1), dump_dir=str(tmp_path))
+    text = (tmp_path / "graph-000" / "02-linear-cross-entropy.txt").read_text()
+    filecheck("CHECK: aten.slice.Tensor(%linear, 1, 0, -1) : f32[2, 6, 16]\n"
+              "CHECK: aten.reshape.default(%slice_tensor, [-1, 16]) : f32[12, 16]\n"
+              "CHECK: kp.linear_cross_entropy.default(\n", text)
+
+
+class VocabSliced(Head):
+    def forward(self, x, labels):
+        logits = self.lm(self.body(x))[..., :40]
+        return F.cross_entropy(logits.reshape(-1, 40).float(), labels.view(-1).clamp(max=39))
+
+
 class LogitsToo(Head):
     def forward(self, x, labels):
         logits = self.lm(self.body(x)).float()
@@ -181,7 +206,8 @@ class Bf16Loss(Head):
     (ComputedWeight(), "not a parameter"),
     (Head(reduction="none"), "reduction 'none'"),
     (Head(weight=torch.rand(V)), "class weights"),
-], ids=["logits-read-elsewhere", "computed-weight", "reduction-none", "class-weights"])
+    (VocabSliced(), "sliced along the vocabulary"),
+], ids=["logits-read-elsewhere", "computed-weight", "reduction-none", "class-weights", "vocab-slice"])
 def test_near_misses_are_left_alone_and_say_why(model, why):
     torch.manual_seed(0)
     x, y = torch.randn(2, 5, D, requires_grad=True), _labels((2, 5))

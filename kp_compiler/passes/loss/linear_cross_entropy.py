@@ -5,9 +5,10 @@ Matches, in the canonical graph of a training step, walking up from the loss::
     cross_entropy_loss(view?(to_fp32?(softcap?(linear(h, W, b?)))), labels, weight=None, mean | sum,
                        ignore_index, label_smoothing)
 
-with the views and the fp32 cast in either order (``logits.float().view(-1, V)``, as transformers' loss
-writes it, or the other way), ``softcap(z) = c * tanh(z / c)`` as Gemma writes it, and any label tensor
-(transformers' shifted labels included: they never touch the logits). Emits ``kp::linear_cross_entropy``
+with the views, ``contiguous`` and the fp32 cast in any order (``logits.float().view(-1, V)``, as transformers'
+loss writes it, or the other way), slices along a token dimension (the older shift,
+``logits[..., :-1, :].contiguous()``: the same slice is taken of ``h``), ``softcap(z) = c * tanh(z / c)`` as
+Gemma writes it, and any label tensor (shifted labels never touch the logits). Emits ``kp::linear_cross_entropy``
 (``ops/linear_cross_entropy.py``), which never makes the whole logits tensor.
 
 Preconditions, else the graph is left alone and the report's note names the failed one:
@@ -51,7 +52,8 @@ from ...ops import linear_cross_entropy as lce
 
 aten = torch.ops.aten
 
-VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.contiguous.default,
+         aten.clone.default)
 REDUCTIONS = {1: "mean", 2: "sum"}  # torch's Reduction enum: 0 none, 1 mean, 2 sum
 # one explain line (160 characters) with the node's name in front
 OUTPUT_NOTE = ("logits also returned (as transformers does); compile a step returning only the loss: "
@@ -100,12 +102,20 @@ def match(loss: fx.Node) -> tuple:
     x = loss.args[0]
     if val(x) is None or val(x).dtype != torch.float32:
         return None, "the loss is not computed in fp32"
-    node, reader, softcap = x, loss, 0.0
+    node, reader, softcap, slices = x, loss, 0.0, []
     while True:
         why = _only_reader(node, reader)
         if why is not None:
             return None, why
         if is_call(node, *VIEWS) or (is_call(node, aten.to.dtype) and node.args[1] == torch.float32):
+            node, reader = node.args[0], node
+            continue
+        if is_call(node, aten.slice.Tensor):  # the older shift, logits[..., :-1, :]: a token dim, never the vocab's
+            dim = node.args[1] if len(node.args) > 1 else 0
+            rank = val(node).dim()
+            if (dim % rank) == rank - 1:
+                return None, "the logits are sliced along the vocabulary"
+            slices.append((dim % rank, *node.args[2:]))
             node, reader = node.args[0], node
             continue
         capped = _softcap(node) if not softcap else None
@@ -128,6 +138,7 @@ def match(loss: fx.Node) -> tuple:
     if val(x).shape[-1] != val(w).shape[0] or val(x).dim() != 2:
         return None, "the logits are not flattened to [tokens, vocabulary]"
     fields = dict(linear=node, h=h, w=w, b=b, labels=loss.args[1], reduction=reduction, softcap=softcap,
+                  slices=slices[::-1],  # as the model applies them, from the linear down
                   ignore_index=int(_arg(loss, 4, "ignore_index", -100)),
                   smoothing=float(_arg(loss, 5, "label_smoothing", 0.0)))
     return fields, None
@@ -155,7 +166,10 @@ def _emit(gm: fx.GraphModule, loss: fx.Node, f: dict) -> None:
     d = val(f["w"]).shape[1]
     vocab = val(f["w"]).shape[0]
     with g.inserting_before(loss):
-        h = g.call_function(aten.reshape.default, (f["h"], [-1, d]))
+        h = f["h"]
+        for args in f["slices"]:  # a token-dim slice commutes with the linear: slice its input instead
+            h = g.call_function(aten.slice.Tensor, (h, *args))
+        h = g.call_function(aten.reshape.default, (h, [-1, d]))
         out = g.call_function(torch.ops.kp.linear_cross_entropy.default,
                               (h, f["w"], f["b"], f["labels"], f["ignore_index"], f["smoothing"], f["reduction"],
                                f["softcap"], lce.chunk_rows(vocab)))
