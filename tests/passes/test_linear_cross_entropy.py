@@ -184,6 +184,12 @@ class VocabSliced(Head):
         return F.cross_entropy(logits.reshape(-1, 40).float(), labels.view(-1).clamp(max=39))
 
 
+class SoftTargets(Head):
+    def forward(self, x, labels):
+        logits = self.lm(self.body(x)).float().view(-1, V)
+        return F.cross_entropy(logits, F.one_hot(labels.view(-1).clamp(min=0), V).float() * 0.9 + 0.1 / V)
+
+
 class LogitsToo(Head):
     def forward(self, x, labels):
         logits = self.lm(self.body(x)).float()
@@ -207,7 +213,8 @@ class Bf16Loss(Head):
     (Head(reduction="none"), "reduction 'none'"),
     (Head(weight=torch.rand(V)), "class weights"),
     (VocabSliced(), "sliced along the vocabulary"),
-], ids=["logits-read-elsewhere", "computed-weight", "reduction-none", "class-weights", "vocab-slice"])
+    (SoftTargets(), "not class indices"),
+], ids=["logits-read-elsewhere", "computed-weight", "reduction-none", "class-weights", "vocab-slice", "soft-targets"])
 def test_near_misses_are_left_alone_and_say_why(model, why):
     torch.manual_seed(0)
     x, y = torch.randn(2, 5, D, requires_grad=True), _labels((2, 5))

@@ -99,7 +99,9 @@ def match(loss: fx.Node) -> tuple:
     reduction = REDUCTIONS.get(_arg(loss, 3, "reduction", 1))
     if reduction is None:
         return None, "reduction 'none' (per-token losses) is not supported"
-    x = loss.args[0]
+    x, labels = loss.args[0], loss.args[1]
+    if val(labels) is None or val(labels).dtype != torch.int64 or val(labels).dim() != 1:
+        return None, "the targets are not class indices (int64, one per token): probabilities are not supported"
     if val(x) is None or val(x).dtype != torch.float32:
         return None, "the loss is not computed in fp32"
     node, reader, softcap, slices = x, loss, 0.0, []
