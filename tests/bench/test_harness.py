@@ -25,11 +25,12 @@ def test_median_and_ci():
 
 def test_every_group_has_cases():
     groups = {c.group for c in load_all().values()}
-    assert groups == {"attention", "moe", "linear", "fp8-sized", "fp8", "e2e", "models"}
+    assert groups == {"attention", "moe", "linear", "fp8-sized", "fp8", "e2e", "models", "loss"}
     names = set(load_all())
     for must in ("attention-alibi", "attention-gqa-causal-fwd-bwd", "moe-e64-top8-decode",
                  "hf-mistral-train", "hf-bert-infer", "hf-gpt2-train", "moe-loop-gpt-train",
-                 "model-llama3-infer", "model-qwen3-moe-train", "model-gemma2-train", "model-mistral-window-infer"):
+                 "model-llama3-infer", "model-qwen3-moe-train", "model-gemma2-train", "model-mistral-window-infer",
+                 "lce-128k-train", "lce-128k-large-train"):
         assert must in names
 
 
