@@ -217,3 +217,18 @@ def test_generate_counts_the_new_tokens_equal_before_the_first_difference():
     got[0, 2] = 9
     assert equal_prefix(got, want, 2) == 0
     assert equal_prefix(want[:, :5], want, 2) == 0  # a shorter output is not equal
+
+
+def test_the_loss_case_smoke_runs_the_pass_and_matches_eager_gradients():
+    """``lce-128k-train`` at smoke size: kernelpytorch's row (``linear-cross-entropy`` added by the case) fires
+    the pass once, and every gradient of its step is close to the float64 reference's."""
+    from bench.backends import STANDARD
+    from bench.cases import Scale
+    from bench.runner import run_case
+
+    result = run_case(load_all()["lce-128k-train"], [STANDARD["kernelpytorch"]], Scale("cpu", torch.float32, True),
+                      reps=2)
+    (row,) = result["rows"]
+    assert "failed" not in row, row.get("traceback")
+    assert row["passes"].get("linear-cross-entropy") == 1 and not row["missing_grads"]
+    assert row["error"] < 1e-4
