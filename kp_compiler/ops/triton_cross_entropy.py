@@ -10,7 +10,8 @@ One program per token row of a chunk's logits ``z [n, V]`` (16-bit or fp32, unit
 
 So the logits are read twice and written once, against about a dozen passes of ATen's version in fp32.
 Equal to ``linear_cross_entropy.rows`` (tested under ``TRITON_INTERPRET=1``); the tile is ``BLOCK`` columns
-with 8 warps; not yet timed on a GPU.
+with 8 warps; not yet timed on a GPU. The vocabulary size is a compile-time constant (a weight's static size;
+the loop over it needs one under older Triton interpreters).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def _softcapped(z, SOFTCAP: tl.constexpr, cap):
 
 
 @triton.jit
-def _rows(z_ptr, labels_ptr, scale_ptr, loss_ptr, V, stride, ignore_index, smoothing, cap,
-          SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+def _rows(z_ptr, labels_ptr, scale_ptr, loss_ptr, stride, ignore_index, smoothing, cap,
+          V: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = z_ptr + row * stride
     label = tl.load(labels_ptr + row)
@@ -84,6 +85,6 @@ def rows(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, smoothing: fl
     loss = torch.empty(n, dtype=torch.float32, device=z.device)
     if n:
         block = min(4096, next_power_of_2(vocab))
-        _ROWS((n,), z, labels.contiguous(), scale.float(), loss, vocab, z.stride(0), ignore_index, float(smoothing),
-              float(softcap) or 1.0, SOFTCAP=bool(softcap), BLOCK=block, num_warps=8 if block >= 2048 else 4)
+        _ROWS((n,), z, labels.contiguous(), scale.float(), loss, z.stride(0), ignore_index, float(smoothing),
+              float(softcap) or 1.0, V=vocab, SOFTCAP=bool(softcap), BLOCK=block, num_warps=8 if block >= 2048 else 4)
     return loss, z
