@@ -12,7 +12,7 @@
 chunk's logits are made (``h`` dtype, as eager's linear makes them), taken to fp32, their log-sum-exp and
 loss computed, and turned in place into the gradient of the loss with respect to them, which then gives this
 chunk's rows of ``grad_h`` and its part of ``grad_w`` and ``grad_b`` (accumulated in fp32, in chunk order:
-deterministic). The gradients are made in the forward, for a gradient of the loss of 1, and returned; the
+deterministic; on CUDA one GEMM per chunk straight into the fp32 ``grad_w``, ``_accumulate``). The gradients are made in the forward, for a gradient of the loss of 1, and returned; the
 autograd formula scales them by the incoming gradient. So a training step runs the three GEMMs an unfused
 one runs, and holds one chunk of logits instead of all of them (and their fp32 copy, and their gradient).
 
@@ -90,12 +90,39 @@ def forward(h, w, b, labels, ignore_index: int, smoothing: float, reduction: str
         loss, g = rows_fn(z, labels[start:start + chunk], ignore_index, smoothing, softcap, scale)
         total += loss.sum()
         grad_h[start:start + chunk] = g @ w
-        grad_w += (g.t() @ hc).to(acc)
+        _accumulate(grad_w, g.t(), hc)
         if grad_b is not None:
-            grad_b += g.to(acc).sum(0)
+            grad_b += g.sum(0, dtype=acc)
     loss = total / valid if reduction == "mean" else total
     return (loss, grad_h, grad_w.to(w.dtype),
             grad_b.to(b.dtype) if grad_b is not None else h.new_empty(0))
+
+
+_FP32_OUT: dict = {}  # device -> whether addmm with a 16-bit product into fp32 works there (probed once)
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b``. On CUDA with 16-bit operands, one GEMM into the fp32 ``acc`` (``addmm``'s ``out_dtype``):
+    no ``[V, d]`` product in 16 bits, no fp32 copy of it, no separate add (three passes over ``grad_w`` per chunk
+    otherwise). Elsewhere, the product then the add."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and acc.dtype == torch.float32 and _fp32_out(a.device):
+        torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+        return
+    acc += (a @ b).to(acc.dtype)
+
+
+def _fp32_out(device: torch.device) -> bool:
+    """Whether ``addmm.dtype_out`` accumulates 16-bit products into fp32 correctly on ``device``: tried once on
+    small operands against the fp32 product (an older build without it keeps the two-step path)."""
+    if device not in _FP32_OUT:
+        try:
+            a = torch.arange(6, device=device, dtype=torch.float32).view(2, 3).to(torch.bfloat16)
+            acc = torch.ones(2, 2, device=device)
+            torch.ops.aten.addmm.dtype_out(acc, a, a.t(), torch.float32, out=acc)
+            _FP32_OUT[device] = torch.equal(acc, 1 + a.float() @ a.float().t())
+        except (RuntimeError, NotImplementedError, TypeError):
+            _FP32_OUT[device] = False
+    return _FP32_OUT[device]
 
 
 @torch.library.custom_op("kp::linear_cross_entropy", mutates_args=())

@@ -91,3 +91,13 @@ def test_chunk_rows_from_the_vocabulary():
     assert lce.chunk_rows(128256) == 512  # 512 x 128256 fp32 logits: 251 MiB
     assert lce.chunk_rows(32000) == 2048
     assert lce.chunk_rows(50) == 4096 and lce.chunk_rows(10**9) == 64
+
+
+def test_the_fp32_accumulating_gemm_is_probed_and_refused_where_missing():
+    """The CPU has no ``addmm`` with a 16-bit product into fp32: the probe says so and the two-step path runs."""
+    lce._FP32_OUT.pop(torch.device("cpu"), None)
+    assert lce._fp32_out(torch.device("cpu")) is False
+    acc = torch.ones(3, 2)
+    a, b = torch.randn(3, 4).bfloat16(), torch.randn(4, 2).bfloat16()
+    lce._accumulate(acc, a, b)
+    torch.testing.assert_close(acc, 1 + (a @ b).float())

@@ -159,6 +159,28 @@ def test_transformers_model_returning_logits_is_left_alone_with_advice():
     assert rec.matches == 0 and "returning only the loss" in rec.notes[0], rec.notes
 
 
+def test_transformers_loss_only_step_with_dynamic_shapes(small_chunks):
+    """``dynamic=True`` on transformers' Llama: two sequence lengths, one compile, loss and gradients as eager."""
+    model, vocab = build("llama", "tiny", attn="sdpa")
+    model.train()
+    step = torch.compile(lambda ids, labels: model(input_ids=ids, labels=labels).loss, backend="kernelpytorch",
+                         options={"passes": PASSES}, dynamic=True)
+    with collect() as records:
+        for t in (9, 13):
+            ids = torch.randint(0, vocab, (2, t))
+            model.zero_grad(set_to_none=True)
+            got = step(ids, ids)
+            got.backward()
+            got_grads = grads_of(model.named_parameters())
+            model.zero_grad(set_to_none=True)
+            ref = model(input_ids=ids, labels=ids).loss
+            ref.backward()
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+            assert_same_grads(got_grads, grads_of(model.named_parameters()), rtol=1e-4, atol=1e-5)
+    assert len(records) == 1
+    assert sum(p.matches for r in records for p in r.passes if p.name == "linear-cross-entropy") == 1
+
+
 class ShiftedLogits(Head):
     """The older causal-LM shift (transformers before 4.46, much user code): slice the logits, then the labels."""
 
@@ -190,6 +212,12 @@ class SoftTargets(Head):
         return F.cross_entropy(logits, F.one_hot(labels.view(-1).clamp(min=0), V).float() * 0.9 + 0.1 / V)
 
 
+class SliceAfterReshape(Head):
+    def forward(self, x, labels):
+        flat = self.lm(self.body(x)).float().reshape(-1, V)[:-2]  # rows of the flattened logits
+        return F.cross_entropy(flat, labels.view(-1)[:-2])
+
+
 class LogitsToo(Head):
     def forward(self, x, labels):
         logits = self.lm(self.body(x)).float()
@@ -214,7 +242,9 @@ class Bf16Loss(Head):
     (Head(weight=torch.rand(V)), "class weights"),
     (VocabSliced(), "sliced along the vocabulary"),
     (SoftTargets(), "not class indices"),
-], ids=["logits-read-elsewhere", "computed-weight", "reduction-none", "class-weights", "vocab-slice", "soft-targets"])
+    (SliceAfterReshape(), "reshaped before a slice"),
+], ids=["logits-read-elsewhere", "computed-weight", "reduction-none", "class-weights", "vocab-slice", "soft-targets",
+        "slice-after-reshape"])
 def test_near_misses_are_left_alone_and_say_why(model, why):
     torch.manual_seed(0)
     x, y = torch.randn(2, 5, D, requires_grad=True), _labels((2, 5))

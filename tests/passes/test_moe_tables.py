@@ -13,6 +13,7 @@ from kp_compiler.core.target import Target
 from kp_compiler.ops import routed_experts_tables
 from kp_compiler.passes.moe.tables import RefreshTables
 from kp_compiler.testing.models import LoopMoE
+from kp_compiler.core.report import collect
 from tests.utils import compile_and_collect, filecheck
 
 D, FF, E, K = 16, 24, 4, 2
@@ -288,3 +289,16 @@ def test_two_layers_sharing_one_compiled_graph(cuda_target):
     with torch.no_grad():
         for layer in (*layers, *layers):
             torch.testing.assert_close(compiled(layer, x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_dynamic_token_count_one_graph_with_tables(cuda_target):
+    """``dynamic=True``: one compile for three token counts, the tables op in it, outputs as eager."""
+    model = _model()
+    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES}, dynamic=True)
+    with torch.no_grad(), collect() as records:
+        for t in (10, 7, 13):
+            x = torch.randn(t, D)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    assert len(records) == 1
+    notes = " ".join(n for ns in _ops(records) for n in ns)
+    assert "read their weights through address tables" in notes

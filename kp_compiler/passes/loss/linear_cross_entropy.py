@@ -110,6 +110,8 @@ def match(loss: fx.Node) -> tuple:
         if why is not None:
             return None, why
         if is_call(node, *VIEWS) or (is_call(node, aten.to.dtype) and node.args[1] == torch.float32):
+            if slices and val(node).shape != val(node.args[0]).shape:
+                return None, "the logits are reshaped before a slice of their tokens"  # h's dims would not match
             node, reader = node.args[0], node
             continue
         if is_call(node, aten.slice.Tensor):  # the older shift, logits[..., :-1, :]: a token dim, never the vocab's
