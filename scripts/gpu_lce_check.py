@@ -4,7 +4,7 @@
 
 1. numerics: loss and the gradients of ``h``, ``W`` (and ``b``) against fp64, beside eager's own error in the
    same dtype, for each option (ignore_index rows, smoothing, softcap, bias, sum), both rows implementations;
-2. the chunk table: per chunk size, the op's time (latency, medians) and peak memory above the inputs, at the
+2. the chunk table: per chunk size and grad_w accumulation (``KP_LCE_ACCUMULATE``), the op's time (latency, medians) and peak memory above the inputs, at the
    two bench cases' LM-head shapes (4096 and 16384 tokens, d=1024, vocabulary 128256, bf16), beside eager's
    forward + backward.
     PYTHONPATH=. python scripts/gpu_lce_check.py
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from bench.timing import time_fn
 import kp_compiler.lowering  # noqa: F401  (registers the CUDA kernel)
-from kp_compiler.ops.linear_cross_entropy import chunk_rows
+from kp_compiler.ops.linear_cross_entropy import chunk_rows, rows_per_chunk
 
 OPTIONS = [dict(), dict(smoothing=0.1), dict(softcap=30.0), dict(bias=True), dict(reduction="sum"),
            dict(smoothing=0.1, softcap=30.0, bias=True)]
@@ -86,13 +86,14 @@ def table(n, d=1024, v=128256):
             fn().backward()
         t = time_fn(step, "cuda", reps=10)
         return t.median_ms, peak
-    rows = [("eager", lambda: eager(h, w, None, labels))]
-    rows += [(f"kp chunk {c}{' (table)' if c == chunk_rows(v) else ''}",
+    rows = [("eager", None, lambda: eager(h, w, None, labels))]
+    rows += [(f"kp {acc} rows {rows_per_chunk(n, c)}{' (table)' if c == chunk_rows(v) else ''}", acc,
               lambda c=c: torch.ops.kp.linear_cross_entropy(h, w, None, labels, -100, 0.0, "mean", 0.0, c)[0])
-             for c in (256, 512, 1024, 2048, 4096)]
-    for name, fn in rows:
+             for acc in ("weight", "fp32") for c in (256, 512, 1024, 2048, 4096) if rows_per_chunk(n, c) == c]
+    for name, acc, fn in rows:
+        os.environ["KP_LCE_ACCUMULATE"] = acc or "weight"
         ms, peak = run(fn)
-        print(f"  N={n:6d} {name:24s} {ms:8.3f} ms  peak +{peak:.2f} GiB", flush=True)
+        print(f"  N={n:6d} {name:30s} {ms:8.3f} ms  peak +{peak:.2f} GiB", flush=True)
 
 
 def main() -> None:

@@ -8,12 +8,17 @@
                             reduction=...)                 # softcap(z) = c * tanh(z / c), none where c == 0
 
 ``h [N, d]``, ``w [V, d]`` (the model's parameter), ``b [V]`` or None, ``labels [N]`` (int64),
-``reduction`` ``"mean"`` or ``"sum"``. The logits are never whole: ``chunk`` rows of tokens at a time, the
+``reduction`` ``"mean"`` or ``"sum"``. The logits are never whole: ``rows_per_chunk(N, chunk)`` rows of tokens
+at a time (``chunk``, from the vocabulary, raised so that there are at most ``MAX_CHUNKS`` chunks), the
 chunk's logits are made (``h`` dtype, as eager's linear makes them), taken to fp32, their log-sum-exp and
 loss computed, and turned in place into the gradient of the loss with respect to them, which then gives this
-chunk's rows of ``grad_h`` and its part of ``grad_w`` and ``grad_b`` (accumulated in fp32, in chunk order:
-deterministic; on CUDA one GEMM per chunk straight into the fp32 ``grad_w``, ``_accumulate``). The gradients are made in the forward, for a gradient of the loss of 1, and returned; the
-autograd formula scales them by the incoming gradient. So a training step runs the three GEMMs an unfused
+chunk's rows of ``grad_h`` and its part of ``grad_w`` and ``grad_b``, in chunk order (deterministic).
+``grad_w`` is accumulated in ``w``'s dtype by default: one GEMM per chunk adding into it, each sum taken in the
+GEMM's fp32 accumulator and rounded once per chunk (at most ``MAX_CHUNKS`` roundings where eager has one; no
+``[V, d]`` fp32 buffer, which at a 128k vocabulary would be most of the memory saved). ``KP_LCE_ACCUMULATE=fp32``
+accumulates in fp32 instead (``accumulation``, ``_accumulate``). ``grad_b`` is summed in fp32. The gradients
+are made in the forward, for a gradient of the loss of 1, and returned; the autograd formula scales them by
+the incoming gradient. So a training step runs the three GEMMs an unfused
 one runs, and holds one chunk of logits instead of all of them (and their fp32 copy, and their gradient).
 
 The rows' part (log-sum-exp, loss, gradient of the logits) is ``rows``, in ATen here; CUDA registers a fused
@@ -24,6 +29,7 @@ computed in fp32 (eager computes it in the logits' dtype before the cast).
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -72,6 +78,27 @@ def rows(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, smoothing: fl
     return loss, grad.to(z.dtype)
 
 
+MAX_CHUNKS = 8  # at most this many chunks, so at most this many roundings of a 16-bit grad_w (rows_per_chunk)
+ACCUMULATIONS = ("weight", "fp32")
+
+
+def accumulation() -> str:
+    """``KP_LCE_ACCUMULATE``: ``"weight"`` (default: ``grad_w`` accumulated in ``w``'s dtype, no ``[V, d]`` fp32
+    buffer) or ``"fp32"`` (an fp32 accumulator, cast once at the end: exact sums, ``4 V d`` bytes more)."""
+    mode = os.environ.get("KP_LCE_ACCUMULATE", "weight")
+    if mode not in ACCUMULATIONS:
+        raise ValueError(f"KP_LCE_ACCUMULATE={mode!r} is not one of {ACCUMULATIONS}")
+    return mode
+
+
+def rows_per_chunk(n: int, chunk: int) -> int:
+    """Token rows per chunk for ``n`` tokens: ``chunk`` (the vocabulary's table, ``chunk_rows``), or the least
+    multiple of it that makes at most ``MAX_CHUNKS`` chunks. ``n`` is a concrete size here (the op's kernel runs
+    on real tensors), so the choice adds no guard."""
+    need = -(-n // MAX_CHUNKS)
+    return chunk * max(1, -(-need // chunk))
+
+
 def forward(h, w, b, labels, ignore_index: int, smoothing: float, reduction: str, softcap: float, chunk: int,
             rows_fn=rows) -> tuple:
     """The chunked loop (any device); ``rows_fn``: ``rows`` or a fused kernel with its signature."""
@@ -82,15 +109,17 @@ def forward(h, w, b, labels, ignore_index: int, smoothing: float, reduction: str
                                                                                               device=h.device)
     total = torch.zeros((), dtype=acc, device=h.device)
     grad_h = torch.empty_like(h)
-    grad_w = torch.zeros(w.shape, dtype=acc, device=w.device)
+    w_acc = w.dtype if accumulation() == "weight" or w.dtype == torch.float64 else acc
+    grad_w = torch.zeros(w.shape, dtype=w_acc, device=w.device) if n == 0 else None
     grad_b = torch.zeros(w.shape[0], dtype=acc, device=w.device) if b is not None else None
-    for start in range(0, n, chunk):
-        hc = h[start:start + chunk]
+    step = rows_per_chunk(n, chunk)
+    for start in range(0, n, step):
+        hc = h[start:start + step]
         z = torch.nn.functional.linear(hc, w, b)
-        loss, g = rows_fn(z, labels[start:start + chunk], ignore_index, smoothing, softcap, scale)
+        loss, g = rows_fn(z, labels[start:start + step], ignore_index, smoothing, softcap, scale)
         total += loss.sum()
-        grad_h[start:start + chunk] = g @ w
-        _accumulate(grad_w, g.t(), hc)
+        grad_h[start:start + step] = g @ w
+        grad_w = _accumulate(grad_w, g.t(), hc, w_acc)
         if grad_b is not None:
             grad_b += g.sum(0, dtype=acc)
     loss = total / valid if reduction == "mean" else total
@@ -101,14 +130,20 @@ def forward(h, w, b, labels, ignore_index: int, smoothing: float, reduction: str
 _FP32_OUT: dict = {}  # device -> whether addmm with a 16-bit product into fp32 works there (probed once)
 
 
-def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b``. On CUDA with 16-bit operands, one GEMM into the fp32 ``acc`` (``addmm``'s ``out_dtype``):
-    no ``[V, d]`` product in 16 bits, no fp32 copy of it, no separate add (three passes over ``grad_w`` per chunk
-    otherwise). Elsewhere, the product then the add."""
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and acc.dtype == torch.float32 and _fp32_out(a.device):
-        torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
-        return
-    acc += (a @ b).to(acc.dtype)
+def _accumulate(acc: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``acc + a @ b`` in ``dtype`` (``acc`` None: the first chunk's product alone), in place after the first.
+    In the operands' dtype: one GEMM, the sum taken in the GEMM's fp32 accumulator and rounded once per call.
+    Into fp32 from 16-bit operands on CUDA: one GEMM into the fp32 ``acc`` (``addmm``'s ``out_dtype``: no
+    ``[V, d]`` product in 16 bits, no fp32 copy of it, no separate add); elsewhere the product then the add."""
+    if acc is None and a.dtype == dtype:
+        return a @ b
+    if acc is None:
+        acc = torch.zeros(a.shape[0], b.shape[1], dtype=dtype, device=a.device)
+    if a.dtype == dtype:
+        return acc.addmm_(a, b)
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and dtype == torch.float32 and _fp32_out(a.device):
+        return torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+    return acc.add_((a @ b).to(dtype))
 
 
 def _fp32_out(device: torch.device) -> bool:

@@ -99,5 +99,43 @@ def test_the_fp32_accumulating_gemm_is_probed_and_refused_where_missing():
     assert lce._fp32_out(torch.device("cpu")) is False
     acc = torch.ones(3, 2)
     a, b = torch.randn(3, 4).bfloat16(), torch.randn(4, 2).bfloat16()
-    lce._accumulate(acc, a, b)
+    assert lce._accumulate(acc, a, b, torch.float32) is acc
     torch.testing.assert_close(acc, 1 + (a @ b).float())
+
+
+def test_rows_per_chunk_bounds_the_number_of_chunks():
+    assert lce.rows_per_chunk(4096, 512) == 512  # 8 chunks
+    assert lce.rows_per_chunk(16384, 512) == 2048  # raised to 8 chunks, a multiple of the table's rows
+    assert lce.rows_per_chunk(5000, 512) == 1024  # 5 chunks
+    assert lce.rows_per_chunk(13, 4) == 4 and lce.rows_per_chunk(13, 1) == 2 and lce.rows_per_chunk(0, 64) == 64
+    for n in (1, 7, 100, 4097, 70000):
+        assert -(-n // lce.rows_per_chunk(n, 64)) <= lce.MAX_CHUNKS
+
+
+def _bf16_grad_w(monkeypatch, mode, n=512, v=96, d=32):
+    monkeypatch.setenv("KP_LCE_ACCUMULATE", mode)
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(n, d, generator=g).bfloat16()
+    w = (torch.randn(v, d, generator=g) / d ** 0.5).bfloat16().requires_grad_()
+    y = torch.randint(0, v, (n,), generator=g)
+    (gw,) = torch.autograd.grad(OP(h, w, None, y, -100, 0.0, "mean", 0.0, n // 8)[0], [w])
+    w64 = w.detach().double().requires_grad_()
+    (exact,) = torch.autograd.grad(_eager(h.double(), w64, None, y, -100, 0.0, "mean", 0.0), [w64])
+    (eager,) = torch.autograd.grad(F.cross_entropy(F.linear(h, w).float(), y), [w])
+    rel = lambda t: ((t.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    return gw, rel(gw), rel(eager)
+
+
+def test_grad_w_accumulates_in_the_weights_dtype_by_default(monkeypatch):
+    """8 chunks, so 8 roundings of the bf16 ``grad_w``: within 3x eager bf16's error (one rounding) in L2, and
+    ``KP_LCE_ACCUMULATE=fp32`` (one rounding at the end) within 1.5x of it."""
+    gw, err, eager_err = _bf16_grad_w(monkeypatch, "weight")
+    assert gw.dtype == torch.bfloat16 and err <= 3 * eager_err
+    gw32, err32, _ = _bf16_grad_w(monkeypatch, "fp32")
+    assert err32 <= 1.5 * eager_err and not torch.equal(gw, gw32)
+
+
+def test_an_unknown_accumulation_is_an_error(monkeypatch):
+    monkeypatch.setenv("KP_LCE_ACCUMULATE", "bf16")
+    with pytest.raises(ValueError, match="KP_LCE_ACCUMULATE"):
+        OP(torch.randn(6, 4), torch.randn(9, 4), None, torch.zeros(6, dtype=torch.long), -100, 0.0, "mean", 0.0, 4)
