@@ -22,6 +22,10 @@ checks they also make on fallback kernels' outputs are lost with them;
 training graphs keep both. ``options["inductor_config"]`` (or
 ``$TORCHINDUCTOR_SIZE_ASSERTS``) still decides where given.
 
+Training graphs with CUDA inputs get Inductor's decomposition table less the ops
+whose ATen kernel is kept (``decompositions.py``: the embedding backward, whose
+decomposition makes an fp32 ``[V, d]`` buffer).
+
 Inductor's and AOTAutograd's on-disk caches key a graph by its code, not by
 what its custom ops do: a ``kp::`` op whose schema or autograd formula
 changed (a kernelpytorch upgrade) would otherwise be served an artifact
@@ -36,7 +40,7 @@ import hashlib
 import os
 from pathlib import Path
 
-import torch
+from . import decompositions
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 
@@ -86,7 +90,7 @@ RUNTIME_ASSERTS = {"size_asserts": "TORCHINDUCTOR_SIZE_ASSERTS", "alignment_asse
 
 def inference_asserts_off(patches: dict, example_inputs, config_module) -> None:
     """For an inference graph, ``RUNTIME_ASSERTS`` off unless the caller's patches or environment set them."""
-    if torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in example_inputs):
+    if decompositions.training(example_inputs):
         return
     for name, env in RUNTIME_ASSERTS.items():
         if hasattr(config_module, name) and name not in patches and env not in os.environ:
@@ -106,7 +110,9 @@ def lower(gm, example_inputs, mode: str, inductor_config: dict, dump=None):
         if dump is not None:  # a cache hit would skip the pass that writes the lowered graphs
             patches.setdefault("fx_graph_cache", False)
     loaded = len(PyCodeCache.modules)
-    fn = compile_fx(gm, list(example_inputs), config_patches=patches or None)
+    table = decompositions.table(example_inputs, patches)
+    fn = compile_fx(gm, list(example_inputs), config_patches=patches or None,
+                    **({"decompositions": table} if table is not None else {}))
     if dump is not None:
         paths = [getattr(m, "__file__", "") for m in PyCodeCache.modules[loaded:]]
         dump.write_text("lowered-code.txt", "# the code Inductor generated for this graph (the forward; a backward "

@@ -193,6 +193,8 @@ linear_cross_entropy.register_autograd(_backward, setup_context=_setup)
 
 
 def chunk_rows(vocab: int) -> int:
-    """Token rows per chunk: about 64 M logits (256 MiB in fp32) at a time, a multiple of 64, at most 4096
-    (the vocabulary is a weight's static size: no guard on the tokens' count)."""
-    return max(64, min(4096, (2 ** 26 // max(vocab, 1)) // 64 * 64))
+    """Token rows per chunk: about 128 M logits (256 MiB in bf16) at a time, a multiple of 64, at most 4096
+    (the vocabulary is a weight's static size: no guard on the tokens' count). Measured on the H200 at 4096
+    tokens, d=1024, vocabulary 128256, bf16 (``scripts/gpu_lce_check.py``): 512 rows 7.41 ms, 1024 rows
+    6.91 ms at the same peak, 2048 rows 6.56 ms at 0.47 GiB more."""
+    return max(64, min(4096, (2 ** 27 // max(vocab, 1)) // 64 * 64))

@@ -88,8 +88,8 @@ def test_bad_inputs_are_errors(kwargs, match):
 
 
 def test_chunk_rows_from_the_vocabulary():
-    assert lce.chunk_rows(128256) == 512  # 512 x 128256 fp32 logits: 251 MiB
-    assert lce.chunk_rows(32000) == 2048
+    assert lce.chunk_rows(128256) == 1024  # 1024 x 128256 bf16 logits: 251 MiB
+    assert lce.chunk_rows(256000) == 512 and lce.chunk_rows(32000) == 4096
     assert lce.chunk_rows(50) == 4096 and lce.chunk_rows(10**9) == 64
 
 

@@ -1,0 +1,50 @@
+"""The decomposition table kernelpytorch hands Inductor: Inductor's own, less ops whose ATen kernel is better.
+
+| op | kept as ATen's kernel when | why |
+|---|---|---|
+| ``aten.embedding_dense_backward`` | a training graph with CUDA inputs | Inductor's decomposition zeroes an fp32 ``[V, d]`` buffer, adds every token's gradient into it with atomics and casts it to the weight's dtype: at a 128k vocabulary and d=1024 a 0.49 GiB temporary beside the 0.25 GiB result. ATen's CUDA kernel (what eager runs) sorts the indices and sums each row's segment in fp32 straight into a gradient of the weight's dtype. |
+
+Why it matters: with ``linear-cross-entropy`` the logits are gone, and that fp32 buffer was then the largest
+thing live at the step's memory peak (``scripts/gpu_lce_profile.py`` on the H200: 0.49 of 1.03 GiB in the
+``lce-128k-train`` step, ``bench/results/``). Everywhere else (inference graphs, the CPU) Inductor's table is
+used unchanged (``None``: ``compile_fx`` picks its own).
+
+Before / after, the lowered backward of ``embedding(ids, W)`` (bf16, CUDA)::
+
+    %full = aten.full.default([V, d], 0, dtype=torch.float32)          # Inductor's decomposition
+    %index_put = aten.index_put.default(%full, [%ids], %grad_fp32, True)
+    %grad_w = prims.convert_element_type.default(%index_put, torch.bfloat16)
+
+    %grad_w = aten.embedding_dense_backward.default(%grad, %ids, V, -1, False)  # kept: ATen's kernel
+"""
+
+from __future__ import annotations
+
+import torch
+
+KEPT_ON_CUDA_TRAINING = ("embedding_dense_backward",)
+
+
+def training(example_inputs) -> bool:
+    """Whether a backward may be derived for the graph: grad mode on and an input that requires grad."""
+    return torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in example_inputs)
+
+
+def has_cuda_input(example_inputs) -> bool:
+    return any(getattr(x, "is_cuda", False) for x in example_inputs)
+
+
+def table(example_inputs, patches: dict):
+    """The table for ``compile_fx(decompositions=...)``: Inductor's (under the config ``patches`` that will
+    apply, so a patched ``fallback_random`` is seen) less ``KEPT_ON_CUDA_TRAINING``, for a training graph with a
+    CUDA input; ``None`` (Inductor's own, chosen by ``compile_fx``) otherwise."""
+    if not training(example_inputs) or not has_cuda_input(example_inputs):
+        return None
+    import torch._inductor.config as config
+    from torch._inductor.decomposition import select_decomp_table
+
+    with config.patch(patches):
+        decomps = dict(select_decomp_table())
+    for name in KEPT_ON_CUDA_TRAINING:
+        decomps.pop(getattr(torch.ops.aten, name).default, None)
+    return decomps
