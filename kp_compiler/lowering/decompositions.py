@@ -20,6 +20,8 @@ Before / after, the lowered backward of ``embedding(ids, W)`` (bf16, CUDA)::
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 KEPT_ON_CUDA_TRAINING = ("embedding_dense_backward",)
@@ -47,4 +49,19 @@ def table(example_inputs, patches: dict):
         decomps = dict(select_decomp_table())
     for name in KEPT_ON_CUDA_TRAINING:
         decomps.pop(getattr(torch.ops.aten, name).default, None)
+    _fallbacks()
     return decomps
+
+
+@functools.lru_cache(maxsize=None)
+def _fallbacks() -> None:
+    """Register Inductor's ATen fallback for each kept op (contiguous inputs, as its implicit fallbacks in a
+    backward get). Explicit, because torch 2.11 compiles a lazily compiled backward against its default table,
+    where the op has a decomposition, and then refuses the implicit fallback ("both a fallback and a decomp for
+    same op"). Graphs lowered with Inductor's own table never reach it: the op is decomposed before lowering."""
+    from torch._inductor import lowering
+
+    for name in KEPT_ON_CUDA_TRAINING:
+        op = getattr(torch.ops.aten, name).default
+        if op not in lowering.lowerings:
+            lowering.make_fallback(op, layout_constraint=lowering.require_contiguous, warn=False, override_decomp=True)
