@@ -118,10 +118,11 @@ def forward(h, w, b, labels, ignore_index: int, smoothing: float, reduction: str
         z = torch.nn.functional.linear(hc, w, b)
         loss, g = rows_fn(z, labels[start:start + step], ignore_index, smoothing, softcap, scale)
         total += loss.sum()
-        grad_h[start:start + step] = g @ w
+        torch.mm(g, w, out=grad_h[start:start + step])
         grad_w = _accumulate(grad_w, g.t(), hc, w_acc)
         if grad_b is not None:
             grad_b += g.sum(0, dtype=acc)
+        del z, g, loss  # so the next chunk's logits are not allocated while this chunk's are still held
     loss = total / valid if reduction == "mean" else total
     return (loss, grad_h, grad_w.to(w.dtype),
             grad_b.to(b.dtype) if grad_b is not None else h.new_empty(0))

@@ -139,3 +139,26 @@ def test_an_unknown_accumulation_is_an_error(monkeypatch):
     monkeypatch.setenv("KP_LCE_ACCUMULATE", "bf16")
     with pytest.raises(ValueError, match="KP_LCE_ACCUMULATE"):
         OP(torch.randn(6, 4), torch.randn(9, 4), None, torch.zeros(6, dtype=torch.long), -100, 0.0, "mean", 0.0, 4)
+
+
+def test_one_chunk_of_logits_is_held_at_a_time():
+    """The H200 profile of the lce-128k step showed two chunks' logits live at its peak: the previous chunk's
+    gradient (the same buffer, with the fused rows kernel) was still named when the next chunk's were made."""
+    import weakref
+    held = []
+
+    def rows_in_place(z, labels, ignore_index, smoothing, softcap, scale):
+        assert all(r() is None for r in held), "an earlier chunk's logits are still alive"
+        loss, g = lce.rows(z, labels, ignore_index, smoothing, softcap, scale)
+        z.copy_(g)  # the fused kernel's contract: the gradient written over the logits
+        held.append(weakref.ref(z))
+        return loss, z
+
+    g = torch.Generator().manual_seed(3)
+    h, w = torch.randn(40, 8, generator=g), torch.randn(30, 8, generator=g)
+    y = torch.randint(0, 30, (40,), generator=g)
+    got = lce.forward(h, w, None, y, -100, 0.0, "mean", 0.0, 8, rows_fn=rows_in_place)
+    want = lce.forward(h, w, None, y, -100, 0.0, "mean", 0.0, 8)
+    assert len(held) == 5
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
