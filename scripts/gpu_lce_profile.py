@@ -1,7 +1,8 @@
 """Issue 20 diagnostics on the GPU: where the ``lce-128k-train`` step's time and memory go, Inductor against
 kernelpytorch with ``linear-cross-entropy`` (the bench case's own model, step and options). Not a benchmark:
 
-1. per row, the CUDA kernels of 3 steps by total time (``torch.profiler``), top 14;
+1. per row, the CUDA kernels of 3 steps by total time (``torch.profiler``), top 14, and the GPU's idle gaps
+   between kernels (where the host, not the GPU, set the pace);
 2. per row, the step's memory peak above what is held before it, and the blocks live at that moment, largest
    first, each with the innermost frames of the Python stack that allocated it (``torch.cuda.memory``'s
    allocation history, replayed).
@@ -25,11 +26,29 @@ def kernels(step, top=14):
         for _ in range(3):
             step()
         torch.cuda.synchronize()
+    gaps(prof)
     rows = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
     total = sum(e.device_time_total for e in rows) / 3e3
     print(f"  GPU time per step {total:.3f} ms; top kernels (ms per step, calls per step):")
     for e in rows[:top]:
         print(f"    {e.device_time_total / 3e3:7.3f}  x{e.count // 3:<4d} {e.key[:110]}")
+
+
+def gaps(prof, top=6):
+    """The GPU's idle time between consecutive kernels of the 3 steps (a step starts after a sync, so each
+    step's first kernel follows a gap that the host's lead-in makes), total and the largest gaps."""
+    evs = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                  and e.time_range.elapsed_us() > 0), key=lambda e: e.time_range.start)
+    if len(evs) < 2:
+        return
+    found, end = [], evs[0].time_range.end
+    for prev, e in zip(evs, evs[1:]):
+        if e.time_range.start > end:
+            found.append((e.time_range.start - end, prev.name, e.name))
+        end = max(end, e.time_range.end)
+    print(f"  GPU idle between kernels {sum(g for g, *_ in found) / 3e3:.3f} ms per step; largest gaps:")
+    for g, a, b in sorted(found, reverse=True)[:top]:
+        print(f"    {g / 1e3:7.3f} ms  after {a[:60]}  before {b[:60]}")
 
 
 def _frames(frames, n=3):
