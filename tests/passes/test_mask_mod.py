@@ -135,3 +135,13 @@ def test_a_one_by_one_mask_lifts_to_a_tensor_valued_mask_mod():
     assert isinstance(kept, torch.Tensor) and kept.dtype == torch.bool and bool(kept)
     block_mask = create_block_mask(mask_mod, None, None, 1, 1, device="cpu")
     assert block_mask.to_dense().sum() == 1
+
+
+def test_a_fake_buffer_is_not_taken_for_a_lower_triangle():
+    """Dynamo's DDP optimizer compiles the pieces it splits on fake inputs: the value check says no (it raised
+    on the fake tensor before, and the whole attention pass was rolled back)."""
+    from kp_compiler.passes.attention.masks import holds_lower_triangle
+
+    tril = torch.tril(torch.ones(1, 1, 8, 8))
+    assert holds_lower_triangle(tril) and not holds_lower_triangle(torch.ones(1, 1, 8, 8))
+    assert not holds_lower_triangle(FakeTensorMode().from_tensor(tril))

@@ -176,8 +176,11 @@ def tril_buffer_source(keep, L, S) -> Optional[fx.Node]:
 
 
 def holds_lower_triangle(buffer: torch.Tensor) -> bool:
-    """Every trailing square of ``buffer`` is a lower triangle of nonzeros with zeros above."""
-    if buffer.dim() < 2:
+    """Every trailing square of ``buffer`` is a lower triangle of nonzeros with zeros above. False for a fake
+    tensor (no data to check: Dynamo's DDP optimizer compiles the graphs it splits on fake example inputs)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if buffer.dim() < 2 or is_fake(buffer):
         return False
     n, m = buffer.shape[-2:]
     tril = torch.ones(n, m, dtype=torch.bool, device=buffer.device).tril()

@@ -15,6 +15,7 @@ import math
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import is_fake
 
 from ...core import context
 from ...core.graph import val
@@ -44,6 +45,9 @@ def _guarded_tril_buffer(keep, L, S) -> bool:
         return False
     value = ctx.example_value(buffer)
     if not isinstance(value, torch.Tensor) or not holds_lower_triangle(value):
+        if isinstance(value, torch.Tensor) and is_fake(value):
+            ctx.notes.append(f"{buffer.name}'s value could not be checked for a lower triangle: the example inputs "
+                             "are fake (a graph split by Dynamo's DDP optimizer); the mask stays a tensor read")
         return False
     if not ctx.constant_buffers:
         ctx.notes.append(f"{buffer.name} holds a lower triangle: with options['constant_buffers']=True the mask "

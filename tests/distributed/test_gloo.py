@@ -1,0 +1,53 @@
+"""Issue 21: ``backend="kernelpytorch"`` under DDP and FSDP2 on 2 CPU processes (gloo): losses, first-step
+gradients and final parameters (SGD) equal to the same wrapped model run eagerly, and the rewrites fire (the
+handwritten attention becomes SDPA) in every graph Dynamo hands the backend. DDP: Dynamo's DDP optimizer
+splits the model at bucket boundaries and compiles each piece on fake inputs (the attention pass then cannot
+read the causal buffer's value and keeps the mask a tensor read). FSDP2: its hooks, which Dynamo skips,
+break the model's loop over blocks, so each block's forward is a frame of its own, one graph for both."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from . import worker
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")
+CONFIGS = ["ddp", "fsdp2"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("gloo"))
+    mp.spawn(worker.main, args=(2, folder, CONFIGS), nprocs=2, join=True)
+    return [torch.load(f"{folder}/rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_equal_to_eager_on_every_rank(results, config):
+    for rank, res in enumerate(results):
+        eager, kp = res[config]["eager"], res[config]["kernelpytorch"]
+        torch.testing.assert_close(torch.stack(kp["losses"]), torch.stack(eager["losses"]), rtol=1e-4, atol=1e-5)
+        assert kp["grads"].keys() == eager["grads"].keys() and len(kp["grads"]) > 10
+        for name, g in eager["grads"].items():
+            assert g is not None and kp["grads"][name] is not None, (rank, name)
+            torch.testing.assert_close(kp["grads"][name], g, rtol=1e-4, atol=1e-5, msg=f"rank {rank} {name}")
+        for name, p in eager["params"].items():
+            torch.testing.assert_close(kp["params"][name], p, rtol=1e-4, atol=1e-5, msg=f"rank {rank} {name}")
+    # the ranks saw different batches, so equal losses across ranks would mean one batch for both
+    assert not torch.equal(torch.stack(results[0][config]["eager"]["losses"]),
+                           torch.stack(results[1][config]["eager"]["losses"]))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_the_rewrites_fire_in_the_graphs_the_backend_gets(results, config):
+    for rank, res in enumerate(results):
+        graphs = res[config]["kernelpytorch"]["graphs"]
+        assert graphs, (rank, "no graph reached the backend")
+        assert all(g["lowering"] == "inductor" and not g["fallbacks"] for g in graphs), (rank, graphs)
+        assert all([p["name"] for p in g["passes"]] == ["attention-to-sdpa"] for g in graphs), (rank, graphs)
+    graphs = results[0][config]["kernelpytorch"]["graphs"]
+    if config == "ddp":  # DDPOptimizer split the model at its bucket boundary: one block's attention in each
+        assert len(graphs) == 2
+    else:  # FSDP2: its hooks break the model's loop, so each block's forward is a frame; both blocks run its graph
+        assert len(graphs) == 1
