@@ -131,6 +131,9 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
         record.skipped += [{"pass": name, "reason": why} for name, _ in chosen]
         record.nodes_in = record.nodes_out = len(gm.graph.nodes)
         return lower(record.lowering, gm, example_inputs, opts.mode, opts.inductor_config, dump), (), None, ()
+    if _has_dtensor(example_inputs):
+        why = "graph inputs are DTensors (tensor parallelism): the passes do not rewrite DTensor graphs yet"
+        return _fallback(gm, example_inputs, opts, record, why), (), None, ()
     watch = GuardWatch(fake_mode_of(example_inputs))
     mark = watch.mark()
     try:
@@ -254,6 +257,18 @@ def _fallback(gm, example_inputs, opts: Options, record: GraphRecord, why: str):
     log.warning(msg)
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
     return lower(record.lowering, gm, example_inputs, opts.mode, opts.inductor_config)
+
+
+def _has_dtensor(example_inputs) -> bool:
+    """Whether an input is a ``DTensor`` (a tensor-parallel parameter or activation): canonicalization cannot
+    trace such graphs (it failed with "Unable to cast NotImplemented to Tensor"), so say why up front."""
+    if not torch.distributed.is_available():
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return any(isinstance(x, DTensor) for x in example_inputs)
 
 
 def _dynamo_control_flow(e: Exception) -> bool:

@@ -7,14 +7,44 @@ from __future__ import annotations
 
 import os
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from kp_compiler.core.report import collect
 from kp_compiler.testing.models import TinyGPT
 
 VOCAB, T, STEPS = 64, 16, 4
+
+
+class Attention(nn.Module):
+    """nanoGPT's attention with q, k, v as separate projections and heads taken from the projection's width
+    (``view(B, T, -1, hd)``, as transformers writes it): what tensor parallelism splits by heads."""
+
+    def __init__(self, d: int, heads: int, max_len: int):
+        super().__init__()
+        self.hd = d // heads
+        self.q, self.k, self.v, self.proj = (nn.Linear(d, d) for _ in range(4))
+        self.register_buffer("bias", torch.tril(torch.ones(max_len, max_len)).view(1, 1, max_len, max_len))
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = (p(x).view(B, L, -1, self.hd).transpose(1, 2) for p in (self.q, self.k, self.v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.hd))
+        att = att.masked_fill(self.bias[:, :, :L, :L] == 0, float("-inf")).softmax(dim=-1)
+        return self.proj((att @ v).transpose(1, 2).reshape(B, L, -1))
+
+
+def build() -> nn.Module:
+    """``TinyGPT`` (nanoGPT style: embeddings, pre-LayerNorm blocks, GELU MLP, LM head) with ``Attention``."""
+    torch.manual_seed(0)
+    m = TinyGPT(vocab=VOCAB, d=128, heads=4, layers=2, max_len=T)
+    for block in m.blocks:
+        block.attn = Attention(128, 4, T)
+    return m
 
 
 def _wrap(model, config: str):
@@ -28,6 +58,15 @@ def _wrap(model, config: str):
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
         return fully_shard(model, mesh=mesh)
+    if config == "tp":  # heads and MLP columns split over the ranks (Megatron-style colwise / rowwise pairs)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        plan = {f"attn.{p}": ColwiseParallel() for p in "qkv"}
+        plan.update({"attn.proj": RowwiseParallel(), "mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel()})
+        for block in model.blocks:
+            parallelize_module(block, mesh, plan)
+        return model
     raise ValueError(config)
 
 
@@ -37,8 +76,7 @@ def _full(t):
 
 def _train(config: str, compiled: bool, rank: int) -> dict:
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = _wrap(TinyGPT(vocab=VOCAB, d=128, heads=4, layers=2, max_len=T), config)
+    model = _wrap(build(), config)
     # SGD: the update is linear in the gradient. AdamW turns gradients that are zero up to rounding (the
     # attention's key bias: softmax ignores a per-row constant) into updates of +-lr, so runs that agree to
     # 1e-7 in every gradient would differ by lr in those parameters.
