@@ -5,7 +5,8 @@ splits the model at bucket boundaries and compiles each piece on fake inputs (th
 read the causal buffer's value and keeps the mask a tensor read). FSDP2: its hooks, which Dynamo skips,
 break the model's loop over blocks, so each block's forward is a frame of its own, one graph for both. Tensor
 parallelism (q/k/v and fc1 colwise, proj and fc2 rowwise): the graphs hold DTensors, which the passes do
-not rewrite yet; they are lowered as Dynamo captured them, with the reason in the report."""
+not rewrite yet; they are lowered as Dynamo captured them, with the reason in the report. And
+``linear-cross-entropy`` under DDP, with the loss computed inside the wrapped module."""
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch.multiprocessing as mp
 from . import worker
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")
-CONFIGS = ["ddp", "fsdp2", "tp"]
+CONFIGS = ["ddp", "fsdp2", "tp", "ddp-lce"]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,14 @@ def test_equal_to_eager_on_every_rank(results, config):
     # the ranks saw different batches, so equal losses across ranks would mean one batch for both
     assert not torch.equal(torch.stack(results[0][config]["eager"]["losses"]),
                            torch.stack(results[1][config]["eager"]["losses"]))
+
+
+def test_the_fused_loss_fires_under_ddp_with_the_loss_inside_the_module(results):
+    """``linear-cross-entropy`` in the piece holding the head (the loss computed inside the DDP module: DDP's
+    forward wrapper breaks the graph after the module); its gradients reach DDP's all-reduce like any other."""
+    for rank, res in enumerate(results):
+        fired = [p["name"] for g in res["ddp-lce"]["kernelpytorch"]["graphs"] for p in g["passes"]]
+        assert fired.count("linear-cross-entropy") == 1, (rank, fired)
 
 
 def test_tensor_parallel_graphs_are_lowered_unchanged_and_say_why(results):

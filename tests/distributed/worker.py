@@ -38,6 +38,17 @@ class Attention(nn.Module):
         return self.proj((att @ v).transpose(1, 2).reshape(B, L, -1))
 
 
+class LossOnly(nn.Module):
+    """The model and its shifted next-token loss in one forward that returns only the loss."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx):
+        return F.cross_entropy(self.model(idx)[:, :-1].reshape(-1, VOCAB), idx[:, 1:].reshape(-1))
+
+
 def build() -> nn.Module:
     """``TinyGPT`` (nanoGPT style: embeddings, pre-LayerNorm blocks, GELU MLP, LM head) with ``Attention``."""
     torch.manual_seed(0)
@@ -48,6 +59,9 @@ def build() -> nn.Module:
 
 
 def _wrap(model, config: str):
+    if config == "ddp-lce":  # the loss inside the wrapped module (DDP's forward wrapper breaks the graph after it)
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(LossOnly(model))
     if config == "ddp":  # 1 MB buckets (the first bucket's size) over ~1.7 MB of parameters: Dynamo's DDPOptimizer splits the graph
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, bucket_cap_mb=1)
@@ -81,13 +95,24 @@ def _train(config: str, compiled: bool, rank: int) -> dict:
     # attention's key bias: softmax ignores a per-row constant) into updates of +-lr, so runs that agree to
     # 1e-7 in every gradient would differ by lr in those parameters.
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    step = torch.compile(model, backend="kernelpytorch") if compiled else model
+    forward = model
+    if compiled and config == "ddp-lce":
+        from kp_compiler import default_passes
+        forward = torch.compile(model, backend="kernelpytorch",
+                                options={"passes": [*default_passes(), "linear-cross-entropy"]})
+    elif compiled:
+        forward = torch.compile(model, backend="kernelpytorch")
+
+    def step(idx):  # the shifted next-token loss ("ddp-lce": the module's own)
+        out = forward(idx)
+        return out if config == "ddp-lce" else F.cross_entropy(out[:, :-1].reshape(-1, VOCAB),
+                                                                idx[:, 1:].reshape(-1))
     data = torch.Generator().manual_seed(100 + rank)
     out: dict = {"losses": []}
     with collect() as records:
         for i in range(STEPS):
             idx = torch.randint(0, VOCAB, (2, T), generator=data)
-            loss = F.cross_entropy(step(idx)[:, :-1].reshape(-1, VOCAB), idx[:, 1:].reshape(-1))
+            loss = step(idx)
             loss.backward()
             if i == 0:
                 out["grads"] = {n: _full(p.grad) for n, p in model.named_parameters()}
@@ -95,8 +120,10 @@ def _train(config: str, compiled: bool, rank: int) -> dict:
             opt.zero_grad()
             out["losses"].append(loss.detach().clone())
     out["params"] = {n: _full(p) for n, p in model.named_parameters()}
-    out["graphs"] = [{"lowering": r.lowering, "passes": [{"name": p.name, "matches": p.matches} for p in r.passes if p.matches],
-                      "fallbacks": list(r.fallbacks)} for r in records]
+    out["graphs"] = [{"lowering": r.lowering, "fallbacks": list(r.fallbacks), "skipped": list(r.skipped),
+                      "notes": {p.name: [p.status, p.reason, *p.notes] for p in r.passes if p.notes or p.reason},
+                      "passes": [{"name": p.name, "matches": p.matches} for p in r.passes if p.matches]}
+                     for r in records]
     return out
 
 

@@ -291,3 +291,17 @@ def test_dynamic_token_count_compiles_once(small_chunks):
     assert len(records) == 1  # one compile for the three lengths
     (rec,) = [p for p in records[0].passes if p.name == "linear-cross-entropy"]
     assert rec.matches == 1 and not rec.guards_added  # (Inductor's CPU codegen may add its own; not the pass)
+
+
+def test_logits_from_another_graph_say_where_they_came_from():
+    """A graph break between the head and the loss (or Dynamo's DDP optimizer splitting there): the loss's
+    graph gets the logits as an input, and the note says so and how to keep one graph."""
+    def loss(logits, labels):
+        return F.cross_entropy(logits.float().view(-1, V), labels.view(-1))
+
+    logits = torch.randn(2, 5, V, requires_grad=True)
+    compiled = torch.compile(loss, backend="kernelpytorch", options={"passes": PASSES})
+    with collect() as records:
+        compiled(logits, _labels((2, 5))).backward()
+    (rec,) = [p for r in records for p in r.passes if p.name == "linear-cross-entropy"]
+    assert rec.matches == 0 and "the logits are a graph input" in rec.notes[0] and "optimize_ddp" in rec.notes[0]

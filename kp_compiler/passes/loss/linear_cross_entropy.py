@@ -128,6 +128,10 @@ def match(loss: fx.Node) -> tuple:
             node, softcap = capped
             continue
         break
+    if isinstance(node, fx.Node) and node.op == "placeholder":
+        return None, (f"the logits are a graph input ({node.name}): the head was computed in another graph (a "
+                      "graph break between the head and the loss, or Dynamo's DDP optimizer splitting the model at "
+                      "a gradient bucket; torch._dynamo.config.optimize_ddp = False keeps one graph)")
     if not is_call(node, aten.linear.default):
         return None, f"the logits come from {node.name}, not a linear"
     h, w = node.args[0], node.args[1]
