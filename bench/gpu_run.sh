@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|buckets|buckets-next|buckets-verify|linear-act|fp8-torchao|lce|generate|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|buckets|buckets-next|buckets-verify|linear-act|fp8-torchao|lce|generate|distributed-ddp|distributed-fsdp2|distributed-tp|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -203,6 +203,12 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
     # Issue 18 item 5: transformers' generate with a static KV cache at batch 1, 3, 8, 13 (its own compile of the
     # decode step, per row's compile_config), rows interleaved.
     timeout "$(left)" python3 -m bench.generate --out "$out" --stem cuda-generate 2>"$out/generate.log" | tail -14
+    ;;
+  distributed-ddp|distributed-fsdp2|distributed-tp)
+    # Issue 21, on the 2-GPU machine (kind nvidia-h200-x2; NCCL settings as they are): one wrapping per call,
+    # eager, Inductor, kernelpytorch and kernelpytorch FP8, 50 steps each from the same seed.
+    timeout "$(left)" python3 -m bench.distributed --configs "${stage#distributed-}" --steps 50 --out "$out" \
+      --stem "cuda-${stage}" 2>"$out/${stage}.log" | tail -10
     ;;
   decode-first-pass)
     timeout "$(left)" python3 -m bench.decode --modes --first-pass-modes default --out "$out" --stem cuda-decode-first-pass \

@@ -1,0 +1,272 @@
+"""``python -m bench.distributed``: a Llama-style training step on 2 processes under DDP, FSDP2 and tensor
+parallelism (issue 21), every backend in one run.
+
+The model: token embedding, blocks of RMSNorm, attention written by hand (q, k, v, o projections, heads from
+the projection's width, a causal mask from ``tril``, softmax), RMSNorm and a SwiGLU MLP, a final norm and the
+LM head; ``forward(ids)`` returns the next-token loss. GPU: 8 layers, d=2048, 16 heads, ffn 5632, vocabulary
+32000, batch 4 x 1024 per rank, bf16; ``--smoke``: d=32, 2 layers, vocabulary 64, batch 2 x 16, fp32, on the
+CPU with gloo. Wrappings:
+
+- ``ddp``: ``DistributedDataParallel``;
+- ``fsdp2``: ``fully_shard`` per block and on the root;
+- ``tp``: ``parallelize_module`` per block, q/k/v and gate/up colwise, o and down rowwise (heads and MLP
+  columns split over the ranks).
+
+Per wrapping and backend (``eager``, ``inductor``, ``kernelpytorch``, and on CUDA ``kernelpytorch-fp8`` with
+``options={"fp8": True}``), from the same seed and the same per-rank batches: the loss of every step (rank 0),
+the median step time after ``--warmup`` steps (synchronized per step), tokens per second over both ranks, the
+peak memory of each rank, and the rewrites that fired. The loss ratio to eager is the mean over steps of
+``loss / eager loss``.
+
+    python -m bench.distributed --steps 50 --out bench/results --stem 2026-12-03-h200x2-distributed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+CONFIGS = ("ddp", "fsdp2", "tp")
+BACKENDS = ("eager", "inductor", "kernelpytorch", "kernelpytorch-fp8")
+GPU_SHAPE = dict(vocab=32000, d=2048, layers=8, heads=16, ffn=5632, batch=4, seq=1024)
+SMOKE_SHAPE = dict(vocab=64, d=32, layers=2, heads=4, ffn=64, batch=2, seq=16)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return self.weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int, ffn: int):
+        super().__init__()
+        self.hd = d // heads
+        self.norm1, self.norm2 = RMSNorm(d), RMSNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.gate, self.up = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False)
+        self.down = nn.Linear(ffn, d, bias=False)
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        h = self.norm1(x)
+        q, k, v = (p(h).view(B, L, -1, self.hd).transpose(1, 2) for p in (self.q, self.k, self.v))
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.hd)
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        att = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        x = x + self.o((att @ v).transpose(1, 2).reshape(B, L, -1))
+        h = self.norm2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class LlamaStyle(nn.Module):
+    def __init__(self, vocab: int, d: int, layers: int, heads: int, ffn: int, **_):
+        super().__init__()
+        self.vocab = vocab
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d, heads, ffn) for _ in range(layers))
+        self.norm = RMSNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.norm(x))
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, self.vocab), ids[:, 1:].reshape(-1))
+
+
+def wrap(model: nn.Module, config: str, device: torch.device) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh_device = "cuda" if device.type == "cuda" else "cpu"
+    if config == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(mesh_device, (dist.get_world_size(),))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+    if config == "tp":
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        mesh = init_device_mesh(mesh_device, (dist.get_world_size(),))
+        plan = {name: ColwiseParallel() for name in ("q", "k", "v", "gate", "up")}
+        plan.update({"o": RowwiseParallel(), "down": RowwiseParallel()})
+        for block in model.blocks:
+            parallelize_module(block, mesh, plan)
+        return model
+    raise ValueError(f"unknown configuration {config!r}; one of {CONFIGS}")
+
+
+def _compiled(model, backend: str):
+    if backend == "eager":
+        return model
+    if backend == "inductor":
+        return torch.compile(model, backend="inductor")
+    if backend == "kernelpytorch":
+        return torch.compile(model, backend="kernelpytorch")
+    if backend == "kernelpytorch-fp8":
+        return torch.compile(model, backend="kernelpytorch", options={"fp8": True})
+    raise ValueError(f"unknown backend {backend!r}; one of {BACKENDS}")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_one(config: str, backend: str, shape: dict, steps: int, warmup: int, device, dtype) -> dict:
+    from kp_compiler.core.report import collect
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LlamaStyle(**shape).to(device, dtype)
+    model = wrap(model, config, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
+    step = _compiled(model, backend)
+    data = torch.Generator().manual_seed(1000 + dist.get_rank())
+    losses, times = [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with collect() as records:
+        for i in range(steps):
+            ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=data).to(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            loss = step(ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+            losses.append(float(loss.detach()))
+    fired: dict = {}
+    for rec in records:
+        for p in rec.passes:
+            if p.matches:
+                fired[p.name] = fired.get(p.name, 0) + p.matches
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"losses": losses, "median_ms": statistics.median(times) if times else None, "peak_gib": peak,
+            "fired": fired, "fallbacks": sorted({f for rec in records for f in rec.fallbacks})}
+
+
+def _worker(rank: int, world: int, folder: str, args: dict) -> None:
+    os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world and not args["smoke"]
+    if cuda:
+        torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{folder}/store", rank=rank,
+                            world_size=world)
+    shape = SMOKE_SHAPE if args["smoke"] else GPU_SHAPE
+    dtype = torch.float32 if args["smoke"] else torch.bfloat16
+    rows = []
+    try:
+        for config in args["configs"]:
+            for backend in args["backends"]:
+                if backend == "kernelpytorch-fp8" and not cuda:
+                    continue
+                try:
+                    row = run_one(config, backend, shape, args["steps"], args["warmup"], device, dtype)
+                except Exception as e:  # noqa: BLE001 - a failed row is a result, the other rows still run
+                    row = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+                gathered = [None] * world
+                dist.all_gather_object(gathered, row)
+                rows.append({"config": config, "backend": backend, "ranks": gathered})
+                dist.barrier()
+    finally:
+        if rank == 0:
+            with open(os.path.join(folder, "rows.json"), "w") as f:
+                json.dump({"shape": shape, "dtype": str(dtype), "device": str(device.type), "world": world,
+                           "rows": rows}, f)
+        dist.destroy_process_group()
+
+
+def summarize(result: dict) -> list[dict]:
+    """Per row: step time, tokens/s over the ranks, peak memory per rank, loss ratio to eager, rewrites."""
+    shape, world = result["shape"], result["world"]
+    eager = {r["config"]: r["ranks"][0].get("losses") for r in result["rows"] if r["backend"] == "eager"}
+    out = []
+    for r in result["rows"]:
+        first = r["ranks"][0]
+        row = {"config": r["config"], "backend": r["backend"]}
+        if "failed" in first:
+            row["failed"] = first["failed"]
+            out.append(row)
+            continue
+        ms = first["median_ms"]
+        row.update(median_ms=ms, fired=first["fired"], fallbacks=first["fallbacks"],
+                   peak_gib=[rank.get("peak_gib") for rank in r["ranks"]], final_loss=first["losses"][-1],
+                   tokens_per_s=(world * shape["batch"] * shape["seq"] / (ms / 1e3)) if ms else None)
+        ref = eager.get(r["config"])
+        if ref:
+            row["loss_ratio"] = statistics.mean(a / b for a, b in zip(first["losses"], ref))
+        out.append(row)
+    return out
+
+
+def markdown(rows: list[dict], result: dict) -> str:
+    inductor = {r["config"]: r.get("median_ms") for r in rows if r["backend"] == "inductor"}
+    lines = [f"# Distributed training step: {result['world']} ranks, {result['device']}, {result['dtype']}, "
+             f"shape {result['shape']}", "",
+             "| config | backend | median step ms | vs inductor | tokens/s | peak GiB per rank | loss ratio to eager "
+             "| final loss | rewrites | fallbacks |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['config']} | {r['backend']} | failed: {r['failed']} | | | | | | | |")
+            continue
+        base = inductor.get(r["config"])
+        speed = f"{base / r['median_ms']:.2f}x" if base and r["median_ms"] else ""
+        peak = " / ".join(f"{p:.2f}" for p in r["peak_gib"] if p is not None)
+        lines.append(f"| {r['config']} | {r['backend']} | {r['median_ms']:.3f} | {speed} | {r['tokens_per_s']:.0f} "
+                     f"| {peak} | {r.get('loss_ratio', float('nan')):.4f} | {r['final_loss']:.4f} "
+                     f"| {', '.join(f'{k} x{v}' for k, v in r['fired'].items())} | {'; '.join(r['fallbacks'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, fp32, CPU (gloo)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--stem", default="distributed")
+    args = p.parse_args(argv)
+    if args.warmup >= args.steps:
+        p.error("--warmup must be below --steps")
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_worker, args=(2, folder, vars(args)), nprocs=2, join=True)
+        with open(os.path.join(folder, "rows.json")) as f:
+            result = json.load(f)
+    rows = summarize(result)
+    text = markdown(rows, result)
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"{args.stem}.json"), "w") as f:
+            json.dump({**result, "summary": rows}, f, indent=1)
+        with open(os.path.join(args.out, f"{args.stem}.md"), "w") as f:
+            f.write(text)
+    return {**result, "summary": rows}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""``bench.distributed`` (issue 21) in its CPU smoke form: 2 gloo processes, each wrapping with eager and
+kernelpytorch rows; the kernelpytorch losses equal eager's, the rewrites fire under DDP and FSDP2, and the
+tensor-parallel rows say why their graphs are not rewritten."""
+
+import pytest
+import torch.distributed as dist
+
+from bench import distributed
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")
+
+
+def test_smoke_rows_for_every_wrapping(tmp_path):
+    result = distributed.main(["--smoke", "--steps", "2", "--warmup", "1", "--backends", "eager", "kernelpytorch",
+                               "--out", str(tmp_path), "--stem", "smoke"])
+    rows = {(r["config"], r["backend"]): r for r in result["summary"]}
+    assert set(rows) == {(c, b) for c in distributed.CONFIGS for b in ("eager", "kernelpytorch")}
+    assert not [r for r in rows.values() if "failed" in r]
+    for config in distributed.CONFIGS:
+        kp = rows[config, "kernelpytorch"]
+        assert abs(kp["loss_ratio"] - 1) < 1e-4 and kp["median_ms"] > 0 and kp["tokens_per_s"] > 0
+    assert rows["ddp", "kernelpytorch"]["fired"].get("attention-to-sdpa", 0) >= 2
+    assert rows["fsdp2", "kernelpytorch"]["fired"].get("attention-to-sdpa", 0) >= 1
+    assert not rows["tp", "kernelpytorch"]["fired"] and "DTensor" in rows["tp", "kernelpytorch"]["fallbacks"][0]
+    assert (tmp_path / "smoke.md").read_text().count("| kernelpytorch |") == 3
