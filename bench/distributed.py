@@ -24,6 +24,7 @@ peak memory of each rank, and the rewrites that fired. The loss ratio to eager i
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -173,7 +174,7 @@ def _worker(rank: int, world: int, folder: str, args: dict) -> None:
         torch.cuda.set_device(rank)
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{folder}/store", rank=rank,
-                            world_size=world)
+                            world_size=world, timeout=datetime.timedelta(seconds=600))
     shape = SMOKE_SHAPE if args["smoke"] else GPU_SHAPE
     dtype = torch.float32 if args["smoke"] else torch.bfloat16
     rows = []

@@ -8,6 +8,8 @@ parallelism (q/k/v and fc1 colwise, proj and fc2 rowwise): the graphs hold DTens
 not rewrite yet; they are lowered as Dynamo captured them, with the reason in the report. And
 ``linear-cross-entropy`` under DDP, with the loss computed inside the wrapped module."""
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -22,7 +24,13 @@ CONFIGS = ["ddp", "fsdp2", "tp", "ddp-lce"]
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("gloo"))
-    mp.spawn(worker.main, args=(2, folder, CONFIGS), nprocs=2, join=True)
+    procs = mp.spawn(worker.main, args=(2, folder, CONFIGS), nprocs=2, join=False)
+    deadline = time.monotonic() + 600  # a hung collective fails the test instead of hanging CI
+    while not procs.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail("the 2 gloo processes did not finish within 600 s")
     return [torch.load(f"{folder}/rank{r}.pt", weights_only=False) for r in range(2)]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import datetime
 import math
 
 import torch
@@ -129,7 +130,8 @@ def _train(config: str, compiled: bool, rank: int) -> dict:
 
 def main(rank: int, world: int, folder: str, configs: list) -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
     try:
         results = {c: {"eager": _train(c, False, rank), "kernelpytorch": _train(c, True, rank)} for c in configs}
         torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
