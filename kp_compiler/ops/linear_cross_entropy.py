@@ -103,6 +103,10 @@ def forward(h, w, b, labels, ignore_index: int, smoothing: float, reduction: str
             rows_fn=rows) -> tuple:
     """The chunked loop (any device); ``rows_fn``: ``rows`` or a fused kernel with its signature."""
     n = h.shape[0]
+    step = rows_per_chunk(n, chunk)
+    # The first chunk's GEMM is queued before the bookkeeping below, which then overlaps it on a GPU (the
+    # host time before it is otherwise GPU idle time in a host-bound step).
+    z = torch.nn.functional.linear(h[:step], w, b) if n else None
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     valid = (labels != ignore_index).sum().to(acc)
     scale = torch.where(valid > 0, 1.0 / valid, 0.0) if reduction == "mean" else torch.ones((), dtype=acc,
@@ -112,10 +116,10 @@ def forward(h, w, b, labels, ignore_index: int, smoothing: float, reduction: str
     w_acc = w.dtype if accumulation() == "weight" or w.dtype == torch.float64 else acc
     grad_w = torch.zeros(w.shape, dtype=w_acc, device=w.device) if n == 0 else None
     grad_b = torch.zeros(w.shape[0], dtype=acc, device=w.device) if b is not None else None
-    step = rows_per_chunk(n, chunk)
     for start in range(0, n, step):
         hc = h[start:start + step]
-        z = torch.nn.functional.linear(hc, w, b)
+        if start:
+            z = torch.nn.functional.linear(hc, w, b)
         loss, g = rows_fn(z, labels[start:start + step], ignore_index, smoothing, softcap, scale)
         total += loss.sum()
         torch.mm(g, w, out=grad_h[start:start + step])
