@@ -5,13 +5,17 @@ kernelpytorch with ``linear-cross-entropy`` (the bench case's own model, step an
    between kernels (where the host, not the GPU, set the pace);
 2. per row, the step's memory peak above what is held before it, and the blocks live at that moment, largest
    first, each with the innermost frames of the Python stack that allocated it (``torch.cuda.memory``'s
-   allocation history, replayed).
+   allocation history, replayed);
+3. per row, the host: how long a step takes to queue its work (``step()`` returning, no sync) against its wall
+   time with a sync, the host time of ``kp::linear_cross_entropy`` per call, and the CUDA runtime's allocation
+   calls per step (a ``cudaMalloc`` in a steady step is host time the caching allocator should have saved).
     PYTHONPATH=. python scripts/gpu_lce_profile.py [case]
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -80,6 +84,31 @@ def memory(step, top=12):
         print(f"    {ev['size'] / 2**30:6.3f} GiB  {_frames(ev.get('frames', []))}")
 
 
+def host(step, reps=10):
+    queued, wall = [], []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        queued.append(t1 - t0)
+        wall.append(time.perf_counter() - t0)
+    queued.sort()
+    wall.sort()
+    print(f"  host: step queued in {queued[reps // 2] * 1e3:.3f} ms, wall with sync {wall[reps // 2] * 1e3:.3f} ms "
+          "(median)")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    names = ("kp::linear_cross_entropy", "cudaMalloc", "cudaFree", "cudaMemsetAsync", "cudaLaunchKernel",
+             "cuLaunchKernelEx", "cuLaunchKernel", "cudaStreamSynchronize", "cudaDeviceSynchronize")
+    for e in prof.key_averages():
+        if e.key in names:
+            print(f"    {e.key:28s} {e.count / 3:6.1f} calls per step, host {e.cpu_time_total / 3e3:.3f} ms per step")
+
+
 def main() -> None:
     name = sys.argv[1] if len(sys.argv) > 1 else "lce-128k-train"
     print(torch.__version__, torch.cuda.get_device_name(), name, flush=True)
@@ -97,6 +126,7 @@ def main() -> None:
         print(f"{backend}:", flush=True)
         kernels(step)
         memory(step)
+        host(step)
         del step, model
         torch._dynamo.reset()
         torch.cuda.empty_cache()

@@ -37,11 +37,11 @@ def choose(dtype: torch.dtype, triton: bool = _HAS_TRITON) -> str:
     return "triton" if can and _forced() != "aten" else "aten"
 
 
-def _rows(z, labels, ignore_index, smoothing, softcap, scale):
+def _rows(z, labels, ignore_index, smoothing, softcap, scale, out=None):
     if choose(z.dtype) == "triton" and z.stride(1) == 1:
         from ..ops import triton_cross_entropy
-        return triton_cross_entropy.rows(z, labels, ignore_index, smoothing, softcap, scale)
-    return ops.rows(z, labels, ignore_index, smoothing, softcap, scale)
+        return triton_cross_entropy.rows(z, labels, ignore_index, smoothing, softcap, scale, out=out)
+    return ops.rows(z, labels, ignore_index, smoothing, softcap, scale, out=out)
 
 
 def _cuda(h, w, b, labels, ignore_index, label_smoothing, reduction, softcap, chunk):

@@ -54,10 +54,10 @@ def _check(h, w, b, labels, reduction: str, softcap: float, chunk: int) -> None:
 
 
 def rows(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, smoothing: float, softcap: float,
-         scale: torch.Tensor) -> tuple:
-    """For a chunk's logits ``z [n, V]``: (each row's loss in fp32, 0 for an ignored label; the gradient of
-    ``scale *`` the rows' summed loss with respect to ``z``, in ``z``'s dtype). ``scale``: a 0-d tensor in the
-    dtype the rows are computed in (fp32, or fp64 for fp64 logits)."""
+         scale: torch.Tensor, out: Optional[torch.Tensor] = None) -> tuple:
+    """For a chunk's logits ``z [n, V]``: (each row's loss in fp32, 0 for an ignored label, written into
+    ``out [n]`` when given; the gradient of ``scale *`` the rows' summed loss with respect to ``z``, in ``z``'s
+    dtype). ``scale``: a 0-d tensor in the dtype the rows are computed in (fp32, or fp64 for fp64 logits)."""
     zf = z.to(scale.dtype)
     if softcap:
         t = torch.tanh(zf / softcap)
@@ -68,6 +68,8 @@ def rows(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, smoothing: fl
     nll = lse - zf.gather(1, safe[:, None]).squeeze(1)
     loss = (1.0 - smoothing) * nll + smoothing * (lse - zf.mean(dim=1)) if smoothing else nll
     loss = torch.where(valid, loss, 0.0)
+    if out is not None:
+        loss = out.copy_(loss)
     grad = torch.exp(zf - lse[:, None])  # softmax
     grad.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], smoothing - 1.0))
     if smoothing:
@@ -101,17 +103,22 @@ def rows_per_chunk(n: int, chunk: int) -> int:
 
 def forward(h, w, b, labels, ignore_index: int, smoothing: float, reduction: str, softcap: float, chunk: int,
             rows_fn=rows) -> tuple:
-    """The chunked loop (any device); ``rows_fn``: ``rows`` or a fused kernel with its signature."""
+    """The chunked loop (any device); ``rows_fn``: ``rows`` or a fused kernel with its signature.
+
+    Few kernels outside the loop, since a small model's step is host-bound here (the H200 profile at fa14e10
+    showed the GPU idle while this function queued work): the rows write their losses into one buffer summed
+    once at the end, and the mean's scale is ``1 / max(count, 1)`` (with no valid label every row's gradient
+    is masked to 0 anyway, and the loss is ``0 / 0``, NaN, as eager's)."""
     n = h.shape[0]
     step = rows_per_chunk(n, chunk)
     # The first chunk's GEMM is queued before the bookkeeping below, which then overlaps it on a GPU (the
     # host time before it is otherwise GPU idle time in a host-bound step).
     z = torch.nn.functional.linear(h[:step], w, b) if n else None
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    valid = (labels != ignore_index).sum().to(acc)
-    scale = torch.where(valid > 0, 1.0 / valid, 0.0) if reduction == "mean" else torch.ones((), dtype=acc,
-                                                                                              device=h.device)
-    total = torch.zeros((), dtype=acc, device=h.device)
+    mean = reduction == "mean"
+    count = (labels != ignore_index).sum() if mean else None
+    scale = count.clamp_min(1).reciprocal().to(acc) if mean else torch.ones((), dtype=acc, device=h.device)
+    losses = torch.empty(n, dtype=acc, device=h.device)
     grad_h = torch.empty_like(h)
     w_acc = w.dtype if accumulation() == "weight" or w.dtype == torch.float64 else acc
     grad_w = torch.zeros(w.shape, dtype=w_acc, device=w.device) if n == 0 else None
@@ -120,14 +127,14 @@ def forward(h, w, b, labels, ignore_index: int, smoothing: float, reduction: str
         hc = h[start:start + step]
         if start:
             z = torch.nn.functional.linear(hc, w, b)
-        loss, g = rows_fn(z, labels[start:start + step], ignore_index, smoothing, softcap, scale)
-        total += loss.sum()
+        _, g = rows_fn(z, labels[start:start + step], ignore_index, smoothing, softcap, scale,
+                       out=losses[start:start + step])
         torch.mm(g, w, out=grad_h[start:start + step])
         grad_w = _accumulate(grad_w, g.t(), hc, w_acc)
         if grad_b is not None:
             grad_b += g.sum(0, dtype=acc)
-        del z, g, loss  # so the next chunk's logits are not allocated while this chunk's are still held
-    loss = total / valid if reduction == "mean" else total
+        del z, g  # so the next chunk's logits are not allocated while this chunk's are still held
+    loss = losses.sum() / count if mean else losses.sum()
     return (loss, grad_h, grad_w.to(w.dtype),
             grad_b.to(b.dtype) if grad_b is not None else h.new_empty(0))
 

@@ -16,6 +16,8 @@ the loop over it needs one under older Triton interpreters).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -79,10 +81,11 @@ def supported(z: torch.Tensor) -> bool:
 
 
 def rows(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, smoothing: float, softcap: float,
-         scale: torch.Tensor) -> tuple:
-    """``linear_cross_entropy.rows``, with the gradient written over ``z`` (a chunk's fresh logits)."""
+         scale: torch.Tensor, out: Optional[torch.Tensor] = None) -> tuple:
+    """``linear_cross_entropy.rows``, with the gradient written over ``z`` (a chunk's fresh logits) and the
+    losses into ``out`` (fp32, contiguous) when given."""
     n, vocab = z.shape
-    loss = torch.empty(n, dtype=torch.float32, device=z.device)
+    loss = torch.empty(n, dtype=torch.float32, device=z.device) if out is None else out
     if n:
         block = min(4096, next_power_of_2(vocab))
         _ROWS((n,), z, labels.contiguous(), scale.float(), loss, z.stride(0), ignore_index, float(smoothing),

@@ -28,7 +28,8 @@ def test_the_cuda_function_equals_eager(monkeypatch, rows):
     monkeypatch.setenv("KP_LCE_ROWS", rows)
     calls = []
     real = lowering._rows
-    monkeypatch.setattr(lowering, "_rows", lambda *a: (calls.append(lowering.choose(a[0].dtype)), real(*a))[1])
+    monkeypatch.setattr(lowering, "_rows",
+                        lambda *a, **k: (calls.append(lowering.choose(a[0].dtype)), real(*a, **k))[1])
     g = torch.Generator().manual_seed(0)
     h, w = torch.randn(9, 8, generator=g), torch.randn(30, 8, generator=g)
     b = torch.randn(30, generator=g)

@@ -147,9 +147,9 @@ def test_one_chunk_of_logits_is_held_at_a_time():
     import weakref
     held = []
 
-    def rows_in_place(z, labels, ignore_index, smoothing, softcap, scale):
+    def rows_in_place(z, labels, ignore_index, smoothing, softcap, scale, out=None):
         assert all(r() is None for r in held), "an earlier chunk's logits are still alive"
-        loss, g = lce.rows(z, labels, ignore_index, smoothing, softcap, scale)
+        loss, g = lce.rows(z, labels, ignore_index, smoothing, softcap, scale, out=out)
         z.copy_(g)  # the fused kernel's contract: the gradient written over the logits
         held.append(weakref.ref(z))
         return loss, z
