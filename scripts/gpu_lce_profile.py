@@ -9,7 +9,7 @@ kernelpytorch with ``linear-cross-entropy`` (the bench case's own model, step an
 3. per row, the host: how long a step takes to queue its work (``step()`` returning, no sync) against its wall
    time with a sync, the host time of ``kp::linear_cross_entropy`` per call, and the CUDA runtime's allocation
    calls per step (a ``cudaMalloc`` in a steady step is host time the caching allocator should have saved).
-    PYTHONPATH=. python scripts/gpu_lce_profile.py [case]
+    PYTHONPATH=. python scripts/gpu_lce_profile.py [case] [--host]   (--host: the host section only)
 """
 
 from __future__ import annotations
@@ -103,14 +103,20 @@ def host(step, reps=10):
             step()
         torch.cuda.synchronize()
     names = ("kp::linear_cross_entropy", "cudaMalloc", "cudaFree", "cudaMemsetAsync", "cudaLaunchKernel",
-             "cuLaunchKernelEx", "cuLaunchKernel", "cudaStreamSynchronize", "cudaDeviceSynchronize")
-    for e in prof.key_averages():
+             "cuLaunchKernelEx", "cuLaunchKernel", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+             "cudaMemcpyAsync", "cudaEventSynchronize", "cudaStreamWaitEvent", "cudaEventQuery")
+    avgs = prof.key_averages()
+    for e in avgs:
         if e.key in names:
             print(f"    {e.key:28s} {e.count / 3:6.1f} calls per step, host {e.cpu_time_total / 3e3:.3f} ms per step")
+    print("    top host time by op (self, ms per step, calls per step):")
+    for e in sorted(avgs, key=lambda e: -e.self_cpu_time_total)[:16]:
+        print(f"      {e.self_cpu_time_total / 3e3:7.3f}  x{e.count // 3:<4d} {e.key[:90]}")
 
 
 def main() -> None:
-    name = sys.argv[1] if len(sys.argv) > 1 else "lce-128k-train"
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    name = args[0] if args else "lce-128k-train"
     print(torch.__version__, torch.cuda.get_device_name(), name, flush=True)
     case = load_all()[name]
     scale = Scale("cuda", torch.bfloat16, False)
@@ -124,8 +130,9 @@ def main() -> None:
             step()
         torch.cuda.synchronize()
         print(f"{backend}:", flush=True)
-        kernels(step)
-        memory(step)
+        if "--host" not in sys.argv:
+            kernels(step)
+            memory(step)
         host(step)
         del step, model
         torch._dynamo.reset()
