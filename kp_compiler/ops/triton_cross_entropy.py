@@ -37,7 +37,7 @@ def _softcapped(z, SOFTCAP: tl.constexpr, cap):
 
 @triton.jit
 def _rows(z_ptr, labels_ptr, scale_ptr, loss_ptr, stride, ignore_index, smoothing, cap,
-          V: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+          V: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = z_ptr + row * stride
     label = tl.load(labels_ptr + row)
@@ -61,7 +61,9 @@ def _rows(z_ptr, labels_ptr, scale_ptr, loss_ptr, stride, ignore_index, smoothin
     loss = (1.0 - smoothing) * (lse - picked) + smoothing * (lse - total / V)
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
     scale = tl.where(valid, tl.load(scale_ptr).to(tl.float32), 0.0)
-    for start in range(0, V, BLOCK):
+    for i in range(0, tl.cdiv(V, BLOCK)):
+        # REVERSE: the last blocks the first pass read come first, while they may still be in L2
+        start = (tl.cdiv(V, BLOCK) - 1 - i) * BLOCK if REVERSE else i * BLOCK
         idx = start + cols
         ok = idx < V
         z, t = _softcapped(tl.load(base + idx, mask=ok, other=0.0).to(tl.float32), SOFTCAP, cap)
@@ -87,7 +89,19 @@ def rows(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, smoothing: fl
     n, vocab = z.shape
     loss = torch.empty(n, dtype=torch.float32, device=z.device) if out is None else out
     if n:
-        block = min(4096, next_power_of_2(vocab))
-        _ROWS((n,), z, labels.contiguous(), scale.float(), loss, z.stride(0), ignore_index, float(smoothing),
-              float(softcap) or 1.0, V=vocab, SOFTCAP=bool(softcap), BLOCK=block, num_warps=8 if block >= 2048 else 4)
+        block, warps, reverse = config(vocab)
+        launch(z, labels, scale, loss, ignore_index, smoothing, softcap, block, warps, reverse)
     return loss, z
+
+
+def config(vocab: int) -> tuple:
+    """(``BLOCK``, warps, ``REVERSE``) for a vocabulary."""
+    block = min(4096, next_power_of_2(vocab))
+    return block, 8 if block >= 2048 else 4, False
+
+
+def launch(z, labels, scale, loss, ignore_index, smoothing, softcap, block, warps, reverse) -> None:
+    """The kernel over every row of ``z`` with an explicit tile (``rows`` picks it; the GPU sweep tries others)."""
+    _ROWS((z.shape[0],), z, labels.contiguous(), scale.float(), loss, z.stride(0), ignore_index, float(smoothing),
+          float(softcap) or 1.0, V=z.shape[1], SOFTCAP=bool(softcap), BLOCK=block, REVERSE=bool(reverse),
+          num_warps=warps)

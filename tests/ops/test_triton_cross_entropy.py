@@ -56,3 +56,18 @@ def test_supported():
     assert tce.supported(torch.empty(2, 8, dtype=torch.bfloat16))
     assert not tce.supported(torch.empty(8, 2).t())
     assert not tce.supported(torch.empty(2, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("block, reverse", [(1024, True), (1024, False), (8192, True)])
+def test_every_tile_the_sweep_tries_equals_aten(block, reverse):
+    """``launch`` with the tiles ``scripts/gpu_lce_rows_sweep.py`` times: the second pass in reverse block order
+    (the last partial block first) and a tile wider than the row give the same losses and gradients."""
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(3, 4100, generator=g) * 4
+    y = torch.tensor([5, -100, 4099])
+    scale = torch.tensor(0.5)
+    want_loss, want_grad = lce.rows(z.clone(), y, -100, 0.1, 3.0, scale)
+    got_grad, got_loss = z.clone(), torch.empty(3)
+    tce.launch(got_grad, y, scale, got_loss, -100, 0.1, 3.0, block, 4, reverse)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,65 @@
+"""Issue 20: the fused rows kernel (``ops/triton_cross_entropy.py``) over one chunk of the lce-128k step's logits
+(1024 x 128256 bf16, the chunk ``chunk_rows`` picks), each tile by GPU time (CUDA events, median of 20 after
+warm-up), against the bytes it must move (the logits read twice, written once) and ATen's ``rows``. Picks the
+table in ``triton_cross_entropy.config``; not a benchmark of the step (``bash bench/gpu_run.sh lce`` is).
+
+    PYTHONPATH=. python scripts/gpu_lce_rows_sweep.py [rows] [vocab]
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import torch
+
+from kp_compiler.ops import linear_cross_entropy as lce
+from kp_compiler.ops import triton_cross_entropy as tce
+
+
+def gpu_ms(fn, reps=20):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[reps // 2]
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
+    vocab = int(sys.argv[2]) if len(sys.argv) > 2 else 128256
+    print(torch.__version__, torch.cuda.get_device_name(), f"rows {n} vocab {vocab} bf16", flush=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    base = torch.randn(n, vocab, device="cuda", generator=g).mul_(3).bfloat16()
+    labels = torch.randint(0, vocab, (n,), device="cuda", generator=g)
+    scale = torch.tensor(1.0 / n, device="cuda")
+    z, loss = base.clone(), torch.empty(n, device="cuda")
+    want_loss, want_grad = lce.rows(base, labels, -100, 0.0, 0.0, scale)
+    moved = 3 * base.numel() * base.element_size()
+    print(f"ATen rows: {gpu_ms(lambda: lce.rows(base, labels, -100, 0.0, 0.0, scale)):.3f} ms; "
+          f"the kernel must move {moved / 1e9:.2f} GB; current config {tce.config(vocab)}")
+    results = []
+    for block, warps, reverse in itertools.product((2048, 4096, 8192), (4, 8, 16), (False, True)):
+        def run():
+            z.copy_(base)  # timed with the copy; the copy alone is subtracted below
+            tce.launch(z, labels, scale, loss, -100, 0.0, 0.0, block, warps, reverse)
+        ms = gpu_ms(run)
+        ok = torch.allclose(loss, want_loss, rtol=1e-4, atol=1e-4) and torch.allclose(
+            z.float(), want_grad.float(), rtol=0, atol=2 ** -8)
+        results.append((ms, block, warps, reverse, ok))
+    copy = gpu_ms(lambda: z.copy_(base))
+    print(f"copy alone {copy:.3f} ms (subtracted)")
+    for ms, block, warps, reverse, ok in sorted(results):
+        k = ms - copy
+        print(f"  BLOCK {block:5d} warps {warps:2d} reverse {reverse!s:5s}: {k:.3f} ms, {moved / k / 1e6:7.0f} GB/s"
+              f"{'' if ok else '  WRONG'}")
+
+
+if __name__ == "__main__":
+    main()
