@@ -29,7 +29,8 @@ from . import passes as _builtin_passes  # noqa: F401  (registers the built-in p
 from .core import regions
 from .core.canonicalize import canonicalize, fake_mode_of
 from .core.dump import GraphDump, append_report
-from .core.pass_manager import PassManager, default_passes, idle_reason, on_registry_change, resolve
+from .core.pass_manager import (PassManager, default_passes, idle_reason, may_match, not_applicable, on_registry_change,
+                                resolve)
 from .core.report import GraphRecord, new_record, publish
 from .core.shape_guards import GuardWatch
 from .lowering import input_devices, lower, select
@@ -128,7 +129,10 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
             if opts.passes is None and opts.cudagraph_buckets is None else None)
     if idle is not None:
         why = f"nothing to rewrite ({idle}; options['passes'] runs it anyway)"
-        record.skipped += [{"pass": name, "reason": why} for name, _ in chosen]
+        for name, _ in chosen:  # a pass that would have had something here says why it did not apply
+            na = not_applicable(name, target, opts)
+            reason = f"not applicable on this target: {na}" if na is not None and may_match(gm, name) else why
+            record.skipped.append({"pass": name, "reason": reason})
         record.nodes_in = record.nodes_out = len(gm.graph.nodes)
         return lower(record.lowering, gm, example_inputs, opts.mode, opts.inductor_config, dump), (), None, ()
     if _has_dtensor(example_inputs):

@@ -20,18 +20,33 @@ class Attention(torch.nn.Module):
 
 def test_default_passes_name_every_rewrite_in_order():
     assert kp_compiler.default_passes() == [
-        "noop-elimination", "attention-to-sdpa", "attention-kernels", "moe-dispatch", "fp8-linear"]
+        "noop-elimination", "attention-to-sdpa", "attention-kernels", "moe-dispatch", "linear-cross-entropy",
+        "fp8-linear"]
+
+
+class AttentionProj(Attention):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, q, k, v):
+        return self.proj(super().forward(q, k, v))
 
 
 def test_fp8_linear_is_listed_as_not_applicable_without_fp8():
+    """Listed with the reason where the graph has a linear for it; unmentioned where it has nothing to look at."""
     torch._dynamo.reset()
     q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
-    _, _, records = compile_and_collect(Attention(), (q, k, v))
+    _, _, records = compile_and_collect(AttentionProj(), (q, k, v))
     (rec,) = records
     assert "fp8-linear" not in [p.name for p in rec.passes]
     (fp8,) = [s for s in rec.skipped if s["pass"] == "fp8-linear"]
     assert fp8["reason"] == "not applicable on this target: FP8 is off (options['fp8'])"
-    assert "left out fp8-linear: not applicable on this target" in str(kp_compiler.explain(Attention(), q, k, v))
+    assert "left out fp8-linear: not applicable on this target" in str(kp_compiler.explain(AttentionProj(), q, k, v))
+    torch._dynamo.reset()
+    _, _, records = compile_and_collect(Attention(), (q, k, v))
+    assert not [s for r in records for s in r.skipped if s["pass"] == "fp8-linear"]
+    assert "fp8-linear" not in [p.name for r in records for p in r.passes]
 
 
 def test_fp8_linear_can_be_named_and_runs_with_its_options():

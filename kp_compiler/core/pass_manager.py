@@ -222,6 +222,16 @@ def idle_reason(gm: fx.GraphModule, names: Sequence[str], target=None, options=N
     return f"the graph has no {' or '.join(names)}" if wanted else "no pass looks for anything"
 
 
+def may_match(gm: fx.GraphModule, name: str) -> bool:
+    """Whether ``gm`` holds one of the pass's declared anchors (True for a pass that declares none)."""
+    anchors = _ANCHORS.get(name)
+    if anchors is None:
+        return True
+    targets = _call_targets(gm)
+    return any(any(a in t for t in targets) if isinstance(a, str) else any(a(n) for n in _call_nodes(gm))
+               for a in anchors)
+
+
 def _call_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     """Every call node of ``gm`` and of the graphs nested in it (regions' bodies)."""
     out = []
@@ -290,7 +300,8 @@ class PassManager:
         for name, fn in self.passes:
             why = not_applicable(name, self.target, self.options)
             if why is not None:
-                self.record.skipped.append({"pass": name, "reason": f"not applicable on this target: {why}"})
+                if may_match(gm, name):  # a pass with nothing to look at in this graph goes unmentioned
+                    self.record.skipped.append({"pass": name, "reason": f"not applicable on this target: {why}"})
                 continue
             self.run_pass(gm, name, fn)
         return gm

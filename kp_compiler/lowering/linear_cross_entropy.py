@@ -5,9 +5,9 @@
 | CUDA, Triton imports | bf16, fp16, fp32, unit stride along the vocabulary | ``ops/triton_cross_entropy.py`` (one kernel: the logits read twice, the gradient written in place) |
 | anything else (CPU, fp64) | | ``linear_cross_entropy.rows`` (ATen) |
 
-The GEMMs around it are ATen's (cuBLAS) either way. The kernel is the default on CUDA without a GPU
-measurement yet: it does the ATen version's work in one pass over the logits instead of about a dozen (the
-pass that emits the op is opt-in). ``KP_LCE_ROWS=triton|aten`` forces one where it can run; any other value
+The GEMMs around it are ATen's (cuBLAS) either way. The kernel does the ATen version's work in one pass over
+the logits instead of about a dozen: on the H200, 0.27 ms for a 1024 x 128256 bf16 chunk against ATen's 2.52
+(``scripts/gpu_lce_rows_sweep.py``). ``KP_LCE_ROWS=triton|aten`` forces one where it can run; any other value
 is an error.
 """
 

@@ -9,8 +9,9 @@ One program per token row of a chunk's logits ``z [n, V]`` (16-bit or fp32, unit
    over the row in place, in ``z``'s dtype: the gradient of the loss with respect to the logits.
 
 So the logits are read twice and written once, against about a dozen passes of ATen's version in fp32.
-Equal to ``linear_cross_entropy.rows`` (tested under ``TRITON_INTERPRET=1``); the tile is ``BLOCK`` columns
-with 8 warps; not yet timed on a GPU. The vocabulary size is a compile-time constant (a weight's static size;
+Equal to ``linear_cross_entropy.rows`` (tested under ``TRITON_INTERPRET=1``); the tile (``config``) is
+measured on the H200: 0.266 ms for a 1024 x 128256 bf16 chunk, 2.96 TB/s of the bytes it must move (a copy
+reaches 3.9). The vocabulary size is a compile-time constant (a weight's static size;
 the loop over it needs one under older Triton interpreters).
 """
 
@@ -119,7 +120,10 @@ def rows(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, smoothing: fl
 
 
 def config(vocab: int) -> tuple:
-    """(``BLOCK``, warps, ``REVERSE``, ``LANES``) for a vocabulary; ``KP_LCE_TILE=BLOCK,warps,reverse,lanes``
+    """(``BLOCK``, warps, ``REVERSE``, ``LANES``) for a vocabulary. Measured on the H200 at 1024 x 128256 bf16
+    (``scripts/gpu_lce_rows_sweep.py``, 36 tiles): 4096 columns, 8 warps, the second pass reversed, 0.266 ms
+    (2.96 TB/s of the 0.79 GB it moves); 0.271 ms unreversed; the per-lane variant at best 0.276 ms.
+    ``KP_LCE_TILE=BLOCK,warps,reverse,lanes``
     (``reverse``, ``lanes``: 0 or 1) overrides it, for measuring a tile in a whole step."""
     forced = os.environ.get("KP_LCE_TILE", "")
     if forced:
@@ -132,7 +136,7 @@ def config(vocab: int) -> tuple:
                              "1-32 warps as a power of two, 0 or 1, 0 or 1)")
         return block, warps, bool(reverse), bool(lanes)
     block = min(4096, next_power_of_2(vocab))
-    return block, 8 if block >= 2048 else 4, False, False
+    return block, 8 if block >= 2048 else 4, True, False
 
 
 def launch(z, labels, scale, loss, ignore_index, smoothing, softcap, block, warps, reverse, lanes=False) -> None:

@@ -25,6 +25,7 @@ register_pass("attention-kernels", choose_attention_kernels, default=True, ancho
 register_pass("moe-dispatch", moe_dispatch, default=True, anchors=("topk",))
 # Opt-in until a fused kernel is measured faster than Inductor's own linear + pointwise (issue 19).
 register_pass("linear-activation", linear_activation, anchors=("linear",))
-register_pass("linear-cross-entropy", _lce.linear_cross_entropy, anchors=("cross_entropy",), applies=_lce.applies)
+register_pass("linear-cross-entropy", _lce.linear_cross_entropy, default=True, anchors=("cross_entropy",),
+              applies=_lce.applies)
 # Last: it converts the linears the others left. Only with options["fp8"] (its applies says so otherwise).
 register_pass("fp8-linear", convert_fp8_linears, default=True, anchors=("linear",), applies=fp8_applies)

@@ -106,7 +106,7 @@ def _train(config: str, compiled: bool, rank: int) -> dict:
     if compiled and config == "ddp-lce":
         from kp_compiler import default_passes
         forward = torch.compile(model, backend="kernelpytorch",
-                                options={"passes": [*default_passes(), "linear-cross-entropy"]})
+                                options={"passes": default_passes()})
     elif compiled:
         forward = torch.compile(model, backend="kernelpytorch", options=FP8 if fp8 else None)
 

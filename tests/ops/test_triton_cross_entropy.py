@@ -83,4 +83,4 @@ def test_the_tile_override(monkeypatch):
         with pytest.raises(ValueError, match="KP_LCE_TILE"):
             tce.config(128256)
     monkeypatch.delenv("KP_LCE_TILE")
-    assert tce.config(128256) == (4096, 8, False, False) and tce.config(100) == (128, 4, False, False)
+    assert tce.config(128256) == (4096, 8, True, False) and tce.config(100) == (128, 4, True, False)

@@ -276,6 +276,28 @@ def test_inference_graphs_are_not_rewritten():
     assert skipped and "no backward" in skipped[0]["reason"]
 
 
+def test_a_default_on_cuda_named_elsewhere():
+    """In the default list; on the CPU a training graph is left alone unless ``options["passes"]`` names the
+    pass (the report says so), while a CUDA training target applies."""
+    import kp_compiler
+    from kp_compiler.core.devices import DeviceInfo
+    from kp_compiler.core.target import Target
+    from kp_compiler.options import parse_options
+    assert "linear-cross-entropy" in kp_compiler.default_passes()
+    assert lce_pass.applies(Target(DeviceInfo("cuda", (9, 0)), True), parse_options(None, {})) is None
+    assert "no backward" in lce_pass.applies(Target(DeviceInfo("cuda", (9, 0)), False), parse_options(None, {}))
+    assert lce_pass.applies(Target(DeviceInfo("cpu"), True), parse_options(None, {"passes": PASSES})) is None
+    torch.manual_seed(0)
+    model = Head()
+    compiled = torch.compile(model, backend="kernelpytorch")
+    x = torch.randn(2, 5, D, requires_grad=True)
+    with collect() as records:
+        compiled(x, _labels((2, 5))).backward()
+    skipped = [s for r in records for s in r.skipped if s["pass"] == "linear-cross-entropy"]
+    assert skipped and "CUDA only" in skipped[0]["reason"], [r.skipped for r in records]
+    assert not [p for r in records for p in r.passes if p.name == "linear-cross-entropy"]
+
+
 def test_dynamic_token_count_compiles_once(small_chunks):
     """The token count stays symbolic: the chunk size comes from the vocabulary (a weight's static size)."""
     torch.manual_seed(0)

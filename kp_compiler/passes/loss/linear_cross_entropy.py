@@ -1,4 +1,4 @@
-"""``linear-cross-entropy``: the LM head and the cross-entropy of its logits onto one chunked op (issue 20, opt-in).
+"""``linear-cross-entropy``: the LM head and the cross-entropy of its logits onto one chunked op (issue 20).
 
 Matches, in the canonical graph of a training step, walking up from the loss::
 
@@ -20,7 +20,8 @@ Preconditions, else the graph is left alone and the report's note names the fail
 - the loss is computed in fp32 (the logits cast to it, or made in it): a loss in 16-bit floats is not what
   the op computes; no class weights; reduction ``mean`` or ``sum``.
 
-Opt-in (``options={"passes": [..., "linear-cross-entropy"]}``) until its GPU numbers are measured.
+A default pass on CUDA, where it is measured (H200: half of Inductor's step memory at a step time no slower,
+``docs/passes/linear-cross-entropy.md``); on other devices it runs only when ``options["passes"]`` names it.
 
 Before::
 
@@ -61,8 +62,14 @@ OUTPUT_NOTE = ("logits also returned (as transformers does); compile a step retu
 
 
 def applies(target, options) -> Optional[str]:
-    """The pass only matters where a backward may run."""
-    return None if target.training else "no backward runs in this graph: its logits cost no gradient"
+    """Where a backward may run; by default on CUDA only (elsewhere when ``options["passes"]`` names it)."""
+    if not target.training:
+        return "no backward runs in this graph: its logits cost no gradient"
+    named = "linear-cross-entropy" in (getattr(options, "passes", None) or ())
+    if target.device.kind != "cuda" and not named:
+        return (f"on by default on CUDA only, where it is measured; on {target.device.kind} name it in "
+                "options['passes'] to run it")
+    return None
 
 
 def _arg(node: fx.Node, i: int, name: str, default):
