@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|buckets|buckets-next|buckets-verify|linear-act|fp8-torchao|lce|generate|distributed-ddp|distributed-fsdp2|distributed-tp|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|buckets|buckets-next|buckets-verify|linear-act|fp8-torchao|fp8-profile|lce|generate|distributed-ddp|distributed-fsdp2|distributed-tp|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -192,6 +192,13 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
     timeout "$(left)" python3 -m bench --groups fp8 --backends inductor kernelpytorch torchao-float8-tensorwise \
       torchao-float8-rowwise --row-timeout 150 --reps 20 $extra --out "$out" --stem cuda-fp8-torchao \
       2>"$out/fp8-torchao.log" | tail -24
+    ;;
+  fp8-profile)
+    # Issue 19: where kernelpytorch FP8 and torchao tensorwise spend the SwiGLU MLP's forward+backward, by kernel
+    # group (FP8 GEMMs, casts, the rest); torchao from .whl/ (carry [".whl"]).
+    PYTHONPATH="${PYTHONPATH:-}:." timeout "$(left)" python3 scripts/gpu_fp8_profile.py --case mlp \
+      --backends kernelpytorch torchao-float8-tensorwise inductor > "$out/fp8-profile.txt" 2>&1
+    grep -E "^==|^  [A-Za-z]" "$out/fp8-profile.txt" | head -30
     ;;
   lce)
     # Issue 20: the 128k-vocabulary training steps (the loss-only step), kernelpytorch with linear-cross-entropy

@@ -5,7 +5,11 @@ forward+backward; ``--case llama``: the 2-layer Llama-8B-dims training step of
 ``bench/cases/fp8.py`` (forward, backward, fused AdamW). CUDA kernel times over
 3 steps, each kernel put in a group (FP8 GEMM, bf16 GEMM, FP8 casts, attention,
 optimizer, other), then the top kernels. Speed claims come from ``python -m bench``.
-    PYTHONPATH=. python scripts/gpu_fp8_profile.py [--case mlp|llama] [--backends kernelpytorch inductor]
+    PYTHONPATH=. python scripts/gpu_fp8_profile.py [--case mlp|llama] [--backends kernelpytorch inductor
+        torchao-float8-tensorwise]
+
+Backends are the harness's rows (``bench/backends.py``): ``kernelpytorch`` with ``options["fp8"]``, Inductor,
+and torchao's float8 training rows (torchao from ``.whl/``), each on its own copy of the model.
 """
 
 import argparse
@@ -15,10 +19,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import kp_compiler  # noqa: F401
+from bench.backends import STANDARD
 from bench.cases import Scale
 from bench.cases.fp8 import _mlp, llama2_train
 
-GROUPS = (("FP8 GEMM", ("qqtst", "qrtst", "f8", "e4m3", "e5m2")), ("FP8 casts", ("_amax", "_quantize")),
+GROUPS = (("FP8 GEMM", ("qqtst", "qrtst", "f8", "e4m3", "e5m2")), ("FP8 casts", ("_amax", "_quantize", "to_fp8",
+                                                                                   "float8", "clamp", "abs_max")),
           ("GEMM", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")), ("attention", ("flash", "fmha", "attention")),
           ("optimizer", ("adam",)), ("fill/copy", ("fill", "copy", "memset", "memcpy")))
 
@@ -42,7 +48,7 @@ def main():
         torch._dynamo.reset()
         wl = _mlp(scale, True) if args.case == "mlp" else llama2_train(scale)
         model, (x,) = wl.model, wl.inputs
-        fn = torch.compile(model, backend=backend, **({"options": {"fp8": True}} if backend == "kernelpytorch" else {}))
+        fn = STANDARD[backend].for_case({"fp8": True}).wrap(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
         def step():
