@@ -117,7 +117,11 @@ def forward(h, w, b, labels, ignore_index: int, smoothing: float, reduction: str
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     mean = reduction == "mean"
     count = (labels != ignore_index).sum() if mean else None
-    scale = count.clamp_min(1).reciprocal().to(acc) if mean else torch.ones((), dtype=acc, device=h.device)
+    if mean:  # the reciprocal of the int count is taken in fp32; fp64 logits get it in fp64
+        safe = count.clamp_min(1)
+        scale = (safe.to(acc) if acc == torch.float64 else safe).reciprocal().to(acc)
+    else:
+        scale = torch.ones((), dtype=acc, device=h.device)
     losses = torch.empty(n, dtype=acc, device=h.device)
     grad_h = torch.empty_like(h)
     w_acc = w.dtype if accumulation() == "weight" or w.dtype == torch.float64 else acc

@@ -39,50 +39,26 @@ def _softcapped(z, SOFTCAP: tl.constexpr, cap):
 
 @triton.jit
 def _rows(z_ptr, labels_ptr, scale_ptr, loss_ptr, stride, ignore_index, smoothing, cap,
-          V: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr,
-          LANES: tl.constexpr):
+          V: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = z_ptr + row * stride
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
     cols = tl.arange(0, BLOCK)
-    if LANES:
-        # Each lane keeps its own max, sum of exponentials and sums, reduced across the tile once at the end
-        # (no cross-warp reduction per block; one more exponential per logit).
-        mv = tl.full((BLOCK,), float("-inf"), tl.float32)
-        sv = tl.zeros((BLOCK,), dtype=tl.float32)
-        tv = tl.zeros((BLOCK,), dtype=tl.float32)
-        pv = tl.zeros((BLOCK,), dtype=tl.float32)
-        for start in range(0, V, BLOCK):
-            idx = start + cols
-            ok = idx < V
-            z, _ = _softcapped(tl.load(base + idx, mask=ok, other=0.0).to(tl.float32), SOFTCAP, cap)
-            zm = tl.where(ok, z, float("-inf"))
-            m_new = tl.maximum(mv, zm)
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with nothing yet: no inf - inf
-            sv = sv * tl.exp(mv - m_ref) + tl.exp(zm - m_ref)
-            mv = m_new
-            tv += tl.where(ok, z, 0.0)
-            pv += tl.where(idx == label, z, 0.0)
-        m = tl.max(mv, axis=0)
-        s = tl.sum(sv * tl.exp(mv - m), axis=0)
-        total = tl.sum(tv, axis=0)
-        picked = tl.sum(pv, axis=0)
-    else:
-        m = tl.full((), float("-inf"), tl.float32)
-        s = tl.zeros((), dtype=tl.float32)
-        total = tl.zeros((), dtype=tl.float32)
-        picked = tl.zeros((), dtype=tl.float32)
-        for start in range(0, V, BLOCK):
-            idx = start + cols
-            ok = idx < V
-            z, _ = _softcapped(tl.load(base + idx, mask=ok, other=0.0).to(tl.float32), SOFTCAP, cap)
-            zm = tl.where(ok, z, float("-inf"))
-            m_new = tl.maximum(m, tl.max(zm, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(zm - m_new), axis=0)
-            m = m_new
-            total += tl.sum(tl.where(ok, z, 0.0), axis=0)
-            picked += tl.sum(tl.where(idx == label, z, 0.0), axis=0)
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), dtype=tl.float32)
+    total = tl.zeros((), dtype=tl.float32)
+    picked = tl.zeros((), dtype=tl.float32)
+    for start in range(0, V, BLOCK):
+        idx = start + cols
+        ok = idx < V
+        z, _ = _softcapped(tl.load(base + idx, mask=ok, other=0.0).to(tl.float32), SOFTCAP, cap)
+        zm = tl.where(ok, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(zm, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(zm - m_new), axis=0)
+        m = m_new
+        total += tl.sum(tl.where(ok, z, 0.0), axis=0)
+        picked += tl.sum(tl.where(idx == label, z, 0.0), axis=0)
     lse = m + tl.log(s)
     loss = (1.0 - smoothing) * (lse - picked) + smoothing * (lse - total / V)
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
@@ -120,27 +96,27 @@ def rows(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, smoothing: fl
 
 
 def config(vocab: int) -> tuple:
-    """(``BLOCK``, warps, ``REVERSE``, ``LANES``) for a vocabulary. Measured on the H200 at 1024 x 128256 bf16
-    (``scripts/gpu_lce_rows_sweep.py``, 36 tiles): 4096 columns, 8 warps, the second pass reversed, 0.266 ms
-    (2.96 TB/s of the 0.79 GB it moves); 0.271 ms unreversed; the per-lane variant at best 0.276 ms.
-    ``KP_LCE_TILE=BLOCK,warps,reverse,lanes``
-    (``reverse``, ``lanes``: 0 or 1) overrides it, for measuring a tile in a whole step."""
+    """(``BLOCK``, warps, ``REVERSE``) for a vocabulary. Measured on the H200 at 1024 x 128256 bf16
+    (``scripts/gpu_lce_rows_sweep.py`` at c2a320b, 36 tiles): 4096 columns, 8 warps, the second pass reversed,
+    0.266 ms (2.96 TB/s of the 0.79 GB it moves); 0.271 ms unreversed. A variant keeping per-lane statistics
+    (no cross-warp reduction per block) was at best 0.276 ms and was removed. ``KP_LCE_TILE=BLOCK,warps,reverse``
+    (``reverse``: 0 or 1) overrides it, for measuring a tile in a whole step."""
     forced = os.environ.get("KP_LCE_TILE", "")
     if forced:
         parts = forced.split(",")
-        ok = len(parts) == 4 and all(p.isdigit() for p in parts)
-        block, warps, reverse, lanes = (int(p) for p in parts) if ok else (0, 0, 0, 0)
+        ok = len(parts) == 3 and all(p.isdigit() for p in parts)
+        block, warps, reverse = (int(p) for p in parts) if ok else (0, 0, 0)
         if not (ok and block >= 16 and block & (block - 1) == 0 and warps in (1, 2, 4, 8, 16, 32)
-                and reverse in (0, 1) and lanes in (0, 1)):
-            raise ValueError(f"KP_LCE_TILE={forced!r}: want BLOCK,warps,reverse,lanes (a power of two >= 16, "
-                             "1-32 warps as a power of two, 0 or 1, 0 or 1)")
-        return block, warps, bool(reverse), bool(lanes)
+                and reverse in (0, 1)):
+            raise ValueError(f"KP_LCE_TILE={forced!r}: want BLOCK,warps,reverse (a power of two >= 16, 1-32 "
+                             "warps as a power of two, 0 or 1)")
+        return block, warps, bool(reverse)
     block = min(4096, next_power_of_2(vocab))
-    return block, 8 if block >= 2048 else 4, True, False
+    return block, 8 if block >= 2048 else 4, True
 
 
-def launch(z, labels, scale, loss, ignore_index, smoothing, softcap, block, warps, reverse, lanes=False) -> None:
+def launch(z, labels, scale, loss, ignore_index, smoothing, softcap, block, warps, reverse) -> None:
     """The kernel over every row of ``z`` with an explicit tile (``rows`` picks it; the GPU sweep tries others)."""
     _ROWS((z.shape[0],), z, labels.contiguous(), scale.float(), loss, z.stride(0), ignore_index, float(smoothing),
           float(softcap) or 1.0, V=z.shape[1], SOFTCAP=bool(softcap), BLOCK=block, REVERSE=bool(reverse),
-          LANES=bool(lanes), num_warps=warps)
+          num_warps=warps)

@@ -162,3 +162,17 @@ def test_one_chunk_of_logits_is_held_at_a_time():
     assert len(held) == 5
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_the_mean_scale_is_exact_in_float64():
+    """3 valid labels: 1/3 taken in fp32 and widened would be 3e-8 off; fp64 logits get fp64's 1/3."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1, -100, 3, -100, 6])
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w), y)
+    ref_h, ref_w = torch.autograd.grad(ref, [h, w])
+    loss, gh, gw, _ = lce.forward(h.detach(), w.detach(), None, y, -100, 0.0, "mean", 0.0, 2)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-13, atol=0)
+    torch.testing.assert_close(gh, ref_h, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(gw, ref_w, rtol=1e-12, atol=1e-15)
