@@ -95,6 +95,40 @@ def test_softcap_as_gemma_writes_it(small_chunks):
     _check(Head(softcap=2.0), torch.randn(2, 7, D) * 4, _labels((2, 7)))
 
 
+class TiedLM(nn.Module):
+    """nanoGPT's tying: the token embedding and the LM head are one parameter, so its gradient is the head's
+    (from the op) plus the embedding's (from autograd)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(V, D)
+        self.body = nn.Linear(D, D)
+        self.lm = nn.Linear(D, V, bias=False)
+        self.wte.weight = self.lm.weight
+
+    def forward(self, ids, labels):
+        logits = self.lm(torch.tanh(self.body(self.wte(ids))))
+        return F.cross_entropy(logits.view(-1, V), labels.view(-1), ignore_index=-1)
+
+
+def test_tied_embedding_and_head(small_chunks):
+    torch.manual_seed(0)
+    model = TiedLM()
+    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES})
+    ids, y = torch.randint(0, V, (2, 7)), torch.randint(0, V, (2, 7))
+    y[0, 2] = -1
+    with collect() as records:
+        got = compiled(ids, y)
+    got.backward()
+    got_grads = grads_of(model.named_parameters())
+    model.zero_grad(set_to_none=True)
+    ref = model(ids, y)
+    ref.backward()
+    torch.testing.assert_close(got, ref)
+    assert_same_grads(got_grads, grads_of(model.named_parameters()), rtol=1e-5, atol=1e-6)
+    assert sum(p.matches for r in records for p in r.passes if p.name == "linear-cross-entropy") == 1
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_every_label_ignored(small_chunks, reduction):
     """Eager: NaN loss for mean (0 / 0), 0 for sum; zero gradients either way."""
