@@ -127,12 +127,16 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
     # (buckets need the canonical graph to prove its rows apart: no shortcut then)
     idle = (idle_reason(gm, [name for name, _ in chosen], target, opts)
             if opts.passes is None and opts.cudagraph_buckets is None else None)
+    # A pass that does not apply is reported where the Dynamo graph holds one of its anchors, else not at all.
+    anchored = {name for name, _ in chosen if may_match(gm, name)}
     if idle is not None:
         why = f"nothing to rewrite ({idle}; options['passes'] runs it anyway)"
-        for name, _ in chosen:  # a pass that would have had something here says why it did not apply
+        for name, _ in chosen:
             na = not_applicable(name, target, opts)
-            reason = f"not applicable on this target: {na}" if na is not None and may_match(gm, name) else why
-            record.skipped.append({"pass": name, "reason": reason})
+            if na is None:
+                record.skipped.append({"pass": name, "reason": why})
+            elif name in anchored:
+                record.skipped.append({"pass": name, "reason": f"not applicable on this target: {na}"})
         record.nodes_in = record.nodes_out = len(gm.graph.nodes)
         return lower(record.lowering, gm, example_inputs, opts.mode, opts.inductor_config, dump), (), None, ()
     if _has_dtensor(example_inputs):
@@ -153,7 +157,7 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
     manager = PassManager(
         chosen, record, fake_mode, fake_inputs, example_inputs,
         strict=opts.strict, verify=opts.verify, dump=dump, constant_buffers=opts.constant_buffers,
-        pass_timeout_s=opts.pass_timeout_s, target=target, options=opts,
+        pass_timeout_s=opts.pass_timeout_s, target=target, options=opts, anchored=anchored,
     )
     manager.run(cgm)
     record.nodes_out = len(cgm.graph.nodes)

@@ -35,6 +35,7 @@ class Options:
     moe_grouped_mm: str = "auto"
     cudagraph_buckets: Any = None
     fp8: Optional[FP8Options] = None  # core/fp8_options.py
+    linear_cross_entropy: Any = "auto"
     constant_buffers: bool = False
     pass_timeout_s: Optional[float] = None
 
@@ -81,6 +82,9 @@ OPTION_DOCS = (  # (key, values, default), markdown; docs/architecture.md's tabl
     ('cudagraph_buckets',
      '`None` (off), a list of batch sizes, or `"pow2:<max>"`: with `mode="reduce-overhead"` on CUDA, an inference graph whose rows are proven independent along a dynamic batch is captured once per bucket and replayed with its inputs padded (see [docs/passes/cudagraphs.md](passes/cudagraphs.md)); other graphs keep Inductor\'s CUDA graphs, and the report says why',
      '`None`'),
+    ('linear_cross_entropy',
+     '`"auto"` (the `linear-cross-entropy` pass rewrites training graphs on CUDA GPUs of compute capability 9.0 and up, where it is measured: see [docs/passes/linear-cross-entropy.md](passes/linear-cross-entropy.md)), `True` (training graphs on any device), `False` (off)',
+     '`"auto"`'),
     ('fp8',
      '`None` (off), `True`, or a dict: `recipe` (`"tensorwise"` (default), `"rowwise"`, `"delayed"`, `"static"`: see [docs/passes/fp8.md](passes/fp8.md)), `include` / `exclude` (globs on module paths), `emulate` (bool: convert on any device through the exact emulation), `min_dims` (`[M, K, N]` thresholds replacing the device\'s size-table row), `history_len` (delayed: amax history length, 1 to 1024, default 16), `margin` (delayed: scale headroom in powers of 2, 0 to 8, default 0), `fast_accum` (bool, default `True`: the forward GEMM accumulates with the GPU\'s fast FP8 mode; gradients never do)',
      '`None`'),
@@ -117,6 +121,9 @@ def parse_options(mode: Optional[str] = None, options: Optional[Mapping[str, Any
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise ValueError(f"kernelpytorch: options['pass_timeout_s'] must be a positive number of seconds or None, "
                          f"got {timeout!r}")
+    lce = options.get("linear_cross_entropy", "auto")
+    if not (lce == "auto" or isinstance(lce, bool)):
+        raise ValueError(f"kernelpytorch: options['linear_cross_entropy'] must be 'auto', True or False, got {lce!r}")
     for key in ("strict", "verify", "constant_buffers"):
         if key in options and not isinstance(options[key], bool):
             raise ValueError(f"kernelpytorch: options[{key!r}] must be True or False, got {options[key]!r}")

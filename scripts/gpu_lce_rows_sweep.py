@@ -61,8 +61,10 @@ def main() -> None:
               f"{'' if ok else '  WRONG'}")
 
 
-    best = min(r for r in results if r[-1])
-    print("best KP_LCE_TILE=" + ",".join(str(int(v)) for v in best[1:4]))
+    correct = [r for r in results if r[-1]]
+    if not correct:
+        raise SystemExit("no tile gave the ATen rows' results")
+    print("best KP_LCE_TILE=" + ",".join(str(int(v)) for v in min(correct)[1:4]))
 
 
 if __name__ == "__main__":

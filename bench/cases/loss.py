@@ -6,8 +6,8 @@
 
 The step is what a user compiles to train without keeping the logits: a function of the ids and labels that
 returns transformers' own loss (``ForCausalLMLoss``: labels shifted, logits upcast); the model returning its
-logits too would keep them whatever the compiler does. kernelpytorch rows run with the default passes named
-in ``options["passes"]``, so that ``linear-cross-entropy`` (a default on CUDA) also runs in the CPU smoke run. The ``liger`` row (``bench/backends.py``) computes the same loss with
+logits too would keep them whatever the compiler does. kernelpytorch rows set ``options["linear_cross_entropy"]=True``,
+so that the pass (a default on CUDA 9.0 and up) also runs in the CPU smoke run. The ``liger`` row (``bench/backends.py``) computes the same loss with
 Liger-Kernel's fused linear cross-entropy on the model's hidden states, under Inductor. Smoke: d=32, vocabulary
 512, batch 2 x 16, fp32.
 """
@@ -41,7 +41,6 @@ class LossOnly(nn.Module):
 
 def _build(shape: dict, scale: Scale) -> Workload:
     import transformers as tf
-    from kp_compiler import default_passes
 
     d, vocab, layers, (b, t) = ((32, 512, 2, (2, 16)) if scale.smoke else (1024, 128256, shape["layers"],
                                                                           shape["batch"]))
@@ -52,7 +51,7 @@ def _build(shape: dict, scale: Scale) -> Workload:
     model = tf.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").to(scale.device, scale.dtype)
     ids = torch.randint(0, vocab, (b, t), device=scale.device)
     return Workload(LossOnly(model), (ids, ids.clone()), loss=lambda out: out,
-                    kp_options={"passes": default_passes()},
+                    kp_options={"linear_cross_entropy": True},
                     note=f"{layers} layers, d={d}, vocabulary {vocab}, batch {b} x {t}; the step returns only the loss")
 
 

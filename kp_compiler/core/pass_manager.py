@@ -223,7 +223,9 @@ def idle_reason(gm: fx.GraphModule, names: Sequence[str], target=None, options=N
 
 
 def may_match(gm: fx.GraphModule, name: str) -> bool:
-    """Whether ``gm`` holds one of the pass's declared anchors (True for a pass that declares none)."""
+    """Whether ``gm`` holds one of the pass's declared anchors: True for a pass that declares none (``None``),
+    False for one that declares ``()`` (it never has anything of its own to look at). Anchors describe Dynamo
+    graphs (``idle_reason``); the backend asks this of the Dynamo graph and hands the answer to ``PassManager``."""
     anchors = _ANCHORS.get(name)
     if anchors is None:
         return True
@@ -277,8 +279,11 @@ class PassManager:
         pass_timeout_s: Optional[float] = None,
         target=None,
         options=None,
+        anchored: Optional[set] = None,
     ):
         self.passes = list(passes)
+        # passes whose anchors the Dynamo graph holds (backend.py); None: looked up in the graph run() gets
+        self.anchored = anchored
         self.record = record
         self.fake_mode = fake_mode
         self.fake_inputs = list(fake_inputs)
@@ -300,7 +305,8 @@ class PassManager:
         for name, fn in self.passes:
             why = not_applicable(name, self.target, self.options)
             if why is not None:
-                if may_match(gm, name):  # a pass with nothing to look at in this graph goes unmentioned
+                shown = may_match(gm, name) if self.anchored is None else name in self.anchored
+                if shown:  # a pass with nothing to look at in this graph goes unmentioned
                     self.record.skipped.append({"pass": name, "reason": f"not applicable on this target: {why}"})
                 continue
             self.run_pass(gm, name, fn)

@@ -106,10 +106,10 @@ def config(vocab: int) -> tuple:
         parts = forced.split(",")
         ok = len(parts) == 3 and all(p.isdigit() for p in parts)
         block, warps, reverse = (int(p) for p in parts) if ok else (0, 0, 0)
-        if not (ok and block >= 16 and block & (block - 1) == 0 and warps in (1, 2, 4, 8, 16, 32)
+        if not (ok and 16 <= block <= 65536 and block & (block - 1) == 0 and warps in (1, 2, 4, 8, 16, 32)
                 and reverse in (0, 1)):
-            raise ValueError(f"KP_LCE_TILE={forced!r}: want BLOCK,warps,reverse (a power of two >= 16, 1-32 "
-                             "warps as a power of two, 0 or 1)")
+            raise ValueError(f"KP_LCE_TILE={forced!r}: want BLOCK,warps,reverse (a power of two from 16 to "
+                             "65536, 1-32 warps as a power of two, 0 or 1)")
         return block, warps, bool(reverse)
     block = min(4096, next_power_of_2(vocab))
     return block, 8 if block >= 2048 else 4, True

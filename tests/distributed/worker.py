@@ -104,9 +104,7 @@ def _train(config: str, compiled: bool, rank: int) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     forward = model
     if compiled and config == "ddp-lce":
-        from kp_compiler import default_passes
-        forward = torch.compile(model, backend="kernelpytorch",
-                                options={"passes": default_passes()})
+        forward = torch.compile(model, backend="kernelpytorch", options={"linear_cross_entropy": True})
     elif compiled:
         forward = torch.compile(model, backend="kernelpytorch", options=FP8 if fp8 else None)
 

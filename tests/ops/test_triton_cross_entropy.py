@@ -77,7 +77,7 @@ def test_every_tile_the_sweep_tries_equals_aten(block, reverse):
 def test_the_tile_override(monkeypatch):
     monkeypatch.setenv("KP_LCE_TILE", "8192,16,1")
     assert tce.config(128256) == (8192, 16, True)
-    for bad in ("8192,16", "3000,8,0", "4096,12,0", "4096,8,2", "a,b,c", "4096,8,1,0"):
+    for bad in ("8192,16", "3000,8,0", "4096,12,0", "4096,8,2", "a,b,c", "4096,8,1,0", "131072,8,1"):
         monkeypatch.setenv("KP_LCE_TILE", bad)
         with pytest.raises(ValueError, match="KP_LCE_TILE"):
             tce.config(128256)

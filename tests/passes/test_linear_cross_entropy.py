@@ -13,6 +13,7 @@ from kp_compiler.testing.hf import build
 from tests.utils import filecheck
 
 PASSES = ["noop-elimination", "linear-cross-entropy"]
+OPTS = {"passes": PASSES, "linear_cross_entropy": True}  # on any device (the default: CUDA 9.0 and up)
 D, V = 16, 50
 
 
@@ -59,7 +60,7 @@ def _labels(shape, ignored=(1, 6), ignore_index=-100):
 
 def _check(model, x, y, rtol=1e-5, atol=1e-6, expect=1, **options):
     """Compile with the pass, one training step each way on the same inputs; returns the pass record."""
-    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES, **options})
+    compiled = torch.compile(model, backend="kernelpytorch", options={**OPTS, **options})
     xs = [x.detach().clone().requires_grad_() for _ in range(2)]
     model.zero_grad(set_to_none=True)
     with collect() as records:
@@ -114,7 +115,7 @@ class TiedLM(nn.Module):
 def test_tied_embedding_and_head(small_chunks):
     torch.manual_seed(0)
     model = TiedLM()
-    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES})
+    compiled = torch.compile(model, backend="kernelpytorch", options=OPTS)
     ids, y = torch.randint(0, V, (2, 7)), torch.randint(0, V, (2, 7))
     y[0, 2] = -1
     with collect() as records:
@@ -168,7 +169,7 @@ def test_transformers_causal_lm_loss_through_a_loss_only_step(small_chunks, name
     labels = ids.clone()
     labels[0, :3] = -100
     step = torch.compile(lambda ids, labels: model(input_ids=ids, labels=labels).loss, backend="kernelpytorch",
-                         options={"passes": PASSES})
+                         options=OPTS)
     with collect() as records:
         _step_equals_eager(step, model, ids, labels)
     assert sum(p.matches for r in records for p in r.passes if p.name == "linear-cross-entropy") == 1
@@ -190,7 +191,7 @@ def test_transformers_model_returning_logits_is_left_alone_with_advice():
     model, vocab = build("llama", "tiny", attn="sdpa")
     model.train()
     ids = torch.randint(0, vocab, (2, 9))
-    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES})
+    compiled = torch.compile(model, backend="kernelpytorch", options=OPTS)
     with collect() as records:
         out = compiled(input_ids=ids, labels=ids)
     out.loss.backward()
@@ -203,7 +204,7 @@ def test_transformers_loss_only_step_with_dynamic_shapes(small_chunks):
     model, vocab = build("llama", "tiny", attn="sdpa")
     model.train()
     step = torch.compile(lambda ids, labels: model(input_ids=ids, labels=labels).loss, backend="kernelpytorch",
-                         options={"passes": PASSES}, dynamic=True)
+                         options=OPTS, dynamic=True)
     with collect() as records:
         for t in (9, 13):
             ids = torch.randint(0, vocab, (2, t))
@@ -280,7 +281,7 @@ class Bf16Loss(Head):
 def test_near_misses_are_left_alone_and_say_why(model, why):
     torch.manual_seed(0)
     x, y = torch.randn(2, 5, D, requires_grad=True), _labels((2, 5))
-    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES})
+    compiled = torch.compile(model, backend="kernelpytorch", options=OPTS)
     with collect() as records:
         out = compiled(x, y)
     ref = model(x, y)
@@ -293,7 +294,7 @@ def test_near_misses_are_left_alone_and_say_why(model, why):
 def test_bf16_loss_without_upcast_is_left_alone():
     torch.manual_seed(0)
     model = Bf16Loss().bfloat16()
-    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES})
+    compiled = torch.compile(model, backend="kernelpytorch", options=OPTS)
     with collect() as records:
         compiled(torch.randn(2, 5, D, requires_grad=True).bfloat16(), _labels((2, 5)))
     (rec,) = [p for r in records for p in r.passes if p.name == "linear-cross-entropy"]
@@ -303,40 +304,49 @@ def test_bf16_loss_without_upcast_is_left_alone():
 def test_inference_graphs_are_not_rewritten():
     torch.manual_seed(0)
     model = Head()
-    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES})
+    compiled = torch.compile(model, backend="kernelpytorch", options=OPTS)
     with torch.no_grad(), collect() as records:
         compiled(torch.randn(2, 5, D), _labels((2, 5)))
     skipped = [s for r in records for s in r.skipped if s["pass"] == "linear-cross-entropy"]
     assert skipped and "no backward" in skipped[0]["reason"]
 
 
-def test_a_default_on_cuda_named_elsewhere():
-    """In the default list; on the CPU a training graph is left alone unless ``options["passes"]`` names the
-    pass (the report says so), while a CUDA training target applies."""
+def test_a_default_pass_gated_by_its_option():
+    """In the default list; ``options["linear_cross_entropy"]``: "auto" applies on CUDA 9.0 and up only (where
+    it is measured), True on any device, False never; on the CPU by default a training graph with a
+    cross-entropy is left alone and the report says how to turn it on."""
     import kp_compiler
     from kp_compiler.core.devices import DeviceInfo
     from kp_compiler.core.target import Target
     from kp_compiler.options import parse_options
     assert "linear-cross-entropy" in kp_compiler.default_passes()
-    assert lce_pass.applies(Target(DeviceInfo("cuda", (9, 0)), True), parse_options(None, {})) is None
-    assert "no backward" in lce_pass.applies(Target(DeviceInfo("cuda", (9, 0)), False), parse_options(None, {}))
-    assert lce_pass.applies(Target(DeviceInfo("cpu"), True), parse_options(None, {"passes": PASSES})) is None
+    auto, on, off = (parse_options(None, o) for o in ({}, {"linear_cross_entropy": True},
+                                                      {"linear_cross_entropy": False}))
+    h200, a100, cpu = DeviceInfo("cuda", (9, 0)), DeviceInfo("cuda", (8, 0)), DeviceInfo("cpu")
+    assert lce_pass.applies(Target(h200, True), auto) is None
+    assert "9.0" in lce_pass.applies(Target(a100, True), auto)
+    assert "no backward" in lce_pass.applies(Target(h200, False), auto)
+    assert lce_pass.applies(Target(cpu, True), on) is None
+    assert "off" in lce_pass.applies(Target(h200, True), off)
+    with pytest.raises(ValueError, match="linear_cross_entropy"):
+        parse_options(None, {"linear_cross_entropy": "yes"})
     torch.manual_seed(0)
     model = Head()
-    compiled = torch.compile(model, backend="kernelpytorch")
     x = torch.randn(2, 5, D, requires_grad=True)
-    with collect() as records:
-        compiled(x, _labels((2, 5))).backward()
-    skipped = [s for r in records for s in r.skipped if s["pass"] == "linear-cross-entropy"]
-    assert skipped and "CUDA only" in skipped[0]["reason"], [r.skipped for r in records]
-    assert not [p for r in records for p in r.passes if p.name == "linear-cross-entropy"]
+    for options in ({}, {"passes": kp_compiler.default_passes() + ["noop-elimination"]}):
+        torch._dynamo.reset()
+        with collect() as records:
+            torch.compile(model, backend="kernelpytorch", options=options)(x, _labels((2, 5))).backward()
+        skipped = [s for r in records for s in r.skipped if s["pass"] == "linear-cross-entropy"]
+        assert skipped and "linear_cross_entropy']=True" in skipped[0]["reason"], [r.skipped for r in records]
+        assert not [p for r in records for p in r.passes if p.name == "linear-cross-entropy"]
 
 
 def test_dynamic_token_count_compiles_once(small_chunks):
     """The token count stays symbolic: the chunk size comes from the vocabulary (a weight's static size)."""
     torch.manual_seed(0)
     model = Head()
-    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES}, dynamic=True)
+    compiled = torch.compile(model, backend="kernelpytorch", options=OPTS, dynamic=True)
     with collect() as records:
         for t in (5, 7, 9):
             x, y = torch.randn(2, t, D, requires_grad=True), _labels((2, t))
@@ -354,7 +364,7 @@ def test_logits_from_another_graph_say_where_they_came_from():
         return F.cross_entropy(logits.float().view(-1, V), labels.view(-1))
 
     logits = torch.randn(2, 5, V, requires_grad=True)
-    compiled = torch.compile(loss, backend="kernelpytorch", options={"passes": PASSES})
+    compiled = torch.compile(loss, backend="kernelpytorch", options=OPTS)
     with collect() as records:
         compiled(logits, _labels((2, 5))).backward()
     (rec,) = [p for r in records for p in r.passes if p.name == "linear-cross-entropy"]

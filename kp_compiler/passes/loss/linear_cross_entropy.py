@@ -20,8 +20,11 @@ Preconditions, else the graph is left alone and the report's note names the fail
 - the loss is computed in fp32 (the logits cast to it, or made in it): a loss in 16-bit floats is not what
   the op computes; no class weights; reduction ``mean`` or ``sum``.
 
-A default pass on CUDA, where it is measured (H200: half of Inductor's step memory at a step time no slower,
-``docs/passes/linear-cross-entropy.md``); on other devices it runs only when ``options["passes"]`` names it.
+A default pass, gated by ``options["linear_cross_entropy"]``: ``"auto"`` rewrites on CUDA GPUs of compute
+capability 9.0 and up, where it is measured (H200: half of Inductor's step memory at a step time no slower,
+``docs/passes/linear-cross-entropy.md``); ``True`` on any device; ``False`` never. It computes the gradients
+in the forward, so a loss computed with gradients enabled and never backpropagated (an eval loss outside
+``torch.no_grad()``) pays for three GEMMs instead of one.
 
 Before::
 
@@ -53,6 +56,7 @@ from ...ops import linear_cross_entropy as lce
 
 aten = torch.ops.aten
 
+MEASURED_FROM = (9, 0)  # compute capability of the GPU it is measured on (H200); "auto" turns it on from here
 VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.contiguous.default,
          aten.clone.default)
 REDUCTIONS = {1: "mean", 2: "sum"}  # torch's Reduction enum: 0 none, 1 mean, 2 sum
@@ -62,13 +66,17 @@ OUTPUT_NOTE = ("logits also returned (as transformers does); compile a step retu
 
 
 def applies(target, options) -> Optional[str]:
-    """Where a backward may run; by default on CUDA only (elsewhere when ``options["passes"]`` names it)."""
+    """Training graphs where ``options["linear_cross_entropy"]`` allows: ``"auto"`` (CUDA, compute capability
+    9.0 and up, where it is measured), ``True`` (any device), ``False`` (never)."""
+    mode = getattr(options, "linear_cross_entropy", "auto")
+    if mode is False:
+        return "off (options['linear_cross_entropy']=False)"
     if not target.training:
         return "no backward runs in this graph: its logits cost no gradient"
-    named = "linear-cross-entropy" in (getattr(options, "passes", None) or ())
-    if target.device.kind != "cuda" and not named:
-        return (f"on by default on CUDA only, where it is measured; on {target.device.kind} name it in "
-                "options['passes'] to run it")
+    device = target.device
+    if mode == "auto" and not (device.kind == "cuda" and (device.capability or (0, 0)) >= MEASURED_FROM):
+        return (f"on by default on CUDA GPUs of compute capability {MEASURED_FROM[0]}.{MEASURED_FROM[1]} and up, "
+                f"where it is measured; options['linear_cross_entropy']=True runs it on {device.kind}")
     return None
 
 
