@@ -44,10 +44,11 @@ def _rows(z, labels, ignore_index, smoothing, softcap, scale, out=None):
     return ops.rows(z, labels, ignore_index, smoothing, softcap, scale, out=out)
 
 
-def _cuda(h, w, b, labels, ignore_index, label_smoothing, reduction, softcap, chunk):
+def _cuda(h, w, b, labels, ignore_index, label_smoothing, reduction, softcap, chunk, weight_grads=True):
     ops._check(h, w, b, labels, reduction, softcap, chunk)
     with torch.no_grad():
-        return ops.forward(h, w, b, labels, ignore_index, label_smoothing, reduction, softcap, chunk, rows_fn=_rows)
+        return ops.forward(h, w, b, labels, ignore_index, label_smoothing, reduction, softcap, chunk, rows_fn=_rows,
+                           weight_grads=weight_grads)
 
 
 torch.library.register_kernel("kp::linear_cross_entropy", "cuda", _cuda)

@@ -3,7 +3,7 @@
 ::
 
     loss, grad_h, grad_w, grad_b = linear_cross_entropy(h, w, b, labels, ignore_index, label_smoothing,
-                                                        reduction, softcap, chunk)
+                                                        reduction, softcap, chunk, weight_grads=True)
     loss == F.cross_entropy(softcap(h @ w.T + b).float(), labels, ignore_index=..., label_smoothing=...,
                             reduction=...)                 # softcap(z) = c * tanh(z / c), none where c == 0
 
@@ -16,7 +16,9 @@ chunk's rows of ``grad_h`` and its part of ``grad_w`` and ``grad_b``, in chunk o
 ``grad_w`` is accumulated in ``w``'s dtype by default: one GEMM per chunk adding into it, each sum taken in the
 GEMM's fp32 accumulator and rounded once per chunk (at most ``MAX_CHUNKS`` roundings where eager has one; no
 ``[V, d]`` fp32 buffer, which at a 128k vocabulary would be most of the memory saved). ``KP_LCE_ACCUMULATE=fp32``
-accumulates in fp32 instead (``accumulation``, ``_accumulate``). ``grad_b`` is summed in fp32. The gradients
+accumulates in fp32 instead (``accumulation``, ``_accumulate``). ``grad_b`` is summed in fp32. With ``weight_grads=False`` (a frozen head, as in LoRA fine-tuning) ``grad_w``
+and ``grad_b`` are not computed (one GEMM per chunk fewer) and come back empty; the backward then refuses to
+give them. The gradients
 are made in the forward, for a gradient of the loss of 1, and returned; the autograd formula scales them by
 the incoming gradient. So a training step runs the three GEMMs an unfused
 one runs, and holds one chunk of logits instead of all of them (and their fp32 copy, and their gradient).
@@ -102,7 +104,7 @@ def rows_per_chunk(n: int, chunk: int) -> int:
 
 
 def forward(h, w, b, labels, ignore_index: int, smoothing: float, reduction: str, softcap: float, chunk: int,
-            rows_fn=rows) -> tuple:
+            rows_fn=rows, weight_grads: bool = True) -> tuple:
     """The chunked loop (any device); ``rows_fn``: ``rows`` or a fused kernel with its signature.
 
     Few kernels outside the loop, since a small model's step is host-bound here (the H200 profile at fa14e10
@@ -125,8 +127,8 @@ def forward(h, w, b, labels, ignore_index: int, smoothing: float, reduction: str
     losses = torch.empty(n, dtype=acc, device=h.device)
     grad_h = torch.empty_like(h)
     w_acc = w.dtype if accumulation() == "weight" or w.dtype == torch.float64 else acc
-    grad_w = torch.zeros(w.shape, dtype=w_acc, device=w.device) if n == 0 else None
-    grad_b = torch.zeros(w.shape[0], dtype=acc, device=w.device) if b is not None else None
+    grad_w = torch.zeros(w.shape, dtype=w_acc, device=w.device) if n == 0 and weight_grads else None
+    grad_b = torch.zeros(w.shape[0], dtype=acc, device=w.device) if b is not None and weight_grads else None
     for start in range(0, n, step):
         hc = h[start:start + step]
         if start:
@@ -134,11 +136,14 @@ def forward(h, w, b, labels, ignore_index: int, smoothing: float, reduction: str
         _, g = rows_fn(z, labels[start:start + step], ignore_index, smoothing, softcap, scale,
                        out=losses[start:start + step])
         torch.mm(g, w, out=grad_h[start:start + step])
-        grad_w = _accumulate(grad_w, g.t(), hc, w_acc)
+        if weight_grads:
+            grad_w = _accumulate(grad_w, g.t(), hc, w_acc)
         if grad_b is not None:
             grad_b += g.sum(0, dtype=acc)
         del z, g  # so the next chunk's logits are not allocated while this chunk's are still held
     loss = losses.sum() / count if mean else losses.sum()
+    if not weight_grads:
+        return loss, grad_h, w.new_empty(0), h.new_empty(0)
     return (loss, grad_h, grad_w.to(w.dtype),
             grad_b.to(b.dtype) if grad_b is not None else h.new_empty(0))
 
@@ -179,21 +184,25 @@ def _fp32_out(device: torch.device) -> bool:
 @torch.library.custom_op("kp::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], labels: torch.Tensor,
                          ignore_index: int, label_smoothing: float, reduction: str, softcap: float,
-                         chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                         chunk: int, weight_grads: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(h, w, b, labels, reduction, softcap, chunk)
     with torch.no_grad():
-        return forward(h, w, b, labels, ignore_index, label_smoothing, reduction, softcap, chunk)
+        return forward(h, w, b, labels, ignore_index, label_smoothing, reduction, softcap, chunk,
+                       weight_grads=weight_grads)
 
 
 @linear_cross_entropy.register_fake
-def _(h, w, b, labels, ignore_index, label_smoothing, reduction, softcap, chunk):
-    grad_b = torch.empty_like(b) if b is not None else h.new_empty(0)
+def _(h, w, b, labels, ignore_index, label_smoothing, reduction, softcap, chunk, weight_grads=True):
+    grad_b = torch.empty_like(b) if b is not None and weight_grads else h.new_empty(0)
+    grad_w = torch.empty_like(w) if weight_grads else w.new_empty(0)
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    return h.new_empty((), dtype=acc), torch.empty_like(h), torch.empty_like(w), grad_b
+    return h.new_empty((), dtype=acc), torch.empty_like(h), grad_w, grad_b
 
 
 def _setup(ctx, inputs, output):
     ctx.has_bias = inputs[2] is not None
+    ctx.weight_grads = inputs[9] if len(inputs) > 9 else True
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(*output[1:])
 
@@ -201,8 +210,11 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_loss, *unused):
     grad_h, grad_w, grad_b = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if (need[1] or (ctx.has_bias and need[2])) and not ctx.weight_grads:
+        raise RuntimeError("kp::linear_cross_entropy: the head's weight (or bias) needs a gradient, but the op was "
+                           "called with weight_grads=False (the head was frozen when the graph was compiled)")
     return (grad_h * grad_loss if need[0] else None, grad_w * grad_loss if need[1] else None,
-            grad_b * grad_loss if ctx.has_bias and need[2] else None, None, None, None, None, None, None)
+            grad_b * grad_loss if ctx.has_bias and need[2] else None, None, None, None, None, None, None, None)
 
 
 linear_cross_entropy.register_autograd(_backward, setup_context=_setup)

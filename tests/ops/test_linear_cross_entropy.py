@@ -176,3 +176,23 @@ def test_the_mean_scale_is_exact_in_float64():
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-13, atol=0)
     torch.testing.assert_close(gh, ref_h, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(gw, ref_w, rtol=1e-12, atol=1e-15)
+
+
+def test_a_frozen_head_skips_the_weight_gradient(monkeypatch):
+    """``weight_grads=False``: no ``grad_w`` GEMM (``_accumulate`` never called), empty ``grad_w``/``grad_b``, the
+    loss and ``grad_h`` unchanged; asked for the weight's gradient anyway, the backward refuses."""
+    g = torch.Generator().manual_seed(6)
+    h, w, b = torch.randn(12, 8, generator=g), torch.randn(30, 8, generator=g), torch.randn(30, generator=g)
+    y = torch.randint(0, 30, (12,), generator=g)
+    want = lce.forward(h, w, b, y, -100, 0.1, "mean", 0.0, 4)
+    calls = []
+    real = lce._accumulate
+    monkeypatch.setattr(lce, "_accumulate", lambda *a: (calls.append(1), real(*a))[1])
+    got = lce.forward(h, w, b, y, -100, 0.1, "mean", 0.0, 4, weight_grads=False)
+    assert not calls and got[2].numel() == 0 and got[3].numel() == 0
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    wr = w.clone().requires_grad_()
+    loss = OP(h.clone().requires_grad_(), wr, None, y, -100, 0.0, "mean", 0.0, 4, False)[0]
+    with pytest.raises(RuntimeError, match="weight_grads=False"):
+        loss.backward()

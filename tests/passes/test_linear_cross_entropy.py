@@ -130,6 +130,25 @@ def test_tied_embedding_and_head(small_chunks):
     assert sum(p.matches for r in records for p in r.passes if p.name == "linear-cross-entropy") == 1
 
 
+def test_a_frozen_head_gets_no_weight_gradient_gemm(small_chunks, monkeypatch):
+    """LoRA fine-tuning freezes the LM head: the op is emitted with ``weight_grads=False`` (no ``grad_W`` GEMM),
+    the trainable parameters' gradients equal eager's; unfreezing recompiles (Dynamo guards requires_grad) and
+    the weight's gradient is made again."""
+    from kp_compiler.ops import linear_cross_entropy as ops
+    flags = []
+    real = ops.forward
+    monkeypatch.setattr(ops, "forward", lambda *a, **k: (flags.append(k.get("weight_grads", True)), real(*a, **k))[1])
+    torch.manual_seed(0)
+    model = Head(bias=True)
+    model.lm.requires_grad_(False)
+    rec = _check(model, torch.randn(2, 7, D), _labels((2, 7)))
+    assert flags == [False] and rec.matches == 1
+    assert model.lm.weight.grad is None
+    model.lm.requires_grad_(True)
+    _check(model, torch.randn(2, 7, D), _labels((2, 7)))
+    assert flags[-1] is True
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_every_label_ignored(small_chunks, reduction):
     """Eager: NaN loss for mean (0 / 0), 0 for sum; zero gradients either way."""
@@ -152,7 +171,7 @@ def test_dump(small_chunks, tmp_path):
         "CHECK-NOT: cross_entropy_loss\n"
         "CHECK: %reshape_default = aten.reshape.default(%linear, [-1, 16]) : f32[10, 16]\n"
         "CHECK: kp.linear_cross_entropy.default(%reshape_default, %l_self_modules_lm_parameters_weight_, None, "
-        "%view_1, -100, 0.0, 'mean', 0.0, 4)\n"
+        "%view_1, -100, 0.0, 'mean', 0.0, 4, True)\n"
         "CHECK: _operator.getitem(%linear_cross_entropy_default, 0) : f32[]\n"
         "CHECK-NOT: aten.linear.default(%linear\n",
         text,

@@ -36,7 +36,8 @@ Before::
 After::
 
     %reshape = aten.reshape.default(%h, [-1, 16]) : f32[10, 16]
-    %linear_cross_entropy = kp.linear_cross_entropy.default(%reshape, %w, None, %labels, -100, 0.0, 'mean', 0.0, 4096)
+    %linear_cross_entropy = kp.linear_cross_entropy.default(%reshape, %w, None, %labels, -100, 0.0, 'mean', 0.0, 4096,
+                                                            True)
     %getitem = _operator.getitem(%linear_cross_entropy, 0) : f32[]
 """
 
@@ -152,15 +153,19 @@ def match(loss: fx.Node) -> tuple:
     h, w = node.args[0], node.args[1]
     b = _arg(node, 2, "bias", None)
     ctx = context.current()
+    weight_grads = False
     for p in (w, b):
         if p is None:
             continue
         if not (isinstance(p, fx.Node) and p.op == "placeholder"
                 and (ctx is None or isinstance(ctx.example_value(p), torch.nn.Parameter))):
             return None, f"{getattr(p, 'name', p)}: the head's weight or bias is not a parameter of the graph"
+        # a frozen head (LoRA): no weight gradient to make; Dynamo guards requires_grad, so unfreezing recompiles
+        weight_grads = weight_grads or ctx is None or ctx.example_value(p).requires_grad
     if val(x).shape[-1] != val(w).shape[0] or val(x).dim() != 2:
         return None, "the logits are not flattened to [tokens, vocabulary]"
     fields = dict(linear=node, h=h, w=w, b=b, labels=loss.args[1], reduction=reduction, softcap=softcap,
+                  weight_grads=weight_grads,
                   slices=slices[::-1],  # as the model applies them, from the linear down
                   ignore_index=int(_arg(loss, 4, "ignore_index", -100)),
                   smoothing=float(_arg(loss, 5, "label_smoothing", 0.0)))
@@ -195,7 +200,7 @@ def _emit(gm: fx.GraphModule, loss: fx.Node, f: dict) -> None:
         h = g.call_function(aten.reshape.default, (h, [-1, d]))
         out = g.call_function(torch.ops.kp.linear_cross_entropy.default,
                               (h, f["w"], f["b"], f["labels"], f["ignore_index"], f["smoothing"], f["reduction"],
-                               f["softcap"], lce.chunk_rows(vocab)))
+                               f["softcap"], lce.chunk_rows(vocab), f["weight_grads"]))
         new = g.call_function(operator.getitem, (out, 0))
     new.meta["val"] = val(loss)
     loss.replace_all_uses_with(new)
