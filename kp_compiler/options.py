@@ -83,7 +83,7 @@ OPTION_DOCS = (  # (key, values, default), markdown; docs/architecture.md's tabl
      '`None` (off), a list of batch sizes, or `"pow2:<max>"`: with `mode="reduce-overhead"` on CUDA, an inference graph whose rows are proven independent along a dynamic batch is captured once per bucket and replayed with its inputs padded (see [docs/passes/cudagraphs.md](passes/cudagraphs.md)); other graphs keep Inductor\'s CUDA graphs, and the report says why',
      '`None`'),
     ('linear_cross_entropy',
-     '`"auto"` (the `linear-cross-entropy` pass rewrites training graphs on CUDA GPUs of compute capability 9.0 and up, where it is measured: see [docs/passes/linear-cross-entropy.md](passes/linear-cross-entropy.md)), `True` (training graphs on any device), `False` (off)',
+     '`"auto"` (the `linear-cross-entropy` pass rewrites LM heads of at least 128000 classes in training graphs on CUDA GPUs of compute capability 9.0 and up, where it is measured: see [docs/passes/linear-cross-entropy.md](passes/linear-cross-entropy.md)), `True` (any head, training graphs on any device), `False` (off)',
      '`"auto"`'),
     ('fp8',
      '`None` (off), `True`, or a dict: `recipe` (`"tensorwise"` (default), `"rowwise"`, `"delayed"`, `"static"`: see [docs/passes/fp8.md](passes/fp8.md)), `include` / `exclude` (globs on module paths), `emulate` (bool: convert on any device through the exact emulation), `min_dims` (`[M, K, N]` thresholds replacing the device\'s size-table row), `history_len` (delayed: amax history length, 1 to 1024, default 16), `margin` (delayed: scale headroom in powers of 2, 0 to 8, default 0), `fast_accum` (bool, default `True`: the forward GEMM accumulates with the GPU\'s fast FP8 mode; gradients never do)',

@@ -361,6 +361,26 @@ def test_a_default_pass_gated_by_its_option():
         assert not [p for r in records for p in r.passes if p.name == "linear-cross-entropy"]
 
 
+def test_auto_rewrites_only_heads_as_large_as_measured(small_chunks, monkeypatch):
+    """Under "auto" on a CUDA 9.0 target (described to the pass; the tensors stay on the CPU) a 50-class head is
+    left to Inductor with a note; lowering the threshold below it rewrites the same head."""
+    from kp_compiler.core import target as target_mod
+    from kp_compiler.core.devices import DeviceInfo
+    monkeypatch.setattr(target_mod, "describe", lambda device: DeviceInfo("cuda", (9, 0)))
+    torch.manual_seed(0)
+    model = Head()
+    x = torch.randn(2, 5, D, requires_grad=True)
+    for floor, fired in ((lce_pass.AUTO_MIN_VOCAB, 0), (V, 1)):
+        monkeypatch.setattr(lce_pass, "AUTO_MIN_VOCAB", floor)
+        torch._dynamo.reset()
+        with collect() as records:
+            torch.compile(model, backend="kernelpytorch", options={"passes": PASSES})(x, _labels((2, 5))).backward()
+        (rec,) = [p for r in records for p in r.passes if p.name == "linear-cross-entropy"]
+        assert rec.matches == fired, rec.notes
+        if not fired:
+            assert any(f"vocabulary {V} is below the {floor}" in n for n in rec.notes), rec.notes
+
+
 def test_dynamic_token_count_compiles_once(small_chunks):
     """The token count stays symbolic: the chunk size comes from the vocabulary (a weight's static size)."""
     torch.manual_seed(0)

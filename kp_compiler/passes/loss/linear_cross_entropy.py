@@ -20,9 +20,10 @@ Preconditions, else the graph is left alone and the report's note names the fail
 - the loss is computed in fp32 (the logits cast to it, or made in it): a loss in 16-bit floats is not what
   the op computes; no class weights; reduction ``mean`` or ``sum``.
 
-A default pass, gated by ``options["linear_cross_entropy"]``: ``"auto"`` rewrites on CUDA GPUs of compute
-capability 9.0 and up, where it is measured (H200: half of Inductor's step memory at a step time no slower,
-``docs/passes/linear-cross-entropy.md``); ``True`` on any device; ``False`` never. It computes the gradients
+A default pass, gated by ``options["linear_cross_entropy"]``: ``"auto"`` rewrites heads of at least 128000
+classes on CUDA GPUs of compute capability 9.0 and up, where it is measured (H200, vocabulary 128256: half of
+Inductor's step memory at a step time no slower, ``docs/passes/linear-cross-entropy.md``); ``True`` any head
+on any device; ``False`` never. It computes the gradients
 in the forward, so a loss computed with gradients enabled and never backpropagated (an eval loss outside
 ``torch.no_grad()``) pays for three GEMMs instead of one.
 
@@ -58,6 +59,7 @@ from ...ops import linear_cross_entropy as lce
 aten = torch.ops.aten
 
 MEASURED_FROM = (9, 0)  # compute capability of the GPU it is measured on (H200); "auto" turns it on from here
+AUTO_MIN_VOCAB = 128000  # the vocabulary it is measured at (128256); "auto" leaves smaller heads to Inductor
 VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.contiguous.default,
          aten.clone.default)
 REDUCTIONS = {1: "mean", 2: "sum"}  # torch's Reduction enum: 0 none, 1 mean, 2 sum
@@ -182,11 +184,21 @@ def linear_cross_entropy(gm: fx.GraphModule) -> Matches:
         if fields is None:
             notes.append(f"{loss.name} kept: {why}")
             continue
+        vocab = val(fields["w"]).shape[0]  # a weight's static size: no guard
+        if _mode() == "auto" and vocab < AUTO_MIN_VOCAB:
+            notes.append(f"{loss.name} kept: vocabulary {vocab} is below the {AUTO_MIN_VOCAB} it is measured from "
+                         "(options['linear_cross_entropy']=True rewrites it)")
+            continue
         _emit(gm, loss, fields)
         count += 1
     if count:
         gm.recompile()
     return Matches({"linear-cross-entropy": count} if count else {}, notes)
+
+
+def _mode():
+    ctx = context.current()
+    return getattr(getattr(ctx, "options", None), "linear_cross_entropy", "auto")
 
 
 def _emit(gm: fx.GraphModule, loss: fx.Node, f: dict) -> None:
