@@ -190,10 +190,33 @@ def linear_cross_entropy(gm: fx.GraphModule) -> Matches:
                          "(options['linear_cross_entropy']=True rewrites it)")
             continue
         _emit(gm, loss, fields)
+        ctx = context.current()
+        if not fields["weight_grads"] and ctx is not None:
+            heads = [p for p in (fields["w"], fields["b"]) if p is not None]
+            ctx.hooks.append(FrozenHead(tuple(ctx.graph_inputs.index(p) for p in heads),
+                                        tuple(p.name for p in heads)))
         count += 1
     if count:
         gm.recompile()
     return Matches({"linear-cross-entropy": count} if count else {}, notes)
+
+
+class FrozenHead:
+    """Run before every call of a graph emitted with ``weight_grads=False``: raises if a head parameter that was
+    frozen at compile time requires a gradient now. Newer Dynamo guards ``requires_grad`` and recompiles first,
+    so this never fires there; torch 2.9's does not, and its compiled graph (Inductor's alone too) would drop
+    that gradient without a word."""
+
+    def __init__(self, inputs: tuple, names: tuple):
+        self.inputs, self.names = inputs, names
+
+    def __call__(self, args) -> None:
+        for i, name in zip(self.inputs, self.names):
+            if args[i].requires_grad:
+                raise RuntimeError(
+                    f"kp_compiler: the LM head's {name} was frozen (requires_grad=False) when this graph was "
+                    "compiled and requires a gradient now; this torch does not recompile for that, so the gradient "
+                    "would be lost. Call torch._dynamo.reset() after unfreezing, or compile after unfreezing.")
 
 
 def _mode():
