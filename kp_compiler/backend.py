@@ -29,8 +29,8 @@ from . import passes as _builtin_passes  # noqa: F401  (registers the built-in p
 from .core import regions
 from .core.canonicalize import canonicalize, fake_mode_of
 from .core.dump import GraphDump, append_report
-from .core.pass_manager import (PassManager, default_passes, idle_reason, may_match, not_applicable, on_registry_change,
-                                resolve)
+from .core.pass_manager import (PassManager, anchored_passes, default_passes, idle_reason, not_applicable,
+                                on_registry_change, resolve)
 from .core.report import GraphRecord, new_record, publish
 from .core.shape_guards import GuardWatch
 from .lowering import input_devices, lower, select
@@ -128,7 +128,7 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
     idle = (idle_reason(gm, [name for name, _ in chosen], target, opts)
             if opts.passes is None and opts.cudagraph_buckets is None else None)
     # A pass that does not apply is reported where the Dynamo graph holds one of its anchors, else not at all.
-    anchored = {name for name, _ in chosen if may_match(gm, name)}
+    anchored = anchored_passes(gm, [name for name, _ in chosen])
     if idle is not None:
         why = f"nothing to rewrite ({idle}; options['passes'] runs it anyway)"
         for name, _ in chosen:

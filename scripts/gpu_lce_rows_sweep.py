@@ -1,7 +1,9 @@
 """Issue 20: the fused rows kernel (``ops/triton_cross_entropy.py``) over one chunk of the lce-128k step's logits
-(1024 x 128256 bf16, the chunk ``chunk_rows`` picks), each tile by GPU time (CUDA events, median of 20 after
-warm-up), against the bytes it must move (the logits read twice, written once) and ATen's ``rows``. Picks the
-table in ``triton_cross_entropy.config``; not a benchmark of the step (``bash bench/gpu_run.sh lce`` is).
+(1024 x 128256 bf16, the chunk ``chunk_rows`` picks), each tile by GPU time (``bench.timing.time_fn``, median
+of 20 after warm-up), against the bytes it must move (the logits read twice, written once) and ATen's
+``rows``. Picks the table in ``triton_cross_entropy.config``; not a benchmark of the step (``bash
+bench/gpu_run.sh lce`` is). The committed sweeps (``bench/results/*lce-rows-sweep*``) timed with plain CUDA
+events, without the harness's L2 flush.
 
     PYTHONPATH=. python scripts/gpu_lce_rows_sweep.py [rows] [vocab]
 """
@@ -13,22 +15,14 @@ import sys
 
 import torch
 
+from bench.timing import time_fn
 from kp_compiler.ops import linear_cross_entropy as lce
 from kp_compiler.ops import triton_cross_entropy as tce
 
 
-def gpu_ms(fn, reps=20):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[reps // 2]
+def gpu_ms(fn) -> float:
+    """GPU time of ``fn`` (the harness's timer: L2 flushed, launch hidden behind a sleep), median of 20."""
+    return time_fn(fn, "cuda", reps=20, hide_launch=True).median_ms
 
 
 def main() -> None:

@@ -222,16 +222,17 @@ def idle_reason(gm: fx.GraphModule, names: Sequence[str], target=None, options=N
     return f"the graph has no {' or '.join(names)}" if wanted else "no pass looks for anything"
 
 
-def may_match(gm: fx.GraphModule, name: str) -> bool:
-    """Whether ``gm`` holds one of the pass's declared anchors: True for a pass that declares none (``None``),
-    False for one that declares ``()`` (it never has anything of its own to look at). Anchors describe Dynamo
-    graphs (``idle_reason``); the backend asks this of the Dynamo graph and hands the answer to ``PassManager``."""
-    anchors = _ANCHORS.get(name)
-    if anchors is None:
-        return True
-    targets = _call_targets(gm)
-    return any(any(a in t for t in targets) if isinstance(a, str) else any(a(n) for n in _call_nodes(gm))
-               for a in anchors)
+def anchored_passes(gm: fx.GraphModule, names: Sequence[str]) -> set[str]:
+    """The passes among ``names`` that could find something in ``gm``: one of their declared anchors occurs, or
+    they declare none (``None``); a pass that declares ``()`` never has anything of its own to look at. Anchors
+    describe Dynamo graphs (``idle_reason``); the backend asks this of the Dynamo graph and hands the answer to
+    ``PassManager``. The graph is walked once."""
+    targets, nodes = _call_targets(gm), _call_nodes(gm)
+
+    def occurs(anchor) -> bool:
+        return any(anchor in t for t in targets) if isinstance(anchor, str) else any(anchor(n) for n in nodes)
+
+    return {n for n in names if _ANCHORS.get(n) is None or any(occurs(a) for a in _ANCHORS[n])}
 
 
 def _call_nodes(gm: fx.GraphModule) -> list[fx.Node]:
@@ -305,8 +306,9 @@ class PassManager:
         for name, fn in self.passes:
             why = not_applicable(name, self.target, self.options)
             if why is not None:
-                shown = may_match(gm, name) if self.anchored is None else name in self.anchored
-                if shown:  # a pass with nothing to look at in this graph goes unmentioned
+                if self.anchored is None:
+                    self.anchored = anchored_passes(gm, [n for n, _ in self.passes])
+                if name in self.anchored:  # a pass with nothing to look at in this graph goes unmentioned
                     self.record.skipped.append({"pass": name, "reason": f"not applicable on this target: {why}"})
                 continue
             self.run_pass(gm, name, fn)

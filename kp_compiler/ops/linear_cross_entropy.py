@@ -16,10 +16,10 @@ chunk's rows of ``grad_h`` and its part of ``grad_w`` and ``grad_b``, in chunk o
 ``grad_w`` is accumulated in ``w``'s dtype by default: one GEMM per chunk adding into it, each sum taken in the
 GEMM's fp32 accumulator and rounded once per chunk (at most ``MAX_CHUNKS`` roundings where eager has one; no
 ``[V, d]`` fp32 buffer, which at a 128k vocabulary would be most of the memory saved). ``KP_LCE_ACCUMULATE=fp32``
-accumulates in fp32 instead (``accumulation``, ``_accumulate``). ``grad_b`` is summed in fp32. With ``weight_grads=False`` (a frozen head, as in LoRA fine-tuning) ``grad_w``
-and ``grad_b`` are not computed (one GEMM per chunk fewer) and come back empty; the backward then refuses to
-give them. The gradients
-are made in the forward, for a gradient of the loss of 1, and returned; the autograd formula scales them by
+accumulates in fp32 instead (``accumulation``, ``_accumulate``). ``grad_b`` is summed in fp32. With
+``weight_grads=False`` (a frozen head, as in LoRA fine-tuning) ``grad_w`` and ``grad_b`` are not computed (one
+GEMM per chunk fewer) and come back empty; the backward then refuses to give them. The gradients are made in
+the forward, for a gradient of the loss of 1, and returned; the autograd formula scales them by
 the incoming gradient. So a training step runs the three GEMMs an unfused
 one runs, and holds one chunk of logits instead of all of them (and their fp32 copy, and their gradient).
 

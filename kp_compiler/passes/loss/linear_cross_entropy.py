@@ -23,9 +23,10 @@ Preconditions, else the graph is left alone and the report's note names the fail
 A default pass, gated by ``options["linear_cross_entropy"]``: ``"auto"`` rewrites heads of at least 128000
 classes on CUDA GPUs of compute capability 9.0 and up, where it is measured (H200, vocabulary 128256: half of
 Inductor's step memory at a step time no slower, ``docs/passes/linear-cross-entropy.md``); ``True`` any head
-on any device; ``False`` never. It computes the gradients
-in the forward, so a loss computed with gradients enabled and never backpropagated (an eval loss outside
-``torch.no_grad()``) pays for three GEMMs instead of one.
+on any device; ``False`` never. It computes the gradients in the forward, so a loss computed with gradients
+enabled and never backpropagated (an eval loss outside ``torch.no_grad()``) pays for three GEMMs instead of
+one. A frozen head (LoRA) gets ``weight_grads=False``: no weight-gradient GEMM, and a ``FrozenHead`` check
+before every call in case it is unfrozen without a recompile.
 
 Before::
 
@@ -162,7 +163,8 @@ def match(loss: fx.Node) -> tuple:
         if not (isinstance(p, fx.Node) and p.op == "placeholder"
                 and (ctx is None or isinstance(ctx.example_value(p), torch.nn.Parameter))):
             return None, f"{getattr(p, 'name', p)}: the head's weight or bias is not a parameter of the graph"
-        # a frozen head (LoRA): no weight gradient to make; Dynamo guards requires_grad, so unfreezing recompiles
+        # a frozen head (LoRA): no weight gradient to make (unfreezing: Dynamo recompiles where it guards
+        # requires_grad, else the FrozenHead hook raises)
         weight_grads = weight_grads or ctx is None or ctx.example_value(p).requires_grad
     if val(x).shape[-1] != val(w).shape[0] or val(x).dim() != 2:
         return None, "the logits are not flattened to [tokens, vocabulary]"
