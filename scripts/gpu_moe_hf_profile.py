@@ -4,14 +4,15 @@
 
 Diagnostics for issue 17, not a benchmark (the harness in ``bench/`` is): per variant, synchronized wall time
 per call (median of 20) for inference and a training step (forward with labels, backward), then
-torch.profiler's top CUDA and CPU rows for the rewritten inference and training step. Variants:
-Inductor; kernelpytorch as shipped (the form kept); kernelpytorch with the rewrite forced and each forward
-implementation (``KP_MOE_KERNEL``).
+torch.profiler's top CUDA and CPU rows and the GPU time per call for Inductor and the rewritten
+kernelpytorch graphs. Each timed row also prints the host time to queue one call (returned, not
+synchronized): a call whose queue time is above its GPU time is host-bound. Variants: Inductor;
+kernelpytorch as shipped (``moe_grouped_mm="auto"``: rewritten for inference, kept for training);
+kernelpytorch with ``moe_grouped_mm="keep"`` and ``"rewrite"``.
 """
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -44,23 +45,32 @@ def build():
     return model.cuda().bfloat16(), vocab
 
 
-def variant(name, backend, env, train, prof=False):
-    for k in ("KP_MOE_REWRITE_GROUPED_MM", "KP_MOE_KERNEL"):
-        os.environ.pop(k, None)
-    os.environ.update(env)
+def queued(fn, reps=20):
+    """Median host time to queue one call, the GPU left to drain between calls."""
+    samples = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
+def variant(name, backend, options, train, prof=False):
     torch._dynamo.reset()
     model, vocab = build()
     ids = torch.randint(0, vocab, (4, 1024), device="cuda")
     if train:
         model.train()
-        step = torch.compile(lambda i: model(i, labels=i).loss, backend=backend)
+        step = torch.compile(lambda i: model(i, labels=i).loss, backend=backend, options=options)
 
         def run():
             step(ids).backward()
             model.zero_grad(set_to_none=True)
     else:
         model.eval()
-        fwd = torch.compile(model, backend=backend)
+        fwd = torch.compile(model, backend=backend, options=options)
 
         def run():
             with torch.no_grad():
@@ -70,23 +80,25 @@ def variant(name, backend, env, train, prof=False):
     torch.cuda.synchronize()
     compile_s = time.time() - t0
     ms = timed(run)
-    print(f"{name:38s} {'train' if train else 'infer'}: {ms:8.3f} ms  (first call {compile_s:.1f} s)", flush=True)
+    q = queued(run)
+    print(f"{name:38s} {'train' if train else 'infer'}: {ms:8.3f} ms, queued in {q:.3f} ms"
+          f"  (first call {compile_s:.1f} s)", flush=True)
     if prof:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
             for _ in range(3):
                 run()
             torch.cuda.synchronize()
+        gpu = sum(e.self_device_time_total for e in p.key_averages()) / 3 / 1e3
+        print(f"  GPU time per call {gpu:.3f} ms")
         print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=70))
         print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=70))
     return ms
 
 
 VARIANTS = [
-    ("inductor", "inductor", {}),
-    ("kernelpytorch (kept)", "kernelpytorch", {}),
-    ("kernelpytorch rewrite, triton", "kernelpytorch", {"KP_MOE_REWRITE_GROUPED_MM": "1", "KP_MOE_KERNEL": "triton"}),
-    ("kernelpytorch rewrite, grouped_mm", "kernelpytorch",
-     {"KP_MOE_REWRITE_GROUPED_MM": "1", "KP_MOE_KERNEL": "grouped_mm"}),
+    ("inductor", "inductor", None),
+    ("kernelpytorch (keep)", "kernelpytorch", {"moe_grouped_mm": "keep"}),
+    ("kernelpytorch (rewrite)", "kernelpytorch", {"moe_grouped_mm": "rewrite"}),
 ]
 
 if __name__ == "__main__":
@@ -97,6 +109,6 @@ if __name__ == "__main__":
                 print("budget spent; stopping")
                 sys.exit(0)
             try:
-                variant(name, backend, env, train, prof=name.endswith("triton"))
+                variant(name, backend, env, train, prof=name != "kernelpytorch (keep)")
             except Exception as e:  # noqa: BLE001 - a diagnostic: report and go on
                 print(f"{name} {'train' if train else 'infer'}: failed: {type(e).__name__}: {str(e)[:300]}")
