@@ -19,6 +19,10 @@ weights behind them where Triton cannot run.
 Triton kernels add each expert's biases in their epilogues (1-D biases with
 unit stride in ``x``'s dtype).
 
+``kp::routed_experts_train`` (graphs with a backward, experts without biases) runs ``torch._grouped_mm``
+where its backward does (``routed_experts_train.saves``), keeping the gate/up pre-activations for it, and
+the reference elsewhere (its backward then recomputes them).
+
 ``KP_MOE_KERNEL=triton|grouped_mm|reference`` forces one forward
 implementation where it can run (for benchmarks and bisecting); anything
 else there is an error, not a silent fallback. ``KP_MOE_BACKWARD`` does the
@@ -36,7 +40,7 @@ import os
 
 import torch
 
-from ..ops import grouped_experts, routed_experts, routed_experts_biased, routed_experts_tables
+from ..ops import grouped_experts, routed_experts, routed_experts_biased, routed_experts_tables, routed_experts_train
 from ..core.devices import DeviceInfo, describe
 
 IMPLEMENTATIONS = ("triton", "grouped_mm", "reference")
@@ -166,3 +170,5 @@ _CUDA.impl("routed_experts", _cuda_forward, "CUDA")
 _CUDA.impl("routed_experts_backward", _cuda_backward, "CUDA")
 _CUDA.impl("routed_experts_biased", _cuda_forward_biased, "CUDA")
 _CUDA.impl("routed_experts_tables", _cuda_forward_tables, "CUDA")
+_CUDA.impl("routed_experts_train", routed_experts_train.forward_impl, "CUDA")
+_CUDA.impl("routed_experts_backward_saved", routed_experts_train.backward_impl, "CUDA")

@@ -3,8 +3,11 @@
 The same math as ``routed_experts.reference`` (``kp::routed_experts``), for
 devices and dtypes where ``torch._grouped_mm`` runs (CUDA 9.0 in bf16; the
 CPU in torch 2.13 for tests). Inner dims must keep 16-byte aligned strides.
-The expert weights are stacked per call (a copy of all expert weights:
-measure before choosing this path); ``lowering/moe.py`` decides where.
+Per-expert weight lists are stacked per call (a copy of all expert weights,
+once per role: measure before choosing this path); ``lowering/moe.py``
+decides where. The backward packs a list's gate and up into one
+``[E, 2f, d]`` copy (``packed_gate_up``), so the recompute and ``dx`` are one
+GEMM each.
 
 ``backward`` is ``kp::routed_experts_backward`` the same way: the gate/up
 GEMMs are recomputed, the weight gradients are grouped GEMMs whose groups
@@ -54,30 +57,44 @@ def _sort_by_expert(ids: torch.Tensor, experts: int):
 
 
 def _linear(inp, ws, bs, offs, expert):
-    """``inp @ w[e].T + b[e]`` for rows sorted by expert (``expert``: each row's expert)."""
-    out = torch._grouped_mm(inp, _stack(ws).transpose(1, 2), offs=offs)
+    """``inp @ w[e].T + b[e]`` for rows sorted by expert (``expert``: each row's expert); ``ws`` a role or
+    its ``[E, rows, cols]`` stack."""
+    out = torch._grouped_mm(inp, (ws if isinstance(ws, torch.Tensor) else _stack(ws)).transpose(1, 2), offs=offs)
     return out + torch.stack(list(bs))[expert] if bs else out
 
 
-def forward(x, ids, weights, w_gate, w_up, w_down, activation: str, biases=((), (), ())) -> torch.Tensor:
+def forward(x, ids, weights, w_gate, w_up, w_down, activation: str, biases=((), (), ()), save: bool = False):
+    """The output ``[T, d]``; with ``save`` (no biases), ``(output, saved)``: ``saved`` the gate and up
+    pre-activations sorted by expert (``[T*k, 2f]``, gate then up; ``[T*k, f]`` ungated), which
+    ``backward(..., saved=saved)`` reads instead of recomputing them. A list's gate and up are packed into
+    one ``[E, 2f, d]`` copy for it (``packed_gate_up``)."""
     act = ACTIVATIONS[activation]
     b_gate, b_up, b_down = biases
+    if save and any(biases):
+        raise ValueError("grouped_experts.forward: save=True takes experts without biases")
     k = ids.shape[1]
     order, offs = _sort_by_expert(ids, num_experts(w_up))
     tokens, expert = order // k, ids.reshape(-1)[order]
     xs = x[tokens]
-    gate_up = side_by_side(w_gate, w_up)
+    gate_up = packed_gate_up(w_gate, w_up) if save else side_by_side(w_gate, w_up)
     if gate_up is not None:  # one GEMM over [gate | up]
-        f = w_up[0].shape[1]
+        f = w_up[0].shape[-2]
         gu = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)
         gate = gu[:, :f] + _rows(b_gate, expert) if b_gate else gu[:, :f]
         h = act(gate) * (gu[:, f:] + _rows(b_up, expert) if b_up else gu[:, f:])
+        saved = gu
+    elif save and w_gate:  # separate 3-D roles, read in place: two GEMMs, their outputs side by side
+        f = w_up[0].shape[-2]
+        saved = torch.cat([_linear(xs, w_gate, (), offs, expert), _linear(xs, w_up, (), offs, expert)], 1)
+        h = act(saved[:, :f]) * saved[:, f:]
     else:
         up = _linear(xs, w_up, b_up, offs, expert)
         h = act(_linear(xs, w_gate, b_gate, offs, expert)) * up if w_gate else act(up)
+        saved = up
     y = _linear(h, w_down, b_down, offs, expert)
     y = y * weights.flatten()[order, None]
-    return _combine(y, order, k)
+    out = _combine(y, order, k)
+    return (out, saved) if save else out
 
 
 def _combine(rows: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
@@ -101,18 +118,35 @@ def side_by_side(w_gate, w_up) -> "torch.Tensor | None":
     return g.as_strided((E, 2 * f, d), g.stride())
 
 
+def packed_gate_up(w_gate, w_up) -> "torch.Tensor | None":
+    """``[E, 2f, d]`` gate and up for the backward's GEMMs: ``side_by_side``'s view where the model keeps
+    them so; for per-expert lists (which the GEMMs need stacked anyway) one copy of both roles, made once
+    per call (it was stacked once per GEMM that reads it: four copies of the two roles); else None
+    (separate 3-D roles are read in place, two GEMMs where one would do)."""
+    view = side_by_side(w_gate, w_up)
+    if view is not None or not w_gate or stacked(w_up):
+        return view
+    (f, d), E = w_up[0].shape, len(w_up)
+    packed = w_up[0].new_empty(E, 2 * f, d)
+    torch._foreach_copy_([*packed[:, :f].unbind(0), *packed[:, f:].unbind(0)], [*w_gate, *w_up])
+    return packed
+
+
 def _rows(bs, expert):
     return torch.stack(list(bs))[expert]
 
 
-def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, biases=((), (), ())):
+def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, biases=((), (), ()), saved=None):
     """``(grad_x, grad_weights, grad_gate [E, F, D] or empty, grad_up [E, F, D], grad_down [E, D, F],
     grad_b_gate [E, F] or empty, grad_b_up, grad_b_down)``; the bias gradients are empty without biases.
 
     Grouped GEMMs around one elementwise pass (``expert_grads``): gate/up recomputed (one GEMM over
-    ``[gate | up]`` where the model keeps them side by side, ``side_by_side``), ``grad @ w_down[e]``,
-    then the weight gradients and ``dx`` (again one GEMM over ``[dg | du]`` against ``gate_up``).
+    ``[gate | up]`` where the model keeps them side by side or they are lists, ``packed_gate_up``) unless
+    ``forward(..., save=True)`` kept them (``saved``), ``grad @ w_down[e]``, then the weight gradients and
+    ``dx`` (again one GEMM over ``[dg | du]`` against ``gate_up``).
     """
+    if saved is not None and any(biases):
+        raise ValueError("grouped_experts.backward: saved pre-activations are taken for experts without biases")
     b_gate, b_up, b_down = biases
     T, k = ids.shape
     E = num_experts(w_up)
@@ -121,19 +155,24 @@ def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, biase
     xs, gs = x[tokens], grad[tokens]
     route = weights.reshape(-1)[order]
     rows, f = xs.shape[0], (w_up[0].shape[1] if stacked(w_up) else w_up[0].shape[0])
-    gate_up = side_by_side(w_gate, w_up)
+    gate_up = packed_gate_up(w_gate, w_up)
+    if saved is not None:  # the forward's pre-activations, sorted as here (the same stable sort)
+        g, u = (saved[:, :f], saved[:, f:]) if w_gate else (None, saved)
     if gate_up is not None:
-        gu = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)
-        g, u = gu[:, :f], gu[:, f:]
+        if saved is None:
+            gu = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)
+            g, u = gu[:, :f], gu[:, f:]
         if b_gate:
             g += _rows(b_gate, expert)
         if b_up:
             u += _rows(b_up, expert)
         d_gu = xs.new_empty(rows, 2 * f)
         dg, du = d_gu[:, :f], d_gu[:, f:]
-    else:
-        u = _linear(xs, w_up, b_up, offs, expert)
-        g = _linear(xs, w_gate, b_gate, offs, expert) if w_gate else None
+    else:  # each role stacked once (a copy for a list), read by its recompute and its dx GEMM
+        up_s, gate_s = _stack(w_up), (_stack(w_gate) if w_gate else None)
+        if saved is None:
+            u = _linear(xs, up_s, b_up, offs, expert)
+            g = _linear(xs, gate_s, b_gate, offs, expert) if w_gate else None
         dg, du = (xs.new_empty(rows, f) if w_gate else None), xs.new_empty(rows, f)
     g_dh = torch._grouped_mm(gs, _stack(w_down), offs=offs)  # grad @ w_down[e]: dh before the routing weight
     hr = xs.new_empty(rows, f)
@@ -146,9 +185,9 @@ def backward(grad, x, ids, weights, w_gate, w_up, w_down, activation: str, biase
     if gate_up is not None:
         dxs = torch._grouped_mm(d_gu, gate_up, offs=offs)
     else:
-        dxs = torch._grouped_mm(du, _stack(w_up), offs=offs)
+        dxs = torch._grouped_mm(du, up_s, offs=offs)
         if w_gate:
-            dxs += torch._grouped_mm(dg, _stack(w_gate), offs=offs)
+            dxs += torch._grouped_mm(dg, gate_s, offs=offs)
     grad_x = _combine(dxs, order, k)
     grad_weights = torch.empty(T * k, device=x.device, dtype=torch.float32).index_copy_(0, order, grad_route)
 

@@ -116,8 +116,8 @@ def test_module_list_swiglu_loop_dump(tmp_path):
     text = (tmp_path / "graph-000" / "02-moe-dispatch.txt").read_text()
     filecheck(
         "CHECK: after moe-dispatch | status ok | matches 1\n"
-        "CHECK: kp.routed_experts.default(%reshape, %getitem_1, %div, "
-        "[%l_self_modules_experts_modules_0_modules_gate_parameters_weight_, {{.*}}], 'silu') : f32[10, 16]"
+        "CHECK: kp.routed_experts_train.default(%reshape, %getitem_1, %div, "
+        "[%l_self_modules_experts_modules_0_modules_gate_parameters_weight_, {{.*}}], 'silu') : (f32[10, 16], f32[0])"
         "  # 4 experts, gated silu, from an unrolled loop\n"
         "CHECK-NOT: index_add\nCHECK-NOT: aten.where\nCHECK-NOT: _assert_scalar\n",
         text,
@@ -340,8 +340,8 @@ def test_transformers4_one_hot_dispatch_rewritten_and_equal(tmp_path):
     assert moe_pass(records).by_rule == {"gated-silu": 1}
     filecheck(
         "CHECK: after moe-dispatch | status ok | matches 1\n"
-        "CHECK: kp.routed_experts.default(%l_hidden_states_, %getitem_1, %to, "
-        "[%l_self_modules_experts_modules_0_modules_w1_parameters_weight_, {{.*}}], 'silu') : f32[10, 16]"
+        "CHECK: kp.routed_experts_train.default(%l_hidden_states_, %getitem_1, %to, "
+        "[%l_self_modules_experts_modules_0_modules_w1_parameters_weight_, {{.*}}], 'silu') : (f32[10, 16], f32[0])"
         "  # 4 experts, gated silu, from an unrolled loop\n"
         "CHECK-NOT: one_hot\nCHECK-NOT: index_add_\nCHECK-NOT: aten.where\n",
         (tmp_path / "graph-000" / "02-moe-dispatch.txt").read_text(),
@@ -385,9 +385,10 @@ def test_transformers4_shared_expert_beside_the_loop(tmp_path):
     model = Qwen2MoeV4()
     _, _, records = compile_and_collect(model, (torch.randn(10, D),), passes=PASSES, dump_dir=str(tmp_path))
     assert moe_pass(records).by_rule == {"gated-silu": 1}
-    filecheck("CHECK: %routed_experts_default = kp.routed_experts.default(%l_hidden_states_\n"
+    filecheck("CHECK: %routed_experts_train_default = kp.routed_experts_train.default(%l_hidden_states_\n"
+              "CHECK: %[[OUT:getitem_[0-9]+]] = _operator.getitem(%routed_experts_train_default, 0)\n"
               "CHECK: aten.sigmoid.default\n"
-              "CHECK: aten.add.Tensor(%routed_experts_default, \n",
+              "CHECK: aten.add.Tensor(%[[OUT]], \n",
               (tmp_path / "graph-000" / "02-moe-dispatch.txt").read_text())
     torch._dynamo.reset()
     check_equal(model, torch.randn(10, D))

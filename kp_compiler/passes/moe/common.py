@@ -74,9 +74,21 @@ class Experts:
         return gated + self.activation + biased + ("" if self.form == "loop" else f"-{self.form}")
 
 
-def emit(gm: fx.GraphModule, e: Experts) -> bool:
+def _saved_value(e: Experts, gate: list, up: list):
+    """The fake ``saved`` output of ``kp::routed_experts_train`` (its shape where the forward keeps it)."""
+    from ...ops.routed_experts_train import saves
+    x, ids, w_up = val(e.x), val(e.ids), val(up[0])
+    if x is None or ids is None or w_up is None:
+        return None
+    return x.new_empty(ids.numel(), 2 * w_up.shape[-2] if gate else w_up.shape[-2]) if saves(x, [w_up]) \
+        else x.new_empty(0)
+
+
+def emit(gm: fx.GraphModule, e: Experts, training: bool = False) -> bool:
     """Replace ``e`` by one ``kp::routed_experts`` (or ``_biased``) call; False (graph untouched)
-    if a value inside the form is read outside it."""
+    if a value inside the form is read outside it. In a graph compiled with a backward (``training``),
+    experts without biases get ``kp::routed_experts_train`` instead (its forward keeps the pre-activations
+    its backward would recompute, ``ops/routed_experts_train.py``), read through ``getitem(..., 0)``."""
     inside = set(e.nodes) | {e.end}
     if any(n is not e.end and any(u not in inside for u in n.users) for n in inside):
         return False
@@ -94,6 +106,12 @@ def emit(gm: fx.GraphModule, e: Experts) -> bool:
         if any(e.biases):
             out = g.call_function(torch.ops.kp.routed_experts_biased.default,
                                   (e.x, e.ids, weights, gate, up, list(e.down), *map(list, e.biases), e.activation))
+        elif training:
+            train = g.call_function(torch.ops.kp.routed_experts_train.default,
+                                    (e.x, e.ids, weights, gate, up, list(e.down), e.activation))
+            train.meta["val"] = (val(e.end), _saved_value(e, gate, up))
+            op = train
+            out = g.call_function(operator.getitem, (train, 0))
         else:
             out = g.call_function(torch.ops.kp.routed_experts.default,
                                   (e.x, e.ids, weights, gate, up, list(e.down), e.activation))
@@ -103,7 +121,7 @@ def emit(gm: fx.GraphModule, e: Experts) -> bool:
     if result is out:
         out.meta["val"] = val(e.end)
     if e.note:
-        out.meta["kp_note"] = e.note
+        (op if training and not any(e.biases) else out).meta["kp_note"] = e.note
     e.end.replace_all_uses_with(result)
     erase_dead(inside)
     return True

@@ -88,6 +88,8 @@ def moe_dispatch(gm: fx.GraphModule) -> Matches:
     notes: list = []
     ctx = context.current()
     grouped_kept = _grouped_mm_choice(ctx)
+    target = getattr(ctx, "target", None)
+    training = target is not None and target.training
     for node in reversed(list(gm.graph.nodes)):
         if not alive(node):
             continue
@@ -95,7 +97,7 @@ def moe_dispatch(gm: fx.GraphModule) -> Matches:
             if experts.grouped and grouped_kept:
                 notes.append(grouped_kept)
                 break
-            if emit(gm, experts):
+            if emit(gm, experts, training):
                 counts[experts.kind] = counts.get(experts.kind, 0) + 1
                 break
     if counts:

@@ -1,0 +1,121 @@
+"""``kp::routed_experts_train``: ``kp::routed_experts`` in graphs with a backward, keeping what the backward would
+recompute.
+
+``routed_experts_train(x, ids, weights, w_gate, w_up, w_down, activation) -> (out, saved)``: ``out`` is
+``routed_experts``'s. ``saved`` holds every assignment's gate and up pre-activations, sorted by expert
+(stably; ``[T*k, 2f]``, gate then up, or ``[T*k, f]`` for ungated experts) where the backward runs
+``torch._grouped_mm`` (``saves``: CUDA 9.0 and up, bf16, aligned rows); elsewhere it is empty, the forward
+is ``routed_experts``'s and the backward recomputes them, as ``routed_experts``'s does. Its backward, ``kp::routed_experts_backward_saved``,
+then skips the gate/up GEMM (a third of the forward's work; ``grouped_experts.backward``). The price is
+``saved`` held from the forward to the backward, as the eager loop's autograd holds its activations.
+
+``moe-dispatch`` emits it in graphs compiled with a backward, for experts without biases::
+
+    %routed_experts_train = kp.routed_experts_train.default(%x, %ids, %w, [%g], [%u], [%d], 'silu')
+    %getitem = getitem(%routed_experts_train, 0)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import grouped_experts
+from .routed_experts import _check, stacked
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device):
+    return torch.cuda.get_device_capability(device)
+
+
+def saves(x: torch.Tensor, w_up) -> bool:
+    """Whether the forward keeps the pre-activations: where the backward is ``grouped_experts.backward``
+    (``lowering/moe.py``'s ``choose_backward``) and ``$KP_MOE_BACKWARD`` / ``$KP_MOE_KERNEL`` force no other
+    implementation."""
+    forced = os.environ.get("KP_MOE_BACKWARD", ""), os.environ.get("KP_MOE_KERNEL", "")
+    return (x.device.type == "cuda" and x.dtype is torch.bfloat16 and grouped_experts.aligned(x, w_up)
+            and all(f in ("", "grouped_mm") for f in forced) and _capability(x.device) >= (9, 0))
+
+
+def _width(w_gate, w_up) -> int:
+    f = w_up[0].shape[-2]
+    return 2 * f if w_gate else f
+
+
+def forward_impl(x, ids, weights, w_gate, w_up, w_down, activation):
+    """The op on every device (``lowering/moe.py`` registers it on the CUDA key directly)."""
+    _check(x, ids, weights, w_gate, w_up, w_down, activation)
+    with torch.no_grad():
+        if saves(x, w_up):
+            return grouped_experts.forward(x, ids, weights, w_gate, w_up, w_down, activation, save=True)
+    # ``kp::routed_experts``'s own choice (Triton on CUDA, the reference on the CPU), its backward recomputing
+    return torch.ops.kp.routed_experts.default(x, ids, weights, w_gate, w_up, w_down, activation), x.new_empty(0)
+
+
+def backward_impl(grad, x, ids, weights, saved, w_gate, w_up, w_down, activation):
+    with torch.no_grad():
+        if saved.numel():
+            out = grouped_experts.backward(grad.contiguous(), x, ids, weights, w_gate, w_up, w_down, activation,
+                                           saved=saved)
+        else:  # ``kp::routed_experts_backward``'s own choice
+            out = torch.ops.kp.routed_experts_backward.default(grad, x, ids, weights, w_gate, w_up, w_down,
+                                                               [], [], [], activation)
+    return tuple(out[:5])
+
+
+@torch.library.custom_op("kp::routed_experts_train", mutates_args=())
+def routed_experts_train(
+    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+    w_gate: list[torch.Tensor], w_up: list[torch.Tensor], w_down: list[torch.Tensor], activation: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward_impl(x, ids, weights, w_gate, w_up, w_down, activation)
+
+
+@routed_experts_train.register_fake
+def _(x, ids, weights, w_gate, w_up, w_down, activation):
+    saved = x.new_empty(ids.numel(), _width(w_gate, w_up)) if saves(x, w_up) else x.new_empty(0)
+    return x.new_empty(x.shape), saved
+
+
+@torch.library.custom_op("kp::routed_experts_backward_saved", mutates_args=())
+def routed_experts_backward_saved(
+    grad: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, saved: torch.Tensor,
+    w_gate: list[torch.Tensor], w_up: list[torch.Tensor], w_down: list[torch.Tensor], activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_weights, grad_gate, grad_up, grad_down)``, the weight gradients stacked ``[E, ...]``
+    per role (empty for no gate), as ``kp::routed_experts_backward``'s."""
+    return backward_impl(grad, x, ids, weights, saved, w_gate, w_up, w_down, activation)
+
+
+@routed_experts_backward_saved.register_fake
+def _(grad, x, ids, weights, saved, w_gate, w_up, w_down, activation):
+    def grads(ws):
+        if not ws:
+            return x.new_empty(0)
+        return x.new_empty(ws[0].shape) if stacked(ws) else x.new_empty(len(ws), *ws[0].shape)
+    return x.new_empty(x.shape), weights.new_empty(weights.shape), grads(w_gate), grads(w_up), grads(w_down)
+
+
+def _setup_context(ctx, inputs, output):
+    x, ids, weights, w_gate, w_up, w_down, activation = inputs
+    saved = output[1]
+    ctx.mark_non_differentiable(saved)
+    ctx.save_for_backward(x, ids, weights, saved, *w_gate, *w_up, *w_down)
+    ctx.gates, ctx.experts, ctx.activation = len(w_gate), len(w_up), activation
+    ctx.stacked = stacked(w_up)
+
+
+def _backward(ctx, grad, _grad_saved):
+    x, ids, weights, saved, *ws = ctx.saved_tensors
+    G, E = ctx.gates, ctx.experts
+    gx, gw, gg, gu, gd = torch.ops.kp.routed_experts_backward_saved(
+        grad, x, ids, weights, saved, ws[:G], ws[G:G + E], ws[G + E:], ctx.activation)
+    if ctx.stacked:
+        return gx, None, gw, [gg] if G else [], [gu], [gd], None
+    return gx, None, gw, list(gg.unbind(0)) if G else [], list(gu.unbind(0)), list(gd.unbind(0)), None
+
+
+routed_experts_train.register_autograd(_backward, setup_context=_setup_context)
