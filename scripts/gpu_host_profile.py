@@ -27,8 +27,9 @@ SIZE = sys.argv[2] if len(sys.argv) > 2 else "suite"
 KIND = sys.argv[3] if len(sys.argv) > 3 else "infer"
 ROWS = int(sys.argv[4]) if len(sys.argv) > 4 else 25
 
-VARIANTS = {
-    "qwen3_moe": [("kernelpytorch keep", {"moe_grouped_mm": "keep"})],
+VARIANTS = {  # besides Inductor and kernelpytorch as shipped
+    "qwen3_moe": [("kernelpytorch keep", {"moe_grouped_mm": "keep"}),
+                  ("kernelpytorch rewrite", {"moe_grouped_mm": "rewrite"})],
     "mixtral": [("kernelpytorch keep", {"moe_grouped_mm": "keep"})],
 }
 
