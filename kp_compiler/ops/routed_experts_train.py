@@ -23,7 +23,7 @@ import os
 import torch
 
 from . import grouped_experts
-from .routed_experts import _check, stacked
+from .routed_experts import _check, num_experts, stacked
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,13 +31,22 @@ def _capability(device: torch.device):
     return torch.cuda.get_device_capability(device)
 
 
+# Saving pays where the experts are few and large: the forward then runs torch._grouped_mm instead of the Triton
+# kernels, which are faster for many small experts. H200, torch 2.11, latency timing, the op alone per step
+# (bench/results, "Session 12"): E=8 top-2 (d=2048, f=5632, T=8192) 9.945 ms saved against 10.483 recomputed;
+# E=64 top-8 (f=768, T=4096) 11.428 saved against 9.647. Read from the expert count, a static size (rows per
+# expert would be better but are T * k / E, and T is dynamic); between 8 and 64 it is not measured.
+SAVE_MAX_EXPERTS = 16
+
+
 def saves(x: torch.Tensor, w_up) -> bool:
-    """Whether the forward keeps the pre-activations: where the backward is ``grouped_experts.backward``
-    (``lowering/moe.py``'s ``choose_backward``) and ``$KP_MOE_BACKWARD`` / ``$KP_MOE_KERNEL`` force no other
-    implementation."""
+    """Whether the forward keeps the pre-activations: at most ``SAVE_MAX_EXPERTS`` experts, where the backward
+    is ``grouped_experts.backward`` (``lowering/moe.py``'s ``choose_backward``) and ``$KP_MOE_BACKWARD`` /
+    ``$KP_MOE_KERNEL`` force no other implementation."""
     forced = os.environ.get("KP_MOE_BACKWARD", ""), os.environ.get("KP_MOE_KERNEL", "")
-    return (x.device.type == "cuda" and x.dtype is torch.bfloat16 and grouped_experts.aligned(x, w_up)
-            and all(f in ("", "grouped_mm") for f in forced) and _capability(x.device) >= (9, 0))
+    return (x.device.type == "cuda" and x.dtype is torch.bfloat16 and num_experts(w_up) <= SAVE_MAX_EXPERTS
+            and grouped_experts.aligned(x, w_up) and all(f in ("", "grouped_mm") for f in forced)
+            and _capability(x.device) >= (9, 0))
 
 
 def _width(w_gate, w_up) -> int:

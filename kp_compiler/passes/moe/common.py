@@ -77,11 +77,11 @@ class Experts:
 def _saved_value(e: Experts, gate: list, up: list):
     """The fake ``saved`` output of ``kp::routed_experts_train`` (its shape where the forward keeps it)."""
     from ...ops.routed_experts_train import saves
-    x, ids, w_up = val(e.x), val(e.ids), val(up[0])
-    if x is None or ids is None or w_up is None:
+    x, ids, ups = val(e.x), val(e.ids), [val(u) for u in up]
+    if x is None or ids is None or any(u is None for u in ups):
         return None
-    return x.new_empty(ids.numel(), 2 * w_up.shape[-2] if gate else w_up.shape[-2]) if saves(x, [w_up]) \
-        else x.new_empty(0)
+    f = ups[0].shape[-2]
+    return x.new_empty(ids.numel(), 2 * f if gate else f) if saves(x, ups) else x.new_empty(0)
 
 
 def emit(gm: fx.GraphModule, e: Experts, training: bool = False) -> bool:
