@@ -1,5 +1,4 @@
-"""``kp::routed_experts_train``: ``kp::routed_experts`` in graphs with a backward, keeping what the backward would
-recompute.
+"""``kp::routed_experts_train``: ``kp::routed_experts`` for training graphs, keeping what its backward recomputed.
 
 ``routed_experts_train(x, ids, weights, w_gate, w_up, w_down, activation) -> (out, saved)``: ``out`` is
 ``routed_experts``'s. ``saved`` holds every assignment's gate and up pre-activations, sorted by expert
