@@ -20,8 +20,10 @@ Triton kernels add each expert's biases in their epilogues (1-D biases with
 unit stride in ``x``'s dtype).
 
 ``kp::routed_experts_train`` (graphs with a backward, experts without biases) runs ``torch._grouped_mm``
-where its backward does (``routed_experts_train.saves``), keeping the gate/up pre-activations for it, and
-the reference elsewhere (its backward then recomputes them).
+where its backward does (``routed_experts_train.saves``: at most 16 experts), keeping the gate/up
+pre-activations for it; with ``$KP_MOE_SAVE_TRITON=1`` it keeps them for more experts too, written by the
+Triton forward's epilogue (not yet measured on a GPU). Elsewhere it runs ``kp::routed_experts``'s forward and
+its backward recomputes them.
 
 ``KP_MOE_KERNEL=triton|grouped_mm|reference`` forces one forward
 implementation where it can run (for benchmarks and bisecting); anything
@@ -130,6 +132,21 @@ def _forward(x, ids, weights, w_gate, w_up, w_down, activation, biases):
         return routed_experts.reference(x, ids, weights, w_gate, w_up, w_down, activation, biases)
 
 
+def _cuda_forward_train(x, ids, weights, w_gate, w_up, w_down, activation):
+    """``kp::routed_experts_train``: where it keeps the pre-activations (``routed_experts_train.saves``), the
+    grouped_mm forward for at most ``SAVE_MAX_EXPERTS`` experts, else the Triton kernels writing them from
+    their epilogue (``$KP_MOE_SAVE_TRITON=1``; grouped_mm where Triton cannot read the weights)."""
+    if (routed_experts_train.saves(x, w_up) and routed_experts.num_experts(w_up) > routed_experts_train.SAVE_MAX_EXPERTS
+            and _HAS_TRITON):
+        routed_experts._check(x, ids, weights, w_gate, w_up, w_down, activation)
+        tables = _triton_tables(x, w_gate, w_up, w_down)
+        if tables is not None:
+            from ..ops import triton_experts
+            with torch.no_grad():
+                return triton_experts.forward(x, ids, weights, w_gate, w_up, w_down, activation, tables, save=True)
+    return routed_experts_train.forward_impl(x, ids, weights, w_gate, w_up, w_down, activation)
+
+
 def _forced_backward() -> str:
     forced = os.environ.get("KP_MOE_BACKWARD", "")
     if forced and forced not in BACKWARD_IMPLEMENTATIONS:
@@ -170,5 +187,5 @@ _CUDA.impl("routed_experts", _cuda_forward, "CUDA")
 _CUDA.impl("routed_experts_backward", _cuda_backward, "CUDA")
 _CUDA.impl("routed_experts_biased", _cuda_forward_biased, "CUDA")
 _CUDA.impl("routed_experts_tables", _cuda_forward_tables, "CUDA")
-_CUDA.impl("routed_experts_train", routed_experts_train.forward_impl, "CUDA")
+_CUDA.impl("routed_experts_train", _cuda_forward_train, "CUDA")
 _CUDA.impl("routed_experts_backward_saved", routed_experts_train.backward_impl, "CUDA")

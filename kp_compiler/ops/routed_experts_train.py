@@ -36,16 +36,19 @@ def _capability(device: torch.device):
 # E=64 top-8 (f=768, T=4096) 11.428 saved against 9.647. Read from the expert count, a static size (rows per
 # expert would be better but are T * k / E, and T is dynamic); between 8 and 64 it is not measured.
 SAVE_MAX_EXPERTS = 16
+# More experts: the Triton forward writes the pre-activations from its epilogue (``triton_experts.run(save=True)``),
+# which should cost one store and save the recompute's GEMM, but is not measured on a GPU yet: opt-in.
+TRITON_SAVE_ENV = "KP_MOE_SAVE_TRITON"
 
 
 def saves(x: torch.Tensor, w_up) -> bool:
-    """Whether the forward keeps the pre-activations: at most ``SAVE_MAX_EXPERTS`` experts, where the backward
-    is ``grouped_experts.backward`` (``lowering/moe.py``'s ``choose_backward``) and ``$KP_MOE_BACKWARD`` /
-    ``$KP_MOE_KERNEL`` force no other implementation."""
+    """Whether the forward keeps the pre-activations: at most ``SAVE_MAX_EXPERTS`` experts (any count with
+    ``$KP_MOE_SAVE_TRITON=1``), where the backward is ``grouped_experts.backward`` (``lowering/moe.py``'s
+    ``choose_backward``) and ``$KP_MOE_BACKWARD`` / ``$KP_MOE_KERNEL`` force no other implementation."""
     forced = os.environ.get("KP_MOE_BACKWARD", ""), os.environ.get("KP_MOE_KERNEL", "")
-    return (x.device.type == "cuda" and x.dtype is torch.bfloat16 and num_experts(w_up) <= SAVE_MAX_EXPERTS
-            and grouped_experts.aligned(x, w_up) and all(f in ("", "grouped_mm") for f in forced)
-            and _capability(x.device) >= (9, 0))
+    few = num_experts(w_up) <= SAVE_MAX_EXPERTS or os.environ.get(TRITON_SAVE_ENV) == "1"
+    return (x.device.type == "cuda" and x.dtype is torch.bfloat16 and few and grouped_experts.aligned(x, w_up)
+            and all(f in ("", "grouped_mm") for f in forced) and _capability(x.device) >= (9, 0))
 
 
 def _width(w_gate, w_up) -> int:

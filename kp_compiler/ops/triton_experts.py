@@ -32,7 +32,7 @@ import triton.language as tl
 from .expert_addresses import (  # noqa: F401  (re-exported: callers read them here)
     Roles, _addresses, _experts, bias_tables, expert_tables, role_shape, roles, supported)
 from .triton_launch import Launcher, cdiv
-from .triton_routing import schedule
+from .triton_routing import schedule, schedule_with_shifts
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
@@ -69,9 +69,9 @@ def _bias_row(table, e, offs_n, N, like_ptr, HAS: tl.constexpr):
 
 @triton.jit
 def _gate_up(x_ptr, rows_ptr, block_expert_ptr, gate_table, up_table, gate_bias_table, up_bias_table, h_ptr,
-             n_assign, n_experts, N, stride_x, stride_w, stride_h,
+             saved_ptr, shifts_ptr, n_assign, n_experts, N, stride_x, stride_w, stride_h, stride_s,
              K: tl.constexpr, UPCAST: tl.constexpr, TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
-             PRECISION: tl.constexpr, GATE_BIAS: tl.constexpr, UP_BIAS: tl.constexpr,
+             PRECISION: tl.constexpr, GATE_BIAS: tl.constexpr, UP_BIAS: tl.constexpr, SAVE: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     n_tiles = (N + BN - 1) // BN
@@ -115,6 +115,15 @@ def _gate_up(x_ptr, rows_ptr, block_expert_ptr, gate_table, up_table, gate_bias_
     out_rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     h_ptrs = h_ptr + out_rows[:, None] * stride_h + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
+    if SAVE:  # the pre-activations at each assignment's row of the sort by expert ([gate | up], or up)
+        s_rows = out_rows - tl.load(shifts_ptr + e).to(tl.int64)
+        s_ptrs = saved_ptr + s_rows[:, None] * stride_s + offs_n[None, :]
+        s_mask = valid[:, None] & (offs_n[None, :] < N)
+        if GATED:
+            tl.store(s_ptrs, acc_g.to(saved_ptr.dtype.element_ty), mask=s_mask)
+            tl.store(s_ptrs + N, acc_u.to(saved_ptr.dtype.element_ty), mask=s_mask)
+        else:
+            tl.store(s_ptrs, acc_u.to(saved_ptr.dtype.element_ty), mask=s_mask)
 
 
 @triton.jit
@@ -218,16 +227,17 @@ def _tuned(name: str, key: tuple, block: int, launch) -> None:
 
 
 def forward(x, ids, weights, w_gate, w_up, w_down, activation: str, tables=None,
-            biases=((), (), ()), bias_tabs=None) -> torch.Tensor:
+            biases=((), (), ()), bias_tabs=None, save: bool = False):
     """``kp::routed_experts`` (or ``_biased``) through the two kernels; ``tables`` from ``expert_tables``
-    and ``bias_tabs`` from ``bias_tables`` (neither None: the caller checked)."""
+    and ``bias_tabs`` from ``bias_tables`` (neither None: the caller checked); ``save`` as in ``run``."""
     return run(x, ids, weights, roles(w_gate, w_up, w_down), tables or expert_tables(x, w_gate, w_up, w_down),
-               activation, bias_tabs or bias_tables(x, biases))
+               activation, bias_tabs or bias_tables(x, biases), save)
 
 
-def run(x, ids, weights, shape: Roles, tables, activation: str, bias_tabs=(None, None, None)) -> torch.Tensor:
+def run(x, ids, weights, shape: Roles, tables, activation: str, bias_tabs=(None, None, None), save: bool = False):
     """The kernels on the weights behind ``tables`` (``(gate, up, down)`` address tables, ``gate`` is ``up``
-    for ungated experts), shaped as ``shape`` says."""
+    for ungated experts), shaped as ``shape`` says. With ``save``, ``(output, saved)``: ``saved`` the gate and
+    up pre-activations sorted by expert, as ``grouped_experts.forward(..., save=True)`` returns them."""
     gate, up, down = tables
     b_gate, b_up, b_down = bias_tabs
     T, d = x.shape
@@ -235,22 +245,23 @@ def run(x, ids, weights, shape: Roles, tables, activation: str, bias_tabs=(None,
     E, f, up_stride, down_stride, gated = shape
     n = T * k
     block = block_rows(n, E)
-    plan = schedule(ids, E, block)
+    plan, shifts = schedule_with_shifts(ids, E, block) if save else (schedule(ids, E, block), None)
     rows_total = plan.rows.numel()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     upcast = _interpreting() and x.dtype != torch.float32
     h = torch.empty(rows_total, f, device=x.device, dtype=x.dtype)
+    saved = torch.empty(n, 2 * f if gated else f, device=x.device, dtype=x.dtype) if save else h
 
     def gate_up(config):
         bn, bk, warps, stages = config
         grid = (rows_total // block * cdiv(f, bn),)
-        _GATE_UP(grid, x, plan.rows, plan.block_expert, gate, up, _or(b_gate, up), _or(b_up, up), h, n, E, f,
-                       x.stride(0), up_stride, h.stride(0),
-                       K=d, UPCAST=upcast, TOP_K=k, GATED=gated, ACT=ACT_CODES[activation], PRECISION=precision,
-                       GATE_BIAS=b_gate is not None, UP_BIAS=b_up is not None,
-                       BM=block, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+        _GATE_UP(grid, x, plan.rows, plan.block_expert, gate, up, _or(b_gate, up), _or(b_up, up), h, saved,
+                 plan.rows if shifts is None else shifts, n, E, f, x.stride(0), up_stride, h.stride(0), saved.stride(0),
+                 K=d, UPCAST=upcast, TOP_K=k, GATED=gated, ACT=ACT_CODES[activation], PRECISION=precision,
+                 GATE_BIAS=b_gate is not None, UP_BIAS=b_up is not None, SAVE=save,
+                 BM=block, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
 
-    _tuned("gate_up", ("gate_up", block, d, f, gated, x.dtype, b_gate is not None, b_up is not None),
+    _tuned("gate_up", ("gate_up", block, d, f, gated, x.dtype, b_gate is not None, b_up is not None, save),
            block, gate_up)
     route = weights.reshape(-1).contiguous()
     y = torch.empty(n, d, device=x.device, dtype=x.dtype)
@@ -264,4 +275,5 @@ def run(x, ids, weights, shape: Roles, tables, activation: str, bias_tabs=(None,
                     BM=block, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
 
     _tuned("down", ("down", block, f, d, x.dtype, b_down is not None), block, down_proj)
-    return y.view(T, k, d).sum(1)
+    out = y.view(T, k, d).sum(1)
+    return (out, saved) if save else out

@@ -29,8 +29,9 @@ from .triton_launch import Launcher, next_power_of_2
 
 
 @triton.jit
-def _route(ids_ptr, rows_ptr, block_expert_ptr, ends_ptr, n, cap,
-           E: tl.constexpr, E_POW2: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENDS: tl.constexpr):
+def _route(ids_ptr, rows_ptr, block_expert_ptr, ends_ptr, shifts_ptr, n, cap,
+           E: tl.constexpr, E_POW2: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENDS: tl.constexpr,
+           SHIFTS: tl.constexpr):
     e = tl.program_id(0)
     experts = tl.arange(0, E_POW2)
     lanes = tl.arange(0, CHUNK)
@@ -49,6 +50,8 @@ def _route(ids_ptr, rows_ptr, block_expert_ptr, ends_ptr, n, cap,
     count = tl.sum(tl.where(mine, counts, 0))
     if ENDS:
         tl.store(ends_ptr + e, end)
+    if SHIFTS:  # padded rows before this expert's run: its padded row r is row r - shift of the unpadded order
+        tl.store(shifts_ptr + e, begin - tl.sum(tl.where(experts < e, counts, 0)))
     seen = 0
     start = 0
     while start < n:
@@ -94,6 +97,13 @@ def schedule_with_ends(ids: torch.Tensor, experts: int, block: int):
     return _schedule(ids, experts, block, ends), ends
 
 
+def schedule_with_shifts(ids: torch.Tensor, experts: int, block: int):
+    """``(schedule, shifts)``: ``schedule(ids, experts, block)`` and, per expert, how many padding rows come before
+    its run (int32 ``[E]``): its padded row ``r`` is row ``r - shifts[e]`` of ``sort_by_expert``'s order."""
+    shifts = torch.empty(experts, dtype=torch.int32, device=ids.device)
+    return _schedule(ids, experts, block, None, shifts), shifts
+
+
 def sort_by_expert(ids: torch.Tensor, experts: int):
     """``(order, ends)``: the assignments sorted by expert, stably (int32 ``[T*k]``), and each expert's end
     in that order (int32 ``[E]``, the ``offs`` of ``torch._grouped_mm``), in one launch: the schedule with
@@ -103,7 +113,7 @@ def sort_by_expert(ids: torch.Tensor, experts: int):
     return _schedule(ids, experts, 1, ends).rows, ends
 
 
-def _schedule(ids, experts, block, ends) -> Schedule:
+def _schedule(ids, experts, block, ends, shifts=None) -> Schedule:
     flat = ids.reshape(-1)
     n = flat.numel()
     cap = capacity(n, experts, block)
@@ -111,6 +121,7 @@ def _schedule(ids, experts, block, ends) -> Schedule:
     block_expert = torch.empty(cap // block, dtype=torch.int32, device=ids.device)
     e_pow2 = next_power_of_2(experts)
     chunk = max(e_pow2, min(2048, next_power_of_2(n)))  # few passes: each program walks all of ids
-    _ROUTE((experts,), flat, rows, block_expert, rows if ends is None else ends, n, cap, E=experts, E_POW2=e_pow2,
-           BLOCK=block, CHUNK=chunk, ENDS=ends is not None, num_warps=8 if chunk >= 1024 else 4)
+    _ROUTE((experts,), flat, rows, block_expert, rows if ends is None else ends, rows if shifts is None else shifts,
+           n, cap, E=experts, E_POW2=e_pow2, BLOCK=block, CHUNK=chunk, ENDS=ends is not None,
+           SHIFTS=shifts is not None, num_warps=8 if chunk >= 1024 else 4)
     return Schedule(rows, block_expert, block, experts, n)

@@ -56,3 +56,21 @@ def test_sort_by_expert_is_a_stable_argsort_and_the_counts_scan(T, k, E):
     assert order.dtype == ends.dtype == torch.int32
     assert torch.equal(order.long(), torch.argsort(ids.flatten(), stable=True))
     assert torch.equal(ends.long(), torch.cumsum(torch.bincount(ids.flatten(), minlength=E), 0))
+
+
+@pytest.mark.parametrize("T,k,E,block", [(10, 2, 4, 16), (64, 8, 64, 16), (37, 3, 5, 4)])
+def test_shifts_map_padded_rows_to_the_sorted_order(T, k, E, block):
+    """Each valid padded row ``r`` of expert ``e`` is row ``r - shifts[e]`` of the stable sort by expert."""
+    from kp_compiler.ops import triton_routing
+
+    g = torch.Generator().manual_seed(T + E)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    ids[: T // 2] = ids[: T // 2] % 2
+    plan, shifts = triton_routing.schedule_with_shifts(ids, E, block)
+    order = torch.argsort(ids.flatten(), stable=True)
+    rows, n = plan.rows.long(), T * k
+    valid = rows < n
+    expert = plan.block_expert.long().repeat_interleave(block)[: rows.numel()]
+    sorted_row = torch.arange(rows.numel())[valid] - shifts.long()[expert[valid]]
+    assert torch.equal(order[sorted_row], rows[valid])  # every assignment lands on its sorted position
+    assert torch.equal(torch.sort(sorted_row).values, torch.arange(n))  # once each

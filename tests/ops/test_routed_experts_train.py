@@ -113,3 +113,41 @@ def test_op_gradients_equal_eager_autograd(layout, keep, monkeypatch):
         froles = [[mode.from_tensor(t) for t in r] for r in roles]
         fout, fsaved = torch.ops.kp.routed_experts_train(*fakes, *froles, "silu")
     assert fout.shape == out.shape and fsaved.shape == saved.shape
+
+
+def test_more_experts_keep_them_through_the_triton_epilogue_when_asked(monkeypatch):
+    """``$KP_MOE_SAVE_TRITON=1`` past ``SAVE_MAX_EXPERTS``: the CUDA forward (run here under Triton's interpreter)
+    returns the Triton kernels' output and the pre-activations in the grouped path's order, and the backward
+    from them equals the reference's."""
+    from kp_compiler.lowering import moe
+    from kp_compiler.ops import triton_experts
+
+    monkeypatch.setenv(routed_experts_train.TRITON_SAVE_ENV, "1")
+    monkeypatch.setattr(routed_experts_train, "saves", lambda x, w_up: True)  # as on an H100 in bf16
+    calls = []
+    real_forward = triton_experts.forward
+    monkeypatch.setattr(triton_experts, "forward", lambda *a, **kw: calls.append(kw) or real_forward(*a, **kw))
+    n = routed_experts_train.SAVE_MAX_EXPERTS + 4
+    g = torch.Generator().manual_seed(9)
+    bf16 = lambda t: t.to(torch.bfloat16)  # noqa: E731  (the Triton kernels take bf16/fp16)
+    x = bf16(torch.randn(6, d, generator=g))
+    ids = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(6)])
+    w = bf16(torch.rand(6, k, generator=g))
+    G, U = ([bf16(torch.randn(f, d, generator=g) / d ** 0.5) for _ in range(n)] for _ in range(2))
+    Dn = [bf16(torch.randn(d, f, generator=g) / f ** 0.5) for _ in range(n)]
+    out, saved = moe._cuda_forward_train(x, ids, w, G, U, Dn, "silu")
+    assert [c.get("save") for c in calls] == [True]  # the Triton kernels wrote them
+    want_out, want_saved = grouped_experts.forward(x, ids, w, G, U, Dn, "silu", save=True)
+    assert saved.shape == want_saved.shape == (6 * k, 2 * f)
+    torch.testing.assert_close(out, want_out, rtol=2e-2, atol=2e-2)
+    # within one bf16 ulp of the grouped path's: Triton's interpreter truncates fp32 -> bf16 where the GPU
+    # rounds to nearest, which also doubles the saved values' error (and the gradients' below) on the CPU
+    assert ((saved.float() - want_saved.float()).abs() <= want_saved.float().abs() * 2 ** -7 + 1e-6).all()
+    grad = bf16(torch.randn(6, d, generator=g))
+    got = routed_experts_train.backward_impl(grad, x, ids, w, saved, G, U, Dn, "silu")
+    wide = lambda ts: [t.double() for t in ts]  # noqa: E731
+    exact = reference_backward(grad.double(), x.double(), ids, w.double(), wide(G), wide(U), wide(Dn), "silu")
+    eager = reference_backward(grad, x, ids, w, G, U, Dn, "silu")
+    for name, a, b, c in zip(("x", "weights", "gate", "up", "down"), got, exact, eager):
+        err, eager_err = ((t.double() - b).norm() / b.norm() for t in (a, c))
+        assert err <= 3 * eager_err, (name, err, eager_err)

@@ -128,3 +128,20 @@ def test_biases_in_the_epilogues(gated):
     exact = reference(x.double(), ids, w.double(), wide(G), wide(U), wide(Dn), "gelu", tuple(wide(b) for b in biases))
     assert (out.double() - exact).abs().max().item() < 1e-5 * exact.abs().max().item()
     assert triton_experts.bias_tables(x, ([], [b.double() for b in biases[1]], [])) is None  # wrong dtype
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("T,E,k", [(3, 8, 2), (40, 4, 2)])  # padding rows at decode size, and idle experts
+def test_saved_pre_activations_equal_the_grouped_paths(T, E, k, gated):
+    """``save=True`` writes each assignment's gate/up pre-activations at its row of the sort by expert, as
+    ``grouped_experts.forward(save=True)`` does (what ``kp::routed_experts_train``'s backward reads)."""
+    from kp_compiler.ops import grouped_experts
+
+    x, ids, w, G, U, Dn = make(T, 16, 32, E, k, torch.float32, gated, idle=True, seed=T + E)
+    out, saved = triton_experts.forward(x, ids, w, G, U, Dn, "silu", save=True)
+    torch.testing.assert_close(out, triton_experts.forward(x, ids, w, G, U, Dn, "silu"), rtol=0, atol=0)
+    want_out, want = grouped_experts.forward(x.cpu(), ids.cpu(), w.cpu(), [t.cpu() for t in G],
+                                             [t.cpu() for t in U], [t.cpu() for t in Dn], "silu", save=True)
+    assert saved.shape == want.shape
+    torch.testing.assert_close(saved.cpu(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.cpu(), want_out, rtol=1e-5, atol=1e-5)
