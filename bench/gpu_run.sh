@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|buckets|buckets-next|buckets-verify|linear-act|fp8-torchao|fp8-profile|lce|generate|distributed-ddp|distributed-fsdp2|distributed-tp|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|buckets|buckets-next|buckets-verify|linear-act|fp8-torchao|fp8-profile|lce|generate|moe-save|distributed-ddp|distributed-fsdp2|distributed-tp|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -254,6 +254,17 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
     timeout "$(( $(left) - 10 ))" python3 -m bench --groups models --cases 'model-mistral-window-dynamic*' \
       --backends inductor kernelpytorch --row-timeout 200 $extra --out "$out" --stem cuda-attention-dynamic-models \
       2>"$out/attention-dynamic-models.log" | tail -24
+    ;;
+  moe-save)
+    # Issue 17: the saved pre-activations of kp::routed_experts_train. The layer cases with Inductor, then
+    # kernelpytorch alone with the Triton forward keeping them past 16 experts (KP_MOE_SAVE_TRITON=1): an A/B
+    # in two processes against the first run's kernelpytorch rows.
+    timeout "$(( $(left) / 2 ))" python3 -m bench --cases 'moe-e8-top2-fwd-bwd' 'moe-e64-top8-fwd-bwd' \
+      'moe-e64-top8-decode-fwd-bwd' --backends inductor kernelpytorch --row-timeout 130 --reps 20 $extra \
+      --out "$out" --stem cuda-moe-save 2>"$out/moe-save.log" | tail -8
+    KP_MOE_SAVE_TRITON=1 timeout "$(( $(left) - 10 ))" python3 -m bench --cases 'moe-e64-top8-fwd-bwd' \
+      'moe-e64-top8-decode-fwd-bwd' --backends kernelpytorch --row-timeout 100 --reps 20 $extra \
+      --out "$out" --stem cuda-moe-save-triton 2>>"$out/moe-save.log" | tail -6
     ;;
   moe-suite-infer|moe-suite-train)
     # Issue 17: transformers' MoE models with their default experts, kernelpytorch as shipped (grouped_mm kept)
