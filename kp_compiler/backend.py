@@ -123,7 +123,7 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
         dump.write("dynamo", gm.graph, "dynamo graph (torch IR)", numbered=False)
     # With the default passes and nothing any of them could rewrite, the lowering gets the graph as Dynamo
     # captured it (no canonicalization cost). Passes named in options["passes"] always run.
-    target = Target.of(example_inputs, record.lowering)  # what every pass reads (context.current().target)
+    target = Target.of(example_inputs, record.lowering, gm)  # what every pass reads (context.current().target)
     # (buckets need the canonical graph to prove its rows apart: no shortcut then)
     idle = (idle_reason(gm, [name for name, _ in chosen], target, opts)
             if opts.passes is None and opts.cudagraph_buckets is None else None)

@@ -137,7 +137,7 @@ def _cuda_forward_train(x, ids, weights, w_gate, w_up, w_down, activation):
     grouped_mm forward for at most ``SAVE_MAX_EXPERTS`` experts, else the Triton kernels writing them from
     their epilogue (``$KP_MOE_SAVE_TRITON=1``; grouped_mm where Triton cannot read the weights)."""
     if (routed_experts_train.saves(x, w_up) and routed_experts.num_experts(w_up) > routed_experts_train.SAVE_MAX_EXPERTS
-            and _HAS_TRITON):
+            and _HAS_TRITON and _forced() in ("", "triton")):
         routed_experts._check(x, ids, weights, w_gate, w_up, w_down, activation)
         tables = _triton_tables(x, w_gate, w_up, w_down)
         if tables is not None:

@@ -41,14 +41,22 @@ SAVE_MAX_EXPERTS = 16
 TRITON_SAVE_ENV = "KP_MOE_SAVE_TRITON"
 
 
+@functools.lru_cache(maxsize=None)
+def _env() -> tuple:
+    """The variables ``saves`` reads, once per process: the fake (at compile time) and the op (at run time) must
+    agree on ``saved``'s shape, so a variable set after a compile must not change it."""
+    return tuple(os.environ.get(name, "") for name in ("KP_MOE_BACKWARD", "KP_MOE_KERNEL", TRITON_SAVE_ENV))
+
+
 def saves(x: torch.Tensor, w_up) -> bool:
     """Whether the forward keeps the pre-activations: at most ``SAVE_MAX_EXPERTS`` experts (any count with
     ``$KP_MOE_SAVE_TRITON=1``), where the backward is ``grouped_experts.backward`` (``lowering/moe.py``'s
-    ``choose_backward``) and ``$KP_MOE_BACKWARD`` / ``$KP_MOE_KERNEL`` force no other implementation."""
-    forced = os.environ.get("KP_MOE_BACKWARD", ""), os.environ.get("KP_MOE_KERNEL", "")
-    few = num_experts(w_up) <= SAVE_MAX_EXPERTS or os.environ.get(TRITON_SAVE_ENV) == "1"
+    ``choose_backward``) and ``$KP_MOE_BACKWARD`` / ``$KP_MOE_KERNEL`` force no other implementation (each read
+    once per process, ``_env``)."""
+    backward, kernel, triton_save = _env()
+    few = num_experts(w_up) <= SAVE_MAX_EXPERTS or triton_save == "1"
     return (x.device.type == "cuda" and x.dtype is torch.bfloat16 and few and grouped_experts.aligned(x, w_up)
-            and all(f in ("", "grouped_mm") for f in forced) and _capability(x.device) >= (9, 0))
+            and backward in ("", "grouped_mm") and kernel in ("", "grouped_mm") and _capability(x.device) >= (9, 0))
 
 
 def _width(w_gate, w_up) -> int:

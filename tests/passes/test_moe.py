@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kp_compiler.testing.models import LoopMoE, TinyMoEGPT
+from kp_compiler.core.report import collect
 from tests.utils import compile_and_collect, filecheck
 from kp_compiler.testing.compare import assert_same_grads, grads_of
 
@@ -507,3 +508,27 @@ def test_routing_weights_in_a_wider_dtype_are_left_alone_and_said():
     assert any("routing weights are torch.float64, the tokens torch.float32" in n for n in moe_pass(records).notes)
     torch._dynamo.reset()
     check_equal(model, torch.randn(10, D))
+
+
+def test_expert_loop_under_autocast_is_left_alone_and_says_why():
+    """``kp::routed_experts`` has no autocast rule: under autocast it would compute in fp32 where eager computes
+    the linears in bf16, so the pass leaves the loop alone, says why, and outputs and gradients equal eager's."""
+    torch.manual_seed(0)
+    model = LoopMoE(D, 24, E, 2)
+    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES})
+    x = torch.randn(10, D)
+    got_x, ref_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with collect() as records:
+            got = compiled(got_x)
+        ref = model(ref_x)
+    rec = moe_pass(records)
+    assert rec.matches == 0
+    assert any("torch.autocast is on" in n for n in rec.notes), rec.notes
+    assert got.dtype == ref.dtype
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+    got.float().square().mean().backward()
+    got_grads = {**grads_of(model.named_parameters()), "x": got_x.grad}
+    model.zero_grad(set_to_none=True)
+    ref.float().square().mean().backward()
+    assert_same_grads(got_grads, {**grads_of(model.named_parameters()), "x": ref_x.grad}, rtol=2e-2, atol=2e-2)

@@ -39,6 +39,9 @@ GROUPED_MM_KEPT = ("transformers grouped_mm experts left as they are in this tra
                    "training step measured slower than Inductor's there (H200, Qwen3-MoE suite: see "
                    "docs/passes/moe.md); options['moe_grouped_mm']='rewrite' (or "
                    f"{GROUPED_MM_ENV}=1) rewrites them anyway")
+AUTOCAST_KEPT = ("expert block left as it is: torch.autocast is on for this graph, and kp::routed_experts has no "
+                 "autocast rule (its tokens and weights would stay fp32 where eager runs the linears in the autocast "
+                 "dtype)")
 GROUPED_MM_KEPT_BY_OPTION = "transformers grouped_mm experts left as they are (options['moe_grouped_mm']='keep')"
 
 
@@ -81,6 +84,9 @@ def moe_dispatch(gm: fx.GraphModule) -> Matches:
     ``KP_MOE_REWRITE_GROUPED_MM=1`` force one; the report's notes say when one was kept and why). A graph with
     no known target (a pass run by hand) keeps it.
 
+    Under ``torch.autocast`` (``Target.autocast``) nothing is rewritten and the report says why: the op has no
+    autocast rule, so it would compute in fp32 where eager computes in the autocast dtype.
+
     In an inference graph for CUDA, the ops then read their expert weights through address tables made now
     (``tables.py``): 3 x E tensors passed per call cost more host time than a decode step's kernels.
     """
@@ -94,6 +100,10 @@ def moe_dispatch(gm: fx.GraphModule) -> Matches:
         if not alive(node):
             continue
         for experts in recognize(node, notes):
+            if target is not None and target.autocast:
+                if AUTOCAST_KEPT not in notes:
+                    notes.append(AUTOCAST_KEPT)
+                break
             if experts.grouped and grouped_kept:
                 notes.append(grouped_kept)
                 break
