@@ -339,6 +339,30 @@ def test_inference_graphs_are_not_rewritten():
     assert skipped and "no backward" in skipped[0]["reason"]
 
 
+def test_left_alone_under_autocast():
+    """Mixed-precision training (the model cast to bf16 by ``torch.autocast``, the logits upcast as transformers
+    does): the op has no autocast rule and would run the head's GEMMs in fp32, so the pass stays out and says
+    why; the loss and gradients are eager's."""
+    torch.manual_seed(0)
+    model = Head()
+    compiled = torch.compile(model, backend="kernelpytorch", options=OPTS)
+    x, labels = torch.randn(2, 5, D), _labels((2, 5))
+    got_x, ref_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with collect() as records:
+            got = compiled(got_x, labels)
+        ref = model(ref_x, labels)
+    skipped = [s for r in records for s in r.skipped if s["pass"] == "linear-cross-entropy"]
+    assert skipped and "torch.autocast is on" in skipped[0]["reason"], [r.skipped for r in records]
+    assert not [p for r in records for p in r.passes if p.name == "linear-cross-entropy" and p.matches]
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+    got.backward()
+    got_grads = {**grads_of(model.named_parameters()), "x": got_x.grad}
+    model.zero_grad(set_to_none=True)
+    ref.backward()
+    assert_same_grads(got_grads, {**grads_of(model.named_parameters()), "x": ref_x.grad}, rtol=1e-2, atol=1e-3)
+
+
 def test_a_default_pass_gated_by_its_option():
     """In the default list; ``options["linear_cross_entropy"]``: "auto" applies on CUDA 9.0 and up only (where
     it is measured), True on any device, False never; on the CPU by default a training graph with a
@@ -354,6 +378,7 @@ def test_a_default_pass_gated_by_its_option():
     assert lce_pass.applies(Target(h200, True), auto) is None
     assert "9.0" in lce_pass.applies(Target(a100, True), auto)
     assert "no backward" in lce_pass.applies(Target(h200, False), auto)
+    assert "torch.autocast is on" in lce_pass.applies(Target(h200, True, autocast=True), auto)
     assert lce_pass.applies(Target(cpu, True), on) is None
     assert "off" in lce_pass.applies(Target(h200, True), off)
     with pytest.raises(ValueError, match="linear_cross_entropy"):

@@ -70,13 +70,16 @@ OUTPUT_NOTE = ("logits also returned (as transformers does); compile a step retu
 
 
 def applies(target, options) -> Optional[str]:
-    """Training graphs where ``options["linear_cross_entropy"]`` allows: ``"auto"`` (CUDA, compute capability
-    9.0 and up, where it is measured), ``True`` (any device), ``False`` (never)."""
+    """Training graphs without ``torch.autocast`` where ``options["linear_cross_entropy"]`` allows: ``"auto"``
+    (CUDA, compute capability 9.0 and up, where it is measured), ``True`` (any device), ``False`` (never)."""
     mode = getattr(options, "linear_cross_entropy", "auto")
     if mode is False:
         return "off (options['linear_cross_entropy']=False)"
     if not target.training:
         return "no backward runs in this graph: its logits cost no gradient"
+    if target.autocast:  # mixed-precision training: the head's GEMMs would run in fp32 inside the op
+        return ("torch.autocast is on: kp::linear_cross_entropy has no autocast rule, so it would run the head's "
+                "GEMMs on the fp32 hidden states and weight where eager runs them in the autocast dtype")
     device = target.device
     if mode == "auto" and not (device.kind == "cuda" and (device.capability or (0, 0)) >= MEASURED_FROM):
         return (f"on by default on CUDA GPUs of compute capability {MEASURED_FROM[0]}.{MEASURED_FROM[1]} and up, "
