@@ -34,9 +34,9 @@ def cuda_target(monkeypatch):
     """The backend decides as for an H100 (the lowering still runs on the CPU inputs)."""
     real = Target.of
 
-    def as_cuda(example_inputs, lowering):
-        t = real(example_inputs, lowering)
-        return Target(DeviceInfo("cuda", (9, 0)), t.training, t.lowering)
+    def as_cuda(example_inputs, lowering, gm=None):
+        t = real(example_inputs, lowering, gm)
+        return Target(DeviceInfo("cuda", (9, 0)), t.training, t.lowering, t.autocast)
     monkeypatch.setattr(Target, "of", staticmethod(as_cuda))
 
 
