@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from bench.timing import host_per_call
 from kp_compiler.testing import hf
 
 MODEL = sys.argv[1] if len(sys.argv) > 1 else "qwen3_moe"
@@ -49,18 +50,6 @@ def timed(fn, reps=20):
     return statistics.median(wall), statistics.median(queue)
 
 
-def gpu_ms(fn, reps=10):
-    """GPU time per call: CUDA events around back-to-back calls (host-bound calls show idle gaps here too)."""
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(reps):
-        fn()
-    e.record()
-    e.synchronize()
-    return s.elapsed_time(e) / reps
-
-
 def run(name, backend, options):
     torch._dynamo.reset()
     model, vocab = hf.build(MODEL, SIZE, attn=None, experts=None)
@@ -81,7 +70,7 @@ def run(name, backend, options):
                 fwd(ids)
     call()
     wall, queue = timed(call)
-    back = gpu_ms(call)
+    back = host_per_call(call, reps=10)[1]  # wall per call, back to back
     print(f"\n=== {name} {KIND}: wall {wall:.3f} ms, queued {queue:.3f} ms, back to back {back:.3f} ms per call",
           flush=True)
     prof = cProfile.Profile()

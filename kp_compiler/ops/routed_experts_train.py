@@ -59,9 +59,13 @@ def saves(x: torch.Tensor, w_up) -> bool:
             and backward in ("", "grouped_mm") and kernel in ("", "grouped_mm") and _capability(x.device) >= (9, 0))
 
 
-def _width(w_gate, w_up) -> int:
+def saved_like(x, ids, w_gate, w_up) -> torch.Tensor:
+    """An empty tensor shaped as ``saved`` (the fake's, and the pass's record of the op's value): ``[T*k, 2f]``
+    (``[T*k, f]`` ungated) where the forward keeps the pre-activations, else ``[0]``."""
+    if not saves(x, w_up):
+        return x.new_empty(0)
     f = w_up[0].shape[-2]
-    return 2 * f if w_gate else f
+    return x.new_empty(ids.numel(), 2 * f if w_gate else f)
 
 
 def forward_impl(x, ids, weights, w_gate, w_up, w_down, activation):
@@ -95,8 +99,7 @@ def routed_experts_train(
 
 @routed_experts_train.register_fake
 def _(x, ids, weights, w_gate, w_up, w_down, activation):
-    saved = x.new_empty(ids.numel(), _width(w_gate, w_up)) if saves(x, w_up) else x.new_empty(0)
-    return x.new_empty(x.shape), saved
+    return x.new_empty(x.shape), saved_like(x, ids, w_gate, w_up)
 
 
 @torch.library.custom_op("kp::routed_experts_backward_saved", mutates_args=())

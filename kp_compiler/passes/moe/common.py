@@ -75,13 +75,12 @@ class Experts:
 
 
 def _saved_value(e: Experts, gate: list, up: list):
-    """The fake ``saved`` output of ``kp::routed_experts_train`` (its shape where the forward keeps it)."""
-    from ...ops.routed_experts_train import saves
+    """The fake ``saved`` output of ``kp::routed_experts_train``, as its fake implementation makes it."""
+    from ...ops.routed_experts_train import saved_like
     x, ids, ups = val(e.x), val(e.ids), [val(u) for u in up]
     if x is None or ids is None or any(u is None for u in ups):
         return None
-    f = ups[0].shape[-2]
-    return x.new_empty(ids.numel(), 2 * f if gate else f) if saves(x, ups) else x.new_empty(0)
+    return saved_like(x, ids, gate, ups)
 
 
 def emit(gm: fx.GraphModule, e: Experts, training: bool = False) -> bool:
@@ -104,24 +103,23 @@ def emit(gm: fx.GraphModule, e: Experts, training: bool = False) -> bool:
             gate = [g.call_function(aten.slice.Tensor, (e.gate_up, 1, 0, f))]
             up = [g.call_function(aten.slice.Tensor, (e.gate_up, 1, f, 2 * f))]
         if any(e.biases):
-            out = g.call_function(torch.ops.kp.routed_experts_biased.default,
-                                  (e.x, e.ids, weights, gate, up, list(e.down), *map(list, e.biases), e.activation))
+            op = out = g.call_function(torch.ops.kp.routed_experts_biased.default, (
+                e.x, e.ids, weights, gate, up, list(e.down), *map(list, e.biases), e.activation))
         elif training:
-            train = g.call_function(torch.ops.kp.routed_experts_train.default,
-                                    (e.x, e.ids, weights, gate, up, list(e.down), e.activation))
-            train.meta["val"] = (val(e.end), _saved_value(e, gate, up))
-            op = train
-            out = g.call_function(operator.getitem, (train, 0))
+            op = g.call_function(torch.ops.kp.routed_experts_train.default,
+                                 (e.x, e.ids, weights, gate, up, list(e.down), e.activation))
+            op.meta["val"] = (val(e.end), _saved_value(e, gate, up))
+            out = g.call_function(operator.getitem, (op, 0))
         else:
-            out = g.call_function(torch.ops.kp.routed_experts.default,
-                                  (e.x, e.ids, weights, gate, up, list(e.down), e.activation))
+            op = out = g.call_function(torch.ops.kp.routed_experts.default,
+                                       (e.x, e.ids, weights, gate, up, list(e.down), e.activation))
         result = out
         if val(e.end).dtype != dtype:
             result = g.call_function(aten.to.dtype, (out, val(e.end).dtype))
     if result is out:
         out.meta["val"] = val(e.end)
     if e.note:
-        (op if training and not any(e.biases) else out).meta["kp_note"] = e.note
+        op.meta["kp_note"] = e.note
     e.end.replace_all_uses_with(result)
     erase_dead(inside)
     return True
