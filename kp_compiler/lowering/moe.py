@@ -22,7 +22,7 @@ unit stride in ``x``'s dtype).
 ``kp::routed_experts_train`` (graphs with a backward, experts without biases) runs ``torch._grouped_mm``
 where its backward does (``routed_experts_train.saves``: at most 16 experts), keeping the gate/up
 pre-activations for it; with ``$KP_MOE_SAVE_TRITON=1`` it keeps them for more experts too, written by the
-Triton forward's epilogue (not yet measured on a GPU). Elsewhere it runs ``kp::routed_experts``'s forward and
+Triton forward's epilogue (no clear win on the H200: opt-in). Elsewhere it runs ``kp::routed_experts``'s forward and
 its backward recomputes them.
 
 ``KP_MOE_KERNEL=triton|grouped_mm|reference`` forces one forward
