@@ -71,7 +71,6 @@ def linears() -> None:
             gbs = lambda us: nbytes / (us * 1e3)  # noqa: E731
             print(f"{name} {n}x{k}, {m} rows: {cublas:.2f} ({gbs(cublas):.0f}) | {best[0]:.2f} ({gbs(best[0]):.0f}) "
                   f"{list(best[1])} | {cublas / best[0]:.2f}x  (skinny rel. error {err:.1e})", flush=True)
-        del ws
 
 
 def model() -> None:
