@@ -1,10 +1,11 @@
-"""Where the decode sequence's GPU time goes under CUDA graphs, and whether a few-row linear kernel beats cuBLAS
+"""Where the decode sequence's GPU time goes under CUDA graphs, and how fast cuBLAS reads the linears' weights
 (issue 18: buckets need the graphs' GPU time down to reach 3x Inductor default).
 
 1. The decode model's linears alone (d=2048 Llama: q/o 2048x2048, k/v 512x2048, gate/up 5632x2048,
-   down 2048x5632, head 32000x2048) at 1 to 64 rows: cuBLAS (``F.linear``) against
-   ``ops/triton_skinny.py`` with each tile candidate. GPU time per call from a CUDA graph of calls over
-   enough weight copies that none is in L2, so each call reads its weight from memory as in the model.
+   down 2048x5632, head 32000x2048) at 1 to 64 rows through cuBLAS (``F.linear``). GPU time per call from a
+   CUDA graph of calls over enough weight copies that none is in L2, so each call reads its weight from memory
+   as in the model. (At ce01986 it also timed a few-row Triton kernel without a split over K: 0.75-1.20x of
+   cuBLAS, below it at most sizes, so it was removed; ``bench/results/2026-12-02-h200-decode-kernels-ce01986.txt``.)
 2. The model compiled with ``mode="reduce-overhead"`` (Inductor, kernelpytorch) at batch 1, 13 and 40:
    the profiler's kernels per call, GPU time per call, and the share in GEMMs.
 
@@ -17,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from kp_compiler.ops import triton_skinny
 
 SHAPES = {"q/o": (2048, 2048), "k/v": (512, 2048), "gate/up": (5632, 2048), "down": (2048, 5632),
           "head": (32000, 2048)}
@@ -48,29 +48,15 @@ def graph_time_us(fn_per_copy, copies: int, replays: int = 10) -> float:
 
 
 def linears() -> None:
-    print("shape, rows: cuBLAS us (GB/s) | best skinny us (GB/s) [BN, BK, warps, stages] | ratio")
+    print("shape, rows: cuBLAS us (GB/s)")
     for name, (n, k) in SHAPES.items():
         nbytes = n * k * 2
         copies = max(2, min(64, (256 << 20) // nbytes + 1))
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         for m in ROWS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ref = F.linear(x.float(), ws[0].float())
-            err = ((triton_skinny.skinny_linear(x, ws[0], triton_skinny.CANDIDATES[0]).float() - ref).norm()
-                   / ref.norm()).item()
-            cublas = graph_time_us(lambda i: F.linear(x, ws[i]), copies)
-            best = None
-            for cfg in triton_skinny.CANDIDATES:
-                try:
-                    t = graph_time_us(lambda i: triton_skinny.skinny_linear(x, ws[i], cfg), copies)
-                except Exception as e:  # noqa: BLE001 (a candidate that does not fit this GPU)
-                    print(f"  {cfg}: {type(e).__name__}")
-                    continue
-                if best is None or t < best[0]:
-                    best = (t, cfg)
-            gbs = lambda us: nbytes / (us * 1e3)  # noqa: E731
-            print(f"{name} {n}x{k}, {m} rows: {cublas:.2f} ({gbs(cublas):.0f}) | {best[0]:.2f} ({gbs(best[0]):.0f}) "
-                  f"{list(best[1])} | {cublas / best[0]:.2f}x  (skinny rel. error {err:.1e})", flush=True)
+            us = graph_time_us(lambda i: F.linear(x, ws[i]), copies)
+            print(f"{name} {n}x{k}, {m} rows: {us:.2f} ({nbytes / (us * 1e3):.0f})", flush=True)
 
 
 def model() -> None:
