@@ -6,10 +6,11 @@
    CUDA graph of calls over enough weight copies that none is in L2, so each call reads its weight from memory
    as in the model. (At ce01986 it also timed a few-row Triton kernel without a split over K: 0.75-1.20x of
    cuBLAS, below it at most sizes, so it was removed; ``bench/results/2026-12-02-h200-decode-kernels-ce01986.txt``.)
-2. The model compiled with ``mode="reduce-overhead"`` (Inductor, kernelpytorch) at batch 1, 13 and 40:
+2. ``kp::multi_linear``'s one launch over the q, k, v (or gate, up) weights against one cuBLAS GEMM each.
+3. The model compiled with ``mode="reduce-overhead"`` (Inductor, kernelpytorch) at batch 1, 13 and 40:
    the profiler's kernels per call, GPU time per call, and the share in GEMMs.
 
-    PYTHONPATH=. python scripts/gpu_decode_kernels.py [linears|model|all]
+    PYTHONPATH=. python scripts/gpu_decode_kernels.py [linears|groups|model|all]
 """
 
 import sys
@@ -59,6 +60,33 @@ def linears() -> None:
             print(f"{name} {n}x{k}, {m} rows: {us:.2f} ({nbytes / (us * 1e3):.0f})", flush=True)
 
 
+GROUPS = {"qkv d=2048": (2048, (2048, 512, 512)), "gate/up d=2048": (2048, (5632, 5632)),
+          "qkv d=4096": (4096, (4096, 1024, 1024)), "qkv d=1024": (1024, (1024, 256, 256))}
+
+
+def groups() -> None:
+    """``kp::multi_linear``'s kernel against one cuBLAS GEMM per weight, GPU time in CUDA graphs."""
+    from kp_compiler.ops import triton_multi_linear
+    print("group, rows: cuBLAS per weight us | one launch us [config] | ratio | rel. error vs fp32")
+    for name, (k, sizes) in GROUPS.items():
+        nbytes = sum(sizes) * k * 2
+        copies = max(2, min(64, (256 << 20) // nbytes + 1))
+        sets = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5 for n in sizes]
+                for _ in range(copies)]
+        for m in (1, 4, 13, 16, 32, 40, 64):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ys = [torch.empty(m, sum(sizes), device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+            cublas = graph_time_us(lambda i: [F.linear(x, w) for w in sets[i]], copies)
+            triton_multi_linear.run(x, sets[0], ys[0])  # tunes on first use (outside the capture)
+            ours = graph_time_us(lambda i: triton_multi_linear.run(x, sets[i], ys[i]), copies)
+            ref = torch.cat([F.linear(x.float(), w.float()) for w in sets[0]], -1)
+            triton_multi_linear.run(x, sets[0], ys[0])
+            err = ((ys[0].float() - ref).norm() / ref.norm()).item()
+            key = (16 if m <= 16 else 32 if m <= 32 else 64, sizes, k, x.dtype, x.device.index)
+            print(f"{name}, {m} rows: {cublas:.2f} | {ours:.2f} {list(triton_multi_linear._best.get(key, ()))} | "
+                  f"{cublas / ours:.2f}x | {err:.1e}", flush=True)
+
+
 def model() -> None:
     from kp_compiler.testing import hf
     m, vocab = hf.build("llama", "decode", attn="sdpa")
@@ -93,5 +121,7 @@ if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name())
     if what in ("linears", "all"):
         linears()
+    if what in ("groups", "all"):
+        groups()
     if what in ("model", "all"):
         model()

@@ -61,6 +61,19 @@ def _linear(p, node):
     return p.out_axis(node)
 
 
+@rule("multi_linear")
+def _multi_linear(p, node):
+    """``kp::multi_linear``: ``linear`` over several weights, outputs side by side along the last dim."""
+    if any(p.state.get(w) is not FREE for w in node.args[1]):
+        raise Broken(node, "its weights hold batch rows")
+    a = _ax(p, node)
+    if a is FREE:
+        return FREE
+    if a == _rank(node) - 1:
+        raise Broken(node, "contracts over the batch axis")
+    return p.out_axis(node)
+
+
 @rule("mm", "addmm", "bmm", "baddbmm", "matmul")
 def _matmul(p, node):
     name = op_name(node.target)

@@ -55,11 +55,12 @@ class Match:
         """Insert ``target(*args, **kwargs)`` before the root; fake value computed."""
         with self.graph.inserting_before(self.root):
             node = self.graph.call_function(target, args, kwargs)
-        node.meta["val"] = _fake_value(target, args, kwargs)
+        node.meta["val"] = fake_value(target, args, kwargs)
         return node
 
 
-def _fake_value(target, args, kwargs):
+def fake_value(target, args, kwargs):
+    """``target(*args, **kwargs)`` on the nodes' fake values (``meta["val"]``), or None without a fake mode."""
     from torch._guards import detect_fake_mode
 
     def unwrap(a):

@@ -9,6 +9,7 @@ from .attention.match import attention_to_sdpa
 from .attention.kernels import choose_attention_kernels
 from .fp8.linear import convert_fp8_linears, fp8_applies
 from .linear.activation import linear_activation
+from .linear.group import applies as _group_applies, linear_group
 from .loss import linear_cross_entropy as _lce
 from .moe.dispatch import moe_dispatch
 from .cleanup.noop import noop_elimination
@@ -25,6 +26,8 @@ register_pass("attention-kernels", choose_attention_kernels, default=True, ancho
 register_pass("moe-dispatch", moe_dispatch, default=True, anchors=("topk",))
 # Opt-in until a fused kernel is measured faster than Inductor's own linear + pointwise (issue 19).
 register_pass("linear-activation", linear_activation, anchors=("linear",))
+# The linears of one input as one few-row launch: only under mode="reduce-overhead" on CUDA (issue 18).
+register_pass("linear-group", linear_group, default=True, anchors=("linear",), applies=_group_applies)
 register_pass("linear-cross-entropy", _lce.linear_cross_entropy, default=True, anchors=("cross_entropy",),
               applies=_lce.applies)
 # Last: it converts the linears the others left. Only with options["fp8"] (its applies says so otherwise).

@@ -1,0 +1,139 @@
+"""``linear-group``: the linears that read one input become one ``kp::multi_linear`` (issue 18).
+
+Under CUDA graphs a decode step's time is its kernels' GPU time, and a small linear at a few rows costs a
+fixed ~5.5 us on an H200 whatever its weight (the q, k and v projections of a d=2048 Llama: 2-8 MB each,
+``bench/results/2026-12-02-h200-decode-kernels-ce01986.txt``). One launch over the three pays it once
+(``ops/triton_multi_linear.py``), reading each weight where the model keeps it: no packed copy, so no
+memory over the model's and no staleness when a weight is updated in place.
+
+Before::
+
+    %linear = aten.linear.default(%x, %w_q) : bf16[s0, 1, 2048]
+    %linear_1 = aten.linear.default(%x, %w_k) : bf16[s0, 1, 512]
+    %linear_2 = aten.linear.default(%x, %w_v) : bf16[s0, 1, 512]
+
+After::
+
+    %multi_linear = kp.multi_linear.default(%x, [%w_q, %w_k, %w_v]) : bf16[s0, 1, 3072]
+    %split = aten.split_with_sizes.default(%multi_linear, [2048, 512, 512], -1)
+    %getitem = getitem(%split, 0) ...
+
+Applies (``applies``) to inference graphs on CUDA GPUs of compute capability 8.0 and up with Triton, under
+``mode="reduce-overhead"``: the kernel saves GPU time, which is the step's time only under CUDA graphs; in
+default mode a decode step is host-bound and one Python op in place of three ATen calls saves nothing.
+Per group: 2 to 4 linears of the same node without biases, each weight a 2-D parameter of the graph with a
+row count that is a multiple of 16, one dtype (bf16/fp16) with ``x``, together at most ``MAX_BYTES`` (past
+that the weights' reads dominate and cuBLAS reads them as fast), and ``x`` not known to hold more than
+``triton_multi_linear.MAX_ROWS`` rows. Rows above that when the op runs (a dynamic batch) take one cuBLAS
+GEMM per weight: the row count is read at run time, never as a guard.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+from torch import fx
+
+from ...core import context
+from ...core.graph import val
+from ...core.rules import Matches, fake_value
+from ...ops import multi_linear as _multi_linear  # noqa: F401  (registers kp::multi_linear)
+from ...ops.triton_multi_linear import MAX_ROWS, MAX_WEIGHTS
+
+aten, kp = torch.ops.aten, torch.ops.kp
+
+MAX_BYTES = 32 << 20
+
+
+def applies(target, options) -> Optional[str]:
+    """Inference graphs on CUDA 8.0 and up under ``mode="reduce-overhead"`` (the module docstring says why)."""
+    if getattr(options, "mode", "default") != "reduce-overhead":
+        return "only under mode='reduce-overhead', where a step's time is its kernels' GPU time"
+    if target.training:
+        return "a backward runs in this graph: kp::multi_linear has no autograd formula"
+    if getattr(options, "fp8", None):
+        return "options['fp8'] is on: the fp8-linear pass converts these linears"
+    device = target.device
+    if not (device.kind == "cuda" and (device.capability or (0, 0)) >= (8, 0)):
+        return f"the few-row kernel runs on CUDA GPUs of compute capability 8.0 and up, not {device.kind}"
+    if not _multi_linear._HAS_TRITON:
+        return "Triton is not installed"
+    return None
+
+
+def _plain_linear(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target is not aten.linear.default:
+        return False
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return bias is None and isinstance(node.args[1], fx.Node)
+
+
+def _refusal(x: fx.Node, weight: fx.Node) -> Optional[str]:
+    ctx = context.current()
+    if weight.op != "placeholder" or (ctx is not None and not isinstance(ctx.example_value(weight),
+                                                                           torch.nn.Parameter)):
+        return "the weight is not a parameter of the graph"
+    w, xv = val(weight), val(x)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or xv.dtype not in (torch.bfloat16, torch.float16):
+        return "not a 2-D weight in bf16/fp16"
+    if w.dtype != xv.dtype:
+        return "the weight's dtype is not the input's"
+    if not isinstance(w.shape[0], int) or w.shape[0] % 16:
+        return "the weight's rows are not a multiple of 16"
+    return None
+
+
+def _rows_known_above(xv: torch.Tensor) -> bool:
+    """``x`` holds more than ``MAX_ROWS`` rows for certain (static sizes only: a symbolic size is not read)."""
+    rows = 1
+    for s in xv.shape[:-1]:
+        if not isinstance(s, int):
+            return False
+        rows *= s
+    return rows > MAX_ROWS
+
+
+def linear_group(gm: fx.GraphModule) -> Matches:
+    """Replace each qualifying group of linears of one input with ``kp::multi_linear`` and a split."""
+    graph = gm.graph
+    notes, count = [], 0
+    for x in list(graph.nodes):
+        linears = [u for u in x.users if _plain_linear(u) and u.args[0] is x]
+        if len(linears) < 2:
+            continue
+        xv = val(x)
+        if not isinstance(xv, torch.Tensor) or _rows_known_above(xv):
+            continue
+        ok = []
+        for lin in linears:
+            why = _refusal(x, lin.args[1])
+            if why is None:
+                ok.append(lin)
+            else:
+                notes.append(f"{lin.name}: left out of {x.name}'s group: {why}")
+        ok = sorted(ok, key=lambda n: list(graph.nodes).index(n))[:MAX_WEIGHTS]
+        if len(ok) < 2:
+            continue
+        weights = [lin.args[1] for lin in ok]
+        nbytes = sum(val(w).numel() * val(w).element_size() for w in weights)
+        if nbytes > MAX_BYTES:
+            notes.append(f"{x.name}: {len(ok)} linears left apart: {nbytes >> 20} MiB of weights, above "
+                         f"{MAX_BYTES >> 20} MiB, where cuBLAS reads them as fast")
+            continue
+        sizes = [val(w).shape[0] for w in weights]
+        with graph.inserting_before(ok[0]):
+            fused = graph.call_function(kp.multi_linear.default, (x, weights))
+            fused.meta["val"] = fake_value(kp.multi_linear.default, (x, weights), {})
+            split = graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
+            split.meta["val"] = fake_value(aten.split_with_sizes.default, (fused, sizes, -1), {})
+            for i, lin in enumerate(ok):
+                part = graph.call_function(operator.getitem, (split, i))
+                part.meta["val"] = split.meta["val"][i]
+                lin.replace_all_uses_with(part)
+        for lin in ok:
+            graph.erase_node(lin)
+        count += 1
+    graph.lint()
+    return Matches({"group": count} if count else {}, notes)

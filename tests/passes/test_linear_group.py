@@ -1,0 +1,190 @@
+"""``linear-group`` (``passes/linear/group.py``) and ``kp::multi_linear`` (``ops/multi_linear.py``).
+
+On the CPU the compile target is described as an H100 (``Target.of`` patched) so the pass takes its CUDA
+decision path; the op then runs one ``mm`` per weight on the CPU tensors. The Triton kernel itself runs under
+Triton's interpreter (``tests/conftest.py``), which truncates fp32 to bf16 where the GPU rounds: tolerances
+are a bf16 ulp or two.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from kp_compiler import backend
+from kp_compiler.core.devices import DeviceInfo
+from kp_compiler.core.report import collect
+from kp_compiler.core.target import Target
+from kp_compiler.ops import triton_multi_linear
+from kp_compiler.options import parse_options
+from kp_compiler.passes.linear.group import applies
+from kp_compiler.runtime.graph_buckets import EagerRecorder, GraphBuckets
+from tests.utils import filecheck
+
+D = 32
+BF16 = torch.bfloat16
+
+
+@pytest.fixture
+def cuda_target(monkeypatch):
+    real = Target.of
+
+    def as_cuda(example_inputs, lowering, gm=None):
+        t = real(example_inputs, lowering, gm)
+        return Target(DeviceInfo("cuda", (9, 0)), t.training, t.lowering, t.autocast)
+    monkeypatch.setattr(Target, "of", staticmethod(as_cuda))
+
+
+class Projections(nn.Module):
+    """q, k and v projections of one normalised input, as an attention block spells them."""
+
+    def __init__(self, kv=16, bias=False):
+        super().__init__()
+        self.norm = nn.RMSNorm(D)
+        self.q = nn.Linear(D, D, bias=bias)
+        self.k = nn.Linear(D, kv, bias=bias)
+        self.v = nn.Linear(D, kv, bias=bias)
+
+    def forward(self, x):
+        h = self.norm(x)
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        return q[..., :k.shape[-1]] * torch.sigmoid(k) + v, q
+
+
+def compile_run(model, sizes, mode="reduce-overhead", dump_dir=None, dtype=BF16, **options):
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="kernelpytorch", dynamic=True,
+                             options={"mode": mode, "dump_dir": dump_dir, **options})
+    with collect() as records, torch.no_grad():
+        for n in sizes:
+            x = torch.randn(n, 1, D, dtype=dtype)
+            got, want = compiled(x), model(x)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
+    return records
+
+
+def matches(records) -> list:
+    return [p.matches for r in records for p in r.passes if p.name == "linear-group"]
+
+
+def notes(records) -> str:
+    return " ".join(n for r in records for p in r.passes if p.name == "linear-group" for n in p.notes)
+
+
+def test_q_k_v_become_one_op_at_every_batch(cuda_target, tmp_path):
+    torch.manual_seed(0)
+    model = Projections().to(BF16).eval()
+    records = compile_run(model, [3, 5, 9, 2], dump_dir=str(tmp_path))
+    assert len(records) == 1 and matches(records) == [1]  # one graph for every batch: the rows stay symbolic
+    dump = next(tmp_path.glob("graph-000/*linear-group.txt")).read_text()
+    filecheck(
+        "CHECK: after linear-group | status ok | matches 1\n"
+        "CHECK: kp.multi_linear.default(%{{.*}}, [%{{.*}}, %{{.*}}, %{{.*}}]) : bf16[s{{[0-9]+}}, 1, 64]\n"
+        "CHECK: aten.split_with_sizes.default(%multi_linear_default, [32, 16, 16], -1)\n"
+        "CHECK-NOT: aten.linear.default\n",
+        dump,
+    )
+
+
+def test_default_mode_leaves_the_linears_apart_and_says_why(cuda_target):
+    torch.manual_seed(0)
+    records = compile_run(Projections().to(BF16).eval(), [3], mode="default")
+    assert matches(records) == []
+    (skip,) = [s for s in records[0].to_json()["skipped"] if s["pass"] == "linear-group"]
+    assert "not applicable" in skip["reason"] and "reduce-overhead" in skip["reason"]
+
+
+def test_look_alikes_are_left_alone(cuda_target):
+    torch.manual_seed(0)
+    records = compile_run(Projections(bias=True).to(BF16).eval(), [3, 4])  # biases: not the op's form
+    assert sum(matches(records)) == 0
+    records = compile_run(Projections(kv=8).to(BF16).eval(), [3])  # k, v: 8 rows, not a multiple of 16
+    assert sum(matches(records)) == 0
+    assert "not a multiple of 16" in notes(records)
+    records = compile_run(Projections().eval(), [3], dtype=torch.float32)
+    assert sum(matches(records)) == 0 and "bf16/fp16" in notes(records)
+
+
+class Computed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(D, D, dtype=BF16))
+        self.b = nn.Parameter(torch.randn(D, D, dtype=BF16))
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.a * 2), nn.functional.linear(x, self.b)
+
+
+def test_a_computed_weight_is_left_out(cuda_target):
+    records = compile_run(Computed().eval(), [3])
+    assert sum(matches(records)) == 0 and "not a parameter" in notes(records)
+
+
+def test_static_rows_above_the_kernel_are_left_alone(cuda_target):
+    torch.manual_seed(0)
+    model = Projections().to(BF16).eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="kernelpytorch", dynamic=False, options={"mode": "reduce-overhead"})
+    with collect() as records, torch.no_grad():
+        compiled(torch.randn(80, 1, D, dtype=BF16))
+    assert sum(matches(records)) == 0
+
+
+def test_where_it_applies():
+    h100, opts = DeviceInfo("cuda", (9, 0)), parse_options(None, {"mode": "reduce-overhead"})
+    assert applies(Target(h100, training=False), opts) is None
+    assert "reduce-overhead" in applies(Target(h100, training=False), parse_options(None, {}))
+    assert "backward" in applies(Target(h100, training=True), opts)
+    assert "cpu" in applies(Target(DeviceInfo("cpu"), training=False), opts)
+    assert "fp8" in applies(Target(h100, training=False), parse_options(None, {"mode": "reduce-overhead",
+                                                                                "fp8": True}))
+
+
+def test_bucketed_graph_keeps_its_proof_through_the_op(cuda_target, monkeypatch):
+    """The row proof has a rule for kp::multi_linear: the grouped graph is still bucketed, and padded rows
+    change no real row."""
+    monkeypatch.setattr(backend, "_on_cuda", lambda inputs: True)
+    monkeypatch.setattr(backend, "_recorder", EagerRecorder)
+    made = []
+    real_init = GraphBuckets.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        made.append(self)
+    monkeypatch.setattr(GraphBuckets, "__init__", spy)
+    torch.manual_seed(0)
+    records = compile_run(Projections().to(BF16).eval(), [3, 4, 7, 2], cudagraph_buckets=[4, 8])
+    assert matches(records) == [1]
+    assert made and made[0].stats["replays"] >= 2
+
+
+@pytest.mark.parametrize("m,sizes", [(1, (32, 16, 16)), (5, (48, 16)), (17, (16, 32, 16, 64)), (40, (32, 32))])
+def test_kernel_equals_float64(m, sizes):
+    g = torch.Generator().manual_seed(m)
+    k = 80  # not a multiple of BK: the K mask
+    x = torch.randn(m, k, generator=g).to(BF16)
+    ws = [(torch.randn(n, k, generator=g) / k ** 0.5).to(BF16) for n in sizes]
+    assert triton_multi_linear.supported(x, ws)
+    y = torch.empty(m, sum(sizes), dtype=BF16)
+    triton_multi_linear.run(x, ws, y)
+    exact = torch.cat([x.double() @ w.double().T for w in ws], -1)
+    assert ((y.double() - exact).norm() / exact.norm()).item() < 8e-3
+    for config in triton_multi_linear.CANDIDATES:  # every tile that divides the weights' rows
+        if all(n % config[0] == 0 for n in sizes):
+            y.fill_(float("nan"))
+            triton_multi_linear.run(x, ws, y, config)
+            assert ((y.double() - exact).norm() / exact.norm()).item() < 8e-3
+
+
+def test_op_on_the_cpu_and_its_checks():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 24, generator=g)
+    ws = [torch.randn(n, 24, generator=g) for n in (5, 7)]
+    y = torch.ops.kp.multi_linear(x, ws)
+    torch.testing.assert_close(y, torch.cat([x @ w.T for w in ws], -1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="features"):
+        torch.ops.kp.multi_linear(x, [torch.randn(5, 23)])
+    with pytest.raises(ValueError, match="dtype|bfloat16"):
+        torch.ops.kp.multi_linear(x, [torch.randn(5, 24, dtype=BF16)])
+    assert not triton_multi_linear.supported(x.reshape(6, 24).to(BF16), [w.to(BF16) for w in ws])  # rows % 16
+    assert not triton_multi_linear.supported(torch.randn(65, 32, dtype=BF16), [torch.randn(16, 32, dtype=BF16)] * 2)
