@@ -20,8 +20,8 @@ class Attention(torch.nn.Module):
 
 def test_default_passes_name_every_rewrite_in_order():
     assert kp_compiler.default_passes() == [
-        "noop-elimination", "attention-to-sdpa", "attention-kernels", "moe-dispatch", "linear-cross-entropy",
-        "fp8-linear"]
+        "noop-elimination", "attention-to-sdpa", "attention-kernels", "moe-dispatch", "linear-group",
+        "linear-cross-entropy", "fp8-linear"]
 
 
 class AttentionProj(Attention):
