@@ -81,10 +81,13 @@ def test_a_graph_without_anchors_is_lowered_as_dynamo_captured_it(tmp_path):
     assert rec.passes == [] and not rec.fallbacks
     idle = {s["pass"] for s in rec.skipped if "nothing to rewrite (the graph has no masked sdpa or softmax" in s["reason"]}
     # linear-cross-entropy does not apply (the CPU) and the graph has no cross-entropy: not mentioned
-    assert idle == set(kp_compiler.default_passes()) - {"moe-dispatch", "fp8-linear", "linear-cross-entropy"}
+    assert idle == set(kp_compiler.default_passes()) - {"moe-dispatch", "fp8-linear", "linear-cross-entropy",
+                                                        "linear-group"}
     assert not [s for s in rec.skipped if s["pass"] == "linear-cross-entropy"], rec.skipped
     # a pass that had something to look at (a linear) but does not apply says why
     assert {"pass": "fp8-linear", "reason": "not applicable on this target: FP8 is off (options['fp8'])"} in rec.skipped
+    assert [s["reason"] for s in rec.skipped if s["pass"] == "linear-group"] == [
+        "not applicable on this target: only under mode='reduce-overhead', where a step's time is its kernels' GPU time"]
     assert rec.nodes_in == rec.nodes_out > 0
     files = os.listdir(load_report(tmp_path)["graphs"][0]["dump"])
     assert "dynamo.txt" in files and "00-input.txt" not in files, files  # never canonicalized
@@ -111,4 +114,5 @@ def test_fp8_option_keeps_the_pipeline():
     torch._dynamo.reset()
     _, _, records = compile_and_collect(MLP(d=32, hidden=64), (torch.randn(80, 32),),
                                         fp8={"emulate": True, "min_dims": [64, 64, 32]})
-    assert "fp8-linear" in [p.name for p in records[0].passes] and not records[0].skipped
+    assert "fp8-linear" in [p.name for p in records[0].passes]
+    assert [s["pass"] for s in records[0].skipped] == ["linear-group"]  # not applicable in default mode

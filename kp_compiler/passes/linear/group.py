@@ -37,7 +37,7 @@ import torch
 from torch import fx
 
 from ...core import context
-from ...core.graph import val
+from ...core.graph import erase_dead, val
 from ...core.rules import Matches, fake_value
 from ...ops import multi_linear as _multi_linear  # noqa: F401  (registers kp::multi_linear)
 from ...ops.triton_multi_linear import MAX_ROWS, MAX_WEIGHTS
@@ -132,8 +132,7 @@ def linear_group(gm: fx.GraphModule) -> Matches:
                 part = graph.call_function(operator.getitem, (split, i))
                 part.meta["val"] = split.meta["val"][i]
                 lin.replace_all_uses_with(part)
-        for lin in ok:
-            graph.erase_node(lin)
+        erase_dead(ok)
         count += 1
     graph.lint()
     return Matches({"group": count} if count else {}, notes)
