@@ -84,7 +84,7 @@ def supported(x2d: torch.Tensor, weights) -> bool:
 
 
 def _table(x2d: torch.Tensor, weights) -> torch.Tensor:
-    key = (x2d.device, tuple(w.data_ptr() for w in weights))
+    key = (x2d.device, tuple((w.data_ptr(), w.shape[0]) for w in weights))  # rows: the table's first columns
     table = _tables.get(key)
     if table is None:
         firsts, col = [], 0

@@ -188,3 +188,16 @@ def test_op_on_the_cpu_and_its_checks():
         torch.ops.kp.multi_linear(x, [torch.randn(5, 24, dtype=BF16)])
     assert not triton_multi_linear.supported(x.reshape(6, 24).to(BF16), [w.to(BF16) for w in ws])  # rows % 16
     assert not triton_multi_linear.supported(torch.randn(65, 32, dtype=BF16), [torch.randn(16, 32, dtype=BF16)] * 2)
+
+
+def test_table_follows_rows_at_reused_addresses():
+    """A weight set at the addresses of an earlier one but with other row counts gets its own table (the table
+    holds each weight's first output column)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 32, generator=g).to(BF16)
+    store = torch.randn(96, 32, generator=g).to(BF16)
+    for ws in ([store[:32], store[32:]], [store[:64], store[32:]]):  # the same two addresses, rows 32 then 64
+        y = torch.empty(3, sum(w.shape[0] for w in ws), dtype=BF16)
+        triton_multi_linear.run(x, ws, y)
+        exact = torch.cat([x.double() @ w.double().T for w in ws], -1)
+        assert ((y.double() - exact).norm() / exact.norm()).item() < 8e-3
