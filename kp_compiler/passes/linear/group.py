@@ -21,9 +21,10 @@ After::
 Applies (``applies``) to inference graphs on CUDA GPUs of compute capability 8.0 and up with Triton, under
 ``mode="reduce-overhead"``: the kernel saves GPU time, which is the step's time only under CUDA graphs; in
 default mode a decode step is host-bound and one Python op in place of three ATen calls saves nothing.
-Per group: 2 to 4 linears of the same node without biases, each weight a 2-D parameter of the graph with a
-row count that is a multiple of 16, one dtype (bf16/fp16) with ``x``, together at most ``MAX_BYTES`` (past
-that the weights' reads dominate and cuBLAS reads them as fast), and ``x`` not known to hold more than
+Per group: 3 or 4 linears of the same node without biases (``MIN_WEIGHTS``: two, as gate and up, measured
+0.98-1.12x), each weight a 2-D parameter of the graph with a row count that is a multiple of 16, one dtype
+(bf16/fp16) with ``x``, together at most ``MAX_BYTES`` (the largest group measured), and ``x`` not known to hold
+more than
 ``triton_multi_linear.MAX_ROWS`` rows. Rows above that when the op runs (a dynamic batch) take one cuBLAS
 GEMM per weight: the row count is read at run time, never as a guard.
 """
@@ -44,7 +45,11 @@ from ...ops.triton_multi_linear import MAX_ROWS, MAX_WEIGHTS
 
 aten, kp = torch.ops.aten, torch.ops.kp
 
-MAX_BYTES = 32 << 20
+# Measured on the H200 (bench/results/2026-12-02-h200-multi-linear-kernel-d2f00de.txt), one launch against one
+# cuBLAS GEMM per weight: q, k, v 2.06-3.34x at d=1024 and 2048, 1.61-1.78x at d=4096 (48 MiB of weights); gate
+# and up at d=2048 (44 MiB, two weights) 0.98-1.12x. So groups of three or four weights up to 48 MiB.
+MIN_WEIGHTS = 3
+MAX_BYTES = 48 << 20
 
 
 def applies(target, options) -> Optional[str]:
@@ -118,9 +123,9 @@ def linear_group(gm: fx.GraphModule) -> Matches:
             continue
         weights = [lin.args[1] for lin in ok]
         nbytes = sum(val(w).numel() * val(w).element_size() for w in weights)
-        if nbytes > MAX_BYTES:
-            notes.append(f"{x.name}: {len(ok)} linears left apart: {nbytes >> 20} MiB of weights, above "
-                         f"{MAX_BYTES >> 20} MiB, where cuBLAS reads them as fast")
+        if len(ok) < MIN_WEIGHTS or nbytes > MAX_BYTES:
+            notes.append(f"{x.name}: {len(ok)} linears left apart ({nbytes >> 20} MiB of weights): one launch is "
+                         f"measured faster for {MIN_WEIGHTS} to {MAX_WEIGHTS} weights up to {MAX_BYTES >> 20} MiB")
             continue
         sizes = [val(w).shape[0] for w in weights]
         with graph.inserting_before(ok[0]):
