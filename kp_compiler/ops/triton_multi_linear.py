@@ -64,7 +64,7 @@ _LAUNCH = Launcher(_multi_linear)
 CANDIDATES = [(16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 6), (32, 256, 4, 4), (64, 128, 4, 4)]
 _best: dict = {}
 _tables: dict = {}
-_KEEP = 256  # weight sets whose tables are kept (a model has a few per layer)
+_PINNED: list = []  # host copies of tables made under a capture, read by the graph's replays
 
 
 def _interpreting() -> bool:
@@ -84,6 +84,10 @@ def supported(x2d: torch.Tensor, weights) -> bool:
 
 
 def _table(x2d: torch.Tensor, weights) -> torch.Tensor:
+    """The weights' device table, made once per weight set and kept for the process (64 bytes each: a graph
+    captured over the op reads it by address, so it is never dropped). A set first seen under a stream capture
+    (its warm-up ran outside one with the same weights, so only in unusual orders) gets a table inside the
+    graph, copied from pinned host memory that is kept alive for the graph's replays."""
     key = (x2d.device, tuple((w.data_ptr(), w.shape[0]) for w in weights))  # rows: the table's first columns
     table = _tables.get(key)
     if table is None:
@@ -91,14 +95,17 @@ def _table(x2d: torch.Tensor, weights) -> torch.Tensor:
         for w in weights:
             firsts.append(col)
             col += w.shape[0]
-        rows = [w.data_ptr() for w in weights] + firsts
-
-        def make():
-            return torch.tensor(rows, dtype=torch.int64).to(x2d.device)
-        if capturing() or len(_tables) >= _KEEP:  # the graph's own copy (core/persistent.py)
-            return make()
-        table = _tables[key] = persistent(make)
+        host = torch.tensor([w.data_ptr() for w in weights] + firsts, dtype=torch.int64)
+        if capturing():
+            host = host.pin_memory()
+            _PINNED.append(host)
+            return host.to(x2d.device, non_blocking=True)
+        table = _tables[key] = persistent(lambda: host.to(x2d.device))
     return table
+
+
+class NoTileFits(RuntimeError):
+    """No tile candidate fits this GPU's shared memory and registers for this shape."""
 
 
 def run(x2d: torch.Tensor, weights, y: torch.Tensor, config=None) -> torch.Tensor:
@@ -145,4 +152,6 @@ def _fastest(candidates, launch) -> tuple:
         end.record()
         end.synchronize()
         timings.append((start.elapsed_time(end), cfg))
+    if not timings:
+        raise NoTileFits(f"kp::multi_linear: no tile candidate fits this GPU ({[c[:2] for c in candidates]})")
     return min(timings, key=lambda t: t[0])[1]

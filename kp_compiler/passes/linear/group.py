@@ -38,7 +38,7 @@ import torch
 from torch import fx
 
 from ...core import context
-from ...core.graph import erase_dead, val
+from ...core.graph import AliasFacts, erase_dead, fake_execution, is_mutating, val
 from ...core.rules import Matches, fake_value
 from ...ops import multi_linear as _multi_linear  # noqa: F401  (registers kp::multi_linear)
 from ...ops.triton_multi_linear import MAX_ROWS, MAX_WEIGHTS
@@ -58,6 +58,9 @@ def applies(target, options) -> Optional[str]:
         return "only under mode='reduce-overhead', where a step's time is its kernels' GPU time"
     if target.training:
         return "a backward runs in this graph: kp::multi_linear has no autograd formula"
+    if target.autocast:
+        return ("torch.autocast is on: kp::multi_linear has no autocast rule, so its outputs would keep the input's "
+                "dtype where eager's linears take the autocast dtype")
     if getattr(options, "fp8", None):
         return "options['fp8'] is on: the fp8-linear pass converts these linears"
     device = target.device
@@ -69,13 +72,16 @@ def applies(target, options) -> Optional[str]:
 
 
 def _plain_linear(node: fx.Node) -> bool:
-    if node.op != "call_function" or node.target is not aten.linear.default:
+    if node.op != "call_function" or node.target is not aten.linear.default or len(node.args) < 2:
+        return False
+    if any(k != "bias" for k in node.kwargs):
         return False
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    return bias is None and isinstance(node.args[1], fx.Node)
+    return bias is None and isinstance(node.args[0], fx.Node) and isinstance(node.args[1], fx.Node)
 
 
-def _refusal(x: fx.Node, weight: fx.Node) -> Optional[str]:
+def _refusal(x: fx.Node, lin: fx.Node) -> Optional[str]:
+    weight = lin.args[1]
     ctx = context.current()
     if weight.op != "placeholder" or (ctx is not None and not isinstance(ctx.example_value(weight),
                                                                            torch.nn.Parameter)):
@@ -83,8 +89,8 @@ def _refusal(x: fx.Node, weight: fx.Node) -> Optional[str]:
     w, xv = val(weight), val(x)
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or xv.dtype not in (torch.bfloat16, torch.float16):
         return "not a 2-D weight in bf16/fp16"
-    if w.dtype != xv.dtype:
-        return "the weight's dtype is not the input's"
+    if w.dtype != xv.dtype or val(lin).dtype != xv.dtype:
+        return "the weight's or the output's dtype is not the input's"
     if not isinstance(w.shape[0], int) or w.shape[0] % 16:
         return "the weight's rows are not a multiple of 16"
     return None
@@ -100,10 +106,48 @@ def _rows_known_above(xv: torch.Tensor) -> bool:
     return rows > MAX_ROWS
 
 
+def _views_stay_valid(lin: fx.Node, part) -> Optional[str]:
+    """Why the linear's output may not become ``part`` (a strided column slice of the op's output), or None.
+
+    Its readers then see row stride ``sum(N)`` where eager's output has ``N``. Ops read any strides; each view
+    reader is re-run on the strided value (fake tensors) in case one cannot take it. The output itself must not
+    be a graph output (the caller would get a strided slice where eager returns a whole tensor); a view of it
+    may be (transformers returns the value projection in its cache as a transposed view): the caller then gets
+    the slice's strides, the same values."""
+    mode = getattr(part, "fake_mode", None)
+    pending = [(lin, part)]
+    while pending:
+        node, value = pending.pop()
+        for user in node.users:
+            if user.op == "output":
+                if node is lin:
+                    return "its output is a graph output: the caller would get a strided slice, not eager's tensor"
+                continue  # a view of it: the caller gets the slice's strides (docs/passes/cudagraphs.md)
+            if user.op == "call_function" and user.target is operator.getitem and isinstance(value, (list, tuple)):
+                pending.append((user, value[user.args[1]]))
+                continue
+            if user.op != "call_function" or not getattr(user.target, "is_view", False):
+                continue
+            args = fx.node.map_aggregate(
+                user.args, lambda a: value if a is node else a.meta.get("val") if isinstance(a, fx.Node) else a)
+            try:
+                with fake_execution(mode):
+                    out = user.target(*args, **user.kwargs)
+            except Exception:  # noqa: BLE001 - the view does not fit the strided output
+                return f"{user.name} needs the output with eager's strides"
+            pending.append((user, out))
+    return None
+
+
+
+
 def linear_group(gm: fx.GraphModule) -> Matches:
     """Replace each qualifying group of linears of one input with ``kp::multi_linear`` and a split."""
     graph = gm.graph
     notes, count = [], 0
+    aliases = AliasFacts(graph)
+    position = {n: i for i, n in enumerate(graph.nodes)}  # of the nodes as they came: new ones are not read
+    writes = [position[n] for n in graph.nodes if is_mutating(n)]
     for x in list(graph.nodes):
         linears = [u for u in x.users if _plain_linear(u) and u.args[0] is x]
         if len(linears) < 2:
@@ -113,12 +157,12 @@ def linear_group(gm: fx.GraphModule) -> Matches:
             continue
         ok = []
         for lin in linears:
-            why = _refusal(x, lin.args[1])
+            why = _refusal(x, lin)
             if why is None:
                 ok.append(lin)
             else:
                 notes.append(f"{lin.name}: left out of {x.name}'s group: {why}")
-        ok = sorted(ok, key=lambda n: list(graph.nodes).index(n))[:MAX_WEIGHTS]
+        ok = sorted(ok, key=position.__getitem__)[:MAX_WEIGHTS]
         if len(ok) < 2:
             continue
         weights = [lin.args[1] for lin in ok]
@@ -127,15 +171,25 @@ def linear_group(gm: fx.GraphModule) -> Matches:
             notes.append(f"{x.name}: {len(ok)} linears left apart ({nbytes >> 20} MiB of weights): one launch is "
                          f"measured faster for {MIN_WEIGHTS} to {MAX_WEIGHTS} weights up to {MAX_BYTES >> 20} MiB")
             continue
+        between = any(position[ok[0]] < w < position[ok[-1]] for w in writes)  # the op moves later linears up
+        if between or any(aliases.is_mutated(n) for n in (x, *weights)):
+            notes.append(f"{x.name}: {len(ok)} linears left apart: the input or a weight is written in place")
+            continue
         sizes = [val(w).shape[0] for w in weights]
+        fused_val = fake_value(kp.multi_linear.default, (x, weights), {})
+        parts = fake_value(aten.split_with_sizes.default, (fused_val, sizes, -1), {})
+        why = next(filter(None, (_views_stay_valid(lin, part) for lin, part in zip(ok, parts))), None)
+        if why is not None:
+            notes.append(f"{x.name}: {len(ok)} linears left apart: {why}")
+            continue
         with graph.inserting_before(ok[0]):
             fused = graph.call_function(kp.multi_linear.default, (x, weights))
-            fused.meta["val"] = fake_value(kp.multi_linear.default, (x, weights), {})
+            fused.meta["val"] = fused_val
             split = graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
-            split.meta["val"] = fake_value(aten.split_with_sizes.default, (fused, sizes, -1), {})
+            split.meta["val"] = parts
             for i, lin in enumerate(ok):
                 part = graph.call_function(operator.getitem, (split, i))
-                part.meta["val"] = split.meta["val"][i]
+                part.meta["val"] = parts[i]
                 lin.replace_all_uses_with(part)
         erase_dead(ok)
         count += 1
