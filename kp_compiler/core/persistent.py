@@ -13,7 +13,8 @@ stream, so the allocation belongs to that stream (as if the caller had made
 it: a block freed later is not reused under kernels still reading it) and
 the caller's later kernels are ordered after ``make``'s. Under a stream
 capture (``capturing()``) there is no safe place: callers build the value in
-the graph and do not cache it.
+the graph and do not cache it; a host-to-device copy there goes through
+``to_device`` (CUDA captures copies only from pinned host memory).
 
 Before::   tables = torch.tensor(addresses).to(device)          # in the pool during warm-up
 After::    tables = persistent(lambda: torch.tensor(addresses).to(device))
@@ -33,6 +34,19 @@ _worker: Optional[concurrent.futures.ThreadPoolExecutor] = None
 def capturing() -> bool:
     """A CUDA stream capture is running on this thread's current stream."""
     return torch.cuda.is_available() and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+_PINNED: list = []  # host tensors that captured copies read at every replay
+
+
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """``host.to(device)``, also under a stream capture, where CUDA copies only from pinned host memory: there
+    the copy is captured from a pinned copy of ``host``, kept for the process (the graph's replays read it)."""
+    if capturing():
+        pinned = host.pin_memory()
+        _PINNED.append(pinned)
+        return pinned.to(device, non_blocking=True)
+    return host.to(device)
 
 
 def persistent(make: Callable[[], Any]) -> Any:

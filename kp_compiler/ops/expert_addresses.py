@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..core.persistent import capturing, persistent
+from ..core.persistent import capturing, persistent, to_device
 from .routed_experts import stacked
 
 _experts: dict = {}
@@ -56,8 +56,9 @@ def expert_tables(x: torch.Tensor, w_gate, w_up, w_down):
     tables = None
     if supported(x, w_gate, w_up, w_down):
         def make():
-            up, down = (torch.tensor(_addresses(ws), dtype=torch.int64).to(x.device) for ws in roles[1:])
-            return (torch.tensor(_addresses(w_gate), dtype=torch.int64).to(x.device) if w_gate else up, up, down)
+            up, down = (to_device(torch.tensor(_addresses(ws), dtype=torch.int64), x.device) for ws in roles[1:])
+            return (to_device(torch.tensor(_addresses(w_gate), dtype=torch.int64), x.device) if w_gate else up,
+                    up, down)
         if capturing() or len(_experts) >= _KEEP:  # the graph's own copy, in its pool: not kept (core/persistent.py)
             return make()
         tables = persistent(make)
@@ -77,7 +78,7 @@ def bias_tables(x: torch.Tensor, biases):
         table = _experts.get(key)
         if key not in _experts:
             ok = all(b.dim() == 1 and b.stride(0) == 1 and b.dtype == x.dtype and b.device == x.device for b in bs)
-            make = lambda: torch.tensor(key[3], dtype=torch.int64).to(x.device)  # noqa: E731
+            make = lambda: to_device(torch.tensor(key[3], dtype=torch.int64), x.device)  # noqa: E731
             keep = not capturing() and len(_experts) < _KEEP
             table = None if not ok else persistent(make) if keep else make()
             if keep:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core.persistent import capturing, persistent
+from ..core.persistent import capturing, persistent, to_device
 from .triton_launch import Launcher
 
 MAX_ROWS = 64
@@ -64,7 +64,6 @@ _LAUNCH = Launcher(_multi_linear)
 CANDIDATES = [(16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 6), (32, 256, 4, 4), (64, 128, 4, 4)]
 _best: dict = {}
 _tables: dict = {}
-_PINNED: list = []  # host copies of tables made under a capture, read by the graph's replays
 
 
 def _interpreting() -> bool:
@@ -87,7 +86,7 @@ def _table(x2d: torch.Tensor, weights) -> torch.Tensor:
     """The weights' device table, made once per weight set and kept for the process (64 bytes each: a graph
     captured over the op reads it by address, so it is never dropped). A set first seen under a stream capture
     (its warm-up ran outside one with the same weights, so only in unusual orders) gets a table inside the
-    graph, copied from pinned host memory that is kept alive for the graph's replays."""
+    graph (``core/persistent.to_device``)."""
     key = (x2d.device, tuple((w.data_ptr(), w.shape[0]) for w in weights))  # rows: the table's first columns
     table = _tables.get(key)
     if table is None:
@@ -96,10 +95,8 @@ def _table(x2d: torch.Tensor, weights) -> torch.Tensor:
             firsts.append(col)
             col += w.shape[0]
         host = torch.tensor([w.data_ptr() for w in weights] + firsts, dtype=torch.int64)
-        if capturing():
-            host = host.pin_memory()
-            _PINNED.append(host)
-            return host.to(x2d.device, non_blocking=True)
+        if capturing():  # the graph's own copy (core/persistent.py)
+            return to_device(host, x2d.device)
         table = _tables[key] = persistent(lambda: host.to(x2d.device))
     return table
 

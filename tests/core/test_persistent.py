@@ -112,3 +112,16 @@ def test_a_nested_call_and_a_call_under_the_compile_lock_run_here(cuda_up):
         threads = []
         mod.persistent(lambda: threads.append(threading.get_ident()))
     assert threads == [here]
+
+
+def test_to_device_under_a_capture_copies_from_pinned_memory_kept_for_the_replays(monkeypatch):
+    """CUDA captures a host-to-device copy only from pinned memory, and each replay reads it again: the pinned
+    copy is kept. Outside a capture it is ``host.to(device)``. (Pinning is stood in for on the CPU.)"""
+    host = torch.arange(4, dtype=torch.int64)
+    assert mod.to_device(host, torch.device("cpu")) is host
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: (pinned.append(self.clone()), pinned[-1])[1])
+    monkeypatch.setattr(mod, "capturing", lambda: True)
+    kept = len(mod._PINNED)
+    out = mod.to_device(host, torch.device("cpu"))
+    assert out.tolist() == [0, 1, 2, 3] and pinned and mod._PINNED[-1] is pinned[-1] and len(mod._PINNED) == kept + 1
