@@ -8,7 +8,7 @@ from .attention.given import sdpa_with_mask
 from .attention.match import attention_to_sdpa
 from .attention.kernels import choose_attention_kernels
 from .fp8.linear import convert_fp8_linears, fp8_applies
-from .linear.activation import linear_activation
+from .linear.activation import applies as _activation_applies, linear_activation
 from .linear.group import applies as _group_applies, linear_group
 from .loss import linear_cross_entropy as _lce
 from .moe.dispatch import moe_dispatch
@@ -25,7 +25,7 @@ register_pass("attention-kernels", choose_attention_kernels, default=True, ancho
 # Default, but the backend leaves it out where no fused kernel would run the op (lowering/moe.py).
 register_pass("moe-dispatch", moe_dispatch, default=True, anchors=("topk",))
 # Opt-in until a fused kernel is measured faster than Inductor's own linear + pointwise (issue 19).
-register_pass("linear-activation", linear_activation, anchors=("linear",))
+register_pass("linear-activation", linear_activation, anchors=("linear",), applies=_activation_applies)
 # The linears of one input as one few-row launch: only under mode="reduce-overhead" on CUDA (issue 18).
 register_pass("linear-group", linear_group, default=True, anchors=("linear",), applies=_group_applies)
 register_pass("linear-cross-entropy", _lce.linear_cross_entropy, default=True, anchors=("cross_entropy",),

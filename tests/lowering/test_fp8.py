@@ -244,3 +244,20 @@ def test_training_linears_below_the_table_in_n_convert_beside_a_converted_reader
         torch.compile(model, backend="kernelpytorch", options={"fp8": {"emulate": True}})(x, y)
     (rec,) = [p for r in records for p in r.passes if p.name == "fp8-linear"]
     assert rec.by_rule == {"tensorwise": 1}  # inference graphs share no casts: q only
+
+
+def test_not_under_autocast():
+    """Under ``torch.autocast`` the FP8 ops would take the fp32 activations and return fp32 where eager's linears
+    return bf16 (the pass was rolled back by the verifier before): it does not apply, and says why."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, x = MLP(), torch.randn(80, 32)
+    compiled = torch.compile(model, backend="kernelpytorch", options={"fp8": {"emulate": True, "min_dims": [16, 16, 16]}})
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with collect() as records:
+            got = compiled(x)
+        want = model(x)
+    reasons = [s["reason"] for r in records for s in r.skipped if s["pass"] == "fp8-linear"]
+    assert reasons and "torch.autocast is on" in reasons[0]
+    assert not [f for r in records for f in r.fallbacks] and got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

@@ -215,3 +215,24 @@ def test_one_graph_over_dynamic_sizes_with_gradients(train):
     assert len(records) == 1, [r.id for r in records]
     found = pass_of(records)
     assert found.matches == 1 and found.by_rule == {"gated": 1} and found.guards_added == []
+
+
+def test_not_under_autocast():
+    """Under ``torch.autocast`` eager's linears return bf16; the ops have no autocast rule and would return fp32:
+    the pass does not apply, says why, and the output is eager's, dtype included."""
+    from kp_compiler.core.report import collect
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Gated("silu", bias=False)
+    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": PASSES})
+    x = torch.randn(2, 5, D)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with collect() as records:
+            got = compiled(x)
+        want = model(x)
+    reasons = [s["reason"] for r in records for s in r.skipped if s["pass"] == "linear-activation"]
+    assert reasons and "torch.autocast is on" in reasons[0]
+    assert not [f for r in records for f in r.fallbacks]
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

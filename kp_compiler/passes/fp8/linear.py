@@ -310,5 +310,13 @@ def convert_fp8_linears(gm: fx.GraphModule) -> Matches:
 
 
 def fp8_applies(target, options) -> "str | None":
-    """``fp8-linear`` applies only when ``options["fp8"]`` turns FP8 on."""
-    return None if getattr(options, "fp8", None) is not None else "FP8 is off (options['fp8'])"
+    """``fp8-linear`` applies only when ``options["fp8"]`` turns FP8 on, and not under ``torch.autocast``."""
+    if getattr(options, "fp8", None) is None:
+        return "FP8 is off (options['fp8'])"
+    if getattr(target, "autocast", False):
+        return AUTOCAST
+    return None
+
+
+AUTOCAST = ("torch.autocast is on: the FP8 ops have no autocast rule, so they would take the fp32 activations and "
+            "return fp32 where eager's linears return the autocast dtype; cast the model to bf16 instead")

@@ -70,6 +70,15 @@ def _bias(linear: fx.Node) -> Optional[fx.Node]:
     return linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
 
 
+def applies(target, options) -> Optional[str]:
+    """Not under ``torch.autocast``: the ops have no autocast rule (they would run and return the fp32 inputs'
+    dtype where eager's linears take the autocast dtype)."""
+    if getattr(target, "autocast", False):
+        return ("torch.autocast is on: kp::linear_act and kp::gated_linear have no autocast rule, so they would "
+                "return fp32 where eager's linears return the autocast dtype")
+    return None
+
+
 def refusal(x: fx.Node, linears: list) -> Optional[str]:
     """Why these linears of ``x`` may not become one op, or None."""
     ctx = context.current()
