@@ -31,8 +31,9 @@ MAX_WEIGHTS = 4
 
 
 @triton.jit
-def _multi_linear(x_ptr, table_ptr, y_ptr, M, K, N, stride_x, stride_w, stride_y, E1, E2, E3,
-                  G: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _multi_linear(x_ptr, table_ptr, y_ptr, M, N, stride_x, stride_w, stride_y, E1, E2, E3,
+                  K: tl.constexpr, G: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                  BK: tl.constexpr):
     pid = tl.program_id(0)
     c0 = pid * BN
     g = (c0 >= E1).to(tl.int32) + (c0 >= E2).to(tl.int32) + (c0 >= E3).to(tl.int32)  # E_i = N past the last
@@ -121,8 +122,8 @@ def run(x2d: torch.Tensor, weights, y: torch.Tensor, config=None) -> torch.Tenso
 
     def launch(cfg):
         bn, bk, warps, stages = cfg
-        _LAUNCH((N // bn,), x2d, table, y, M, K, N, x2d.stride(0), weights[0].stride(0), y.stride(0), *ends,
-                G=G, UPCAST=_interpreting(), BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+        _LAUNCH((N // bn,), x2d, table, y, M, N, x2d.stride(0), weights[0].stride(0), y.stride(0), *ends,
+                K=K, G=G, UPCAST=_interpreting(), BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
 
     key = (bm, tuple(w.shape[0] for w in weights), K, x2d.dtype, x2d.device.index)
     if config is not None:
