@@ -50,15 +50,20 @@ def _results(p, node):
     return p.out_axis(node)
 
 
-@rule("linear")
-def _linear(p, node):
-    _need_free(p, node, 1, 2)
+def _rows_through_features(p, node):
+    """A linear map of the last dim: the input's batch axis carries over unless it is that dim."""
     a = _ax(p, node)
     if a is FREE:
         return FREE
     if a == _rank(node) - 1:
         raise Broken(node, "contracts over the batch axis")
     return p.out_axis(node)
+
+
+@rule("linear")
+def _linear(p, node):
+    _need_free(p, node, 1, 2)
+    return _rows_through_features(p, node)
 
 
 @rule("multi_linear")
@@ -66,12 +71,7 @@ def _multi_linear(p, node):
     """``kp::multi_linear``: ``linear`` over several weights, outputs side by side along the last dim."""
     if any(p.state.get(w) is not FREE for w in node.args[1]):
         raise Broken(node, "its weights hold batch rows")
-    a = _ax(p, node)
-    if a is FREE:
-        return FREE
-    if a == _rank(node) - 1:
-        raise Broken(node, "contracts over the batch axis")
-    return p.out_axis(node)
+    return _rows_through_features(p, node)
 
 
 @rule("mm", "addmm", "bmm", "baddbmm", "matmul")

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .expert_addresses import (  # noqa: F401  (re-exported: callers read them here)
     Roles, _addresses, _experts, bias_tables, expert_tables, role_shape, roles, supported)
-from .triton_launch import Launcher, cdiv
+from .triton_launch import Launcher, cdiv, fastest
 from .triton_routing import schedule, schedule_with_shifts
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
@@ -207,23 +207,11 @@ def _tuned(name: str, key: tuple, block: int, launch) -> None:
     if key in _best or _interpreting():
         launch(_best.get(key, candidates[0]))
         return
-    timings = []
-    for config in candidates:
-        try:
-            launch(config)  # compile and warm
-        except triton.runtime.errors.OutOfResources:
-            continue  # too much shared memory or too many registers on this GPU
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(3):
-            launch(config)
-        end.record()
-        end.synchronize()
-        timings.append((start.elapsed_time(end), config))
-    if not timings:
+    best = fastest(candidates, launch)
+    if best is None:
         raise RuntimeError(f"no {name} tile candidate fits this GPU's shared memory and registers ({key})")
-    _best[key] = min(timings, key=lambda t: t[0])[1]
-    launch(_best[key])
+    _best[key] = best
+    launch(best)
 
 
 def forward(x, ids, weights, w_gate, w_up, w_down, activation: str, tables=None,

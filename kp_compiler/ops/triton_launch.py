@@ -106,3 +106,21 @@ def next_power_of_2(n: int) -> int:
     """``triton.next_power_of_2`` for host code (the same wrapper cost as ``cdiv``); 0 for 0, as Triton's."""
     return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
+
+def fastest(candidates, launch, reps: int = 3):
+    """The candidate ``config`` for which ``launch(config)`` takes the least GPU time (after one compiling and
+    warming launch each; ``reps`` timed), or None when none fits this GPU's shared memory and registers."""
+    timings = []
+    for config in candidates:
+        try:
+            launch(config)  # compile and warm
+        except triton.runtime.errors.OutOfResources:
+            continue  # too much shared memory or too many registers on this GPU
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            launch(config)
+        end.record()
+        end.synchronize()
+        timings.append((start.elapsed_time(end), config))
+    return min(timings, key=lambda t: t[0])[1] if timings else None

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..core.persistent import capturing, persistent, to_device
-from .triton_launch import Launcher
+from .triton_launch import Launcher, fastest
 
 MAX_ROWS = 64
 MAX_WEIGHTS = 4
@@ -131,25 +131,9 @@ def run(x2d: torch.Tensor, weights, y: torch.Tensor, config=None) -> torch.Tenso
     elif key in _best or _interpreting() or capturing():
         launch(_best.get(key, fits[0]))
     else:
-        _best[key] = _fastest(fits, launch)
-        launch(_best[key])
+        best = fastest(fits, launch, reps=5)
+        if best is None:
+            raise NoTileFits(f"kp::multi_linear: no tile candidate fits this GPU ({[c[:2] for c in fits]})")
+        _best[key] = best
+        launch(best)
     return y
-
-
-def _fastest(candidates, launch) -> tuple:
-    timings = []
-    for cfg in candidates:
-        try:
-            launch(cfg)  # compile and warm
-        except triton.runtime.errors.OutOfResources:
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(5):
-            launch(cfg)
-        end.record()
-        end.synchronize()
-        timings.append((start.elapsed_time(end), cfg))
-    if not timings:
-        raise NoTileFits(f"kp::multi_linear: no tile candidate fits this GPU ({[c[:2] for c in candidates]})")
-    return min(timings, key=lambda t: t[0])[1]

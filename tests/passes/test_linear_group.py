@@ -17,21 +17,14 @@ from kp_compiler.core.target import Target
 from kp_compiler.ops import triton_multi_linear
 from kp_compiler.options import parse_options
 from kp_compiler.passes.linear.group import applies
-from kp_compiler.runtime.graph_buckets import EagerRecorder, GraphBuckets
+from kp_compiler.runtime.graph_buckets import EagerRecorder
+from tests.passes import test_moe_tables
+from tests.runtime.test_backend_buckets import made_buckets
 from tests.utils import filecheck
 
 D = 32
 BF16 = torch.bfloat16
-
-
-@pytest.fixture
-def cuda_target(monkeypatch):
-    real = Target.of
-
-    def as_cuda(example_inputs, lowering, gm=None):
-        t = real(example_inputs, lowering, gm)
-        return Target(DeviceInfo("cuda", (9, 0)), t.training, t.lowering, t.autocast)
-    monkeypatch.setattr(Target, "of", staticmethod(as_cuda))
+cuda_target = test_moe_tables.cuda_target  # the fixture: compile targets described as an H100
 
 
 class Projections(nn.Module):
@@ -147,13 +140,7 @@ def test_bucketed_graph_keeps_its_proof_through_the_op(cuda_target, monkeypatch)
     change no real row."""
     monkeypatch.setattr(backend, "_on_cuda", lambda inputs: True)
     monkeypatch.setattr(backend, "_recorder", EagerRecorder)
-    made = []
-    real_init = GraphBuckets.__init__
-
-    def spy(self, *a, **k):
-        real_init(self, *a, **k)
-        made.append(self)
-    monkeypatch.setattr(GraphBuckets, "__init__", spy)
+    made = made_buckets(monkeypatch)
     torch.manual_seed(0)
     records = compile_run(Projections().to(BF16).eval(), [3, 4, 7, 2], cudagraph_buckets=[4, 8])
     assert matches(records) == [1]
