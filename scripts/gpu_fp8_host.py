@@ -1,0 +1,90 @@
+"""Whether the FP8 training cases are host-bound, by backend (issue 19 diagnostics, not a benchmark).
+
+    PYTHONPATH=. python scripts/gpu_fp8_host.py [--case mlp|llama ...] [--backends ...] [--rows N]
+
+For each case (``bench/cases/fp8.py``: the SwiGLU MLP forward+backward, the
+2-layer Llama-8B-dims step, each with the harness's fused AdamW step) and
+backend (the harness's rows, ``options["fp8"]`` for kernelpytorch, torchao
+from ``.whl/``): the synchronized wall time per step (median of 20), the host
+time to queue one step with the GPU drained first, and the GPU time per step
+from the profiler's kernel sum. A step queued in about its wall time is
+host-bound: the GPU waits for launches. Then cProfile's top rows by own time
+for the kernelpytorch row. Speed claims come from ``python -m bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import kp_compiler  # noqa: F401
+from bench.backends import STANDARD
+from bench.cases import Scale
+from bench.cases.fp8 import _mlp, llama2_train
+from bench.runner import Step
+
+
+def walls(fn, reps=20):
+    wall, queue = [], []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        queue.append((time.perf_counter() - t) * 1e3)
+        torch.cuda.synchronize()
+        wall.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(wall), statistics.median(queue)
+
+
+def gpu_ms(fn, steps=3):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / steps / 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case", nargs="*", default=["mlp", "llama"])
+    ap.add_argument("--backends", nargs="*", default=["inductor", "kernelpytorch", "torchao-float8-tensorwise"])
+    ap.add_argument("--rows", type=int, default=30)
+    args = ap.parse_args()
+    scale = Scale(device="cuda", dtype=torch.bfloat16, smoke=False)
+    print(torch.__version__, torch.cuda.get_device_name())
+    for case in args.case:
+        for backend in args.backends:
+            torch._dynamo.reset()
+            wl = _mlp(scale, True) if case == "mlp" else llama2_train(scale)
+            fn = STANDARD[backend].for_case({"fp8": True}).wrap(wl.model)
+            step = Step(wl, wl.model, fn, True, "cuda")
+            for _ in range(3):
+                step()
+            wall, queue = walls(step)
+            gpu = gpu_ms(step)
+            print(f"=== {case} / {backend}: wall {wall:.3f} ms, queued {queue:.3f} ms, GPU kernels {gpu:.3f} ms per step",
+                  flush=True)
+            if backend == "kernelpytorch":
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(5):
+                    step()
+                torch.cuda.synchronize()
+                prof.disable()
+                buf = io.StringIO()
+                pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(args.rows)
+                text = buf.getvalue()
+                print(text[text.find("   ncalls"):].rstrip(), flush=True)
+            del wl, fn, step
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
