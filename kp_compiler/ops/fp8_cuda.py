@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from . import fp8, fp8_quant, fp8_scaled, fp8_shared, fp8_train  # noqa: F401  (fp8_shared: its ops get CUDA kernels below)
+from . import fp8, fp8_gated, fp8_gated_quant, fp8_quant, fp8_scaled, fp8_shared, fp8_train  # noqa: F401  (fp8_shared: its ops get CUDA kernels below)
 from .fp8_quant import ALIGN, Kernels
 
 
@@ -145,6 +145,19 @@ def _quantize_pair(t, dtype, s=None):
 KERNELS = Kernels("scaled_mm", _quantize_dynamic, _quantize, scaled_mm, pad_tokens, _quantize_pair)
 
 
+def _gated(name: str, t: torch.Tensor):
+    """The gated activation's fused cast: ``triton_fp8_gated`` under ``triton`` casts, else the emulation's."""
+    if casts_for(t) == "triton":
+        from . import triton_fp8_gated
+
+        return getattr(triton_fp8_gated, name)
+    return getattr(fp8_gated_quant, name)
+
+
+GATED = fp8_gated.Gated(lambda g, *a: _gated("gated_pair", g)(g, *a),
+                        lambda d, *a: _gated("gated_grad_pairs", d)(d, *a))
+
+
 def _linear(x, w, bias, recipe, fwd_dtype, grad_dtype, cache_weight=False, fast_accum=False):
     fp8._check(x, w, bias, recipe, fwd_dtype, grad_dtype)
     return fp8.forward(KERNELS, x, w, bias, recipe, fwd_dtype, cache_weight, fast_accum)
@@ -182,6 +195,15 @@ def _linear_shared(x, qx, qxt, sx, w, bias, fwd_dtype, grad_dtype, fast_accum=Fa
     return fp8_train.linear(KERNELS, x, qx, sx, w, bias, fwd_dtype, fast_accum)
 
 
+def _gated_mlp(x, qx, qxt, sx, w_gate, w_up, w_down, activation, fwd_dtype, grad_dtype, fast_accum=False):
+    fp8_gated.check(x, w_gate, w_up, w_down, activation, fwd_dtype, grad_dtype)
+    return fp8_gated.forward(KERNELS, GATED, x, qx, sx, w_gate, w_up, w_down, activation, fwd_dtype, fast_accum)
+
+
+def _gated_mlp_backward(grad, *saved_and_args):
+    return fp8_gated.backward(KERNELS, GATED, grad, *saved_and_args)
+
+
 # On the dispatcher's CUDA key directly, as the routed-experts kernels (lowering/moe.py): custom_op's
 # register_kernel wrapper adds per-call host work, and these run once per linear per step. Every
 # kernel returns fresh tensors (GEMM outputs), never an input.
@@ -189,5 +211,6 @@ _CUDA = torch.library.Library("kp", "IMPL")
 for _name, _fn in (("fp8_linear", _linear), ("fp8_linear_backward", _linear_backward),
                    ("fp8_linear_scaled", _linear_scaled), ("fp8_linear_scaled_backward", _linear_scaled_backward),
                    ("fp8_linear_train", _linear_train), ("fp8_linear_train_backward", _linear_train_backward),
-                   ("fp8_cast_pair", _cast_pair), ("fp8_linear_shared", _linear_shared)):
+                   ("fp8_cast_pair", _cast_pair), ("fp8_linear_shared", _linear_shared),
+                   ("fp8_gated_mlp_train", _gated_mlp), ("fp8_gated_mlp_train_backward", _gated_mlp_backward)):
     _CUDA.impl(_name, _fn, "CUDA")

@@ -1,0 +1,188 @@
+"""``fp8_gated_quant``'s two casts as Triton kernels: the gated activation (or its gradients) computed twice, stored never.
+
+``gated_pair(g, u, activation, dtype)`` and ``gated_grad_pairs(dh, g, u,
+activation, dtype)`` are two launches each (and the zero fill of the amax
+buffer), with no host sync:
+
+1. ``_gated_amax``: each program computes ``h = act(g) * u`` (backward:
+   ``dg = dh * u * act'(g)`` and ``du = dh * act(g)``) in fp32 over a
+   ``[BLOCK_R, BLOCK_C * TILES]`` part and ``tl.atomic_max``-es the largest
+   finite ``|h|`` (``|dg|``, ``|du|``) into an fp32 buffer of zeros.
+2. ``_gated_quantize``: recomputes the same values from the same inputs,
+   divides by ``scale = amax / fp8_max`` (1 where amax is 0; stored by
+   program ``(0, 0)``), saturates, casts, and stores each result row-major
+   ``[M, F]`` and transposed ``[F, Mp]``, the padding columns zero.
+
+Against casting a stored bf16 ``h``: ``g`` and ``u`` are read twice, but
+``h`` is neither written nor read back twice (forward: 1.4 -> 1.2 bytes
+moved per ``h`` element in 16-bit units; backward, where ``dg`` and ``du``
+were written, read for their amax and read for their casts: 2.6 -> 1.9).
+``g``, ``u`` and ``dh`` must be contiguous ``[M, F]`` of one 16- or 32-bit
+float dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8_gated_quant import check_activation
+from .fp8_quant import padded
+from .triton_fp8 import EXACT_ROUND, FP32_MAX, _constants, _round_to_grid
+from .triton_launch import Launcher, cdiv
+
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+CONFIG = {"amax": dict(BLOCK_R=32, BLOCK_C=128, TILES=4, num_warps=8),
+          "quantize": dict(BLOCK_R=64, BLOCK_C=64, num_warps=8)}
+
+
+@triton.jit
+def _act_and_grad(z, ACT: tl.constexpr):
+    """``(act(z), act'(z))`` in fp32: silu (0), gelu (1), gelu with tanh (2)."""
+    if ACT == 0:
+        s = tl.sigmoid(z)
+        return z * s, s * (1.0 + z * (1.0 - s))
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        return z * cdf, cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    else:
+        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh(inner)
+        return 0.5 * z * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (
+            1.0 + 0.134145 * z * z)
+
+
+@triton.jit
+def _values(g_ptr, u_ptr, d_ptr, offs, mask, ACT: tl.constexpr, BACKWARD: tl.constexpr):
+    """``(h, h)`` forward, ``(dg, du)`` backward, fp32, 0 outside ``mask``."""
+    z = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    a, da = _act_and_grad(z, ACT)
+    if BACKWARD:
+        d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        return d * u * da, d * a
+    h = a * u
+    return h, h
+
+
+@triton.jit
+def _finite_abs(v):
+    a = tl.abs(v)
+    return tl.where(a <= FP32_MAX, a, 0.0)  # inf and NaN fail the comparison: left out, as fp8_quant.amax
+
+
+@triton.jit
+def _gated_amax(g_ptr, u_ptr, d_ptr, out_ptr, R, C, ACT: tl.constexpr, BACKWARD: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col0 = tl.program_id(1) * BLOCK_C * TILES
+    best_a = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    best_b = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for i in range(TILES):
+        cols = col0 + i * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        offs = rows.to(tl.int64)[:, None] * C + cols.to(tl.int64)[None, :]
+        a, b = _values(g_ptr, u_ptr, d_ptr, offs, mask, ACT, BACKWARD)
+        best_a = tl.maximum(best_a, tl.max(_finite_abs(a), axis=1))
+        if BACKWARD:
+            best_b = tl.maximum(best_b, tl.max(_finite_abs(b), axis=1))
+    tl.atomic_max(out_ptr, tl.max(best_a, axis=0))
+    if BACKWARD:
+        tl.atomic_max(out_ptr + 1, tl.max(best_b, axis=0))
+
+
+@triton.jit
+def _cast(v, s, q_ptr, qt_ptr, rows, cols, R, RP, C, TOP: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr,
+          EXACT: tl.constexpr):
+    """``saturate(v / s)`` into ``q [R, C]`` and ``qt [C, RP]`` (rows ``R..RP`` of ``v`` are zeros)."""
+    y = tl.clamp(tl.math.div_rn(v, tl.full(v.shape, 1.0, tl.float32) * s), -TOP, TOP,
+                 propagate_nan=tl.PropagateNan.ALL)
+    if EXACT:  # rounded in fp32 first, so the cast is exact: the interpreter's FP8 cast rounds wrongly
+        y = _round_to_grid(y, MANT, EMIN)
+    q = y.to(q_ptr.dtype.element_ty)
+    rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
+    tl.store(q_ptr + rows64[:, None] * C + cols64[None, :], q, mask=(rows[:, None] < R) & (cols[None, :] < C))
+    tl.store(qt_ptr + cols64[:, None] * RP + rows64[None, :], tl.trans(q),
+             mask=(cols[:, None] < C) & (rows[None, :] < RP))
+
+
+@triton.jit
+def _scale(amax_ptr, scale_ptr, i: tl.constexpr, first, TOP: tl.constexpr, INV_TOP: tl.constexpr,
+           RECIPROCAL: tl.constexpr):
+    """``amax / fp8_max`` (1 where amax is 0), as ``triton_fp8._quantize`` computes it; stored where ``first``."""
+    m = tl.load(amax_ptr + i + tl.zeros_like(first.to(tl.int32)))
+    if RECIPROCAL:
+        s = tl.where(m > 0, m * INV_TOP, 1.0)
+    else:
+        s = tl.where(m > 0, tl.math.div_rn(m, tl.full(m.shape, TOP, tl.float32)), 1.0)
+    tl.store(scale_ptr + i + tl.zeros_like(first.to(tl.int32)), s, mask=first)
+    return s
+
+
+@triton.jit
+def _gated_quantize(g_ptr, u_ptr, d_ptr, amax_ptr, scale_ptr, qa_ptr, qat_ptr, qb_ptr, qbt_ptr, R, RP, C,
+                    TOP: tl.constexpr, INV_TOP: tl.constexpr, RECIPROCAL: tl.constexpr, MANT: tl.constexpr,
+                    EMIN: tl.constexpr, EXACT_ROUND: tl.constexpr, ACT: tl.constexpr, BACKWARD: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # a tensor, not a scalar: Triton's interpreter takes no scalar-by-tensor mask
+    first = ((tl.zeros_like(rows) + tl.program_id(0) + tl.program_id(1)) == 0) & (tl.arange(0, BLOCK_R) == 0)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    offs = rows.to(tl.int64)[:, None] * C + cols.to(tl.int64)[None, :]
+    a, b = _values(g_ptr, u_ptr, d_ptr, offs, mask, ACT, BACKWARD)
+    sa = _scale(amax_ptr, scale_ptr, 0, first, TOP, INV_TOP, RECIPROCAL)
+    _cast(a, sa[:, None], qa_ptr, qat_ptr, rows, cols, R, RP, C, TOP, MANT, EMIN, EXACT_ROUND)
+    if BACKWARD:
+        sb = _scale(amax_ptr, scale_ptr, 1, first, TOP, INV_TOP, RECIPROCAL)
+        _cast(b, sb[:, None], qb_ptr, qbt_ptr, rows, cols, R, RP, C, TOP, MANT, EMIN, EXACT_ROUND)
+
+
+_AMAX, _QUANTIZE = Launcher(_gated_amax), Launcher(_gated_quantize)
+
+
+def _run(d, g, u, activation: str, dtype: torch.dtype):
+    check_activation(activation)
+    for t in (g, u) + ((d,) if d is not None else ()):
+        if t.dim() != 2 or t.shape != g.shape or not t.is_contiguous() or t.dtype != g.dtype:
+            raise ValueError(f"triton_fp8_gated: expected contiguous 2-D tensors of one shape and dtype, got "
+                             f"{tuple(t.shape)} {t.dtype} (contiguous: {t.is_contiguous()}) beside "
+                             f"{tuple(g.shape)} {g.dtype}")
+    backward = d is not None
+    rows, cols = g.shape
+    rp = padded(rows)
+    n = 2 if backward else 1
+    m = torch.zeros(n, dtype=torch.float32, device=g.device)
+    scales = torch.empty(n, dtype=torch.float32, device=g.device)
+    outs = []
+    for _ in range(n):
+        outs += [torch.empty(rows, cols, dtype=dtype, device=g.device), torch.empty(cols, rp, dtype=dtype, device=g.device)]
+    if n == 1:
+        outs += outs  # unused second pair: any valid pointers
+    d = d if backward else g
+    act = ACT_CODES[activation]
+    if rows and cols:
+        cfg = CONFIG["amax"]
+        _AMAX((cdiv(rows, cfg["BLOCK_R"]), cdiv(cols, cfg["BLOCK_C"] * cfg["TILES"])), g, u, d, m, rows, cols,
+              ACT=act, BACKWARD=backward, **cfg)
+    cfg = CONFIG["quantize"]
+    if not (rows and cols):
+        scales.fill_(1.0)  # no values: any scale represents them (fp8_quant.scale_from_amax gives 1)
+    if rp and cols:
+        _QUANTIZE((cdiv(rp, cfg["BLOCK_R"]), cdiv(cols, cfg["BLOCK_C"])), g, u, d, m, scales, *outs, rows, rp, cols,
+                  RECIPROCAL=g.is_cuda, EXACT_ROUND=EXACT_ROUND or not g.is_cuda, ACT=act, BACKWARD=backward,
+                  **_constants(dtype), **cfg)
+    return outs, scales
+
+
+def gated_pair(g: torch.Tensor, u: torch.Tensor, activation: str, dtype: torch.dtype):
+    """``fp8_gated_quant.gated_pair``: ``(q(h), q(h).T, sh)``."""
+    (q, qt, *_), s = _run(None, g, u, activation, dtype)
+    return q, qt, s[0]
+
+
+def gated_grad_pairs(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation: str, dtype: torch.dtype):
+    """``fp8_gated_quant.gated_grad_pairs``: ``(q(dg), q(dg).T, sdg, q(du), q(du).T, sdu)``."""
+    (qg, qgt, qu, qut), s = _run(dh, g, u, activation, dtype)
+    return qg, qgt, s[0], qu, qut, s[1]
