@@ -82,8 +82,8 @@ def test_non_finite_values_saturate_and_zeros_get_scale_one():
     torch.testing.assert_close(s.cpu(), rs, rtol=1e-6, atol=0)
     for i in (0, 1):  # saturated, not NaN, with the emulation's sign
         assert q.float()[i, i].abs().item() == 448 and q.float()[i, i].item() == rq.float()[i, i].item()
-    zq, zqt, zs = triton_fp8_gated.gated_pair(torch.zeros_like(g), u, "silu", E4M3)
-    assert zs.item() == 1.0 and (zq.view(torch.uint8) == 0).all()
+    zq, zqt, zs = triton_fp8_gated.gated_pair(torch.zeros_like(g), torch.ones_like(u), "silu", E4M3)
+    assert zs.item() == 1.0 and (zq.float() == 0).all()
 
 
 def test_bad_input_is_named():
