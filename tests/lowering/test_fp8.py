@@ -179,11 +179,13 @@ def test_fast_accumulation_is_the_forward_default_and_can_be_turned_off(tmp_path
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
 
-def test_training_linears_that_read_one_input_cast_it_once(tmp_path):
-    """A SwiGLU MLP's gate and up read one x: one ``kp.fp8_cast_pair`` feeds both; down keeps its own op.
+def test_training_linears_that_read_one_input_cast_it_once(tmp_path, monkeypatch):
+    """A SwiGLU MLP's gate and up read one x: one ``kp.fp8_cast_pair`` feeds both; down keeps its own op
+    (``KP_FP8_GATED=0``: without the gated MLP's fusion, tests/lowering/test_fp8_gated.py).
     Outputs and gradients equal the per-linear ops' (the same bytes, cast once)."""
     from kp_compiler.testing.models import SwiGLU
 
+    monkeypatch.setenv("KP_FP8_GATED", "0")
     torch.manual_seed(0)
     model, x = SwiGLU(32, 64), torch.randn(2, 40, 32, requires_grad=True)
     compiled = torch.compile(model, backend="kernelpytorch",
