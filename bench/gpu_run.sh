@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|buckets|buckets-next|buckets-verify|linear-act|fp8-torchao|fp8-profile|lce|generate|moe-save|distributed-ddp|distributed-fsdp2|distributed-tp|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|buckets|buckets-next|buckets-verify|linear-act|fp8-torchao|fp8-gated|fp8-profile|lce|generate|moe-save|distributed-ddp|distributed-fsdp2|distributed-tp|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -192,6 +192,19 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
     timeout "$(left)" python3 -m bench --groups fp8 --backends inductor kernelpytorch torchao-float8-tensorwise \
       torchao-float8-rowwise --row-timeout 150 --reps 20 $extra --out "$out" --stem cuda-fp8-torchao \
       2>"$out/fp8-torchao.log" | tail -24
+    ;;
+  fp8-gated)
+    # Issue 19: the gated MLP's fused casts (kp::fp8_gated_mlp_train): its Triton kernels against the emulation on
+    # the GPU, then the FP8 training cases with the fusion (kernelpytorch) and without (the fuse_gated=false row)
+    # beside Inductor bf16 and torchao tensorwise (from .whl/: carry [".whl"]), then kernelpytorch's profile.
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_fp8_gated.py > "$out/fp8-gated-check.txt" 2>&1
+    tail -2 "$out/fp8-gated-check.txt"
+    timeout "$(( $(left) - 60 ))" python3 -m bench --cases fp8-swiglu-mlp-fwd-bwd fp8-llama2-train \
+      --backends inductor kernelpytorch torchao-float8-tensorwise --kp-options '{"fp8": {"fuse_gated": false}}' \
+      --row-timeout 150 --reps 20 $extra --out "$out" --stem cuda-fp8-gated 2>"$out/fp8-gated.log" | tail -16
+    PYTHONPATH="${PYTHONPATH:-}:." timeout "$(left)" python3 scripts/gpu_fp8_profile.py --case mlp --backends kernelpytorch \
+      > "$out/fp8-gated-profile.txt" 2>&1
+    grep -E "^==|^  [A-Za-z]" "$out/fp8-gated-profile.txt" | head -10
     ;;
   fp8-profile)
     # Issue 19: where kernelpytorch FP8 and torchao tensorwise spend the SwiGLU MLP's forward+backward, by kernel

@@ -23,6 +23,7 @@ class FP8Options:
     history_len: int = 16  # delayed: amax history length, 1 to 1024
     margin: float = 0.0  # delayed: scale headroom in powers of 2, 0 to 8
     fast_accum: bool = True  # the forward GEMM accumulates in the GPU's fast FP8 mode; gradients never do
+    fuse_gated: bool = True  # training, tensorwise: a gated MLP's three linears in one op (passes/fp8/gated.py)
 
 
 KEYS = tuple(f.name for f in fields(FP8Options))
@@ -51,7 +52,7 @@ def parse_fp8(value: Any) -> Optional[FP8Options]:
     if dims is not None and (not isinstance(dims, (list, tuple)) or len(dims) != 3
                              or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims)):
         raise ValueError(f"kernelpytorch: options['fp8']['min_dims'] must be three positive ints [M, K, N], got {dims!r}")
-    for key in ("emulate", "fast_accum"):
+    for key in ("emulate", "fast_accum", "fuse_gated"):
         if key in value and not isinstance(value[key], bool):
             raise ValueError(f"kernelpytorch: options['fp8'][{key!r}] must be True or False, got {value[key]!r}")
     for key in ("history_len", "margin"):
@@ -66,4 +67,5 @@ def parse_fp8(value: Any) -> Optional[FP8Options]:
                          f"headroom), got {margin!r}")
     return FP8Options(recipe=recipe, include=tuple(value.get("include", ())), exclude=tuple(value.get("exclude", ())),
                       emulate=value.get("emulate", False), min_dims=None if dims is None else tuple(dims),
-                      history_len=n, margin=float(margin), fast_accum=value.get("fast_accum", True))
+                      history_len=n, margin=float(margin), fast_accum=value.get("fast_accum", True),
+                      fuse_gated=value.get("fuse_gated", True))

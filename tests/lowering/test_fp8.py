@@ -121,6 +121,7 @@ def test_without_fp8_on_the_device_nothing_is_converted_and_each_linear_says_why
 def test_fp8_options_are_checked():
     assert parse_options(options={"fp8": True}).fp8 == FP8Options()
     assert parse_options(options={"fp8": None}).fp8 is None
+    assert not parse_options(options={"fp8": {"fuse_gated": False}}).fp8.fuse_gated
     assert parse_options(options={"fp8": {"recipe": "delayed", "history_len": 4, "margin": 1}}).fp8.history_len == 4
     for bad, msg in [({"recipe": "blockwise"}, "fp8 recipe"), ({"exclude": "head"}, "list of glob"),
                      ({"min_dims": [1, 2]}, "three positive ints"), ({"scale": 1}, "unknown key"),
@@ -129,7 +130,8 @@ def test_fp8_options_are_checked():
                      ({"recipe": "delayed", "margin": -1}, "margin"),
                      ({"recipe": "tensorwise", "margin": 1}, "applies to recipe 'delayed' only"),
                      ({"recipe": "static", "history_len": 4}, "applies to recipe 'delayed' only"),
-                     ({"emulate": "yes"}, "emulate"), ({"fast_accum": 1}, "fast_accum")]:
+                     ({"emulate": "yes"}, "emulate"), ({"fast_accum": 1}, "fast_accum"),
+                     ({"fuse_gated": "no"}, "fuse_gated")]:
         with pytest.raises(ValueError, match=msg):
             parse_options(options={"fp8": bad})
 
@@ -179,17 +181,17 @@ def test_fast_accumulation_is_the_forward_default_and_can_be_turned_off(tmp_path
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
 
-def test_training_linears_that_read_one_input_cast_it_once(tmp_path, monkeypatch):
+def test_training_linears_that_read_one_input_cast_it_once(tmp_path):
     """A SwiGLU MLP's gate and up read one x: one ``kp.fp8_cast_pair`` feeds both; down keeps its own op
-    (``KP_FP8_GATED=0``: without the gated MLP's fusion, tests/lowering/test_fp8_gated.py).
+    (``fuse_gated=False``: without the gated MLP's fusion, tests/lowering/test_fp8_gated.py).
     Outputs and gradients equal the per-linear ops' (the same bytes, cast once)."""
     from kp_compiler.testing.models import SwiGLU
 
-    monkeypatch.setenv("KP_FP8_GATED", "0")
     torch.manual_seed(0)
     model, x = SwiGLU(32, 64), torch.randn(2, 40, 32, requires_grad=True)
     compiled = torch.compile(model, backend="kernelpytorch",
-                             options={"fp8": {"emulate": True, "min_dims": [16, 16, 16]}, "dump_dir": str(tmp_path)})
+                             options={"fp8": {"emulate": True, "min_dims": [16, 16, 16], "fuse_gated": False},
+                                      "dump_dir": str(tmp_path)})
     out = compiled(x)
     dump = open(next(tmp_path.glob("graph-*/*-fp8-linear.txt"))).read()
     filecheck("CHECK-COUNT-1: kp.fp8_cast_pair.default(%l_x_\nCHECK: kp.fp8_linear_shared.default(%l_x_"

@@ -13,9 +13,9 @@ E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8 = {"emulate": True, "min_dims": [16, 16, 16]}
 
 
-def run(model, *inputs, tmp_path=None, **extra):
-    """(compiled output, the fp8-linear pass's record, its dump or None)."""
-    options = {"fp8": FP8, **({"dump_dir": str(tmp_path)} if tmp_path else {}), **extra}
+def run(model, *inputs, tmp_path=None, **fp8):
+    """(compiled output, the fp8-linear pass's record, its dump or None); ``fp8``: more FP8 options."""
+    options = {"fp8": {**FP8, **fp8}, **({"dump_dir": str(tmp_path)} if tmp_path else {})}
     with collect() as records:
         out = torch.compile(model, backend="kernelpytorch", options=options)(*inputs)
     (rec,) = [p for r in records for p in r.passes if p.name == "fp8-linear"]
@@ -88,7 +88,7 @@ def test_transformers_llama_mlp_swiglu():
     check_against_eager(LlamaMLP(config), 32, "silu")
 
 
-def test_transformers_gemma_mlp_geglu_tanh(monkeypatch):
+def test_transformers_gemma_mlp_geglu_tanh():
     """Gemma's ``gelu_pytorch_tanh`` GEGLU; the same model with the fusion off stays as close to eager."""
     transformers = pytest.importorskip("transformers")
     from transformers.models.gemma.modeling_gemma import GemmaMLP
@@ -98,10 +98,9 @@ def test_transformers_gemma_mlp_geglu_tanh(monkeypatch):
     model = GemmaMLP(config)
     out, got = check_against_eager(model, 32, "gelu_tanh")
     torch._dynamo.reset()
-    monkeypatch.setenv("KP_FP8_GATED", "0")
     torch.manual_seed(1)
     x = torch.randn(2, 24, 32, dtype=torch.bfloat16, requires_grad=True)
-    off, rec, _ = run(model, x)
+    off, rec, _ = run(model, x, fuse_gated=False)
     assert rec.by_rule == {"tensorwise": 3}
     assert rel(out, off) < 0.05  # one rounding instead of two: close, not equal
 

@@ -31,15 +31,14 @@ After::
 ``kp::fp8_linear_train`` (``ops/fp8_train.py``), and linears that read one
 input share its cast (``kp::fp8_cast_pair`` + ``kp::fp8_linear_shared``); a
 gated MLP whose three linears convert then becomes one
-``kp::fp8_gated_mlp_train`` (``passes/fp8/gated.py``; ``KP_FP8_GATED=0``
-keeps the separate ops, for measurements).
+``kp::fp8_gated_mlp_train`` (``passes/fp8/gated.py``; ``fuse_gated=False``
+keeps the separate ops).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import operator
-import os
 from typing import Optional
 
 import torch
@@ -207,11 +206,12 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: FP8Options, train: 
         node.replace_all_uses_with(new)
         erase_dead([node])
         converted[recipe] = converted.get(recipe, 0) + 1
-    if shared and converted and os.environ.get("KP_FP8_GATED", "1") != "0":
+    if shared and converted and fp8.fuse_gated:
         fused = fuse_gated_mlps(gm)  # gated MLPs: the product's casts fused (passes/fp8/gated.py)
         if fused:
             converted["gated-mlp"] = fused
-            notes.append(f"{fused} gated MLP(s) in one op each, the product's casts fused (KP_FP8_GATED=0: not)")
+            notes.append(f"{fused} gated MLP(s) in one op each, the product's casts fused "
+                         "(options['fp8']['fuse_gated']=False: not)")
     if converted:
         gm.recompile()
     return Matches(converted, notes)
