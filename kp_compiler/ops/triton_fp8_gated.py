@@ -110,18 +110,19 @@ def _cast(v, s, q_ptr, qt_ptr, rows, cols, R, RP, C, TOP: tl.constexpr, MANT: tl
 @triton.jit
 def _scale(amax_ptr, scale_ptr, i: tl.constexpr, first, TOP: tl.constexpr, INV_TOP: tl.constexpr,
            RECIPROCAL: tl.constexpr):
-    """``amax / fp8_max`` (1 where amax is 0), as ``triton_fp8._quantize`` computes it; stored where ``first``."""
-    m = tl.load(amax_ptr + i + tl.zeros_like(first.to(tl.int32)))
+    """``amax[i] / fp8_max`` (1 where amax is 0), as ``triton_fp8._quantize`` computes it; stored where ``first``."""
+    zero = tl.zeros_like(first.to(tl.int32))
+    m = tl.load(amax_ptr + i + zero)
     if RECIPROCAL:
         s = tl.where(m > 0, m * INV_TOP, 1.0)
     else:
         s = tl.where(m > 0, tl.math.div_rn(m, tl.full(m.shape, TOP, tl.float32)), 1.0)
-    tl.store(scale_ptr + i + tl.zeros_like(first.to(tl.int32)), s, mask=first)
+    tl.store(scale_ptr + zero, s, mask=first)
     return s
 
 
 @triton.jit
-def _gated_quantize(g_ptr, u_ptr, d_ptr, amax_ptr, scale_ptr, qa_ptr, qat_ptr, qb_ptr, qbt_ptr, R, RP, C,
+def _gated_quantize(g_ptr, u_ptr, d_ptr, amax_ptr, sa_ptr, sb_ptr, qa_ptr, qat_ptr, qb_ptr, qbt_ptr, R, RP, C,
                     TOP: tl.constexpr, INV_TOP: tl.constexpr, RECIPROCAL: tl.constexpr, MANT: tl.constexpr,
                     EMIN: tl.constexpr, EXACT_ROUND: tl.constexpr, ACT: tl.constexpr, BACKWARD: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -132,10 +133,10 @@ def _gated_quantize(g_ptr, u_ptr, d_ptr, amax_ptr, scale_ptr, qa_ptr, qat_ptr, q
     mask = (rows[:, None] < R) & (cols[None, :] < C)
     offs = rows.to(tl.int64)[:, None] * C + cols.to(tl.int64)[None, :]
     a, b = _values(g_ptr, u_ptr, d_ptr, offs, mask, ACT, BACKWARD)
-    sa = _scale(amax_ptr, scale_ptr, 0, first, TOP, INV_TOP, RECIPROCAL)
+    sa = _scale(amax_ptr, sa_ptr, 0, first, TOP, INV_TOP, RECIPROCAL)
     _cast(a, sa[:, None], qa_ptr, qat_ptr, rows, cols, R, RP, C, TOP, MANT, EMIN, EXACT_ROUND)
     if BACKWARD:
-        sb = _scale(amax_ptr, scale_ptr, 1, first, TOP, INV_TOP, RECIPROCAL)
+        sb = _scale(amax_ptr, sb_ptr, 1, first, TOP, INV_TOP, RECIPROCAL)
         _cast(b, sb[:, None], qb_ptr, qbt_ptr, rows, cols, R, RP, C, TOP, MANT, EMIN, EXACT_ROUND)
 
 
@@ -154,7 +155,8 @@ def _run(d, g, u, activation: str, dtype: torch.dtype):
     rp = padded(rows)
     n = 2 if backward else 1
     m = torch.zeros(n, dtype=torch.float32, device=g.device)
-    scales = torch.empty(n, dtype=torch.float32, device=g.device)
+    # one tensor per scale: torch._scaled_mm's cuBLASLt call refused a scale at a 4-byte offset (H200)
+    scales = [torch.empty((), dtype=torch.float32, device=g.device) for _ in range(n)]
     outs = []
     for _ in range(n):
         outs += [torch.empty(rows, cols, dtype=dtype, device=g.device), torch.empty(cols, rp, dtype=dtype, device=g.device)]
@@ -168,9 +170,11 @@ def _run(d, g, u, activation: str, dtype: torch.dtype):
               ACT=act, BACKWARD=backward, **cfg)
     cfg = CONFIG["quantize"]
     if not (rows and cols):
-        scales.fill_(1.0)  # no values: any scale represents them (fp8_quant.scale_from_amax gives 1)
+        for s in scales:
+            s.fill_(1.0)  # no values: any scale represents them (fp8_quant.scale_from_amax gives 1)
     if rp and cols:
-        _QUANTIZE((cdiv(rp, cfg["BLOCK_R"]), cdiv(cols, cfg["BLOCK_C"])), g, u, d, m, scales, *outs, rows, rp, cols,
+        _QUANTIZE((cdiv(rp, cfg["BLOCK_R"]), cdiv(cols, cfg["BLOCK_C"])), g, u, d, m, scales[0], scales[-1], *outs,
+                  rows, rp, cols,
                   RECIPROCAL=g.is_cuda, EXACT_ROUND=EXACT_ROUND or not g.is_cuda, ACT=act, BACKWARD=backward,
                   **_constants(dtype), **cfg)
     return outs, scales

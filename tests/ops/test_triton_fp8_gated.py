@@ -41,7 +41,7 @@ def same_cast(got, want, ref, dtype, what):
     step = 2.0 ** -(3 if dtype == E4M3 else 2)
     big = b.abs() >= top * 1e-4
     assert ((a - b).abs()[big] <= step * b.abs()[big]).all(), what
-    assert (q.view(torch.uint8) == rq.view(torch.uint8)).float().mean() > 0.95, what
+    assert (q.view(torch.uint8).cpu() == rq.view(torch.uint8).cpu()).float().mean() > 0.95, what
     err = lambda t, sc: ((t * sc.float().cpu() - ref.float().cpu()).norm() / ref.float().cpu().norm()).item()  # noqa: E731
     assert err(a, s) <= err(b, rs) * 1.01 + 1e-6, what  # as close to the exact values as the emulation
     assert torch.equal(qt.view(torch.uint8)[:, :q.shape[0]].t().cpu(), q.view(torch.uint8).cpu()), what
