@@ -76,14 +76,19 @@ def forward(k: Kernels, gk: Gated, x, qx, sx, w_gate, w_up, w_down, activation, 
 
 def backward(k: Kernels, gk: Gated, grad, g, u, qxt, sx, qht, sh, qwgt, qwut, qwdt, swg, swu, swd, activation,
              grad_dtype, w_dtype):
-    """``(grad_x, grad_w_gate, grad_w_up, grad_w_down)``; ``grad [*, E]``."""
+    """``(grad_x, grad_w_gate, grad_w_up, grad_w_down)``; ``grad [*, E]``. Each temporary is let go after its
+    last use (the separate ops' backwards free theirs between ops)."""
     g2 = grad.reshape(-1, grad.shape[-1])
     qd, qdt, sd = k.quantize_pair(g2, grad_dtype)
     dh = k.mm(qd, sd, qwdt, swd, grad.dtype)  # [M, F] = q(dout) @ q(w_down)
     grad_w_down = k.mm(qdt, sd, qht, sh, w_dtype)  # [E, F] = q(dout).T @ q(h)
+    del qd, qdt
     qdg, qdgt, sdg, qdu, qdut, sdu = gk.grad_pairs(dh, g, u, activation, grad_dtype)
-    grad_x = k.mm(qdg, sdg, qwgt, swg, grad.dtype) + k.mm(qdu, sdu, qwut, swu, grad.dtype)
+    del dh
+    grad_x = k.mm(qdg, sdg, qwgt, swg, grad.dtype)
     grad_w_gate = k.mm(qdgt, sdg, qxt, sx, w_dtype)
+    del qdg, qdgt
+    grad_x = grad_x + k.mm(qdu, sdu, qwut, swu, grad.dtype)
     grad_w_up = k.mm(qdut, sdu, qxt, sx, w_dtype)
     return grad_x.reshape(*grad.shape[:-1], qwgt.shape[0]), grad_w_gate, grad_w_up, grad_w_down
 

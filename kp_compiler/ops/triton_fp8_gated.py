@@ -11,7 +11,10 @@ buffer), with no host sync:
 2. ``_gated_quantize``: recomputes the same values from the same inputs,
    divides by ``scale = amax / fp8_max`` (1 where amax is 0; stored by
    program ``(0, 0)``), saturates, casts, and stores each result row-major
-   ``[M, F]`` and transposed ``[F, Mp]``, the padding columns zero.
+   ``[M, F]`` and transposed ``[F, Mp]``, the padding columns zero. The
+   transposed tile is computed from a transposed load of the same inputs
+   (an L2 read), not by ``tl.trans``, whose store wrote wrong bytes on the
+   H200.
 
 Against casting a stored bf16 ``h``: ``g`` and ``u`` are read twice, but
 ``h`` is neither written nor read back twice (forward: 1.4 -> 1.2 bytes
@@ -93,31 +96,43 @@ def _gated_amax(g_ptr, u_ptr, d_ptr, out_ptr, R, C, ACT: tl.constexpr, BACKWARD:
 
 
 @triton.jit
-def _cast(v, s, q_ptr, qt_ptr, rows, cols, R, RP, C, TOP: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr,
-          EXACT: tl.constexpr):
-    """``saturate(v / s)`` into ``q [R, C]`` and ``qt [C, RP]`` (rows ``R..RP`` of ``v`` are zeros)."""
-    y = tl.clamp(tl.math.div_rn(v, tl.full(v.shape, 1.0, tl.float32) * s), -TOP, TOP,
+def _store_cast(t, s, ptr, offs, mask, TOP: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr,
+                EXACT: tl.constexpr):
+    """``saturate(t / s)`` in ``ptr``'s FP8 dtype, stored at ``offs``."""
+    y = tl.clamp(tl.math.div_rn(t, tl.full(t.shape, 1.0, tl.float32) * s), -TOP, TOP,
                  propagate_nan=tl.PropagateNan.ALL)
     if EXACT:  # rounded in fp32 first, so the cast is exact: the interpreter's FP8 cast rounds wrongly
         y = _round_to_grid(y, MANT, EMIN)
-    q = y.to(q_ptr.dtype.element_ty)
+    tl.store(ptr + offs, y.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cast(v, vt, s, q_ptr, qt_ptr, rows, cols, R, RP, C, TOP: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr,
+          EXACT: tl.constexpr):
+    """``v`` into ``q [R, C]``, and ``vt`` (the same values computed as a ``[cols, rows]`` tile) into
+    ``qt [C, RP]`` (rows ``R..RP`` of ``vt`` are zeros).
+
+    Not ``tl.trans`` of ``q``: on the H200 (Triton 3.6) that store wrote wrong bytes here, as it did in
+    ``triton_fp8`` for fp32 inputs; the transposed tile is loaded and computed again instead (from L2).
+    """
     rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
-    tl.store(q_ptr + rows64[:, None] * C + cols64[None, :], q, mask=(rows[:, None] < R) & (cols[None, :] < C))
-    tl.store(qt_ptr + cols64[:, None] * RP + rows64[None, :], tl.trans(q),
-             mask=(cols[:, None] < C) & (rows[None, :] < RP))
+    _store_cast(v, s, q_ptr, rows64[:, None] * C + cols64[None, :], (rows[:, None] < R) & (cols[None, :] < C),
+                TOP, MANT, EMIN, EXACT)
+    _store_cast(vt, s, qt_ptr, cols64[:, None] * RP + rows64[None, :], (cols[:, None] < C) & (rows[None, :] < RP),
+                TOP, MANT, EMIN, EXACT)
 
 
 @triton.jit
 def _scale(amax_ptr, scale_ptr, i: tl.constexpr, first, TOP: tl.constexpr, INV_TOP: tl.constexpr,
            RECIPROCAL: tl.constexpr):
     """``amax[i] / fp8_max`` (1 where amax is 0), as ``triton_fp8._quantize`` computes it; stored where ``first``."""
-    zero = tl.zeros_like(first.to(tl.int32))
-    m = tl.load(amax_ptr + i + zero)
+    m = tl.load(amax_ptr + i)
     if RECIPROCAL:
         s = tl.where(m > 0, m * INV_TOP, 1.0)
     else:
-        s = tl.where(m > 0, tl.math.div_rn(m, tl.full(m.shape, TOP, tl.float32)), 1.0)
-    tl.store(scale_ptr + zero, s, mask=first)
+        s = tl.where(m > 0, tl.math.div_rn(m, TOP), 1.0)
+    # a tensor, not a scalar, stored: Triton's interpreter takes no scalar-by-tensor mask
+    tl.store(scale_ptr + tl.zeros_like(first.to(tl.int32)), tl.zeros_like(first.to(tl.float32)) + s, mask=first)
     return s
 
 
@@ -130,14 +145,16 @@ def _gated_quantize(g_ptr, u_ptr, d_ptr, amax_ptr, sa_ptr, sb_ptr, qa_ptr, qat_p
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     # a tensor, not a scalar: Triton's interpreter takes no scalar-by-tensor mask
     first = ((tl.zeros_like(rows) + tl.program_id(0) + tl.program_id(1)) == 0) & (tl.arange(0, BLOCK_R) == 0)
-    mask = (rows[:, None] < R) & (cols[None, :] < C)
-    offs = rows.to(tl.int64)[:, None] * C + cols.to(tl.int64)[None, :]
-    a, b = _values(g_ptr, u_ptr, d_ptr, offs, mask, ACT, BACKWARD)
+    rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
+    a, b = _values(g_ptr, u_ptr, d_ptr, rows64[:, None] * C + cols64[None, :],
+                   (rows[:, None] < R) & (cols[None, :] < C), ACT, BACKWARD)
+    at, bt = _values(g_ptr, u_ptr, d_ptr, rows64[None, :] * C + cols64[:, None],
+                     (rows[None, :] < R) & (cols[:, None] < C), ACT, BACKWARD)
     sa = _scale(amax_ptr, sa_ptr, 0, first, TOP, INV_TOP, RECIPROCAL)
-    _cast(a, sa[:, None], qa_ptr, qat_ptr, rows, cols, R, RP, C, TOP, MANT, EMIN, EXACT_ROUND)
+    _cast(a, at, sa, qa_ptr, qat_ptr, rows, cols, R, RP, C, TOP, MANT, EMIN, EXACT_ROUND)
     if BACKWARD:
         sb = _scale(amax_ptr, sb_ptr, 1, first, TOP, INV_TOP, RECIPROCAL)
-        _cast(b, sb[:, None], qb_ptr, qbt_ptr, rows, cols, R, RP, C, TOP, MANT, EMIN, EXACT_ROUND)
+        _cast(b, bt, sb, qb_ptr, qbt_ptr, rows, cols, R, RP, C, TOP, MANT, EMIN, EXACT_ROUND)
 
 
 _AMAX, _QUANTIZE = Launcher(_gated_amax), Launcher(_gated_quantize)
