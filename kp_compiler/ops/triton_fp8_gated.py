@@ -26,6 +26,8 @@ float dtype.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -36,6 +38,11 @@ from .triton_fp8 import EXACT_ROUND, FP32_MAX, _constants, _round_to_grid
 from .triton_launch import Launcher, cdiv
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+# How the transposed tile is made (see _cast): "load" (the default: correct on the H200, its transposed loads
+# uncoalesced) or "trans" (tl.trans of the fp32 tile). KP_FP8_GATED_TRANSPOSE picks one, for GPU measurements.
+TRANSPOSE = os.environ.get("KP_FP8_GATED_TRANSPOSE", "load")
+if TRANSPOSE not in ("load", "trans"):
+    raise ValueError(f"KP_FP8_GATED_TRANSPOSE={TRANSPOSE!r} is not 'load' or 'trans'")
 CONFIG = {"amax": dict(BLOCK_R=32, BLOCK_C=128, TILES=4, num_warps=8),
           "quantize": dict(BLOCK_R=64, BLOCK_C=64, num_warps=8)}
 
@@ -96,30 +103,34 @@ def _gated_amax(g_ptr, u_ptr, d_ptr, out_ptr, R, C, ACT: tl.constexpr, BACKWARD:
 
 
 @triton.jit
-def _store_cast(t, s, ptr, offs, mask, TOP: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr,
-                EXACT: tl.constexpr):
-    """``saturate(t / s)`` in ``ptr``'s FP8 dtype, stored at ``offs``."""
+def _saturated(t, s, TOP: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr, EXACT: tl.constexpr):
+    """``saturate(t / s)`` in fp32, on the FP8 grid where ``EXACT``."""
     y = tl.clamp(tl.math.div_rn(t, tl.full(t.shape, 1.0, tl.float32) * s), -TOP, TOP,
                  propagate_nan=tl.PropagateNan.ALL)
     if EXACT:  # rounded in fp32 first, so the cast is exact: the interpreter's FP8 cast rounds wrongly
         y = _round_to_grid(y, MANT, EMIN)
-    tl.store(ptr + offs, y.to(ptr.dtype.element_ty), mask=mask)
+    return y
 
 
 @triton.jit
 def _cast(v, vt, s, q_ptr, qt_ptr, rows, cols, R, RP, C, TOP: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr,
-          EXACT: tl.constexpr):
-    """``v`` into ``q [R, C]``, and ``vt`` (the same values computed as a ``[cols, rows]`` tile) into
-    ``qt [C, RP]`` (rows ``R..RP`` of ``vt`` are zeros).
+          EXACT: tl.constexpr, TRANS_LOAD: tl.constexpr):
+    """``v`` into ``q [R, C]`` and its transpose into ``qt [C, RP]`` (rows ``R..RP`` of ``v`` are zeros).
 
-    Not ``tl.trans`` of ``q``: on the H200 (Triton 3.6) that store wrote wrong bytes here, as it did in
-    ``triton_fp8`` for fp32 inputs; the transposed tile is loaded and computed again instead (from L2).
+    ``TRANS_LOAD``: the transposed tile is ``vt``, the same values computed from a transposed load. Else it is
+    ``tl.trans`` of the fp32 values before the cast (``tl.trans`` of the FP8 tile wrote wrong bytes on the H200,
+    Triton 3.6, as it did in ``triton_fp8`` for fp32 inputs).
     """
     rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
-    _store_cast(v, s, q_ptr, rows64[:, None] * C + cols64[None, :], (rows[:, None] < R) & (cols[None, :] < C),
-                TOP, MANT, EMIN, EXACT)
-    _store_cast(vt, s, qt_ptr, cols64[:, None] * RP + rows64[None, :], (cols[:, None] < C) & (rows[None, :] < RP),
-                TOP, MANT, EMIN, EXACT)
+    y = _saturated(v, s, TOP, MANT, EMIN, EXACT)
+    tl.store(q_ptr + rows64[:, None] * C + cols64[None, :], y.to(q_ptr.dtype.element_ty),
+             mask=(rows[:, None] < R) & (cols[None, :] < C))
+    if TRANS_LOAD:
+        yt = _saturated(vt, s, TOP, MANT, EMIN, EXACT)
+    else:
+        yt = tl.trans(y)
+    tl.store(qt_ptr + cols64[:, None] * RP + rows64[None, :], yt.to(qt_ptr.dtype.element_ty),
+             mask=(cols[:, None] < C) & (rows[None, :] < RP))
 
 
 @triton.jit
@@ -140,7 +151,7 @@ def _scale(amax_ptr, scale_ptr, i: tl.constexpr, first, TOP: tl.constexpr, INV_T
 def _gated_quantize(g_ptr, u_ptr, d_ptr, amax_ptr, sa_ptr, sb_ptr, qa_ptr, qat_ptr, qb_ptr, qbt_ptr, R, RP, C,
                     TOP: tl.constexpr, INV_TOP: tl.constexpr, RECIPROCAL: tl.constexpr, MANT: tl.constexpr,
                     EMIN: tl.constexpr, EXACT_ROUND: tl.constexpr, ACT: tl.constexpr, BACKWARD: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                    TRANS_LOAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     # a tensor, not a scalar: Triton's interpreter takes no scalar-by-tensor mask
@@ -148,13 +159,15 @@ def _gated_quantize(g_ptr, u_ptr, d_ptr, amax_ptr, sa_ptr, sb_ptr, qa_ptr, qat_p
     rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
     a, b = _values(g_ptr, u_ptr, d_ptr, rows64[:, None] * C + cols64[None, :],
                    (rows[:, None] < R) & (cols[None, :] < C), ACT, BACKWARD)
-    at, bt = _values(g_ptr, u_ptr, d_ptr, rows64[None, :] * C + cols64[:, None],
-                     (rows[None, :] < R) & (cols[:, None] < C), ACT, BACKWARD)
+    at, bt = a, b
+    if TRANS_LOAD:
+        at, bt = _values(g_ptr, u_ptr, d_ptr, rows64[None, :] * C + cols64[:, None],
+                         (rows[None, :] < R) & (cols[:, None] < C), ACT, BACKWARD)
     sa = _scale(amax_ptr, sa_ptr, 0, first, TOP, INV_TOP, RECIPROCAL)
-    _cast(a, at, sa, qa_ptr, qat_ptr, rows, cols, R, RP, C, TOP, MANT, EMIN, EXACT_ROUND)
+    _cast(a, at, sa, qa_ptr, qat_ptr, rows, cols, R, RP, C, TOP, MANT, EMIN, EXACT_ROUND, TRANS_LOAD)
     if BACKWARD:
         sb = _scale(amax_ptr, sb_ptr, 1, first, TOP, INV_TOP, RECIPROCAL)
-        _cast(b, bt, sb, qb_ptr, qbt_ptr, rows, cols, R, RP, C, TOP, MANT, EMIN, EXACT_ROUND)
+        _cast(b, bt, sb, qb_ptr, qbt_ptr, rows, cols, R, RP, C, TOP, MANT, EMIN, EXACT_ROUND, TRANS_LOAD)
 
 
 _AMAX, _QUANTIZE = Launcher(_gated_amax), Launcher(_gated_quantize)
@@ -193,6 +206,7 @@ def _run(d, g, u, activation: str, dtype: torch.dtype):
         _QUANTIZE((cdiv(rp, cfg["BLOCK_R"]), cdiv(cols, cfg["BLOCK_C"])), g, u, d, m, scales[0], scales[-1], *outs,
                   rows, rp, cols,
                   RECIPROCAL=g.is_cuda, EXACT_ROUND=EXACT_ROUND or not g.is_cuda, ACT=act, BACKWARD=backward,
+                  TRANS_LOAD=TRANSPOSE == "load",
                   **_constants(dtype), **cfg)
     return outs, scales
 
