@@ -23,7 +23,7 @@ class FP8Options:
     history_len: int = 16  # delayed: amax history length, 1 to 1024
     margin: float = 0.0  # delayed: scale headroom in powers of 2, 0 to 8
     fast_accum: bool = True  # the forward GEMM accumulates in the GPU's fast FP8 mode; gradients never do
-    fuse_gated: bool = True  # training, tensorwise: a gated MLP's three linears in one op (passes/fp8/gated.py)
+    fuse_gated: bool = False  # training, tensorwise: a gated MLP's three linears in one op (passes/fp8/gated.py)
 
 
 KEYS = tuple(f.name for f in fields(FP8Options))
@@ -68,4 +68,4 @@ def parse_fp8(value: Any) -> Optional[FP8Options]:
     return FP8Options(recipe=recipe, include=tuple(value.get("include", ())), exclude=tuple(value.get("exclude", ())),
                       emulate=value.get("emulate", False), min_dims=None if dims is None else tuple(dims),
                       history_len=n, margin=float(margin), fast_accum=value.get("fast_accum", True),
-                      fuse_gated=value.get("fuse_gated", True))
+                      fuse_gated=value.get("fuse_gated", False))

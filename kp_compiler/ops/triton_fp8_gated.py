@@ -1,4 +1,4 @@
-"""``fp8_gated_quant``'s two casts as Triton kernels: the gated activation (or its gradients) computed twice, stored never.
+"""``fp8_gated_quant``'s casts as Triton kernels: the gated activation (or its gradients) computed twice, never stored.
 
 ``gated_pair(g, u, activation, dtype)`` and ``gated_grad_pairs(dh, g, u,
 activation, dtype)`` are two launches each (and the zero fill of the amax
@@ -26,8 +26,6 @@ float dtype.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -38,11 +36,6 @@ from .triton_fp8 import EXACT_ROUND, FP32_MAX, _constants, _round_to_grid
 from .triton_launch import Launcher, cdiv
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
-# How the transposed tile is made (see _cast): "load" (the default: correct on the H200, its transposed loads
-# uncoalesced) or "trans" (tl.trans of the fp32 tile). KP_FP8_GATED_TRANSPOSE picks one, for GPU measurements.
-TRANSPOSE = os.environ.get("KP_FP8_GATED_TRANSPOSE", "load")
-if TRANSPOSE not in ("load", "trans"):
-    raise ValueError(f"KP_FP8_GATED_TRANSPOSE={TRANSPOSE!r} is not 'load' or 'trans'")
 CONFIG = {"amax": dict(BLOCK_R=32, BLOCK_C=128, TILES=4, num_warps=8),
           "quantize": dict(BLOCK_R=64, BLOCK_C=64, num_warps=8)}
 
@@ -114,21 +107,19 @@ def _saturated(t, s, TOP: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr, 
 
 @triton.jit
 def _cast(v, vt, s, q_ptr, qt_ptr, rows, cols, R, RP, C, TOP: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr,
-          EXACT: tl.constexpr, TRANS_LOAD: tl.constexpr):
-    """``v`` into ``q [R, C]`` and its transpose into ``qt [C, RP]`` (rows ``R..RP`` of ``v`` are zeros).
+          EXACT: tl.constexpr):
+    """``v`` into ``q [R, C]``, and ``vt`` (the same values computed from a transposed load) into ``qt [C, RP]``
+    (rows ``R..RP`` are zeros).
 
-    ``TRANS_LOAD``: the transposed tile is ``vt``, the same values computed from a transposed load. Else it is
-    ``tl.trans`` of the fp32 values before the cast (``tl.trans`` of the FP8 tile wrote wrong bytes on the H200,
-    Triton 3.6, as it did in ``triton_fp8`` for fp32 inputs).
+    Not ``tl.trans``: on the H200 (Triton 3.6) a transposed store from ``tl.trans`` of the tile, before or after
+    the FP8 cast, wrote wrong bytes here (18 of 29 kernel tests failed; both ran 3% faster than this), as it did in
+    ``triton_fp8`` for fp32 inputs (bench/results/2026-12-02-h200-fp8-gated-*).
     """
     rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
     y = _saturated(v, s, TOP, MANT, EMIN, EXACT)
     tl.store(q_ptr + rows64[:, None] * C + cols64[None, :], y.to(q_ptr.dtype.element_ty),
              mask=(rows[:, None] < R) & (cols[None, :] < C))
-    if TRANS_LOAD:
-        yt = _saturated(vt, s, TOP, MANT, EMIN, EXACT)
-    else:
-        yt = tl.trans(y)
+    yt = _saturated(vt, s, TOP, MANT, EMIN, EXACT)
     tl.store(qt_ptr + cols64[:, None] * RP + rows64[None, :], yt.to(qt_ptr.dtype.element_ty),
              mask=(cols[:, None] < C) & (rows[None, :] < RP))
 
@@ -151,7 +142,7 @@ def _scale(amax_ptr, scale_ptr, i: tl.constexpr, first, TOP: tl.constexpr, INV_T
 def _gated_quantize(g_ptr, u_ptr, d_ptr, amax_ptr, sa_ptr, sb_ptr, qa_ptr, qat_ptr, qb_ptr, qbt_ptr, R, RP, C,
                     TOP: tl.constexpr, INV_TOP: tl.constexpr, RECIPROCAL: tl.constexpr, MANT: tl.constexpr,
                     EMIN: tl.constexpr, EXACT_ROUND: tl.constexpr, ACT: tl.constexpr, BACKWARD: tl.constexpr,
-                    TRANS_LOAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     # a tensor, not a scalar: Triton's interpreter takes no scalar-by-tensor mask
@@ -159,15 +150,13 @@ def _gated_quantize(g_ptr, u_ptr, d_ptr, amax_ptr, sa_ptr, sb_ptr, qa_ptr, qat_p
     rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
     a, b = _values(g_ptr, u_ptr, d_ptr, rows64[:, None] * C + cols64[None, :],
                    (rows[:, None] < R) & (cols[None, :] < C), ACT, BACKWARD)
-    at, bt = a, b
-    if TRANS_LOAD:
-        at, bt = _values(g_ptr, u_ptr, d_ptr, rows64[None, :] * C + cols64[:, None],
-                         (rows[None, :] < R) & (cols[:, None] < C), ACT, BACKWARD)
+    at, bt = _values(g_ptr, u_ptr, d_ptr, rows64[None, :] * C + cols64[:, None],
+                     (rows[None, :] < R) & (cols[:, None] < C), ACT, BACKWARD)
     sa = _scale(amax_ptr, sa_ptr, 0, first, TOP, INV_TOP, RECIPROCAL)
-    _cast(a, at, sa, qa_ptr, qat_ptr, rows, cols, R, RP, C, TOP, MANT, EMIN, EXACT_ROUND, TRANS_LOAD)
+    _cast(a, at, sa, qa_ptr, qat_ptr, rows, cols, R, RP, C, TOP, MANT, EMIN, EXACT_ROUND)
     if BACKWARD:
         sb = _scale(amax_ptr, sb_ptr, 1, first, TOP, INV_TOP, RECIPROCAL)
-        _cast(b, bt, sb, qb_ptr, qbt_ptr, rows, cols, R, RP, C, TOP, MANT, EMIN, EXACT_ROUND, TRANS_LOAD)
+        _cast(b, bt, sb, qb_ptr, qbt_ptr, rows, cols, R, RP, C, TOP, MANT, EMIN, EXACT_ROUND)
 
 
 _AMAX, _QUANTIZE = Launcher(_gated_amax), Launcher(_gated_quantize)
@@ -189,7 +178,8 @@ def _run(d, g, u, activation: str, dtype: torch.dtype):
     scales = [torch.empty((), dtype=torch.float32, device=g.device) for _ in range(n)]
     outs = []
     for _ in range(n):
-        outs += [torch.empty(rows, cols, dtype=dtype, device=g.device), torch.empty(cols, rp, dtype=dtype, device=g.device)]
+        outs += [torch.empty(rows, cols, dtype=dtype, device=g.device),
+                 torch.empty(cols, rp, dtype=dtype, device=g.device)]
     if n == 1:
         outs += outs  # unused second pair: any valid pointers
     d = d if backward else g
@@ -206,7 +196,6 @@ def _run(d, g, u, activation: str, dtype: torch.dtype):
         _QUANTIZE((cdiv(rp, cfg["BLOCK_R"]), cdiv(cols, cfg["BLOCK_C"])), g, u, d, m, scales[0], scales[-1], *outs,
                   rows, rp, cols,
                   RECIPROCAL=g.is_cuda, EXACT_ROUND=EXACT_ROUND or not g.is_cuda, ACT=act, BACKWARD=backward,
-                  TRANS_LOAD=TRANSPOSE == "load",
                   **_constants(dtype), **cfg)
     return outs, scales
 

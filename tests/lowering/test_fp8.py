@@ -121,7 +121,7 @@ def test_without_fp8_on_the_device_nothing_is_converted_and_each_linear_says_why
 def test_fp8_options_are_checked():
     assert parse_options(options={"fp8": True}).fp8 == FP8Options()
     assert parse_options(options={"fp8": None}).fp8 is None
-    assert not parse_options(options={"fp8": {"fuse_gated": False}}).fp8.fuse_gated
+    assert parse_options(options={"fp8": {"fuse_gated": True}}).fp8.fuse_gated and not FP8Options().fuse_gated
     assert parse_options(options={"fp8": {"recipe": "delayed", "history_len": 4, "margin": 1}}).fp8.history_len == 4
     for bad, msg in [({"recipe": "blockwise"}, "fp8 recipe"), ({"exclude": "head"}, "list of glob"),
                      ({"min_dims": [1, 2]}, "three positive ints"), ({"scale": 1}, "unknown key"),

@@ -1,4 +1,5 @@
-"""``fp8-linear`` in training graphs: a gated MLP whose three linears convert becomes ``kp::fp8_gated_mlp_train``."""
+"""``fp8-linear`` in training graphs with ``fuse_gated=True``: a gated MLP whose three linears convert becomes
+``kp::fp8_gated_mlp_train``; without the option (the default) it keeps the separate ops."""
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from kp_compiler.testing.models import SwiGLU
 from tests.utils import filecheck
 
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
-FP8 = {"emulate": True, "min_dims": [16, 16, 16]}
+FP8 = {"emulate": True, "min_dims": [16, 16, 16], "fuse_gated": True}
 
 
 def run(model, *inputs, tmp_path=None, **fp8):
@@ -39,6 +40,9 @@ def test_swiglu_becomes_one_op_with_the_separate_ops_values(tmp_path):
     out, rec, dump = run(model, x, tmp_path=tmp_path)
     assert rec.by_rule == {"tensorwise": 3, "gated-mlp": 1}
     assert any("1 gated MLP(s) in one op each" in n for n in rec.notes)
+    torch._dynamo.reset()
+    _, default, _ = run(model, x, fuse_gated=False)
+    assert default.by_rule == {"tensorwise": 3}  # the separate ops
     filecheck("CHECK-COUNT-1: kp.fp8_cast_pair.default(%l_x_\n"
               "CHECK: kp.fp8_gated_mlp_train.default(%l_x_{{.*}}'silu', torch.float8_e4m3fn, torch.float8_e5m2, True)\n"
               "CHECK: getitem(%fp8_gated_mlp_train_default, 0){{.*}}# fp8: gated MLP (silu) in one op, the product's "
@@ -135,6 +139,16 @@ def test_lookalikes_keep_the_separate_ops(kind):
     out = out[0] if isinstance(out, tuple) else out
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_not_fused_by_default():
+    torch.manual_seed(4)
+    compiled = torch.compile(SwiGLU(32, 64), backend="kernelpytorch",
+                             options={"fp8": {"emulate": True, "min_dims": [16, 16, 16]}})
+    with collect() as records:
+        compiled(torch.randn(48, 32, requires_grad=True))
+    (rec,) = [p for r in records for p in r.passes if p.name == "fp8-linear"]
+    assert rec.by_rule == {"tensorwise": 3}
 
 
 def test_inference_graphs_are_not_fused():

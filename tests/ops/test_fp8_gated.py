@@ -15,7 +15,8 @@ def leaves(seed=0, dtype=torch.float32, tokens=(3, 10)):
     """x [*tokens, 32], w_gate and w_up [48, 32], w_down [16, 48]: 30 tokens, not a multiple of 16 (padding)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*tokens, 32, generator=g) * 2
-    ws = [torch.randn(48, 32, generator=g) / 4, torch.randn(48, 32, generator=g) / 4, torch.randn(16, 48, generator=g) / 6]
+    ws = [torch.randn(48, 32, generator=g) / 4, torch.randn(48, 32, generator=g) / 4,
+          torch.randn(16, 48, generator=g) / 6]
     return [t.to(dtype).requires_grad_() for t in (x, *ws)]
 
 

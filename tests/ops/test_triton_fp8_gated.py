@@ -42,7 +42,8 @@ def same_cast(got, want, ref, dtype, what):
     big = b.abs() >= top * 1e-4
     assert ((a - b).abs()[big] <= step * b.abs()[big]).all(), what
     assert (q.view(torch.uint8).cpu() == rq.view(torch.uint8).cpu()).float().mean() > 0.95, what
-    err = lambda t, sc: ((t * sc.float().cpu() - ref.float().cpu()).norm() / ref.float().cpu().norm()).item()  # noqa: E731
+    ref = ref.float().cpu()
+    err = lambda t, sc: ((t * sc.float().cpu() - ref).norm() / ref.norm()).item()  # noqa: E731
     assert err(a, s) <= err(b, rs) * 1.01 + 1e-6, what  # as close to the exact values as the emulation
     assert torch.equal(qt.view(torch.uint8)[:, :q.shape[0]].t().cpu(), q.view(torch.uint8).cpu()), what
     assert (qt.view(torch.uint8)[:, q.shape[0]:] == 0).all(), what  # the padding columns: zeros
