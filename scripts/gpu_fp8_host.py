@@ -9,7 +9,7 @@ from ``.whl/``): the synchronized wall time per step (median of 20), the host
 time to queue one step with the GPU drained first, and the GPU time per step
 from the profiler's kernel sum. A step queued in about its wall time is
 host-bound: the GPU waits for launches. Then cProfile's top rows by own time
-for the kernelpytorch row. Speed claims come from ``python -m bench``.
+for the kernelpytorch row, and its kp_compiler and torch.library frames by cumulative time. Speed claims come from ``python -m bench``.
 """
 
 from __future__ import annotations
@@ -78,10 +78,12 @@ def main():
                     step()
                 torch.cuda.synchronize()
                 prof.disable()
-                buf = io.StringIO()
-                pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(args.rows)
-                text = buf.getvalue()
-                print(text[text.find("   ncalls"):].rstrip(), flush=True)
+                for sort, filt in (("tottime", None), ("cumulative", "kp_compiler|_library|_ops")):
+                    buf = io.StringIO()
+                    stats = pstats.Stats(prof, stream=buf).sort_stats(sort)
+                    stats.print_stats(filt, args.rows) if filt else stats.print_stats(args.rows)
+                    text = buf.getvalue()
+                    print(text[text.find("   ncalls"):].rstrip(), flush=True)
             del wl, fn, step
             torch.cuda.empty_cache()
 
