@@ -15,8 +15,8 @@ CPU with gloo. Wrappings:
 Per wrapping and backend (``eager``, ``inductor``, ``kernelpytorch``, and on CUDA ``kernelpytorch-fp8`` with
 ``options={"fp8": True}``), from the same seed and the same per-rank batches: the loss of every step (rank 0),
 the median step time after ``--warmup`` steps (synchronized per step), tokens per second over both ranks, the
-peak memory of each rank, and the rewrites that fired. The loss ratio to eager is the mean over steps of
-``loss / eager loss``.
+peak memory of each rank, and the rewrites that fired on each rank (one entry where the ranks agree). The loss
+ratio to eager is the mean over steps of ``loss / eager loss``.
 
     python -m bench.distributed --steps 50 --out bench/results --stem 2026-12-03-h200x2-distributed
 """
@@ -213,6 +213,8 @@ def summarize(result: dict) -> list[dict]:
             continue
         ms = first["median_ms"]
         row.update(median_ms=ms, fired=first["fired"], fallbacks=first["fallbacks"],
+                   fired_per_rank=[rank.get("fired", {}) for rank in r["ranks"]],
+                   fallbacks_per_rank=[rank.get("fallbacks", []) for rank in r["ranks"]],
                    peak_gib=[rank.get("peak_gib") for rank in r["ranks"]], final_loss=first["losses"][-1],
                    tokens_per_s=(world * shape["batch"] * shape["seq"] / (ms / 1e3)) if ms else None)
         ref = eager.get(r["config"])
@@ -222,12 +224,21 @@ def summarize(result: dict) -> list[dict]:
     return out
 
 
+def per_rank(values: list, show) -> str:
+    """One text for every rank when all ranks agree, else ``rank 0: ...; rank 1: ...`` (what each rewrote)."""
+    texts = [show(v) for v in values]
+    if len(set(texts)) <= 1:
+        return texts[0] if texts else ""
+    return "; ".join(f"rank {i}: {t or 'none'}" for i, t in enumerate(texts))
+
+
 def markdown(rows: list[dict], result: dict) -> str:
     inductor = {r["config"]: r.get("median_ms") for r in rows if r["backend"] == "inductor"}
     lines = [f"# Distributed training step: {result['world']} ranks, {result['device']}, {result['dtype']}, "
              f"shape {result['shape']}", "",
              "| config | backend | median step ms | vs inductor | tokens/s | peak GiB per rank | loss ratio to eager "
-             "| final loss | rewrites | fallbacks |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| final loss | rewrites (per rank where they differ) | fallbacks |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "failed" in r:
             lines.append(f"| {r['config']} | {r['backend']} | failed: {r['failed']} | | | | | | | |")
@@ -237,7 +248,8 @@ def markdown(rows: list[dict], result: dict) -> str:
         peak = " / ".join(f"{p:.2f}" for p in r["peak_gib"] if p is not None)
         lines.append(f"| {r['config']} | {r['backend']} | {r['median_ms']:.3f} | {speed} | {r['tokens_per_s']:.0f} "
                      f"| {peak} | {r.get('loss_ratio', float('nan')):.4f} | {r['final_loss']:.4f} "
-                     f"| {', '.join(f'{k} x{v}' for k, v in r['fired'].items())} | {'; '.join(r['fallbacks'])} |")
+                     f"| {per_rank(r['fired_per_rank'], lambda f: ', '.join(f'{k} x{v}' for k, v in f.items()))} "
+                     f"| {per_rank(r['fallbacks_per_rank'], '; '.join)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -23,3 +23,12 @@ def test_smoke_rows_for_every_wrapping(tmp_path):
     assert rows["fsdp2", "kernelpytorch"]["fired"].get("attention-to-sdpa", 0) >= 1
     assert not rows["tp", "kernelpytorch"]["fired"] and "DTensor" in rows["tp", "kernelpytorch"]["fallbacks"][0]
     assert (tmp_path / "smoke.md").read_text().count("| kernelpytorch |") == 3
+    for config in distributed.CONFIGS:  # each rank's own report, the same rewrites on both here
+        kp = rows[config, "kernelpytorch"]
+        assert len(kp["fired_per_rank"]) == 2 and kp["fired_per_rank"][0] == kp["fired_per_rank"][1] == kp["fired"]
+
+
+def test_per_rank_reports_name_the_ranks_that_differ():
+    show = lambda f: ", ".join(f"{k} x{v}" for k, v in f.items())  # noqa: E731
+    assert distributed.per_rank([{"attention-to-sdpa": 2}] * 2, show) == "attention-to-sdpa x2"
+    assert distributed.per_rank([{"attention-to-sdpa": 2}, {}], show) == "rank 0: attention-to-sdpa x2; rank 1: none"
