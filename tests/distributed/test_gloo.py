@@ -6,7 +6,8 @@ read the causal buffer's value and keeps the mask a tensor read). FSDP2: its hoo
 break the model's loop over blocks, so each block's forward is a frame of its own, one graph for both. Tensor
 parallelism (q/k/v and fc1 colwise, proj and fc2 rowwise): the graphs hold DTensors, which the passes do
 not rewrite yet; they are lowered as Dynamo captured them, with the reason in the report. And
-``linear-cross-entropy`` under DDP, with the loss computed inside the wrapped module."""
+``linear-cross-entropy`` under DDP, with the loss computed inside the wrapped module. And a MoE model
+(``TinyMoEGPT``): its expert loop becomes ``kp::routed_experts`` under DDP and FSDP2."""
 
 import time
 
@@ -18,7 +19,7 @@ import torch.multiprocessing as mp
 from . import worker
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")
-CONFIGS = ["ddp", "fsdp2", "tp", "ddp-lce", "ddp-fp8", "fsdp2-fp8"]
+CONFIGS = ["ddp", "fsdp2", "tp", "ddp-lce", "ddp-fp8", "fsdp2-fp8", "ddp-moe", "fsdp2-moe"]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,19 @@ def test_fp8_linears_under_fsdp2_train_as_under_ddp(results):
     # FP8 changed the numbers: the runs are not the fp32 ones
     assert not torch.allclose(torch.stack(results[0]["ddp-fp8"]["kernelpytorch"]["losses"]),
                               torch.stack(results[0]["ddp"]["eager"]["losses"]), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("config", ["ddp-moe", "fsdp2-moe"])
+def test_the_routed_experts_op_fires_with_experts_replicated_or_sharded(results, config):
+    """The MoE loop becomes ``kp::routed_experts`` under DDP (experts replicated, their gradients all-reduced)
+    and under FSDP2 (experts sharded, all-gathered per block): one per layer in the graphs the backend gets,
+    with the training equal to eager (``test_equal_to_eager_on_every_rank``)."""
+    for rank, res in enumerate(results):
+        graphs = res[config]["kernelpytorch"]["graphs"]
+        fired = [p["name"] for g in graphs for p in g["passes"] for _ in range(p["matches"])]
+        assert all(not g["fallbacks"] for g in graphs), (rank, graphs)
+        # DDP: both layers in one graph; FSDP2: the block graph that both blocks run
+        assert fired.count("moe-dispatch") == (2 if config == "ddp-moe" else 1), (rank, fired)
 
 
 def test_tensor_parallel_graphs_are_lowered_unchanged_and_say_why(results):

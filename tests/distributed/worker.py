@@ -1,7 +1,8 @@
 """One rank of the 2-process CPU (gloo) runs in ``test_gloo.py``: a small nanoGPT-style model under DDP or
 FSDP2, trained a few steps eagerly and then compiled with ``backend="kernelpytorch"``, from the same seed and
 the same per-rank batches. Each rank saves, per run: the losses, the first step's gradients and the final
-parameters (full tensors: FSDP2's shards gathered), and the rewrites that fired in the compiled run."""
+parameters (full tensors: FSDP2's shards gathered), and the rewrites that fired in the compiled run. The
+``-moe`` configs train ``TinyMoEGPT`` (routed experts) instead, replicated by DDP or sharded by FSDP2."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kp_compiler.core.report import collect
-from kp_compiler.testing.models import TinyGPT
+from kp_compiler.testing.models import TinyGPT, TinyMoEGPT
 
 VOCAB, T, STEPS = 64, 16, 4
 
@@ -50,9 +51,12 @@ class LossOnly(nn.Module):
         return F.cross_entropy(self.model(idx)[:, :-1].reshape(-1, VOCAB), idx[:, 1:].reshape(-1))
 
 
-def build() -> nn.Module:
-    """``TinyGPT`` (nanoGPT style: embeddings, pre-LayerNorm blocks, GELU MLP, LM head) with ``Attention``."""
+def build(moe: bool = False) -> nn.Module:
+    """``TinyGPT`` (nanoGPT style: embeddings, pre-LayerNorm blocks, GELU MLP, LM head) with ``Attention``;
+    ``moe``: ``TinyMoEGPT``, its MLPs top-2-of-4 routed SwiGLU experts dispatched by a loop."""
     torch.manual_seed(0)
+    if moe:
+        return TinyMoEGPT(vocab=VOCAB, d=64, heads=4, layers=2, max_len=T, f=64, experts=4, top_k=2)
     m = TinyGPT(vocab=VOCAB, d=128, heads=4, layers=2, max_len=T)
     for block in m.blocks:
         block.attn = Attention(128, 4, T)
@@ -89,15 +93,26 @@ def _full(t):
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
+# the MoE runs: the routed-experts rewrite listed (on the CPU it is not a default: no fused kernel there) and
+# forced for training graphs, where moe_grouped_mm="auto" keeps the loop
+MOE = {"passes": ["noop-elimination", "attention-to-sdpa", "moe-dispatch"], "moe_grouped_mm": "rewrite"}
+
 # every block linear, in the exact CPU emulation (the LM head excluded: under FSDP2 it runs eagerly, in the
 # root's frame that Dynamo skips, so converting it under DDP only would make the runs differ)
 FP8 = {"fp8": {"emulate": True, "min_dims": [1, 1, 1], "exclude": ["*head*"]}}
 
 
 def _train(config: str, compiled: bool, rank: int) -> dict:
+    # the MoE loop's torch.where has a data-dependent size: one graph only with this on
+    moe = config.endswith("-moe")
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=moe):
+        return _train_in(config, compiled, rank)
+
+
+def _train_in(config: str, compiled: bool, rank: int) -> dict:
     torch._dynamo.reset()
-    fp8 = config.endswith("-fp8")
-    model = _wrap(build(), config.removesuffix("-fp8"))
+    fp8, moe = config.endswith("-fp8"), config.endswith("-moe")
+    model = _wrap(build(moe), config.removesuffix("-fp8").removesuffix("-moe"))
     # SGD: the update is linear in the gradient. AdamW turns gradients that are zero up to rounding (the
     # attention's key bias: softmax ignores a per-row constant) into updates of +-lr, so runs that agree to
     # 1e-7 in every gradient would differ by lr in those parameters.
@@ -106,7 +121,7 @@ def _train(config: str, compiled: bool, rank: int) -> dict:
     if compiled and config == "ddp-lce":
         forward = torch.compile(model, backend="kernelpytorch", options={"linear_cross_entropy": True})
     elif compiled:
-        forward = torch.compile(model, backend="kernelpytorch", options=FP8 if fp8 else None)
+        forward = torch.compile(model, backend="kernelpytorch", options=FP8 if fp8 else MOE if moe else None)
 
     def step(idx):  # the shifted next-token loss ("ddp-lce": the module's own)
         out = forward(idx)
