@@ -19,6 +19,7 @@ the CPU runs ahead.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -68,6 +69,20 @@ def host_per_call(fn: Callable[[], object], reps: int = 20) -> tuple[float, floa
     host = (time.perf_counter() - start) / reps
     torch.cuda.synchronize()
     return host * 1e3, (time.perf_counter() - start) / reps * 1e3
+
+
+def wall_and_queued(fn: Callable[[], object], reps: int = 20) -> tuple[float, float]:
+    """(median synchronized wall ms, median host ms to queue) of ``fn()`` on CUDA, the GPU drained before each
+    call: a call queued in about its wall time is host-bound. Diagnostics (``scripts/gpu_*_host*.py``)."""
+    wall, queue = [], []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        queue.append((time.perf_counter() - t) * 1e3)
+        torch.cuda.synchronize()
+        wall.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(wall), statistics.median(queue)
 
 
 def time_fn(fn: Callable[[], object], device: str, reps: int, warmup: int = 3,

@@ -18,8 +18,6 @@ import argparse
 import cProfile
 import io
 import pstats
-import statistics
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -29,18 +27,7 @@ from bench.backends import STANDARD
 from bench.cases import Scale
 from bench.cases.fp8 import _mlp, llama2_train
 from bench.runner import Step
-
-
-def walls(fn, reps=20):
-    wall, queue = [], []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        queue.append((time.perf_counter() - t) * 1e3)
-        torch.cuda.synchronize()
-        wall.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(wall), statistics.median(queue)
+from bench.timing import wall_and_queued
 
 
 def gpu_ms(fn, steps=3):
@@ -67,7 +54,7 @@ def main():
             step = Step(wl, wl.model, fn, True, "cuda")
             for _ in range(3):
                 step()
-            wall, queue = walls(step)
+            wall, queue = wall_and_queued(step)
             gpu = gpu_ms(step)
             print(f"=== {case} / {backend}: wall {wall:.3f} ms, queued {queue:.3f} ms, GPU kernels {gpu:.3f} ms per step",
                   flush=True)

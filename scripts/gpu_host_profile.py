@@ -14,13 +14,11 @@ from __future__ import annotations
 import cProfile
 import io
 import pstats
-import statistics
 import sys
-import time
 
 import torch
 
-from bench.timing import host_per_call
+from bench.timing import host_per_call, wall_and_queued
 from kp_compiler.testing import hf
 
 MODEL = sys.argv[1] if len(sys.argv) > 1 else "qwen3_moe"
@@ -39,15 +37,7 @@ def timed(fn, reps=20):
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    wall, queue = [], []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        queue.append((time.perf_counter() - t) * 1e3)
-        torch.cuda.synchronize()
-        wall.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(wall), statistics.median(queue)
+    return wall_and_queued(fn, reps)
 
 
 def run(name, backend, options):

@@ -19,7 +19,9 @@ buffer), with no host sync:
 Against casting a stored bf16 ``h``: ``g`` and ``u`` are read twice, but
 ``h`` is neither written nor read back twice (forward: 1.4 -> 1.2 bytes
 moved per ``h`` element in 16-bit units; backward, where ``dg`` and ``du``
-were written, read for their amax and read for their casts: 2.6 -> 1.9).
+were written, read for their amax and read for their casts: 2.6 -> 1.9; the
+transposed tile's second read is not counted, it comes from L2). On the H200
+that did not make it faster than the separate casts (``docs/passes/fp8.md``).
 ``g``, ``u`` and ``dh`` must be contiguous ``[M, F]`` of one 16- or 32-bit
 float dtype.
 """
