@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|buckets|buckets-next|buckets-verify|linear-act|fp8-torchao|fp8-gated|fp8-profile|lce|generate|moe-save|distributed-ddp|distributed-fsdp2|distributed-tp|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|buckets|buckets-next|buckets-verify|linear-act|fp8-torchao|fp8-gated|fp8-host-cut|fp8-profile|lce|generate|moe-save|distributed-ddp|distributed-fsdp2|distributed-tp|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -205,6 +205,23 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
     PYTHONPATH="${PYTHONPATH:-}:." timeout "$(left)" python3 scripts/gpu_fp8_profile.py --case mlp --backends kernelpytorch \
       > "$out/fp8-gated-profile.txt" 2>&1
     grep -E "^==|^  [A-Za-z]" "$out/fp8-gated-profile.txt" | head -10
+    ;;
+  fp8-host-cut)
+    # Issue 19: the tensorwise scale from the amax kernel's last program (no zero fill, one launch fewer host
+    # calls per cast): the cast tests on the GPU, host time per piece, the cast tiles on this GPU, then the FP8
+    # training cases beside Inductor bf16 and torchao tensorwise (from .whl/: carry [".whl"]), then host vs GPU time.
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_fp8.py > "$out/fp8-cast-check.txt" 2>&1
+    tail -2 "$out/fp8-cast-check.txt"
+    PYTHONPATH="${PYTHONPATH:-}:." timeout 60 python3 scripts/gpu_fp8_overhead.py --cases ops > "$out/fp8-ops-host.txt" 2>&1
+    grep "^op" "$out/fp8-ops-host.txt"
+    timeout "$(( $(left) - 200 ))" python3 -m bench --cases fp8-swiglu-mlp-fwd-bwd fp8-llama2-train \
+      --backends inductor kernelpytorch torchao-float8-tensorwise \
+      --row-timeout 150 --reps 20 $extra --out "$out" --stem cuda-fp8-host-cut 2>"$out/fp8-host-cut.log" | tail -10
+    PYTHONPATH="${PYTHONPATH:-}:." timeout "$(( $(left) - 100 ))" python3 scripts/gpu_fp8_host.py --case llama \
+      --backends inductor kernelpytorch torchao-float8-tensorwise > "$out/fp8-host.txt" 2>&1
+    grep -iE "wall|queued" "$out/fp8-host.txt" | head -8
+    PYTHONPATH="${PYTHONPATH:-}:." timeout "$(left)" python3 scripts/gpu_fp8_cast_tune.py > "$out/fp8-cast-tune.txt" 2>&1
+    tail -3 "$out/fp8-cast-tune.txt"
     ;;
   fp8-profile)
     # Issue 19: where kernelpytorch FP8 and torchao tensorwise spend the SwiGLU MLP's forward+backward, by kernel
