@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|buckets|buckets-next|buckets-verify|linear-act|fp8-torchao|fp8-gated|fp8-host-cut|fp8-profile|lce|generate|moe-save|distributed-ddp|distributed-fsdp2|distributed-tp|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|buckets|buckets-next|buckets-verify|linear-act|fp8-torchao|fp8-gated|fp8-host-cut|fp8-inductor-casts|fp8-profile|lce|generate|moe-save|distributed-ddp|distributed-fsdp2|distributed-tp|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -222,6 +222,16 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
     grep -iE "wall|queued" "$out/fp8-host.txt" | head -8
     PYTHONPATH="${PYTHONPATH:-}:." timeout "$(left)" python3 scripts/gpu_fp8_cast_tune.py > "$out/fp8-cast-tune.txt" 2>&1
     tail -3 "$out/fp8-cast-tune.txt"
+    ;;
+  fp8-inductor-casts)
+    # Issue 19: the FP8 training ops handed to Inductor as ATen ops (options["fp8"]["casts"]="inductor") beside the
+    # ops' own Triton casts, Inductor bf16 and torchao tensorwise (from .whl/: carry [".whl"]); then host vs GPU time.
+    timeout "$(( $(left) - 170 ))" python3 -m bench --cases fp8-swiglu-mlp-fwd-bwd fp8-llama2-train \
+      --backends inductor kernelpytorch torchao-float8-tensorwise --kp-options '{"fp8": {"casts": "inductor"}}' \
+      --row-timeout 150 --reps 20 $extra --out "$out" --stem cuda-fp8-inductor-casts 2>"$out/fp8-inductor-casts.log" | tail -14
+    PYTHONPATH="${PYTHONPATH:-}:." timeout "$(left)" python3 scripts/gpu_fp8_host.py --case mlp llama --rows 12 \
+      --backends kernelpytorch kernelpytorch-inductor-casts torchao-float8-tensorwise > "$out/fp8-host.txt" 2>&1
+    grep -E "^===" "$out/fp8-host.txt" | head -8
     ;;
   fp8-profile)
     # Issue 19: where kernelpytorch FP8 and torchao tensorwise spend the SwiGLU MLP's forward+backward, by kernel

@@ -38,6 +38,10 @@ def gpu_ms(fn, steps=3):
     return sum(e.self_device_time_total for e in prof.key_averages()) / steps / 1e3
 
 
+# rows beside the harness's backends: (backend, the case's kp options)
+VARIANTS = {"kernelpytorch-inductor-casts": ("kernelpytorch", {"fp8": {"casts": "inductor"}})}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", nargs="*", default=["mlp", "llama"])
@@ -50,7 +54,8 @@ def main():
         for backend in args.backends:
             torch._dynamo.reset()
             wl = _mlp(scale, True) if case == "mlp" else llama2_train(scale)
-            fn = STANDARD[backend].for_case({"fp8": True}).wrap(wl.model)
+            name, options = VARIANTS.get(backend, (backend, {"fp8": True}))
+            fn = STANDARD[name].for_case(options).wrap(wl.model)
             step = Step(wl, wl.model, fn, True, "cuda")
             for _ in range(3):
                 step()

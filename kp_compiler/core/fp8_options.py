@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
 RECIPES = ("tensorwise", "rowwise", "delayed", "static")
+CASTS = ("ops", "inductor")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class FP8Options:
     margin: float = 0.0  # delayed: scale headroom in powers of 2, 0 to 8
     fast_accum: bool = True  # the forward GEMM accumulates in the GPU's fast FP8 mode; gradients never do
     fuse_gated: bool = False  # training, tensorwise: a gated MLP's three linears in one op (passes/fp8/gated.py)
+    casts: str = "ops"  # training, tensorwise, Inductor: "inductor" hands Inductor the ops' ATen bodies (ops/fp8_traced.py)
 
 
 KEYS = tuple(f.name for f in fields(FP8Options))
@@ -55,6 +57,9 @@ def parse_fp8(value: Any) -> Optional[FP8Options]:
     for key in ("emulate", "fast_accum", "fuse_gated"):
         if key in value and not isinstance(value[key], bool):
             raise ValueError(f"kernelpytorch: options['fp8'][{key!r}] must be True or False, got {value[key]!r}")
+    casts = value.get("casts", FP8Options.casts)
+    if casts not in CASTS:
+        raise ValueError(f"kernelpytorch: options['fp8']['casts']={casts!r} is not one of {list(CASTS)}")
     for key in ("history_len", "margin"):
         if key in value and recipe != "delayed":
             raise ValueError(f"kernelpytorch: options['fp8'][{key!r}] applies to recipe 'delayed' only, not {recipe!r}")
@@ -68,4 +73,4 @@ def parse_fp8(value: Any) -> Optional[FP8Options]:
     return FP8Options(recipe=recipe, include=tuple(value.get("include", ())), exclude=tuple(value.get("exclude", ())),
                       emulate=value.get("emulate", False), min_dims=None if dims is None else tuple(dims),
                       history_len=n, margin=float(margin), fast_accum=value.get("fast_accum", True),
-                      fuse_gated=value.get("fuse_gated", False))
+                      fuse_gated=value.get("fuse_gated", False), casts=casts)

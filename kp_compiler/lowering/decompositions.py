@@ -36,20 +36,33 @@ def has_cuda_input(example_inputs) -> bool:
     return any(getattr(x, "is_cuda", False) for x in example_inputs)
 
 
-def table(example_inputs, patches: dict):
+def table(example_inputs, patches: dict, gm=None):
     """The table for ``compile_fx(decompositions=...)``: Inductor's (under the config ``patches`` that will
     apply, so a patched ``fallback_random`` is seen) less ``KEPT_ON_CUDA_TRAINING``, for a training graph with a
-    CUDA input; ``None`` (Inductor's own, chosen by ``compile_fx``) otherwise."""
-    if not training(example_inputs) or not has_cuda_input(example_inputs):
+    CUDA input; plus the FP8 training ops' ATen bodies where the ``fp8-linear`` pass asked for them
+    (``options["fp8"]["casts"] = "inductor"``, ``ops/fp8_traced.py``); ``None`` (Inductor's own, chosen by
+    ``compile_fx``) otherwise."""
+    traced = False
+    if gm is not None and gm.meta:
+        from ..ops.fp8_traced import TRACED_CASTS
+
+        traced = gm.meta.get(TRACED_CASTS, False)
+    cuda_training = training(example_inputs) and has_cuda_input(example_inputs)
+    if not (cuda_training or traced):
         return None
     import torch._inductor.config as config
     from torch._inductor.decomposition import select_decomp_table
 
     with config.patch(patches):
         decomps = dict(select_decomp_table())
-    for name in KEPT_ON_CUDA_TRAINING:
-        decomps.pop(getattr(torch.ops.aten, name).default, None)
-    _fallbacks()
+    if cuda_training:
+        for name in KEPT_ON_CUDA_TRAINING:
+            decomps.pop(getattr(torch.ops.aten, name).default, None)
+        _fallbacks()
+    if traced:
+        from ..ops.fp8_traced import decompositions
+
+        decomps.update(decompositions())
     return decomps
 
 

@@ -110,7 +110,7 @@ def lower(gm, example_inputs, mode: str, inductor_config: dict, dump=None):
         if dump is not None:  # a cache hit would skip the pass that writes the lowered graphs
             patches.setdefault("fx_graph_cache", False)
     loaded = len(PyCodeCache.modules)
-    table = decompositions.table(example_inputs, patches)
+    table = decompositions.table(example_inputs, patches, gm)
     fn = compile_fx(gm, list(example_inputs), config_patches=patches or None,
                     **({"decompositions": table} if table is not None else {}))
     if dump is not None:
