@@ -39,7 +39,8 @@ def gpu_ms(fn, steps=3):
 
 
 # rows beside the harness's backends: (backend, the case's kp options)
-VARIANTS = {"kernelpytorch-inductor-casts": ("kernelpytorch", {"fp8": {"casts": "inductor"}})}
+VARIANTS = {"kernelpytorch-inductor-casts": ("kernelpytorch", {"fp8": {"casts": "inductor"}}),
+            "kernelpytorch-bf16": ("kernelpytorch", {"fp8": None})}
 
 
 def main():
@@ -47,6 +48,7 @@ def main():
     ap.add_argument("--case", nargs="*", default=["mlp", "llama"])
     ap.add_argument("--backends", nargs="*", default=["inductor", "kernelpytorch", "torchao-float8-tensorwise"])
     ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--profile", nargs="*", default=[], help="more rows to profile (kernelpytorch rows always are)")
     args = ap.parse_args()
     scale = Scale(device="cuda", dtype=torch.bfloat16, smoke=False)
     print(torch.__version__, torch.cuda.get_device_name())
@@ -63,14 +65,14 @@ def main():
             gpu = gpu_ms(step)
             print(f"=== {case} / {backend}: wall {wall:.3f} ms, queued {queue:.3f} ms, GPU kernels {gpu:.3f} ms per step",
                   flush=True)
-            if backend == "kernelpytorch":
+            if backend.startswith("kernelpytorch") or backend in args.profile:
                 prof = cProfile.Profile()
                 prof.enable()
                 for _ in range(5):
                     step()
                 torch.cuda.synchronize()
                 prof.disable()
-                for sort, filt in (("tottime", None), ("cumulative", "kp_compiler|_library|_ops")):
+                for sort, filt in (("tottime", None), ("cumulative", "kp_compiler|_library|_ops|_functorch|output_code|eval_frame")):
                     buf = io.StringIO()
                     stats = pstats.Stats(prof, stream=buf).sort_stats(sort)
                     stats.print_stats(filt, args.rows) if filt else stats.print_stats(args.rows)
