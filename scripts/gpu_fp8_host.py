@@ -72,7 +72,8 @@ def main():
                     step()
                 torch.cuda.synchronize()
                 prof.disable()
-                for sort, filt in (("tottime", None), ("cumulative", "kp_compiler|_library|_ops|_functorch|output_code|eval_frame")):
+                frames = "kp_compiler|_library|_ops|_functorch|output_code|eval_frame"
+                for sort, filt in (("tottime", None), ("cumulative", frames)):
                     buf = io.StringIO()
                     stats = pstats.Stats(prof, stream=buf).sort_stats(sort)
                     stats.print_stats(filt, args.rows) if filt else stats.print_stats(args.rows)

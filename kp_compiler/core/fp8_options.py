@@ -25,7 +25,7 @@ class FP8Options:
     margin: float = 0.0  # delayed: scale headroom in powers of 2, 0 to 8
     fast_accum: bool = True  # the forward GEMM accumulates in the GPU's fast FP8 mode; gradients never do
     fuse_gated: bool = False  # training, tensorwise: a gated MLP's three linears in one op (passes/fp8/gated.py)
-    casts: str = "ops"  # training, tensorwise, Inductor: "inductor" hands Inductor the ops' ATen bodies (ops/fp8_traced.py)
+    casts: str = "inductor"  # training, tensorwise, Inductor: ATen ops (ops/fp8_traced.py); "ops": own kernels
 
 
 KEYS = tuple(f.name for f in fields(FP8Options))

@@ -1,5 +1,6 @@
-"""``options["fp8"]["casts"] = "inductor"``: the FP8 training ops handed to Inductor as their ATen bodies
-(``ops/fp8_traced.py``), so Inductor generates the casts; values equal to the ops' own kernels."""
+"""``options["fp8"]["casts"] = "inductor"`` (the default): the FP8 training ops handed to Inductor as their ATen
+bodies (``ops/fp8_traced.py``), so Inductor generates the casts; values equal to the ops' own kernels
+(``casts="ops"``)."""
 
 import pytest
 import torch
@@ -119,4 +120,4 @@ def test_bad_value_is_refused():
 
     with pytest.raises(ValueError, match=r"options\['fp8'\]\['casts'\]='triton' is not one of \['ops', 'inductor'\]"):
         parse_fp8({"casts": "triton"})
-    assert parse_fp8({"casts": "inductor"}).casts == "inductor" and parse_fp8(True).casts == "ops"
+    assert parse_fp8({"casts": "ops"}).casts == "ops" and parse_fp8(True).casts == "inductor"  # the default
