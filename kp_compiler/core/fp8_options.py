@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
 RECIPES = ("tensorwise", "rowwise", "delayed", "static")
-CASTS = ("ops", "inductor")
+CASTS = ("ops", "inductor", "mixed")
 
 
 @dataclass(frozen=True)
