@@ -40,8 +40,6 @@ def gpu_ms(fn, steps=3):
 
 # rows beside the harness's backends: (backend, the case's kp options)
 VARIANTS = {"kernelpytorch-inductor-casts": ("kernelpytorch", {"fp8": {"casts": "inductor"}}),
-            "kernelpytorch-mixed-casts": ("kernelpytorch", {"fp8": {"casts": "mixed"}}),
-            "kernelpytorch-ops-casts": ("kernelpytorch", {"fp8": {"casts": "ops"}}),
             "kernelpytorch-bf16": ("kernelpytorch", {"fp8": None})}
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
 RECIPES = ("tensorwise", "rowwise", "delayed", "static")
-CASTS = ("ops", "inductor", "mixed")
+CASTS = ("ops", "inductor")
 
 
 @dataclass(frozen=True)

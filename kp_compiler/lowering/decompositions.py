@@ -42,11 +42,11 @@ def table(example_inputs, patches: dict, gm=None):
     CUDA input; plus the FP8 training ops' ATen bodies where the ``fp8-linear`` pass asked for them
     (``options["fp8"]["casts"] = "inductor"``, ``ops/fp8_traced.py``); ``None`` (Inductor's own, chosen by
     ``compile_fx``) otherwise."""
-    traced = None
+    traced = False
     if gm is not None and gm.meta:
         from ..ops.fp8_traced import TRACED_CASTS
 
-        traced = gm.meta.get(TRACED_CASTS)
+        traced = gm.meta.get(TRACED_CASTS, False)
     cuda_training = training(example_inputs) and has_cuda_input(example_inputs)
     if not (cuda_training or traced):
         return None
@@ -62,7 +62,7 @@ def table(example_inputs, patches: dict, gm=None):
     if traced:
         from ..ops.fp8_traced import decompositions
 
-        decomps.update(decompositions(traced))
+        decomps.update(decompositions())
     return decomps
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import fp8_train
 from .fp8_cuda import scaled_mm
-from .fp8_quant import ALIGN, EMULATED, Kernels, amax, quantize, quantize_dynamic, scale_from_amax
+from .fp8_quant import ALIGN, Kernels, amax, quantize, quantize_dynamic, scale_from_amax
 
 
 def pad_tokens(t: torch.Tensor) -> torch.Tensor:
@@ -48,59 +48,27 @@ def quantize_pair(t: torch.Tensor, dtype: torch.dtype, s=None):
 
 
 TRACED_CASTS = "kp_fp8_traced_casts"  # GraphModule.meta key the fp8-linear pass sets, lowering/decompositions reads
-MODES = ("inductor", "mixed")  # what options["fp8"]["casts"] decomposes: every cast, or all but the weights'
 TRACED = Kernels("traced", quantize_dynamic, quantize, scaled_mm, pad_tokens, quantize_pair)
 
 
-@torch.library.custom_op("kp::fp8_weight_pair", mutates_args=())
-def fp8_weight_pair(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(q(w), q(w).T, scale)`` of a 2-D weight, tensorwise: the weight cast ``casts="mixed"`` leaves opaque
-    (on CUDA one paired Triton kernel, ``ops/triton_fp8.py``; elsewhere the exact emulation)."""
-    return EMULATED.quantize_pair(w, dtype)
+def _linear_train(x, w, bias, fwd_dtype, grad_dtype, fast_accum=False):
+    return fp8_train.forward(TRACED, x, w, bias, fwd_dtype, fast_accum)
 
 
-@fp8_weight_pair.register_fake
-def _(w, dtype):
-    n, k = w.shape
-    return w.new_empty(n, k, dtype=dtype), w.new_empty(k, n, dtype=dtype), w.new_empty((), dtype=torch.float32)
+def _linear_train_backward(grad, qxt, qwt, sx, sw, grad_dtype, w_dtype):
+    return fp8_train.backward(TRACED, grad, qxt, qwt, sx, sw, grad_dtype, w_dtype)
 
 
-def _weight_pair_cuda(w, dtype):
-    from .fp8_cuda import KERNELS
-
-    return KERNELS.quantize_pair(w, dtype)
+def _cast_pair(x, dtype):
+    return fp8_train.cast(TRACED, x, dtype)
 
 
-_CUDA = torch.library.Library("kp", "IMPL")  # kept: a Library unregisters its kernels when collected
-_CUDA.impl("fp8_weight_pair", _weight_pair_cuda, "CUDA")  # on the key directly, as fp8_cuda's ops
-WEIGHTS_OPAQUE = TRACED._replace(name="traced, weights opaque",
-                                 quantize_pair=lambda w, dtype, s=None: torch.ops.kp.fp8_weight_pair(w, dtype))
+def _linear_shared(x, qx, qxt, sx, w, bias, fwd_dtype, grad_dtype, fast_accum=False):
+    return fp8_train.linear(TRACED, x, qx, sx, w, bias, fwd_dtype, fast_accum)
 
 
-def _forward(weights: Kernels, x, w, bias, fwd_dtype, fast_accum):
-    qx, qxt, sx = fp8_train.cast(TRACED, x, fwd_dtype)
-    out, qwt, sw = fp8_train.linear(weights, x, qx, sx, w, bias, fwd_dtype, fast_accum)
-    return out, qxt, qwt, sx, sw
-
-
-def decompositions(mode: str = "inductor") -> dict:
-    """``{op: body}`` for ``compile_fx(decompositions=...)``; ``mode`` one of ``MODES``."""
-    if mode not in MODES:
-        raise ValueError(f"fp8_traced: mode {mode!r} is not one of {MODES}")
-    weights = TRACED if mode == "inductor" else WEIGHTS_OPAQUE
+def decompositions() -> dict:
+    """``{op: body}`` for ``compile_fx(decompositions=...)``."""
     kp = torch.ops.kp
-
-    def linear_train(x, w, bias, fwd_dtype, grad_dtype, fast_accum=False):
-        return _forward(weights, x, w, bias, fwd_dtype, fast_accum)
-
-    def linear_train_backward(grad, qxt, qwt, sx, sw, grad_dtype, w_dtype):
-        return fp8_train.backward(TRACED, grad, qxt, qwt, sx, sw, grad_dtype, w_dtype)
-
-    def cast_pair(x, dtype):
-        return fp8_train.cast(TRACED, x, dtype)
-
-    def linear_shared(x, qx, qxt, sx, w, bias, fwd_dtype, grad_dtype, fast_accum=False):
-        return fp8_train.linear(weights, x, qx, sx, w, bias, fwd_dtype, fast_accum)
-
-    return {kp.fp8_linear_train.default: linear_train, kp.fp8_linear_train_backward.default: linear_train_backward,
-            kp.fp8_cast_pair.default: cast_pair, kp.fp8_linear_shared.default: linear_shared}
+    return {kp.fp8_linear_train.default: _linear_train, kp.fp8_linear_train_backward.default: _linear_train_backward,
+            kp.fp8_cast_pair.default: _cast_pair, kp.fp8_linear_shared.default: _linear_shared}

@@ -212,11 +212,10 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: FP8Options, train: 
         if fused:
             converted["gated-mlp"] = fused
             notes.append(f"{fused} gated MLP(s) in one op each, the product's casts fused (options['fp8']['fuse_gated'])")
-    if shared and converted and fp8.casts != "ops":
-        gm.meta[TRACED_CASTS] = fp8.casts  # read by lowering/decompositions.table
-        what = "the casts" if fp8.casts == "inductor" else "the activations' and gradients' casts (weights: the ops')"
-        notes.append(f"the training ops' ATen bodies go to Inductor, which generates and fuses {what} "
-                     f"(options['fp8']['casts']={fp8.casts!r}; other lowerings run the ops' own kernels)")
+    if shared and converted and fp8.casts == "inductor":
+        gm.meta[TRACED_CASTS] = True  # read by lowering/decompositions.table
+        notes.append("the training ops' ATen bodies go to Inductor, which generates and fuses the casts "
+                     "(options['fp8']['casts']='inductor'; other lowerings run the ops' own kernels)")
     if converted:
         gm.recompile()
     return Matches(converted, notes)
