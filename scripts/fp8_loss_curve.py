@@ -66,6 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, few steps, emulated FP8")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--recipe", default="tensorwise", choices=("tensorwise", "rowwise", "delayed"))
+    p.add_argument("--casts", default=None, choices=("ops", "inductor"),
+                   help="options['fp8']['casts'] (default: the option's default)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -75,6 +77,8 @@ def main(argv=None) -> int:
     else:
         cfg = dict(vocab=1024, d=1024, heads=16, layers=4, seq=512, batch=8, steps=args.steps, lr=3e-4)
         fp8 = {"recipe": args.recipe, "min_dims": [4096, 1024, 1024]}
+    if args.casts is not None:
+        fp8["casts"] = args.casts
     start = time.perf_counter()
     base, _ = train(None, cfg, device, dtype)
     mid = time.perf_counter()
@@ -83,6 +87,7 @@ def main(argv=None) -> int:
     converted = sorted({n for n in notes if ": converted" in n})
     kept = sorted({n for n in notes if ": kept" in n})
     print(f"device={device} dtype={dtype} steps={cfg['steps']} recipe={args.recipe} "
+          f"casts={fp8.get('casts', 'default')} "
           f"bf16 run {mid - start:.1f} s, fp8 run {end - mid:.1f} s")
     print(f"linears converted ({len(converted)}):" + "".join(f"\n  {n}" for n in converted))
     print(f"linears kept ({len(kept)}):" + "".join(f"\n  {n}" for n in kept))
