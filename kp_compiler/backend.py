@@ -15,6 +15,7 @@ unchanged and the report says why (``strict=True`` raises instead).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -26,7 +27,7 @@ import torch._dynamo
 from torch import fx
 
 from . import passes as _builtin_passes  # noqa: F401  (registers the built-in passes)
-from .core import regions
+from .core import plain_regions, regions
 from .core.canonicalize import canonicalize, fake_mode_of
 from .core.dump import GraphDump, append_report
 from .core.pass_manager import (PassManager, anchored_passes, default_passes, idle_reason, not_applicable,
@@ -139,9 +140,8 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
                 record.skipped.append({"pass": name, "reason": f"not applicable on this target: {na}"})
         record.nodes_in = record.nodes_out = len(gm.graph.nodes)
         return lower(record.lowering, gm, example_inputs, opts.mode, opts.inductor_config, dump), (), None, ()
-    if _has_dtensor(example_inputs):
-        why = "graph inputs are DTensors (tensor parallelism): the passes do not rewrite DTensor graphs yet"
-        return _fallback(gm, example_inputs, opts, record, why), (), None, ()
+    if plain_regions.has_dtensor(example_inputs):
+        return _compile_parts(gm, example_inputs, opts, chosen, record, target)
     watch = GuardWatch(fake_mode_of(example_inputs))
     mark = watch.mark()
     try:
@@ -267,16 +267,49 @@ def _fallback(gm, example_inputs, opts: Options, record: GraphRecord, why: str):
     return lower(record.lowering, gm, example_inputs, opts.mode, opts.inductor_config)
 
 
-def _has_dtensor(example_inputs) -> bool:
-    """Whether an input is a ``DTensor`` (a tensor-parallel parameter or activation): canonicalization cannot
-    trace such graphs (it failed with "Unable to cast NotImplemented to Tensor"), so say why up front."""
-    if not torch.distributed.is_available():
-        return False
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return any(isinstance(x, DTensor) for x in example_inputs)
+def _compile_parts(gm, example_inputs, opts: Options, chosen, record: GraphRecord, target):
+    """A graph with DTensor inputs (tensor parallelism): the passes on each part that computes on plain tensors
+    (``core/plain_regions.py``), the DTensor parts as Dynamo captured them, then the whole lowered. A part the
+    pipeline cannot take (canonicalization fails, a rewrite keeps state about inputs) stays as captured, and the
+    report says why."""
+    cut = plain_regions.split(gm)
+    if cut is None:
+        why = "graph inputs are DTensors (tensor parallelism) and no part of it computes on plain tensors"
+        return _fallback(gm, example_inputs, opts, record, why), (), None, ()
+    parent, plain = cut
+    names, top = [name for name, _ in chosen], plain_regions.graph_input_index(gm)
+    mode = fake_mode_of(example_inputs)
+    guards, kept = [], []
+    record.nodes_in = len(gm.graph.nodes)
+    for name in plain:
+        part = getattr(parent, name)
+        inputs = plain_regions.part_inputs(parent, name, gm, example_inputs, mode)
+        try:
+            if inputs is None:
+                raise ValueError("an input's example value is unknown")
+            cgm, fake_mode, fake_inputs = canonicalize(part, inputs)
+            manager = PassManager(chosen, record, fake_mode, fake_inputs, inputs, strict=opts.strict,
+                                  verify=opts.verify, constant_buffers=opts.constant_buffers,
+                                  pass_timeout_s=opts.pass_timeout_s, target=target, options=opts,
+                                  anchored=anchored_passes(part, names))
+            manager.run(cgm)
+            if manager.hooks:
+                raise ValueError("a rewrite keeps state about the part's inputs")
+            places = [ph.name for ph in part.graph.find_nodes(op="placeholder")]
+            if any(places[g.index] not in top for g in manager.guards):
+                raise ValueError("a rewrite relies on a value computed in the graph")
+            guards += [dataclasses.replace(g, index=top[places[g.index]]) for g in manager.guards]
+            regions.restore(cgm)
+        except Exception as e:  # noqa: BLE001 - this part stays as captured
+            if opts.strict or _dynamo_control_flow(e):
+                raise
+            kept.append(f"{name} ({_brief(e)})")
+            continue
+        setattr(parent, name, cgm)
+    record.nodes_out = len(parent.graph.nodes)
+    record.parts = {"plain": len(plain), "rewritten": len(plain) - len(kept), "kept": kept}
+    fn = lower(record.lowering, parent, example_inputs, opts.mode, opts.inductor_config)
+    return fn, guards, gm if guards else None, ()
 
 
 def _dynamo_control_flow(e: Exception) -> bool:

@@ -104,6 +104,10 @@ def _graph_lines(index: int, g: GraphRecord) -> list[str]:
                 lines.append("    " + bucket_counts(g.buckets["runtime"]))
         else:
             lines.append(f"  batch buckets not used: {_one_line(g.buckets['why'])}")
+    if g.parts is not None:  # tensor parallelism
+        lines.append(f"  DTensor graph: passes ran on {g.parts['rewritten']} of {g.parts['plain']} parts that "
+                     "compute on plain tensors; DTensor parts lowered as captured")
+        lines += [f"    kept as captured: {_one_line(why)}" for why in g.parts["kept"]]
     for why in g.fallbacks:
         lines.append(f"  fallback: {_one_line(why)}")
     return lines

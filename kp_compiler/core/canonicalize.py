@@ -43,11 +43,13 @@ def fake_mode_of(example_inputs: Sequence[Any]) -> FakeTensorMode:
 
 
 def fakeify(fake_mode: FakeTensorMode, example_inputs: Sequence[Any]) -> list[Any]:
-    """Fake versions of the inputs (memoized: Dynamo's own fake tensors)."""
+    """Fake versions of the inputs in ``fake_mode`` (memoized: Dynamo's own fake tensors). A fake tensor of
+    another mode (the example values Dynamo recorded on its graph's nodes, which the backend's mode does not
+    own: ``core/plain_regions.py`` passes them) is made again in ``fake_mode``, symbolic sizes kept."""
     out = []
     for x in example_inputs:
-        if isinstance(x, torch.Tensor) and not isinstance(
-            x, torch._subclasses.FakeTensor
+        if isinstance(x, torch.Tensor) and not (
+            isinstance(x, torch._subclasses.FakeTensor) and x.fake_mode is fake_mode
         ):
             x = fake_mode.from_tensor(x)
         out.append(x)

@@ -44,6 +44,8 @@ class GraphRecord:
     autograd_regions: int = 0  # custom autograd.Function / checkpoint calls kept whole (core/regions.py)
     # options["cudagraph_buckets"]: {"sizes": [...], "runtime": GraphBuckets.stats} where used, else {"why": ...}
     buckets: Optional[dict] = None
+    # DTensor inputs (tensor parallelism): {"plain": n, "rewritten": m, "kept": [why...]} (core/plain_regions.py)
+    parts: Optional[dict] = None
     dump: Optional[str] = None
     compile_ms: float = 0.0
 

@@ -48,6 +48,10 @@ def quantize_pair(t: torch.Tensor, dtype: torch.dtype, s=None):
 
 
 TRACED_CASTS = "kp_fp8_traced_casts"  # GraphModule.meta key the fp8-linear pass sets, lowering/decompositions reads
+# Where the fp8-linear pass asks for the decomposition: CUDA, where it was measured. Not the CPU: there the
+# ops' emulation is the reference, and torch 2.9's CPU Inductor crashed (SIGSEGV) on fp32 graphs of these
+# bodies (tests/lowering/test_fp8_traced.py adds "cpu" here under torch 2.13, where they compile).
+DEVICES = ("cuda",)
 TRACED = Kernels("traced", quantize_dynamic, quantize, scaled_mm, pad_tokens, quantize_pair)
 
 

@@ -1,6 +1,6 @@
 """``bench.distributed`` (issue 21) in its CPU smoke form: 2 gloo processes, each wrapping with eager and
-kernelpytorch rows; the kernelpytorch losses equal eager's, the rewrites fire under DDP and FSDP2, and the
-tensor-parallel rows say why their graphs are not rewritten."""
+kernelpytorch rows; the kernelpytorch losses equal eager's, and the rewrites fire under DDP, FSDP2 and tensor
+parallelism (there in the parts of the graph that compute on plain tensors)."""
 
 import pytest
 import torch.distributed as dist
@@ -21,7 +21,8 @@ def test_smoke_rows_for_every_wrapping(tmp_path):
         assert abs(kp["loss_ratio"] - 1) < 1e-4 and kp["median_ms"] > 0 and kp["tokens_per_s"] > 0
     assert rows["ddp", "kernelpytorch"]["fired"].get("attention-to-sdpa", 0) >= 2
     assert rows["fsdp2", "kernelpytorch"]["fired"].get("attention-to-sdpa", 0) >= 1
-    assert not rows["tp", "kernelpytorch"]["fired"] and "DTensor" in rows["tp", "kernelpytorch"]["fallbacks"][0]
+    assert rows["tp", "kernelpytorch"]["fired"].get("attention-to-sdpa", 0) >= 1  # in the plain parts
+    assert not rows["tp", "kernelpytorch"]["fallbacks"]
     assert (tmp_path / "smoke.md").read_text().count("| kernelpytorch |") == 3
     for config in distributed.CONFIGS:  # each rank's own report, the same rewrites on both here
         kp = rows[config, "kernelpytorch"]

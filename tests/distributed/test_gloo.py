@@ -4,8 +4,9 @@ handwritten attention becomes SDPA) in every graph Dynamo hands the backend. DDP
 splits the model at bucket boundaries and compiles each piece on fake inputs (the attention pass then cannot
 read the causal buffer's value and keeps the mask a tensor read). FSDP2: its hooks, which Dynamo skips,
 break the model's loop over blocks, so each block's forward is a frame of its own, one graph for both. Tensor
-parallelism (q/k/v and fc1 colwise, proj and fc2 rowwise): the graphs hold DTensors, which the passes do
-not rewrite yet; they are lowered as Dynamo captured them, with the reason in the report. And
+parallelism (q/k/v and fc1 colwise, proj and fc2 rowwise): the graphs hold DTensors; the passes run on the
+parts that compute on plain local tensors (the attention over this rank's heads becomes SDPA) and the
+DTensor parts are lowered as captured. And
 ``linear-cross-entropy`` under DDP, with the loss computed inside the wrapped module. And a MoE model
 (``TinyMoEGPT``): its expert loop becomes ``kp::routed_experts`` under DDP and FSDP2."""
 
@@ -95,12 +96,17 @@ def test_the_routed_experts_op_fires_with_experts_replicated_or_sharded(results,
         assert fired.count("moe-dispatch") == (2 if config == "ddp-moe" else 1), (rank, fired)
 
 
-def test_tensor_parallel_graphs_are_lowered_unchanged_and_say_why(results):
-    """DTensor inputs: canonicalization cannot trace them, so the graph is Inductor's, with the reason."""
+def test_tensor_parallel_graphs_are_rewritten_in_their_plain_parts(results):
+    """DTensor inputs: the graph is cut into DTensor parts (the sharded linears) and parts that compute on plain
+    local tensors (core/plain_regions.py); the passes run on every plain part, and each block's attention, over
+    this rank's 2 of 4 heads, becomes SDPA."""
     for rank, res in enumerate(results):
         graphs = res["tp"]["kernelpytorch"]["graphs"]
-        assert graphs and all(not g["passes"] and len(g["fallbacks"]) == 1 and "DTensor" in g["fallbacks"][0]
-                              for g in graphs), (rank, graphs)
+        assert len(graphs) == 1 and not graphs[0]["fallbacks"], (rank, graphs)
+        parts = graphs[0]["parts"]
+        assert parts["plain"] >= 2 and parts["rewritten"] == parts["plain"] and not parts["kept"], (rank, parts)
+        fired = [(p["name"], p["matches"], p["by_rule"]) for p in graphs[0]["passes"]]
+        assert fired == [("attention-to-sdpa", 1, {"mask-tensor": 1})] * 2, (rank, fired)
 
 
 @pytest.mark.parametrize("config", ["ddp", "fsdp2"])

@@ -142,7 +142,9 @@ def _train_in(config: str, compiled: bool, rank: int) -> dict:
     out["params"] = {n: _full(p) for n, p in model.named_parameters()}
     out["graphs"] = [{"lowering": r.lowering, "fallbacks": list(r.fallbacks), "skipped": list(r.skipped),
                       "notes": {p.name: [p.status, p.reason, *p.notes] for p in r.passes if p.notes or p.reason},
-                      "passes": [{"name": p.name, "matches": p.matches} for p in r.passes if p.matches]}
+                      "passes": [{"name": p.name, "matches": p.matches, "by_rule": dict(p.by_rule)}
+                                 for p in r.passes if p.matches],
+                      "parts": r.parts}
                      for r in records]
     return out
 

@@ -51,7 +51,7 @@ from ...core.rules import Matches
 from ...ops import fp8 as _fp8  # noqa: F401  (registers kp::fp8_linear)
 from ...ops import fp8_shared as _fp8_shared  # noqa: F401  (registers kp::fp8_cast_pair, kp::fp8_linear_shared)
 from ...ops import fp8_train as _fp8_train  # noqa: F401  (registers kp::fp8_linear_train)
-from ...ops.fp8_traced import TRACED_CASTS
+from ...ops import fp8_traced
 from ...core.devices import DeviceInfo, fp8_dtypes
 from ...core.fp8_options import FP8Options, parse_fp8
 from ...ops import fp8_state
@@ -212,8 +212,8 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: FP8Options, train: 
         if fused:
             converted["gated-mlp"] = fused
             notes.append(f"{fused} gated MLP(s) in one op each, the product's casts fused (options['fp8']['fuse_gated'])")
-    if shared and converted and fp8.casts == "inductor":
-        gm.meta[TRACED_CASTS] = True  # read by lowering/decompositions.table
+    if shared and converted and fp8.casts == "inductor" and device.kind in fp8_traced.DEVICES:
+        gm.meta[fp8_traced.TRACED_CASTS] = True  # read by lowering/decompositions.table
         notes.append("the training ops' ATen bodies go to Inductor, which generates and fuses the casts "
                      "(options['fp8']['casts']='inductor'; other lowerings run the ops' own kernels)")
     if converted:

@@ -1,0 +1,127 @@
+"""Tensor-parallel graphs: the parts that compute on plain tensors, cut out for the passes (issue 21).
+
+Under tensor parallelism (``parallelize_module``) Dynamo captures graphs whose parameters are ``DTensor``s:
+each sharded linear runs as ``DTensor.from_local`` -> ``linear`` -> ``redistribute`` -> ``to_local``. Between
+those, the model computes on plain local tensors: the attention over this rank's heads, the activation of its
+MLP columns. Canonicalization cannot trace a DTensor, so ``split`` cuts the graph into parts, each a
+submodule the parent graph calls: DTensor parts (every node that takes or makes a DTensor) and plain parts.
+The backend runs the passes on each plain part as on any graph (its inputs are the part's example values)
+and keeps the DTensor parts as Dynamo captured them; Inductor lowers the parent, tracing into the parts.
+
+A node's stage is the largest of its inputs' stages, one more where that input is of the other kind; each
+(stage, kind) is one part. An input of a part comes from the same part or a lower stage, so the parts form
+no cycle, and the plain nodes of one stage (q, k and v's reshapes and the attention that reads them) are one
+part.
+
+Before (one block under TP, rank 0 of 2; ``DT``: a DTensor value)::
+
+    %linear = linear(%from_local, %q_weight, %q_bias) : DT      %hook_result = to_local(%outputs)
+    %view = view(%hook_result, 2, 16, -1)                      ... %softmax ... %matmul_1 ... %reshape
+    %input_tensor_5 = DTensor.from_local(%reshape, %mesh, (Shard(dim=-1),)) : DT
+
+After ``split``::
+
+    %submod_1 = call_module[submod_1](...)        # DTensor part: the q, k, v linears, as captured
+    %submod_2 = call_module[submod_2](%getitem, %getitem_1, %getitem_2, %l_..._attn_buffers_bias_)
+    %submod_3 = call_module[submod_3](%submod_2, ...)   # DTensor part: from_local, proj, redistribute
+
+and the backend replaces ``submod_2`` by its rewritten canonical graph (the attention as SDPA).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.passes.split_module import split_module
+from torch.utils._pytree import tree_leaves
+
+
+def _dtensor_type():
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    return DTensor
+
+
+def has_dtensor(values) -> bool:
+    """Whether any of ``values`` (nested lists and tuples) is a ``DTensor``."""
+    dt = _dtensor_type()
+    return dt is not None and any(isinstance(v, dt) for v in tree_leaves(list(values)))
+
+
+def _example(node: fx.Node) -> Any:
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def _is_dtensor_node(node: fx.Node) -> bool:
+    if has_dtensor([_example(node)]):
+        return True
+    return any(has_dtensor([_example(a)]) for a in node.all_input_nodes)
+
+
+def stages(gm: fx.GraphModule, is_dtensor=None) -> dict[fx.Node, tuple[int, bool]]:
+    """``{node: (stage, is_dtensor)}`` for every computing node (not placeholders or the output).
+
+    A plain node is then moved as late as its users allow (the causal mask a block computes from its buffer
+    goes to the attention's part, where the attention pass can read it, not to the part of the graph's start).
+    """
+    out: dict = {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        dt = (is_dtensor or _is_dtensor_node)(node)
+        stage = 0
+        for a in node.all_input_nodes:
+            if a in out:
+                s, adt = out[a]
+                stage = max(stage, s + (adt != dt))
+        out[node] = (stage, dt)
+    for node in reversed(list(out)):
+        stage, dt = out[node]
+        users = [out[u] for u in node.users if u in out]
+        if dt or not users or len(users) != len(node.users):
+            continue
+        out[node] = (max(stage, min(s - (udt != dt) for s, udt in users)), dt)
+    return out
+
+
+def split(gm: fx.GraphModule, is_dtensor=None) -> Optional[tuple[fx.GraphModule, list[str]]]:
+    """``(parent, names of its plain parts)``; None where the graph has no DTensor node or no plain part.
+    ``is_dtensor(node)``: which nodes go to DTensor parts (default: those that take or make a DTensor)."""
+    parts = stages(gm, is_dtensor)
+    if not any(dt for _, dt in parts.values()) or all(dt for _, dt in parts.values()):
+        return None
+    ids = {key: i for i, key in enumerate(sorted(set(parts.values())))}
+    parent = split_module(gm, gm, lambda node: ids[parts[node]])
+    plain = [f"submod_{ids[key]}" for key in sorted(ids) if not key[1]]
+    return parent, [name for name in plain if hasattr(parent, name)]
+
+
+def part_inputs(parent: fx.GraphModule, name: str, original: fx.GraphModule, example_inputs,
+                fake_mode=None) -> Optional[list]:
+    """The values a part is called with: the graph's own example input where the part reads a graph input (a
+    registered buffer's real value, say), else the example value Dynamo recorded for the node of the same name,
+    made again in ``fake_mode`` where given (Dynamo records them in a mode of its own, and torch 2.9 refuses
+    inputs of two modes); None where one is unknown."""
+    nodes = {n.name: n for n in original.graph.nodes}
+    given = {ph.name: x for ph, x in zip(original.graph.find_nodes(op="placeholder"), example_inputs)}
+    values = []
+    for ph in getattr(parent, name).graph.find_nodes(op="placeholder"):
+        value = given[ph.name] if ph.name in given else _example(nodes[ph.name]) if ph.name in nodes else None
+        if value is None:
+            return None
+        if fake_mode is not None and isinstance(value, FakeTensor) and value.fake_mode is not fake_mode:
+            value = fake_mode.from_tensor(value)
+        values.append(value)
+    return values
+
+
+def graph_input_index(original: fx.GraphModule) -> dict[str, int]:
+    """``{placeholder name: position}`` of the graph's inputs (to map a part's input back to the graph's)."""
+    return {ph.name: i for i, ph in enumerate(original.graph.find_nodes(op="placeholder"))}
