@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: install the project, run a stage of the GPU benchmark, copy results to $OUT.
-#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|buckets|buckets-next|buckets-verify|linear-act|fp8-torchao|fp8-gated|fp8-host-cut|fp8-inductor-casts|fp8-profile|lce|generate|moe-save|distributed-ddp|distributed-fsdp2|distributed-tp|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
+#   KP_GIT_COMMIT=<hash> bash bench/gpu_run.sh micro|e2e|rest|attention|next|moe|moe-graphs|moe-hf|moe-train|moe-host|moe-final|zoo-fp8|fp8|fp8-loss|gpu-time|leftover|decode|buckets|buckets-next|buckets-verify|linear-act|fp8-torchao|fp8-gated|fp8-host-cut|fp8-inductor-casts|fp8-final|fp8-profile|lce|generate|moe-save|distributed-ddp|distributed-fsdp2|distributed-tp|decode-first-pass|attention-models-infer|attention-models-train|attention-dynamic|attention-dynamic-models|attention-masked-infer|attention-masked-train|moe-suite-infer|moe-suite-train|suite-infer|suite-train|suite   (each stage stops itself before the 10-minute call limit)
 set -uo pipefail
 stage=${1:?micro or e2e}
 budget=${2:-540}
@@ -232,6 +232,14 @@ for T, k, E in ((4096, 8, 64), (64, 8, 64), (8192, 2, 8)):
     PYTHONPATH="${PYTHONPATH:-}:." timeout "$(left)" python3 scripts/gpu_fp8_host.py --case mlp llama --rows 12 \
       --backends kernelpytorch kernelpytorch-inductor-casts torchao-float8-tensorwise > "$out/fp8-host.txt" 2>&1
     grep -E "^===" "$out/fp8-host.txt" | head -8
+    ;;
+  fp8-final)
+    # Issue 19 at its last commit: the decomposed training ops against the ops' kernels on CUDA, then the whole
+    # FP8 group beside Inductor bf16 and torchao tensorwise (from .whl/: carry [".whl"]).
+    PYTHONPATH="${PYTHONPATH:-}:." timeout 150 python3 scripts/gpu_fp8_traced_check.py > "$out/fp8-traced-check.txt" 2>&1
+    echo "traced check rc=$?"; grep -E "^block|^Llama|Error" "$out/fp8-traced-check.txt" | head -6
+    timeout "$(left)" python3 -m bench --groups fp8 --backends inductor kernelpytorch torchao-float8-tensorwise \
+      --row-timeout 150 --reps 20 $extra --out "$out" --stem cuda-fp8-final 2>"$out/fp8-final.log" | tail -22
     ;;
   fp8-profile)
     # Issue 19: where kernelpytorch FP8 and torchao tensorwise spend the SwiGLU MLP's forward+backward, by kernel
