@@ -28,7 +28,7 @@ from torch import fx
 
 from . import passes as _builtin_passes  # noqa: F401  (registers the built-in passes)
 from .core import plain_regions, regions
-from .core.canonicalize import canonicalize, fake_mode_of
+from .core.canonicalize import carry_dynamo_metadata, canonicalize, fake_mode_of
 from .core.dump import GraphDump, append_report
 from .core.pass_manager import (PassManager, anchored_passes, default_passes, idle_reason, not_applicable,
                                 on_registry_change, resolve)
@@ -41,6 +41,7 @@ from .lowering.moe import fused_available
 from .lowering.xla import XlaUnavailable
 from .options import Options, parse_options
 from .core.rows import batch_symbol, prove_rows
+from .ops.fp8_traced import TRACED_CASTS
 from .runtime import CompiledGraph
 from .runtime.graph_buckets import GraphBuckets, shared_recorder
 
@@ -271,12 +272,19 @@ def _compile_parts(gm, example_inputs, opts: Options, chosen, record: GraphRecor
     """A graph with DTensor inputs (tensor parallelism): the passes on each part that computes on plain tensors
     (``core/plain_regions.py``), the DTensor parts as Dynamo captured them, then the whole lowered. A part the
     pipeline cannot take (canonicalization fails, a rewrite keeps state about inputs) stays as captured, and the
-    report says why."""
-    cut = plain_regions.split(gm)
-    if cut is None:
+    report says why; if the cut or the lowering of the whole fails, the Dynamo graph is lowered unchanged."""
+    try:
+        cut = plain_regions.split(gm)
+    except Exception as e:  # noqa: BLE001
+        if opts.strict or _dynamo_control_flow(e):
+            raise
+        cut, why = None, f"graph inputs are DTensors and cutting out their plain parts failed ({_brief(e)})"
+    else:
         why = "graph inputs are DTensors (tensor parallelism) and no part of it computes on plain tensors"
+    if cut is None:
         return _fallback(gm, example_inputs, opts, record, why), (), None, ()
     parent, plain = cut
+    carry_dynamo_metadata(gm, parent)  # which inputs are parameters, for AOTAutograd and CUDA graphs
     names, top = [name for name, _ in chosen], plain_regions.graph_input_index(gm)
     mode = fake_mode_of(example_inputs)
     guards, kept = [], []
@@ -296,19 +304,31 @@ def _compile_parts(gm, example_inputs, opts: Options, chosen, record: GraphRecor
             if manager.hooks:
                 raise ValueError("a rewrite keeps state about the part's inputs")
             places = [ph.name for ph in part.graph.find_nodes(op="placeholder")]
+            if manager.guards and len(places) != len(fake_inputs):
+                raise ValueError("a rewrite relies on an input the part's trace flattened")
             if any(places[g.index] not in top for g in manager.guards):
                 raise ValueError("a rewrite relies on a value computed in the graph")
-            guards += [dataclasses.replace(g, index=top[places[g.index]]) for g in manager.guards]
             regions.restore(cgm)
         except Exception as e:  # noqa: BLE001 - this part stays as captured
             if opts.strict or _dynamo_control_flow(e):
                 raise
             kept.append(f"{name} ({_brief(e)})")
             continue
+        guards += [dataclasses.replace(g, index=top[places[g.index]]) for g in manager.guards]
+        parent.meta.update({k: v for k, v in cgm.meta.items() if k == TRACED_CASTS})  # read by the lowering
         setattr(parent, name, cgm)
     record.nodes_out = len(parent.graph.nodes)
+    record.guards = [guard.to_json() for guard in guards]
     record.parts = {"plain": len(plain), "rewritten": len(plain) - len(kept), "kept": kept}
-    fn = lower(record.lowering, parent, example_inputs, opts.mode, opts.inductor_config)
+    try:
+        fn = lower(record.lowering, parent, example_inputs, opts.mode, opts.inductor_config)
+    except XlaUnavailable:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if opts.strict or _dynamo_control_flow(e):
+            raise
+        record.parts = None
+        return _fallback(gm, example_inputs, opts, record, f"lowering the cut graph failed ({_brief(e)})"), (), None, ()
     return fn, guards, gm if guards else None, ()
 
 

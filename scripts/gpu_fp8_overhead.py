@@ -46,7 +46,6 @@ def ops():
     pieces = {"torch._scaled_mm": lambda: torch._scaled_mm(q, q.t(), s, s, out_dtype=torch.bfloat16),
               "torch.mm (bf16)": lambda: torch.mm(x, x),
               "triton amax": lambda: triton_fp8.amax(x, False),
-              "triton tensorwise_scale": lambda: triton_fp8.tensorwise_scale(x, torch.float8_e4m3fn),
               "triton quantize_dynamic": lambda: triton_fp8.quantize_dynamic(x, torch.float8_e4m3fn, False),
               "triton quantize_pair": lambda: triton_fp8.quantize_pair(x, torch.float8_e4m3fn),
               "torch.zeros(())": lambda: torch.zeros((), device="cuda"),

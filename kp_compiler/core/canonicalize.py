@@ -86,7 +86,7 @@ def canonicalize(
     with fake_mode:
         cgm = make_fx(traced, pre_dispatch=True)(*fake_inputs)
     regions.release_with(cgm, keys)
-    _carry_dynamo_metadata(gm, cgm)
+    carry_dynamo_metadata(gm, cgm)
     cgm.meta["kp_source"] = "canonical"
     return cgm, fake_mode, fake_inputs
 
@@ -104,7 +104,7 @@ def _unregister_traced_constants(gm: fx.GraphModule, known: set) -> None:
         setattr(gm, name, tensor)
 
 
-def _carry_dynamo_metadata(src: fx.GraphModule, dst: fx.GraphModule) -> None:
+def carry_dynamo_metadata(src: fx.GraphModule, dst: fx.GraphModule) -> None:
     """Give the canonical graph what Dynamo attached to its own.
 
     AOTAutograd reads ``gm.meta["dynamo_compile_id"]``, ``gm._param_name_to_source``

@@ -8,10 +8,11 @@ submodule the parent graph calls: DTensor parts (every node that takes or makes 
 The backend runs the passes on each plain part as on any graph (its inputs are the part's example values)
 and keeps the DTensor parts as Dynamo captured them; Inductor lowers the parent, tracing into the parts.
 
-A node's stage is the largest of its inputs' stages, one more where that input is of the other kind; each
-(stage, kind) is one part. An input of a part comes from the same part or a lower stage, so the parts form
-no cycle, and the plain nodes of one stage (q, k and v's reshapes and the attention that reads them) are one
-part.
+Parts are runs of consecutive nodes of one kind, in the graph's own order: every part runs where its nodes
+ran, so in-place writes (a buffer updated in ``forward``) and grad-mode or autocast switches keep their
+place, and ``split_module`` sees partition numbers that only grow. The attention of a block under TP is one
+such run: between the ``to_local`` of ``v`` and the ``from_local`` before the output projection, the mask it
+builds from its buffer included.
 
 Before (one block under TP, rank 0 of 2; ``DT``: a DTensor value)::
 
@@ -19,13 +20,12 @@ Before (one block under TP, rank 0 of 2; ``DT``: a DTensor value)::
     %view = view(%hook_result, 2, 16, -1)                      ... %softmax ... %matmul_1 ... %reshape
     %input_tensor_5 = DTensor.from_local(%reshape, %mesh, (Shard(dim=-1),)) : DT
 
-After ``split``::
+After ``split`` (the q, k and v linears are DTensor parts, their reshapes plain parts between them)::
 
-    %submod_1 = call_module[submod_1](...)        # DTensor part: the q, k, v linears, as captured
-    %submod_2 = call_module[submod_2](%getitem, %getitem_1, %getitem_2, %l_..._attn_buffers_bias_)
-    %submod_3 = call_module[submod_3](%submod_2, ...)   # DTensor part: from_local, proj, redistribute
+    %submod_5 = call_module[submod_5](%getitem_4, %getitem_6, %getitem_8, %l_..._attn_buffers_bias_)
+    %submod_6 = call_module[submod_6](%submod_5, %mesh, %l_..._proj_parameters_weight_, ...)  # DTensor part
 
-and the backend replaces ``submod_2`` by its rewritten canonical graph (the attention as SDPA).
+and the backend replaces the plain ``submod_5`` (the attention) by its rewritten canonical graph, with SDPA.
 """
 
 from __future__ import annotations
@@ -65,42 +65,31 @@ def _is_dtensor_node(node: fx.Node) -> bool:
     return any(has_dtensor([_example(a)]) for a in node.all_input_nodes)
 
 
-def stages(gm: fx.GraphModule, is_dtensor=None) -> dict[fx.Node, tuple[int, bool]]:
-    """``{node: (stage, is_dtensor)}`` for every computing node (not placeholders or the output).
-
-    A plain node is then moved as late as its users allow (the causal mask a block computes from its buffer
-    goes to the attention's part, where the attention pass can read it, not to the part of the graph's start).
-    """
+def runs(gm: fx.GraphModule, is_dtensor=None) -> dict[fx.Node, tuple[int, bool]]:
+    """``{node: (run, is_dtensor)}`` for every computing node (not placeholders, attributes or the output): the
+    run number grows by one wherever the kind changes from the node before."""
     out: dict = {}
+    run, last = 0, None
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
         dt = (is_dtensor or _is_dtensor_node)(node)
-        stage = 0
-        for a in node.all_input_nodes:
-            if a in out:
-                s, adt = out[a]
-                stage = max(stage, s + (adt != dt))
-        out[node] = (stage, dt)
-    for node in reversed(list(out)):
-        stage, dt = out[node]
-        users = [out[u] for u in node.users if u in out]
-        if dt or not users or len(users) != len(node.users):
-            continue
-        out[node] = (max(stage, min(s - (udt != dt) for s, udt in users)), dt)
+        if last is not None and dt != last:
+            run += 1
+        out[node], last = (run, dt), dt
     return out
 
 
 def split(gm: fx.GraphModule, is_dtensor=None) -> Optional[tuple[fx.GraphModule, list[str]]]:
     """``(parent, names of its plain parts)``; None where the graph has no DTensor node or no plain part.
     ``is_dtensor(node)``: which nodes go to DTensor parts (default: those that take or make a DTensor)."""
-    parts = stages(gm, is_dtensor)
-    if not any(dt for _, dt in parts.values()) or all(dt for _, dt in parts.values()):
+    parts = runs(gm, is_dtensor)
+    kinds = {dt for _, dt in parts.values()}
+    if kinds != {True, False}:
         return None
-    ids = {key: i for i, key in enumerate(sorted(set(parts.values())))}
-    parent = split_module(gm, gm, lambda node: ids[parts[node]])
-    plain = [f"submod_{ids[key]}" for key in sorted(ids) if not key[1]]
-    return parent, [name for name in plain if hasattr(parent, name)]
+    parent = split_module(gm, gm, lambda node: parts[node][0], keep_original_order=True)
+    plain = sorted({run for run, dt in parts.values() if not dt})
+    return parent, [f"submod_{run}" for run in plain if hasattr(parent, f"submod_{run}")]
 
 
 def part_inputs(parent: fx.GraphModule, name: str, original: fx.GraphModule, example_inputs,

@@ -66,6 +66,30 @@ def table(example_inputs, patches: dict, gm=None):
     return decomps
 
 
+def cache_guard(gm):
+    """No AOTAutograd cache for a graph that holds the FP8 training ops: its key covers the graph and the
+    configs, not the decomposition table, so a graph compiled with ``casts="ops"`` would be served to a later
+    ``casts="inductor"`` compile of the same graph, and the other way round (a review found it across processes
+    sharing ``TORCHINDUCTOR_CACHE_DIR``). Inductor's own FX graph cache still applies: it keys the graph after
+    the decomposition."""
+    import contextlib
+
+    if not _holds_fp8_training_ops(gm):
+        return contextlib.nullcontext()
+    import torch._functorch.config as functorch_config
+
+    return functorch_config.patch(enable_autograd_cache=False)
+
+
+def _holds_fp8_training_ops(gm) -> bool:
+    from ..ops.fp8_traced import decompositions
+
+    ops = set(decompositions())
+    return any(node.op == "call_function" and node.target in ops
+               for module in gm.modules() if isinstance(getattr(module, "graph", None), torch.fx.Graph)
+               for node in module.graph.nodes)
+
+
 @functools.lru_cache(maxsize=None)
 def _fallbacks() -> None:
     """Register Inductor's ATen fallback for each kept op (contiguous inputs, as its implicit fallbacks in a

@@ -111,8 +111,9 @@ def lower(gm, example_inputs, mode: str, inductor_config: dict, dump=None):
             patches.setdefault("fx_graph_cache", False)
     loaded = len(PyCodeCache.modules)
     table = decompositions.table(example_inputs, patches, gm)
-    fn = compile_fx(gm, list(example_inputs), config_patches=patches or None,
-                    **({"decompositions": table} if table is not None else {}))
+    with decompositions.cache_guard(gm):
+        fn = compile_fx(gm, list(example_inputs), config_patches=patches or None,
+                        **({"decompositions": table} if table is not None else {}))
     if dump is not None:
         paths = [getattr(m, "__file__", "") for m in PyCodeCache.modules[loaded:]]
         dump.write_text("lowered-code.txt", "# the code Inductor generated for this graph (the forward; a backward "

@@ -1,6 +1,7 @@
 """``fp8_quant``'s amax and saturating casts as two Triton kernels (the casts of the CUDA FP8 path).
 
-``quantize_dynamic(t, dtype, rowwise)`` is two launches, with no host sync:
+``quantize_dynamic(t, dtype, rowwise)`` is two launches (and the zero fill of
+the amax buffer), with no host sync:
 
 1. ``_amax``: each program takes a ``[BLOCK_R, BLOCK_C * TILES]`` part of the
    2-D input (any strides: the backward quantizes transposed views), the
@@ -9,15 +10,9 @@
    buffer of zeros: one entry per row (rowwise), or one in all
    (tensorwise). Every value is ``>= 0`` and max does not depend on the
    order, so the result is exact and deterministic.
-
-   Tensorwise (``tensorwise_scale``), the buffer is a per-stream workspace
-   that stays zero between launches: each program also counts itself done
-   (``atomic_add``), and the last one reads the amax, zeroes the workspace
-   and stores ``scale = amax / fp8_max`` (1 where amax is 0). So no zero
-   fill is launched before it. Rowwise, a fresh buffer is zero-filled.
-2. ``_quantize``: ``clamp(t / scale, -max, max)`` in fp32 (rowwise, the
-   programs of the first column block first store ``scale`` from the amax
-   buffer), rounded to nearest even into ``dtype`` (the GPU's
+2. ``_quantize``: ``scale = amax / fp8_max`` (1 where amax is 0), stored by
+   the programs of the first column block, then ``clamp(t / scale, -max,
+   max)`` in fp32, rounded to nearest even into ``dtype`` (the GPU's
    conversion; under the interpreter, rounded in fp32 arithmetic first:
    ``EXACT_ROUND``) and stored contiguous (``[rows, cols]`` of the view it
    was given, row-major: what ``fp8_cuda.scaled_mm`` takes for both
@@ -41,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_quant import fp8_max, padded, scale_from_amax
+from .fp8_quant import fp8_max, padded
 from .triton_launch import Launcher, cdiv
 
 FP32_MAX = tl.constexpr(3.4028234663852886e38)
@@ -58,9 +53,8 @@ FORMATS = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}  # mantiss
 
 
 @triton.jit
-def _amax(x_ptr, out_ptr, count_ptr, scale_ptr, R, C, stride_r, stride_c, programs,
-          ROWWISE: tl.constexpr, SCALE: tl.constexpr, TOP: tl.constexpr, INV_TOP: tl.constexpr,
-          RECIPROCAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr):
+def _amax(x_ptr, out_ptr, R, C, stride_r, stride_c,
+          ROWWISE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     col0 = tl.program_id(1) * BLOCK_C * TILES
     row_offs = rows.to(tl.int64)[:, None] * stride_r
@@ -75,17 +69,6 @@ def _amax(x_ptr, out_ptr, count_ptr, scale_ptr, R, C, stride_r, stride_c, progra
         tl.atomic_max(out_ptr + rows, best, mask=rows < R)
     else:
         tl.atomic_max(out_ptr, tl.max(best, axis=0))
-    if SCALE:  # the last program to finish turns the amax into the scale and zeroes the workspace again
-        done = tl.atomic_add(count_ptr, 1)  # acq_rel: every earlier program's atomic_max is visible after it
-        if done == programs - 1:
-            m = tl.atomic_max(out_ptr, 0.0)  # an atomic read: the value the other programs left
-            tl.store(out_ptr, 0.0)  # seen by the next launch: launches on one stream run in order
-            tl.store(count_ptr, 0)
-            if RECIPROCAL:
-                s = tl.where(m > 0, m * INV_TOP, 1.0)
-            else:
-                s = tl.where(m > 0, tl.math.div_rn(m, tl.full(m.shape, TOP, tl.float32)), 1.0)
-            tl.store(scale_ptr, s)
 
 
 @triton.jit
@@ -143,54 +126,16 @@ def _check(t: torch.Tensor) -> None:
         raise ValueError(f"triton_fp8: expected a 2-D tensor, got shape {tuple(t.shape)}")
 
 
-def _amax_grid(rows: int, cols: int) -> tuple[int, int]:
-    cfg = CONFIG["amax"]  # TILES: column tiles per program, fewer atomics on the tensorwise scalar
-    return cdiv(rows, cfg["BLOCK_R"]), cdiv(cols, cfg["BLOCK_C"] * cfg["TILES"])
-
-
 def amax(t: torch.Tensor, rowwise: bool) -> torch.Tensor:
     """``fp8_quant.amax(t, rowwise)``: fp32 max of the finite ``|t|``, 0-dim or ``[rows, 1]``; ``t`` 2-D, any strides."""
     _check(t)
     rows, cols = t.shape
     out = torch.zeros(rows if rowwise else (), dtype=torch.float32, device=t.device)
+    cfg = CONFIG["amax"]  # TILES: column tiles per program, fewer atomics on the tensorwise scalar
+    grid = (cdiv(rows, cfg["BLOCK_R"]), cdiv(cols, cfg["BLOCK_C"] * cfg["TILES"]))
     if t.numel():
-        _AMAX(_amax_grid(rows, cols), t, out, out, out, rows, cols, t.stride(0), t.stride(1), 0, ROWWISE=rowwise,
-              SCALE=False, TOP=1.0, INV_TOP=1.0, RECIPROCAL=False, **CONFIG["amax"])
+        _AMAX(grid, t, out, rows, cols, t.stride(0), t.stride(1), ROWWISE=rowwise, **cfg)
     return out.view(rows, 1) if rowwise else out
-
-
-# Per (device, stream): an fp32 amax and an int32 count, zero between launches (the last program of each
-# ``_amax`` launch with SCALE zeroes them again), so a tensorwise scale costs no fill launch. One per stream:
-# launches on one stream run in order, on two they could overlap.
-_WORKSPACES: dict = {}
-
-
-def _workspace(t: torch.Tensor):
-    """``(amax, count)`` for ``t``'s device and current stream; None while a CUDA graph is being captured and
-    none exists yet (allocated there, it would belong to the graph's memory pool)."""
-    key = (t.device, torch._C._cuda_getCurrentRawStream(t.device.index) if t.is_cuda else 0)
-    ws = _WORKSPACES.get(key)
-    if ws is None:
-        if t.is_cuda and torch.cuda.is_current_stream_capturing():
-            return None
-        ws = _WORKSPACES[key] = (torch.zeros((), dtype=torch.float32, device=t.device),
-                                 torch.zeros((), dtype=torch.int32, device=t.device))
-    return ws
-
-
-def tensorwise_scale(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The tensorwise scale of ``t`` for ``dtype`` (``amax / fp8_max``, 1 where amax is 0; 0-dim fp32) in one
-    launch: the amax kernel's last program computes it (no zero fill of an amax buffer, no second kernel)."""
-    _check(t)
-    rows, cols = t.shape
-    scale = torch.empty((), dtype=torch.float32, device=t.device)
-    ws = _workspace(t)
-    if not t.numel() or ws is None:
-        return scale_from_amax(amax(t, False), dtype)
-    grid, c = _amax_grid(rows, cols), _constants(dtype)
-    _AMAX(grid, t, ws[0], ws[1], scale, rows, cols, t.stride(0), t.stride(1), grid[0] * grid[1], ROWWISE=False,
-          SCALE=True, RECIPROCAL=t.is_cuda, TOP=c["TOP"], INV_TOP=c["INV_TOP"], **CONFIG["amax"])
-    return scale
 
 
 @functools.lru_cache(maxsize=None)
@@ -234,9 +179,6 @@ def quantize(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.
 
 def quantize_dynamic(t: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``fp8_quant.quantize_dynamic``: ``(q, scale)``, the scale from ``t``'s own finite amax."""
-    if not rowwise:
-        scale = tensorwise_scale(t, dtype)
-        return _launch(t, dtype, scale, None, False), scale
     m = amax(t, rowwise)
     scale = torch.empty_like(m)
     return _launch(t, dtype, scale, m, rowwise), scale
@@ -255,12 +197,16 @@ def quantize_pair(t: torch.Tensor, dtype: torch.dtype, scale=None) -> tuple[torc
     interpreter's were right (``scripts/gpu_fp8_pair_debug.py``).
     """
     _check(t)
-    scale = tensorwise_scale(t, dtype) if scale is None else scale.float().reshape(())
+    if scale is None:
+        m = amax(t, False)
+        scale = torch.empty_like(m)
+    else:
+        m, scale = None, scale.float().reshape(())
     rows = t.shape[0]
     rp = padded(rows)
     if t.dtype in PAIRED_DTYPES and rp == rows:
-        q, qt = _launch(t, dtype, scale, None, False, transposed=True)
+        q, qt = _launch(t, dtype, scale, m, False, transposed=True)
         return q, qt, scale
-    q = _launch(t, dtype, scale, None, False)
+    q = _launch(t, dtype, scale, m, False)  # with m: also stores the scale the second cast reads
     tp = t if rp == rows else torch.cat([t, t.new_zeros(rp - rows, t.shape[1])])
     return q, _launch(tp.t(), dtype, scale, None, False), scale

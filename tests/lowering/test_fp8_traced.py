@@ -4,7 +4,7 @@ bodies (``ops/fp8_traced.py``), so Inductor generates the casts; values equal to
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 from kp_compiler.core.report import collect
 from kp_compiler.ops import fp8_traced
@@ -132,3 +132,24 @@ def test_bad_value_is_refused():
     with pytest.raises(ValueError, match=r"options\['fp8'\]\['casts'\]='triton' is not one of \['ops', 'inductor'\]"):
         parse_fp8({"casts": "triton"})
     assert parse_fp8({"casts": "ops"}).casts == "ops" and parse_fp8(True).casts == "inductor"  # the default
+
+
+def test_no_autograd_cache_for_graphs_with_the_training_ops():
+    """AOTAutograd's cache key does not cover the decomposition table: such graphs compile without it."""
+    import torch._functorch.config as functorch_config
+
+    from kp_compiler.lowering.decompositions import cache_guard
+
+    def with_op(x, w):
+        return torch.ops.kp.fp8_linear_train.default(x, w, None, torch.float8_e4m3fn, torch.float8_e5m2)[0]
+
+    gm, plain = fx.symbolic_trace(with_op), fx.symbolic_trace(lambda x, w: x @ w.t())
+    parent = nn.Module()
+    parent.part = gm  # a tensor-parallel graph's part
+    before = functorch_config.enable_autograd_cache
+    with cache_guard(gm):
+        assert functorch_config.enable_autograd_cache is False
+    with cache_guard(parent):
+        assert functorch_config.enable_autograd_cache is False
+    with cache_guard(plain):
+        assert functorch_config.enable_autograd_cache is before
