@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 FP8 = {"fp8": {"min_dims": [16, 16, 16]}}
+RO = {**FP8, "mode": "reduce-overhead"}  # torch.compile takes mode or options, not both
 
 
 def model():
@@ -24,7 +25,7 @@ def model():
 def main():
     print(torch.__version__, torch.cuda.get_device_name())
     base = model()
-    ro = torch.compile(copy.deepcopy(base), backend="kernelpytorch", mode="reduce-overhead", options=FP8)
+    ro = torch.compile(copy.deepcopy(base), backend="kernelpytorch", options=RO)
     ref = torch.compile(copy.deepcopy(base), backend="kernelpytorch", options=FP8)
     with torch.no_grad():
         for it in range(9):
@@ -34,7 +35,7 @@ def main():
             print(f"inference call {it} rows {x.shape[0]}: max |diff| {(y.float() - r.float()).abs().max().item():.3e}",
                   flush=True)
     train_ro, train_ref = copy.deepcopy(base), copy.deepcopy(base)
-    ro = torch.compile(train_ro, backend="kernelpytorch", mode="reduce-overhead", options=FP8)
+    ro = torch.compile(train_ro, backend="kernelpytorch", options=RO)
     ref = torch.compile(train_ref, backend="kernelpytorch", options=FP8)
     for it in range(6):
         x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
