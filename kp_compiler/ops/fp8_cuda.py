@@ -61,7 +61,8 @@ def scaled_mm(qa, sa, qb, sb, out_dtype: torch.dtype, bias: Optional[torch.Tenso
     b = qb.t()
     if not (_row_major(qa) and _col_major(b)):
         raise ValueError(f"fp8 scaled_mm: a must be row-major and b column-major; got strides {qa.stride()}, {b.stride()}")
-    if qa.shape[1] % ALIGN or qb.shape[0] % ALIGN:
+    # a symbolic size here is a token count padded to a multiple of 16 (pad_tokens): testing it would add a guard
+    if any(isinstance(d, int) and d % ALIGN for d in (qa.shape[1], qb.shape[0])):
         raise ValueError(f"fp8 scaled_mm: K={qa.shape[1]} and N={qb.shape[0]} must be multiples of {ALIGN}")
     rowwise = sa.dim() == 2
     if rowwise:

@@ -266,3 +266,40 @@ def test_not_under_autocast():
     assert reasons and "torch.autocast is on" in reasons[0]
     assert not [f for r in records for f in r.fallbacks] and got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def _dynamic_run(casts: str, train: bool = True):
+    """SwiGLU under ``dynamic=True`` at four token counts: (records, relative errors vs eager per call)."""
+    from kp_compiler.testing.models import SwiGLU
+
+    torch.manual_seed(6)
+    model = SwiGLU(32, 64)
+    compiled = torch.compile(model, backend="kernelpytorch", dynamic=True, options={
+        "fp8": {"emulate": True, "min_dims": [16, 16, 16], "casts": casts}, "strict": True})
+    errors = []
+    with collect() as records, torch.set_grad_enabled(train):
+        for m in (40, 48, 37, 64):
+            x = torch.randn(m, 32, requires_grad=train)
+            out = compiled(x)
+            ref_x = x.detach().clone().requires_grad_(train)
+            ref = model(ref_x)
+            err = [((out - ref).norm() / ref.norm()).item()]
+            if train:
+                out.square().mean().backward()
+                ref.square().mean().backward()
+                err.append(((x.grad - ref_x.grad).norm() / ref_x.grad.norm()).item())
+            errors.append(err)
+    return records, errors
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["training", "inference"])
+def test_a_dynamic_token_count_converts_once_without_a_guard(train):
+    """M symbolic: the size table is read at the example's M, without a guard; one graph serves every size."""
+    records, errors = _dynamic_run("ops", train)
+    assert len(records) == 1, [r.id for r in records]  # no recompile
+    (rec,) = [p for p in records[0].passes if p.name == "fp8-linear"]
+    assert rec.by_rule == {"tensorwise": 3}
+    assert all("(M symbolic: the example's)" in n for n in rec.notes), rec.notes
+    assert records[0].guards_added == [], records[0].guards_added
+    for err in errors:
+        assert 1e-4 < err[0] < 0.1 and all(e < 0.2 for e in err[1:]), errors

@@ -119,13 +119,17 @@ def decide(node: fx.Node, device: DeviceInfo, fp8: FP8Options, train: bool = Tru
     xv, wv = val(x), val(w)
     if not isinstance(xv, torch.Tensor) or not xv.is_floating_point() or wv.dim() != 2:
         return False, "not a floating 2-D weight linear"
-    shape = [*xv.shape, *wv.shape]
-    if not all(isinstance(s, int) for s in shape):
-        return False, "symbolic shapes"
-    m = 1
+    k, n = wv.shape[1], wv.shape[0]
+    if not all(isinstance(s, int) for s in (k, n, xv.shape[-1])):
+        return False, "symbolic K or N"
+    m, symbolic = 1, ""
     for s in xv.shape[:-1]:
         m *= s
-    k, n = wv.shape[1], wv.shape[0]
+    if not isinstance(m, int):  # a dynamic token count: decided at the example's size, with no guard on it
+        hint = size_hint(m)
+        if hint is None:
+            return False, "symbolic token count with no example size"
+        m, symbolic = hint, " (M symbolic: the example's)"
     if k % 16 or n % 16:
         return False, f"K={k}, N={n} not multiples of 16 (scaled-matmul alignment)"
     limits = thresholds(device, fp8.emulate, fp8.min_dims, train)
@@ -133,8 +137,22 @@ def decide(node: fx.Node, device: DeviceInfo, fp8: FP8Options, train: bool = Tru
         return False, f"no FP8 size table for {device.kind} {device.capability or ''}".rstrip()
     if m < limits[0] or k < limits[1] or n < limits[2]:
         return False, f"M={m}, K={k}, N={n} {BELOW_TABLE} {limits} (FP8 measured slower there)"
-    return True, f"M={m}, K={k}, N={n}"
+    return True, f"M={m}, K={k}, N={n}{symbolic}"
 
+
+
+def size_hint(value) -> Optional[int]:
+    """The example's value of a symbolic size, read without adding a guard (None where there is none)."""
+    from torch.fx.experimental import symbolic_shapes as sym
+
+    for name in ("optimization_hint", "hint_int"):  # torch 2.13, torch 2.9
+        fn = getattr(sym, name, None)
+        if fn is not None:
+            try:
+                return int(fn(value, fallback=None)) if fn(value, fallback=None) is not None else None
+            except Exception:  # noqa: BLE001 - an unbacked size has no hint
+                return None
+    return None
 
 
 def beside_converted(node: fx.Node, device: DeviceInfo, fp8: FP8Options) -> Optional[str]:
@@ -148,7 +166,8 @@ def beside_converted(node: fx.Node, device: DeviceInfo, fp8: FP8Options) -> Opti
     if limits is None or min_n is None:
         return None
     m, k, n = xv.numel() // xv.shape[-1], wv.shape[1], wv.shape[0]
-    if m >= limits[0] and k >= limits[1] and min_n <= n < limits[2]:
+    m = m if isinstance(m, int) else size_hint(m)
+    if m is not None and m >= limits[0] and k >= limits[1] and min_n <= n < limits[2]:
         return f"M={m}, K={k}, N={n}: below the size table's N, input cast shared with a converted linear"
     return None
 
