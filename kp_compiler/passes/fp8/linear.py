@@ -143,15 +143,21 @@ def decide(node: fx.Node, device: DeviceInfo, fp8: FP8Options, train: bool = Tru
 
 def size_hint(value) -> Optional[int]:
     """The example's value of a symbolic size, read without adding a guard (None where there is none)."""
+    import warnings
+
     from torch.fx.experimental import symbolic_shapes as sym
 
-    for name in ("optimization_hint", "hint_int"):  # torch 2.13, torch 2.9
+    for name in ("optimization_hint", "size_hint", "hint_int"):  # torch 2.13; 2.11 (hint_int warns there); 2.9
         fn = getattr(sym, name, None)
-        if fn is not None:
-            try:
-                return int(fn(value, fallback=None)) if fn(value, fallback=None) is not None else None
-            except Exception:  # noqa: BLE001 - an unbacked size has no hint
-                return None
+        if fn is None:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                hint = fn(value, fallback=None)
+        except Exception:  # noqa: BLE001 - an unbacked size has no hint
+            return None
+        return None if hint is None else int(hint)
     return None
 
 
