@@ -27,6 +27,7 @@ import torch._dynamo
 from torch import fx
 
 from . import passes as _builtin_passes  # noqa: F401  (registers the built-in passes)
+from .passes import tp_linears
 from .core import plain_regions, regions
 from .core.canonicalize import carry_dynamo_metadata, canonicalize, fake_mode_of
 from .core.dump import GraphDump, append_report
@@ -273,8 +274,10 @@ def _compile_parts(gm, example_inputs, opts: Options, chosen, record: GraphRecor
     (``core/plain_regions.py``), the DTensor parts as Dynamo captured them, then the whole lowered. A part the
     pipeline cannot take (canonicalization fails, a rewrite keeps state about inputs) stays as captured, and the
     report says why; if the cut or the lowering of the whole fails, the Dynamo graph is lowered unchanged."""
+    local, local_why = _localize(gm, example_inputs, opts)
+    source = gm if local is None or local.gm is None else local.gm  # sharded linears computed locally if proven
     try:
-        cut = plain_regions.split(gm)
+        cut = plain_regions.split(source)
     except Exception as e:  # noqa: BLE001
         if opts.strict or _dynamo_control_flow(e):
             raise
@@ -291,7 +294,7 @@ def _compile_parts(gm, example_inputs, opts: Options, chosen, record: GraphRecor
     record.nodes_in = len(gm.graph.nodes)
     for name in plain:
         part = getattr(parent, name)
-        inputs = plain_regions.part_inputs(parent, name, gm, example_inputs, mode)
+        inputs = plain_regions.part_inputs(parent, name, source, example_inputs, mode)
         try:
             if inputs is None:
                 raise ValueError("an input's example value is unknown")
@@ -319,7 +322,10 @@ def _compile_parts(gm, example_inputs, opts: Options, chosen, record: GraphRecor
         setattr(parent, name, cgm)
     record.nodes_out = len(parent.graph.nodes)
     record.guards = [guard.to_json() for guard in guards]
-    record.parts = {"plain": len(plain), "rewritten": len(plain) - len(kept), "kept": kept}
+    record.parts = {"plain": len(plain), "rewritten": len(plain) - len(kept), "kept": kept,
+                    "local_linears": None if local is None else {"colwise": local.colwise, "rowwise": local.rowwise,
+                                                                 "copies": local.copies, "kept": local.kept},
+                    "local_why": local_why}
     try:
         fn = lower(record.lowering, parent, example_inputs, opts.mode, opts.inductor_config)
     except XlaUnavailable:
@@ -330,6 +336,17 @@ def _compile_parts(gm, example_inputs, opts: Options, chosen, record: GraphRecor
         record.parts = None
         return _fallback(gm, example_inputs, opts, record, f"lowering the cut graph failed ({_brief(e)})"), (), None, ()
     return fn, guards, gm if guards else None, ()
+
+
+def _localize(gm, example_inputs, opts: Options):
+    """``(Localized or None, why not)``: ``passes/tp_linears.py`` on a tensor-parallel graph."""
+    try:
+        local = tp_linears.localize(gm, example_inputs)
+    except Exception as e:  # noqa: BLE001 - the linears stay DTensor ops
+        if opts.strict or _dynamo_control_flow(e):
+            raise
+        return None, f"computing the sharded linears locally failed ({_brief(e)})"
+    return local, "" if local.gm is not None else "no column- or row-parallel linear proven"
 
 
 def _dynamo_control_flow(e: Exception) -> bool:

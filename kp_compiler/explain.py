@@ -108,6 +108,13 @@ def _graph_lines(index: int, g: GraphRecord) -> list[str]:
         lines.append(f"  DTensor graph: passes ran on {g.parts['rewritten']} of {g.parts['plain']} parts that "
                      "compute on plain tensors; DTensor parts lowered as captured")
         lines += [f"    kept as captured: {_one_line(why)}" for why in g.parts["kept"]]
+        local = g.parts.get("local_linears") or {"colwise": 0, "rowwise": 0, "kept": []}
+        if local["colwise"] or local["rowwise"]:
+            lines.append(f"  tensor-parallel linears computed on local shards: {local['colwise']} column-parallel, "
+                         f"{local['rowwise']} row-parallel ({local['copies']} shared input copies)")
+        elif g.parts.get("local_why"):
+            lines.append(f"  tensor-parallel linears kept as DTensor ops: {_one_line(g.parts['local_why'])}")
+        lines += [f"    kept as a DTensor op: {_one_line(why)}" for why in local["kept"]]
     for why in g.fallbacks:
         lines.append(f"  fallback: {_one_line(why)}")
     return lines

@@ -7,6 +7,9 @@ MLP columns. Canonicalization cannot trace a DTensor, so ``split`` cuts the grap
 submodule the parent graph calls: DTensor parts (every node that takes or makes a DTensor) and plain parts.
 The backend runs the passes on each plain part as on any graph (its inputs are the part's example values)
 and keeps the DTensor parts as Dynamo captured them; Inductor lowers the parent, tracing into the parts.
+Before the cut, ``passes/tp_linears.py`` computes the column- and row-parallel linears on their local shards
+where it can prove them, so a model under the usual plan is then one DTensor part (the shards read from the
+parameters) and one plain part; what follows is the cut of a graph where it could not.
 
 Parts are runs of consecutive nodes of one kind, in the graph's own order: every part runs where its nodes
 ran, so in-place writes (a buffer updated in ``forward``) and grad-mode or autocast switches keep their

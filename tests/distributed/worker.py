@@ -127,7 +127,9 @@ def _train_in(config: str, compiled: bool, rank: int) -> dict:
         out = forward(idx)
         return out if config == "ddp-lce" else F.cross_entropy(out[:, :-1].reshape(-1, VOCAB),
                                                                 idx[:, 1:].reshape(-1))
-    data = torch.Generator().manual_seed(100 + rank)
+    # data parallel: each rank its own batches; tensor parallel: one batch for the group, as TP requires (its
+    # replicated parameters, such as a row-parallel bias, would drift apart with different batches)
+    data = torch.Generator().manual_seed(100 + (0 if config.startswith("tp") else rank))
     out: dict = {"losses": []}
     with collect() as records:
         for i in range(STEPS):
@@ -154,7 +156,8 @@ def main(rank: int, world: int, folder: str, configs: list) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
     try:
-        # "-fp8" runs have no eager twin: the test compares them across wrappings
+        # "-fp8" runs have no eager twin: the test compares them across wrappings, or with the wrapping's own
+        # eager run ("tp-fp8" with "tp")
         results = {c: {**({} if c.endswith("-fp8") else {"eager": _train(c, False, rank)}),
                        "kernelpytorch": _train(c, True, rank)} for c in configs}
         torch.save(results, os.path.join(folder, f"rank{rank}.pt"))

@@ -55,6 +55,7 @@ from ...ops import fp8_traced
 from ...core.devices import DeviceInfo, fp8_dtypes
 from ...core.fp8_options import FP8Options, parse_fp8
 from ...ops import fp8_state
+from ..tp_linears import LOCAL_SUFFIX
 from .gated import fuse_gated_mlps
 
 aten = torch.ops.aten
@@ -81,7 +82,7 @@ BELOW_TABLE = "below the size table's"  # the refusal that beside_converted may 
 
 def module_path(weight: fx.Node) -> str:
     """``model.layers.0.mlp.up_proj.weight`` from Dynamo's placeholder name for that parameter."""
-    name = weight.name
+    name = weight.name.removesuffix(LOCAL_SUFFIX)  # a tensor-parallel weight's local shard (passes/tp_linears.py)
     for prefix in ("l_self_modules_", "l_self_", "l_"):
         if name.startswith(prefix):
             name = name[len(prefix):]

@@ -1,0 +1,252 @@
+"""Tensor-parallel linears computed on their local shards, so the passes reach them (issue 21).
+
+Under ``parallelize_module`` Dynamo captures each sharded linear as a chain of
+DTensor calls, which canonicalization cannot trace (``core/plain_regions.py``
+keeps them as captured). ``localize`` rewrites the two chains torch's
+``ColwiseParallel`` and ``RowwiseParallel`` emit into ``linear`` on plain local
+tensors plus ``kp::tp_copy`` / ``kp::tp_reduce`` (``ops/tp_collectives.py``)
+for what ``DTensor`` communicated, and reads each weight's local shard once,
+before the graph's first computation. The rest of the graph is then one part
+on plain tensors, and every pass (attention, FP8, linear + activation) sees
+the linears as ordinary ones.
+
+It fires only where the example values prove the chain (1-D mesh, the
+weight's mesh; nothing else reads an intermediate):
+
+- column-parallel: ``from_local(x, [Replicate()], run_check=False)`` ->
+  ``linear(., W: Shard(0), b: Shard(0) | None)`` -> ``redistribute`` to the
+  output's own ``Shard(-1)`` (no communication) -> ``to_local()``. Local:
+  ``linear(tp_copy(x), W_local, b_local)``; columns that read one ``x`` share
+  its ``tp_copy``, so q, k and v all-reduce their input gradient once, not
+  three times.
+- row-parallel: ``from_local(h, [Shard(-1)], run_check=False)`` ->
+  ``linear(., W: Shard(1), b: Replicate() | None)`` (a ``Partial`` sum) ->
+  ``redistribute`` to ``Replicate()`` -> ``to_local()``. Local:
+  ``tp_reduce(linear(h, W_local)) + b_local``.
+
+Before (rank 0 of 2, torch 2.13's spelling; torch 2.9 bakes the constants into
+``prim`` functions, read the same way)::
+
+    %input_tensor_7 = DTensor.from_local(%ln2, %mesh, (Replicate(),), run_check=False)
+    %linear_4 = torch._C._nn.linear(%input_tensor_7, %fc1_weight, %fc1_bias)        # DTensor
+    %outputs_4 = %linear_4.redistribute(placements=(Shard(dim=-1),), async_op=True)
+    %hook_result_4 = %outputs_4.to_local()
+    %gelu = torch._C._nn.gelu(%hook_result_4, approximate='tanh')
+    %input_tensor_9 = DTensor.from_local(%gelu, %mesh, (Shard(dim=-1),), run_check=False)
+    %linear_5 = torch._C._nn.linear(%input_tensor_9, %fc2_weight, %fc2_bias)        # Partial(sum)
+    %outputs_5 = %linear_5.redistribute(placements=(Replicate(),), async_op=True)
+    %hook_result_5 = %outputs_5.to_local()
+
+After::
+
+    %fc1_weight_tp_local = %fc1_weight.to_local()      # ... every weight's and bias's, after the inputs
+    %tp_copy = kp.tp_copy(%ln2, '0')
+    %linear_local = torch._C._nn.linear(%tp_copy, %fc1_weight_tp_local, %fc1_bias_tp_local)
+    %gelu = torch._C._nn.gelu(%linear_local, approximate='tanh')
+    %linear_local_1 = torch._C._nn.linear(%gelu, %fc2_weight_tp_local)
+    %tp_reduce = kp.tp_reduce(%linear_local_1, '0')
+    %add = operator.add(%tp_reduce, %fc2_bias_tp_local)
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from ..ops import tp_collectives  # noqa: F401  (registers kp::tp_copy, kp::tp_reduce)
+
+LOCAL_SUFFIX = "_tp_local"  # a local shard's node: the parameter's name and this (fp8-linear's module paths)
+_PRIM = {"prim from_local": "from_local", "prim_redistribute": "redistribute", "prim_to_local": "to_local"}
+
+
+@dataclass
+class Localized:
+    """What ``localize`` did: the graph (a copy; the input is untouched; None where no chain was proven) and the
+    chains per kind."""
+    gm: Optional[fx.GraphModule]
+    colwise: int = 0
+    rowwise: int = 0
+    copies: int = 0  # kp::tp_copy nodes (inputs shared by column-parallel linears count once)
+    kept: list = field(default_factory=list)  # "linear_3: why" for DTensor linears left as captured
+
+
+def _example(node) -> Any:
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
+def _dtensor():
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def dt_call(node: fx.Node) -> Optional[tuple[str, tuple, dict]]:
+    """``(kind, constant args after the tensor, kwargs)`` of a DTensor API call (``from_local``,
+    ``redistribute``, ``to_local``) in either of Dynamo's spellings, or None."""
+    if node.op == "call_method" and node.target in ("redistribute", "to_local"):
+        return node.target, tuple(node.args[1:]), dict(node.kwargs)
+    if node.op != "call_function":
+        return None
+    if node.target is getattr(_dtensor(), "from_local", None):
+        return "from_local", tuple(node.args[1:]), dict(node.kwargs)
+    kind = _PRIM.get(getattr(node.target, "__name__", ""))
+    code, cells = getattr(node.target, "__code__", None), getattr(node.target, "__closure__", None)
+    if kind is None or code is None or cells is None:
+        return None
+    free = dict(zip(code.co_freevars, (c.cell_contents for c in cells)))
+    if "args_as_value" not in free or "kwargs_as_value" not in free:
+        return None
+    return kind, tuple(free["args_as_value"]), {**free["kwargs_as_value"], **node.kwargs}
+
+
+def _only_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _placements(node) -> Optional[tuple]:
+    value = _example(node)
+    return tuple(value.placements) if isinstance(value, _dtensor()) else None
+
+
+def _is_shard(p, dim: int, ndim: int) -> bool:
+    return p.is_shard() and p.dim % ndim == dim % ndim
+
+
+def _chain(link: fx.Node, given: dict) -> tuple[Optional[dict], str]:
+    """The chain whose ``linear`` is ``link``: ``({kind, x, w, b, out, nodes, mesh}, "")`` or ``(None, why)``.
+    ``given``: the graph's example inputs by placeholder name (torch 2.13 passes the mesh as an input)."""
+    from torch.distributed.tensor import Replicate
+
+    args = list(link.args) + [link.kwargs.get("bias")] * (3 - len(link.args))
+    source, w, b = args[:3]
+    start = dt_call(source) if isinstance(source, fx.Node) else None
+    if start is None or start[0] != "from_local" or _only_user(source) is not link:
+        return None, "its input is not a from_local that only it reads"
+    wv = _example(w)
+    if not (w.op == "placeholder" and isinstance(wv, _dtensor()) and wv.dim() == 2 and wv.device_mesh.ndim == 1):
+        return None, "the weight is not a 2-D DTensor parameter on a 1-D mesh"
+    mesh = wv.device_mesh
+    fl_args, fl_kwargs = start[1], start[2]
+    fl_mesh = fl_args[0] if fl_args else fl_kwargs.get("device_mesh")
+    fl_mesh = given.get(fl_mesh.name, _example(fl_mesh)) if isinstance(fl_mesh, fx.Node) else fl_mesh
+    if fl_mesh != mesh or fl_kwargs.get("run_check", True) is not False or {"shape", "stride"} & fl_kwargs.keys():
+        return None, "from_local is not on the weight's mesh with run_check=False"
+    redistribute = _only_user(link)
+    step = dt_call(redistribute) if redistribute is not None else None
+    if step is None or step[0] != "redistribute" or not set(step[2]) <= {"placements", "async_op", "device_mesh"}:
+        return None, "its output is not only redistributed"
+    end = _only_user(redistribute)
+    last = dt_call(end) if end is not None else None
+    if last is None or last[0] != "to_local" or last[1] or any(v is not None for v in last[2].values()):
+        return None, "the redistributed output is not only read by to_local()"
+    ndim = _example(source).dim()
+    x_in, w_at, out, after = _placements(source), _placements(w), _placements(link), _placements(redistribute)
+    b_at = _placements(b) if isinstance(b, fx.Node) else ()
+    if b is not None and (not isinstance(b, fx.Node) or b.op != "placeholder" or b_at is None):
+        return None, "the bias is not a DTensor parameter"
+    chain = {"x": source.args[0], "w": w, "b": b, "out": end, "nodes": [end, redistribute, link, source],
+             "mesh": mesh}
+    if (x_in == (Replicate(),) and _is_shard(w_at[0], 0, 2) and len(out) == 1 and _is_shard(out[0], -1, ndim)
+            and after == out and (b is None or _is_shard(b_at[0], 0, 1))):
+        return {**chain, "kind": "colwise"}, ""
+    partial = out is not None and len(out) == 1 and out[0].is_partial() and getattr(out[0], "reduce_op", "") == "sum"
+    if (len(x_in) == 1 and _is_shard(x_in[0], -1, ndim) and _is_shard(w_at[0], 1, 2) and partial
+            and after == (Replicate(),) and (b is None or b_at == (Replicate(),))):
+        return {**chain, "kind": "rowwise"}, ""
+    return None, f"placements {x_in} x {w_at} -> {out} -> {after} are not a column- or row-parallel linear"
+
+
+def _is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (F.linear, torch._C._nn.linear)
+
+
+def localize(gm: fx.GraphModule, example_inputs) -> Localized:
+    """A copy of ``gm`` with every proven column- and row-parallel linear computed locally (``.gm``, None where
+    there is none), and why each other DTensor linear stays a DTensor op (``.kept``)."""
+    graph = fx.Graph()
+    remap: dict = {}
+    out = graph.graph_copy(gm.graph, remap)
+    graph.output(out)
+    given = {ph.name: x for ph, x in zip(gm.graph.find_nodes(op="placeholder"), example_inputs)}
+    result = Localized(fx.GraphModule(gm, graph))
+    result.gm.meta.update(gm.meta)
+    chains = []
+    for node in list(graph.nodes):
+        if not _is_linear(node) or not isinstance(_example(node), _dtensor()):
+            continue
+        chain, why = _chain(node, given)
+        if chain is None:
+            result.kept.append(f"{node.name}: {why}")
+        else:
+            chains.append(chain)
+    if not chains:
+        result.gm = None
+        return result
+    _rewrite(graph, chains, result)  # no dead-code pass: FX would drop an in-place write nothing reads
+    graph.lint()
+    result.gm.recompile()
+    return result
+
+
+def _rewrite(graph: fx.Graph, chains: list, result: Localized) -> None:
+    last_input = list(graph.find_nodes(op="placeholder"))[-1]
+    shards: dict = {}
+
+    def shard(param: Optional[fx.Node]) -> Optional[fx.Node]:  # the parameter's local shard, read once
+        if param is None:
+            return None
+        if param not in shards:
+            with graph.inserting_after(last_input):
+                node = graph.create_node("call_method", "to_local", (param,), name=param.name + LOCAL_SUFFIX)
+            node.meta["example_value"] = _example(param)._local_tensor
+            shards[param] = node
+        return shards[param]
+
+    copies: dict = {}  # (x, group) -> the tp_copy that column-parallel linears reading x share
+    for chain in chains:
+        end, source = chain["out"], chain["nodes"][-1]
+        group = chain["mesh"].get_group().group_name
+        w, b, x = shard(chain["w"]), shard(chain["b"]), chain["x"]
+        local = _example(end)
+        if chain["kind"] == "colwise":
+            if (x, group) not in copies or _written_between(x, copies[(x, group)], source):
+                with graph.inserting_before(source):
+                    copies[(x, group)] = _node(graph, torch.ops.kp.tp_copy.default, (x, group), _example(x))
+                result.copies += 1
+            with graph.inserting_before(end):
+                new = _node(graph, torch._C._nn.linear, (copies[(x, group)], w, b), local, "linear_local")
+            result.colwise += 1
+        else:
+            with graph.inserting_before(end):
+                new = _node(graph, torch._C._nn.linear, (x, w), local, "linear_local")
+                new = _node(graph, torch.ops.kp.tp_reduce.default, (new, group), local)
+                if b is not None:
+                    new = _node(graph, operator.add, (new, b), local)
+            result.rowwise += 1
+        end.replace_all_uses_with(new)
+        for old in chain["nodes"]:
+            graph.erase_node(old)
+
+
+def _node(graph: fx.Graph, target, args, example, name: Optional[str] = None) -> fx.Node:
+    node = graph.create_node("call_function", target, args, name=name)
+    node.meta["example_value"] = example
+    return node
+
+
+def _written_between(x: fx.Node, first: fx.Node, later: fx.Node) -> bool:
+    """Whether a node between ``first`` and ``later`` may write ``x`` in place (``add_``, ``x[i] = ...``): the
+    later linear must then read ``x`` as it is there, through a copy of its own."""
+    node = first.next
+    while node is not later and node.op != "output":
+        name = str(getattr(node.target, "__name__", node.target))
+        if x in node.all_input_nodes and (name.endswith("_") and not name.endswith("__") or name == "setitem"):
+            return True
+        node = node.next
+    return False

@@ -1,0 +1,213 @@
+"""``passes/tp_linears.py``: tensor-parallel linears computed on their local shards, in one process (a 1-rank gloo
+group: the chains Dynamo captures are those of any world size; ``tests/distributed/test_gloo.py`` runs 2 ranks).
+
+The column- and row-parallel chains become local ``linear`` + ``kp::tp_copy`` / ``kp::tp_reduce`` (q, k and v
+share one copy of their input), the graph is one plain part, every pass sees the linears (``fp8-linear``
+converts them), and training equals eager; chains that are not these two (an all-gathered output, a DTensor
+output, a sequence-parallel input) stay DTensor ops with their reason; an in-place write between two readers
+of one input gives the later reader a copy of its own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import FileCheck
+
+from kp_compiler.core.report import collect
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    from torch.distributed.device_mesh import init_device_mesh
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _tp_gpt(mesh):
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from tests.distributed import worker
+    model = worker.build()
+    plan = {f"attn.{p}": ColwiseParallel() for p in "qkv"}
+    plan.update({"attn.proj": RowwiseParallel(), "mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel()})
+    for block in model.blocks:
+        parallelize_module(block, mesh, plan)
+    return model
+
+
+def _grads(model):
+    return {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            for n, p in model.named_parameters()}
+
+
+def _train_both(build, x_of, options=None):
+    """(eager out, compiled out, eager grads, compiled grads, records) for one forward/backward from one seed."""
+    outs, grads = [], []
+    torch.manual_seed(3)
+    x = x_of()
+    with collect() as records:
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            model = build()
+            fn = torch.compile(model, backend="kernelpytorch", options=options) if compiled else model
+            out = fn(x)
+            out.float().square().mean().backward()
+            outs.append(out.detach())
+            grads.append(_grads(model))
+    return outs, grads, records
+
+
+def _assert_equal(outs, grads, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(outs[1], outs[0], rtol=rtol, atol=atol)
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert g is not None and grads[1][name] is not None, name
+        torch.testing.assert_close(grads[1][name], g, rtol=rtol, atol=atol, msg=name)
+
+
+def test_colwise_and_rowwise_linears_become_local_and_train_as_eager(mesh):
+    outs, grads, records = _train_both(lambda: _tp_gpt(mesh), lambda: torch.randint(0, 64, (2, 16)))
+    _assert_equal(outs, grads)
+    (record,) = records
+    assert not record.fallbacks, record.fallbacks
+    local = record.parts["local_linears"]
+    # per block: q, k, v, fc1 column-parallel (q, k, v share one input copy), proj and fc2 row-parallel
+    assert (local["colwise"], local["rowwise"], local["copies"], local["kept"]) == (8, 4, 4, []), local
+    assert record.parts["plain"] == 1 and record.parts["rewritten"] == 1, record.parts  # one part on plain tensors
+    fired = [(p.name, p.matches) for p in record.passes if p.matches]
+    assert fired == [("attention-to-sdpa", 2)], fired
+    from kp_compiler.explain import _graph_lines
+    assert ("  tensor-parallel linears computed on local shards: 8 column-parallel, 4 row-parallel (4 shared input "
+            "copies)") in _graph_lines(0, record)
+
+
+def test_the_localized_graph_holds_local_linears_and_the_collectives(mesh):
+    from kp_compiler.passes.tp_linears import localize
+
+    seen = []
+
+    def capture(gm, example_inputs):
+        seen.append(localize(gm, example_inputs))
+        return gm
+    torch._dynamo.reset()
+    torch.compile(_tp_gpt(mesh), backend=capture)(torch.randint(0, 64, (2, 16)))
+    (local,) = seen
+    code = local.gm.code
+    for name in ("from_local", "redistribute"):
+        FileCheck().check_not(name).run(code)
+    FileCheck().check_count("kp.tp_copy", 4, exactly=True).check_not("kp.tp_copy").run(code)
+    FileCheck().check_count("kp.tp_reduce", 4, exactly=True).run(code)
+    # every weight's and bias's shard is read once, before the first computation
+    FileCheck().check_count(".to_local()", 24, exactly=True).check("embedding").check_not(".to_local()").run(code)
+
+
+def test_fp8_converts_the_sharded_linears(mesh):
+    fp8 = {"fp8": {"emulate": True, "min_dims": [1, 1, 1], "exclude": ["*head*"]}}
+    outs, grads, records = _train_both(lambda: _tp_gpt(mesh), lambda: torch.randint(0, 64, (2, 16)), fp8)
+    (record,) = records
+    fired = {p.name: (p.matches, dict(p.by_rule)) for p in record.passes if p.matches}
+    assert fired.get("fp8-linear") == (12, {"tensorwise": 12}), fired  # all six linears of both blocks
+    notes = [n for p in record.passes if p.name == "fp8-linear" for n in p.notes]
+    assert any("blocks.0.mlp.fc1.weight" in str(n) for n in notes), notes  # module paths read through the shard
+    assert not torch.allclose(outs[1], outs[0], rtol=1e-6, atol=0)  # FP8 changed the numbers ...
+    _assert_equal(outs, grads, rtol=5e-2, atol=5e-2)  # ... by FP8 rounding
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def _plans():
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    return {
+        "all-gathered output": {"fc1": ColwiseParallel(output_layouts=Replicate())},
+        "DTensor output": {"fc1": ColwiseParallel(use_local_output=False), "fc2": RowwiseParallel()},
+        "sequence-parallel input": {"fc1": ColwiseParallel(input_layouts=Shard(1)), "fc2": RowwiseParallel()},
+    }
+
+
+def _localized(model, x) -> list:
+    """``localize`` of every graph Dynamo captures from ``model(x)``."""
+    from kp_compiler.passes.tp_linears import localize
+
+    seen = []
+
+    def capture(gm, example_inputs):
+        seen.append(localize(gm, example_inputs))
+        return gm
+    torch._dynamo.reset()
+    torch.compile(model, backend=capture)(x)
+    return seen
+
+
+@pytest.mark.parametrize("case", ["all-gathered output", "DTensor output", "sequence-parallel input"])
+def test_other_chains_stay_dtensor_ops_and_train_as_eager(mesh, case):
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    def build():
+        torch.manual_seed(0)
+        return parallelize_module(_MLP(), mesh, _plans()[case])
+    outs, grads, records = _train_both(build, lambda: torch.randn(2, 8, 16), {"passes": ["noop-elimination"]})
+    _assert_equal(outs, grads)
+    # lowered as captured at worst ("DTensor output": no part computes on plain tensors), never a failure
+    assert records and not any("failed" in f for r in records for f in r.fallbacks), [r.fallbacks for r in records]
+    (local,) = _localized(build(), torch.randn(2, 8, 16))
+    kept = " ".join(local.kept)
+    if case == "all-gathered output":  # fc1's output all-gathered; fc2 is not sharded
+        assert (local.gm, local.colwise, local.rowwise, len(local.kept)) == (None, 0, 0, 1), local
+        assert "are not a column- or row-parallel linear" in kept, kept
+    elif case == "DTensor output":  # fc1's output stays a DTensor (no to_local); fc2 reads it, not a from_local
+        assert (local.gm, local.colwise, local.rowwise, len(local.kept)) == (None, 0, 0, 2), local
+        assert "not only read by to_local()" in kept and "is not a from_local" in kept, kept
+    else:  # fc1 reads its sequence-sharded input all-gathered (a redistribute); fc2 is proven
+        assert (local.colwise, local.rowwise, len(local.kept)) == (0, 1, 1), local
+        assert "is not a from_local" in kept, kept
+        assert not any(r.parts["local_linears"]["kept"] == [] for r in records if r.parts), records
+
+
+class _Rewritten(nn.Module):
+    """Two column-parallel linears read one input, written in place between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = x * 1.5
+        a = self.q(h)
+        h.mul_(2.0)
+        return a + self.k(h)
+
+
+def test_an_input_written_between_two_readers_is_copied_for_each(mesh):
+    """Forward only: in training the write would change a tensor saved for the backward (the plain module
+    raises; under DTensor eager the backward silently reads the written values)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    model = parallelize_module(_Rewritten(), mesh, {"q": ColwiseParallel(), "k": ColwiseParallel()})
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        expected = model(x)
+        torch._dynamo.reset()
+        with collect() as records:
+            got = torch.compile(model, backend="kernelpytorch", options={"passes": ["noop-elimination"]})(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # one shared copy would give k the unwritten h
+    locals_ = [r.parts["local_linears"] for r in records if r.parts and r.parts["local_linears"]]
+    assert [(x["colwise"], x["copies"]) for x in locals_] == [(2, 2)], locals_
