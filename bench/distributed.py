@@ -13,10 +13,12 @@ CPU with gloo. Wrappings:
   columns split over the ranks).
 
 Per wrapping and backend (``eager``, ``inductor``, ``kernelpytorch``, and on CUDA ``kernelpytorch-fp8`` with
-``options={"fp8": True}``), from the same seed and the same per-rank batches: the loss of every step (rank 0),
-the median step time after ``--warmup`` steps (synchronized per step), tokens per second over both ranks, the
-peak memory of each rank, and the rewrites that fired on each rank (one entry where the ranks agree). The loss
-ratio to eager is the mean over steps of ``loss / eager loss``.
+``options={"fp8": True}``; ``kernelpytorch-fp8-all`` on request: every block linear), from the same seed and the
+same per-rank batches (one batch for all ranks under TP), on ``--world`` processes (default 2): the loss of
+every step (rank 0), the median step time after ``--warmup`` steps (synchronized per step), tokens per second
+(over the ranks' batches; under TP the ranks share one batch), the peak memory of each rank, and the rewrites
+that fired on each rank (one entry where the ranks agree). The loss ratio to eager is the mean over steps of
+``loss / eager loss``.
 
     python -m bench.distributed --steps 50 --out bench/results --stem 2026-12-03-h200x2-distributed
 """
@@ -40,6 +42,9 @@ from torch import nn
 
 CONFIGS = ("ddp", "fsdp2", "tp")
 BACKENDS = ("eager", "inductor", "kernelpytorch", "kernelpytorch-fp8")
+# not a default: every block linear in FP8 whatever the size table says (the LM head excluded), to see the
+# conversion under each wrapping at shapes where the table keeps bf16 (K or N below 4096 at this model's width)
+EXTRA_BACKENDS = ("kernelpytorch-fp8-all",)
 GPU_SHAPE = dict(vocab=32000, d=2048, layers=8, heads=16, ffn=5632, batch=4, seq=1024)
 SMOKE_SHAPE = dict(vocab=64, d=32, layers=2, heads=4, ffn=64, batch=2, seq=16)
 
@@ -123,7 +128,10 @@ def _compiled(model, backend: str):
         return torch.compile(model, backend="kernelpytorch")
     if backend == "kernelpytorch-fp8":
         return torch.compile(model, backend="kernelpytorch", options={"fp8": True})
-    raise ValueError(f"unknown backend {backend!r}; one of {BACKENDS}")
+    if backend == "kernelpytorch-fp8-all":
+        fp8 = {"min_dims": [1, 1, 1], "exclude": ["*head*"]}
+        return torch.compile(model, backend="kernelpytorch", options={"fp8": fp8})
+    raise ValueError(f"unknown backend {backend!r}; one of {BACKENDS + EXTRA_BACKENDS}")
 
 
 def _sync(device):
@@ -140,7 +148,8 @@ def run_one(config: str, backend: str, shape: dict, steps: int, warmup: int, dev
     model = wrap(model, config, device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
     step = _compiled(model, backend)
-    data = torch.Generator().manual_seed(1000 + dist.get_rank())
+    # data parallel: a batch per rank; tensor parallel: one batch for the group (TP's replicated values assume it)
+    data = torch.Generator().manual_seed(1000 + (0 if config == "tp" else dist.get_rank()))
     losses, times = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -181,7 +190,7 @@ def _worker(rank: int, world: int, folder: str, args: dict) -> None:
     try:
         for config in args["configs"]:
             for backend in args["backends"]:
-                if backend == "kernelpytorch-fp8" and not cuda:
+                if backend.startswith("kernelpytorch-fp8") and not cuda:
                     continue
                 try:
                     row = run_one(config, backend, shape, args["steps"], args["warmup"], device, dtype)
@@ -212,11 +221,12 @@ def summarize(result: dict) -> list[dict]:
             out.append(row)
             continue
         ms = first["median_ms"]
+        batches = 1 if r["config"] == "tp" else world  # tensor parallel: the ranks share one batch
         row.update(median_ms=ms, fired=first["fired"], fallbacks=first["fallbacks"],
                    fired_per_rank=[rank.get("fired", {}) for rank in r["ranks"]],
                    fallbacks_per_rank=[rank.get("fallbacks", []) for rank in r["ranks"]],
                    peak_gib=[rank.get("peak_gib") for rank in r["ranks"]], final_loss=first["losses"][-1],
-                   tokens_per_s=(world * shape["batch"] * shape["seq"] / (ms / 1e3)) if ms else None)
+                   tokens_per_s=(batches * shape["batch"] * shape["seq"] / (ms / 1e3)) if ms else None)
         ref = eager.get(r["config"])
         if ref:
             row["loss_ratio"] = statistics.mean(a / b for a, b in zip(first["losses"], ref))
@@ -256,7 +266,8 @@ def markdown(rows: list[dict], result: dict) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
-    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS + EXTRA_BACKENDS)
+    p.add_argument("--world", type=int, default=2, help="processes (one GPU each on CUDA)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, fp32, CPU (gloo)")
@@ -266,7 +277,7 @@ def main(argv=None) -> dict:
     if args.warmup >= args.steps:
         p.error("--warmup must be below --steps")
     with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_worker, args=(2, folder, vars(args)), nprocs=2, join=True)
+        mp.spawn(_worker, args=(args.world, folder, vars(args)), nprocs=args.world, join=True)
         with open(os.path.join(folder, "rows.json")) as f:
             result = json.load(f)
     rows = summarize(result)
