@@ -134,6 +134,16 @@ def _compiled(model, backend: str):
     raise ValueError(f"unknown backend {backend!r}; one of {BACKENDS + EXTRA_BACKENDS}")
 
 
+def _optimizers(model, device) -> list:
+    """AdamW, fused on CUDA; under TP one for the DTensor parameters and one for the plain ones (the norms, the
+    embedding, the head): a fused step refuses a mix of the two."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    groups = [[p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]]
+    return [torch.optim.AdamW(g, lr=3e-4, fused=device.type == "cuda") for g in groups if g]
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -146,7 +156,7 @@ def run_one(config: str, backend: str, shape: dict, steps: int, warmup: int, dev
     torch.manual_seed(0)
     model = LlamaStyle(**shape).to(device, dtype)
     model = wrap(model, config, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
+    opts = _optimizers(model, device)
     step = _compiled(model, backend)
     # data parallel: a batch per rank; tensor parallel: one batch for the group (TP's replicated values assume it)
     data = torch.Generator().manual_seed(1000 + (0 if config == "tp" else dist.get_rank()))
@@ -160,8 +170,9 @@ def run_one(config: str, backend: str, shape: dict, steps: int, warmup: int, dev
             t0 = time.perf_counter()
             loss = step(ids)
             loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            for opt in opts:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             _sync(device)
             if i >= warmup:
                 times.append((time.perf_counter() - t0) * 1e3)
