@@ -72,6 +72,20 @@ def main() -> None:
             lines.append(f"graph {r.id}: lowering {r.lowering}, nodes {r.nodes_in}->{r.nodes_out}, "
                          f"passes {[(x.name, x.matches) for x in r.passes if x.matches]}, guards {r.guards}, "
                          f"fallbacks {r.fallbacks}, guards_added {r.guards_added}")
+        import cProfile
+        import io
+        import pstats
+        prof_py = cProfile.Profile()
+        prof_py.enable()
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        prof_py.disable()
+        for order in ("tottime", "cumulative"):
+            text = io.StringIO()
+            pstats.Stats(prof_py, stream=text).sort_stats(order).print_stats(30)
+            lines.append(f"python profile, 5 steps, by {order}:")
+            lines += [ln for ln in text.getvalue().splitlines() if ln.strip()][4:40]
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
@@ -85,7 +99,7 @@ def main() -> None:
         key = "self_device_time_total" if hasattr(avg[0], "self_device_time_total") else "self_cuda_time_total"
         for e in sorted(avg, key=lambda e: -getattr(e, key))[:25]:
             lines.append(f"  {getattr(e, key) / 1e3:9.3f} x{e.count:5d}  {e.key[:110]}")
-        print("\n".join(lines[-60:]), flush=True)
+        print("\n".join(lines[-150:]), flush=True)
     with open(os.path.join(args.out, f"fsdp2-overhead-{args.config}.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
     dist.destroy_process_group()
