@@ -211,3 +211,32 @@ def test_an_input_written_between_two_readers_is_copied_for_each(mesh):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # one shared copy would give k the unwritten h
     locals_ = [r.parts["local_linears"] for r in records if r.parts and r.parts["local_linears"]]
     assert [(x["colwise"], x["copies"]) for x in locals_] == [(2, 2)], locals_
+
+
+def test_fp8_inference_on_shards_sees_an_updated_weight(mesh):
+    """An in-place update of a DTensor parameter bumps the DTensor's version, not its local shard's: a weight
+    cached by the shard's version would go stale. Inference graphs quantize a shard on every call, so the
+    compiled model follows the update (eager's output, within FP8 rounding)."""
+    model = _tp_gpt(mesh)
+    idx = torch.randint(0, 64, (2, 16))
+    fp8 = {"fp8": {"emulate": True, "min_dims": [1, 1, 1], "exclude": ["*head*"]}}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="kernelpytorch", options=fp8)
+    with torch.no_grad(), collect() as records:
+        before = compiled(idx)
+        model.blocks[0].mlp.fc1.weight.mul_(0.0)
+        expected, after = model(idx), compiled(idx)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, expected, rtol=5e-2, atol=5e-2)
+    notes = [n for r in records for p in r.passes if p.name == "fp8-linear" for n in p.notes]
+    assert sum("quantized on every call" in n for n in notes) == 12, notes
+
+
+def test_stateful_fp8_recipes_leave_shards_in_bf16(mesh):
+    fp8 = {"fp8": {"emulate": True, "min_dims": [1, 1, 1], "exclude": ["*head*"], "recipe": "delayed"}}
+    torch._dynamo.reset()
+    with collect() as records:
+        torch.compile(_tp_gpt(mesh), backend="kernelpytorch", options=fp8)(torch.randint(0, 64, (2, 16)))
+    notes = [n for r in records for p in r.passes if p.name == "fp8-linear" for n in p.notes]
+    assert sum("a tensor-parallel shard: the delayed recipe" in n for n in notes) == 12, notes
+    assert not any(p.matches for r in records for p in r.passes if p.name == "fp8-linear")

@@ -193,6 +193,8 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: FP8Options, train: 
             continue
         ok, why = decide(node, device, fp8, train)
         state = None
+        if ok and recipe in STATEFUL and _is_shard(node.args[1]):
+            ok, why = False, f"a tensor-parallel shard: the {recipe} recipe keeps its state per parameter"
         if ok and recipe in STATEFUL:
             state, refusal = _state(node.args[1], recipe, fp8)
             ok, why = (False, refusal) if refusal else (ok, why)
@@ -227,9 +229,13 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: FP8Options, train: 
                 casts[x] = _emit_cast(gm, readers[x][0], formats[0])
             new = _emit_shared(gm, node, casts[x], formats, fast)
         else:
-            new = _emit(gm, node, recipe, formats, state, not train, fast)
+            new = _emit(gm, node, recipe, formats, state, not train and not _is_shard(node.args[1]), fast)
         new.meta["val"] = val(node)
         new.meta["kp_note"] = f"fp8: converted, {recipe}{', input cast shared' if x in casts else ''} ({why})"
+        if not train and _is_shard(node.args[1]):
+            notes.append(f"{module_path(node.args[1])}: a tensor-parallel shard, quantized on every call (an "
+                         "in-place update of the parameter does not bump the shard's version, so a cached "
+                         "copy could go stale)")
         node.replace_all_uses_with(new)
         erase_dead([node])
         converted[recipe] = converted.get(recipe, 0) + 1
@@ -248,6 +254,11 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: FP8Options, train: 
 
 
 STATEFUL = ("delayed", "static")
+
+
+def _is_shard(weight) -> bool:
+    """Whether the weight is a tensor-parallel parameter's local shard (``passes/tp_linears.py``)."""
+    return isinstance(weight, fx.Node) and weight.name.endswith(LOCAL_SUFFIX)
 
 
 def _state(weight: fx.Node, recipe: str, fp8: FP8Options):
