@@ -324,7 +324,8 @@ def _compile_parts(gm, example_inputs, opts: Options, chosen, record: GraphRecor
     record.guards = [guard.to_json() for guard in guards]
     record.parts = {"plain": len(plain), "rewritten": len(plain) - len(kept), "kept": kept,
                     "local_linears": None if local is None else {"colwise": local.colwise, "rowwise": local.rowwise,
-                                                                 "copies": local.copies, "kept": local.kept},
+                                                                 "copies": local.copies, "scatters": local.scatters,
+                                                                 "kept": local.kept},
                     "local_why": local_why}
     try:
         fn = lower(record.lowering, parent, example_inputs, opts.mode, opts.inductor_config)

@@ -111,7 +111,8 @@ def _graph_lines(index: int, g: GraphRecord) -> list[str]:
         local = g.parts.get("local_linears") or {"colwise": 0, "rowwise": 0, "kept": []}
         if local["colwise"] or local["rowwise"]:
             lines.append(f"  tensor-parallel linears computed on local shards: {local['colwise']} column-parallel, "
-                         f"{local['rowwise']} row-parallel ({local['copies']} shared input copies)")
+                         f"{local['rowwise']} row-parallel ({local['copies']} shared input copies"
+                         + (f", {local['scatters']} token reduce-scatters" if local.get("scatters") else "") + ")")
         elif g.parts.get("local_why"):
             lines.append(f"  tensor-parallel linears kept as DTensor ops: {_one_line(g.parts['local_why'])}")
         lines += [f"    kept as a DTensor op: {_one_line(why)}" for why in local["kept"]]

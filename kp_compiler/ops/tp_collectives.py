@@ -1,4 +1,5 @@
-"""``kp::tp_copy`` and ``kp::tp_reduce``: a tensor-parallel linear's collectives as ops on plain tensors.
+"""``kp::tp_copy``, ``kp::tp_reduce`` and the sequence-parallel pair: a tensor-parallel linear's collectives as
+ops on plain tensors.
 
 ``core/tp_linears.py`` computes the linears that ``ColwiseParallel`` and
 ``RowwiseParallel`` shard on their local shards, outside ``DTensor``, so the
@@ -15,7 +16,17 @@ becomes one of these ops (Megatron's pair of conjugate operators):
   from ``Partial`` to ``Replicate``). Backward: the gradient as it is (it is
   the same on every rank).
 
-Both call torch's functional collectives (``_c10d_functional``), with the
+Sequence parallelism adds the pair that moves token shards (``dim``: the
+token dimension, ``world``: the group's size):
+
+- ``sp_all_gather(x, dim, world, group_name)``: forward the shards
+  concatenated along ``dim``; backward the gradient summed over the group
+  and scattered along ``dim``.
+- ``sp_reduce_scatter(y, dim, world, group_name)``: forward the sum over the
+  group, each rank keeping its share of ``dim``; backward the gradient's
+  shards gathered.
+
+All four call torch's functional collectives (``_c10d_functional``), with the
 group's registered name, so they run under any backend torch's collectives
 run under (NCCL, gloo)::
 
@@ -71,3 +82,64 @@ def _copy_backward(ctx, grad):
 
 
 tp_copy.register_autograd(_copy_backward, setup_context=_copy_setup)
+
+
+# Sequence parallelism: activations sharded over tokens (``Shard(1)``) between the blocks' linears.
+
+
+def _gather(x: torch.Tensor, dim: int, world: int, group_name: str) -> torch.Tensor:
+    c10d = torch.ops._c10d_functional
+    rows = c10d.wait_tensor(c10d.all_gather_into_tensor(x.movedim(dim, 0).contiguous(), world, group_name))
+    return rows.movedim(0, dim).contiguous()
+
+
+def _scatter(y: torch.Tensor, dim: int, world: int, group_name: str) -> torch.Tensor:
+    c10d = torch.ops._c10d_functional
+    rows = c10d.wait_tensor(c10d.reduce_scatter_tensor(y.movedim(dim, 0).contiguous(), "sum", world, group_name))
+    return rows.movedim(0, dim).contiguous()
+
+
+def _resized(x: torch.Tensor, dim: int, size) -> torch.Tensor:
+    shape = list(x.shape)
+    shape[dim] = size
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("kp::sp_all_gather", mutates_args=())
+def sp_all_gather(x: torch.Tensor, dim: int, world: int, group_name: str) -> torch.Tensor:
+    """``x``'s shards over the group, concatenated along ``dim`` in rank order; backward: the gradient summed
+    over the group and scattered along ``dim`` (``redistribute`` from ``Shard(dim)`` to ``Replicate``)."""
+    return _gather(x, dim, world, group_name)
+
+
+@sp_all_gather.register_fake
+def _(x, dim, world, group_name):
+    return _resized(x, dim, x.shape[dim] * world)
+
+
+@torch.library.custom_op("kp::sp_reduce_scatter", mutates_args=())
+def sp_reduce_scatter(y: torch.Tensor, dim: int, world: int, group_name: str) -> torch.Tensor:
+    """``y`` summed over the group, each rank keeping its share of ``dim``; backward: the gradient's shards
+    gathered (``redistribute`` from ``Partial`` to ``Shard(dim)``)."""
+    return _scatter(y, dim, world, group_name)
+
+
+@sp_reduce_scatter.register_fake
+def _(y, dim, world, group_name):
+    return _resized(y, dim, y.shape[dim] // world)
+
+
+def _sp_setup(ctx, inputs, output):
+    ctx.dim, ctx.world, ctx.group_name = inputs[1:]
+
+
+def _gather_backward(ctx, grad):
+    return sp_reduce_scatter(grad, ctx.dim, ctx.world, ctx.group_name), None, None, None
+
+
+def _scatter_backward(ctx, grad):
+    return sp_all_gather(grad, ctx.dim, ctx.world, ctx.group_name), None, None, None
+
+
+sp_all_gather.register_autograd(_gather_backward, setup_context=_sp_setup)
+sp_reduce_scatter.register_autograd(_scatter_backward, setup_context=_sp_setup)

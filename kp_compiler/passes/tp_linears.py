@@ -23,6 +23,15 @@ weight's mesh; nothing else reads an intermediate):
   ``linear(., W: Shard(1), b: Replicate() | None)`` (a ``Partial`` sum) ->
   ``redistribute`` to ``Replicate()`` -> ``to_local()``. Local:
   ``tp_reduce(linear(h, W_local)) + b_local``.
+- sequence parallelism (torchtitan's plan: ``SequenceParallel`` norms,
+  ``PrepareModuleInput`` gathers, ``RowwiseParallel(output_layouts=Shard(1))``):
+  a column-parallel linear whose input is a ``redistribute`` of a DTensor
+  split over tokens (``Shard(d)``, ``d`` not the last dimension) to
+  ``Replicate()`` reads ``kp::sp_all_gather`` of that DTensor's local shard
+  instead (every reader of the gather must be proven; they share it), and a
+  row-parallel linear redistributed to ``Shard(d)`` ends in
+  ``kp::sp_reduce_scatter``. The token dimension's global size must be static
+  and a multiple of the mesh's size. The norms between stay DTensor ops.
 
 Before (rank 0 of 2, torch 2.13's spelling; torch 2.9 bakes the constants into
 ``prim`` functions, read the same way)::
@@ -72,6 +81,7 @@ class Localized:
     colwise: int = 0
     rowwise: int = 0
     copies: int = 0  # kp::tp_copy nodes (inputs shared by column-parallel linears count once)
+    scatters: int = 0  # row-parallel outputs reduce-scattered over tokens (sequence parallelism)
     kept: list = field(default_factory=list)  # "linear_3: why" for DTensor linears left as captured
 
 
@@ -118,28 +128,67 @@ def _is_shard(p, dim: int, ndim: int) -> bool:
     return p.is_shard() and p.dim % ndim == dim % ndim
 
 
+def _mesh_of(start: tuple, given: dict):
+    """The mesh a ``from_local`` call names (torch 2.13 passes it as a graph input, torch 2.9 bakes it in)."""
+    args, kwargs = start[1], start[2]
+    mesh = args[0] if args else kwargs.get("device_mesh")
+    return given.get(mesh.name, _example(mesh)) if isinstance(mesh, fx.Node) else mesh
+
+
+def _token_dim(placements, node, mesh) -> Optional[int]:
+    """``d`` where ``placements`` is ``(Shard(d),)`` over a dimension other than the last (sequence
+    parallelism: the tokens split over the ranks), the global size of ``d`` static and a multiple of the
+    mesh's size (the collectives move equal shards); else None."""
+    value = _example(node)
+    if placements is None or len(placements) != 1 or not placements[0].is_shard():
+        return None
+    d = placements[0].dim % value.dim()
+    size = value.shape[d]
+    if d == value.dim() - 1 or not isinstance(size, int) or size % mesh.size():
+        return None
+    return d
+
+
+def _input_side(source, link: fx.Node, mesh, given: dict) -> tuple[Optional[dict], str]:
+    """How a column-parallel linear's replicated input is made: ``{"copy": x}`` (``from_local`` of a plain
+    tensor that only this linear reads) or ``{"gather": (src, d)}`` (a ``redistribute`` of ``src``, sharded over
+    tokens, to ``Replicate``: sequence parallelism; every reader must be proven, which ``localize`` checks)."""
+    start = dt_call(source) if isinstance(source, fx.Node) else None
+    if start is not None and start[0] == "from_local":
+        if _only_user(source) is not link:
+            return None, "its from_local input has other readers"
+        kwargs = start[2]
+        checking = kwargs.get("run_check", True) is not False or {"shape", "stride"} & kwargs.keys()
+        if _mesh_of(start, given) != mesh or checking:
+            return None, "from_local is not on the weight's mesh with run_check=False"
+        return {"copy": source.args[0]}, ""
+    if start is not None and start[0] == "redistribute" and not start[1] and set(start[2]) <= _REDISTRIBUTE_KWARGS:
+        src = source.args[0]
+        value = _example(src)
+        if isinstance(value, _dtensor()) and value.device_mesh == mesh:
+            d = _token_dim(_placements(src), src, mesh)
+            if d is not None:
+                return {"gather": (src, d)}, ""
+    return None, "its input is neither a from_local nor a gather of a token-sharded DTensor"
+
+
+_REDISTRIBUTE_KWARGS = {"placements", "async_op", "device_mesh"}
+
+
 def _chain(link: fx.Node, given: dict) -> tuple[Optional[dict], str]:
-    """The chain whose ``linear`` is ``link``: ``({kind, x, w, b, out, nodes, mesh}, "")`` or ``(None, why)``.
-    ``given``: the graph's example inputs by placeholder name (torch 2.13 passes the mesh as an input)."""
+    """The chain whose ``linear`` is ``link``: ``({kind, x | gather, w, b, out, scatter, nodes, mesh}, "")`` or
+    ``(None, why)``. ``given``: the graph's example inputs by placeholder name."""
     from torch.distributed.tensor import Replicate
 
     args = list(link.args) + [link.kwargs.get("bias")] * (3 - len(link.args))
     source, w, b = args[:3]
-    start = dt_call(source) if isinstance(source, fx.Node) else None
-    if start is None or start[0] != "from_local" or _only_user(source) is not link:
-        return None, "its input is not a from_local that only it reads"
     wv = _example(w)
     if not (w.op == "placeholder" and isinstance(wv, _dtensor()) and wv.dim() == 2 and wv.device_mesh.ndim == 1):
         return None, "the weight is not a 2-D DTensor parameter on a 1-D mesh"
     mesh = wv.device_mesh
-    fl_args, fl_kwargs = start[1], start[2]
-    fl_mesh = fl_args[0] if fl_args else fl_kwargs.get("device_mesh")
-    fl_mesh = given.get(fl_mesh.name, _example(fl_mesh)) if isinstance(fl_mesh, fx.Node) else fl_mesh
-    if fl_mesh != mesh or fl_kwargs.get("run_check", True) is not False or {"shape", "stride"} & fl_kwargs.keys():
-        return None, "from_local is not on the weight's mesh with run_check=False"
     redistribute = _only_user(link)
     step = dt_call(redistribute) if redistribute is not None else None
-    if step is None or step[0] != "redistribute" or not set(step[2]) <= {"placements", "async_op", "device_mesh"}:
+    if step is None or step[0] != "redistribute" or not set(step[2]) <= _REDISTRIBUTE_KWARGS:
         return None, "its output is not only redistributed"
     end = _only_user(redistribute)
     last = dt_call(end) if end is not None else None
@@ -150,15 +199,28 @@ def _chain(link: fx.Node, given: dict) -> tuple[Optional[dict], str]:
     b_at = _placements(b) if isinstance(b, fx.Node) else ()
     if b is not None and (not isinstance(b, fx.Node) or b.op != "placeholder" or b_at is None):
         return None, "the bias is not a DTensor parameter"
-    chain = {"x": source.args[0], "w": w, "b": b, "out": end, "nodes": [end, redistribute, link, source],
-             "mesh": mesh}
+    chain = {"w": w, "b": b, "out": end, "nodes": [end, redistribute, link], "mesh": mesh, "scatter": None}
     if (x_in == (Replicate(),) and _is_shard(w_at[0], 0, 2) and len(out) == 1 and _is_shard(out[0], -1, ndim)
             and after == out and (b is None or _is_shard(b_at[0], 0, 1))):
-        return {**chain, "kind": "colwise"}, ""
+        side, why = _input_side(source, link, mesh, given)
+        if side is None:
+            return None, why
+        if "copy" in side:
+            chain["nodes"].append(source)
+        return {**chain, **side, "source": source, "kind": "colwise"}, ""
     partial = out is not None and len(out) == 1 and out[0].is_partial() and getattr(out[0], "reduce_op", "") == "sum"
     if (len(x_in) == 1 and _is_shard(x_in[0], -1, ndim) and _is_shard(w_at[0], 1, 2) and partial
-            and after == (Replicate(),) and (b is None or b_at == (Replicate(),))):
-        return {**chain, "kind": "rowwise"}, ""
+            and (b is None or b_at == (Replicate(),))):
+        side, why = _input_side(source, link, mesh, given)
+        if side is None or "copy" not in side:
+            return None, why or "its input is not a from_local"
+        chain["nodes"].append(source)
+        chain["x"] = side["copy"]
+        if after == (Replicate(),):
+            return {**chain, "kind": "rowwise"}, ""
+        d = _token_dim(after, redistribute, mesh)
+        if d is not None:
+            return {**chain, "kind": "rowwise", "scatter": d}, ""
     return None, f"placements {x_in} x {w_at} -> {out} -> {after} are not a column- or row-parallel linear"
 
 
@@ -185,6 +247,7 @@ def localize(gm: fx.GraphModule, example_inputs) -> Localized:
             result.kept.append(f"{node.name}: {why}")
         else:
             chains.append(chain)
+    chains = _whole_gathers(chains, result)
     if not chains:
         result.gm = None
         return result
@@ -209,12 +272,21 @@ def _rewrite(graph: fx.Graph, chains: list, result: Localized) -> None:
         return shards[param]
 
     copies: dict = {}  # (x, group) -> the tp_copy that column-parallel linears reading x share
+    gathered: dict = {}  # redistribute node -> the kp::sp_all_gather its column-parallel readers share
     for chain in chains:
-        end, source = chain["out"], chain["nodes"][-1]
-        group = chain["mesh"].get_group().group_name
-        w, b, x = shard(chain["w"]), shard(chain["b"]), chain["x"]
+        end, mesh = chain["out"], chain["mesh"]
+        group = mesh.get_group().group_name
+        w, b = shard(chain["w"]), shard(chain["b"])
         local = _example(end)
-        if chain["kind"] == "colwise":
+        if chain["kind"] == "colwise" and "gather" in chain:
+            x = gathered.get(chain["source"])
+            if x is None:
+                x = gathered[chain["source"]] = _gather(graph, chain["source"], *chain["gather"], mesh)
+            with graph.inserting_before(end):
+                new = _node(graph, torch._C._nn.linear, (x, w, b), local, "linear_local")
+            result.colwise += 1
+        elif chain["kind"] == "colwise":
+            x, source = chain["copy"], chain["nodes"][-1]
             if (x, group) not in copies or _written_between(x, copies[(x, group)], source):
                 with graph.inserting_before(source):
                     copies[(x, group)] = _node(graph, torch.ops.kp.tp_copy.default, (x, group), _example(x))
@@ -224,14 +296,46 @@ def _rewrite(graph: fx.Graph, chains: list, result: Localized) -> None:
             result.colwise += 1
         else:
             with graph.inserting_before(end):
-                new = _node(graph, torch._C._nn.linear, (x, w), local, "linear_local")
-                new = _node(graph, torch.ops.kp.tp_reduce.default, (new, group), local)
+                partial = _node(graph, torch._C._nn.linear, (chain["x"], w), _example(chain["nodes"][2])._local_tensor,
+                                "linear_local")
+                if chain["scatter"] is None:
+                    new = _node(graph, torch.ops.kp.tp_reduce.default, (partial, group), local)
+                else:
+                    new = _node(graph, torch.ops.kp.sp_reduce_scatter.default,
+                                (partial, chain["scatter"], mesh.size(), group), local)
+                    result.scatters += 1
                 if b is not None:
                     new = _node(graph, operator.add, (new, b), local)
             result.rowwise += 1
         end.replace_all_uses_with(new)
         for old in chain["nodes"]:
             graph.erase_node(old)
+    for source in gathered:  # every reader was rewritten (_whole_gathers)
+        graph.erase_node(source)
+
+
+def _gather(graph: fx.Graph, source: fx.Node, src: fx.Node, dim: int, mesh) -> fx.Node:
+    """``kp::sp_all_gather`` of ``src``'s local shard, where ``source`` gathered ``src`` as a DTensor."""
+    with graph.inserting_before(source):
+        shard = graph.create_node("call_method", "to_local", (src,))
+        shard.meta["example_value"] = _example(src)._local_tensor
+        full = _node(graph, torch.ops.kp.sp_all_gather.default, (shard, dim, mesh.size(), mesh.get_group().group_name),
+                     _example(source)._local_tensor)
+    return full
+
+
+def _whole_gathers(chains: list, result: Localized) -> list:
+    """The chains less those reading a sequence-parallel gather that some other reader of it keeps as a DTensor
+    op (the gather must then stay one)."""
+    readers: dict = {}
+    for chain in chains:
+        if "gather" in chain:
+            readers.setdefault(chain["source"], []).append(chain)
+    partial = {source for source, found in readers.items() if len(found) != len(source.users)}
+    for source in partial:
+        result.kept.append(f"{source.name}: a sequence-parallel gather with readers other than proven "
+                           "column-parallel linears")
+    return [c for c in chains if c.get("source") not in partial]
 
 
 def _node(graph: fx.Graph, target, args, example, name: Optional[str] = None) -> fx.Node:

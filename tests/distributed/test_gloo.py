@@ -21,7 +21,8 @@ import torch.multiprocessing as mp
 from . import worker
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")
-CONFIGS = ["ddp", "fsdp2", "tp", "ddp-lce", "ddp-fp8", "fsdp2-fp8", "tp-fp8", "ddp-moe", "fsdp2-moe"]
+CONFIGS = ["ddp", "fsdp2", "tp", "tp-sp", "ddp-lce", "ddp-fp8", "fsdp2-fp8", "tp-fp8", "tp-sp-fp8", "ddp-moe",
+           "fsdp2-moe"]
 
 
 @pytest.fixture(scope="module")
@@ -116,14 +117,34 @@ def test_tensor_parallel_graphs_are_rewritten_in_their_plain_parts(results):
         assert fired == [("attention-to-sdpa", 2, {"mask-tensor": 2})], (rank, fired)
 
 
-def test_fp8_converts_the_tensor_parallel_linears(results):
-    """``options["fp8"]`` under tensor parallelism: every sharded block linear converts (on its local shard,
+def test_sequence_parallel_linears_gather_and_scatter_tokens_locally(results):
+    """torchtitan's plan (``sp_model.py``): the norms run on token shards (DTensor parts), each block's q, k, v
+    (and w1, w3) read one ``kp::sp_all_gather`` of their token-sharded input and wo (and w2) end in a
+    ``kp::sp_reduce_scatter``; the embedding and the gathered LM head stay DTensor ops, and training equals eager
+    (``test_equal_to_eager_on_every_rank``)."""
+    for rank, res in enumerate(results):
+        graphs = res["tp-sp"]["kernelpytorch"]["graphs"]
+        assert len(graphs) == 1 and not graphs[0]["fallbacks"], (rank, graphs)
+        parts = graphs[0]["parts"]
+        local = parts["local_linears"]
+        assert (local["colwise"], local["rowwise"], local["scatters"]) == (10, 4, 4), (rank, local)
+        assert len(local["kept"]) == 1 and local["kept"][0].startswith("linear"), (rank, local["kept"])  # the head
+        assert parts["rewritten"] == parts["plain"] >= 4, (rank, parts)  # attention and MLP of each block
+
+
+@pytest.mark.parametrize("config, linears", [("tp", 12), ("tp-sp", 14)])
+def test_fp8_converts_the_tensor_parallel_linears(results, config, linears):
+    """``options["fp8"]`` under tensor parallelism (and torchtitan's sequence-parallel plan): every sharded block
+    linear converts (on its local shard,
     with a scale of its own per rank), and training stays within FP8 rounding of the same TP model run eagerly
     in fp32 (the gradients' all-reduce included): losses within 2%, first-step gradients within 20% in norm."""
     for rank, res in enumerate(results):
-        kp, eager = res["tp-fp8"]["kernelpytorch"], res["tp"]["eager"]
-        fired = {p["name"]: p["matches"] for g in kp["graphs"] for p in g["passes"]}
-        assert fired.get("fp8-linear") == 12 and fired.get("attention-to-sdpa") == 2, (rank, fired)
+        kp, eager = res[f"{config}-fp8"]["kernelpytorch"], res[config]["eager"]
+        fired: dict = {}  # summed over the graphs and their plain parts (each part reports its own passes)
+        for p in (p for g in kp["graphs"] for p in g["passes"]):
+            fired[p["name"]] = fired.get(p["name"], 0) + p["matches"]
+        assert fired.get("fp8-linear") == linears, (rank, fired)
+        assert fired.get("attention-to-sdpa", 0) == (2 if config == "tp" else 0), (rank, fired)
         assert not any(g["fallbacks"] for g in kp["graphs"]), (rank, kp["graphs"])
         losses, expected = torch.stack(kp["losses"]), torch.stack(eager["losses"])
         assert not torch.allclose(losses, expected, rtol=1e-6, atol=0), rank  # FP8 changed the numbers ...

@@ -174,11 +174,10 @@ def test_other_chains_stay_dtensor_ops_and_train_as_eager(mesh, case):
         assert "are not a column- or row-parallel linear" in kept, kept
     elif case == "DTensor output":  # fc1's output stays a DTensor (no to_local); fc2 reads it, not a from_local
         assert (local.gm, local.colwise, local.rowwise, len(local.kept)) == (None, 0, 0, 2), local
-        assert "not only read by to_local()" in kept and "is not a from_local" in kept, kept
-    else:  # fc1 reads its sequence-sharded input all-gathered (a redistribute); fc2 is proven
-        assert (local.colwise, local.rowwise, len(local.kept)) == (0, 1, 1), local
-        assert "is not a from_local" in kept, kept
-        assert not any(r.parts["local_linears"]["kept"] == [] for r in records if r.parts), records
+        assert "not only read by to_local()" in kept and "neither a from_local nor a gather" in kept, kept
+    else:  # sequence parallelism: fc1 reads its token-sharded input gathered, fc2 is row-parallel
+        assert (local.colwise, local.rowwise, local.kept) == (1, 1, []), local
+        FileCheck().check_count("kp.sp_all_gather", 1, exactly=True).check("kp.tp_reduce").run(local.gm.code)
 
 
 class _Rewritten(nn.Module):
@@ -240,3 +239,19 @@ def test_stateful_fp8_recipes_leave_shards_in_bf16(mesh):
     notes = [n for r in records for p in r.passes if p.name == "fp8-linear" for n in p.notes]
     assert sum("a tensor-parallel shard: the delayed recipe" in n for n in notes) == 12, notes
     assert not any(p.matches for r in records for p in r.passes if p.name == "fp8-linear")
+
+
+def test_torchtitan_sequence_parallel_plan_gathers_once_per_module(mesh):
+    """torchtitan's plan (``tests/distributed/sp_model.py``): per block, q, k, v share one gather of the
+    token-sharded norm output and w1, w3 another; wo and w2 reduce-scatter; the LM head, whose output is
+    gathered whole, stays a DTensor op."""
+    from tests.distributed.sp_model import Llama, parallelize
+
+    torch.manual_seed(0)
+    (local,) = _localized(parallelize(Llama(), mesh), torch.randint(0, 64, (2, 16)))
+    assert (local.colwise, local.rowwise, local.scatters, local.copies) == (10, 4, 4, 0), local
+    assert len(local.kept) == 1 and "are not a column- or row-parallel linear" in local.kept[0], local.kept
+    code = local.gm.code
+    FileCheck().check_count("kp.sp_all_gather", 4, exactly=True).run(code)
+    FileCheck().check_count("kp.sp_reduce_scatter", 4, exactly=True).run(code)
+    FileCheck().check_not("kp.tp_copy").run(code)
