@@ -285,6 +285,7 @@ def _compile_parts(gm, example_inputs, opts: Options, chosen, record: GraphRecor
     else:
         why = "graph inputs are DTensors (tensor parallelism) and no part of it computes on plain tensors"
     if cut is None:
+        why += f" (the sharded linears: {local_why})" if local_why else ""
         return _fallback(gm, example_inputs, opts, record, why), (), None, ()
     parent, plain = cut
     carry_dynamo_metadata(gm, parent)  # which inputs are parameters, for AOTAutograd and CUDA graphs

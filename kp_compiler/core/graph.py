@@ -228,10 +228,11 @@ def erase_dead(nodes: Iterable[fx.Node]) -> set:
     whatever they are (the caller replaced them: a random op such as dropout,
     or an in-place op into a buffer nothing reads any more); they are taken
     users first, so a chain goes in one call. Their inputs follow only when
-    unused, pure and not in-place. Only ``call_function`` nodes are erased:
-    a placeholder is part of the graph's calling convention.
+    unused, pure and not in-place. Only ``call_function`` nodes are erased, and
+    listed ``call_method`` nodes (a Dynamo graph's ``x.to_local()``): a
+    placeholder is part of the graph's calling convention.
     """
-    listed = dict.fromkeys(n for n in nodes if isinstance(n, fx.Node) and n.op == "call_function")
+    listed = dict.fromkeys(n for n in nodes if isinstance(n, fx.Node) and n.op in ("call_function", "call_method"))
     pending = [n for n in listed if alive(n)]
     gone: set = set()
     inputs: list = []

@@ -59,34 +59,17 @@ After::
 
 from __future__ import annotations
 
-import operator
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..ops import tp_collectives  # noqa: F401  (registers kp::tp_copy, kp::tp_reduce)
+from .tp_rewrite import LOCAL_SUFFIX, Localized, example as _example, rewrite
 
-LOCAL_SUFFIX = "_tp_local"  # a local shard's node: the parameter's name and this (fp8-linear's module paths)
+__all__ = ["LOCAL_SUFFIX", "Localized", "dt_call", "localize"]
+
 _PRIM = {"prim from_local": "from_local", "prim_redistribute": "redistribute", "prim_to_local": "to_local"}
-
-
-@dataclass
-class Localized:
-    """What ``localize`` did: the graph (a copy; the input is untouched; None where no chain was proven) and the
-    chains per kind."""
-    gm: Optional[fx.GraphModule]
-    colwise: int = 0
-    rowwise: int = 0
-    copies: int = 0  # kp::tp_copy nodes (inputs shared by column-parallel linears count once)
-    scatters: int = 0  # row-parallel outputs reduce-scattered over tokens (sequence parallelism)
-    kept: list = field(default_factory=list)  # "linear_3: why" for DTensor linears left as captured
-
-
-def _example(node) -> Any:
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
 
 def _dtensor():
@@ -214,8 +197,7 @@ def _chain(link: fx.Node, given: dict) -> tuple[Optional[dict], str]:
         side, why = _input_side(source, link, mesh, given)
         if side is None or "copy" not in side:
             return None, why or "its input is not a from_local"
-        chain["nodes"].append(source)
-        chain["x"] = side["copy"]
+        chain["nodes"].append(source)  # its input is read when the chain is rewritten (tp_rewrite.py)
         if after == (Replicate(),):
             return {**chain, "kind": "rowwise"}, ""
         d = _token_dim(after, redistribute, mesh)
@@ -251,77 +233,10 @@ def localize(gm: fx.GraphModule, example_inputs) -> Localized:
     if not chains:
         result.gm = None
         return result
-    _rewrite(graph, chains, result)  # no dead-code pass: FX would drop an in-place write nothing reads
+    result.colwise, result.rowwise, result.copies, result.scatters = rewrite(graph, chains)
     graph.lint()
     result.gm.recompile()
     return result
-
-
-def _rewrite(graph: fx.Graph, chains: list, result: Localized) -> None:
-    last_input = list(graph.find_nodes(op="placeholder"))[-1]
-    shards: dict = {}
-
-    def shard(param: Optional[fx.Node]) -> Optional[fx.Node]:  # the parameter's local shard, read once
-        if param is None:
-            return None
-        if param not in shards:
-            with graph.inserting_after(last_input):
-                node = graph.create_node("call_method", "to_local", (param,), name=param.name + LOCAL_SUFFIX)
-            node.meta["example_value"] = _example(param)._local_tensor
-            shards[param] = node
-        return shards[param]
-
-    copies: dict = {}  # (x, group) -> the tp_copy that column-parallel linears reading x share
-    gathered: dict = {}  # redistribute node -> the kp::sp_all_gather its column-parallel readers share
-    for chain in chains:
-        end, mesh = chain["out"], chain["mesh"]
-        group = mesh.get_group().group_name
-        w, b = shard(chain["w"]), shard(chain["b"])
-        local = _example(end)
-        if chain["kind"] == "colwise" and "gather" in chain:
-            x = gathered.get(chain["source"])
-            if x is None:
-                x = gathered[chain["source"]] = _gather(graph, chain["source"], *chain["gather"], mesh)
-            with graph.inserting_before(end):
-                new = _node(graph, torch._C._nn.linear, (x, w, b), local, "linear_local")
-            result.colwise += 1
-        elif chain["kind"] == "colwise":
-            x, source = chain["copy"], chain["nodes"][-1]
-            if (x, group) not in copies or _written_between(x, copies[(x, group)], source):
-                with graph.inserting_before(source):
-                    copies[(x, group)] = _node(graph, torch.ops.kp.tp_copy.default, (x, group), _example(x))
-                result.copies += 1
-            with graph.inserting_before(end):
-                new = _node(graph, torch._C._nn.linear, (copies[(x, group)], w, b), local, "linear_local")
-            result.colwise += 1
-        else:
-            with graph.inserting_before(end):
-                partial = _node(graph, torch._C._nn.linear, (chain["x"], w), _example(chain["nodes"][2])._local_tensor,
-                                "linear_local")
-                if chain["scatter"] is None:
-                    new = _node(graph, torch.ops.kp.tp_reduce.default, (partial, group), local)
-                else:
-                    new = _node(graph, torch.ops.kp.sp_reduce_scatter.default,
-                                (partial, chain["scatter"], mesh.size(), group), local)
-                    result.scatters += 1
-                if b is not None:
-                    new = _node(graph, operator.add, (new, b), local)
-            result.rowwise += 1
-        end.replace_all_uses_with(new)
-        for old in chain["nodes"]:
-            graph.erase_node(old)
-    for source in gathered:  # every reader was rewritten (_whole_gathers)
-        graph.erase_node(source)
-
-
-def _gather(graph: fx.Graph, source: fx.Node, src: fx.Node, dim: int, mesh) -> fx.Node:
-    """``kp::sp_all_gather`` of ``src``'s local shard, where ``source`` gathered ``src`` as a DTensor."""
-    with graph.inserting_before(source):
-        shard = graph.create_node("call_method", "to_local", (src,))
-        shard.meta["example_value"] = _example(src)._local_tensor
-        full = _node(graph, torch.ops.kp.sp_all_gather.default, (shard, dim, mesh.size(), mesh.get_group().group_name),
-                     _example(source)._local_tensor)
-    return full
 
 
 def _whole_gathers(chains: list, result: Localized) -> list:
@@ -336,21 +251,3 @@ def _whole_gathers(chains: list, result: Localized) -> list:
         result.kept.append(f"{source.name}: a sequence-parallel gather with readers other than proven "
                            "column-parallel linears")
     return [c for c in chains if c.get("source") not in partial]
-
-
-def _node(graph: fx.Graph, target, args, example, name: Optional[str] = None) -> fx.Node:
-    node = graph.create_node("call_function", target, args, name=name)
-    node.meta["example_value"] = example
-    return node
-
-
-def _written_between(x: fx.Node, first: fx.Node, later: fx.Node) -> bool:
-    """Whether a node between ``first`` and ``later`` may write ``x`` in place (``add_``, ``x[i] = ...``): the
-    later linear must then read ``x`` as it is there, through a copy of its own."""
-    node = first.next
-    while node is not later and node.op != "output":
-        name = str(getattr(node.target, "__name__", node.target))
-        if x in node.all_input_nodes and (name.endswith("_") and not name.endswith("__") or name == "setitem"):
-            return True
-        node = node.next
-    return False

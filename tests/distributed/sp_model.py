@@ -10,10 +10,10 @@ from torch import nn
 
 
 class Attention(nn.Module):
-    def __init__(self, d: int, heads: int):
+    def __init__(self, d: int, heads: int, bias: bool = False):
         super().__init__()
         self.hd = d // heads
-        self.wq, self.wk, self.wv, self.wo = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(d, d, bias=bias) for _ in range(4))
 
     def forward(self, x):
         B, L, _ = x.shape
@@ -22,20 +22,20 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, d: int, f: int):
+    def __init__(self, d: int, f: int, bias: bool = False):
         super().__init__()
-        self.w1, self.w3 = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False)
-        self.w2 = nn.Linear(f, d, bias=False)
+        self.w1, self.w3 = nn.Linear(d, f, bias=bias), nn.Linear(d, f, bias=bias)
+        self.w2 = nn.Linear(f, d, bias=bias)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, heads: int, f: int):
+    def __init__(self, d: int, heads: int, f: int, bias: bool = False):
         super().__init__()
         self.attention_norm, self.ffn_norm = nn.RMSNorm(d), nn.RMSNorm(d)
-        self.attention, self.feed_forward = Attention(d, heads), FeedForward(d, f)
+        self.attention, self.feed_forward = Attention(d, heads, bias), FeedForward(d, f, bias)
 
     def forward(self, x):
         h = x + self.attention(self.attention_norm(x))
@@ -43,10 +43,14 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, vocab: int = 64, d: int = 64, heads: int = 4, f: int = 128, layers: int = 2):
+    """``bias=True`` gives the blocks' linears biases (torchtitan's have none): the row-parallel ones are then
+    added to token shards, and their gradients must be summed over the group."""
+
+    def __init__(self, vocab: int = 64, d: int = 64, heads: int = 4, f: int = 128, layers: int = 2,
+                 bias: bool = False):
         super().__init__()
         self.tok_embeddings = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList(Block(d, heads, f) for _ in range(layers))
+        self.layers = nn.ModuleList(Block(d, heads, f, bias) for _ in range(layers))
         self.norm, self.output = nn.RMSNorm(d), nn.Linear(d, vocab, bias=False)
 
     def forward(self, ids):

@@ -52,11 +52,11 @@ class LossOnly(nn.Module):
 
 
 def build_sp() -> nn.Module:
-    """``sp_model.Llama``: torchtitan's module names, for its tensor + sequence parallel plan."""
+    """``sp_model.Llama`` with biases: torchtitan's module names, for its tensor + sequence parallel plan."""
     from .sp_model import Llama
 
     torch.manual_seed(0)
-    return Llama(vocab=VOCAB)
+    return Llama(vocab=VOCAB, bias=True)
 
 
 def build(moe: bool = False) -> nn.Module:

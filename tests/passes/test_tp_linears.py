@@ -255,3 +255,103 @@ def test_torchtitan_sequence_parallel_plan_gathers_once_per_module(mesh):
     FileCheck().check_count("kp.sp_all_gather", 4, exactly=True).run(code)
     FileCheck().check_count("kp.sp_reduce_scatter", 4, exactly=True).run(code)
     FileCheck().check_not("kp.tp_copy").run(code)
+
+
+# Models a review built against the first version (each was wrong or not localized then): what the graph does
+# between and around the sharded linears (grad-mode blocks, in-place writes, linears reading linears, autocast).
+class _NoGradReader(nn.Module):  # the first reader of h under no_grad: a shared copy would carry no gradient
+    def __init__(self):
+        super().__init__()
+        self.pre, self.q, self.k = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.pre(x)
+        with torch.no_grad():
+            a = self.q(h)
+        return a + self.k(h)
+
+
+class _EnableGrad(_MLP):  # called under no_grad: shards read at the top would be detached
+    def forward(self, x):
+        with torch.enable_grad():
+            return super().forward(x)
+
+
+class _InPlaceRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = x - 0.5
+        a = self.q(h)
+        F.relu(h, inplace=True)
+        return a + self.k(h)
+
+
+class _WriteThroughView(_InPlaceRelu):
+    def forward(self, x):
+        h = x * 1.5
+        a = self.q(h)
+        h.view(-1).mul_(2.0)
+        return a + self.k(h)
+
+
+class _Chained(nn.Module):  # column-parallel straight into row-parallel into column-parallel
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+def _review_cases():
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    qk = {"q": ColwiseParallel(), "k": ColwiseParallel()}
+    mlp = {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()}
+    return {  # model, plan, train, context, (column-, row-parallel) localized
+        "no_grad reader": (_NoGradReader, qk, True, None, (2, 0)),
+        "enable_grad under no_grad": (_EnableGrad, mlp, True, torch.no_grad, (1, 1)),
+        "relu inplace between": (_InPlaceRelu, qk, False, torch.no_grad, (2, 0)),
+        "write through a view": (_WriteThroughView, qk, False, torch.no_grad, (2, 0)),
+        "chained linears": (_Chained, {"a": ColwiseParallel(), "b": RowwiseParallel(), "c": ColwiseParallel()},
+                            True, None, (2, 1)),
+        "autocast bf16": (_MLP, mlp, True, lambda: torch.autocast("cpu", torch.bfloat16), (1, 1)),
+    }
+
+
+@pytest.mark.parametrize("case", ["no_grad reader", "enable_grad under no_grad", "relu inplace between",
+                                  "write through a view", "chained linears", "autocast bf16"])
+def test_the_graph_around_the_linears_is_respected(mesh, case):
+    import contextlib
+
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    model_cls, plan, train, context, expected = _review_cases()[case]
+    torch.manual_seed(1)
+    x = torch.randn(2, 8, 16)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        model = parallelize_module(model_cls(), mesh, plan)
+        fn = torch.compile(model, backend="kernelpytorch",
+                           options={"passes": ["noop-elimination"], "strict": True}) if compiled else model
+        with collect() as records:
+            with (context or contextlib.nullcontext)():
+                out = fn(x.clone())
+            if train:
+                out.float().sum().backward()
+        results.append((out.detach(), _grads(model) if train else {}, records))
+    (out0, grads0, _), (out1, grads1, records) = results
+    bf16 = out0.dtype == torch.bfloat16
+    assert out1.dtype == out0.dtype
+    tol = dict(rtol=1.6e-2, atol=1e-2) if bf16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out1, out0, **tol)
+    for name, g in grads0.items():
+        assert (g is None) == (grads1[name] is None), name  # a gradient on one side only is a failure
+        if g is not None:
+            torch.testing.assert_close(grads1[name].float(), g.float(), **tol, msg=name)
+    locals_ = [r.parts["local_linears"] for r in records if r.parts and r.parts["local_linears"]]
+    assert [(x["colwise"], x["rowwise"]) for x in locals_] == [expected], locals_
