@@ -47,6 +47,8 @@ BACKENDS = ("eager", "inductor", "kernelpytorch", "kernelpytorch-fp8")
 EXTRA_BACKENDS = ("kernelpytorch-fp8-all",)
 GPU_SHAPE = dict(vocab=32000, d=2048, layers=8, heads=16, ffn=5632, batch=4, seq=1024)
 SMOKE_SHAPE = dict(vocab=64, d=32, layers=2, heads=4, ffn=64, batch=2, seq=16)
+# Llama-3-8B's widths, 2 layers: where FP8 GEMMs pay (K and N >= 4096), for the FP8 rows
+SHAPES = {"issue": GPU_SHAPE, "llama8b": dict(vocab=32000, d=4096, layers=2, heads=32, ffn=14336, batch=2, seq=2048)}
 
 
 class RMSNorm(nn.Module):
@@ -195,7 +197,7 @@ def _worker(rank: int, world: int, folder: str, args: dict) -> None:
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{folder}/store", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=600))
-    shape = SMOKE_SHAPE if args["smoke"] else GPU_SHAPE
+    shape = SMOKE_SHAPE if args["smoke"] else SHAPES[args["shape"]]
     dtype = torch.float32 if args["smoke"] else torch.bfloat16
     rows = []
     try:
@@ -279,6 +281,7 @@ def main(argv=None) -> dict:
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS + EXTRA_BACKENDS)
     p.add_argument("--world", type=int, default=2, help="processes (one GPU each on CUDA)")
+    p.add_argument("--shape", default="issue", choices=sorted(SHAPES), help="the GPU model's widths")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, fp32, CPU (gloo)")
