@@ -65,9 +65,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .tp_rewrite import LOCAL_SUFFIX, Localized, example as _example, rewrite
+from .tp_rewrite import Localized, example as _example, rewrite
 
-__all__ = ["LOCAL_SUFFIX", "Localized", "dt_call", "localize"]
+__all__ = ["Localized", "dt_call", "localize"]
 
 _PRIM = {"prim from_local": "from_local", "prim_redistribute": "redistribute", "prim_to_local": "to_local"}
 

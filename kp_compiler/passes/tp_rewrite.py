@@ -3,10 +3,10 @@ collectives (``ops/tp_collectives.py``).
 
 Where the new nodes go, and what they may share:
 
-- a parameter's local shard (``W.to_local()``) is read once per grad-mode region: before the graph's first
-  computation for the region the graph starts in (so the rest of the graph stays one part on plain tensors),
-  right before its first linear in a later region (a shard read under ``no_grad`` would leave an
-  ``enable_grad`` block's weights without gradients);
+- a parameter's local shard (``W.to_local()``) is read once per grad-mode region, at the region's start
+  (after the graph's inputs, or after the switch that opens it), so each region's computation stays one part
+  on plain tensors and a shard read under ``no_grad`` never serves an ``enable_grad`` block; its node is named
+  by ``shard_name`` (the FP8 pass recognises shards by it);
 - column-parallel linears that read one input share its ``kp::tp_copy`` unless a node between them may write
   in place (a ``_`` method, ``inplace=True``, ``out=``, ``setitem``, an in-place ``operator``, a mutable schema,
   a module call) or switches grad mode; the later reader then gets a copy of its own;
@@ -22,6 +22,7 @@ Before / after: ``passes/tp_linears.py``.
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -71,14 +72,27 @@ def may_write(node: fx.Node) -> bool:
     return (name.endswith("_") and not name.endswith("__")) or is_mutating(node)
 
 
-def _regions(graph: fx.Graph) -> dict:
-    """``{node: region}``: the count of grad-mode switches before each node."""
-    region, out = 0, {}
+def _regions(graph: fx.Graph) -> tuple[dict, list]:
+    """``({node: region}, [the node each region starts after])``: regions are counted by grad-mode switches; the
+    first starts after the graph's last input."""
+    starts = [list(graph.find_nodes(op="placeholder"))[-1]]
+    out = {}
     for node in graph.nodes:
         if switches_grad_mode(node):
-            region += 1
-        out[node] = region
-    return out
+            starts.append(node)
+        out[node] = len(starts) - 1
+    return out, starts
+
+
+def shard_name(param: str, region: int) -> str:
+    """The name of ``param``'s local shard read in grad-mode ``region``."""
+    return f"{param}{LOCAL_SUFFIX}" + (f"_r{region}" if region else "")
+
+
+def shard_param(name: str) -> Optional[str]:
+    """The parameter's node name where ``name`` is a shard's (``shard_name``), else None."""
+    found = re.fullmatch(rf"(.*){LOCAL_SUFFIX}(?:_r\d+)?", name)
+    return found.group(1) if found else None
 
 
 def _shareable(first: fx.Node, later: fx.Node) -> bool:
@@ -92,18 +106,18 @@ def _shareable(first: fx.Node, later: fx.Node) -> bool:
 
 def rewrite(graph: fx.Graph, chains: list) -> tuple[int, int, int, int]:
     """Rewrite ``chains`` (``tp_linears._chain``'s, in graph order); ``(colwise, rowwise, copies, scatters)``."""
-    regions = _regions(graph)
-    top = list(graph.find_nodes(op="placeholder"))[-1]
+    regions, starts = _regions(graph)
     shards: dict = {}
 
     def shard(param: Optional[fx.Node], link: fx.Node) -> Optional[fx.Node]:
         if param is None:
             return None
         key = (param, regions[link])
-        if key not in shards:
-            at = graph.inserting_after(top) if key[1] == 0 else graph.inserting_before(link)
-            with at:
-                node = graph.create_node("call_method", "to_local", (param,), name=param.name + LOCAL_SUFFIX)
+        if key not in shards:  # at the region's start: its computation stays one part on plain tensors
+            with graph.inserting_after(starts[key[1]]):
+                node = graph.create_node("call_method", "to_local", (param,), name=shard_name(param.name, key[1]))
+            if node.name != shard_name(param.name, key[1]):  # FX renamed it: the FP8 pass would not know it
+                raise ValueError(f"the name {shard_name(param.name, key[1])!r} is taken in the graph")
             node.meta["example_value"] = example(param)._local_tensor
             shards[key] = node
         return shards[key]

@@ -355,3 +355,45 @@ def test_the_graph_around_the_linears_is_respected(mesh, case):
             torch.testing.assert_close(grads1[name].float(), g.float(), **tol, msg=name)
     locals_ = [r.parts["local_linears"] for r in records if r.parts and r.parts["local_linears"]]
     assert [(x["colwise"], x["rowwise"]) for x in locals_] == [expected], locals_
+
+
+class _TwoRegions(nn.Module):
+    """One tensor-parallel MLP run twice, the second time in an ``enable_grad`` block: its shards are read once
+    per grad-mode region, and both reads must be known as shards."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = _MLP()
+
+    def forward(self, x):
+        a = self.mlp(x)
+        with torch.enable_grad():
+            b = self.mlp(x)
+        return a + b.detach()
+
+
+def test_shards_read_in_two_grad_mode_regions_are_both_shards_for_fp8(mesh):
+    """Inference under ``no_grad``: the shards of both regions are quantized on every call (an in-place weight
+    update is then seen: a cached quantization would not see it) and the ``exclude`` globs match both."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    model = parallelize_module(_TwoRegions(), mesh, {"mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel()})
+    with torch.no_grad():  # called under no_grad, the enable_grad block is a region of its own
+        (local,) = _localized(model, torch.randn(2, 4, 16))
+    names = sorted(n.name for n in local.gm.graph.nodes if "tp_local" in n.name)
+    per_linear = ["bias__tp_local", "bias__tp_local_r1", "weight__tp_local", "weight__tp_local_r1"]
+    assert [n.rsplit("_parameters_", 1)[1] for n in names] == per_linear * 2, names  # fc1's, then fc2's
+    fp8 = {"fp8": {"emulate": True, "min_dims": [1, 1, 1], "exclude": ["*fc2.weight"]}}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="kernelpytorch", options=fp8)
+    x = torch.randn(2, 4, 16)
+    with torch.no_grad(), collect() as records:
+        compiled(x)
+        model.mlp.fc1.weight.mul_(0.5)
+        expected, got = model(x), compiled(x)
+    torch.testing.assert_close(got, expected, rtol=5e-2, atol=5e-2)
+    notes = [n for r in records for p in r.passes if p.name == "fp8-linear" for n in p.notes]
+    assert sum("mlp.fc1.weight: converted" in n for n in notes) == 2, notes  # one per region
+    assert sum("mlp.fc2.weight: kept (in options['fp8']['exclude'])" in n for n in notes) == 2, notes
+    assert sum("quantized on every call" in n for n in notes) == 2, notes

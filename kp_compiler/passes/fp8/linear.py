@@ -55,7 +55,7 @@ from ...ops import fp8_traced
 from ...core.devices import DeviceInfo, fp8_dtypes
 from ...core.fp8_options import FP8Options, parse_fp8
 from ...ops import fp8_state
-from ..tp_linears import LOCAL_SUFFIX
+from ..tp_rewrite import shard_param
 from .gated import fuse_gated_mlps
 
 aten = torch.ops.aten
@@ -82,7 +82,7 @@ BELOW_TABLE = "below the size table's"  # the refusal that beside_converted may 
 
 def module_path(weight: fx.Node) -> str:
     """``model.layers.0.mlp.up_proj.weight`` from Dynamo's placeholder name for that parameter."""
-    name = weight.name.removesuffix(LOCAL_SUFFIX)  # a tensor-parallel weight's local shard (passes/tp_linears.py)
+    name = shard_param(weight.name) or weight.name  # a tensor-parallel weight's local shard (passes/tp_rewrite.py)
     for prefix in ("l_self_modules_", "l_self_", "l_"):
         if name.startswith(prefix):
             name = name[len(prefix):]
@@ -258,7 +258,7 @@ STATEFUL = ("delayed", "static")
 
 def _is_shard(weight) -> bool:
     """Whether the weight is a tensor-parallel parameter's local shard (``passes/tp_linears.py``)."""
-    return isinstance(weight, fx.Node) and weight.name.endswith(LOCAL_SUFFIX)
+    return isinstance(weight, fx.Node) and shard_param(weight.name) is not None
 
 
 def _state(weight: fx.Node, recipe: str, fp8: FP8Options):
