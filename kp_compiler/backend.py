@@ -29,7 +29,7 @@ from torch import fx
 from . import passes as _builtin_passes  # noqa: F401  (registers the built-in passes)
 from .passes import tp_linears
 from .core import plain_regions, regions
-from .core.canonicalize import carry_dynamo_metadata, canonicalize, fake_mode_of
+from .core.canonicalize import carry_dynamo_metadata, canonicalize, fake_mode_of, unregister_traced_constants
 from .core.dump import GraphDump, append_report
 from .core.pass_manager import (PassManager, anchored_passes, default_passes, idle_reason, not_applicable,
                                 on_registry_change, resolve)
@@ -313,6 +313,7 @@ def _compile_parts(gm, example_inputs, opts: Options, chosen, record: GraphRecor
             if any(places[g.index] not in top for g in manager.guards):
                 raise ValueError("a rewrite relies on a value computed in the graph")
             regions.restore(cgm)
+            unregister_traced_constants(cgm, set())  # a part has no parameters of its own (transformers' Llama)
         except Exception as e:  # noqa: BLE001 - this part stays as captured
             if opts.strict or _dynamo_control_flow(e):
                 raise

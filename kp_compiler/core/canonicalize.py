@@ -91,7 +91,7 @@ def canonicalize(
     return cgm, fake_mode, fake_inputs
 
 
-def _unregister_traced_constants(gm: fx.GraphModule, known: set) -> None:
+def unregister_traced_constants(gm: fx.GraphModule, known: set) -> None:
     """Keep make_fx's tensor constants (``_tensor_constant0``) as plain attributes.
 
     make_fx registers them as buffers; AOTAutograd then looks every buffer up
@@ -121,7 +121,7 @@ def carry_dynamo_metadata(src: fx.GraphModule, dst: fx.GraphModule) -> None:
         dst.meta.setdefault(key, value)
     if hasattr(src, "_param_name_to_source"):
         dst._param_name_to_source = src._param_name_to_source
-        _unregister_traced_constants(dst, set(src._param_name_to_source))
+        unregister_traced_constants(dst, set(src._param_name_to_source))
     for o, n in zip(old, new):
         for key, value in o.meta.items():
             n.meta.setdefault(key, value)

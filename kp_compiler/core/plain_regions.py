@@ -42,7 +42,8 @@ from torch.fx.passes.split_module import split_module
 from torch.utils._pytree import tree_leaves
 
 
-def _dtensor_type():
+def dtensor_type():
+    """torch's ``DTensor`` class, or None where torch has no ``torch.distributed.tensor``."""
     if not torch.distributed.is_available():
         return None
     try:
@@ -54,18 +55,21 @@ def _dtensor_type():
 
 def has_dtensor(values) -> bool:
     """Whether any of ``values`` (nested lists and tuples) is a ``DTensor``."""
-    dt = _dtensor_type()
+    dt = dtensor_type()
     return dt is not None and any(isinstance(v, dt) for v in tree_leaves(list(values)))
 
 
-def _example(node: fx.Node) -> Any:
+def example_value(node: Any) -> Any:
+    """The example value Dynamo recorded for ``node`` (``val`` where none), or None for a constant."""
+    if not isinstance(node, fx.Node):
+        return None
     return node.meta.get("example_value", node.meta.get("val"))
 
 
 def _is_dtensor_node(node: fx.Node) -> bool:
-    if has_dtensor([_example(node)]):
+    if has_dtensor([example_value(node)]):
         return True
-    return any(has_dtensor([_example(a)]) for a in node.all_input_nodes)
+    return any(has_dtensor([example_value(a)]) for a in node.all_input_nodes)
 
 
 def runs(gm: fx.GraphModule, is_dtensor=None) -> dict[fx.Node, tuple[int, bool]]:
@@ -105,7 +109,7 @@ def part_inputs(parent: fx.GraphModule, name: str, original: fx.GraphModule, exa
     given = {ph.name: x for ph, x in zip(original.graph.find_nodes(op="placeholder"), example_inputs)}
     values = []
     for ph in getattr(parent, name).graph.find_nodes(op="placeholder"):
-        value = given[ph.name] if ph.name in given else _example(nodes[ph.name]) if ph.name in nodes else None
+        value = given[ph.name] if ph.name in given else example_value(nodes[ph.name]) if ph.name in nodes else None
         if value is None:
             return None
         if fake_mode is not None and isinstance(value, FakeTensor) and value.fake_mode is not fake_mode:

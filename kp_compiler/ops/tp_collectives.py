@@ -1,7 +1,7 @@
 """``kp::tp_copy``, ``kp::tp_reduce`` and the sequence-parallel pair: a tensor-parallel linear's collectives as
 ops on plain tensors.
 
-``core/tp_linears.py`` computes the linears that ``ColwiseParallel`` and
+``passes/tp_linears.py`` computes the linears that ``ColwiseParallel`` and
 ``RowwiseParallel`` shard on their local shards, outside ``DTensor``, so the
 passes see ordinary ``linear`` nodes. What ``DTensor`` did around them
 becomes one of these ops (Megatron's pair of conjugate operators):

@@ -65,17 +65,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .tp_rewrite import Localized, example as _example, rewrite
+from ..core.plain_regions import dtensor_type, example_value
+from .tp_rewrite import Localized, rewrite
 
 __all__ = ["Localized", "dt_call", "localize"]
 
 _PRIM = {"prim from_local": "from_local", "prim_redistribute": "redistribute", "prim_to_local": "to_local"}
-
-
-def _dtensor():
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
 
 
 def dt_call(node: fx.Node) -> Optional[tuple[str, tuple, dict]]:
@@ -85,7 +80,7 @@ def dt_call(node: fx.Node) -> Optional[tuple[str, tuple, dict]]:
         return node.target, tuple(node.args[1:]), dict(node.kwargs)
     if node.op != "call_function":
         return None
-    if node.target is getattr(_dtensor(), "from_local", None):
+    if node.target is getattr(dtensor_type(), "from_local", None):
         return "from_local", tuple(node.args[1:]), dict(node.kwargs)
     kind = _PRIM.get(getattr(node.target, "__name__", ""))
     code, cells = getattr(node.target, "__code__", None), getattr(node.target, "__closure__", None)
@@ -103,8 +98,8 @@ def _only_user(node: fx.Node) -> Optional[fx.Node]:
 
 
 def _placements(node) -> Optional[tuple]:
-    value = _example(node)
-    return tuple(value.placements) if isinstance(value, _dtensor()) else None
+    value = example_value(node)
+    return tuple(value.placements) if isinstance(value, dtensor_type()) else None
 
 
 def _is_shard(p, dim: int, ndim: int) -> bool:
@@ -115,14 +110,14 @@ def _mesh_of(start: tuple, given: dict):
     """The mesh a ``from_local`` call names (torch 2.13 passes it as a graph input, torch 2.9 bakes it in)."""
     args, kwargs = start[1], start[2]
     mesh = args[0] if args else kwargs.get("device_mesh")
-    return given.get(mesh.name, _example(mesh)) if isinstance(mesh, fx.Node) else mesh
+    return given.get(mesh.name, example_value(mesh)) if isinstance(mesh, fx.Node) else mesh
 
 
 def _token_dim(placements, node, mesh) -> Optional[int]:
     """``d`` where ``placements`` is ``(Shard(d),)`` over a dimension other than the last (sequence
     parallelism: the tokens split over the ranks), the global size of ``d`` static and a multiple of the
     mesh's size (the collectives move equal shards); else None."""
-    value = _example(node)
+    value = example_value(node)
     if placements is None or len(placements) != 1 or not placements[0].is_shard():
         return None
     d = placements[0].dim % value.dim()
@@ -147,8 +142,8 @@ def _input_side(source, link: fx.Node, mesh, given: dict) -> tuple[Optional[dict
         return {"copy": source.args[0]}, ""
     if start is not None and start[0] == "redistribute" and not start[1] and set(start[2]) <= _REDISTRIBUTE_KWARGS:
         src = source.args[0]
-        value = _example(src)
-        if isinstance(value, _dtensor()) and value.device_mesh == mesh:
+        value = example_value(src)
+        if isinstance(value, dtensor_type()) and value.device_mesh == mesh:
             d = _token_dim(_placements(src), src, mesh)
             if d is not None:
                 return {"gather": (src, d)}, ""
@@ -165,8 +160,8 @@ def _chain(link: fx.Node, given: dict) -> tuple[Optional[dict], str]:
 
     args = list(link.args) + [link.kwargs.get("bias")] * (3 - len(link.args))
     source, w, b = args[:3]
-    wv = _example(w)
-    if not (w.op == "placeholder" and isinstance(wv, _dtensor()) and wv.dim() == 2 and wv.device_mesh.ndim == 1):
+    wv = example_value(w)
+    if not (w.op == "placeholder" and isinstance(wv, dtensor_type()) and wv.dim() == 2 and wv.device_mesh.ndim == 1):
         return None, "the weight is not a 2-D DTensor parameter on a 1-D mesh"
     mesh = wv.device_mesh
     redistribute = _only_user(link)
@@ -177,7 +172,7 @@ def _chain(link: fx.Node, given: dict) -> tuple[Optional[dict], str]:
     last = dt_call(end) if end is not None else None
     if last is None or last[0] != "to_local" or last[1] or any(v is not None for v in last[2].values()):
         return None, "the redistributed output is not only read by to_local()"
-    ndim = _example(source).dim()
+    ndim = example_value(source).dim()
     x_in, w_at, out, after = _placements(source), _placements(w), _placements(link), _placements(redistribute)
     b_at = _placements(b) if isinstance(b, fx.Node) else ()
     if b is not None and (not isinstance(b, fx.Node) or b.op != "placeholder" or b_at is None):
@@ -222,7 +217,7 @@ def localize(gm: fx.GraphModule, example_inputs) -> Localized:
     result.gm.meta.update(gm.meta)
     chains = []
     for node in list(graph.nodes):
-        if not _is_linear(node) or not isinstance(_example(node), _dtensor()):
+        if not _is_linear(node) or not isinstance(example_value(node), dtensor_type()):
             continue
         chain, why = _chain(node, given)
         if chain is None:

@@ -24,12 +24,13 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import fx
 
 from ..core.graph import erase_dead, is_mutating
+from ..core.plain_regions import example_value
 from ..ops import tp_collectives  # noqa: F401  (registers the kp::tp_* and kp::sp_* ops)
 
 LOCAL_SUFFIX = "_tp_local"  # a local shard's node: the parameter's name and this (fp8-linear's module paths)
@@ -48,11 +49,6 @@ class Localized:
     copies: int = 0  # kp::tp_copy nodes for inputs (column-parallel linears reading one input count once)
     scatters: int = 0  # row-parallel outputs reduce-scattered over tokens (sequence parallelism)
     kept: list = field(default_factory=list)  # "linear_3: why" for DTensor linears left as captured
-
-
-def example(node) -> Any:
-    """The example value Dynamo recorded for ``node`` (None for a constant)."""
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
 
 def switches_grad_mode(node: fx.Node) -> bool:
@@ -118,7 +114,7 @@ def rewrite(graph: fx.Graph, chains: list) -> tuple[int, int, int, int]:
                 node = graph.create_node("call_method", "to_local", (param,), name=shard_name(param.name, key[1]))
             if node.name != shard_name(param.name, key[1]):  # FX renamed it: the FP8 pass would not know it
                 raise ValueError(f"the name {shard_name(param.name, key[1])!r} is taken in the graph")
-            node.meta["example_value"] = example(param)._local_tensor
+            node.meta["example_value"] = example_value(param)._local_tensor
             shards[key] = node
         return shards[key]
 
@@ -128,7 +124,7 @@ def rewrite(graph: fx.Graph, chains: list) -> tuple[int, int, int, int]:
     for chain in chains:
         end, link, mesh = chain["out"], chain["nodes"][2], chain["mesh"]
         group = mesh.get_group().group_name
-        w, b, local = shard(chain["w"], link), shard(chain["b"], link), example(end)
+        w, b, local = shard(chain["w"], link), shard(chain["b"], link), example_value(end)
         counts[chain["kind"]] += 1
         if chain["kind"] == "colwise":
             if "gather" in chain:
@@ -140,7 +136,7 @@ def rewrite(graph: fx.Graph, chains: list) -> tuple[int, int, int, int]:
                 key = (source.args[0], group)  # read now: an earlier chain may have replaced it
                 if key not in copies or not _shareable(copies[key], source):
                     with graph.inserting_before(source):
-                        copies[key] = _node(graph, torch.ops.kp.tp_copy.default, key, example(key[0]))
+                        copies[key] = _node(graph, torch.ops.kp.tp_copy.default, key, example_value(key[0]))
                     counts["copies"] += 1
                 x = copies[key]
             with graph.inserting_before(end):
@@ -157,18 +153,18 @@ def rewrite(graph: fx.Graph, chains: list) -> tuple[int, int, int, int]:
 
 def _row_parallel(graph: fx.Graph, chain: dict, w, b, group: str, mesh, local) -> fx.Node:
     h = chain["nodes"][3].args[0]
-    partial = _node(graph, torch._C._nn.linear, (h, w), example(chain["nodes"][2])._local_tensor, "linear_local")
+    partial = _node(graph, torch._C._nn.linear, (h, w), example_value(chain["nodes"][2])._local_tensor, "linear_local")
     if chain["scatter"] is None:
         out = _node(graph, torch.ops.kp.tp_reduce.default, (partial, group), local)
     else:
         out = _node(graph, torch.ops.kp.sp_reduce_scatter.default, (partial, chain["scatter"], mesh.size(), group),
                     local)
         if b is not None:  # this rank's tokens only: the bias's gradient is summed over the group
-            b = _node(graph, torch.ops.kp.tp_copy.default, (b, group), example(b))
+            b = _node(graph, torch.ops.kp.tp_copy.default, (b, group), example_value(b))
     if b is None:
         return out
     b = graph.create_node("call_method", "type_as", (b, out))
-    b.meta["example_value"] = example(out)
+    b.meta["example_value"] = example_value(out)
     return _node(graph, operator.add, (out, b), local)
 
 
@@ -177,9 +173,9 @@ def _gather(graph: fx.Graph, source: fx.Node, dim: int, mesh) -> fx.Node:
     src = source.args[0]
     with graph.inserting_before(source):
         piece = graph.create_node("call_method", "to_local", (src,))
-        piece.meta["example_value"] = example(src)._local_tensor
+        piece.meta["example_value"] = example_value(src)._local_tensor
         return _node(graph, torch.ops.kp.sp_all_gather.default, (piece, dim, mesh.size(), mesh.get_group().group_name),
-                     example(source)._local_tensor)
+                     example_value(source)._local_tensor)
 
 
 def _node(graph: fx.Graph, target, args, value, name: Optional[str] = None) -> fx.Node:

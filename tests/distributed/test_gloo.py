@@ -11,14 +11,12 @@ this rank's heads becomes SDPA; with ``options["fp8"]`` every sharded linear con
 ``linear-cross-entropy`` under DDP, with the loss computed inside the wrapped module. And a MoE model
 (``TinyMoEGPT``): its expert loop becomes ``kp::routed_experts`` under DDP and FSDP2."""
 
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from . import worker
+from .spawn import run_ranks
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")
 CONFIGS = ["ddp", "fsdp2", "tp", "tp-sp", "ddp-lce", "ddp-fp8", "fsdp2-fp8", "tp-fp8", "tp-sp-fp8", "ddp-moe",
@@ -27,15 +25,7 @@ CONFIGS = ["ddp", "fsdp2", "tp", "tp-sp", "ddp-lce", "ddp-fp8", "fsdp2-fp8", "tp
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("gloo"))
-    procs = mp.spawn(worker.main, args=(2, folder, CONFIGS), nprocs=2, join=False)
-    deadline = time.monotonic() + 600  # a hung collective fails the test instead of hanging CI
-    while not procs.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.kill()
-            pytest.fail("the 2 gloo processes did not finish within 600 s")
-    return [torch.load(f"{folder}/rank{r}.pt", weights_only=False) for r in range(2)]
+    return run_ranks(worker.main, 2, str(tmp_path_factory.mktemp("gloo")), CONFIGS)
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if not c.endswith("-fp8")])

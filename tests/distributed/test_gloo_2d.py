@@ -3,29 +3,19 @@ parameters over ``dp`` into DTensors on the ``tp`` mesh, so the block graph hold
 row-parallel chains as under TP alone; they are computed on local shards (``passes/tp_linears.py``), the
 attention becomes SDPA, and training equals eager on every rank."""
 
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from . import worker_2d
+from .spawn import run_ranks
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("gloo2d"))
-    procs = mp.spawn(worker_2d.main, args=(4, folder), nprocs=4, join=False)
-    deadline = time.monotonic() + 600
-    while not procs.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.kill()
-            pytest.fail("the 4 gloo processes did not finish within 600 s")
-    return [torch.load(f"{folder}/rank{r}.pt", weights_only=False) for r in range(4)]
+    return run_ranks(worker_2d.main, 4, str(tmp_path_factory.mktemp("gloo2d")))
 
 
 def test_fsdp2_times_tp_trains_as_eager(results):

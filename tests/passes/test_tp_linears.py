@@ -92,16 +92,7 @@ def test_colwise_and_rowwise_linears_become_local_and_train_as_eager(mesh):
 
 
 def test_the_localized_graph_holds_local_linears_and_the_collectives(mesh):
-    from kp_compiler.passes.tp_linears import localize
-
-    seen = []
-
-    def capture(gm, example_inputs):
-        seen.append(localize(gm, example_inputs))
-        return gm
-    torch._dynamo.reset()
-    torch.compile(_tp_gpt(mesh), backend=capture)(torch.randint(0, 64, (2, 16)))
-    (local,) = seen
+    (local,) = _localized(_tp_gpt(mesh), torch.randint(0, 64, (2, 16)))
     code = local.gm.code
     for name in ("from_local", "redistribute"):
         FileCheck().check_not(name).run(code)
@@ -397,3 +388,73 @@ def test_shards_read_in_two_grad_mode_regions_are_both_shards_for_fp8(mesh):
     assert sum("mlp.fc1.weight: converted" in n for n in notes) == 2, notes  # one per region
     assert sum("mlp.fc2.weight: kept (in options['fp8']['exclude'])" in n for n in notes) == 2, notes
     assert sum("quantized on every call" in n for n in notes) == 2, notes
+
+
+def test_a_dynamic_batch_stays_dynamic(mesh):
+    """A batch marked dynamic: one compile for three batch sizes, the linears localized, no guard on the size,
+    training equal to eager at each size."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager_model, model = _tp_gpt(mesh), _tp_gpt(mesh)
+    compiled = torch.compile(model, backend="kernelpytorch")
+    with collect() as records:
+        for batch in (2, 3, 5):
+            idx = torch.randint(0, 64, (batch, 16))
+            torch._dynamo.mark_dynamic(idx, 0)
+            out, expected = compiled(idx), eager_model(idx)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+            out.square().mean().backward()
+            expected.square().mean().backward()
+    grads, eager_grads = _grads(model), _grads(eager_model)
+    for name, g in eager_grads.items():
+        assert g is not None and grads[name] is not None, name
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-5, msg=name)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    (record,) = records
+    assert record.parts["local_linears"]["colwise"] == 8 and record.parts["local_linears"]["rowwise"] == 4
+    assert not record.guards_added, record.guards_added
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_transformers_llama_under_its_own_tp_plan(mesh, dynamic):
+    """transformers' ``LlamaForCausalLM`` (sdpa attention, grouped KV heads), each layer parallelized with torch's
+    styles by the config's ``base_model_tp_plan``: every projection localized, loss and every gradient equal to
+    eager, also with ``dynamic=True``. (The cut graph's parts used to keep make_fx's tensor constants as buffers,
+    which AOTAutograd refused: the whole graph then fell back.)"""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    transformers = pytest.importorskip("transformers")
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      attn_implementation="sdpa")
+    style = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+
+    def build():
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config)
+        for layer in model.model.layers:
+            parallelize_module(layer, mesh, {k.removeprefix("layers.*."): style[v]()
+                                             for k, v in config.base_model_tp_plan.items()})
+        return model
+    ids = torch.randint(0, 64, (2, 16))
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = build()
+        fn = model if not compiled else torch.compile(
+            model, backend="kernelpytorch", dynamic=dynamic, options={"passes": ["noop-elimination"]})
+        with collect() as records:
+            loss = fn(input_ids=ids, labels=ids).loss
+            loss.backward()
+        results.append((loss.detach(), _grads(model), records))
+    (loss0, grads0, _), (loss1, grads1, records) = results
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    for name, g in grads0.items():
+        assert g is not None and grads1[name] is not None, name
+        torch.testing.assert_close(grads1[name], g, rtol=1e-4, atol=1e-5, msg=name)
+    assert not any(r.fallbacks for r in records), [r.fallbacks for r in records]
+    local = [r.parts["local_linears"] for r in records if r.parts]
+    # per layer: q, k, v, gate, up column-parallel (q, k, v share one copy; gate, up another), o and down row-parallel
+    assert [(x["colwise"], x["rowwise"], x["copies"]) for x in local] == [(10, 4, 4)], local
