@@ -13,7 +13,8 @@ CPU with gloo. Wrappings:
   columns split over the ranks).
 
 Per wrapping and backend (``eager``, ``inductor``, ``kernelpytorch``, and on CUDA ``kernelpytorch-fp8`` with
-``options={"fp8": True}``; ``kernelpytorch-fp8-all`` on request: every block linear), from the same seed and the
+``options={"fp8": True}``; on request ``kernelpytorch-fp8-all``: every block linear, and under FSDP2
+``kernelpytorch-fp8-gather``: FP8 with the block weights all-gathered in FP8), from the same seed and the
 same per-rank batches (one batch for all ranks under TP), on ``--world`` processes (default 2): the loss of
 every step (rank 0), the median step time after ``--warmup`` steps (synchronized per step), tokens per second
 (over the ranks' batches; under TP the ranks share one batch), the peak memory of each rank, and the rewrites
@@ -44,7 +45,9 @@ CONFIGS = ("ddp", "fsdp2", "tp")
 BACKENDS = ("eager", "inductor", "kernelpytorch", "kernelpytorch-fp8")
 # not a default: every block linear in FP8 whatever the size table says (the LM head excluded), to see the
 # conversion under each wrapping at shapes where the table keeps bf16 (K or N below 4096 at this model's width)
-EXTRA_BACKENDS = ("kernelpytorch-fp8-all",)
+EXTRA_BACKENDS = ("kernelpytorch-fp8-all", "kernelpytorch-fp8-gather")
+# "kernelpytorch-fp8-gather" (FSDP2 only): options={"fp8": True} with the block linears' weights all-gathered
+# in FP8 (kp_compiler.fp8.all_gather_in_fp8); select it where the size table converts every block linear
 GPU_SHAPE = dict(vocab=32000, d=2048, layers=8, heads=16, ffn=5632, batch=4, seq=1024)
 SMOKE_SHAPE = dict(vocab=64, d=32, layers=2, heads=4, ffn=64, batch=2, seq=16)
 # Llama-3-8B's widths, 2 layers: where FP8 GEMMs pay (K and N >= 4096), for the FP8 rows
@@ -128,7 +131,7 @@ def _compiled(model, backend: str):
         return torch.compile(model, backend="inductor")
     if backend == "kernelpytorch":
         return torch.compile(model, backend="kernelpytorch")
-    if backend == "kernelpytorch-fp8":
+    if backend in ("kernelpytorch-fp8", "kernelpytorch-fp8-gather"):
         return torch.compile(model, backend="kernelpytorch", options={"fp8": True})
     if backend == "kernelpytorch-fp8-all":
         fp8 = {"min_dims": [1, 1, 1], "exclude": ["*head*"]}
@@ -157,6 +160,9 @@ def run_one(config: str, backend: str, shape: dict, steps: int, warmup: int, dev
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = LlamaStyle(**shape).to(device, dtype)
+    if backend == "kernelpytorch-fp8-gather":
+        import kp_compiler
+        kp_compiler.fp8.all_gather_in_fp8(model, include=["blocks.*"])
     model = wrap(model, config, device)
     opts = _optimizers(model, device)
     step = _compiled(model, backend)
@@ -204,6 +210,8 @@ def _worker(rank: int, world: int, folder: str, args: dict) -> None:
         for config in args["configs"]:
             for backend in args["backends"]:
                 if backend.startswith("kernelpytorch-fp8") and not cuda:
+                    continue
+                if backend == "kernelpytorch-fp8-gather" and config != "fsdp2":
                     continue
                 try:
                     row = run_one(config, backend, shape, args["steps"], args["warmup"], device, dtype)

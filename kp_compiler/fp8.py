@@ -10,6 +10,9 @@
 
     kp_compiler.fp8.events(model)   # {"layers.0.mlp.up_proj": {"x": 0, "w": 0, "grad": 1}, ...}
 
+    kp_compiler.fp8.all_gather_in_fp8(model, exclude=["lm_head"])  # FSDP2 all-gathers these weights in FP8
+    for block in model.layers: fully_shard(block)
+
 ``model`` is the ``nn.Module`` (the compiled wrapper works too: its
 parameters are the module's). State is per weight parameter
 (``ops/fp8_state.py``); the dynamic recipes keep none.
@@ -17,15 +20,17 @@ parameters are the module's). State is per weight parameter
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+import fnmatch
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from .ops.fp8_all_gather import FP8GatherWeight
 from .ops.fp8_quant import amax, fp8_max
 from .ops.fp8_scaled import SCALE
 from .ops.fp8_state import attach, events, load_state_dict, new_state, state_dict
 
-__all__ = ["calibrate", "events", "load_state_dict", "state_dict"]
+__all__ = ["all_gather_in_fp8", "calibrate", "events", "load_state_dict", "state_dict"]
 
 
 def calibrate(model: torch.nn.Module, batches: Iterable, forward: Optional[Callable] = None,
@@ -76,3 +81,47 @@ def calibrate(model: torch.nn.Module, batches: Iterable, forward: Optional[Calla
         result[linears[module]] = value
     return result
 
+
+
+def all_gather_in_fp8(model: torch.nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
+                      dtype: torch.dtype = torch.float8_e4m3fn) -> list:
+    """Have FSDP2 all-gather the weights of ``model``'s ``nn.Linear`` layers in FP8 (``ops/fp8_all_gather.py``).
+
+    Call it on the unsharded model, before ``fully_shard``. Each selected weight's
+    data is wrapped so that FSDP2 sends its shard as ``dtype`` bytes with one
+    tensorwise scale (one scalar all-reduce per weight and all-gather) and
+    dequantizes it on arrival; with ``options["fp8"]`` the ``fp8-linear`` pass
+    then runs the same FP8 GEMM as without this, on half the bytes gathered.
+
+    Args:
+        model: the module, not yet sharded (its parameters plain tensors).
+        include, exclude: ``fnmatch`` patterns on the linear's module path
+            (``layers.0.mlp.up_proj``); a linear is wrapped if it matches an
+            ``include`` and no ``exclude`` pattern.
+        dtype: the FP8 format on the wire (E4M3, the weights' format in the pass).
+
+    Returns:
+        The module paths whose weights were wrapped. Weights whose dimensions are not
+        multiples of 16 (no scaled GEMM takes them) are left alone.
+
+    A linear the pass keeps in ``param_dtype`` (below its size table, or excluded
+    there) computes with the FP8-rounded weight; the pass's notes name it. Select
+    the linears the pass converts (``kp_compiler.explain`` lists them).
+    """
+    if dtype not in (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2):
+        raise ValueError(f"all_gather_in_fp8: dtype must be an FP8 format, got {dtype}")
+    wrapped = []
+    for path, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if not any(fnmatch.fnmatch(path, p) for p in include) or any(fnmatch.fnmatch(path, p) for p in exclude):
+            continue
+        weight = module.weight
+        if type(weight.data) is not torch.Tensor:
+            raise TypeError(f"all_gather_in_fp8: {path}.weight is a {type(weight.data).__name__}, not a plain "
+                            "tensor: call all_gather_in_fp8 before fully_shard (and before tensor parallelism)")
+        if weight.shape[0] % 16 or weight.shape[1] % 16 or not weight.is_floating_point():
+            continue
+        module.weight = torch.nn.Parameter(FP8GatherWeight(weight.data, dtype), requires_grad=weight.requires_grad)
+        wrapped.append(path)
+    return wrapped

@@ -17,10 +17,11 @@ import torch.distributed as dist
 
 from . import worker
 from .spawn import run_ranks
+from .worker import STEPS
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")
 CONFIGS = ["ddp", "fsdp2", "tp", "tp-sp", "ddp-lce", "ddp-fp8", "fsdp2-fp8", "tp-fp8", "tp-sp-fp8", "ddp-moe",
-           "fsdp2-moe"]
+           "fsdp2-moe", "fsdp2-gather-fp8"]
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,30 @@ def test_fp8_linears_under_fsdp2_train_as_under_ddp(results):
     # FP8 changed the numbers: the runs are not the fp32 ones
     assert not torch.allclose(torch.stack(results[0]["ddp-fp8"]["kernelpytorch"]["losses"]),
                               torch.stack(results[0]["ddp"]["eager"]["losses"]), rtol=1e-6, atol=0)
+
+
+def test_fp8_all_gather_under_fsdp2_trains_as_fp8_linears_gathered_whole(results):
+    """``kp_compiler.fp8.all_gather_in_fp8`` on the block linears: FSDP2 sends their shards as FP8 bytes (one
+    tensorwise scale, all-reduced), and the ``fp8-linear`` pass re-quantizes the dequantized weight to the same
+    FP8 values. So the run equals ``fsdp2-fp8`` (weights gathered in fp32, quantized in the graph): the losses,
+    first gradients and parameters to fp32 rounding of the scale; and every block weight went over the wire as
+    bytes (uint8 views of the FP8 data) in the forward's and the backward's all-gathers of every step."""
+    for rank, res in enumerate(results):
+        gather, plain = res["fsdp2-gather-fp8"]["kernelpytorch"], res["fsdp2-fp8"]["kernelpytorch"]
+        torch.testing.assert_close(torch.stack(gather["losses"]), torch.stack(plain["losses"]), rtol=1e-5, atol=1e-6)
+        for name, g in plain["grads"].items():
+            torch.testing.assert_close(gather["grads"][name], g, rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")
+        for name, p in plain["params"].items():
+            torch.testing.assert_close(gather["params"][name], p, rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")
+        assert set(gather["fp8_gathers"]) == {"torch.uint8"}, (rank, set(gather["fp8_gathers"]))
+        # 6 linears in each of 2 blocks, all-gathered for the forward and again for the backward, every step
+        assert len(gather["fp8_gathers"]) == 6 * 2 * 2 * STEPS, (rank, len(gather["fp8_gathers"]))
+        assert plain["fp8_gathers"] == []
+        fired = {p["name"]: p["matches"] for g in gather["graphs"] for p in g["passes"]}
+        assert fired.get("fp8-linear", 0) >= 6, (rank, fired)
+    # the gathered weights are FP8-rounded: the same model without FP8 anywhere trains differently
+    assert not torch.allclose(torch.stack(results[0]["fsdp2-gather-fp8"]["kernelpytorch"]["losses"]),
+                              torch.stack(results[0]["fsdp2"]["eager"]["losses"]), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("config", ["ddp-moe", "fsdp2-moe"])

@@ -6,10 +6,10 @@ parameters (full tensors: FSDP2's shards gathered), and the rewrites that fired 
 
 from __future__ import annotations
 
-import os
-
+import contextlib
 import datetime
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -78,10 +78,14 @@ def _wrap(model, config: str):
     if config == "ddp":  # 1 MB buckets (the first bucket's size) over ~1.7 MB of parameters: Dynamo's DDPOptimizer splits the graph
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, bucket_cap_mb=1)
-    if config == "fsdp2":
+    if config in ("fsdp2", "fsdp2-gather"):  # "-gather": the block linears' weights all-gathered in FP8
         from torch.distributed.device_mesh import init_device_mesh
+
+        import kp_compiler
         from torch.distributed.fsdp import fully_shard
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        if config == "fsdp2-gather":
+            kp_compiler.fp8.all_gather_in_fp8(model, include=["blocks.*"])
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
         return fully_shard(model, mesh=mesh)
@@ -147,8 +151,8 @@ def _train_in(config: str, compiled: bool, rank: int) -> dict:
     # data parallel: each rank its own batches; tensor parallel: one batch for the group, as TP requires (its
     # replicated parameters, such as a row-parallel bias, would drift apart with different batches)
     data = torch.Generator().manual_seed(100 + (0 if config.startswith("tp") else rank))
-    out: dict = {"losses": []}
-    with collect() as records:
+    out: dict = {"losses": [], "fp8_gathers": []}
+    with collect() as records, _count_fp8_gathers(out["fp8_gathers"]):
         for i in range(STEPS):
             idx = torch.randint(0, VOCAB, (2, T), generator=data)
             loss = step(idx)
@@ -166,6 +170,23 @@ def _train_in(config: str, compiled: bool, rank: int) -> dict:
                       "parts": r.parts}
                      for r in records]
     return out
+
+
+@contextlib.contextmanager
+def _count_fp8_gathers(seen: list):
+    """Record the dtype of every all-gather input that ``FP8GatherWeight`` hands FSDP2."""
+    from kp_compiler.ops.fp8_all_gather import FP8GatherWeight
+    pre = FP8GatherWeight.fsdp_pre_all_gather
+
+    def spy(self, mesh, outer_size, outer_stride, module, mp_policy):  # FSDP2 reads the signature
+        inputs, meta = pre(self, mesh, outer_size, outer_stride, module, mp_policy)
+        seen.extend(str(t.dtype) for t in inputs)
+        return inputs, meta
+    FP8GatherWeight.fsdp_pre_all_gather = spy
+    try:
+        yield
+    finally:
+        FP8GatherWeight.fsdp_pre_all_gather = pre
 
 
 def main(rank: int, world: int, folder: str, configs: list) -> None:

@@ -55,6 +55,7 @@ from ...ops import fp8_traced
 from ...core.devices import DeviceInfo, fp8_dtypes
 from ...core.fp8_options import FP8Options, parse_fp8
 from ...ops import fp8_state
+from ...ops.fp8_all_gather import gathered_in_fp8
 from ..tp_rewrite import shard_param
 from .gated import fuse_gated_mlps
 
@@ -211,6 +212,10 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: FP8Options, train: 
     for node, (ok, why, state) in decisions.items():
         path = module_path(node.args[1]) if isinstance(node.args[1], fx.Node) else node.name
         notes.append(f"{path}: {'converted' if ok else 'kept'} ({why})")
+        if not ok and _fp8_gathered(node.args[1]):
+            notes.append(f"{path}: its weight was all-gathered in FP8 (kp_compiler.fp8.all_gather_in_fp8), so this "
+                         "linear computes with the FP8-rounded weight: leave it out of all_gather_in_fp8 to keep it "
+                         "exact")
         if not ok:
             node.meta["kp_note"] = f"fp8: kept ({why})"
             continue
@@ -259,6 +264,12 @@ STATEFUL = ("delayed", "static")
 def _is_shard(weight) -> bool:
     """Whether the weight is a tensor-parallel parameter's local shard (``passes/tp_linears.py``)."""
     return isinstance(weight, fx.Node) and shard_param(weight.name) is not None
+
+
+def _fp8_gathered(weight) -> bool:
+    """Whether the weight's example value arrived through FSDP2's FP8 all-gather (``ops/fp8_all_gather.py``)."""
+    ctx = context.current()
+    return isinstance(weight, fx.Node) and ctx is not None and gathered_in_fp8(ctx.example_value(weight))
 
 
 def _state(weight: fx.Node, recipe: str, fp8: FP8Options):

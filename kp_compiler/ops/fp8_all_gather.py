@@ -1,0 +1,136 @@
+"""FP8 all-gather under FSDP2: a weight's shards travel as FP8 bytes and are dequantized on arrival.
+
+``FP8GatherWeight`` wraps a parameter's data. FSDP2 (``fully_shard``) keeps
+the wrapper on each rank's shard and, because the shard has
+``fsdp_pre_all_gather``/``fsdp_post_all_gather``, calls them around its
+all-gather instead of sending the shard in ``param_dtype``:
+
+    before (bf16 on the wire):  shard bf16 -> all_gather -> weight bf16
+    after  (FP8 on the wire):   shard -> amax -> all_reduce(max) -> q = fp8(shard / scale) -> all_gather(q)
+                                -> weight = (q * scale) in param_dtype
+
+One tensorwise scale per weight (the amax all-reduced over the shard group,
+one scalar), so every rank quantizes with the scale the ``fp8-linear`` pass
+computes in the graph from the gathered weight. That pass then re-quantizes
+the gathered weight and gets ``q`` back exactly (each ``q * scale`` is within
+an ulp of ``param_dtype``, far inside half an FP8 step), so the GEMM is the
+one it runs without this wrapper, on half the bytes all-gathered (a quarter
+with fp32 parameters). The backward's gradient passes the cast straight
+through, as the pass's own weight cast does.
+
+The compiled graph never sees the wrapper: FSDP2 hands the module the
+gathered plain tensor. Between all-gathers (the optimizer step, ``state_dict``,
+``copy_``) the wrapper runs every op on the data it holds. ``gathered_in_fp8``
+tells whether a tensor is a weight that arrived this way (the pass notes a
+linear it keeps in ``param_dtype`` that computes with FP8-rounded values).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.distributed as dist
+from torch.utils._pytree import tree_map_only
+
+from .fp8_quant import amax, quantize, scale_from_amax
+
+aten = torch.ops.aten
+
+# Ops whose results are the parameter's data again (FSDP2 shards, pads and views it; DTensor aliases it; the
+# optimizer and load_state_dict copy into it): the result keeps the wrapper, so the shard still all-gathers in
+# FP8. Anything else (arithmetic, reductions) returns plain tensors.
+STRUCTURAL = {
+    aten.detach.default, aten.alias.default, aten.view.default, aten._unsafe_view.default, aten.slice.Tensor,
+    aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.narrow.default,
+    aten.as_strided.default, aten.new_zeros.default, aten.new_empty.default, aten.new_empty_strided.default,
+    aten.empty_like.default, aten.zeros_like.default, aten.clone.default, aten._to_copy.default,
+    aten.copy_.default, aten.zero_.default,
+}
+
+# storage address -> the gathered tensor living there (FSDP2 frees and reallocates it each step)
+_GATHERED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+class FP8GatherWeight(torch.Tensor):
+    """A parameter's data (``_data``, plain) that FSDP2 all-gathers as ``fp8_dtype`` bytes plus one scale."""
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor, fp8_dtype: torch.dtype):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, data.shape, strides=data.stride(), storage_offset=data.storage_offset(), dtype=data.dtype,
+            device=data.device, requires_grad=data.requires_grad)
+
+    def __init__(self, data: torch.Tensor, fp8_dtype: torch.dtype):
+        self._data = data
+        self.fp8_dtype = fp8_dtype
+
+    def __repr__(self):
+        return f"FP8GatherWeight({self._data!r}, fp8_dtype={self.fp8_dtype})"
+
+    def __tensor_flatten__(self):
+        return ["_data"], (self.fp8_dtype,)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
+        return FP8GatherWeight(inner["_data"], *meta)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        fp8_dtype = next(a.fp8_dtype for a in _flat(args, kwargs) if isinstance(a, FP8GatherWeight))
+        out = func(*tree_map_only(FP8GatherWeight, lambda t: t._data, args),
+                   **tree_map_only(FP8GatherWeight, lambda t: t._data, kwargs))
+        if func._schema.is_mutable and isinstance(args[0], FP8GatherWeight):
+            return args[0]  # in place: the wrapper's data changed
+        if func not in STRUCTURAL:
+            return out
+        return tree_map_only(torch.Tensor, lambda t: FP8GatherWeight(t, fp8_dtype), out)
+
+    # FSDP2's all-gather extension (torch.distributed.fsdp: fully_shard)
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        if mesh.ndim != 1:
+            raise NotImplementedError(
+                f"kp_compiler.fp8.all_gather_in_fp8: FSDP2 shards over a {mesh.ndim}-D mesh here (HSDP); only a 1-D "
+                "shard mesh is supported: drop all_gather_in_fp8 for this model")
+        data = self._data if mp_policy.param_dtype is None else self._data.to(mp_policy.param_dtype)
+        m = amax(data, rowwise=False)
+        if mesh.size() > 1:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=mesh.get_group())
+        scale = scale_from_amax(m, self.fp8_dtype)
+        q = quantize(data, scale, self.fp8_dtype)
+        rows = -(-outer_size[0] // mesh.size())  # FSDP2's padded shard (Shard(0)): every rank sends as many
+        if q.shape[0] < rows:
+            q = torch.cat([q, q.new_zeros(rows - q.shape[0], *q.shape[1:])])
+        return (q.view(torch.uint8),), (scale,)
+
+    def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
+        (data,), (scale,) = outputs, metadata
+        weight = (data.view(self.fp8_dtype).float() * scale).to(param_dtype)
+        if out is not None:  # FSDP2 re-gathers into the storage it freed (the backward's all-gather): the values
+            # autograd saved in the forward come back. ``.data`` keeps the write off the parameter's version
+            # counter, as FSDP2's own all-gather writes the storage without bumping it.
+            out.data.copy_(weight[:out.shape[0]])
+            _GATHERED[out.untyped_storage().data_ptr()] = out
+            return None
+        _GATHERED[weight.untyped_storage().data_ptr()] = weight
+        return weight, (weight,)
+
+
+def _flat(args, kwargs):
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, (list, tuple)):
+            yield from a
+        else:
+            yield a
+
+
+def gathered_in_fp8(t) -> bool:
+    """Whether ``t`` views a weight that FSDP2 all-gathered in FP8 (``FP8GatherWeight``)."""
+    if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+        return False
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # fake or functional tensors have no storage to compare
+        return False
+    return ptr != 0 and ptr in _GATHERED
