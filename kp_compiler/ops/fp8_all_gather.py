@@ -28,6 +28,7 @@ linear it keeps in ``param_dtype`` that computes with FP8-rounded values).
 from __future__ import annotations
 
 import weakref
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -94,11 +95,12 @@ class FP8GatherWeight(torch.Tensor):
                 f"kp_compiler.fp8.all_gather_in_fp8: FSDP2 shards over a {mesh.ndim}-D mesh here (HSDP); only a 1-D "
                 "shard mesh is supported: drop all_gather_in_fp8 for this model")
         data = self._data if mp_policy.param_dtype is None else self._data.to(mp_policy.param_dtype)
-        m = amax(data, rowwise=False)
+        casts = _casts(data)
+        m = casts.amax(data, False)
         if mesh.size() > 1:
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=mesh.get_group())
         scale = scale_from_amax(m, self.fp8_dtype)
-        q = quantize(data, scale, self.fp8_dtype)
+        q = casts.quantize(data, scale, self.fp8_dtype)
         rows = -(-outer_size[0] // mesh.size())  # FSDP2's padded shard (Shard(0)): every rank sends as many
         if q.shape[0] < rows:
             q = torch.cat([q, q.new_zeros(rows - q.shape[0], *q.shape[1:])])
@@ -106,15 +108,33 @@ class FP8GatherWeight(torch.Tensor):
 
     def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
         (data,), (scale,) = outputs, metadata
-        weight = (data.view(self.fp8_dtype).float() * scale).to(param_dtype)
+        q = data.view(self.fp8_dtype)
         if out is not None:  # FSDP2 re-gathers into the storage it freed (the backward's all-gather): the values
             # autograd saved in the forward come back. ``.data`` keeps the write off the parameter's version
             # counter, as FSDP2's own all-gather writes the storage without bumping it.
-            out.data.copy_(weight[:out.shape[0]])
+            _casts(q).dequantize(q[:out.shape[0]], scale, out.data)
             _GATHERED[out.untyped_storage().data_ptr()] = out
             return None
+        weight = _casts(q).dequantize(q, scale, torch.empty(q.shape, dtype=param_dtype, device=q.device))
         _GATHERED[weight.untyped_storage().data_ptr()] = weight
         return weight, (weight,)
+
+
+def _dequantize(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return out.copy_(q.float() * scale)
+
+
+EAGER = SimpleNamespace(amax=amax, quantize=quantize, dequantize=_dequantize)
+
+
+def _casts(t: torch.Tensor):
+    """The Triton kernels of the CUDA FP8 path on CUDA (``ops/triton_fp8.py``: one read of the shard for the
+    amax, one for the cast, one pass to dequantize); the ``fp8_quant`` functions elsewhere."""
+    if not t.is_cuda:
+        return EAGER
+    from . import triton_fp8  # Triton is imported only where it runs
+
+    return triton_fp8
 
 
 def _flat(args, kwargs):

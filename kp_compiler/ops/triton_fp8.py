@@ -19,6 +19,9 @@ the amax buffer), with no host sync:
    operands). With ``TRANSPOSED`` it also stores the same bytes as
    ``[cols, rows]``: ``quantize_pair``, the training ops' cast.
 
+``dequantize(q, scale, out)`` is the way back, ``q * scale`` in fp32 rounded once into ``out``'s dtype: the
+FP8 all-gather's arrival (``ops/fp8_all_gather.py``).
+
 ``quantize(t, scale, dtype)`` is step 2 with a given scale read from device
 memory (0-dim, or ``[rows, 1]``). ``t / scale`` is IEEE round-to-nearest
 (``div_rn``), as in PyTorch. ``amax / fp8_max`` follows PyTorch on the
@@ -118,7 +121,20 @@ def _quantize(x_ptr, scale_ptr, amax_ptr, q_ptr, qt_ptr, R, C, stride_r, stride_
         tl.store(qt_ptr + t_offs, tl.trans(q), mask=(cols[:, None] < C) & (rows[None, :] < R))
 
 
-_AMAX, _QUANTIZE = Launcher(_amax), Launcher(_quantize)
+@triton.jit
+def _dequantize(q_ptr, scale_ptr, out_ptr, N, BF16: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    s = tl.load(scale_ptr)
+    x = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32) * s
+    if BF16:  # rounded to nearest even in integer arithmetic, so the cast is exact (the interpreter truncates)
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        x = u.to(tl.float32, bitcast=True)
+    tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_AMAX, _QUANTIZE, _DEQUANTIZE = Launcher(_amax), Launcher(_quantize), Launcher(_dequantize)
 
 
 def _check(t: torch.Tensor) -> None:
@@ -210,3 +226,16 @@ def quantize_pair(t: torch.Tensor, dtype: torch.dtype, scale=None) -> tuple[torc
     q = _launch(t, dtype, scale, m, False)  # with m: also stores the scale the second cast reads
     tp = t if rp == rows else torch.cat([t, t.new_zeros(rp - rows, t.shape[1])])
     return q, _launch(tp.t(), dtype, scale, None, False), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = (q * scale)`` in ``out``'s dtype, the product in fp32 (``q`` contiguous FP8, ``scale`` fp32 0-dim,
+    ``out`` contiguous with ``q``'s element count): one read of ``q``, one write."""
+    if not (q.is_contiguous() and out.is_contiguous() and q.numel() == out.numel()):
+        raise ValueError(f"triton_fp8.dequantize: contiguous q and out of one size, got {tuple(q.shape)}, "
+                         f"{tuple(out.shape)}")
+    if q.numel():
+        block = 1024
+        _DEQUANTIZE((cdiv(q.numel(), block),), q, scale.float().contiguous(), out, q.numel(),
+                    BF16=out.dtype == torch.bfloat16, BLOCK=block, num_warps=4)
+    return out

@@ -217,3 +217,15 @@ def test_train_op_with_triton_casts_equals_the_emulation(triton_casts):
     _same(tuple(t.view(torch.uint8) if t.dtype == E4M3 else t for t in got),
           tuple(t.view(torch.uint8) if t.dtype == E4M3 else t for t in want))
     _same(fp8_train.backward(k, g, *got[1:], E5M2, w.dtype), fp8.backward(EMULATED, g, x, w, "tensorwise", E4M3, E5M2))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_is_the_fp32_product_cast_once(out_dtype):
+    """The FP8 all-gather's arrival (``ops/fp8_all_gather.py``): ``q * scale`` in fp32, then one cast."""
+    x = hard_input().to(DEVICE)
+    q, s = fp8_quant.quantize_dynamic(x, E4M3, rowwise=False)
+    out = torch.full(q.shape, float("nan"), dtype=out_dtype, device=DEVICE)  # every element must be written
+    assert triton_fp8.dequantize(q, s, out) is out
+    assert torch.equal(out, (q.float() * s).to(out_dtype))
+    with pytest.raises(ValueError, match="contiguous"):
+        triton_fp8.dequantize(q, s, out[:5])
