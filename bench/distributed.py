@@ -154,9 +154,8 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_one(config: str, backend: str, shape: dict, steps: int, warmup: int, device, dtype) -> dict:
-    from kp_compiler.core.report import collect
-
+def build(config: str, backend: str, shape: dict, device, dtype) -> tuple:
+    """``(model, optimizers, compiled model)`` for one row, from seed 0 (after ``torch._dynamo.reset()``)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = LlamaStyle(**shape).to(device, dtype)
@@ -164,8 +163,13 @@ def run_one(config: str, backend: str, shape: dict, steps: int, warmup: int, dev
         import kp_compiler
         kp_compiler.fp8.all_gather_in_fp8(model, include=["blocks.*"])
     model = wrap(model, config, device)
-    opts = _optimizers(model, device)
-    step = _compiled(model, backend)
+    return model, _optimizers(model, device), _compiled(model, backend)
+
+
+def run_one(config: str, backend: str, shape: dict, steps: int, warmup: int, device, dtype) -> dict:
+    from kp_compiler.core.report import collect
+
+    model, opts, step = build(config, backend, shape, device, dtype)
     # data parallel: a batch per rank; tensor parallel: one batch for the group (TP's replicated values assume it)
     data = torch.Generator().manual_seed(1000 + (0 if config == "tp" else dist.get_rank()))
     losses, times = [], []

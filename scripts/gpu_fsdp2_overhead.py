@@ -25,8 +25,9 @@ def main() -> None:
     p.add_argument("--out", default=".")
     p.add_argument("--config", default="fsdp2")
     p.add_argument("--backends", nargs="+", default=["inductor", "kernelpytorch"])
+    p.add_argument("--shape", default="issue")
     args = p.parse_args()
-    from bench.distributed import GPU_SHAPE, LlamaStyle, _compiled, _optimizers, wrap
+    from bench.distributed import SHAPES, build
     from kp_compiler.core.report import collect
 
     folder = tempfile.mkdtemp()
@@ -36,12 +37,9 @@ def main() -> None:
     device = torch.device("cuda", 0)
     lines = []
     for backend in args.backends:
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        model = wrap(LlamaStyle(**GPU_SHAPE).to(device, torch.bfloat16), args.config, device)
-        opts = _optimizers(model, device)
-        step_fn = _compiled(model, backend)
-        ids = torch.randint(0, GPU_SHAPE["vocab"], (GPU_SHAPE["batch"], GPU_SHAPE["seq"]), device=device)
+        shape = SHAPES[args.shape]
+        model, opts, step_fn = build(args.config, backend, shape, device, torch.bfloat16)
+        ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), device=device)
 
         def step():
             loss = step_fn(ids)
@@ -100,7 +98,7 @@ def main() -> None:
         for e in sorted(avg, key=lambda e: -getattr(e, key))[:25]:
             lines.append(f"  {getattr(e, key) / 1e3:9.3f} x{e.count:5d}  {e.key[:110]}")
         print("\n".join(lines[-150:]), flush=True)
-    with open(os.path.join(args.out, f"fsdp2-overhead-{args.config}.txt"), "w") as f:
+    with open(os.path.join(args.out, f"fsdp2-overhead-{args.config}-{args.shape}.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
     dist.destroy_process_group()
 
