@@ -99,8 +99,7 @@ class FP8GatherWeight(torch.Tensor):
         m = casts.amax(data, False)
         if mesh.size() > 1:
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=mesh.get_group())
-        scale = scale_from_amax(m, self.fp8_dtype)
-        q = casts.quantize(data, scale, self.fp8_dtype)
+        q, scale = casts.quantize_from_amax(data, m, self.fp8_dtype)
         rows = -(-outer_size[0] // mesh.size())  # FSDP2's padded shard (Shard(0)): every rank sends as many
         if q.shape[0] < rows:
             q = torch.cat([q, q.new_zeros(rows - q.shape[0], *q.shape[1:])])
@@ -124,12 +123,18 @@ def _dequantize(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torc
     return out.copy_(q.float() * scale)
 
 
-EAGER = SimpleNamespace(amax=amax, quantize=quantize, dequantize=_dequantize)
+def _quantize_from_amax(t: torch.Tensor, m: torch.Tensor, dtype: torch.dtype):
+    scale = scale_from_amax(m, dtype)
+    return quantize(t, scale, dtype), scale
+
+
+EAGER = SimpleNamespace(amax=amax, quantize_from_amax=_quantize_from_amax, dequantize=_dequantize)
 
 
 def _casts(t: torch.Tensor):
     """The Triton kernels of the CUDA FP8 path on CUDA (``ops/triton_fp8.py``: one read of the shard for the
-    amax, one for the cast, one pass to dequantize); the ``fp8_quant`` functions elsewhere."""
+    amax, one for the cast, which computes the scale too, one pass to dequantize); the ``fp8_quant`` functions
+    elsewhere."""
     if not t.is_cuda:
         return EAGER
     from . import triton_fp8  # Triton is imported only where it runs

@@ -195,9 +195,15 @@ def quantize(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.
 
 def quantize_dynamic(t: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``fp8_quant.quantize_dynamic``: ``(q, scale)``, the scale from ``t``'s own finite amax."""
-    m = amax(t, rowwise)
+    return quantize_from_amax(t, amax(t, rowwise), dtype)
+
+
+def quantize_from_amax(t: torch.Tensor, m: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` with ``scale = scale_from_amax(m)`` computed in the cast kernel: ``m`` is ``amax(t)``'s
+    result, or one taken elsewhere (the FP8 all-gather's, all-reduced over the shard group)."""
+    _check(t)
     scale = torch.empty_like(m)
-    return _launch(t, dtype, scale, m, rowwise), scale
+    return _launch(t, dtype, scale, m, m.dim() == 2), scale
 
 
 PAIRED_DTYPES = (torch.bfloat16, torch.float16)

@@ -229,3 +229,13 @@ def test_dequantize_is_the_fp32_product_cast_once(out_dtype):
     assert torch.equal(out, (q.float() * s).to(out_dtype))
     with pytest.raises(ValueError, match="contiguous"):
         triton_fp8.dequantize(q, s, out[:5])
+
+
+def test_quantize_from_an_amax_taken_elsewhere():
+    """The FP8 all-gather's cast: the amax all-reduced over the shard group (larger than this shard's own)
+    sets the scale, computed in the cast kernel as ``scale_from_amax`` computes it."""
+    x = hard_input().to(DEVICE)
+    m = triton_fp8.amax(x, False) * 3
+    q, s = triton_fp8.quantize_from_amax(x, m, E4M3)
+    s_ref = fp8_quant.scale_from_amax(m, E4M3)
+    assert torch.equal(s, s_ref) and torch.equal(_bytes(q), _bytes(fp8_quant.quantize(x, s_ref, E4M3)))
