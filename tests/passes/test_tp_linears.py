@@ -417,12 +417,10 @@ def test_a_dynamic_batch_stays_dynamic(mesh):
     assert not record.guards_added, record.guards_added
 
 
-@pytest.mark.parametrize("dynamic", [None, True])
-def test_transformers_llama_under_its_own_tp_plan(mesh, dynamic):
-    """transformers' ``LlamaForCausalLM`` (sdpa attention, grouped KV heads), each layer parallelized with torch's
-    styles by the config's ``base_model_tp_plan``: every projection localized, loss and every gradient equal to
-    eager, also with ``dynamic=True``. (The cut graph's parts used to keep make_fx's tensor constants as buffers,
-    which AOTAutograd refused: the whole graph then fell back.)"""
+def _train_llama(mesh, dynamic, passes) -> list:
+    """transformers' ``LlamaForCausalLM`` (2 layers, sdpa, grouped KV heads), each layer parallelized with torch's
+    styles by the config's ``base_model_tp_plan``, one loss and backward eagerly and compiled with ``passes``:
+    ``[(loss, grads, records)]`` for eager, then compiled."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     transformers = pytest.importorskip("transformers")
 
@@ -444,12 +442,21 @@ def test_transformers_llama_under_its_own_tp_plan(mesh, dynamic):
         torch._dynamo.reset()
         model = build()
         fn = model if not compiled else torch.compile(
-            model, backend="kernelpytorch", dynamic=dynamic, options={"passes": ["noop-elimination"]})
+            model, backend="kernelpytorch", dynamic=dynamic, options={"passes": passes})
         with collect() as records:
             loss = fn(input_ids=ids, labels=ids).loss
             loss.backward()
         results.append((loss.detach(), _grads(model), records))
-    (loss0, grads0, _), (loss1, grads1, records) = results
+    return results
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_transformers_llama_under_its_own_tp_plan(mesh, dynamic):
+    """transformers' ``LlamaForCausalLM`` (sdpa attention, grouped KV heads), each layer parallelized with torch's
+    styles by the config's ``base_model_tp_plan``: every projection localized, loss and every gradient equal to
+    eager, also with ``dynamic=True``. (The cut graph's parts used to keep make_fx's tensor constants as buffers,
+    which AOTAutograd refused: the whole graph then fell back.)"""
+    (loss0, grads0, _), (loss1, grads1, records) = _train_llama(mesh, dynamic, ["noop-elimination"])
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
     for name, g in grads0.items():
         assert g is not None and grads1[name] is not None, name
@@ -458,3 +465,25 @@ def test_transformers_llama_under_its_own_tp_plan(mesh, dynamic):
     local = [r.parts["local_linears"] for r in records if r.parts]
     # per layer: q, k, v, gate, up column-parallel (q, k, v share one copy; gate, up another), o and down row-parallel
     assert [(x["colwise"], x["rowwise"], x["copies"]) for x in local] == [(10, 4, 4)], local
+
+
+def test_linear_activation_fuses_the_sharded_mlps(mesh):
+    """``linear-activation`` (opt-in) on tensor-parallel MLPs: the column-parallel linears' weights are local
+    shards, not parameters, and the pass takes them as it takes parameters. nanoGPT's ``gelu(fc1(x))`` becomes
+    ``kp::linear_act`` and transformers' Llama ``silu(gate(x)) * up(x)`` (under its own TP plan)
+    ``kp::gated_linear``, in every block, with training equal to eager."""
+    import kp_compiler
+    passes = kp_compiler.default_passes() + ["linear-activation"]
+    outs, grads, records = _train_both(lambda: _tp_gpt(mesh), lambda: torch.randint(0, 64, (2, 16)),
+                                       {"passes": passes})
+    _assert_equal(outs, grads)
+    fired = [dict(p.by_rule) for r in records for p in r.passes if p.name == "linear-activation" and p.matches]
+    assert fired == [{"single": 2}], fired
+    (loss0, grads0, _), (loss1, grads1, records) = _train_llama(mesh, None, passes)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    for name, g in grads0.items():
+        assert g is not None and grads1[name] is not None, name
+        torch.testing.assert_close(grads1[name], g, rtol=1e-4, atol=1e-5, msg=name)
+    fired = [dict(p.by_rule) for r in records for p in r.passes if p.name == "linear-activation" and p.matches]
+    assert fired == [{"gated": 2}], fired
+    assert not any(r.fallbacks for r in records), [r.fallbacks for r in records]

@@ -12,7 +12,8 @@ Training graphs get the ``_train`` variants, which also return the
 pre-activations for the backward (``ops/linear_act.py``).
 
 Preconditions, per match: each weight is a parameter of the graph (a
-placeholder; a weight computed in the graph is left alone); the
+placeholder, or a tensor-parallel parameter's local shard; a weight computed
+in the graph is left alone); the
 pre-activations and the activation have no other user (a second reader
 would need the value the op keeps inside); ``x``, weights and biases share
 one dtype; the two gated weights have one shape.
@@ -46,6 +47,7 @@ from ...core.graph import erase_dead, val
 from ...core.pattern import P
 from ...core.rules import Matches
 from ...ops import linear_act as _linear_act  # noqa: F401  (registers kp::linear_act, kp::gated_linear)
+from ..tp_rewrite import shard_param
 
 aten, kp = torch.ops.aten, torch.ops.kp
 
@@ -86,6 +88,8 @@ def refusal(x: fx.Node, linears: list) -> Optional[str]:
     for w in weights:
         if not (isinstance(w, fx.Node) and w.op == "placeholder"):
             return f"{w}: the weight is not a parameter of the graph"
+        if shard_param(w.name) is not None:  # a tensor-parallel parameter's local shard (passes/tp_rewrite.py)
+            continue
         if ctx is not None and not isinstance(ctx.example_value(w), torch.nn.Parameter):
             return f"{w.name}: the weight is a graph input, not a parameter"
     xv = val(x)
