@@ -26,7 +26,15 @@ token dimension, ``world``: the group's size):
   group, each rank keeping its share of ``dim``; backward the gradient's
   shards gathered.
 
-All four call torch's functional collectives (``_c10d_functional``), with the
+A column-parallel linear whose output ``DTensor`` gathers whole (``ColwiseParallel(output_layouts=Replicate())``:
+an LM head that every rank needs whole) adds:
+
+- ``tp_all_gather(y, world, group_name)``: forward the ranks' column shards
+  concatenated along the last dimension; backward this rank's columns of the
+  gradient (the same on every rank), ``tp_local_columns``: no communication,
+  what ``redistribute`` from ``Replicate`` to ``Shard(-1)`` does.
+
+The collectives call torch's functional collectives (``_c10d_functional``), with the
 group's registered name, so they run under any backend torch's collectives
 run under (NCCL, gloo)::
 
@@ -143,3 +151,48 @@ def _scatter_backward(ctx, grad):
 
 sp_all_gather.register_autograd(_gather_backward, setup_context=_sp_setup)
 sp_reduce_scatter.register_autograd(_scatter_backward, setup_context=_sp_setup)
+
+
+# A column-parallel output gathered whole (``output_layouts=Replicate()``): the LM head of torchtitan's and the
+# usual TP plans.
+
+
+def _rank(group_name: str) -> int:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name).rank()
+
+
+@torch.library.custom_op("kp::tp_local_columns", mutates_args=())
+def tp_local_columns(g: torch.Tensor, world: int, group_name: str) -> torch.Tensor:
+    """This rank's share of ``g``'s last dimension (``world`` equal shares in rank order), read at run time."""
+    width = g.shape[-1] // world
+    return g.narrow(-1, _rank(group_name) * width, width).clone(memory_format=torch.contiguous_format)
+
+
+@tp_local_columns.register_fake
+def _(g, world, group_name):
+    return _resized(g, g.dim() - 1, g.shape[-1] // world)
+
+
+@torch.library.custom_op("kp::tp_all_gather", mutates_args=())
+def tp_all_gather(y: torch.Tensor, world: int, group_name: str) -> torch.Tensor:
+    """The ranks' column shards of ``y`` concatenated along the last dimension; backward: this rank's columns of
+    the gradient (``tp_local_columns``)."""
+    return _gather(y, y.dim() - 1, world, group_name)
+
+
+@tp_all_gather.register_fake
+def _(y, world, group_name):
+    return _resized(y, y.dim() - 1, y.shape[-1] * world)
+
+
+def _columns_setup(ctx, inputs, output):
+    ctx.world, ctx.group_name = inputs[1:]
+
+
+def _all_gather_backward(ctx, grad):
+    return tp_local_columns(grad, ctx.world, ctx.group_name), None, None
+
+
+tp_all_gather.register_autograd(_all_gather_backward, setup_context=_columns_setup)

@@ -18,7 +18,9 @@ weight's mesh; nothing else reads an intermediate):
   output's own ``Shard(-1)`` (no communication) -> ``to_local()``. Local:
   ``linear(tp_copy(x), W_local, b_local)``; columns that read one ``x`` share
   its ``tp_copy``, so q, k and v all-reduce their input gradient once, not
-  three times.
+  three times. Redistributed to ``Replicate()`` instead (``output_layouts=
+  Replicate()``: an LM head gathered whole), the local linear ends in
+  ``kp::tp_all_gather`` over the columns (the weight's rows must split evenly).
 - row-parallel: ``from_local(h, [Shard(-1)], run_check=False)`` ->
   ``linear(., W: Shard(1), b: Replicate() | None)`` (a ``Partial`` sum) ->
   ``redistribute`` to ``Replicate()`` -> ``to_local()``. Local:
@@ -179,13 +181,16 @@ def _chain(link: fx.Node, given: dict) -> tuple[Optional[dict], str]:
         return None, "the bias is not a DTensor parameter"
     chain = {"w": w, "b": b, "out": end, "nodes": [end, redistribute, link], "mesh": mesh, "scatter": None}
     if (x_in == (Replicate(),) and _is_shard(w_at[0], 0, 2) and len(out) == 1 and _is_shard(out[0], -1, ndim)
-            and after == out and (b is None or _is_shard(b_at[0], 0, 1))):
+            and after in (out, (Replicate(),)) and (b is None or _is_shard(b_at[0], 0, 1))):
+        gathered = after == (Replicate(),)  # the output all-gathered whole (an LM head every rank needs)
+        if gathered and (not isinstance(wv.shape[0], int) or wv.shape[0] % mesh.size()):
+            return None, f"its gathered output's {wv.shape[0]} columns do not split evenly over {mesh.size()} ranks"
         side, why = _input_side(source, link, mesh, given)
         if side is None:
             return None, why
         if "copy" in side:
             chain["nodes"].append(source)
-        return {**chain, **side, "source": source, "kind": "colwise"}, ""
+        return {**chain, **side, "source": source, "kind": "colwise", "gather_out": gathered}, ""
     partial = out is not None and len(out) == 1 and out[0].is_partial() and getattr(out[0], "reduce_op", "") == "sum"
     if (len(x_in) == 1 and _is_shard(x_in[0], -1, ndim) and _is_shard(w_at[0], 1, 2) and partial
             and (b is None or b_at == (Replicate(),))):

@@ -140,7 +140,12 @@ def rewrite(graph: fx.Graph, chains: list) -> tuple[int, int, int, int]:
                     counts["copies"] += 1
                 x = copies[key]
             with graph.inserting_before(end):
-                new = _node(graph, torch._C._nn.linear, (x, w, b), local, "linear_local")
+                if chain["gather_out"]:  # the columns gathered whole: every rank gets the full output
+                    cols = _node(graph, torch._C._nn.linear, (x, w, b), example_value(link)._local_tensor,
+                                 "linear_local")
+                    new = _node(graph, torch.ops.kp.tp_all_gather.default, (cols, mesh.size(), group), local)
+                else:
+                    new = _node(graph, torch._C._nn.linear, (x, w, b), local, "linear_local")
         else:
             with graph.inserting_before(end):
                 new = _row_parallel(graph, chain, w, b, group, mesh, local)

@@ -135,15 +135,15 @@ def test_tensor_parallel_graphs_are_rewritten_in_their_plain_parts(results):
 def test_sequence_parallel_linears_gather_and_scatter_tokens_locally(results):
     """torchtitan's plan (``sp_model.py``): the norms run on token shards (DTensor parts), each block's q, k, v
     (and w1, w3) read one ``kp::sp_all_gather`` of their token-sharded input and wo (and w2) end in a
-    ``kp::sp_reduce_scatter``; the embedding and the gathered LM head stay DTensor ops, and training equals eager
-    (``test_equal_to_eager_on_every_rank``)."""
+    ``kp::sp_reduce_scatter``; the LM head reads the final norm's tokens gathered and gathers its output columns
+    whole (``kp::tp_all_gather``; its backward keeps this rank's columns of the gradient); the embedding stays a
+    DTensor op, and training equals eager (``test_equal_to_eager_on_every_rank``)."""
     for rank, res in enumerate(results):
         graphs = res["tp-sp"]["kernelpytorch"]["graphs"]
         assert len(graphs) == 1 and not graphs[0]["fallbacks"], (rank, graphs)
         parts = graphs[0]["parts"]
         local = parts["local_linears"]
-        assert (local["colwise"], local["rowwise"], local["scatters"]) == (10, 4, 4), (rank, local)
-        assert len(local["kept"]) == 1 and local["kept"][0].startswith("linear"), (rank, local["kept"])  # the head
+        assert (local["colwise"], local["rowwise"], local["scatters"], local["kept"]) == (11, 4, 4, []), (rank, local)
         assert parts["rewritten"] == parts["plain"] >= 4, (rank, parts)  # attention and MLP of each block
 
 

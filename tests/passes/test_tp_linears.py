@@ -148,7 +148,9 @@ def _localized(model, x) -> list:
 
 
 @pytest.mark.parametrize("case", ["all-gathered output", "DTensor output", "sequence-parallel input"])
-def test_other_chains_stay_dtensor_ops_and_train_as_eager(mesh, case):
+def test_other_plans_train_as_eager(mesh, case):
+    """Plans beyond the column/row pair: an output gathered whole becomes local + ``kp::tp_all_gather``, a
+    token-sharded input ``kp::sp_all_gather``; a DTensor output stays a DTensor op."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     def build():
@@ -160,9 +162,10 @@ def test_other_chains_stay_dtensor_ops_and_train_as_eager(mesh, case):
     assert records and not any("failed" in f for r in records for f in r.fallbacks), [r.fallbacks for r in records]
     (local,) = _localized(build(), torch.randn(2, 8, 16))
     kept = " ".join(local.kept)
-    if case == "all-gathered output":  # fc1's output all-gathered; fc2 is not sharded
-        assert (local.gm, local.colwise, local.rowwise, len(local.kept)) == (None, 0, 0, 1), local
-        assert "are not a column- or row-parallel linear" in kept, kept
+    if case == "all-gathered output":  # fc1's output gathered whole (an LM head's plan): local, then gathered
+        assert (local.colwise, local.rowwise, local.kept) == (1, 0, []), local
+        FileCheck().check("kp.tp_copy").check("linear").check_count("kp.tp_all_gather", 1, exactly=True).run(
+            local.gm.code)
     elif case == "DTensor output":  # fc1's output stays a DTensor (no to_local); fc2 reads it, not a from_local
         assert (local.gm, local.colwise, local.rowwise, len(local.kept)) == (None, 0, 0, 2), local
         assert "not only read by to_local()" in kept and "neither a from_local nor a gather" in kept, kept
@@ -234,16 +237,16 @@ def test_stateful_fp8_recipes_leave_shards_in_bf16(mesh):
 
 def test_torchtitan_sequence_parallel_plan_gathers_once_per_module(mesh):
     """torchtitan's plan (``tests/distributed/sp_model.py``): per block, q, k, v share one gather of the
-    token-sharded norm output and w1, w3 another; wo and w2 reduce-scatter; the LM head, whose output is
-    gathered whole, stays a DTensor op."""
+    token-sharded norm output and w1, w3 another; wo and w2 reduce-scatter; the LM head reads the final norm's
+    output gathered and its output columns are gathered whole (``kp::tp_all_gather``)."""
     from tests.distributed.sp_model import Llama, parallelize
 
     torch.manual_seed(0)
     (local,) = _localized(parallelize(Llama(), mesh), torch.randint(0, 64, (2, 16)))
-    assert (local.colwise, local.rowwise, local.scatters, local.copies) == (10, 4, 4, 0), local
-    assert len(local.kept) == 1 and "are not a column- or row-parallel linear" in local.kept[0], local.kept
+    assert (local.colwise, local.rowwise, local.scatters, local.copies, local.kept) == (11, 4, 4, 0, []), local
     code = local.gm.code
-    FileCheck().check_count("kp.sp_all_gather", 4, exactly=True).run(code)
+    FileCheck().check_count("kp.sp_all_gather", 5, exactly=True).run(code)
+    FileCheck().check_count("kp.tp_all_gather", 1, exactly=True).run(code)
     FileCheck().check_count("kp.sp_reduce_scatter", 4, exactly=True).run(code)
     FileCheck().check_not("kp.tp_copy").run(code)
 
