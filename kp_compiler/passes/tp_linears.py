@@ -129,19 +129,56 @@ def _token_dim(placements, node, mesh) -> Optional[int]:
     return d
 
 
+def _noop_redistribute(node: fx.Node) -> Optional[fx.Node]:
+    """The input of ``node`` where ``node`` redistributes a DTensor to the placements it already has (no
+    communication: transformers' row-parallel input does), else None."""
+    call = dt_call(node)
+    if call is None or call[0] != "redistribute" or call[1] or not set(call[2]) <= _REDISTRIBUTE_KWARGS:
+        return None
+    src = node.args[0]
+    same = isinstance(src, fx.Node) and _placements(src) is not None and _placements(src) == _placements(node)
+    return src if same else None
+
+
+def _default_layout(start: tuple, node: fx.Node, mesh) -> bool:
+    """Whether a ``from_local``'s explicit ``shape``/``stride`` (transformers passes them) are what it infers
+    without them: the global shape of even shards, contiguous."""
+    kwargs = start[2]
+    if not {"shape", "stride"} & kwargs.keys():
+        return True
+    local, dt = example_value(node.args[0]), example_value(node)
+    if not (isinstance(local, torch.Tensor) and isinstance(dt, dtensor_type())):
+        return False
+    inferred = list(local.shape)
+    for p in dt.placements:
+        if p.is_shard():
+            inferred[p.dim % local.dim()] *= mesh.size()
+    shape = tuple(kwargs.get("shape") or dt.shape)
+    stride = tuple(kwargs.get("stride") or dt.stride())
+    contiguous = torch.empty(inferred, device="meta").stride()
+    return all(isinstance(d, int) for d in (*inferred, *shape)) and list(shape) == inferred and stride == contiguous
+
+
 def _input_side(source, link: fx.Node, mesh, given: dict) -> tuple[Optional[dict], str]:
-    """How a column-parallel linear's replicated input is made: ``{"copy": x}`` (``from_local`` of a plain
-    tensor that only this linear reads) or ``{"gather": (src, d)}`` (a ``redistribute`` of ``src``, sharded over
-    tokens, to ``Replicate``: sequence parallelism; every reader must be proven, which ``localize`` checks)."""
+    """How a linear's input is made: ``{"copy": x, "via": [from_local, ...]}`` (``from_local`` of a plain tensor
+    that only this linear reads, maybe through a redistribute to its own placements) or ``{"gather": (src, d)}``
+    (a ``redistribute`` of ``src``, sharded over tokens, to ``Replicate``: sequence parallelism; every reader
+    must be proven, which ``localize`` checks)."""
+    via = []
+    while isinstance(source, fx.Node) and _only_user(source) is (via[-1] if via else link):
+        inner = _noop_redistribute(source)
+        if inner is None:
+            break
+        via.append(source)
+        source = inner
     start = dt_call(source) if isinstance(source, fx.Node) else None
     if start is not None and start[0] == "from_local":
-        if _only_user(source) is not link:
+        if _only_user(source) is not (via[-1] if via else link):
             return None, "its from_local input has other readers"
-        kwargs = start[2]
-        checking = kwargs.get("run_check", True) is not False or {"shape", "stride"} & kwargs.keys()
+        checking = start[2].get("run_check", True) is not False or not _default_layout(start, source, mesh)
         if _mesh_of(start, given) != mesh or checking:
-            return None, "from_local is not on the weight's mesh with run_check=False"
-        return {"copy": source.args[0]}, ""
+            return None, "from_local is not on the weight's mesh with run_check=False (and its default layout)"
+        return {"copy": source.args[0], "via": [source, *via]}, ""
     if start is not None and start[0] == "redistribute" and not start[1] and set(start[2]) <= _REDISTRIBUTE_KWARGS:
         src = source.args[0]
         value = example_value(src)
@@ -189,15 +226,16 @@ def _chain(link: fx.Node, given: dict) -> tuple[Optional[dict], str]:
         if side is None:
             return None, why
         if "copy" in side:
-            chain["nodes"].append(source)
-        return {**chain, **side, "source": source, "kind": "colwise", "gather_out": gathered}, ""
+            chain["nodes"] += side["via"]
+        return {**chain, **side, "source": side["via"][0] if "via" in side else source, "kind": "colwise",
+                "gather_out": gathered}, ""
     partial = out is not None and len(out) == 1 and out[0].is_partial() and getattr(out[0], "reduce_op", "") == "sum"
     if (len(x_in) == 1 and _is_shard(x_in[0], -1, ndim) and _is_shard(w_at[0], 1, 2) and partial
             and (b is None or b_at == (Replicate(),))):
         side, why = _input_side(source, link, mesh, given)
         if side is None or "copy" not in side:
             return None, why or "its input is not a from_local"
-        chain["nodes"].append(source)  # its input is read when the chain is rewritten (tp_rewrite.py)
+        chain["nodes"] += side["via"]  # its input is read when the chain is rewritten (tp_rewrite.py)
         if after == (Replicate(),):
             return {**chain, "kind": "rowwise"}, ""
         d = _token_dim(after, redistribute, mesh)

@@ -21,7 +21,7 @@ from .worker import STEPS
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")
 CONFIGS = ["ddp", "fsdp2", "tp", "tp-sp", "ddp-lce", "ddp-fp8", "fsdp2-fp8", "tp-fp8", "tp-sp-fp8", "ddp-moe",
-           "fsdp2-moe", "fsdp2-gather-fp8"]
+           "fsdp2-moe", "fsdp2-gather-fp8", "tp-hf"]
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,19 @@ def test_fp8_linears_under_fsdp2_train_as_under_ddp(results):
     # FP8 changed the numbers: the runs are not the fp32 ones
     assert not torch.allclose(torch.stack(results[0]["ddp-fp8"]["kernelpytorch"]["losses"]),
                               torch.stack(results[0]["ddp"]["eager"]["losses"]), rtol=1e-6, atol=0)
+
+
+def test_transformers_own_tensor_parallelism_is_computed_locally(results):
+    """transformers' own TP styles (``apply_tensor_parallelism`` with the model's ``tp_plan``, what
+    ``from_pretrained(tp_plan="auto")`` does): its row-parallel input is a ``from_local`` with explicit
+    ``shape``/``stride`` and a redistribute to the placement it has, its LM head gathers its output. All are
+    computed locally: per layer q, k, v, gate, up and the head column-parallel, o and down row-parallel, nothing
+    kept; training equals eager (``test_equal_to_eager_on_every_rank``)."""
+    for rank, res in enumerate(results):
+        graphs = res["tp-hf"]["kernelpytorch"]["graphs"]
+        assert len(graphs) == 1 and not graphs[0]["fallbacks"], (rank, graphs)
+        local = graphs[0]["parts"]["local_linears"]
+        assert (local["colwise"], local["rowwise"], local["kept"]) == (11, 4, []), (rank, local)
 
 
 def test_fp8_all_gather_under_fsdp2_trains_as_fp8_linears_gathered_whole(results):

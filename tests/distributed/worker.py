@@ -59,6 +59,33 @@ def build_sp() -> nn.Module:
     return Llama(vocab=VOCAB, bias=True)
 
 
+class HFLogits(nn.Module):
+    """transformers' ``LlamaForCausalLM`` returning its logits (the worker computes the loss)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx):
+        return self.model(input_ids=idx).logits
+
+
+def build_hf_tp(mesh) -> nn.Module:
+    """transformers' ``LlamaForCausalLM`` (2 layers, sdpa, grouped KV heads) parallelized by transformers' own
+    tensor parallelism with the model's own plan, as ``from_pretrained(tp_plan="auto")`` applies it: q, k, v,
+    gate, up colwise, o, down rowwise, the embedding rowwise and the LM head colwise with its output gathered."""
+    import transformers
+    from transformers.integrations.tensor_parallel import apply_tensor_parallelism
+
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T,
+                                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    apply_tensor_parallelism(model, mesh, model._expand_parallel_plan(model.tp_plan))
+    return HFLogits(model)
+
+
 def build(moe: bool = False) -> nn.Module:
     """``TinyGPT`` (nanoGPT style: embeddings, pre-LayerNorm blocks, GELU MLP, LM head) with ``Attention``;
     ``moe``: ``TinyMoEGPT``, its MLPs top-2-of-4 routed SwiGLU experts dispatched by a loop."""
@@ -89,6 +116,8 @@ def _wrap(model, config: str):
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
         return fully_shard(model, mesh=mesh)
+    if config == "tp-hf":  # transformers' own TP (its styles, its plan): applied in build_hf_tp
+        return model
     if config == "tp-sp":  # torchtitan's plan: sequence parallel between the linears
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -130,7 +159,11 @@ def _train_in(config: str, compiled: bool, rank: int) -> dict:
     torch._dynamo.reset()
     fp8, moe = config.endswith("-fp8"), config.endswith("-moe")
     kind = config.removesuffix("-fp8").removesuffix("-moe")
-    model = _wrap(build_sp() if kind == "tp-sp" else build(moe), kind)
+    if kind == "tp-hf":
+        from torch.distributed.device_mesh import init_device_mesh
+        model = build_hf_tp(init_device_mesh("cpu", (dist.get_world_size(),)))
+    else:
+        model = _wrap(build_sp() if kind == "tp-sp" else build(moe), kind)
     # SGD: the update is linear in the gradient. AdamW turns gradients that are zero up to rounding (the
     # attention's key bias: softmax ignores a per-row constant) into updates of +-lr, so runs that agree to
     # 1e-7 in every gradient would differ by lr in those parameters.
@@ -139,9 +172,9 @@ def _train_in(config: str, compiled: bool, rank: int) -> dict:
     if compiled and config == "ddp-lce":
         forward = torch.compile(model, backend="kernelpytorch", options={"linear_cross_entropy": True})
     elif compiled:
-        # tp-sp: the default passes find nothing to rewrite in this model on the CPU (its attention is SDPA
-        # already); listing them runs the pipeline, and the sharded linears are computed locally
-        plain = {"passes": ["noop-elimination", "attention-to-sdpa"]} if config == "tp-sp" else None
+        # tp-sp, tp-hf: the default passes find nothing to rewrite in these models on the CPU (their attention is
+        # SDPA already); listing them runs the pipeline, and the sharded linears are computed locally
+        plain = {"passes": ["noop-elimination", "attention-to-sdpa"]} if config in ("tp-sp", "tp-hf") else None
         forward = torch.compile(model, backend="kernelpytorch", options=FP8 if fp8 else MOE if moe else plain)
 
     def step(idx):  # the shifted next-token loss ("ddp-lce": the module's own)
