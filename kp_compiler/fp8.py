@@ -84,32 +84,43 @@ def calibrate(model: torch.nn.Module, batches: Iterable, forward: Optional[Calla
 
 
 def all_gather_in_fp8(model: torch.nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
-                      dtype: torch.dtype = torch.float8_e4m3fn) -> list:
+                      dtype: torch.dtype = torch.float8_e4m3fn, shard_group_size: Optional[int] = None) -> list:
     """Have FSDP2 all-gather the weights of ``model``'s ``nn.Linear`` layers in FP8 (``ops/fp8_all_gather.py``).
 
     Call it on the unsharded model, before ``fully_shard``. Each selected weight's
     data is wrapped so that FSDP2 sends its shard as ``dtype`` bytes with one
     tensorwise scale (one scalar all-reduce per weight and all-gather) and
-    dequantizes it on arrival; with ``options["fp8"]`` the ``fp8-linear`` pass
-    then runs the same FP8 GEMM as without this, on half the bytes gathered.
+    dequantizes it on arrival; with ``options["fp8"]`` (the default tensorwise
+    recipe) the ``fp8-linear`` pass then runs the same FP8 GEMM as without this,
+    on half the bytes gathered.
 
     Args:
-        model: the module, not yet sharded (its parameters plain tensors).
+        model: the module, not yet sharded (its parameters plain tensors), without
+            tensor parallelism (refused at the first all-gather).
         include, exclude: ``fnmatch`` patterns on the linear's module path
             (``layers.0.mlp.up_proj``); a linear is wrapped if it matches an
             ``include`` and no ``exclude`` pattern.
-        dtype: the FP8 format on the wire (E4M3, the weights' format in the pass).
+        dtype: the FP8 format on the wire: the pass's weight format, E4M3
+            (``float8_e4m3fnuz`` on MI300).
+        shard_group_size: the ranks FSDP2 shards over; default the world size where
+            a process group is up. Weights whose rows do not split evenly over them
+            are left alone (FSDP2 would pad their shards, which this does not handle).
 
     Returns:
         The module paths whose weights were wrapped. Weights whose dimensions are not
         multiples of 16 (no scaled GEMM takes them) are left alone.
 
     A linear the pass keeps in ``param_dtype`` (below its size table, or excluded
-    there) computes with the FP8-rounded weight; the pass's notes name it. Select
-    the linears the pass converts (``kp_compiler.explain`` lists them).
+    there) computes with the FP8-rounded weight, and another recipe than
+    tensorwise re-quantizes it (two roundings); the pass's notes name both.
+    Select the linears the pass converts (``kp_compiler.explain`` lists them).
+    Checkpoints hold the plain weights. Not supported: ``reshard_after_forward``
+    given as an int, and assigning ``param.data`` (the wrapper keeps its data).
     """
-    if dtype not in (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2):
-        raise ValueError(f"all_gather_in_fp8: dtype must be an FP8 format, got {dtype}")
+    if dtype not in (torch.float8_e4m3fn, torch.float8_e4m3fnuz):
+        raise ValueError(f"all_gather_in_fp8: dtype must be the weights' FP8 format (E4M3), got {dtype}")
+    if shard_group_size is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        shard_group_size = torch.distributed.get_world_size()
     wrapped = []
     for path, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
@@ -119,8 +130,10 @@ def all_gather_in_fp8(model: torch.nn.Module, include: Sequence[str] = ("*",), e
         weight = module.weight
         if type(weight.data) is not torch.Tensor:
             raise TypeError(f"all_gather_in_fp8: {path}.weight is a {type(weight.data).__name__}, not a plain "
-                            "tensor: call all_gather_in_fp8 before fully_shard (and before tensor parallelism)")
-        if weight.shape[0] % 16 or weight.shape[1] % 16 or not weight.is_floating_point():
+                            "tensor: call all_gather_in_fp8 once, before fully_shard, on a model without tensor "
+                            "parallelism")
+        rows, cols = weight.shape
+        if rows % 16 or cols % 16 or not weight.is_floating_point() or rows % (shard_group_size or 1):
             continue
         module.weight = torch.nn.Parameter(FP8GatherWeight(weight.data, dtype), requires_grad=weight.requires_grad)
         wrapped.append(path)

@@ -32,21 +32,21 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .fp8_quant import amax, quantize, scale_from_amax
 
 aten = torch.ops.aten
 
-# Ops whose results are the parameter's data again (FSDP2 shards, pads and views it; DTensor aliases it; the
-# optimizer and load_state_dict copy into it): the result keeps the wrapper, so the shard still all-gathers in
-# FP8. Anything else (arithmetic, reductions) returns plain tensors.
+# Ops whose results are the parameter's data again (FSDP2 shards, pads and views it; DTensor aliases it;
+# ``model.to()`` moves it; in-place ops write it): the result keeps the wrapper, so the shard still all-gathers
+# in FP8. Anything else returns plain tensors: arithmetic, reductions, and the ``zeros_like``/``clone`` an
+# optimizer makes its state with (that state is the optimizer's, not the parameter's).
 STRUCTURAL = {
     aten.detach.default, aten.alias.default, aten.view.default, aten._unsafe_view.default, aten.slice.Tensor,
     aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.narrow.default,
     aten.as_strided.default, aten.new_zeros.default, aten.new_empty.default, aten.new_empty_strided.default,
-    aten.empty_like.default, aten.zeros_like.default, aten.clone.default, aten._to_copy.default,
-    aten.copy_.default, aten.zero_.default,
+    aten._to_copy.default,
 }
 
 # storage address -> the gathered tensor living there (FSDP2 frees and reallocates it each step)
@@ -69,6 +69,10 @@ class FP8GatherWeight(torch.Tensor):
     def __repr__(self):
         return f"FP8GatherWeight({self._data!r}, fp8_dtype={self.fp8_dtype})"
 
+    def __reduce_ex__(self, protocol):
+        # saved as the plain tensor it holds: checkpoints (torch.save, DCP) load without this class
+        return self._data.__reduce_ex__(protocol)
+
     def __tensor_flatten__(self):
         return ["_data"], (self.fp8_dtype,)
 
@@ -79,7 +83,7 @@ class FP8GatherWeight(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        fp8_dtype = next(a.fp8_dtype for a in _flat(args, kwargs) if isinstance(a, FP8GatherWeight))
+        fp8_dtype = next(a.fp8_dtype for a in tree_leaves((args, kwargs)) if isinstance(a, FP8GatherWeight))
         out = func(*tree_map_only(FP8GatherWeight, lambda t: t._data, args),
                    **tree_map_only(FP8GatherWeight, lambda t: t._data, kwargs))
         if func._schema.is_mutable and isinstance(args[0], FP8GatherWeight):
@@ -90,19 +94,13 @@ class FP8GatherWeight(torch.Tensor):
 
     # FSDP2's all-gather extension (torch.distributed.fsdp: fully_shard)
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
-        if mesh.ndim != 1:
-            raise NotImplementedError(
-                f"kp_compiler.fp8.all_gather_in_fp8: FSDP2 shards over a {mesh.ndim}-D mesh here (HSDP); only a 1-D "
-                "shard mesh is supported: drop all_gather_in_fp8 for this model")
+        _check_layout(mesh, outer_size, module)
         data = self._data if mp_policy.param_dtype is None else self._data.to(mp_policy.param_dtype)
         casts = _casts(data)
         m = casts.amax(data, False)
         if mesh.size() > 1:
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=mesh.get_group())
         q, scale = casts.quantize_from_amax(data, m, self.fp8_dtype)
-        rows = -(-outer_size[0] // mesh.size())  # FSDP2's padded shard (Shard(0)): every rank sends as many
-        if q.shape[0] < rows:
-            q = torch.cat([q, q.new_zeros(rows - q.shape[0], *q.shape[1:])])
         return (q.view(torch.uint8),), (scale,)
 
     def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
@@ -111,7 +109,7 @@ class FP8GatherWeight(torch.Tensor):
         if out is not None:  # FSDP2 re-gathers into the storage it freed (the backward's all-gather): the values
             # autograd saved in the forward come back. ``.data`` keeps the write off the parameter's version
             # counter, as FSDP2's own all-gather writes the storage without bumping it.
-            _casts(q).dequantize(q[:out.shape[0]], scale, out.data)
+            _casts(q).dequantize(q, scale, out.data)
             _GATHERED[out.untyped_storage().data_ptr()] = out
             return None
         weight = _casts(q).dequantize(q, scale, torch.empty(q.shape, dtype=param_dtype, device=q.device))
@@ -142,12 +140,23 @@ def _casts(t: torch.Tensor):
     return triton_fp8
 
 
-def _flat(args, kwargs):
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, (list, tuple)):
-            yield from a
-        else:
-            yield a
+def _check_layout(mesh, outer_size, module) -> None:
+    """Refuse, at the first all-gather, the layouts this extension does not handle (a clear error instead of a
+    wrong weight or a crash inside FSDP2 later): rows that do not split evenly over the shard group (FSDP2 would
+    pad the shards, and re-pad them at its lazy init behind a ``state_dict`` taken before), and a weight that is
+    also tensor-parallel (its gathered weight is a DTensor)."""
+    if outer_size[0] % mesh.size():
+        raise NotImplementedError(
+            f"kp_compiler.fp8.all_gather_in_fp8: a weight of {outer_size[0]} rows does not split evenly over the "
+            f"{mesh.size()} ranks of FSDP2's shard group; leave it out (all_gather_in_fp8's exclude, or its "
+            "shard_group_size) or shard it evenly")
+    weight = getattr(module, "weight", None)
+    placements = tuple(getattr(weight, "placements", ()))  # a DTensor's (FSDP2's own sharding, and any other)
+    if sum(p.is_shard() or type(p).__name__ == "_StridedShard" for p in placements) > 1:
+        raise NotImplementedError(
+            "kp_compiler.fp8.all_gather_in_fp8: this weight is also sharded by tensor parallelism "
+            f"({placements}); FP8 all-gather covers weights FSDP2 alone shards: call all_gather_in_fp8 only on "
+            "models without tensor parallelism")
 
 
 def gathered_in_fp8(t) -> bool:

@@ -3,6 +3,7 @@ survives what FSDP2 and optimizers do to a shard, the all-gather extension's rou
 ``fp8-linear`` pass re-quantizes to the very FP8 values sent, and bad use is refused. The FSDP2 runs on 2
 processes are in ``tests/distributed/test_gloo.py``."""
 
+import io
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 import kp_compiler
 from kp_compiler.core.report import collect
 from kp_compiler.ops.fp8_all_gather import FP8GatherWeight, gathered_in_fp8
+from kp_compiler.ops import fp8_quant
 from kp_compiler.ops.fp8_quant import quantize_dynamic
 
 E4M3 = torch.float8_e4m3fn
@@ -70,21 +72,47 @@ def test_mixed_precision_quantizes_the_param_dtype_copy():
     assert weight.dtype == torch.bfloat16 and torch.equal(q0.view(torch.uint8), sent) and torch.equal(s0, scale)
 
 
-def test_an_uneven_shard_is_padded_to_fsdp2s_shard_size(monkeypatch):
-    """50 rows over 4 ranks: FSDP2 pads each shard to 13 rows, the last rank's holds 11; the extension must
-    send 13 (FSDP2 checks it) and the padding rows come back as zeros past the weight's 50. The amax goes
-    through one all-reduce (MAX) over the shard group (recorded here, no process group)."""
+def test_the_amax_is_all_reduced_over_the_shard_group(monkeypatch):
+    """Every rank quantizes with one scale: the shard's amax goes through one all-reduce (MAX) over FSDP2's shard
+    group (recorded here, no process group), and the scale comes from the reduced value."""
     reduced = []
-    monkeypatch.setattr(torch.distributed, "all_reduce",
-                        lambda t, op, group: reduced.append((t.clone(), op, group)))
+
+    def all_reduce(t, op, group):
+        reduced.append((t.clone(), op, group))
+        t.mul_(4)  # another rank held a larger value
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     torch.manual_seed(4)
-    shard = torch.randn(11, 16)
+    shard = torch.randn(16, 16)
     w = FP8GatherWeight(shard, E4M3)
-    (sent,), _ = w.fsdp_pre_all_gather(OneRank(4), torch.Size([50, 16]), (16, 1), None,
-                                       SimpleNamespace(param_dtype=None))
-    assert sent.shape == (13, 16) and not sent[11:].any() and sent[:11].any()
+    (sent,), (scale,) = w.fsdp_pre_all_gather(OneRank(4), torch.Size([64, 16]), (16, 1), nn.Linear(16, 64),
+                                              SimpleNamespace(param_dtype=None))
     assert len(reduced) == 1 and reduced[0][1] == torch.distributed.ReduceOp.MAX and reduced[0][2] == "group"
     torch.testing.assert_close(reduced[0][0], shard.abs().amax())
+    assert sent.shape == (16, 16) and torch.equal(scale, fp8_quant.scale_from_amax(shard.abs().amax() * 4, E4M3))
+
+
+def test_layouts_it_does_not_handle_are_refused_at_the_first_all_gather():
+    """Rows that do not split evenly over the shard group (FSDP2 would pad them and re-pad at its lazy init,
+    behind a state_dict taken before) and a weight that tensor parallelism also shards: a clear error."""
+    from torch.distributed.tensor.placement_types import Replicate, Shard
+
+    w = FP8GatherWeight(torch.randn(13, 16), E4M3)
+    with pytest.raises(NotImplementedError, match="does not split evenly"):
+        w.fsdp_pre_all_gather(OneRank(4), torch.Size([50, 16]), (16, 1), nn.Linear(16, 50),
+                              SimpleNamespace(param_dtype=None))
+    tp_weight = SimpleNamespace(weight=_FakeDTensor((Shard(0), Shard(1))))
+    with pytest.raises(NotImplementedError, match="tensor parallelism"):
+        w.fsdp_pre_all_gather(OneRank(1), torch.Size([13, 16]), (16, 1), tp_weight, SimpleNamespace(param_dtype=None))
+    # HSDP (replicated over one mesh dimension, sharded over the other) is FSDP2's own layout: not refused
+    hsdp = SimpleNamespace(weight=_FakeDTensor((Replicate(), Shard(0))))
+    w.fsdp_pre_all_gather(OneRank(1), torch.Size([13, 16]), (16, 1), hsdp, SimpleNamespace(param_dtype=None))
+
+
+class _FakeDTensor:
+    """Only what ``_check_layout`` reads of a module's weight: a DTensor's placements."""
+
+    def __init__(self, placements):
+        self.placements = placements
 
 
 def test_the_backwards_regather_writes_in_place_without_bumping_the_version():
@@ -111,30 +139,39 @@ def test_the_wrapper_survives_sharding_optimizers_and_state_dicts():
         assert type(t) is FP8GatherWeight, t
     assert type(w.data @ torch.ones(32)) is torch.Tensor  # arithmetic is plain
     before = w.detach().clone()
-    assert type(before) is FP8GatherWeight
+    assert type(before) is torch.Tensor  # a copy is not the parameter (optimizer state, for one)
     y = lin(torch.randn(4, 32))
     y.square().sum().backward()
     assert type(w.grad) is torch.Tensor and w.grad.abs().sum() > 0
     for opt in (torch.optim.SGD([w], lr=0.1), torch.optim.AdamW([w], lr=0.1)):
         opt.step()
-    assert type(w.data) is FP8GatherWeight and not torch.equal(w.detach()._data, before._data)
-    state = {k: v.clone() for k, v in lin.state_dict().items()}
+    assert type(w.data) is FP8GatherWeight and not torch.equal(w.detach()._data, before)
+    assert all(type(v) is torch.Tensor for st in opt.state.values() for v in st.values() if v.dim())  # AdamW's
+    # a checkpoint holds the plain weights: it loads without this class (weights_only), into a wrapped model too
+    buffer = io.BytesIO()
+    torch.save(lin.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert type(state["weight"]) is torch.Tensor and torch.equal(state["weight"], w.detach()._data)
     with torch.no_grad():
         w.zero_()
+    assert type(w.data) is FP8GatherWeight and not w.detach()._data.any()
     lin.load_state_dict(state)
-    assert type(w.data) is FP8GatherWeight and torch.equal(w.detach()._data, state["weight"]._data)
+    assert type(w.data) is FP8GatherWeight and torch.equal(w.detach()._data, state["weight"])
 
 
 def test_all_gather_in_fp8_selects_and_refuses():
     model = nn.ModuleDict({"up": nn.Linear(64, 128), "odd": nn.Linear(64, 20), "head": nn.Linear(128, 64)})
     assert kp_compiler.fp8.all_gather_in_fp8(model, exclude=["head"]) == ["up"]  # 20 rows: no scaled GEMM
     assert type(model["head"].weight.data) is torch.Tensor and type(model["odd"].weight.data) is torch.Tensor
-    with pytest.raises(ValueError, match="FP8 format"):
-        kp_compiler.fp8.all_gather_in_fp8(model, dtype=torch.bfloat16)
+    for bad in (torch.bfloat16, torch.float8_e5m2):
+        with pytest.raises(ValueError, match="E4M3"):
+            kp_compiler.fp8.all_gather_in_fp8(model, dtype=bad)
     with pytest.raises(TypeError, match="before fully_shard"):
         kp_compiler.fp8.all_gather_in_fp8(model)  # "up" is wrapped already
-    with pytest.raises(NotImplementedError, match="1-D shard mesh"):
-        model["up"].weight.data.fsdp_pre_all_gather(SimpleNamespace(ndim=2), None, None, None, None)
+    # over 3 ranks: 128 rows do not split evenly (FSDP2 would pad them), 96 do
+    model = nn.ModuleDict({"up": nn.Linear(64, 128), "down": nn.Linear(64, 96)})
+    assert kp_compiler.fp8.all_gather_in_fp8(model, shard_group_size=3) == ["down"]
 
 
 def test_the_pass_names_a_kept_linear_whose_weight_arrived_in_fp8():

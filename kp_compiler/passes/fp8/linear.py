@@ -216,6 +216,9 @@ def fp8_linears(gm: fx.GraphModule, device: DeviceInfo, fp8: FP8Options, train: 
             notes.append(f"{path}: its weight was all-gathered in FP8 (kp_compiler.fp8.all_gather_in_fp8), so this "
                          "linear computes with the FP8-rounded weight: leave it out of all_gather_in_fp8 to keep it "
                          "exact")
+        elif ok and recipe != "tensorwise" and _fp8_gathered(node.args[1]):
+            notes.append(f"{path}: its weight was all-gathered in FP8 with a tensorwise scale; the {recipe} recipe "
+                         "quantizes it again (two roundings): use the tensorwise recipe with all_gather_in_fp8")
         if not ok:
             node.meta["kp_note"] = f"fp8: kept ({why})"
             continue
