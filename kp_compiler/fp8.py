@@ -12,6 +12,7 @@
 
     kp_compiler.fp8.all_gather_in_fp8(model, exclude=["lm_head"])  # FSDP2 all-gathers these weights in FP8
     for block in model.layers: fully_shard(block)
+    ...optimizer.step(); kp_compiler.fp8.precompute_all_gather_scales(model)   # one all-reduce, not one per weight
 
 ``model`` is the ``nn.Module`` (the compiled wrapper works too: its
 parameters are the module's). State is per weight parameter
@@ -25,12 +26,12 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from .ops.fp8_all_gather import FP8GatherWeight
+from .ops.fp8_all_gather import FP8GatherWeight, precompute_amaxes
 from .ops.fp8_quant import amax, fp8_max
 from .ops.fp8_scaled import SCALE
 from .ops.fp8_state import attach, events, load_state_dict, new_state, state_dict
 
-__all__ = ["all_gather_in_fp8", "calibrate", "events", "load_state_dict", "state_dict"]
+__all__ = ["all_gather_in_fp8", "calibrate", "precompute_all_gather_scales", "events", "load_state_dict", "state_dict"]
 
 
 def calibrate(model: torch.nn.Module, batches: Iterable, forward: Optional[Callable] = None,
@@ -138,3 +139,18 @@ def all_gather_in_fp8(model: torch.nn.Module, include: Sequence[str] = ("*",), e
         module.weight = torch.nn.Parameter(FP8GatherWeight(weight.data, dtype), requires_grad=weight.requires_grad)
         wrapped.append(path)
     return wrapped
+
+
+def precompute_all_gather_scales(model: torch.nn.Module, group=None) -> int:
+    """One all-reduce for the scales of every weight ``all_gather_in_fp8`` wrapped, instead of one per weight
+    and all-gather: call it after each optimizer step (on every rank). Each scale is kept with the version of
+    the weight it was taken from, so a weight changed since (a step without this call) takes its own
+    all-reduce again: a stale scale is never used. Returns how many weights it covered."""
+    weights = []
+    for p in model.parameters():
+        local = getattr(p, "_local_tensor", p)  # FSDP2's sharded DTensor parameter's shard (the object its
+        # all-gathers call), or the parameter itself
+        if isinstance(local, FP8GatherWeight):
+            weights.append(local)
+    precompute_amaxes(weights, group)
+    return len(weights)

@@ -53,18 +53,35 @@ STRUCTURAL = {
 _GATHERED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
 
 
+class Written:
+    """What the views of one weight's data share: how often it was written in place (counted here: under
+    DTensor and FSDP2 an optimizer step bumps neither this tensor's nor its data's version counter), and the
+    all-reduced amax ``precompute_amaxes`` took, with the count it is of."""
+
+    def __init__(self):
+        self.count = 0
+        self.amax = None
+
+
+# Results that view the same data share its ``Written``; new tensors (``new_zeros``, ``_to_copy``) get their own.
+VIEWS = {aten.detach.default, aten.alias.default, aten.view.default, aten._unsafe_view.default, aten.slice.Tensor,
+         aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.narrow.default,
+         aten.as_strided.default}
+
+
 class FP8GatherWeight(torch.Tensor):
     """A parameter's data (``_data``, plain) that FSDP2 all-gathers as ``fp8_dtype`` bytes plus one scale."""
 
     @staticmethod
-    def __new__(cls, data: torch.Tensor, fp8_dtype: torch.dtype):
+    def __new__(cls, data: torch.Tensor, fp8_dtype: torch.dtype, written: "Written | None" = None):
         return torch.Tensor._make_wrapper_subclass(
             cls, data.shape, strides=data.stride(), storage_offset=data.storage_offset(), dtype=data.dtype,
             device=data.device, requires_grad=data.requires_grad)
 
-    def __init__(self, data: torch.Tensor, fp8_dtype: torch.dtype):
+    def __init__(self, data: torch.Tensor, fp8_dtype: torch.dtype, written: "Written | None" = None):
         self._data = data
         self.fp8_dtype = fp8_dtype
+        self.written = written if written is not None else Written()
 
     def __repr__(self):
         return f"FP8GatherWeight({self._data!r}, fp8_dtype={self.fp8_dtype})"
@@ -83,23 +100,32 @@ class FP8GatherWeight(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        fp8_dtype = next(a.fp8_dtype for a in tree_leaves((args, kwargs)) if isinstance(a, FP8GatherWeight))
+        wrappers = [a for a in tree_leaves((args, kwargs)) if isinstance(a, FP8GatherWeight)]
         out = func(*tree_map_only(FP8GatherWeight, lambda t: t._data, args),
                    **tree_map_only(FP8GatherWeight, lambda t: t._data, kwargs))
-        if func._schema.is_mutable and isinstance(args[0], FP8GatherWeight):
-            return args[0]  # in place: the wrapper's data changed
+        if func._schema.is_mutable:  # may have written any of them (an optimizer's foreach step: all)
+            for w in wrappers:
+                w.written.count += 1
+            if isinstance(args[0], FP8GatherWeight):
+                return args[0]  # in place: the wrapper's data changed
         if func not in STRUCTURAL:
             return out
-        return tree_map_only(torch.Tensor, lambda t: FP8GatherWeight(t, fp8_dtype), out)
+        first = wrappers[0]
+        written = first.written if func in VIEWS else None
+        return tree_map_only(torch.Tensor, lambda t: FP8GatherWeight(t, first.fp8_dtype, written), out)
 
     # FSDP2's all-gather extension (torch.distributed.fsdp: fully_shard)
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
         _check_layout(mesh, outer_size, module)
         data = self._data if mp_policy.param_dtype is None else self._data.to(mp_policy.param_dtype)
         casts = _casts(data)
-        m = casts.amax(data, False)
-        if mesh.size() > 1:
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=mesh.get_group())
+        pre = self.written.amax
+        if pre is not None and pre[1] == self.written.count:  # precomputed for this data, not written since
+            m = pre[0].to(data.dtype).float()  # rounding is monotonic: amax(bf16(x)) = bf16(amax(x))
+        else:
+            m = casts.amax(data, False)
+            if mesh.size() > 1:
+                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=mesh.get_group())
         q, scale = casts.quantize_from_amax(data, m, self.fp8_dtype)
         return (q.view(torch.uint8),), (scale,)
 
@@ -138,6 +164,22 @@ def _casts(t: torch.Tensor):
     from . import triton_fp8  # Triton is imported only where it runs
 
     return triton_fp8
+
+
+@torch.no_grad()
+def precompute_amaxes(weights: list, group=None) -> None:
+    """The all-reduced amax of every weight in ``weights`` (``FP8GatherWeight``s) in one all-reduce (MAX over
+    ``group``, every rank calling), kept with the count of in-place writes it is of (``Written``): FSDP2's
+    all-gathers then use it instead of one all-reduce per weight, until the data is written again (an
+    optimizer step), after which they take their own. MAX over ranks holding the same shard (HSDP's replicas)
+    changes nothing."""
+    if not weights:
+        return
+    amaxes = torch.stack([_casts(w._data).amax(w._data, False) for w in weights])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=group)
+    for w, m in zip(weights, amaxes):
+        w.written.amax = (m, w.written.count)
 
 
 def _check_layout(mesh, outer_size, module) -> None:

@@ -96,7 +96,9 @@ def test_fp8_all_gather_under_fsdp2_trains_as_fp8_linears_gathered_whole(results
     tensorwise scale, all-reduced), and the ``fp8-linear`` pass re-quantizes the dequantized weight to the same
     FP8 values. So the run equals ``fsdp2-fp8`` (weights gathered in fp32, quantized in the graph): the losses,
     first gradients and parameters to fp32 rounding of the scale; and every block weight went over the wire as
-    bytes (uint8 views of the FP8 data) in the forward's and the backward's all-gathers of every step."""
+    bytes (uint8 views of the FP8 data) in the forward's and the backward's all-gathers of every step. After each
+    optimizer step ``precompute_all_gather_scales`` takes every scale in one all-reduce; a stale scale would
+    make the run differ from ``fsdp2-fp8``."""
     for rank, res in enumerate(results):
         gather, plain = res["fsdp2-gather-fp8"]["kernelpytorch"], res["fsdp2-fp8"]["kernelpytorch"]
         torch.testing.assert_close(torch.stack(gather["losses"]), torch.stack(plain["losses"]), rtol=1e-5, atol=1e-6)
@@ -107,7 +109,10 @@ def test_fp8_all_gather_under_fsdp2_trains_as_fp8_linears_gathered_whole(results
         assert set(gather["fp8_gathers"]) == {"torch.uint8"}, (rank, set(gather["fp8_gathers"]))
         # 6 linears in each of 2 blocks, all-gathered for the forward and again for the backward, every step
         assert len(gather["fp8_gathers"]) == 6 * 2 * 2 * STEPS, (rank, len(gather["fp8_gathers"]))
-        assert plain["fp8_gathers"] == []
+        assert plain["fp8_gathers"] == [] and plain["amax_reduces"] == []
+        # the first step's 24 all-gathers reduce their amax one by one; after each optimizer step
+        # precompute_all_gather_scales reduces all 12 at once, and the all-gathers use it
+        assert gather["amax_reduces"] == [1] * 24 + [12] * STEPS, (rank, gather["amax_reduces"])
         fired = {p["name"]: p["matches"] for g in gather["graphs"] for p in g["passes"]}
         assert fired.get("fp8-linear", 0) >= 6, (rank, fired)
     # the gathered weights are FP8-rounded: the same model without FP8 anywhere trains differently

@@ -184,8 +184,8 @@ def _train_in(config: str, compiled: bool, rank: int) -> dict:
     # data parallel: each rank its own batches; tensor parallel: one batch for the group, as TP requires (its
     # replicated parameters, such as a row-parallel bias, would drift apart with different batches)
     data = torch.Generator().manual_seed(100 + (0 if config.startswith("tp") else rank))
-    out: dict = {"losses": [], "fp8_gathers": []}
-    with collect() as records, _count_fp8_gathers(out["fp8_gathers"]):
+    out: dict = {"losses": [], "fp8_gathers": [], "amax_reduces": []}
+    with collect() as records, _count_fp8_gathers(out["fp8_gathers"], out["amax_reduces"]):
         for i in range(STEPS):
             idx = torch.randint(0, VOCAB, (2, T), generator=data)
             loss = step(idx)
@@ -193,6 +193,9 @@ def _train_in(config: str, compiled: bool, rank: int) -> dict:
             if i == 0:
                 out["grads"] = {n: _full(p.grad) for n, p in model.named_parameters()}
             opt.step()
+            if kind == "fsdp2-gather":  # the next all-gathers' scales in one all-reduce
+                import kp_compiler
+                kp_compiler.fp8.precompute_all_gather_scales(model)
             opt.zero_grad()
             out["losses"].append(loss.detach().clone())
     out["params"] = {n: _full(p) for n, p in model.named_parameters()}
@@ -206,20 +209,37 @@ def _train_in(config: str, compiled: bool, rank: int) -> dict:
 
 
 @contextlib.contextmanager
-def _count_fp8_gathers(seen: list):
-    """Record the dtype of every all-gather input that ``FP8GatherWeight`` hands FSDP2."""
-    from kp_compiler.ops.fp8_all_gather import FP8GatherWeight
-    pre = FP8GatherWeight.fsdp_pre_all_gather
+def _count_fp8_gathers(seen: list, reduces: list):
+    """Record the dtype of every all-gather input that ``FP8GatherWeight`` hands FSDP2, and the size of every
+    all-reduce of amaxes (``ops/fp8_all_gather.py``'s: one scalar per weight, or all at once precomputed)."""
+    from kp_compiler.ops import fp8_all_gather
+    pre, all_reduce = fp8_all_gather.FP8GatherWeight.fsdp_pre_all_gather, fp8_all_gather.dist.all_reduce
 
     def spy(self, mesh, outer_size, outer_stride, module, mp_policy):  # FSDP2 reads the signature
         inputs, meta = pre(self, mesh, outer_size, outer_stride, module, mp_policy)
         seen.extend(str(t.dtype) for t in inputs)
         return inputs, meta
-    FP8GatherWeight.fsdp_pre_all_gather = spy
+
+    def count(t, *args, **kwargs):
+        reduces.append(t.numel())
+        return all_reduce(t, *args, **kwargs)
+    fp8_all_gather.FP8GatherWeight.fsdp_pre_all_gather = spy
+    fp8_all_gather.dist = _Patched(dist, all_reduce=count)
     try:
         yield
     finally:
-        FP8GatherWeight.fsdp_pre_all_gather = pre
+        fp8_all_gather.FP8GatherWeight.fsdp_pre_all_gather = pre
+        fp8_all_gather.dist = dist
+
+
+class _Patched:
+    """``module`` with some attributes replaced (for one module's view of ``torch.distributed`` only)."""
+
+    def __init__(self, module, **replaced):
+        self._module, self._replaced = module, replaced
+
+    def __getattr__(self, name):
+        return self._replaced.get(name) or getattr(self._module, name)
 
 
 def main(rank: int, world: int, folder: str, configs: list) -> None:

@@ -189,3 +189,41 @@ def test_the_pass_names_a_kept_linear_whose_weight_arrived_in_fp8():
     notes = [n for r in records for p in r.passes if p.name == "fp8-linear" for n in p.notes]
     flagged = [n for n in notes if "all-gathered in FP8" in n]
     assert len(flagged) == 1 and flagged[0].split(":")[0].endswith("0.weight"), notes
+
+
+def test_precomputed_scales_take_one_all_reduce_and_are_never_stale(monkeypatch):
+    """``precompute_all_gather_scales`` reduces every wrapped weight's amax in one all-reduce; the all-gathers
+    then use it (no all-reduce of their own) and quantize as the per-weight path does, also for a bf16
+    ``param_dtype`` (rounding is monotonic); once a weight changes in place (an optimizer step), its
+    all-gather takes its own all-reduce again."""
+    calls = []
+
+    def all_reduce(t, op, group=None):
+        calls.append(t.numel())
+        t.mul_(2)  # another rank held larger values
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 4)
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 32), nn.Linear(32, 16))
+    assert kp_compiler.fp8.all_gather_in_fp8(model, shard_group_size=4) == ["0", "1", "2"]
+    assert kp_compiler.fp8.precompute_all_gather_scales(model) == 3 and calls == [3]
+
+    def gather(lin, param_dtype=None):
+        return lin.weight.fsdp_pre_all_gather(OneRank(4), lin.weight.shape, (lin.weight.shape[1], 1), lin,
+                                                   SimpleNamespace(param_dtype=param_dtype))
+    for param_dtype in (None, torch.bfloat16):
+        for lin in model:
+            (pre_q,), (pre_s,) = gather(lin, param_dtype)
+            w = lin.weight.detach()._data
+            w = w if param_dtype is None else w.to(param_dtype)
+            expected = fp8_quant.scale_from_amax(w.float().abs().amax() * 2, E4M3)
+            assert torch.equal(pre_s, expected), (param_dtype, pre_s, expected)
+            assert torch.equal(pre_q, fp8_quant.quantize(w, expected, E4M3).view(torch.uint8))
+    assert calls == [3]  # none of their own
+    with torch.no_grad():
+        model[1].weight.add_(1.0)  # an optimizer step on one weight
+    gather(model[0])
+    assert calls == [3]
+    gather(model[1])
+    assert calls == [3, 1]  # the changed weight's scale is taken afresh
