@@ -47,7 +47,8 @@ BACKENDS = ("eager", "inductor", "kernelpytorch", "kernelpytorch-fp8")
 # conversion under each wrapping at shapes where the table keeps bf16 (K or N below 4096 at this model's width)
 EXTRA_BACKENDS = ("kernelpytorch-fp8-all", "kernelpytorch-fp8-gather")
 # "kernelpytorch-fp8-gather" (FSDP2 only): options={"fp8": True} with the block linears' weights all-gathered
-# in FP8 (kp_compiler.fp8.all_gather_in_fp8); select it where the size table converts every block linear
+# in FP8 (kp_compiler.fp8.all_gather_in_fp8, scales precomputed after each step); select it where the size table
+# converts every block linear
 GPU_SHAPE = dict(vocab=32000, d=2048, layers=8, heads=16, ffn=5632, batch=4, seq=1024)
 SMOKE_SHAPE = dict(vocab=64, d=32, layers=2, heads=4, ffn=64, batch=2, seq=16)
 # Llama-3-8B's widths, 2 layers: where FP8 GEMMs pay (K and N >= 4096), for the FP8 rows
@@ -185,6 +186,9 @@ def run_one(config: str, backend: str, shape: dict, steps: int, warmup: int, dev
             for opt in opts:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+            if backend == "kernelpytorch-fp8-gather":  # the next all-gathers' scales in one all-reduce
+                import kp_compiler
+                kp_compiler.fp8.precompute_all_gather_scales(model)
             _sync(device)
             if i >= warmup:
                 times.append((time.perf_counter() - t0) * 1e3)
