@@ -18,13 +18,14 @@ from kp_compiler.ops import triton_multi_linear
 from kp_compiler.options import parse_options
 from kp_compiler.passes.linear.group import applies
 from kp_compiler.runtime.graph_buckets import EagerRecorder
-from tests.passes import test_moe_tables
+from tests.passes import test_moe_tables, test_tp_linears
 from tests.runtime.test_backend_buckets import made_buckets
 from tests.utils import filecheck
 
 D = 32
 BF16 = torch.bfloat16
 cuda_target = test_moe_tables.cuda_target  # the fixture: compile targets described as an H100
+tp_mesh = test_tp_linears.mesh  # the fixture: a 1-rank gloo group's mesh
 
 
 class Projections(nn.Module):
@@ -283,3 +284,18 @@ def test_transformers_llama_decode(cuda_target):
     layers = model.config.num_hidden_layers
     assert records and matches(records) == [layers] * len(records)
     assert later == []  # no graph compiled for the new batch sizes
+
+
+def test_tensor_parallel_shards_group_as_parameters(cuda_target, tp_mesh):
+    """q, k and v column-parallel (``parallelize_module``, a 1-rank gloo group): their weights reach the pass as
+    local shards (``passes/tp_rewrite.py``), which it takes as parameters; the three become one op reading the
+    shared ``kp::tp_copy`` of the input (on the H200: ``scripts/gpu_tp_linear_group_check.py``)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    model = parallelize_module(Projections().to(BF16).eval(), tp_mesh,
+                               {name: ColwiseParallel() for name in ("q", "k", "v")})
+    records = compile_run(model, [3, 5])
+    assert sum(matches(records)) >= 1, notes(records)
+    assert "not a parameter" not in notes(records), notes(records)
+    assert all(r.parts and r.parts["local_linears"]["colwise"] == 3 for r in records), [r.parts for r in records]
