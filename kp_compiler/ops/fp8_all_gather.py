@@ -23,6 +23,13 @@ gathered plain tensor. Between all-gathers (the optimizer step, ``state_dict``,
 ``copy_``) the wrapper runs every op on the data it holds. ``gathered_in_fp8``
 tells whether a tensor is a weight that arrived this way (the pass notes a
 linear it keeps in ``param_dtype`` that computes with FP8-rounded values).
+
+``precompute_amaxes`` takes every weight's amax in one all-reduce (after an
+optimizer step) instead of one per weight and all-gather; ``Written`` counts
+in-place writes, so an amax taken before the last write is never used.
+Refused at the first all-gather: rows that do not split evenly over the
+shard group, and weights tensor parallelism shards too. Pickling saves the
+plain data, so checkpoints load without this class.
 """
 
 from __future__ import annotations
