@@ -143,9 +143,9 @@ def all_gather_in_fp8(model: torch.nn.Module, include: Sequence[str] = ("*",), e
 
 def precompute_all_gather_scales(model: torch.nn.Module, group=None) -> int:
     """One all-reduce for the scales of every weight ``all_gather_in_fp8`` wrapped, instead of one per weight
-    and all-gather: call it after each optimizer step (on every rank). Each scale is kept with the version of
-    the weight it was taken from, so a weight changed since (a step without this call) takes its own
-    all-reduce again: a stale scale is never used. Returns how many weights it covered."""
+    and all-gather: call it after each optimizer step (on every rank). Each scale is kept with the count of the
+    weight's in-place writes it was taken at, so a weight written since (a step without this call) takes its
+    own all-reduce again: a stale scale is never used. Returns how many weights it covered."""
     weights = []
     for p in model.parameters():
         local = getattr(p, "_local_tensor", p)  # FSDP2's sharded DTensor parameter's shard (the object its

@@ -45,16 +45,17 @@ from .fp8_quant import amax, quantize, scale_from_amax
 
 aten = torch.ops.aten
 
-# Ops whose results are the parameter's data again (FSDP2 shards, pads and views it; DTensor aliases it;
-# ``model.to()`` moves it; in-place ops write it): the result keeps the wrapper, so the shard still all-gathers
-# in FP8. Anything else returns plain tensors: arithmetic, reductions, and the ``zeros_like``/``clone`` an
-# optimizer makes its state with (that state is the optimizer's, not the parameter's).
-STRUCTURAL = {
-    aten.detach.default, aten.alias.default, aten.view.default, aten._unsafe_view.default, aten.slice.Tensor,
-    aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.narrow.default,
-    aten.as_strided.default, aten.new_zeros.default, aten.new_empty.default, aten.new_empty_strided.default,
-    aten._to_copy.default,
-}
+# Results that view the parameter's data (FSDP2 shards and views it; DTensor aliases it): they keep the wrapper
+# and share its ``Written``.
+VIEWS = {aten.detach.default, aten.alias.default, aten.view.default, aten._unsafe_view.default, aten.slice.Tensor,
+         aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.narrow.default,
+         aten.as_strided.default}
+# Results that are the parameter's data again: its views, and the new tensors FSDP2 pads it into or
+# ``model.to()`` moves it to (a ``Written`` of their own). Anything else returns plain tensors: arithmetic,
+# reductions, and the ``zeros_like``/``clone`` an optimizer makes its state with (the optimizer's, not the
+# parameter's). In-place ops return the wrapper they wrote.
+STRUCTURAL = VIEWS | {aten.new_zeros.default, aten.new_empty.default, aten.new_empty_strided.default,
+                      aten._to_copy.default}
 
 # storage address -> the gathered tensor living there (FSDP2 frees and reallocates it each step)
 _GATHERED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
@@ -68,12 +69,6 @@ class Written:
     def __init__(self):
         self.count = 0
         self.amax = None
-
-
-# Results that view the same data share its ``Written``; new tensors (``new_zeros``, ``_to_copy``) get their own.
-VIEWS = {aten.detach.default, aten.alias.default, aten.view.default, aten._unsafe_view.default, aten.slice.Tensor,
-         aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.narrow.default,
-         aten.as_strided.default}
 
 
 class FP8GatherWeight(torch.Tensor):

@@ -91,6 +91,12 @@ def shard_param(name: str) -> Optional[str]:
     return found.group(1) if found else None
 
 
+def is_parameter(node: fx.Node, example) -> bool:
+    """Whether placeholder ``node`` (``example`` its example value) holds a parameter: an ``nn.Parameter``, or a
+    tensor-parallel parameter's local shard (``shard_name``), which passes take as the parameter it is of."""
+    return node.op == "placeholder" and (shard_param(node.name) is not None or isinstance(example, torch.nn.Parameter))
+
+
 def _shareable(first: fx.Node, later: fx.Node) -> bool:
     node = first.next
     while node is not later and node.op != "output":

@@ -47,7 +47,7 @@ from ...core.graph import erase_dead, val
 from ...core.pattern import P
 from ...core.rules import Matches
 from ...ops import linear_act as _linear_act  # noqa: F401  (registers kp::linear_act, kp::gated_linear)
-from ..tp_rewrite import shard_param
+from ..tp_rewrite import is_parameter
 
 aten, kp = torch.ops.aten, torch.ops.kp
 
@@ -88,9 +88,7 @@ def refusal(x: fx.Node, linears: list) -> Optional[str]:
     for w in weights:
         if not (isinstance(w, fx.Node) and w.op == "placeholder"):
             return f"{w}: the weight is not a parameter of the graph"
-        if shard_param(w.name) is not None:  # a tensor-parallel parameter's local shard (passes/tp_rewrite.py)
-            continue
-        if ctx is not None and not isinstance(ctx.example_value(w), torch.nn.Parameter):
+        if ctx is not None and not is_parameter(w, ctx.example_value(w)):  # or a TP parameter's local shard
             return f"{w.name}: the weight is a graph input, not a parameter"
     xv = val(x)
     values = [val(w) for w in weights] + [val(b) for b in map(_bias, linears) if b is not None]

@@ -22,10 +22,9 @@ Applies (``applies``) to inference graphs on CUDA GPUs of compute capability 8.0
 ``mode="reduce-overhead"``: the kernel saves GPU time, which is the step's time only under CUDA graphs; in
 default mode a decode step is host-bound and one Python op in place of three ATen calls saves nothing.
 Per group: 3 or 4 linears of the same node without biases (``MIN_WEIGHTS``: two, as gate and up, measured
-0.98-1.12x), each weight a 2-D parameter of the graph (or a tensor-parallel parameter's local shard) with a row count that is a multiple of 16, one dtype
-(bf16/fp16) with ``x``, together at most ``MAX_BYTES`` (the largest group measured), and ``x`` not known to hold
-more than
-``triton_multi_linear.MAX_ROWS`` rows. Rows above that when the op runs (a dynamic batch) take one cuBLAS
+0.98-1.12x), each weight a 2-D parameter of the graph (or a tensor-parallel parameter's local shard) with a
+row count that is a multiple of 16, one dtype (bf16/fp16) with ``x``, together at most ``MAX_BYTES`` (the
+largest group measured), and ``x`` not known to hold more than ``triton_multi_linear.MAX_ROWS`` rows. Rows above that when the op runs (a dynamic batch) take one cuBLAS
 GEMM per weight: the row count is read at run time, never as a guard.
 """
 
@@ -42,7 +41,7 @@ from ...core.graph import AliasFacts, erase_dead, fake_execution, is_mutating, v
 from ...core.rules import Matches, fake_value
 from ...ops import multi_linear as _multi_linear  # noqa: F401  (registers kp::multi_linear)
 from ...ops.triton_multi_linear import MAX_ROWS, MAX_WEIGHTS
-from ..tp_rewrite import shard_param
+from ..tp_rewrite import is_parameter
 
 aten, kp = torch.ops.aten, torch.ops.kp
 
@@ -84,10 +83,8 @@ def _plain_linear(node: fx.Node) -> bool:
 def _refusal(x: fx.Node, lin: fx.Node) -> Optional[str]:
     weight = lin.args[1]
     ctx = context.current()
-    shard = weight.op == "placeholder" and shard_param(weight.name) is not None  # a TP parameter's local shard
-    if weight.op != "placeholder" or (ctx is not None and not shard and not isinstance(ctx.example_value(weight),
-                                                                                         torch.nn.Parameter)):
-        return "the weight is not a parameter of the graph"
+    if weight.op != "placeholder" or (ctx is not None and not is_parameter(weight, ctx.example_value(weight))):
+        return "the weight is not a parameter of the graph"  # (a TP parameter's local shard is one)
     w, xv = val(weight), val(x)
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or xv.dtype not in (torch.bfloat16, torch.float16):
         return "not a 2-D weight in bf16/fp16"
