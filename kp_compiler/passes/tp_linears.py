@@ -63,11 +63,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import sympy
 import torch
 import torch.nn.functional as F
 from torch import fx
 
 from ..core.plain_regions import dtensor_type, example_value
+from ..core.row_axis import expr_of
 from .tp_rewrite import Localized, rewrite
 
 __all__ = ["Localized", "dt_call", "localize"]
@@ -142,21 +144,34 @@ def _noop_redistribute(node: fx.Node) -> Optional[fx.Node]:
 
 def _default_layout(start: tuple, node: fx.Node, mesh) -> bool:
     """Whether a ``from_local``'s explicit ``shape``/``stride`` (transformers passes them) are what it infers
-    without them: the global shape of even shards, contiguous."""
+    without them: the global shape of even shards, contiguous. Symbolic sizes (``dynamic=True``: the graph's
+    SymInt inputs and sizes computed from them) are compared as expressions, which adds no guard."""
     kwargs = start[2]
     if not {"shape", "stride"} & kwargs.keys():
         return True
     local, dt = example_value(node.args[0]), example_value(node)
     if not (isinstance(local, torch.Tensor) and isinstance(dt, dtensor_type())):
         return False
-    inferred = list(local.shape)
+    inferred = [expr_of(s) for s in local.shape]
     for p in dt.placements:
         if p.is_shard():
             inferred[p.dim % local.dim()] *= mesh.size()
-    shape = tuple(kwargs.get("shape") or dt.shape)
-    stride = tuple(kwargs.get("stride") or dt.stride())
-    contiguous = torch.empty(inferred, device="meta").stride()
-    return all(isinstance(d, int) for d in (*inferred, *shape)) and list(shape) == inferred and stride == contiguous
+    contiguous = [sympy.Mul(*inferred[i + 1:]) for i in range(len(inferred))]
+    shape, stride = (_sizes(kwargs.get(k)) for k in ("shape", "stride"))
+    return all(given is None or _same(given, want) for given, want in ((shape, inferred), (stride, contiguous)))
+
+
+def _sizes(given) -> Optional[list]:
+    """A ``shape``/``stride`` argument's entries as sympy expressions (graph nodes read through their example
+    values); None where the argument is not given; ``[None]`` where an entry is not a size."""
+    if given is None:
+        return None
+    values = [example_value(g) if isinstance(g, fx.Node) else g for g in given]
+    return [expr_of(v) if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) else None for v in values]
+
+
+def _same(given: list, want: list) -> bool:
+    return len(given) == len(want) and all(g is not None and sympy.expand(g - w) == 0 for g, w in zip(given, want))
 
 
 def _input_side(source, link: fx.Node, mesh, given: dict) -> tuple[Optional[dict], str]:

@@ -470,6 +470,41 @@ def test_transformers_llama_under_its_own_tp_plan(mesh, dynamic):
     assert [(x["colwise"], x["rowwise"], x["copies"]) for x in local] == [(10, 4, 4)], local
 
 
+def test_transformers_own_tp_under_dynamic_shapes(mesh):
+    """transformers' own tensor parallelism (its styles and the model's ``tp_plan``, as ``from_pretrained(tp_plan=
+    "auto")`` applies them), run over three sequence lengths with the default ``dynamic=None``: the second length
+    recompiles with symbolic sizes, and its row-parallel inputs become ``from_local(shape=(s0, s1, 64), stride=(
+    s1*64, 64, 1))`` with graph nodes for the sizes. They are compared with the default layout as expressions (no
+    guard), so all 11 column- and 4 row-parallel linears stay local in both graphs, and every call equals eager.
+    Before, the 4 row-parallel linears stayed DTensor ops, and on torch 2.13 AOTAutograd then recursed without end
+    tracing their backward (Inductor alone fails the same way)."""
+    from torch._dynamo.utils import counters
+
+    from tests.distributed import worker
+    pytest.importorskip("transformers")
+    torch._dynamo.reset()
+    counters.clear()
+    eager_model, model = worker.build_hf_tp(mesh), worker.build_hf_tp(mesh)
+    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": ["noop-elimination"]})
+    # automatic dynamic, as users get it (torch_xla's import turns it off: the torch 2.9 lane imports it)
+    with collect() as records, torch._dynamo.config.patch(automatic_dynamic_shapes=True):
+        for length in (16, 12, 8):
+            idx = torch.randint(0, worker.VOCAB, (2, length))
+            out, expected = compiled(idx), eager_model(idx)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+            out.square().mean().backward()
+            expected.square().mean().backward()
+    grads, eager_grads = _grads(model), _grads(eager_model)
+    for name, g in eager_grads.items():
+        assert g is not None and grads[name] is not None, name
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-5, msg=name)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # static, then one dynamic graph
+    assert not any(r.fallbacks for r in records), [r.fallbacks for r in records]
+    local = [r.parts["local_linears"] for r in records]
+    assert [(x["colwise"], x["rowwise"], x["kept"]) for x in local] == [(11, 4, [])] * 2, local
+    assert not any(r.guards_added for r in records), [r.guards_added for r in records]
+
+
 def test_linear_activation_fuses_the_sharded_mlps(mesh):
     """``linear-activation`` (opt-in) on tensor-parallel MLPs: the column-parallel linears' weights are local
     shards, not parameters, and the pass takes them as it takes parameters. nanoGPT's ``gelu(fc1(x))`` becomes
