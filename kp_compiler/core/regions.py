@@ -142,7 +142,6 @@ def hide(gm: fx.GraphModule) -> list[int]:
             continue
         keys.append(_hide_one(gm, node, hops[node.target]))
     if keys:
-        gm.graph.eliminate_dead_code()
         gm.recompile()
     return keys
 
@@ -190,7 +189,11 @@ def _hide_one(gm: fx.GraphModule, node: fx.Node, forward: Callable) -> int:
         else:
             out = stand_in
     node.replace_all_uses_with(out)
+    body_nodes = node.args[:n_bodies]
     gm.graph.erase_node(node)
+    for body in body_nodes:  # only the bodies' get_attr nodes: FX's dead-code pass would also drop a
+        if not body.users:  # torch-IR graph's in-place method calls (``buf.copy_(x)``), whose results go unread
+            gm.graph.erase_node(body)
     return key
 
 
