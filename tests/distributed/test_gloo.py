@@ -9,7 +9,8 @@ computed on their local shards with the collectives as ``kp::tp_copy`` / ``kp::t
 (``passes/tp_linears.py``), the rest is one part on plain tensors where every pass runs (the attention over
 this rank's heads becomes SDPA; with ``options["fp8"]`` every sharded linear converts). And
 ``linear-cross-entropy`` under DDP, with the loss computed inside the wrapped module. And a MoE model
-(``TinyMoEGPT``): its expert loop becomes ``kp::routed_experts`` under DDP and FSDP2."""
+(``TinyMoEGPT``): its expert loop becomes ``kp::routed_experts`` under DDP and FSDP2. And transformers' own
+tensor parallelism (``tp-hf``) and expert parallelism (``ep-hf``)."""
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from .worker import STEPS
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")
 CONFIGS = ["ddp", "fsdp2", "tp", "tp-sp", "ddp-lce", "ddp-fp8", "fsdp2-fp8", "tp-fp8", "tp-sp-fp8", "ddp-moe",
-           "fsdp2-moe", "fsdp2-gather-fp8", "tp-hf"]
+           "fsdp2-moe", "fsdp2-gather-fp8", "tp-hf", "ep-hf"]
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,20 @@ def test_transformers_own_tensor_parallelism_is_computed_locally(results):
         assert len(graphs) == 1 and not graphs[0]["fallbacks"], (rank, graphs)
         local = graphs[0]["parts"]["local_linears"]
         assert (local["colwise"], local["rowwise"], local["kept"]) == (11, 4, []), (rank, local)
+
+
+def test_transformers_own_expert_parallelism_compiles_every_graph(results):
+    """transformers' expert parallelism (``apply_expert_parallelism`` with Mixtral's ``base_model_ep_plan``, 2 of
+    the 4 experts per rank, tokens moved by all-to-all), with ``capture_scalar_outputs`` (the split sizes read
+    to the host become unbacked sizes): Dynamo still breaks the graph at the experts' context manager, and every
+    piece is compiled with the pipeline run (passes listed) and no fallback; training equals eager
+    (``test_equal_to_eager_on_every_rank``). The dispatch's graph holds an ``autograd.Function`` next to
+    ``buf.copy_`` from the counts' all-to-all: canonicalization once dropped that copy, the split sizes came out
+    of an uninitialised buffer, and the run failed ("allocated size does not match required size")."""
+    for rank, res in enumerate(results):
+        graphs = res["ep-hf"]["kernelpytorch"]["graphs"]
+        assert len(graphs) >= 4 and not any(g["fallbacks"] for g in graphs), (rank, graphs)
+        assert any(p["name"] == "noop-elimination" for g in graphs for p in g["passes"]), (rank, graphs)
 
 
 def test_fp8_all_gather_under_fsdp2_trains_as_fp8_linears_gathered_whole(results):

@@ -86,6 +86,27 @@ def build_hf_tp(mesh) -> nn.Module:
     return HFLogits(model)
 
 
+def build_hf_ep() -> nn.Module:
+    """transformers' ``MixtralForCausalLM`` (2 layers, 4 experts top-2, its ``grouped_mm`` experts) with
+    transformers' own expert parallelism over the ranks (the model's ``base_model_ep_plan``, ``ep_size`` = world
+    size, ``tp_size`` 1, as ``from_pretrained(distributed_config=DistributedConfig(ep_size=2))`` applies it): each
+    rank holds 2 of the 4 experts, and tokens travel to them and back by all-to-all (``ep_implementation=
+    "all_to_all"``, what its ``"auto"`` picks in training)."""
+    import transformers
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers.distributed.expert_parallel import apply_expert_parallelism
+
+    config = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=T, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(), 1), mesh_dim_names=("ep", "tp"))
+    plan = model._expand_parallel_plan({f"model.{k}": v for k, v in config.base_model_ep_plan.items()})
+    apply_expert_parallelism(model, mesh["ep"], mesh["tp"], plan, ep_implementation="all_to_all")
+    return HFLogits(model)
+
+
 def build(moe: bool = False) -> nn.Module:
     """``TinyGPT`` (nanoGPT style: embeddings, pre-LayerNorm blocks, GELU MLP, LM head) with ``Attention``;
     ``moe``: ``TinyMoEGPT``, its MLPs top-2-of-4 routed SwiGLU experts dispatched by a loop."""
@@ -149,9 +170,10 @@ FP8 = {"fp8": {"emulate": True, "min_dims": [1, 1, 1], "exclude": ["*head*", "ou
 
 
 def _train(config: str, compiled: bool, rank: int) -> dict:
-    # the MoE loop's torch.where has a data-dependent size: one graph only with this on
+    # the MoE loop's torch.where has a data-dependent size: one graph only with this on; transformers' expert
+    # parallelism reads its all-to-all split sizes to the host (``tolist()``): traced as unbacked sizes with this
     moe = config.endswith("-moe")
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=moe):
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=moe, capture_scalar_outputs=config == "ep-hf"):
         return _train_in(config, compiled, rank)
 
 
@@ -162,6 +184,8 @@ def _train_in(config: str, compiled: bool, rank: int) -> dict:
     if kind == "tp-hf":
         from torch.distributed.device_mesh import init_device_mesh
         model = build_hf_tp(init_device_mesh("cpu", (dist.get_world_size(),)))
+    elif kind == "ep-hf":
+        model = build_hf_ep()
     else:
         model = _wrap(build_sp() if kind == "tp-sp" else build(moe), kind)
     # SGD: the update is linear in the gradient. AdamW turns gradients that are zero up to rounding (the
@@ -175,7 +199,8 @@ def _train_in(config: str, compiled: bool, rank: int) -> dict:
         # tp-sp, tp-hf: the default passes find nothing to rewrite in these models on the CPU (their attention is
         # SDPA already); listing them runs the pipeline, and the sharded linears are computed locally
         plain = {"passes": ["noop-elimination", "attention-to-sdpa"]} if config in ("tp-sp", "tp-hf") else None
-        forward = torch.compile(model, backend="kernelpytorch", options=FP8 if fp8 else MOE if moe else plain)
+        forward = torch.compile(model, backend="kernelpytorch",
+                                options=FP8 if fp8 else MOE if moe or config == "ep-hf" else plain)
 
     def step(idx):  # the shifted next-token loss ("ddp-lce": the module's own)
         out = forward(idx)
