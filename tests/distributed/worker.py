@@ -123,7 +123,8 @@ def _wrap(model, config: str):
     if config == "ddp-lce":  # the loss inside the wrapped module (DDP's forward wrapper breaks the graph after it)
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(LossOnly(model))
-    if config == "ddp":  # 1 MB buckets (the first bucket's size) over ~1.7 MB of parameters: Dynamo's DDPOptimizer splits the graph
+    # 1 MB buckets (the first bucket's size) over ~1.7 MB of parameters: Dynamo's DDPOptimizer splits the graph
+    if config == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, bucket_cap_mb=1)
     if config in ("fsdp2", "fsdp2-gather"):  # "-gather": the block linears' weights all-gathered in FP8
