@@ -10,7 +10,12 @@ CPU with gloo. Wrappings:
 - ``ddp``: ``DistributedDataParallel``;
 - ``fsdp2``: ``fully_shard`` per block and on the root;
 - ``tp``: ``parallelize_module`` per block, q/k/v and gate/up colwise, o and down rowwise (heads and MLP
-  columns split over the ranks).
+  columns split over the ranks);
+- ``tp-hf`` (on request): transformers' ``LlamaForCausalLM`` at the same widths under transformers' own tensor
+  parallelism (``bench/distributed_hf.py``).
+
+``--seqs 1024 768 512`` cycles the sequence length over the steps (a batch of another length recompiles once
+with symbolic sizes: automatic dynamic); tokens/s then counts the mean length.
 
 Per wrapping and backend (``eager``, ``inductor``, ``kernelpytorch``, and on CUDA ``kernelpytorch-fp8`` with
 ``options={"fp8": True}``; on request ``kernelpytorch-fp8-all``: every block linear, and under FSDP2
@@ -42,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 CONFIGS = ("ddp", "fsdp2", "tp")
+EXTRA_CONFIGS = ("tp-hf",)  # needs transformers
 BACKENDS = ("eager", "inductor", "kernelpytorch", "kernelpytorch-fp8")
 # not a default: every block linear in FP8 whatever the size table says (the LM head excluded), to see the
 # conversion under each wrapping at shapes where the table keeps bf16 (K or N below 4096 at this model's width)
@@ -159,6 +165,13 @@ def build(config: str, backend: str, shape: dict, device, dtype) -> tuple:
     """``(model, optimizers, compiled model)`` for one row, from seed 0 (after ``torch._dynamo.reset()``)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
+    if config == "tp-hf":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from .distributed_hf import llama_tp
+        mesh = init_device_mesh("cuda" if device.type == "cuda" else "cpu", (dist.get_world_size(),))
+        model = llama_tp(shape, mesh, device, dtype)
+        return model, _optimizers(model, device), _compiled(model, backend)
     model = LlamaStyle(**shape).to(device, dtype)
     if backend == "kernelpytorch-fp8-gather":
         import kp_compiler
@@ -167,18 +180,19 @@ def build(config: str, backend: str, shape: dict, device, dtype) -> tuple:
     return model, _optimizers(model, device), _compiled(model, backend)
 
 
-def run_one(config: str, backend: str, shape: dict, steps: int, warmup: int, device, dtype) -> dict:
+def run_one(config: str, backend: str, shape: dict, steps: int, warmup: int, device, dtype, seqs=None) -> dict:
     from kp_compiler.core.report import collect
 
     model, opts, step = build(config, backend, shape, device, dtype)
     # data parallel: a batch per rank; tensor parallel: one batch for the group (TP's replicated values assume it)
-    data = torch.Generator().manual_seed(1000 + (0 if config == "tp" else dist.get_rank()))
+    data = torch.Generator().manual_seed(1000 + (0 if config.startswith("tp") else dist.get_rank()))
+    seqs = seqs or [shape["seq"]]
     losses, times = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with collect() as records:
         for i in range(steps):
-            ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=data).to(device)
+            ids = torch.randint(0, shape["vocab"], (shape["batch"], seqs[i % len(seqs)]), generator=data).to(device)
             _sync(device)
             t0 = time.perf_counter()
             loss = step(ids)
@@ -222,7 +236,8 @@ def _worker(rank: int, world: int, folder: str, args: dict) -> None:
                 if backend == "kernelpytorch-fp8-gather" and config != "fsdp2":
                     continue
                 try:
-                    row = run_one(config, backend, shape, args["steps"], args["warmup"], device, dtype)
+                    row = run_one(config, backend, shape, args["steps"], args["warmup"], device, dtype,
+                                  args.get("seqs"))
                 except Exception as e:  # noqa: BLE001 - a failed row is a result, the other rows still run
                     row = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
                 gathered = [None] * world
@@ -233,7 +248,7 @@ def _worker(rank: int, world: int, folder: str, args: dict) -> None:
         if rank == 0:
             with open(os.path.join(folder, "rows.json"), "w") as f:
                 json.dump({"shape": shape, "dtype": str(dtype), "device": str(device.type), "world": world,
-                           "rows": rows}, f)
+                           "seqs": args.get("seqs"), "rows": rows}, f)
         dist.destroy_process_group()
 
 
@@ -250,12 +265,13 @@ def summarize(result: dict) -> list[dict]:
             out.append(row)
             continue
         ms = first["median_ms"]
-        batches = 1 if r["config"] == "tp" else world  # tensor parallel: the ranks share one batch
+        batches = 1 if r["config"].startswith("tp") else world  # tensor parallel: the ranks share one batch
+        seq = statistics.mean(result.get("seqs") or [shape["seq"]])
         row.update(median_ms=ms, fired=first["fired"], fallbacks=first["fallbacks"],
                    fired_per_rank=[rank.get("fired", {}) for rank in r["ranks"]],
                    fallbacks_per_rank=[rank.get("fallbacks", []) for rank in r["ranks"]],
                    peak_gib=[rank.get("peak_gib") for rank in r["ranks"]], final_loss=first["losses"][-1],
-                   tokens_per_s=(batches * shape["batch"] * shape["seq"] / (ms / 1e3)) if ms else None)
+                   tokens_per_s=(batches * shape["batch"] * seq / (ms / 1e3)) if ms else None)
         ref = eager.get(r["config"])
         if ref:
             row["loss_ratio"] = statistics.mean(a / b for a, b in zip(first["losses"], ref))
@@ -294,11 +310,12 @@ def markdown(rows: list[dict], result: dict) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS + EXTRA_CONFIGS)
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS + EXTRA_BACKENDS)
     p.add_argument("--world", type=int, default=2, help="processes (one GPU each on CUDA)")
     p.add_argument("--shape", default="issue", choices=sorted(SHAPES), help="the GPU model's widths")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seqs", type=int, nargs="+", default=None, help="sequence lengths cycled over the steps")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, fp32, CPU (gloo)")
     p.add_argument("--out", default=None)

@@ -141,7 +141,14 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
             elif name in anchored:
                 record.skipped.append({"pass": name, "reason": f"not applicable on this target: {na}"})
         record.nodes_in = record.nodes_out = len(gm.graph.nodes)
-        return lower(record.lowering, gm, example_inputs, opts.mode, opts.inductor_config, dump), (), None, ()
+        if not plain_regions.has_dtensor(example_inputs):
+            return lower(record.lowering, gm, example_inputs, opts.mode, opts.inductor_config, dump), (), None, ()
+        try:
+            return lower(record.lowering, gm, example_inputs, opts.mode, opts.inductor_config, dump), (), None, ()
+        except Exception as e:  # noqa: BLE001 - torch's own lowering of the DTensor graph failed: try ours
+            if opts.strict or _dynamo_control_flow(e) or isinstance(e, XlaUnavailable):
+                raise
+            return _rescue_parts(gm, example_inputs, opts, chosen, record, target, e)
     if plain_regions.has_dtensor(example_inputs):
         return _compile_parts(gm, example_inputs, opts, chosen, record, target)
     watch = GuardWatch(fake_mode_of(example_inputs))
@@ -267,6 +274,25 @@ def _fallback(gm, example_inputs, opts: Options, record: GraphRecord, why: str):
     log.warning(msg)
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
     return lower(record.lowering, gm, example_inputs, opts.mode, opts.inductor_config)
+
+
+def _rescue_parts(gm, example_inputs, opts: Options, chosen, record: GraphRecord, target, error: Exception):
+    """A tensor-parallel graph with nothing to rewrite whose lowering as captured failed (torch 2.13's
+    AOTAutograd recurses without end on transformers' row-parallel DTensor linears under dynamic sizes; plain
+    Inductor fails the same way): its sharded linears computed locally (``passes/tp_linears.py``) and the graph
+    lowered in parts, as when a pass is listed. The record says why; if that fails too, the first error stands."""
+    record.skipped.clear()
+    note = f"lowering the DTensor graph as captured failed ({_brief(error)}); its sharded linears computed locally"
+    try:
+        out = _compile_parts(gm, example_inputs, opts, chosen, record, target)
+    except Exception:  # noqa: BLE001 - the first error is the user's
+        raise error from None
+    local = (record.parts or {}).get("local_linears") or {}
+    if not local.get("colwise", 0) + local.get("rowwise", 0):
+        raise error  # nothing was localized: the graph that failed, less the report
+    record.parts["rescued"] = note
+    log.warning("kp_compiler: graph %d: %s", record.id, note)
+    return out
 
 
 def _compile_parts(gm, example_inputs, opts: Options, chosen, record: GraphRecord, target):

@@ -470,14 +470,19 @@ def test_transformers_llama_under_its_own_tp_plan(mesh, dynamic):
     assert [(x["colwise"], x["rowwise"], x["copies"]) for x in local] == [(10, 4, 4)], local
 
 
-def test_transformers_own_tp_under_dynamic_shapes(mesh):
+@pytest.mark.parametrize("listed", [True, False], ids=["passes-listed", "default"])
+def test_transformers_own_tp_under_dynamic_shapes(mesh, listed):
     """transformers' own tensor parallelism (its styles and the model's ``tp_plan``, as ``from_pretrained(tp_plan=
     "auto")`` applies them), run over three sequence lengths with the default ``dynamic=None``: the second length
     recompiles with symbolic sizes, and its row-parallel inputs become ``from_local(shape=(s0, s1, 64), stride=(
     s1*64, 64, 1))`` with graph nodes for the sizes. They are compared with the default layout as expressions (no
     guard), so all 11 column- and 4 row-parallel linears stay local in both graphs, and every call equals eager.
     Before, the 4 row-parallel linears stayed DTensor ops, and on torch 2.13 AOTAutograd then recursed without end
-    tracing their backward (Inductor alone fails the same way)."""
+    tracing their backward (Inductor alone fails the same way).
+
+    With the default options nothing in this model is the passes' (its attention is SDPA already), so each graph
+    is lowered as captured; where that fails (torch 2.13's recursion, in the dynamic graph) the backend computes
+    the sharded linears locally instead and lowers that (``parts["rescued"]`` says so)."""
     from torch._dynamo.utils import counters
 
     from tests.distributed import worker
@@ -485,7 +490,8 @@ def test_transformers_own_tp_under_dynamic_shapes(mesh):
     torch._dynamo.reset()
     counters.clear()
     eager_model, model = worker.build_hf_tp(mesh), worker.build_hf_tp(mesh)
-    compiled = torch.compile(model, backend="kernelpytorch", options={"passes": ["noop-elimination"]})
+    options = {"passes": ["noop-elimination"]} if listed else None
+    compiled = torch.compile(model, backend="kernelpytorch", options=options)
     # automatic dynamic, as users get it (torch_xla's import turns it off: the torch 2.9 lane imports it)
     with collect() as records, torch._dynamo.config.patch(automatic_dynamic_shapes=True):
         for length in (16, 12, 8):
@@ -500,9 +506,50 @@ def test_transformers_own_tp_under_dynamic_shapes(mesh):
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-5, msg=name)
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # static, then one dynamic graph
     assert not any(r.fallbacks for r in records), [r.fallbacks for r in records]
-    local = [r.parts["local_linears"] for r in records]
-    assert [(x["colwise"], x["rowwise"], x["kept"]) for x in local] == [(11, 4, [])] * 2, local
     assert not any(r.guards_added for r in records), [r.guards_added for r in records]
+    if listed:
+        local = [r.parts["local_linears"] for r in records]
+        assert [(x["colwise"], x["rowwise"], x["kept"]) for x in local] == [(11, 4, [])] * 2, local
+    else:  # lowered as captured, or with every sharded linear local (rescued, or a pass had something to look at)
+        for r in records:
+            assert r.parts is None or r.parts["local_linears"]["kept"] == [], r.parts
+
+
+def test_a_failed_lowering_of_a_dtensor_graph_is_rescued_by_local_linears(mesh, monkeypatch):
+    """With nothing for the passes, a tensor-parallel graph is lowered as captured; where that lowering fails (as
+    torch 2.13's does on transformers' row-parallel linears under dynamic sizes; here made to fail for every
+    graph holding a DTensor linear), the sharded linears are computed locally and the graph is lowered in parts:
+    training equals eager, and the record says what happened."""
+    from kp_compiler import backend
+    from kp_compiler.core.plain_regions import dtensor_type
+    from tests.distributed import worker
+    pytest.importorskip("transformers")
+
+    real = backend.lower
+
+    def failing(kind, gm, example_inputs, *args, **kwargs):
+        if any(n.target in (F.linear, torch._C._nn.linear) and isinstance(n.meta.get("example_value"), dtensor_type())
+               for n in gm.graph.nodes):
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(kind, gm, example_inputs, *args, **kwargs)
+    monkeypatch.setattr(backend, "lower", failing)
+    # nothing for the passes (so on torch 2.13; torch 2.9's spelling of this graph holds an attention anchor)
+    monkeypatch.setattr(backend, "idle_reason", lambda *args, **kwargs: "the graph has nothing (test)")
+    eager_model, model = worker.build_hf_tp(mesh), worker.build_hf_tp(mesh)
+    idx = torch.randint(0, worker.VOCAB, (2, 16))
+    with collect() as records:
+        out = torch.compile(model, backend="kernelpytorch")(idx)
+    expected = eager_model(idx)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    out.square().mean().backward()
+    expected.square().mean().backward()
+    for name, g in _grads(eager_model).items():
+        torch.testing.assert_close(_grads(model)[name], g, rtol=1e-5, atol=1e-5, msg=name)
+    (record,) = records
+    assert "RecursionError" in record.parts["rescued"], record.parts
+    local = record.parts["local_linears"]
+    assert (local["colwise"], local["rowwise"], local["kept"]) == (11, 4, []), local
+    assert not record.fallbacks and not any(s["reason"].startswith("nothing to rewrite") for s in record.skipped)
 
 
 def test_linear_activation_fuses_the_sharded_mlps(mesh):
