@@ -1,10 +1,12 @@
-"""Where kernelpytorch's FSDP2 training step loses to Inductor's (H200, world size 1; issue 21).
+"""Where kernelpytorch's FSDP2 (or ``--config``'s) training step loses to Inductor's (H200, world size 1; issue 21).
 
 ``bench.distributed`` measured kernelpytorch at 0.88x Inductor under FSDP2 while it was 1.11x under DDP with the
 same model. For each backend: the step's wall time, a profile's top host and GPU ops, and what the backend's
 report says of each graph (lowering, guards, fallbacks).
 
     PYTHONPATH=. python scripts/gpu_fsdp2_overhead.py --out $OUT
+    PYTHONPATH=. python scripts/gpu_fsdp2_overhead.py --config tp-hf --backends inductor kernelpytorch \
+        'kernelpytorch:{"passes": ["noop-elimination"]}' --out $OUT
 """
 
 from __future__ import annotations
@@ -38,7 +40,12 @@ def main() -> None:
     lines = []
     for backend in args.backends:
         shape = SHAPES[args.shape]
-        model, opts, step_fn = build(args.config, backend, shape, device, torch.bfloat16)
+        if ":" in backend:  # "kernelpytorch:{json options}": the backend with these options
+            import json
+            model, opts, _ = build(args.config, "eager", shape, device, torch.bfloat16)
+            step_fn = torch.compile(model, backend="kernelpytorch", options=json.loads(backend.split(":", 1)[1]))
+        else:
+            model, opts, step_fn = build(args.config, backend, shape, device, torch.bfloat16)
         ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), device=device)
 
         def step():
@@ -81,9 +88,9 @@ def main() -> None:
         prof_py.disable()
         for order in ("tottime", "cumulative"):
             text = io.StringIO()
-            pstats.Stats(prof_py, stream=text).sort_stats(order).print_stats(30)
+            pstats.Stats(prof_py, stream=text).sort_stats(order).print_stats(20)
             lines.append(f"python profile, 5 steps, by {order}:")
-            lines += [ln for ln in text.getvalue().splitlines() if ln.strip()][4:40]
+            lines += [ln for ln in text.getvalue().splitlines() if ln.strip()][4:28]
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(3):

@@ -48,7 +48,8 @@ def table(example_inputs, patches: dict, gm=None):
 
         traced = gm.meta.get(TRACED_CASTS, False)
     cuda_training = training(example_inputs) and has_cuda_input(example_inputs)
-    if not (cuda_training or traced):
+    collectives = gm is not None and _holds(gm, _tp_collectives())
+    if not (cuda_training or traced or collectives):
         return None
     import torch._inductor.config as config
     from torch._inductor.decomposition import select_decomp_table
@@ -63,7 +64,15 @@ def table(example_inputs, patches: dict, gm=None):
         from ..ops.fp8_traced import decompositions
 
         decomps.update(decompositions())
+    if collectives:
+        decomps.update(_tp_collectives())
     return decomps
+
+
+def _tp_collectives() -> dict:
+    from ..ops.tp_collectives import decompositions
+
+    return decompositions()
 
 
 def cache_guard(gm):
@@ -84,7 +93,12 @@ def cache_guard(gm):
 def _holds_fp8_training_ops(gm) -> bool:
     from ..ops.fp8_traced import decompositions
 
-    ops = set(decompositions())
+    return _holds(gm, decompositions())
+
+
+def _holds(gm, ops) -> bool:
+    """Whether ``gm`` (or a graph module inside it) calls one of ``ops``."""
+    ops = set(ops)
     return any(node.op == "call_function" and node.target in ops
                for module in gm.modules() if isinstance(getattr(module, "graph", None), torch.fx.Graph)
                for node in module.graph.nodes)

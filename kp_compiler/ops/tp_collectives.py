@@ -196,3 +196,57 @@ def _all_gather_backward(ctx, grad):
 
 
 tp_all_gather.register_autograd(_all_gather_backward, setup_context=_columns_setup)
+
+
+# Under Inductor (``lowering/decompositions.py``) each op becomes what its forward computes, in ATen and torch's
+# functional collectives, when AOTAutograd traces the graph (its backward still comes from the op's autograd
+# formula, whose ops decompose the same way). Inductor then sees the collectives: no Python call per op at run
+# time, a copy fused into the op that made its input, and collectives it may reorder. A group of one rank moves
+# nothing: the op becomes the identity (a view), as DTensor skips a one-rank mesh.
+
+
+def _world(group_name: str) -> int:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name).size()
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.alias.default(x)
+
+
+def _tp_reduce_decomposed(y, group_name):
+    return _same(y) if _world(group_name) == 1 else _all_reduce(y, group_name)
+
+
+def _tp_copy_decomposed(x, group_name):
+    return _same(x)
+
+
+def _sp_all_gather_decomposed(x, dim, world, group_name):
+    return _same(x) if world == 1 else _gather(x, dim, world, group_name)
+
+
+def _sp_reduce_scatter_decomposed(y, dim, world, group_name):
+    return _same(y) if world == 1 else _scatter(y, dim, world, group_name)
+
+
+def _tp_all_gather_decomposed(y, world, group_name):
+    return _same(y) if world == 1 else _gather(y, y.dim() - 1, world, group_name)
+
+
+def _tp_local_columns_decomposed(g, world, group_name):
+    if world == 1:
+        return _same(g)
+    width = g.shape[-1] // world
+    return g.narrow(-1, _rank(group_name) * width, width)
+
+
+def decompositions() -> dict:
+    """``{op: its forward in ATen and functional collectives}`` for Inductor's decomposition table."""
+    ops = torch.ops.kp
+    return {ops.tp_reduce.default: _tp_reduce_decomposed, ops.tp_copy.default: _tp_copy_decomposed,
+            ops.sp_all_gather.default: _sp_all_gather_decomposed,
+            ops.sp_reduce_scatter.default: _sp_reduce_scatter_decomposed,
+            ops.tp_all_gather.default: _tp_all_gather_decomposed,
+            ops.tp_local_columns.default: _tp_local_columns_decomposed}
