@@ -36,7 +36,8 @@ an LM head that every rank needs whole) adds:
 
 The collectives call torch's functional collectives (``_c10d_functional``), with the
 group's registered name, so they run under any backend torch's collectives
-run under (NCCL, gloo)::
+run under (NCCL, gloo). Under Inductor the ops are decomposed into those collectives when AOTAutograd traces
+the graph (``decompositions()``, end of this file), and into views for a group of one rank::
 
     %x_tp = kp.tp_copy.default(%ln_out, '0')
     %linear = aten.linear.default(%x_tp, %w_q, %b_q)           # local: this rank's heads
