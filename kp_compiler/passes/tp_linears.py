@@ -166,6 +166,10 @@ def _sizes(given) -> Optional[list]:
     values); None where the argument is not given; ``[None]`` where an entry is not a size."""
     if given is None:
         return None
+    if isinstance(given, fx.Node):  # a whole size tuple computed in the graph (``x.shape``)
+        given = example_value(given)
+    if not isinstance(given, (list, tuple)):
+        return [None]
     values = [example_value(g) if isinstance(g, fx.Node) else g for g in given]
     return [expr_of(v) if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) else None for v in values]
 

@@ -572,3 +572,15 @@ def test_linear_activation_fuses_the_sharded_mlps(mesh):
     fired = [dict(p.by_rule) for r in records for p in r.passes if p.name == "linear-activation" and p.matches]
     assert fired == [{"gated": 2}], fired
     assert not any(r.fallbacks for r in records), [r.fallbacks for r in records]
+
+
+def test_an_explicit_layout_given_as_one_size_node_is_read_through_its_value():
+    """transformers passes ``shape``/``stride`` entry by entry; a whole size tuple computed in the graph (one node
+    whose value is a ``torch.Size``) is read through its example value, and anything else is not a size."""
+    from kp_compiler.passes.tp_linears import _sizes
+
+    graph = torch.fx.Graph()
+    whole, other = graph.placeholder("shape"), graph.placeholder("other")
+    whole.meta["example_value"], other.meta["example_value"] = torch.Size([2, 3]), torch.randn(2)
+    assert _sizes(whole) == [2, 3] and _sizes(other) == [None] and _sizes(None) is None
+    assert _sizes((whole, 4)) == [None, 4]  # an entry that is not a size
