@@ -79,11 +79,13 @@ def cache_guard(gm):
     """No AOTAutograd cache for a graph that holds the FP8 training ops: its key covers the graph and the
     configs, not the decomposition table, so a graph compiled with ``casts="ops"`` would be served to a later
     ``casts="inductor"`` compile of the same graph, and the other way round (a review found it across processes
-    sharing ``TORCHINDUCTOR_CACHE_DIR``). Inductor's own FX graph cache still applies: it keys the graph after
-    the decomposition."""
+    sharing ``TORCHINDUCTOR_CACHE_DIR``). Nor for a graph that holds the tensor-parallel collectives: their
+    decomposition reads the group's size (a one-rank group's are views), which the key does not cover, so a
+    world-size-1 compile could be served to a 2-rank run of a graph whose inputs have the same shapes. Inductor's
+    own FX graph cache still applies: it keys the graph after the decomposition."""
     import contextlib
 
-    if not _holds_fp8_training_ops(gm):
+    if not (_holds_fp8_training_ops(gm) or _holds(gm, _tp_collectives())):
         return contextlib.nullcontext()
     import torch._functorch.config as functorch_config
 

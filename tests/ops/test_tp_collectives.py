@@ -63,3 +63,18 @@ def test_forward_and_backward_hold_no_op_of_ours_and_equal_the_ops(group_name):
     for gm in graphs:
         targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
         assert not any(t.startswith("kp.") for t in targets), targets
+
+
+def test_no_autograd_cache_for_graphs_with_the_collectives(group_name):
+    """The decomposition reads the group's size (views for one rank), which AOTAutograd's cache key does not
+    cover: a world-size-1 compile must not be served to a 2-rank run of a graph whose inputs have the same
+    shapes, so such graphs compile without that cache."""
+    import torch._functorch.config as functorch_config
+
+    gm = torch.fx.symbolic_trace(lambda y: torch.ops.kp.tp_reduce.default(y, group_name))
+    plain = torch.fx.symbolic_trace(lambda y: y + 1)
+    before = functorch_config.enable_autograd_cache
+    with lowering_decompositions.cache_guard(gm):
+        assert functorch_config.enable_autograd_cache is False
+    with lowering_decompositions.cache_guard(plain):
+        assert functorch_config.enable_autograd_cache is before
