@@ -33,3 +33,18 @@ def test_per_rank_reports_name_the_ranks_that_differ():
     show = lambda f: ", ".join(f"{k} x{v}" for k, v in f.items())  # noqa: E731
     assert distributed.per_rank([{"attention-to-sdpa": 2}] * 2, show) == "attention-to-sdpa x2"
     assert distributed.per_rank([{"attention-to-sdpa": 2}, {}], show) == "rank 0: attention-to-sdpa x2; rank 1: none"
+
+
+def test_transformers_tp_rows_over_changing_lengths(tmp_path):
+    """``--configs tp-hf --seqs``: transformers' Llama under its own TP plan, the sequence length cycled so the
+    second length recompiles with symbolic sizes; kernelpytorch's losses equal eager's, nothing falls back, and
+    tokens/s counts the mean length (one batch for both ranks under TP)."""
+    pytest.importorskip("transformers")
+    result = distributed.main(["--smoke", "--configs", "tp-hf", "--steps", "4", "--warmup", "1", "--seqs", "16", "8",
+                               "--backends", "eager", "kernelpytorch", "--out", str(tmp_path), "--stem", "hf"])
+    rows = {r["backend"]: r for r in result["summary"]}
+    assert set(rows) == {"eager", "kernelpytorch"} and not [r for r in rows.values() if "failed" in r], rows
+    kp = rows["kernelpytorch"]
+    assert abs(kp["loss_ratio"] - 1) < 1e-4 and not kp["fallbacks"], kp
+    assert result["seqs"] == [16, 8]
+    assert abs(kp["tokens_per_s"] - result["shape"]["batch"] * 12 / (kp["median_ms"] / 1e3)) < 1e-6 * kp["tokens_per_s"]
