@@ -1,4 +1,5 @@
-"""The decomposition table kernelpytorch hands Inductor: Inductor's own, less ops whose ATen kernel is better.
+"""The decomposition table kernelpytorch hands Inductor: Inductor's own, less ops whose ATen kernel is better,
+plus our ops' ATen bodies where a graph calls them (the FP8 training casts, the tensor-parallel collectives).
 
 | op | kept as ATen's kernel when | why |
 |---|---|---|
