@@ -393,6 +393,20 @@ def test_shards_read_in_two_grad_mode_regions_are_both_shards_for_fp8(mesh):
     assert sum("quantized on every call" in n for n in notes) == 2, notes
 
 
+def _side_by_side(compiled, model, eager_model, batches) -> None:
+    """Forward and backward of every batch through ``compiled`` and ``eager_model``: outputs equal at each batch,
+    then the accumulated gradients equal (a gradient ``None`` on one side fails)."""
+    for idx in batches:
+        out, expected = compiled(idx), eager_model(idx)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        out.square().mean().backward()
+        expected.square().mean().backward()
+    grads, eager_grads = _grads(model), _grads(eager_model)
+    for name, g in eager_grads.items():
+        assert g is not None and grads[name] is not None, name
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_a_dynamic_batch_stays_dynamic(mesh):
     """A batch marked dynamic: one compile for three batch sizes, the linears localized, no guard on the size,
     training equal to eager at each size."""
@@ -402,18 +416,11 @@ def test_a_dynamic_batch_stays_dynamic(mesh):
     counters.clear()
     eager_model, model = _tp_gpt(mesh), _tp_gpt(mesh)
     compiled = torch.compile(model, backend="kernelpytorch")
+    batches = [torch.randint(0, 64, (batch, 16)) for batch in (2, 3, 5)]
+    for idx in batches:
+        torch._dynamo.mark_dynamic(idx, 0)
     with collect() as records:
-        for batch in (2, 3, 5):
-            idx = torch.randint(0, 64, (batch, 16))
-            torch._dynamo.mark_dynamic(idx, 0)
-            out, expected = compiled(idx), eager_model(idx)
-            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-            out.square().mean().backward()
-            expected.square().mean().backward()
-    grads, eager_grads = _grads(model), _grads(eager_model)
-    for name, g in eager_grads.items():
-        assert g is not None and grads[name] is not None, name
-        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-5, msg=name)
+        _side_by_side(compiled, model, eager_model, batches)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     (record,) = records
     assert record.parts["local_linears"]["colwise"] == 8 and record.parts["local_linears"]["rowwise"] == 4
@@ -494,16 +501,8 @@ def test_transformers_own_tp_under_dynamic_shapes(mesh, listed):
     compiled = torch.compile(model, backend="kernelpytorch", options=options)
     # automatic dynamic, as users get it (torch_xla's import turns it off: the torch 2.9 lane imports it)
     with collect() as records, torch._dynamo.config.patch(automatic_dynamic_shapes=True):
-        for length in (16, 12, 8):
-            idx = torch.randint(0, worker.VOCAB, (2, length))
-            out, expected = compiled(idx), eager_model(idx)
-            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-            out.square().mean().backward()
-            expected.square().mean().backward()
-    grads, eager_grads = _grads(model), _grads(eager_model)
-    for name, g in eager_grads.items():
-        assert g is not None and grads[name] is not None, name
-        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-5, msg=name)
+        _side_by_side(compiled, model, eager_model,
+                      [torch.randint(0, worker.VOCAB, (2, length)) for length in (16, 12, 8)])
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # static, then one dynamic graph
     assert not any(r.fallbacks for r in records), [r.fallbacks for r in records]
     assert not any(r.guards_added for r in records), [r.guards_added for r in records]
@@ -536,15 +535,9 @@ def test_a_failed_lowering_of_a_dtensor_graph_is_rescued_by_local_linears(mesh, 
     # nothing for the passes (so on torch 2.13; torch 2.9's spelling of this graph holds an attention anchor)
     monkeypatch.setattr(backend, "idle_reason", lambda *args, **kwargs: "the graph has nothing (test)")
     eager_model, model = worker.build_hf_tp(mesh), worker.build_hf_tp(mesh)
-    idx = torch.randint(0, worker.VOCAB, (2, 16))
     with collect() as records:
-        out = torch.compile(model, backend="kernelpytorch")(idx)
-    expected = eager_model(idx)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-    out.square().mean().backward()
-    expected.square().mean().backward()
-    for name, g in _grads(eager_model).items():
-        torch.testing.assert_close(_grads(model)[name], g, rtol=1e-5, atol=1e-5, msg=name)
+        _side_by_side(torch.compile(model, backend="kernelpytorch"), model, eager_model,
+                      [torch.randint(0, worker.VOCAB, (2, 16))])
     (record,) = records
     assert "RecursionError" in record.parts["rescued"], record.parts
     local = record.parts["local_linears"]
