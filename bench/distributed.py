@@ -27,6 +27,10 @@ that fired on each rank (one entry where the ranks agree). The loss ratio to eag
 ``loss / eager loss``.
 
     python -m bench.distributed --steps 50 --out bench/results --stem 2026-12-03-h200x2-distributed
+
+``--comm gloo`` on a machine with fewer GPUs than ranks puts the ranks on the GPUs there are and communicates
+through gloo (host memory): the losses are those of the sharded runs on the GPU kernels, the step times are
+not a speed comparison (the table leaves out the ratio to Inductor).
 """
 
 from __future__ import annotations
@@ -217,13 +221,27 @@ def run_one(config: str, backend: str, shape: dict, steps: int, warmup: int, dev
             "fired": fired, "fallbacks": sorted({f for rec in records for f in rec.fallbacks})}
 
 
+def placement(rank: int, world: int, comm: str, smoke: bool, gpus: int) -> tuple:
+    """``(device, process-group backend)`` of one rank. ``comm="nccl"`` (the default on CUDA): one GPU per rank,
+    NCCL. ``comm="gloo"``: the ranks share the GPUs there are (rank ``r`` on GPU ``r % gpus``) and communicate
+    through gloo, which copies every CUDA tensor through host memory: the ranks compute on sharded shapes with
+    the GPU kernels, so losses are real, but step times include host-routed communication on a shared GPU and
+    say nothing about NCCL. Without GPUs enough for NCCL, or with ``smoke``, the CPU with gloo."""
+    if comm not in ("nccl", "gloo"):
+        raise ValueError(f"unknown comm {comm!r}; 'nccl' or 'gloo'")
+    if smoke or gpus == 0 or (comm == "nccl" and gpus < world):
+        return torch.device("cpu"), "gloo"
+    return torch.device("cuda", rank % gpus), comm
+
+
 def _worker(rank: int, world: int, folder: str, args: dict) -> None:
     os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
-    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world and not args["smoke"]
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device, backend = placement(rank, world, args.get("comm") or "nccl", args["smoke"], gpus)
+    cuda = device.type == "cuda"
     if cuda:
-        torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{folder}/store", rank=rank,
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{folder}/store", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=600))
     shape = SMOKE_SHAPE if args["smoke"] else SHAPES[args["shape"]]
     dtype = torch.float32 if args["smoke"] else torch.bfloat16
@@ -248,7 +266,7 @@ def _worker(rank: int, world: int, folder: str, args: dict) -> None:
         if rank == 0:
             with open(os.path.join(folder, "rows.json"), "w") as f:
                 json.dump({"shape": shape, "dtype": str(dtype), "device": str(device.type), "world": world,
-                           "seqs": args.get("seqs"), "rows": rows}, f)
+                           "comm": backend, "gpus": gpus if cuda else 0, "seqs": args.get("seqs"), "rows": rows}, f)
         dist.destroy_process_group()
 
 
@@ -275,6 +293,7 @@ def summarize(result: dict) -> list[dict]:
         ref = eager.get(r["config"])
         if ref:
             row["loss_ratio"] = statistics.mean(a / b for a, b in zip(first["losses"], ref))
+            row["max_deviation"] = max(abs(a / b - 1) for a, b in zip(first["losses"], ref))
         out.append(row)
     return out
 
@@ -290,19 +309,25 @@ def per_rank(values: list, show) -> str:
 def markdown(rows: list[dict], result: dict) -> str:
     inductor = {r["config"]: r.get("median_ms") for r in rows if r["backend"] == "inductor"}
     lines = [f"# Distributed training step: {result['world']} ranks, {result['device']}, {result['dtype']}, "
-             f"shape {result['shape']}", "",
-             "| config | backend | median step ms | vs inductor | tokens/s | peak GiB per rank | loss ratio to eager "
-             "| final loss | rewrites (per rank where they differ) | fallbacks |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"shape {result['shape']}", ""]
+    if result["device"] == "cuda" and result.get("comm") == "gloo":
+        lines += [f"Communication through gloo (host memory), {result['world']} ranks on {result['gpus']} GPU(s): "
+                  "the losses are those of the sharded runs; the step times are not NCCL's and not a speed "
+                  "comparison.", ""]
+    timed = not (result["device"] == "cuda" and result.get("comm") == "gloo")
+    lines += ["| config | backend | median step ms | vs inductor | tokens/s | peak GiB per rank | loss ratio to eager "
+              "| largest step deviation from eager | final loss | rewrites (per rank where they differ) | fallbacks |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "failed" in r:
-            lines.append(f"| {r['config']} | {r['backend']} | failed: {r['failed']} | | | | | | | |")
+            lines.append(f"| {r['config']} | {r['backend']} | failed: {r['failed']} | | | | | | | | |")
             continue
         base = inductor.get(r["config"])
-        speed = f"{base / r['median_ms']:.2f}x" if base and r["median_ms"] else ""
+        speed = f"{base / r['median_ms']:.2f}x" if timed and base and r["median_ms"] else ""
         peak = " / ".join(f"{p:.2f}" for p in r["peak_gib"] if p is not None)
         lines.append(f"| {r['config']} | {r['backend']} | {r['median_ms']:.3f} | {speed} | {r['tokens_per_s']:.0f} "
-                     f"| {peak} | {r.get('loss_ratio', float('nan')):.4f} | {r['final_loss']:.4f} "
+                     f"| {peak} | {r.get('loss_ratio', float('nan')):.4f} | {r.get('max_deviation', float('nan')):.2e} "
+                     f"| {r['final_loss']:.4f} "
                      f"| {per_rank(r['fired_per_rank'], lambda f: ', '.join(f'{k} x{v}' for k, v in f.items()))} "
                      f"| {per_rank(r['fallbacks_per_rank'], '; '.join)} |")
     return "\n".join(lines) + "\n"
@@ -318,6 +343,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seqs", type=int, nargs="+", default=None, help="sequence lengths cycled over the steps")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, fp32, CPU (gloo)")
+    p.add_argument("--comm", default="nccl", choices=("nccl", "gloo"),
+                   help="on CUDA: 'gloo' lets the ranks share fewer GPUs than ranks (losses only, not speed)")
     p.add_argument("--out", default=None)
     p.add_argument("--stem", default="distributed")
     args = p.parse_args(argv)

@@ -48,3 +48,28 @@ def test_transformers_tp_rows_over_changing_lengths(tmp_path):
     assert abs(kp["loss_ratio"] - 1) < 1e-4 and not kp["fallbacks"], kp
     assert result["seqs"] == [16, 8]
     assert abs(kp["tokens_per_s"] - result["shape"]["batch"] * 12 / (kp["median_ms"] / 1e3)) < 1e-6 * kp["tokens_per_s"]
+
+
+def test_placement_of_ranks():
+    """NCCL needs a GPU per rank (else the CPU with gloo); ``--comm gloo`` lets ranks share the GPUs there are."""
+    cpu, gpu = distributed.torch.device("cpu"), distributed.torch.device
+    assert distributed.placement(1, 2, "nccl", False, 2) == (gpu("cuda", 1), "nccl")
+    assert distributed.placement(1, 2, "nccl", False, 1) == (cpu, "gloo")
+    assert distributed.placement(1, 2, "gloo", False, 1) == (gpu("cuda", 0), "gloo")
+    assert distributed.placement(3, 4, "gloo", False, 2) == (gpu("cuda", 1), "gloo")
+    assert distributed.placement(1, 2, "gloo", True, 1) == (cpu, "gloo")
+    assert distributed.placement(0, 2, "gloo", False, 0) == (cpu, "gloo")
+    with pytest.raises(ValueError, match="unknown comm"):
+        distributed.placement(0, 2, "mpi", False, 1)
+
+
+def test_shared_gpu_rows_are_not_timed_against_inductor():
+    """With the ranks on a shared GPU over gloo, the table says its times are no speed comparison and shows no
+    ratio to Inductor; the loss columns stay."""
+    result = {"world": 2, "device": "cuda", "dtype": "torch.bfloat16", "shape": {}, "comm": "gloo", "gpus": 1}
+    row = dict(median_ms=10.0, tokens_per_s=1.0, peak_gib=[1.0, 1.0], loss_ratio=1.0, max_deviation=2e-3,
+               final_loss=5.0, fired_per_rank=[{}, {}], fallbacks_per_rank=[[], []])
+    rows = [{"config": "tp", "backend": "inductor", **row}, {"config": "tp", "backend": "kernelpytorch", **row}]
+    text = distributed.markdown(rows, result)
+    assert "not a speed comparison" in text and "1.00x" not in text and "2.00e-03" in text
+    assert "1.00x" in distributed.markdown(rows, {**result, "comm": "nccl"})
