@@ -28,7 +28,7 @@ from torch import fx
 
 from . import passes as _builtin_passes  # noqa: F401  (registers the built-in passes)
 from .passes import tp_linears
-from .core import plain_regions, regions
+from .core import checkpoint_bodies, plain_regions, regions
 from .core.canonicalize import carry_dynamo_metadata, canonicalize, fake_mode_of, unregister_traced_constants
 from .core.dump import GraphDump, append_report
 from .core.pass_manager import (PassManager, anchored_passes, default_passes, idle_reason, not_applicable,
@@ -169,6 +169,9 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
         pass_timeout_s=opts.pass_timeout_s, target=target, options=opts, anchored=anchored,
     )
     manager.run(cgm)
+    if checkpoint_bodies.stand_ins(cgm):  # the passes inside activation-checkpointed regions
+        run = _body_passes(chosen, opts, target, fake_mode, dump)
+        checkpoint_bodies.merge(record, checkpoint_bodies.rewrite(cgm, run, example_inputs, fake_inputs))
     record.nodes_out = len(cgm.graph.nodes)
     record.guards = [guard.to_json() for guard in manager.guards]
     # If a guarded input changes, the graph as it was before the first guarded pass runs op by op.
@@ -194,6 +197,21 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
         why = f"lowering the rewritten graph failed ({_brief(e)})"
         return _fallback(gm, example_inputs, opts, record, why), (), None, ()
     return fn, manager.guards, fallback, manager.hooks
+
+
+def _body_passes(chosen, opts: Options, target, fake_mode, dump):
+    """``run(body, fake_inputs, real_inputs)`` for ``checkpoint_bodies.rewrite``: the graph's passes on one
+    checkpoint body, recorded apart (``checkpoint_bodies.merge`` adds them to the graph's record) and without
+    ``verify`` (a body's inputs are values inside the graph, with no example values to run it on)."""
+    def run(body: fx.GraphModule, fake_inputs: list, real_inputs: list) -> PassManager:
+        manager = PassManager(chosen, GraphRecord(id=-1), fake_mode, fake_inputs, real_inputs, strict=opts.strict,
+                              constant_buffers=opts.constant_buffers, pass_timeout_s=opts.pass_timeout_s,
+                              target=target, options=opts)
+        manager.run(body)
+        if dump is not None:
+            dump.write("checkpoint-body", body.graph, "an activation-checkpointed region's body after the passes")
+        return manager
+    return run
 
 
 def _bucket_plan(cgm: fx.GraphModule, example_inputs, opts: Options, record: GraphRecord, target):

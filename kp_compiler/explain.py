@@ -116,6 +116,9 @@ def _graph_lines(index: int, g: GraphRecord) -> list[str]:
         elif g.parts.get("local_why"):
             lines.append(f"  tensor-parallel linears kept as DTensor ops: {_one_line(g.parts['local_why'])}")
         lines += [f"    kept as a DTensor op: {_one_line(why)}" for why in local["kept"]]
+    for c in g.checkpoints:
+        state = "kept" if c["kept"] else f"kept as captured: {_one_line(c['why'])}" if c["why"] else "none"
+        lines.append(f"  activation-checkpointed region {c['region']}: {c['rewrites']} rewrite(s) inside, {state}")
     for why in g.fallbacks:
         lines.append(f"  fallback: {_one_line(why)}")
     return lines

@@ -42,6 +42,9 @@ class GraphRecord:
     skipped: list = field(default_factory=list)  # default passes left out here: {"pass", "reason"}
     guards_added: list = field(default_factory=list)  # {"step", "guard"}: shape guards a step added
     autograd_regions: int = 0  # custom autograd.Function / checkpoint calls kept whole (core/regions.py)
+    # activation-checkpointed regions whose bodies the passes ran on (core/checkpoint_bodies.py):
+    # {"region": key, "rewrites": n, "kept": bool, "why": ""} each
+    checkpoints: list = field(default_factory=list)
     # options["cudagraph_buckets"]: {"sizes": [...], "runtime": GraphBuckets.stats} where used, else {"why": ...}
     buckets: Optional[dict] = None
     # DTensor inputs (tensor parallelism): {"plain": n, "rewritten": m, "kept": [why...]} (core/plain_regions.py)

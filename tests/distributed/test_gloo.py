@@ -10,7 +10,8 @@ computed on their local shards with the collectives as ``kp::tp_copy`` / ``kp::t
 this rank's heads becomes SDPA; with ``options["fp8"]`` every sharded linear converts). And
 ``linear-cross-entropy`` under DDP, with the loss computed inside the wrapped module. And a MoE model
 (``TinyMoEGPT``): its expert loop becomes ``kp::routed_experts`` under DDP and FSDP2. And transformers' own
-tensor parallelism (``tp-hf``) and expert parallelism (``ep-hf``)."""
+tensor parallelism (``tp-hf``) and expert parallelism (``ep-hf``). And FSDP2 with each block activation-checkpointed
+(``fsdp2-ac``, torchtitan's recipe): the attention inside the checkpointed blocks is rewritten too."""
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from .worker import STEPS
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")
 CONFIGS = ["ddp", "fsdp2", "tp", "tp-sp", "ddp-lce", "ddp-fp8", "fsdp2-fp8", "tp-fp8", "tp-sp-fp8", "ddp-moe",
-           "fsdp2-moe", "fsdp2-gather-fp8", "tp-hf", "ep-hf"]
+           "fsdp2-moe", "fsdp2-gather-fp8", "tp-hf", "ep-hf", "fsdp2-ac", "tp-ac"]
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +220,15 @@ def test_the_rewrites_fire_in_the_graphs_the_backend_gets(results, config):
         assert len(graphs) == 2
     else:  # FSDP2: its hooks break the model's loop, so each block's forward is a frame; both blocks run its graph
         assert len(graphs) == 1
+
+
+def test_the_rewrites_fire_inside_activation_checkpointed_blocks_under_fsdp2(results):
+    """``checkpoint_wrapper`` per block, then ``fully_shard`` (torchtitan's order): each block's body reaches the
+    backend inside ``tag_activation_checkpoint``; its attention becomes SDPA in there (``core/checkpoint_bodies.py``)
+    and the training equals eager (``test_equal_to_eager_on_every_rank``)."""
+    for rank, res in enumerate(results):
+        graphs = res["fsdp2-ac"]["kernelpytorch"]["graphs"]
+        assert graphs and all(not g["fallbacks"] for g in graphs), (rank, graphs)
+        fired = sum(p["matches"] for g in graphs for p in g["passes"] if p["name"] == "attention-to-sdpa")
+        bodies = [c for g in graphs for c in g["checkpoints"]]
+        assert fired >= 1 and bodies and all(c["kept"] and c["rewrites"] >= 1 for c in bodies), (rank, fired, bodies)

@@ -127,14 +127,16 @@ def _wrap(model, config: str):
     if config == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, bucket_cap_mb=1)
-    if config in ("fsdp2", "fsdp2-gather"):  # "-gather": the block linears' weights all-gathered in FP8
-        from torch.distributed.device_mesh import init_device_mesh
+    if config in ("fsdp2", "fsdp2-gather", "fsdp2-ac"):  # "-gather": the block linears' weights all-gathered in
+        from torch.distributed.device_mesh import init_device_mesh  # FP8; "-ac": each block checkpointed
 
         import kp_compiler
         from torch.distributed.fsdp import fully_shard
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         if config == "fsdp2-gather":
             kp_compiler.fp8.all_gather_in_fp8(model, include=["blocks.*"])
+        if config == "fsdp2-ac":  # torchtitan's order: activation checkpointing, then sharding
+            _checkpoint_blocks(model)
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
         return fully_shard(model, mesh=mesh)
@@ -145,16 +147,25 @@ def _wrap(model, config: str):
 
         from .sp_model import parallelize
         return parallelize(model, init_device_mesh("cpu", (dist.get_world_size(),)))
-    if config == "tp":  # heads and MLP columns split over the ranks (Megatron-style colwise / rowwise pairs)
-        from torch.distributed.device_mesh import init_device_mesh
+    if config in ("tp", "tp-ac"):  # heads and MLP columns split over the ranks (Megatron-style colwise / rowwise
+        from torch.distributed.device_mesh import init_device_mesh  # pairs); "-ac": then each block checkpointed
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         plan = {f"attn.{p}": ColwiseParallel() for p in "qkv"}
         plan.update({"attn.proj": RowwiseParallel(), "mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel()})
         for block in model.blocks:
             parallelize_module(block, mesh, plan)
+        if config == "tp-ac":
+            _checkpoint_blocks(model)
         return model
     raise ValueError(config)
+
+
+def _checkpoint_blocks(model) -> None:
+    """Each block activation-checkpointed (non-reentrant), as torchtitan's activation checkpointing wraps them."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+    model.blocks = nn.ModuleList(checkpoint_wrapper(b, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+                                 for b in model.blocks)
 
 
 def _full(t):
@@ -229,7 +240,7 @@ def _train_in(config: str, compiled: bool, rank: int) -> dict:
                       "notes": {p.name: [p.status, p.reason, *p.notes] for p in r.passes if p.notes or p.reason},
                       "passes": [{"name": p.name, "matches": p.matches, "by_rule": dict(p.by_rule)}
                                  for p in r.passes if p.matches],
-                      "parts": r.parts}
+                      "parts": r.parts, "checkpoints": list(r.checkpoints)}
                      for r in records]
     return out
 

@@ -1,0 +1,189 @@
+"""The passes inside activation-checkpointed regions.
+
+``torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False)`` (what transformers'
+``gradient_checkpointing_enable()`` and torchtitan's activation checkpointing call) reaches the backend as
+``higher_order.tag_activation_checkpoint(body, *args)``, which ``regions.hide`` keeps whole so that its
+recomputation survives canonicalization. The layer's attention, linears and experts are inside ``body``, so
+without this step no pass sees them.
+
+``rewrite(cgm, run)`` takes each checkpoint stand-in of the canonical graph, canonicalizes its body on the
+stand-in's example values, and hands it to ``run`` (the backend runs the graph's own passes on it). The body
+keeps its inputs and outputs: the higher-order op is restored around the rewritten body, and AOTAutograd
+recomputes it in the backward as before, our ops included. Before (a body, torch IR)::
+
+    %wrap_body_0 = get_attr[wrap_body_0]
+    %tag_activation_checkpoint = higher_order.tag_activation_checkpoint(%wrap_body_0, %x, %w_qkv, ...)
+        # wrap_body_0: ... %matmul = torch.matmul(%q, %transpose); ...; %softmax = ...; torch.matmul(%softmax, %v)
+
+After (what the lowering gets)::
+
+    %kp_region_0_0 = get_attr[kp_region_0_0]
+    %tag_activation_checkpoint = higher_order.tag_activation_checkpoint(%kp_region_0_0, %x, %w_qkv, ...)
+        # kp_region_0_0: ... %sdpa = aten.scaled_dot_product_attention.default(%q, %k, %v, is_causal=True) ...
+
+A body runs twice per step (forward, then the recompute), so a rewrite is kept only if it holds no state across
+calls and relies on nothing outside the body. The body stays as captured when a rewrite there adds a runtime
+guard or a hook, reads a new attribute (FP8 scale state, tables), or adds an op that writes its inputs; the
+report says which. Body inputs that are inputs of the whole graph keep that graph's example values and names
+(what ``fp8-linear`` reads a parameter's module path from).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import fx
+
+from . import regions
+from .canonicalize import canonicalize
+from .graph import val
+
+
+def _checkpoint_hop():
+    return getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+
+
+@dataclass
+class Body:
+    """One checkpoint body through the passes: what they did, and whether the rewrite was kept."""
+
+    key: int
+    records: list = field(default_factory=list)  # the PassRecords of the run on the body
+    guards_added: list = field(default_factory=list)  # shape guards its passes added ({"step", "guard"})
+    kept: bool = False
+    why: str = ""  # why the rewrite was not kept (empty when kept or when nothing matched)
+
+    @property
+    def matches(self) -> int:
+        return sum(r.matches for r in self.records)
+
+
+def stand_ins(cgm: fx.GraphModule) -> list:
+    """``(node, region)`` for every hidden checkpoint of the canonical graph, in program order."""
+    hop = _checkpoint_hop()
+    out = []
+    for node in cgm.graph.nodes:
+        if node.op == "call_function" and node.target is regions.REGION_OP:
+            region = regions.lookup(node.args[2])
+            if region is not None and hop is not None and region.hop is hop:
+                out.append((node, region))
+    return out
+
+
+def _inputs(node: fx.Node, region, real_of: dict, fake_of: dict) -> tuple:
+    """The body's example values (fake), real values (for those that are inputs of the graph, else None) and
+    the graph node behind each argument (None for a constant). A graph input keeps the fake tensor Dynamo made
+    for it (a float passed as a 0-d tensor keeps the value ``item()`` reads), not the node's copy."""
+    tensors, ints, _ = node.args
+    order = regions._values(list(tensors), list(ints), region.order)
+    nodes = region.call_args(order)
+    fakes = [(fake_of[a] if a in fake_of else val(a)) if isinstance(a, fx.Node) else a for a in nodes]
+    reals = [real_of.get(a) if isinstance(a, fx.Node) else a for a in nodes]
+    return fakes, reals, [a if isinstance(a, fx.Node) else None for a in nodes]
+
+
+def _name_after_graph_inputs(body: fx.GraphModule, outer: list) -> None:
+    """Body placeholders that are the graph's inputs get that input's name (a parameter's module path)."""
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    taken = {n.name for n in body.graph.nodes}
+    for p, o in zip(placeholders, outer):
+        if o is None or o.op != "placeholder" or o.name == p.name or o.name in taken or not hasattr(p, "_rename"):
+            continue
+        taken.discard(p.name)
+        p._rename(o.name)
+        p.target = p.name
+        taken.add(p.name)
+    body.recompile()
+
+
+def _mutable_targets(gm: fx.GraphModule) -> set:
+    out = set()
+    for n in gm.graph.nodes:
+        schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+        if n.op == "call_method" and str(n.target).endswith("_") or schema is not None and schema.is_mutable:
+            out.add(n.target)
+    return out
+
+
+def _attributes(gm: fx.GraphModule) -> set:
+    return {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+
+
+def unsafe(before: fx.GraphModule, after: fx.GraphModule, guards: list, hooks: list) -> Optional[str]:
+    """Why a rewritten body may not be run twice per step as it stands (None when it may)."""
+    if guards:
+        return "a rewrite there relies on runtime guards over the body's inputs"
+    if hooks:
+        return "a rewrite there keeps state about the body's inputs (a hook before every call)"
+    new = _attributes(after) - _attributes(before)
+    if new:
+        return f"a rewrite there reads new attributes ({', '.join(sorted(new))}): state the recompute would share"
+    writes = _mutable_targets(after) - _mutable_targets(before)
+    if writes:
+        return f"a rewrite there writes its inputs ({', '.join(sorted(map(str, writes)))})"
+    return None
+
+
+def rewrite(cgm: fx.GraphModule, run: Callable[[fx.GraphModule, list, list], Any], real_inputs: list,
+            fake_inputs: list) -> list[Body]:
+    """Run ``run(body, fake_inputs, real_inputs)`` (a ``PassManager`` that has run, or raises) on every
+    checkpoint body of ``cgm`` and keep each rewrite that is safe to recompute. ``real_inputs`` and
+    ``fake_inputs``: the graph's example values and their fakes, in placeholder order. Returns one ``Body``
+    per checkpoint."""
+    placeholders = [n for n in cgm.graph.nodes if n.op == "placeholder"]
+    real_of, fake_of = dict(zip(placeholders, real_inputs)), dict(zip(placeholders, fake_inputs))
+    out = []
+    for node, region in stand_ins(cgm):
+        body = Body(node.args[2])
+        out.append(body)
+        fakes, reals, outer = _inputs(node, region, real_of, fake_of)
+        try:
+            canonical, _, fake_inputs = canonicalize(region.bodies[0], fakes)
+        except Exception as e:  # noqa: BLE001 - the body stays as captured, which is correct
+            body.why = f"canonicalization of the body failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            continue
+        _name_after_graph_inputs(canonical, outer)
+        before = fx.GraphModule(canonical, _copy(canonical.graph))
+        manager = run(canonical, fake_inputs, reals)
+        body.records = list(manager.record.passes)
+        body.guards_added = list(manager.record.guards_added)
+        if not body.matches:
+            continue
+        body.why = unsafe(before, canonical, manager.guards, manager.hooks) or ""
+        if not body.why:
+            regions.restore(canonical)  # regions nested in the body (an autograd.Function inside a checkpoint)
+            region.bodies = (canonical,)
+            body.kept = True
+    return out
+
+
+def _copy(graph: fx.Graph) -> fx.Graph:
+    new = fx.Graph()
+    out = new.graph_copy(graph, {})
+    new.output(out)
+    return new
+
+
+def merge(record, bodies: list[Body]) -> None:
+    """List every body in ``record.checkpoints`` (with why a rewrite was not kept) and add what the passes did
+    in the kept ones to ``record``'s pass entries."""
+    for body in bodies:
+        record.checkpoints.append({"region": body.key, "rewrites": body.matches, "kept": body.kept, "why": body.why})
+        record.guards_added += body.guards_added
+        if not body.kept:
+            continue
+        for sub in body.records:
+            if not sub.matches and not sub.notes:
+                continue
+            main = next((r for r in reversed(record.passes) if r.name == sub.name), None)
+            if main is None:
+                record.passes.append(sub)
+                continue
+            main.matches += sub.matches
+            for rule, n in sub.by_rule.items():
+                main.by_rule[rule] = main.by_rule.get(rule, 0) + n
+            main.notes += [n for n in sub.notes if n not in main.notes]
+            if sub.matches:
+                main.notes.append(f"{sub.matches} of them inside activation-checkpointed region {body.key}")

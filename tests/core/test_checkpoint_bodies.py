@@ -1,0 +1,214 @@
+"""The passes inside activation-checkpointed regions (``core/checkpoint_bodies.py``): what fires in there, that
+training equals eager (losses and every gradient, fresh random inputs), and the rewrites a recomputed body
+must not keep."""
+
+import functools
+
+import pytest
+import torch
+import torch.utils.checkpoint as cp
+
+from kp_compiler.core import checkpoint_bodies
+from kp_compiler.core.report import collect
+from kp_compiler.testing.models import TinyGPT
+
+PASSES = ["noop-elimination", "attention-to-sdpa"]
+
+
+class RoundSTE(torch.autograd.Function):
+    """Rounds forward, passes the gradient straight through backward: a gradient autograd alone would get wrong
+    (round's derivative is zero), so it is only right if the custom backward is kept."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x * 4) / 4
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def checkpointed(model: TinyGPT, context_fn=None, ste: bool = False) -> TinyGPT:
+    """Each block's forward under ``checkpoint(..., use_reentrant=False)`` (what transformers'
+    ``gradient_checkpointing_enable()`` calls); ``ste``: its output through ``RoundSTE`` inside the region."""
+    for block in model.blocks:
+        def forward(x, f=block.forward):
+            y = f(x)
+            return RoundSTE.apply(y) if ste else y
+        kwargs = {"context_fn": context_fn} if context_fn is not None else {}
+        block.forward = functools.partial(cp.checkpoint, forward, use_reentrant=False, **kwargs)
+    return model
+
+
+def pair(**kwargs) -> tuple:
+    torch.manual_seed(0)
+    model = checkpointed(TinyGPT(vocab=64, d=64, heads=4, layers=2, max_len=16), **kwargs)
+    ref = checkpointed(TinyGPT(vocab=64, d=64, heads=4, layers=2, max_len=16), **kwargs)
+    ref.load_state_dict(model.state_dict())
+    return model, ref
+
+
+def train_both(model, ref, options, lengths=(16,), dynamic=None, seed=1):
+    """Losses of compiled and eager, their gradients after all steps, and the compiled run's records."""
+    compiled = torch.compile(model, backend="kernelpytorch", options=options, dynamic=dynamic)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    with collect() as records:
+        for length in lengths:
+            idx = torch.randint(0, 64, (2, length), generator=gen)
+            a, b = compiled(idx).square().mean(), ref(idx).square().mean()
+            a.backward()
+            b.backward()
+            losses.append((a.detach(), b.detach()))
+    assert records and not [f for r in records for f in r.fallbacks]
+    return losses, records
+
+
+def assert_same_training(model, ref, losses, rtol=1e-5, atol=1e-6):
+    for a, b in losses:
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=atol, msg=name)
+
+
+def fired(records, name: str) -> int:
+    return sum(p.matches for r in records for p in r.passes if p.name == name)
+
+
+@pytest.mark.parametrize("lowering", ["inductor", "eager"])
+def test_attention_inside_checkpointed_blocks_becomes_sdpa(lowering):
+    model, ref = pair()
+    losses, records = train_both(model, ref, {"passes": PASSES, "lowering": lowering})
+    assert {r.lowering for r in records} == {lowering}
+    assert fired(records, "attention-to-sdpa") == 2
+    bodies = [c for r in records for c in r.checkpoints]
+    assert [(c["rewrites"], c["kept"]) for c in bodies] == [(1, True), (1, True)], bodies
+    assert not [f for r in records for f in r.fallbacks]
+    assert_same_training(model, ref, losses)
+
+
+def test_dynamic_sizes_inside_checkpointed_blocks_add_no_guard():
+    """``dynamic=True`` over three lengths: as many graphs as Dynamo makes for the model anyway (the first
+    length is specialized by the model's position table), every body rewritten, and no pass adds a guard (the
+    lowering's own guards aside)."""
+    model, ref = pair()
+    lengths = (16, 12, 9)
+    losses, records = train_both(model, ref, {"passes": PASSES}, lengths=lengths, dynamic=True)
+    graphs = []
+    counted = torch.compile(pair()[1], backend=lambda gm, inputs: graphs.append(gm) or gm.forward, dynamic=True)
+    for length in lengths:
+        counted(torch.randint(0, 64, (2, length)))
+    assert len(records) == len(graphs) and fired(records, "attention-to-sdpa") == 2 * len(graphs)
+    assert all(c["kept"] for r in records for c in r.checkpoints)
+    assert [g for r in records for g in r.guards_added if not g["step"].startswith("lowering")] == []
+    assert_same_training(model, ref, losses)
+
+
+def test_a_custom_autograd_function_inside_a_checkpoint_keeps_its_backward():
+    model, ref = pair(ste=True)
+    losses, records = train_both(model, ref, {"passes": PASSES})
+    assert fired(records, "attention-to-sdpa") == 2
+    assert_same_training(model, ref, losses)
+
+
+def test_selective_checkpointing_policy():
+    """``context_fn`` (selective activation checkpointing, torchtitan's "op" mode): matmuls saved, the rest
+    recomputed."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.mm.default else CheckpointPolicy.PREFER_RECOMPUTE
+
+    model, ref = pair(context_fn=functools.partial(create_selective_checkpoint_contexts, policy))
+    losses, records = train_both(model, ref, {"passes": PASSES})
+    assert fired(records, "attention-to-sdpa") == 2
+    assert_same_training(model, ref, losses)
+
+
+FP8 = {"emulate": True, "min_dims": [1, 1, 1], "exclude": ["*head*"]}
+
+
+def test_fp8_linears_inside_checkpoints_train_as_without_checkpoints():
+    """Tensorwise FP8 (the exact emulation) converts the block linears inside the regions: the run equals the
+    same FP8 run without checkpointing, and is not the fp32 one."""
+    model, ref = pair()
+    torch.manual_seed(0)
+    plain = TinyGPT(vocab=64, d=64, heads=4, layers=2, max_len=16)
+    plain.load_state_dict(model.state_dict())
+    options = {"passes": PASSES, "fp8": FP8}
+    losses, records = train_both(model, ref, options)
+    plain_losses, plain_records = train_both(plain, checkpointed(TinyGPT(vocab=64, d=64, heads=4, layers=2,
+                                                                         max_len=16)), options)
+    assert fired(records, "fp8-linear") == fired(plain_records, "fp8-linear") == 8  # qkv, proj, fc1, fc2 x 2
+    assert all(c["kept"] for r in records for c in r.checkpoints)
+    torch.testing.assert_close(losses[0][0], plain_losses[0][0], rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(losses[0][0], losses[0][1], rtol=1e-6, atol=0)  # FP8 changed the numbers
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_stateful_fp8_inside_a_checkpoint_is_not_kept():
+    """Delayed scaling keeps amax histories that its ops update in place: run twice per step (forward and
+    recompute), a body would update them twice, so the body stays as captured and says why."""
+    model, ref = pair()
+    losses, records = train_both(model, ref, {"passes": PASSES, "fp8": {**FP8, "recipe": "delayed"}})
+    bodies = [c for r in records for c in r.checkpoints]
+    assert len(bodies) == 2 and not any(c["kept"] for c in bodies), bodies
+    assert all("attributes" in c["why"] for c in bodies), bodies
+    assert fired(records, "fp8-linear") == 0 and fired(records, "attention-to-sdpa") == 0
+    assert_same_training(model, ref, losses)
+
+
+def test_unsafe_names_what_a_recompute_would_repeat():
+    def body(x, w):
+        return torch.ops.aten.linear.default(x, w)
+
+    before = torch.fx.symbolic_trace(body)
+    after = torch.fx.symbolic_trace(lambda x, w: torch.ops.aten.add_.Tensor(x, w))
+    assert checkpoint_bodies.unsafe(before, before, [], []) is None
+    assert "writes its inputs" in checkpoint_bodies.unsafe(before, after, [], [])
+    assert "guards" in checkpoint_bodies.unsafe(before, before, [object()], [])
+    assert "hook" in checkpoint_bodies.unsafe(before, before, [], [object()])
+    stateful = torch.fx.symbolic_trace(body)
+    stateful.register_buffer("amax", torch.zeros(1))
+    with stateful.graph.inserting_before(next(iter(stateful.graph.find_nodes(op="output")))):
+        stateful.graph.get_attr("amax")
+    assert "amax" in checkpoint_bodies.unsafe(before, stateful, [], [])
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_transformers_gradient_checkpointing(family):
+    """transformers' own ``gradient_checkpointing_enable()`` (non-reentrant): Llama with eager attention (its
+    attention becomes SDPA and its gated MLP one ``kp::gated_linear`` per layer, inside the regions) and
+    Mixtral's ``grouped_mm`` experts (``kp::routed_experts_train`` recomputed in the backward)."""
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=32)
+    if family == "llama":
+        config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, attn_implementation="eager",
+                                          **common)
+        cls, want = transformers.LlamaForCausalLM, {"attention-to-sdpa": 2, "linear-activation": 2}
+    else:
+        config = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4,
+                                            num_experts_per_tok=2, attn_implementation="sdpa", **common)
+        cls, want = transformers.MixtralForCausalLM, {"moe-dispatch": 2}
+    torch.manual_seed(0)
+    model, ref = cls(config), cls(config)
+    ref.load_state_dict(model.state_dict())
+    for m in (model, ref):
+        m.train()
+        m.gradient_checkpointing_enable()
+    options = {"passes": [*PASSES, "linear-activation", "moe-dispatch"], "moe_grouped_mm": "rewrite"}
+    compiled = torch.compile(model, backend="kernelpytorch", options=options)
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    with collect() as records:
+        a = compiled(input_ids=idx, labels=idx).loss
+    b = ref(input_ids=idx, labels=idx).loss
+    a.backward()
+    b.backward()
+    assert {name: fired(records, name) for name in want} == want
+    assert all(c["kept"] for r in records for c in r.checkpoints) and [c for r in records for c in r.checkpoints]
+    assert not [f for r in records for f in r.fallbacks]
+    assert_same_training(model, ref, [(a.detach(), b.detach())])
