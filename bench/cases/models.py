@@ -91,11 +91,23 @@ def _build_dynamic(name: str, scale: Scale, train: bool, attn=None) -> Workload:
     return wl
 
 
-def _build(name: str, scale: Scale, train: bool, attn=None, peer: bool = True) -> Workload:
+# activation-checkpointed training: name -> (the MODELS entry, attn_implementation or None); every decoder
+# layer under transformers' own gradient checkpointing (non-reentrant), as Trainer's gradient_checkpointing=True
+CHECKPOINTED = {
+    "gemma2-4096-eager-ac": ("gemma2-4096", "eager"),
+    "llama3-ac": ("llama3", None),
+}
+
+
+def _build(name: str, scale: Scale, train: bool, attn=None, peer: bool = True, ac: bool = False) -> Workload:
     model_name, tokens, note = MODELS[name]
     model, vocab = hf.build(model_name, "tiny" if scale.smoke else "suite", attn=attn, experts=None)
+    if ac:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     wl = _lm_workload(model, vocab, scale, train, tokens=None if scale.smoke else tokens)
     wl.note = note if attn is None else f"transformers' attn_implementation={attn!r}" + (" (the peer)" if peer else "")
+    if ac:
+        wl.note += "; every layer activation-checkpointed (gradient_checkpointing_enable, non-reentrant)"
     if model_name in ("qwen3_moe", "mixtral", "olmoe", "deepseek_v3") or attn == "flex_attention":
         wl.reference_dtype = torch.float32  # torch._grouped_mm and flex_attention have no float64 kernels
     return wl
@@ -109,6 +121,9 @@ for _name, (_model, _attn) in VARIANTS.items():
     for _train in (False, True):
         case(f"model-{_name}-{'train' if _train else 'infer'}", "models", train=_train, requires=("transformers",))(
             lambda scale, n=_model, a=_attn, train=_train: _build(n, scale, train, a, peer=False))
+for _name, (_model, _attn) in CHECKPOINTED.items():
+    case(f"model-{_name}-train", "models", train=True, requires=("transformers",))(
+        lambda scale, n=_model, a=_attn: _build(n, scale, True, a, peer=False, ac=True))
 for _name, (_model, _attn) in PEERS.items():
     for _train in (False, True):
         case(f"model-{_name}-{'train' if _train else 'infer'}", "models", train=_train, requires=("transformers",),

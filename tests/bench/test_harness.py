@@ -30,7 +30,7 @@ def test_every_group_has_cases():
     for must in ("attention-alibi", "attention-gqa-causal-fwd-bwd", "moe-e64-top8-decode",
                  "hf-mistral-train", "hf-bert-infer", "hf-gpt2-train", "moe-loop-gpt-train",
                  "model-llama3-infer", "model-qwen3-moe-train", "model-gemma2-train", "model-mistral-window-infer",
-                 "lce-128k-train", "lce-128k-large-train"):
+                 "lce-128k-train", "lce-128k-large-train", "model-llama3-ac-train", "model-gemma2-4096-eager-ac-train"):
         assert must in names
 
 
