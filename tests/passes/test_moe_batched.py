@@ -209,3 +209,23 @@ def test_the_moe_grouped_mm_option_rewrites_the_form(monkeypatch):
         torch.testing.assert_close(out.logits, model(ids).logits, rtol=1e-4, atol=1e-5)
     (moe,) = [p for r in records for p in r.passes if p.name == "moe-dispatch"]
     assert moe.by_rule == {"gated-silu-batched": 2}
+
+
+@pytest.mark.parametrize("experts", ["grouped_mm", "batched_mm"])
+def test_experts_whose_ids_are_a_graph_input_are_left_alone_and_say_why(experts):
+    """transformers' expert parallelism calls the experts on ids made in another graph (Dynamo breaks the graph
+    between them): nothing proves them below E, so the form stays as it is, equal to eager, and the report says
+    where the ids come from."""
+    model, _ = build("mixtral", experts=experts)
+    layer = model.model.layers[0].mlp.experts
+    x = torch.randn(10, layer.gate_up_proj.shape[-1])
+    ids = torch.randint(0, layer.num_experts, (10, 2))
+    weights = torch.rand(10, 2)
+    compiled = torch.compile(layer, backend="kernelpytorch", options={"passes": PASSES})
+    with torch.no_grad(), collect() as records:
+        out = compiled(x, ids, weights)
+        ref = layer(x, ids, weights)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    (moe,) = [p for r in records for p in r.passes if p.name == "moe-dispatch"]
+    assert moe.matches == 0
+    assert any("ids come from an input of this graph" in n for n in moe.notes), moe.notes

@@ -136,15 +136,16 @@ def _gated(form: _Form, h) -> tuple[str, fx.Node]:
     raise LookupError(h)
 
 
-def match(end: fx.Node) -> Optional[Experts]:
-    """The form ending in ``end`` (``sum(view(y, [T, k, d]), [1])``), else None."""
+def match(end: fx.Node, misses: Optional[list] = None) -> Optional[Experts]:
+    """The form ending in ``end`` (``sum(view(y, [T, k, d]), [1])``), else None. ``misses``: where the whole
+    form matched but its ids are not proven below E, the reason is appended."""
     try:
-        return _match(end)
+        return _match(end, misses)
     except (LookupError, IndexError, TypeError, AttributeError):
         return None
 
 
-def _match(end: fx.Node) -> Optional[Experts]:
+def _match(end: fx.Node, misses: Optional[list] = None) -> Optional[Experts]:
 
     form = _Form()
     form.take(end, aten.sum.dim_IntList)
@@ -185,7 +186,14 @@ def _match(end: fx.Node) -> Optional[Experts]:
     up = first if kind == "ungated" else None
     E = val(down).shape[0]
     k = val(ids).shape[-1] if val(ids) is not None and val(ids).dim() == 2 else None
-    if k is None or list(view.args[1])[1:] != [k, val(x).shape[-1]] or not ids_bounded(ids, E):
+    if k is None or list(view.args[1])[1:] != [k, val(x).shape[-1]]:
+        return None
+    if not ids_bounded(ids, E):
+        if misses is not None:
+            source = "an input of this graph" if ids.op == "placeholder" else f"{ids.name}, not topk over {E}"
+            misses.append(f"transformers {'grouped_mm' if grouped else 'batched_mm'} experts ending at {end.name} "
+                          f"left alone: their ids come from {source}, so nothing proves them below {E} (expert "
+                          "parallelism hands the experts ids made in another graph)")
         return None
     if val(first).dtype != val(x).dtype or val(down).dtype != val(x).dtype:
         return None

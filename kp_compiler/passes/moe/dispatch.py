@@ -66,10 +66,12 @@ def recognize(node: fx.Node, misses: Optional[list] = None) -> Iterator[Experts]
         if found is not None:
             yield found
     elif is_call(node, aten.sum.dim_IntList):
-        for form in (batched, dense):
-            found = form.match(node)
-            if found is not None:
-                yield found
+        found = batched.match(node, misses)
+        if found is not None:
+            yield found
+        found = dense.match(node)
+        if found is not None:
+            yield found
     elif is_call(node, aten.einsum.default):
         found = dense.match_einsum(node)
         if found is not None:
