@@ -56,7 +56,7 @@ OPTION_DOCS = (  # (key, values, default), markdown; docs/architecture.md's tabl
      '`True`: a failing pass or fallback raises, and so does a pass that adds a shape guard',
      '`False`'),
     ('verify',
-     "`True`: compare each pass's graph before/after on random inputs",
+     "`True`: compare each pass's graph before/after on random inputs (not inside activation-checkpointed bodies, whose inputs are values inside the graph)",
      '`False`'),
     ('mode',
      '`"default"`, `"reduce-overhead"` (CUDA graphs through Inductor), `"max-autotune"`, `"max-autotune-no-cudagraphs"`',

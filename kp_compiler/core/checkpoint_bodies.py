@@ -39,6 +39,7 @@ from torch import fx
 from . import regions
 from .canonicalize import canonicalize
 from .graph import val
+from .pass_manager import PassError
 
 
 def _checkpoint_hop():
@@ -144,16 +145,23 @@ def rewrite(cgm: fx.GraphModule, run: Callable[[fx.GraphModule, list, list], Any
         except Exception as e:  # noqa: BLE001 - the body stays as captured, which is correct
             body.why = f"canonicalization of the body failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
             continue
-        _name_after_graph_inputs(canonical, outer)
-        before = fx.GraphModule(canonical, _copy(canonical.graph))
-        manager = run(canonical, fake_inputs, reals)
-        body.records = list(manager.record.passes)
-        body.guards_added = list(manager.record.guards_added)
-        if not body.matches:
+        try:
+            _name_after_graph_inputs(canonical, outer)
+            before = fx.GraphModule(canonical, _copy(canonical.graph))
+            manager = run(canonical, fake_inputs, reals)
+            body.records = list(manager.record.passes)
+            body.guards_added = list(manager.record.guards_added)
+            if not body.matches:
+                continue
+            body.why = unsafe(before, canonical, manager.guards, manager.hooks) or ""
+            if not body.why:
+                regions.restore(canonical)  # regions nested in the body (an autograd.Function inside a checkpoint)
+        except PassError:  # strict=True: a pass failed, as it would outside a body
+            raise
+        except Exception as e:  # noqa: BLE001 - the body stays as captured, which is correct
+            body.why = f"the passes on the body failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
             continue
-        body.why = unsafe(before, canonical, manager.guards, manager.hooks) or ""
         if not body.why:
-            regions.restore(canonical)  # regions nested in the body (an autograd.Function inside a checkpoint)
             region.bodies = (canonical,)
             body.kept = True
     return out

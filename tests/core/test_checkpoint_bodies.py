@@ -212,3 +212,18 @@ def test_transformers_gradient_checkpointing(family):
     assert all(c["kept"] for r in records for c in r.checkpoints) and [c for r in records for c in r.checkpoints]
     assert not [f for r in records for f in r.fallbacks]
     assert_same_training(model, ref, [(a.detach(), b.detach())])
+
+
+def test_a_failure_on_a_body_leaves_it_as_captured(monkeypatch):
+    """Anything that goes wrong while a body is rewritten leaves that body as captured (correct, and said in the
+    report), never the user's step broken."""
+    def broken(body, outer):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(checkpoint_bodies, "_name_after_graph_inputs", broken)
+    model, ref = pair()
+    losses, records = train_both(model, ref, {"passes": PASSES})
+    bodies = [c for r in records for c in r.checkpoints]
+    assert len(bodies) == 2 and all(not c["kept"] and "boom" in c["why"] for c in bodies), bodies
+    assert fired(records, "attention-to-sdpa") == 0
+    assert_same_training(model, ref, losses)
