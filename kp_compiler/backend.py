@@ -169,9 +169,7 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
         pass_timeout_s=opts.pass_timeout_s, target=target, options=opts, anchored=anchored,
     )
     manager.run(cgm)
-    if checkpoint_bodies.stand_ins(cgm):  # the passes inside activation-checkpointed regions
-        run = _body_passes(chosen, opts, target, fake_mode, dump)
-        checkpoint_bodies.merge(record, checkpoint_bodies.rewrite(cgm, run, example_inputs, fake_inputs))
+    _checkpointed(cgm, chosen, opts, target, fake_mode, dump, record, example_inputs, fake_inputs)
     record.nodes_out = len(cgm.graph.nodes)
     record.guards = [guard.to_json() for guard in manager.guards]
     # If a guarded input changes, the graph as it was before the first guarded pass runs op by op.
@@ -197,6 +195,15 @@ def _compile(gm, example_inputs, opts: Options, chosen, record: GraphRecord, dum
         why = f"lowering the rewritten graph failed ({_brief(e)})"
         return _fallback(gm, example_inputs, opts, record, why), (), None, ()
     return fn, manager.guards, fallback, manager.hooks
+
+
+def _checkpointed(cgm, chosen, opts: Options, target, fake_mode, dump, record, real_inputs, fake_inputs,
+                  seeded: bool = True) -> None:
+    """The passes inside the activation-checkpointed regions of ``cgm`` (``core/checkpoint_bodies.py``);
+    ``seeded=False`` in a part of a DTensor graph (``checkpoint_bodies.unsafe``)."""
+    if checkpoint_bodies.stand_ins(cgm):
+        run = _body_passes(chosen, opts, target, fake_mode, dump)
+        checkpoint_bodies.merge(record, checkpoint_bodies.rewrite(cgm, run, real_inputs, fake_inputs, seeded))
 
 
 def _body_passes(chosen, opts: Options, target, fake_mode, dump):
@@ -351,6 +358,7 @@ def _compile_parts(gm, example_inputs, opts: Options, chosen, record: GraphRecor
             manager.run(cgm)
             if manager.hooks:
                 raise ValueError("a rewrite keeps state about the part's inputs")
+            _checkpointed(cgm, chosen, opts, target, fake_mode, None, record, inputs, fake_inputs, seeded=False)
             places = [ph.name for ph in part.graph.find_nodes(op="placeholder")]
             if manager.guards and len(places) != len(fake_inputs):
                 raise ValueError("a rewrite relies on an input the part's trace flattened")

@@ -24,7 +24,9 @@ After (what the lowering gets)::
 A body runs twice per step (forward, then the recompute), so a rewrite is kept only if it holds no state across
 calls and relies on nothing outside the body. The body stays as captured when a rewrite there adds a runtime
 guard or a hook, reads a new attribute (FP8 scale state, tables), or adds an op that writes its inputs; the
-report says which. Body inputs that are inputs of the whole graph keep that graph's example values and names
+report says which. In a graph with DTensor inputs (a part of a tensor-parallel graph) a rewrite that adds a
+random-seeded op (SDPA) is not kept either: AOTAutograd fails on it there (``SEEDED_UNDER_DTENSOR``). Body
+inputs that are inputs of the whole graph keep that graph's example values and names
 (what ``fp8-linear`` reads a parameter's module path from).
 """
 
@@ -112,8 +114,21 @@ def _attributes(gm: fx.GraphModule) -> set:
     return {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
 
 
-def unsafe(before: fx.GraphModule, after: fx.GraphModule, guards: list, hooks: list) -> Optional[str]:
-    """Why a rewritten body may not be run twice per step as it stands (None when it may)."""
+def _seeded_targets(gm: fx.GraphModule) -> set:
+    tag = torch.Tag.nondeterministic_seeded
+    return {n.target for n in gm.graph.nodes if n.op == "call_function" and tag in getattr(n.target, "tags", ())}
+
+
+SEEDED_UNDER_DTENSOR = ("a rewrite there adds {ops} (a random-seeded op, whose RNG state a checkpoint saves for "
+                        "the recompute) to a graph with DTensor inputs: torch 2.13's AOTAutograd then saves a "
+                        "non-tensor for the backward and fails at the first step (plain Inductor fails the same "
+                        "way where the model calls SDPA itself; torch 2.9 does not; other versions unchecked)")
+
+
+def unsafe(before: fx.GraphModule, after: fx.GraphModule, guards: list, hooks: list,
+           seeded: bool = True) -> Optional[str]:
+    """Why a rewritten body may not be run twice per step as it stands (None when it may). ``seeded=False``:
+    the graph has DTensor inputs, where a new random-seeded op (SDPA) in a checkpoint breaks AOTAutograd."""
     if guards:
         return "a rewrite there relies on runtime guards over the body's inputs"
     if hooks:
@@ -124,15 +139,18 @@ def unsafe(before: fx.GraphModule, after: fx.GraphModule, guards: list, hooks: l
     writes = _mutable_targets(after) - _mutable_targets(before)
     if writes:
         return f"a rewrite there writes its inputs ({', '.join(sorted(map(str, writes)))})"
+    added = _seeded_targets(after) - _seeded_targets(before)
+    if not seeded and added:
+        return SEEDED_UNDER_DTENSOR.format(ops=", ".join(sorted(map(str, added))))
     return None
 
 
 def rewrite(cgm: fx.GraphModule, run: Callable[[fx.GraphModule, list, list], Any], real_inputs: list,
-            fake_inputs: list) -> list[Body]:
+            fake_inputs: list, seeded: bool = True) -> list[Body]:
     """Run ``run(body, fake_inputs, real_inputs)`` (a ``PassManager`` that has run, or raises) on every
     checkpoint body of ``cgm`` and keep each rewrite that is safe to recompute. ``real_inputs`` and
-    ``fake_inputs``: the graph's example values and their fakes, in placeholder order. Returns one ``Body``
-    per checkpoint."""
+    ``fake_inputs``: the graph's example values and their fakes, in placeholder order; ``seeded`` as in
+    ``unsafe``. Returns one ``Body`` per checkpoint."""
     placeholders = [n for n in cgm.graph.nodes if n.op == "placeholder"]
     real_of, fake_of = dict(zip(placeholders, real_inputs)), dict(zip(placeholders, fake_inputs))
     out = []
@@ -153,7 +171,7 @@ def rewrite(cgm: fx.GraphModule, run: Callable[[fx.GraphModule, list, list], Any
             body.guards_added = list(manager.record.guards_added)
             if not body.matches:
                 continue
-            body.why = unsafe(before, canonical, manager.guards, manager.hooks) or ""
+            body.why = unsafe(before, canonical, manager.guards, manager.hooks, seeded) or ""
             if not body.why:
                 regions.restore(canonical)  # regions nested in the body (an autograd.Function inside a checkpoint)
         except PassError:  # strict=True: a pass failed, as it would outside a body

@@ -70,6 +70,7 @@ from torch import fx
 
 from ..core.plain_regions import dtensor_type, example_value
 from ..core.row_axis import expr_of
+from .tp_checkpoints import localize_bodies
 from .tp_rewrite import Localized, rewrite
 
 __all__ = ["Localized", "dt_call", "localize"]
@@ -287,10 +288,12 @@ def localize(gm: fx.GraphModule, example_inputs) -> Localized:
         else:
             chains.append(chain)
     chains = _whole_gathers(chains, result)
-    if not chains:
+    if chains:
+        result.colwise, result.rowwise, result.copies, result.scatters = rewrite(graph, chains)
+    bodies = localize_bodies(result.gm, given, result, localize)  # activation-checkpointed blocks
+    if not chains and not bodies:
         result.gm = None
         return result
-    result.colwise, result.rowwise, result.copies, result.scatters = rewrite(graph, chains)
     graph.lint()
     result.gm.recompile()
     return result

@@ -232,3 +232,15 @@ def test_the_rewrites_fire_inside_activation_checkpointed_blocks_under_fsdp2(res
         fired = sum(p["matches"] for g in graphs for p in g["passes"] if p["name"] == "attention-to-sdpa")
         bodies = [c for g in graphs for c in g["checkpoints"]]
         assert fired >= 1 and bodies and all(c["kept"] and c["rewrites"] >= 1 for c in bodies), (rank, fired, bodies)
+
+
+def test_tensor_parallel_linears_inside_checkpointed_blocks_are_local(results):
+    """TP, then each block activation-checkpointed (``tp-ac``): the chains inside the checkpoint bodies are
+    computed locally with the shards handed in (``passes/tp_checkpoints.py``), the graph is one plain part, and
+    training equals eager (``test_equal_to_eager_on_every_rank``)."""
+    for rank, res in enumerate(results):
+        graphs = res["tp-ac"]["kernelpytorch"]["graphs"]
+        assert len(graphs) == 1 and not graphs[0]["fallbacks"], (rank, graphs)
+        parts, local = graphs[0]["parts"], graphs[0]["parts"]["local_linears"]
+        assert (local["colwise"], local["rowwise"], local["kept"]) == (8, 4, []), (rank, local)
+        assert (parts["plain"], parts["rewritten"]) == (1, 1), (rank, parts)

@@ -577,3 +577,57 @@ def test_an_explicit_layout_given_as_one_size_node_is_read_through_its_value():
     whole.meta["example_value"], other.meta["example_value"] = torch.Size([2, 3]), torch.randn(2)
     assert _sizes(whole) == [2, 3] and _sizes(other) == [None] and _sizes(None) is None
     assert _sizes((whole, 4)) == [None, 4]  # an entry that is not a size
+
+
+def _tp_gpt_checkpointed(mesh):
+    """``_tp_gpt`` with each block activation-checkpointed after the plan (torchtitan's order)."""
+    from tests.distributed import worker
+    model = _tp_gpt(mesh)
+    worker._checkpoint_blocks(model)
+    return model
+
+
+def test_linears_inside_checkpointed_blocks_become_local(mesh):
+    """Tensor parallelism with each block checkpointed: the chains are inside the checkpoint bodies. They are
+    computed locally there, the shards read outside and handed to the bodies (``passes/tp_checkpoints.py``), so
+    the graph is one plain part; ``linear-activation`` then fires inside the bodies, and training equals eager."""
+    outs, grads, records = _train_both(lambda: _tp_gpt_checkpointed(mesh), lambda: torch.randint(0, 64, (2, 16)),
+                                       {"passes": ["noop-elimination", "linear-activation"]})
+    _assert_equal(outs, grads)
+    (record,) = records
+    local = record.parts["local_linears"]
+    assert (local["colwise"], local["rowwise"], local["copies"], local["kept"]) == (8, 4, 4, []), local
+    assert (record.parts["plain"], record.parts["rewritten"], record.parts["kept"]) == (1, 1, []), record.parts
+    assert [(c["rewrites"], c["kept"]) for c in record.checkpoints] == [(1, True), (1, True)], record.checkpoints
+    assert sum(p.matches for p in record.passes if p.name == "linear-activation") == 2
+    assert not record.fallbacks
+
+
+def test_sdpa_is_not_put_into_checkpoints_of_a_dtensor_graph(mesh):
+    """An SDPA rewrite inside a checkpoint of a tensor-parallel graph is not kept (torch 2.13's AOTAutograd fails
+    on a random-seeded op there, at the first step); the linears stay local and training equals eager."""
+    outs, grads, records = _train_both(lambda: _tp_gpt_checkpointed(mesh), lambda: torch.randint(0, 64, (2, 16)),
+                                       {"passes": ["noop-elimination", "attention-to-sdpa"]})
+    _assert_equal(outs, grads)
+    (record,) = records
+    assert record.parts["local_linears"]["colwise"] == 8
+    assert len(record.checkpoints) == 2 and not any(c["kept"] for c in record.checkpoints), record.checkpoints
+    assert all("random-seeded" in c["why"] for c in record.checkpoints), record.checkpoints
+    assert not record.fallbacks
+
+
+def test_fp8_converts_the_shards_inside_checkpointed_blocks(mesh):
+    """The shards handed to a checkpoint body keep their ``_tp_local`` names, so ``fp8-linear`` converts the 12
+    block linears inside the bodies, and the run equals the same FP8 run without checkpoints."""
+    fp8 = {"passes": ["noop-elimination"], "fp8": {"emulate": True, "min_dims": [1, 1, 1], "exclude": ["*head*"]}}
+    x = lambda: torch.randint(0, 64, (2, 16))  # noqa: E731
+    outs, grads, records = _train_both(lambda: _tp_gpt_checkpointed(mesh), x, fp8)
+    plain_outs, plain_grads, plain_records = _train_both(lambda: _tp_gpt(mesh), x, fp8)
+    fired = [sum(p.matches for r in rs for p in r.passes if p.name == "fp8-linear") for rs in (records, plain_records)]
+    assert fired == [12, 12], fired
+    torch.testing.assert_close(outs[1], plain_outs[1], rtol=1e-5, atol=1e-6)
+    for name, g in plain_grads[1].items():
+        checkpointed = name.replace("blocks.0.", "blocks.0._checkpoint_wrapped_module.").replace(
+            "blocks.1.", "blocks.1._checkpoint_wrapped_module.")
+        torch.testing.assert_close(grads[1][checkpointed], g, rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch.allclose(outs[1], outs[0], rtol=1e-6, atol=0)  # FP8 changed the numbers
