@@ -28,6 +28,9 @@ that fired on each rank (one entry where the ranks agree). The loss ratio to eag
 
     python -m bench.distributed --steps 50 --out bench/results --stem 2026-12-03-h200x2-distributed
 
+``--ac`` checkpoints every block (non-reentrant ``checkpoint_wrapper``, torchtitan's order: after the TP plan,
+before FSDP2 and DDP).
+
 ``--comm gloo`` on a machine with fewer GPUs than ranks puts the ranks on the GPUs there are and communicates
 through gloo (host memory): the losses are those of the sharded runs on the GPU kernels, the step times are
 not a speed comparison (the table leaves out the ratio to Inductor).
@@ -165,8 +168,17 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def build(config: str, backend: str, shape: dict, device, dtype) -> tuple:
-    """``(model, optimizers, compiled model)`` for one row, from seed 0 (after ``torch._dynamo.reset()``)."""
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Each block activation-checkpointed (non-reentrant ``checkpoint_wrapper``, as torchtitan's full activation
+    checkpointing wraps them)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+    model.blocks = nn.ModuleList(checkpoint_wrapper(b, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+                                 for b in model.blocks)
+
+
+def build(config: str, backend: str, shape: dict, device, dtype, ac: bool = False) -> tuple:
+    """``(model, optimizers, compiled model)`` for one row, from seed 0 (after ``torch._dynamo.reset()``);
+    ``ac``: every block activation-checkpointed (torchtitan's order: after TP, before FSDP2 and DDP)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     if config == "tp-hf":
@@ -176,18 +188,25 @@ def build(config: str, backend: str, shape: dict, device, dtype) -> tuple:
         mesh = init_device_mesh("cuda" if device.type == "cuda" else "cpu", (dist.get_world_size(),))
         model = llama_tp(shape, mesh, device, dtype)
         return model, _optimizers(model, device), _compiled(model, backend)
+    if ac and config == "tp-hf":
+        raise ValueError("--ac is for the Llama-style configs (ddp, fsdp2, tp)")
     model = LlamaStyle(**shape).to(device, dtype)
     if backend == "kernelpytorch-fp8-gather":
         import kp_compiler
         kp_compiler.fp8.all_gather_in_fp8(model, include=["blocks.*"])
+    if ac and config != "tp":
+        checkpoint_blocks(model)
     model = wrap(model, config, device)
+    if ac and config == "tp":
+        checkpoint_blocks(model)
     return model, _optimizers(model, device), _compiled(model, backend)
 
 
-def run_one(config: str, backend: str, shape: dict, steps: int, warmup: int, device, dtype, seqs=None) -> dict:
+def run_one(config: str, backend: str, shape: dict, steps: int, warmup: int, device, dtype, seqs=None,
+            ac: bool = False) -> dict:
     from kp_compiler.core.report import collect
 
-    model, opts, step = build(config, backend, shape, device, dtype)
+    model, opts, step = build(config, backend, shape, device, dtype, ac)
     # data parallel: a batch per rank; tensor parallel: one batch for the group (TP's replicated values assume it)
     data = torch.Generator().manual_seed(1000 + (0 if config.startswith("tp") else dist.get_rank()))
     seqs = seqs or [shape["seq"]]
@@ -255,7 +274,7 @@ def _worker(rank: int, world: int, folder: str, args: dict) -> None:
                     continue
                 try:
                     row = run_one(config, backend, shape, args["steps"], args["warmup"], device, dtype,
-                                  args.get("seqs"))
+                                  args.get("seqs"), args.get("ac", False))
                 except Exception as e:  # noqa: BLE001 - a failed row is a result, the other rows still run
                     row = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
                 gathered = [None] * world
@@ -266,7 +285,8 @@ def _worker(rank: int, world: int, folder: str, args: dict) -> None:
         if rank == 0:
             with open(os.path.join(folder, "rows.json"), "w") as f:
                 json.dump({"shape": shape, "dtype": str(dtype), "device": str(device.type), "world": world,
-                           "comm": backend, "gpus": gpus if cuda else 0, "seqs": args.get("seqs"), "rows": rows}, f)
+                           "comm": backend, "gpus": gpus if cuda else 0, "seqs": args.get("seqs"),
+                           "ac": args.get("ac", False), "rows": rows}, f)
         dist.destroy_process_group()
 
 
@@ -309,7 +329,7 @@ def per_rank(values: list, show) -> str:
 def markdown(rows: list[dict], result: dict) -> str:
     inductor = {r["config"]: r.get("median_ms") for r in rows if r["backend"] == "inductor"}
     lines = [f"# Distributed training step: {result['world']} ranks, {result['device']}, {result['dtype']}, "
-             f"shape {result['shape']}", ""]
+             f"shape {result['shape']}" + (", every block activation-checkpointed" if result.get("ac") else ""), ""]
     if result["device"] == "cuda" and result.get("comm") == "gloo":
         lines += [f"Communication through gloo (host memory), {result['world']} ranks on {result['gpus']} GPU(s): "
                   "the losses are those of the sharded runs; the step times are not NCCL's and not a speed "
@@ -343,6 +363,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seqs", type=int, nargs="+", default=None, help="sequence lengths cycled over the steps")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, fp32, CPU (gloo)")
+    p.add_argument("--ac", action="store_true", help="every block activation-checkpointed (not with tp-hf)")
     p.add_argument("--comm", default="nccl", choices=("nccl", "gloo"),
                    help="on CUDA: 'gloo' lets the ranks share fewer GPUs than ranks (losses only, not speed)")
     p.add_argument("--out", default=None)

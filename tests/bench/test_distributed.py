@@ -73,3 +73,17 @@ def test_shared_gpu_rows_are_not_timed_against_inductor():
     text = distributed.markdown(rows, result)
     assert "not a speed comparison" in text and "1.00x" not in text and "2.00e-03" in text
     assert "1.00x" in distributed.markdown(rows, {**result, "comm": "nccl"})
+
+
+def test_activation_checkpointed_rows(tmp_path):
+    """``--ac``: every block checkpointed; kernelpytorch's losses equal eager's, and under FSDP2 the attention inside
+    the checkpointed blocks is still rewritten (``core/checkpoint_bodies.py``)."""
+    result = distributed.main(["--smoke", "--ac", "--configs", "fsdp2", "tp", "--steps", "2", "--warmup", "1",
+                               "--backends", "eager", "kernelpytorch", "--out", str(tmp_path), "--stem", "ac"])
+    rows = {(r["config"], r["backend"]): r for r in result["summary"]}
+    assert result["ac"] and not [r for r in rows.values() if "failed" in r], rows
+    for config in ("fsdp2", "tp"):
+        kp = rows[config, "kernelpytorch"]
+        assert abs(kp["loss_ratio"] - 1) < 1e-4 and not kp["fallbacks"], kp
+    assert rows["fsdp2", "kernelpytorch"]["fired"].get("attention-to-sdpa", 0) >= 1
+    assert "activation-checkpointed" in (tmp_path / "ac.md").read_text()
