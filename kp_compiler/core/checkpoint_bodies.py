@@ -125,18 +125,28 @@ SEEDED_UNDER_DTENSOR = ("a rewrite there adds {ops} (a random-seeded op, whose R
                         "way where the model calls SDPA itself; torch 2.9 does not; other versions unchecked)")
 
 
+def new_constants(before: fx.GraphModule, after: fx.GraphModule) -> list[str]:
+    """The tensor attributes a rewrite added to a body (flex attention's block masks): constants made at compile
+    time, which ``lift`` passes in from the graph around the body."""
+    new = _attributes(after) - _attributes(before)
+    return sorted(name for name in new if isinstance(getattr(after, name, None), torch.Tensor))
+
+
 def unsafe(before: fx.GraphModule, after: fx.GraphModule, guards: list, hooks: list,
-           seeded: bool = True) -> Optional[str]:
+           seeded: bool = True, constants: bool = False) -> Optional[str]:
     """Why a rewritten body may not be run twice per step as it stands (None when it may). ``seeded=False``:
-    the graph has DTensor inputs, where a new random-seeded op (SDPA) in a checkpoint breaks AOTAutograd."""
+    the graph has DTensor inputs, where a new random-seeded op (SDPA) in a checkpoint breaks AOTAutograd.
+    New attributes that are graphs (a higher-order op's functions) are pure; new tensor attributes are allowed
+    only with ``constants`` (then ``lift`` passes them in), and only if no op writes them."""
     if guards:
         return "a rewrite there relies on runtime guards over the body's inputs"
     if hooks:
         return "a rewrite there keeps state about the body's inputs (a hook before every call)"
     new = _attributes(after) - _attributes(before)
-    if new:
-        return f"a rewrite there reads new attributes ({', '.join(sorted(new))}): state the recompute would share"
+    new = {n for n in new if not isinstance(getattr(after, n, None), fx.GraphModule)}
     writes = _mutable_targets(after) - _mutable_targets(before)
+    if new and (writes or not (constants and set(new_constants(before, after)) == new)):
+        return f"a rewrite there reads new attributes ({', '.join(sorted(new))}): state the recompute would share"
     if writes:
         return f"a rewrite there writes its inputs ({', '.join(sorted(map(str, writes)))})"
     added = _seeded_targets(after) - _seeded_targets(before)
@@ -171,8 +181,9 @@ def rewrite(cgm: fx.GraphModule, run: Callable[[fx.GraphModule, list, list], Any
             body.guards_added = list(manager.record.guards_added)
             if not body.matches:
                 continue
-            body.why = unsafe(before, canonical, manager.guards, manager.hooks, seeded) or ""
+            body.why = unsafe(before, canonical, manager.guards, manager.hooks, seeded, constants=seeded) or ""
             if not body.why:
+                lift(cgm, node, region, canonical, new_constants(before, canonical))
                 regions.restore(canonical)  # regions nested in the body (an autograd.Function inside a checkpoint)
         except PassError:  # strict=True: a pass failed, as it would outside a body
             raise
@@ -183,6 +194,48 @@ def rewrite(cgm: fx.GraphModule, run: Callable[[fx.GraphModule, list, list], Any
             region.bodies = (canonical,)
             body.kept = True
     return out
+
+
+def lift(cgm: fx.GraphModule, node: fx.Node, region, body: fx.GraphModule, names: list) -> None:
+    """Pass the body's new constant tensors (``new_constants``) in as arguments: each becomes a buffer of ``cgm``
+    (with a constant source where Dynamo's graph maps its buffers, so AOTAutograd lifts it as a static input, as
+    it does a top-level block mask) read by ``get_attr`` before the checkpoint, and a placeholder of the body."""
+    if not names:
+        return
+    tensors, ints, key = node.args
+    tensors, order, args = list(tensors), list(region.order), list(region.args)
+    last = list(body.graph.find_nodes(op="placeholder"))[-1]
+    for name in names:
+        value = getattr(body, name)
+        outer_name = _free(cgm, f"{name}_r{key}")
+        cgm.register_buffer(outer_name, value)
+        if hasattr(cgm, "_param_name_to_source"):
+            from torch._dynamo.source import ConstantSource
+            cgm._param_name_to_source = {**cgm._param_name_to_source, outer_name: ConstantSource(outer_name)}
+        with cgm.graph.inserting_before(node):
+            read = cgm.graph.get_attr(outer_name)
+        read.meta["val"] = val(next(iter(body.graph.find_nodes(op="get_attr", target=name))))
+        tensors.append(read)
+        order.append(("t", len(tensors) - 1))
+        args.append((regions._SLOT, len(order) - 1))
+        with body.graph.inserting_after(last):
+            last = body.graph.placeholder(name + "_in")
+        for attr in list(body.graph.find_nodes(op="get_attr", target=name)):
+            last.meta.update(attr.meta)
+            attr.replace_all_uses_with(last)
+            body.graph.erase_node(attr)
+        delattr(body, name)
+    node.args = (tensors, ints, key)
+    region.order, region.args = tuple(order), tuple(args)
+    body.recompile()
+
+
+def _free(gm: fx.GraphModule, base: str) -> str:
+    name, n = base, 0
+    while hasattr(gm, name):
+        n += 1
+        name = f"{base}_{n}"
+    return name
 
 
 def _copy(graph: fx.Graph) -> fx.Graph:

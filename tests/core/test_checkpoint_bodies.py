@@ -227,3 +227,35 @@ def test_a_failure_on_a_body_leaves_it_as_captured(monkeypatch):
     assert len(bodies) == 2 and all(not c["kept"] and "boom" in c["why"] for c in bodies), bodies
     assert fired(records, "attention-to-sdpa") == 0
     assert_same_training(model, ref, losses)
+
+
+def test_constant_tensors_a_rewrite_adds_to_a_body_are_passed_in():
+    """A rewrite that reads a constant made at compile time (flex attention's block masks are such buffers) gets it
+    passed into the checkpoint from the graph around it (``checkpoint_bodies.lift``): here a pass that multiplies
+    every GELU's output by a registered tensor of ones. Kept, and training equals eager."""
+    import kp_compiler
+
+    def ones_after_gelu(gm):
+        count = 0
+        for node in list(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.gelu.default)):
+            name = f"kp_test_ones_{count}"
+            gm.register_buffer(name, torch.ones(node.meta["val"].shape[-1]))
+            with gm.graph.inserting_before(node):
+                ones = gm.graph.get_attr(name)
+            ones.meta["val"] = node.meta["val"].new_ones(node.meta["val"].shape[-1])
+            with gm.graph.inserting_after(node):
+                mul = gm.graph.call_function(torch.ops.aten.mul.Tensor, (node, ones))
+            node.replace_all_uses_with(mul, delete_user_cb=lambda u: u is not mul)
+            count += 1
+        gm.recompile()
+        return count
+
+    kp_compiler.register_pass("test-ones-after-gelu", ones_after_gelu, replace=True)
+    try:
+        model, ref = pair()
+        losses, records = train_both(model, ref, {"passes": ["test-ones-after-gelu"]})
+    finally:
+        kp_compiler.unregister_pass("test-ones-after-gelu")
+    assert [(c["rewrites"], c["kept"]) for c in records[0].checkpoints] == [(1, True), (1, True)], records
+    assert fired(records, "test-ones-after-gelu") == 2
+    assert_same_training(model, ref, losses)
