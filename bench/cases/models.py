@@ -102,8 +102,9 @@ CHECKPOINTED = {
 def _build(name: str, scale: Scale, train: bool, attn=None, peer: bool = True, ac: bool = False) -> Workload:
     model_name, tokens, note = MODELS[name]
     model, vocab = hf.build(model_name, "tiny" if scale.smoke else "suite", attn=attn, experts=None)
-    if ac:
+    if ac:  # transformers checkpoints only in training mode (its layers check self.training)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
     wl = _lm_workload(model, vocab, scale, train, tokens=None if scale.smoke else tokens)
     wl.note = note if attn is None else f"transformers' attn_implementation={attn!r}" + (" (the peer)" if peer else "")
     if ac:
