@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import fx
 
-from . import regions
+from . import checkpoint_masks, regions
 from .canonicalize import canonicalize
 from .graph import val
 from .pass_manager import PassError
@@ -55,6 +55,7 @@ class Body:
     key: int
     records: list = field(default_factory=list)  # the PassRecords of the run on the body
     guards_added: list = field(default_factory=list)  # shape guards its passes added ({"step", "guard"})
+    masks: int = 0  # inputs computed again inside the kept body (``checkpoint_masks.py``)
     kept: bool = False
     why: str = ""  # why the rewrite was not kept (empty when kept or when nothing matched)
 
@@ -168,31 +169,41 @@ def rewrite(cgm: fx.GraphModule, run: Callable[[fx.GraphModule, list, list], Any
         body = Body(node.args[2])
         out.append(body)
         fakes, reals, outer = _inputs(node, region, real_of, fake_of)
-        try:
-            canonical, _, fake_inputs = canonicalize(region.bodies[0], fakes)
-        except Exception as e:  # noqa: BLE001 - the body stays as captured, which is correct
-            body.why = f"canonicalization of the body failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            continue
-        try:
-            _name_after_graph_inputs(canonical, outer)
-            before = fx.GraphModule(canonical, _copy(canonical.graph))
-            manager = run(canonical, fake_inputs, reals)
-            body.records = list(manager.record.passes)
-            body.guards_added = list(manager.record.guards_added)
-            if not body.matches:
-                continue
-            body.why = unsafe(before, canonical, manager.guards, manager.hooks, seeded, constants=seeded) or ""
+        found = checkpoint_masks.cones(node, region)
+        for masks in ([found, {}] if found else [{}]):  # first with the masks computed inside, if any
+            try:
+                canonical, _, body_fakes = canonicalize(region.bodies[0], fakes)
+            except Exception as e:  # noqa: BLE001 - the body stays as captured, which is correct
+                body.why = f"canonicalization of the body failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                break
+            try:
+                _name_after_graph_inputs(canonical, outer)
+                copied, leaves = checkpoint_masks.inline(canonical, masks) if masks else (set(), [])
+                body_fakes = [*body_fakes, *(val(leaf) for leaf in leaves)]
+                body_reals = [*reals, *(real_of.get(leaf) for leaf in leaves)]
+                before = fx.GraphModule(canonical, _copy(canonical.graph))
+                manager = run(canonical, body_fakes, body_reals)
+                body.records = list(manager.record.passes)
+                body.guards_added = list(manager.record.guards_added)
+                if masks and (not body.matches or set(canonical.graph.nodes) & copied):
+                    continue  # the copied masks are still computed: try the body as it came
+                if not body.matches:
+                    break
+                body.why = unsafe(before, canonical, manager.guards, manager.hooks, seeded, constants=seeded) or ""
+                if not body.why:
+                    lift(cgm, node, region, canonical, new_constants(before, canonical))
+                    checkpoint_masks.pass_leaves(node, region, leaves)
+                    regions.restore(canonical)  # regions nested in the body (an autograd.Function in a checkpoint)
+            except PassError:  # strict=True: a pass failed, as it would outside a body
+                raise
+            except Exception as e:  # noqa: BLE001 - the body stays as captured, which is correct
+                body.why = f"the passes on the body failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                break
             if not body.why:
-                lift(cgm, node, region, canonical, new_constants(before, canonical))
-                regions.restore(canonical)  # regions nested in the body (an autograd.Function inside a checkpoint)
-        except PassError:  # strict=True: a pass failed, as it would outside a body
-            raise
-        except Exception as e:  # noqa: BLE001 - the body stays as captured, which is correct
-            body.why = f"the passes on the body failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            continue
-        if not body.why:
-            region.bodies = (canonical,)
-            body.kept = True
+                region.bodies = (canonical,)
+                body.kept = True
+                body.masks = len(masks)
+            break
     return out
 
 
@@ -249,7 +260,8 @@ def merge(record, bodies: list[Body]) -> None:
     """List every body in ``record.checkpoints`` (with why a rewrite was not kept) and add what the passes did
     in the kept ones to ``record``'s pass entries."""
     for body in bodies:
-        record.checkpoints.append({"region": body.key, "rewrites": body.matches, "kept": body.kept, "why": body.why})
+        record.checkpoints.append({"region": body.key, "rewrites": body.matches, "kept": body.kept, "why": body.why,
+                                   "masks_inside": body.masks})
         record.guards_added += body.guards_added
         if not body.kept:
             continue

@@ -7,6 +7,7 @@ import functools
 import pytest
 import torch
 import torch.utils.checkpoint as cp
+from torch import nn
 
 from kp_compiler.core import checkpoint_bodies
 from kp_compiler.core.report import collect
@@ -258,4 +259,43 @@ def test_constant_tensors_a_rewrite_adds_to_a_body_are_passed_in():
         kp_compiler.unregister_pass("test-ones-after-gelu")
     assert [(c["rewrites"], c["kept"]) for c in records[0].checkpoints] == [(1, True), (1, True)], records
     assert fired(records, "test-ones-after-gelu") == 2
+    assert_same_training(model, ref, losses)
+
+
+class MaskOutside(nn.Module):
+    """Blocks whose causal mask is built once outside them and handed in, as transformers builds it outside its
+    decoder layers; each block checkpointed."""
+
+    def __init__(self, d=32, heads=4, layers=2, vocab=64):
+        super().__init__()
+        self.heads, self.emb, self.head = heads, nn.Embedding(vocab, d), nn.Linear(d, vocab)
+        self.qkv = nn.ModuleList(nn.Linear(d, 3 * d) for _ in range(layers))
+
+    def block(self, i, x, causal):
+        B, T, d = x.shape
+        q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in self.qkv[i](x).split(d, -1))
+        att = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+        return x + (att @ v).transpose(1, 2).reshape(B, T, d)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        causal = pos[None, :] <= pos[:, None]
+        for i in range(len(self.qkv)):
+            x = cp.checkpoint(self.block, i, x, causal, use_reentrant=False)
+        return self.head(x)
+
+
+def test_a_mask_built_outside_the_checkpoints_is_read_inside():
+    """The causal mask is computed again inside each body (``core/checkpoint_masks.py``), where the attention pass
+    proves it causal: SDPA with ``is_causal`` in both blocks, the copied mask dead, and training equal to eager.
+    Without the copy the pass only sees a mask tensor."""
+    torch.manual_seed(0)
+    model, ref = MaskOutside(), MaskOutside()
+    ref.load_state_dict(model.state_dict())
+    losses, records = train_both(model, ref, {"passes": PASSES}, lengths=(16, 12))
+    rec = [p for r in records for p in r.passes if p.name == "attention-to-sdpa"]
+    assert sum(p.by_rule.get("causal", 0) for p in rec) == 2 * len(records), rec
+    assert all(c["kept"] and c["masks_inside"] == 1 for r in records for c in r.checkpoints), records
     assert_same_training(model, ref, losses)
