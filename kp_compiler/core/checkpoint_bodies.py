@@ -63,6 +63,16 @@ class Body:
     def matches(self) -> int:
         return sum(r.matches for r in self.records)
 
+    @property
+    def rewrites(self) -> int:
+        """Matches of passes other than the clean-ups (``CLEANUPS``): what makes a body worth replacing."""
+        return sum(r.matches for r in self.records if r.name not in CLEANUPS)
+
+
+# Passes that only tidy a graph for the others (a no-op view, a same-dtype cast): a body where only these
+# matched is left as captured, since the canonical body alone buys nothing and lowers differently.
+CLEANUPS = frozenset({"noop-elimination"})
+
 
 def stand_ins(cgm: fx.GraphModule) -> list:
     """``(node, region)`` for every hidden checkpoint of the canonical graph, in program order."""
@@ -185,9 +195,9 @@ def rewrite(cgm: fx.GraphModule, run: Callable[[fx.GraphModule, list, list], Any
                 manager = run(canonical, body_fakes, body_reals)
                 body.records = list(manager.record.passes)
                 body.guards_added = list(manager.record.guards_added)
-                if masks and (not body.matches or set(canonical.graph.nodes) & copied):
+                if masks and (not body.rewrites or set(canonical.graph.nodes) & copied):
                     continue  # the copied masks are still computed: try the body as it came
-                if not body.matches:
+                if not body.rewrites:
                     break
                 body.why = unsafe(before, canonical, manager.guards, manager.hooks, seeded, constants=seeded) or ""
                 if not body.why:
