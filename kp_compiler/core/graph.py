@@ -221,6 +221,14 @@ def alive(node: fx.Node) -> bool:
         return any(n is node for n in node.graph.nodes)
 
 
+def drop_input(node: fx.Node) -> None:
+    """Remove the placeholder ``node``, which nothing reads, from its graph: a change of the graph's calling
+    convention, for a caller that also drops the matching argument (a checkpoint body's unused input)."""
+    if node.op != "placeholder" or node.users:
+        raise ValueError(f"{node.name} is not an unused placeholder")
+    node.graph.erase_node(node)
+
+
 def erase_dead(nodes: Iterable[fx.Node]) -> set:
     """Erase the replaced ``nodes`` nothing uses any more, then what only they kept alive; return the erased.
 

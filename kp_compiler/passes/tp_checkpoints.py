@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 from torch import fx
 
+from ..core.graph import drop_input, erase_dead
 from ..core.plain_regions import dtensor_type, example_value
 from .tp_rewrite import Localized, _regions, shard_name
 
@@ -80,13 +81,13 @@ def _hoist_shards(graph: fx.Graph, node: fx.Node, body: fx.GraphModule, args: li
             outer = _outer_shard(graph, a, region, starts)
             for u in shard_reads:
                 u.replace_all_uses_with(p)
-                body.graph.erase_node(u)
+            erase_dead(shard_reads)
             p.meta["example_value"] = example_value(outer)
             keep.append((p, outer))
         elif users:
             keep.append((p, a))
         else:
-            body.graph.erase_node(p)
+            drop_input(p)
     body.graph.lint()
     body.recompile()
     return [a for _, a in keep]
