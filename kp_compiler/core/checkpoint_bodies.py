@@ -44,7 +44,8 @@ from .graph import val
 from .pass_manager import PassError
 
 
-def _checkpoint_hop():
+def checkpoint_hop():
+    """The higher-order op Dynamo captures ``torch.utils.checkpoint`` as (None on a torch without it)."""
     return getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
 
 
@@ -76,7 +77,7 @@ CLEANUPS = frozenset({"noop-elimination"})
 
 def stand_ins(cgm: fx.GraphModule) -> list:
     """``(node, region)`` for every hidden checkpoint of the canonical graph, in program order."""
-    hop = _checkpoint_hop()
+    hop = checkpoint_hop()
     out = []
     for node in cgm.graph.nodes:
         if node.op == "call_function" and node.target is regions.REGION_OP:
@@ -228,7 +229,7 @@ def lift(cgm: fx.GraphModule, node: fx.Node, region, body: fx.GraphModule, names
     last = list(body.graph.find_nodes(op="placeholder"))[-1]
     for name in names:
         value = getattr(body, name)
-        outer_name = _free(cgm, f"{name}_r{key}")
+        outer_name = regions._free_name(cgm, f"{name}_r{key}")
         cgm.register_buffer(outer_name, value)
         if hasattr(cgm, "_param_name_to_source"):
             from torch._dynamo.source import ConstantSource
@@ -249,14 +250,6 @@ def lift(cgm: fx.GraphModule, node: fx.Node, region, body: fx.GraphModule, names
     node.args = (tensors, ints, key)
     region.order, region.args = tuple(order), tuple(args)
     body.recompile()
-
-
-def _free(gm: fx.GraphModule, base: str) -> str:
-    name, n = base, 0
-    while hasattr(gm, name):
-        n += 1
-        name = f"{base}_{n}"
-    return name
 
 
 def _copy(graph: fx.Graph) -> fx.Graph:

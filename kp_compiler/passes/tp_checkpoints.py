@@ -25,20 +25,16 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from torch import fx
 
+from ..core.checkpoint_bodies import checkpoint_hop
 from ..core.graph import drop_input, erase_dead
 from ..core.plain_regions import dtensor_type, example_value
 from .tp_rewrite import Localized, _regions, shard_name
 
 
-def _checkpoint_hop():
-    return getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
-
-
 def checkpoints(graph: fx.Graph) -> list:
-    hop = _checkpoint_hop()
+    hop = checkpoint_hop()
     return [n for n in graph.nodes if hop is not None and n.op == "call_function" and n.target is hop]
 
 

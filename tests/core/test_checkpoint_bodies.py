@@ -12,21 +12,9 @@ from torch import nn
 from kp_compiler.core import checkpoint_bodies
 from kp_compiler.core.report import collect
 from kp_compiler.testing.models import TinyGPT
+from tests.core.test_regions import RoundSTE  # rounds forward, passes the gradient straight through
 
 PASSES = ["noop-elimination", "attention-to-sdpa"]
-
-
-class RoundSTE(torch.autograd.Function):
-    """Rounds forward, passes the gradient straight through backward: a gradient autograd alone would get wrong
-    (round's derivative is zero), so it is only right if the custom backward is kept."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x * 4) / 4
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
 
 
 def checkpointed(model: TinyGPT, context_fn=None, ste: bool = False) -> TinyGPT:
