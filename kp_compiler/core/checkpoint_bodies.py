@@ -181,7 +181,9 @@ def rewrite(cgm: fx.GraphModule, run: Callable[[fx.GraphModule, list, list], Any
         out.append(body)
         fakes, reals, outer = _inputs(node, region, real_of, fake_of)
         found = checkpoint_masks.cones(node, region)
-        for masks in ([found, {}] if found else [{}]):  # first with the masks computed inside, if any
+        tries = [found, {}] if found else [{}]  # first with the masks computed inside, if any
+        while tries:
+            masks = tries.pop(0)
             try:
                 canonical, _, body_fakes = canonicalize(region.bodies[0], fakes)
             except Exception as e:  # noqa: BLE001 - the body stays as captured, which is correct
@@ -189,15 +191,19 @@ def rewrite(cgm: fx.GraphModule, run: Callable[[fx.GraphModule, list, list], Any
                 break
             try:
                 _name_after_graph_inputs(canonical, outer)
-                copied, leaves = checkpoint_masks.inline(canonical, masks) if masks else (set(), [])
+                copied, leaves, targets = checkpoint_masks.inline(canonical, masks) if masks else (set(), [], {})
                 body_fakes = [*body_fakes, *(val(leaf) for leaf in leaves)]
                 body_reals = [*reals, *(real_of.get(leaf) for leaf in leaves)]
                 before = fx.GraphModule(canonical, _copy(canonical.graph))
                 manager = run(canonical, body_fakes, body_reals)
                 body.records = list(manager.record.passes)
                 body.guards_added = list(manager.record.guards_added)
+                checkpoint_masks.sweep(canonical, copied)
                 if masks and (not body.rewrites or set(canonical.graph.nodes) & copied):
-                    continue  # the copied masks are still computed: try the body as it came
+                    fewer = checkpoint_masks.dead(masks, canonical, targets) if body.rewrites else {}
+                    if fewer and len(fewer) < len(masks):
+                        tries.insert(0, fewer)  # again with only the masks the passes made dead
+                    continue  # some copied masks are still computed: try with fewer, then as it came
                 if not body.rewrites:
                     break
                 body.why = unsafe(before, canonical, manager.guards, manager.hooks, seeded, constants=seeded) or ""

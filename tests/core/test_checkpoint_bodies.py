@@ -252,38 +252,102 @@ def test_constant_tensors_a_rewrite_adds_to_a_body_are_passed_in():
 
 class MaskOutside(nn.Module):
     """Blocks whose causal mask is built once outside them and handed in, as transformers builds it outside its
-    decoder layers; each block checkpointed."""
+    decoder layers; each block checkpointed. ``mask``: ``"bool"`` (masked_fill with it), ``"additive"`` (a float
+    mask added to the scores, ``where(keep, 0, finfo.min)``: transformers' eager mask) or ``"additive-tensor"``
+    (the same with ``torch.tensor(0.0)``: a constant in the graph, transformers 5.17's spelling). ``positions``:
+    the block also reads the positions (an integer input computed outside, which stays computed in the body)."""
 
-    def __init__(self, d=32, heads=4, layers=2, vocab=64):
+    def __init__(self, d=32, heads=4, layers=2, vocab=64, mask="bool", positions=False):
         super().__init__()
         self.heads, self.emb, self.head = heads, nn.Embedding(vocab, d), nn.Linear(d, vocab)
         self.qkv = nn.ModuleList(nn.Linear(d, 3 * d) for _ in range(layers))
+        self.mask, self.pos = mask, nn.Embedding(32, d) if positions else None
 
-    def block(self, i, x, causal):
+    def block(self, i, x, mask, pos):
         B, T, d = x.shape
+        if self.pos is not None:
+            x = x + self.pos(pos)
         q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in self.qkv[i](x).split(d, -1))
         att = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
-        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+        att = (att.masked_fill(~mask, float("-inf")) if self.mask == "bool" else att + mask).softmax(-1)
         return x + (att @ v).transpose(1, 2).reshape(B, T, d)
 
     def forward(self, idx):
         x = self.emb(idx)
         pos = torch.arange(idx.shape[1], device=idx.device)
-        causal = pos[None, :] <= pos[:, None]
+        mask = pos[None, :] <= pos[:, None]
+        if self.mask != "bool":
+            zero = torch.tensor(0.0, device=idx.device) if self.mask == "additive-tensor" else 0.0
+            mask = torch.where(mask, zero, torch.finfo(x.dtype).min)
         for i in range(len(self.qkv)):
-            x = cp.checkpoint(self.block, i, x, causal, use_reentrant=False)
+            x = cp.checkpoint(self.block, i, x, mask, pos, use_reentrant=False)
         return self.head(x)
 
 
-def test_a_mask_built_outside_the_checkpoints_is_read_inside():
+@pytest.mark.parametrize("mask", ["bool", "additive", "additive-tensor"])
+def test_a_mask_built_outside_the_checkpoints_is_read_inside(mask):
     """The causal mask is computed again inside each body (``core/checkpoint_masks.py``), where the attention pass
     proves it causal: SDPA with ``is_causal`` in both blocks, the copied mask dead, and training equal to eager.
     Without the copy the pass only sees a mask tensor."""
     torch.manual_seed(0)
-    model, ref = MaskOutside(), MaskOutside()
+    model, ref = MaskOutside(mask=mask), MaskOutside(mask=mask)
     ref.load_state_dict(model.state_dict())
     losses, records = train_both(model, ref, {"passes": PASSES}, lengths=(16, 12))
     rec = [p for r in records for p in r.passes if p.name == "attention-to-sdpa"]
     assert sum(p.by_rule.get("causal", 0) for p in rec) == 2 * len(records), rec
     assert all(c["kept"] and c["masks_inside"] == 1 for r in records for c in r.checkpoints), records
     assert_same_training(model, ref, losses)
+
+
+def test_only_the_masks_the_passes_remove_are_computed_inside():
+    """The blocks also read the positions, an integer input the graph computes (``arange``) that no pass removes:
+    copied with the mask, its copy stays computed, so the body is run again with the mask alone
+    (``checkpoint_masks.dead``). One input computed inside each body, the attention causal, training equal."""
+    torch.manual_seed(0)
+    model, ref = MaskOutside(positions=True), MaskOutside(positions=True)
+    ref.load_state_dict(model.state_dict())
+    losses, records = train_both(model, ref, {"passes": PASSES})
+    rec = [p for r in records for p in r.passes if p.name == "attention-to-sdpa"]
+    assert sum(p.by_rule.get("causal", 0) for p in rec) == 2, rec
+    assert [(c["kept"], c["masks_inside"]) for c in records[0].checkpoints] == [(True, 1), (True, 1)], records
+    assert_same_training(model, ref, losses)
+
+
+def test_transformers_gemma2_softcapped_attention_inside_checkpoints(monkeypatch):
+    """Gemma2's eager attention (tanh softcap, an additive float mask built outside the layers, a sliding window on
+    alternate layers) under transformers' gradient checkpointing: the mask is computed again inside each layer,
+    where ``attention-kernels`` takes the softcapped attention to ``flex_attention``; the mask copy is dead. The
+    CPU has no flex backward under Inductor and the kernel table keeps the CPU on eager math, so the table is told
+    to pick flex and the graph runs through AOTAutograd without a compiler (what Inductor gets on the GPU)."""
+    transformers = pytest.importorskip("transformers")
+    from torch._dynamo.backends.debugging import aot_eager
+
+    from kp_compiler.lowering import registry
+    from kp_compiler.passes.attention import softcap
+    from kp_compiler.passes.attention.kernel_table import Choice
+    from kp_compiler.testing import hf
+
+    monkeypatch.setattr(softcap, "choose", lambda case, prefer, flex_options="auto": Choice("flex", "test"))
+    monkeypatch.setitem(registry.LOWERINGS, "eager", lambda gm, inputs, *args: aot_eager(gm, inputs))
+    torch.manual_seed(0)
+    model, vocab = hf.build("gemma2", "tiny", attn="eager")
+    ref, _ = hf.build("gemma2", "tiny", attn="eager")
+    ref.load_state_dict(model.state_dict())
+    for m in (model, ref):
+        m.train()
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert isinstance(model, transformers.PreTrainedModel)
+    compiled = torch.compile(model, backend="kernelpytorch", options={"lowering": "eager"})
+    idx = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(3))
+    with collect() as records:
+        a = compiled(input_ids=idx, labels=idx).loss
+    b = ref(input_ids=idx, labels=idx).loss
+    a.backward()
+    b.backward()
+    rec = [p for r in records for p in r.passes if p.name == "attention-kernels"]
+    assert sum(p.by_rule.get("flex-softcap", 0) for p in rec) == 2, rec
+    bodies = [c for r in records for c in r.checkpoints]
+    assert [(c["kept"], c["masks_inside"]) for c in bodies] == [(True, 1), (True, 1)], bodies
+    assert not [f for r in records for f in r.fallbacks]
+    # fp32; flex's backward sums in another order
+    assert_same_training(model, ref, [(a.detach(), b.detach())], rtol=1e-4, atol=1e-5)
