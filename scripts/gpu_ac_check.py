@@ -2,7 +2,7 @@
 each model (bf16, transformers' gradient checkpointing, non-reentrant) compiled with the default options, the
 passes that fired, each checkpoint body's record, and the loss and gradients against eager.
 
-    PYTHONPATH=. python scripts/gpu_ac_check.py
+    PYTHONPATH=. python scripts/gpu_ac_check.py [tiny|suite|...] [--attempts]
 """
 
 from __future__ import annotations
@@ -43,7 +43,27 @@ def check(name: str, attn, scale: str) -> None:
             print("    checkpoint", c)
 
 
+def show_attempts() -> None:
+    """Print what the attention passes said on every try at every body (``--attempts``), kept or not."""
+    from kp_compiler.core import checkpoint_bodies
+
+    rewrite = checkpoint_bodies.rewrite
+
+    def traced(cgm, run, *args, **kwargs):
+        def run_and_show(body, fakes, reals):
+            manager = run(body, fakes, reals)
+            print("    try:", [(p.name, p.matches, p.notes[:2]) for p in manager.record.passes
+                               if p.name.startswith("attention")])
+            return manager
+        return rewrite(cgm, run_and_show, *args, **kwargs)
+
+    checkpoint_bodies.rewrite = traced
+
+
 if __name__ == "__main__":
+    if "--attempts" in sys.argv:
+        sys.argv.remove("--attempts")
+        show_attempts()
     scale = sys.argv[1] if len(sys.argv) > 1 else "tiny"
     check("llama3", None, scale)  # transformers' default: sdpa
     check("gemma2", "eager", scale)  # softcapped attention
