@@ -4,7 +4,7 @@ transformers builds the causal (and sliding-window) mask once per forward, outsi
 hands it to each layer; with every layer checkpointed, a body sees that mask as an input whose structure it
 cannot prove, and the attention passes leave it alone. ``cones`` finds, for each argument of a checkpoint that
 the graph computes (not a graph input), the nodes that compute it (at most ``LIMIT``, none needing a gradient,
-none writing anything): boolean and integer masks, and float ones computed from integers and constants alone
+none random, none writing anything): boolean and integer masks, and float ones computed from integers and constants alone
 (the additive ``where(keep, 0, finfo.min)`` mask of eager attention: Gemma2's softcapped layers); ``inline``
 copies them into the canonical body, whose new inputs are what they read. ``checkpoint_bodies.rewrite`` keeps
 such a body only where the passes made every copied node dead (the mask became ``is_causal`` or a block mask),
@@ -48,7 +48,7 @@ def _cone(arg: fx.Node) -> Optional[tuple[list, list]]:
             continue
         seen.add(n)
         value = val(n)
-        pure = (n.op == "call_function" and n.target is not regions.REGION_OP
+        pure = (n.op == "call_function" and n.target is not regions.REGION_OP and not _seeded(n)
                 and (not getattr(getattr(n.target, "_schema", None), "is_mutable", False) or _fresh_detach(n))) \
             or _constant(n)
         needs_grad = isinstance(value, torch.Tensor) and value.requires_grad
@@ -66,6 +66,12 @@ def _cone(arg: fx.Node) -> Optional[tuple[list, list]]:
         return None  # a float that reads float tensors (an activation, rotary tables): not index arithmetic
     order = {n: i for i, n in enumerate(arg.graph.nodes)}
     return sorted(nodes, key=order.__getitem__), sorted(leaves, key=order.__getitem__)
+
+
+def _seeded(n: fx.Node) -> bool:
+    """A random op (``rand``, ``bernoulli``): a copy would draw other numbers than the graph's, so it is read from
+    outside (a leaf), never copied."""
+    return torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ())
 
 
 def _constant(n: fx.Node) -> bool:

@@ -351,3 +351,22 @@ def test_transformers_gemma2_softcapped_attention_inside_checkpoints(monkeypatch
     assert not [f for r in records for f in r.fallbacks]
     # fp32; flex's backward sums in another order
     assert_same_training(model, ref, [(a.detach(), b.detach())], rtol=1e-4, atol=1e-5)
+
+
+def test_a_random_op_is_read_from_outside_never_copied():
+    """A mask drawn at random outside a checkpoint (``rand(...) < p``) is not computed again inside a body: a copy
+    would draw other numbers. ``cones`` stops at the random op, which the body then reads as an input."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from kp_compiler.core import checkpoint_masks
+
+    def draw(x):
+        pos = torch.arange(x.shape[0])
+        return (torch.rand(x.shape) < 0.5) & (pos[None, :] <= pos[:, None])
+
+    gm = make_fx(draw, tracing_mode="fake")(torch.randn(4, 4))
+    (keep,) = gm.graph.find_nodes(op="call_function", target=torch.ops.aten.bitwise_and.Tensor)
+    nodes, leaves = checkpoint_masks._cone(keep)
+    assert [n.target for n in leaves] == [torch.ops.aten.rand.default], leaves
+    assert torch.ops.aten.le.Tensor in {n.target for n in nodes}, nodes  # the index arithmetic is copied
+    assert not [n for n in nodes if torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ())]
