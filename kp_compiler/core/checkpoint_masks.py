@@ -6,10 +6,10 @@ cannot prove, and the attention passes leave it alone. ``cones`` finds, for each
 the graph computes (not a graph input), the nodes that compute it (at most ``LIMIT``, none needing a gradient,
 none random, none writing anything): boolean and integer masks, and float ones computed from integers and
 constants alone (the additive ``where(keep, 0, finfo.min)`` mask of eager attention: Gemma2's softcapped
-layers); ``inline`` copies them into the canonical body, whose new inputs are what they read. ``checkpoint_bodies.rewrite`` keeps
-such a body only where the passes made every copied node dead (the mask became ``is_causal`` or a block mask),
-so a body never computes a mask per layer that the graph computes once; where only some copies died, it runs
-the body again with those alone (``dead``).
+layers); ``inline`` copies them into the canonical body, whose new inputs are what they read.
+``checkpoint_bodies.rewrite`` keeps such a body only where the passes made every copied node dead (the mask
+became ``is_causal`` or a block mask), so a body never computes a mask per layer that the graph computes once;
+where only some copies died, it runs the body again with those alone (``dead``).
 
 Before (the graph)::
 
