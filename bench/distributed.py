@@ -280,6 +280,8 @@ def _worker(rank: int, world: int, folder: str, args: dict) -> None:
                 gathered = [None] * world
                 dist.all_gather_object(gathered, row)
                 rows.append({"config": config, "backend": backend, "ranks": gathered})
+                if rank == 0:
+                    print(progress(config, backend, row), flush=True)
                 dist.barrier()
     finally:
         if rank == 0:
@@ -288,6 +290,16 @@ def _worker(rank: int, world: int, folder: str, args: dict) -> None:
                            "comm": backend, "gpus": gpus if cuda else 0, "seqs": args.get("seqs"),
                            "ac": args.get("ac", False), "rows": rows}, f)
         dist.destroy_process_group()
+
+
+def progress(config: str, backend: str, row: dict) -> str:
+    """One line per finished row on rank 0, printed at once: a run cut short (a time limit) still shows the rows
+    it finished, with their losses."""
+    if "failed" in row:
+        return f"row {config} {backend}: failed: {row['failed']}"
+    losses = " ".join(f"{x:.4f}" for x in row["losses"])
+    ms = "n/a" if row.get("median_ms") is None else f"{row['median_ms']:.3f} ms"
+    return f"row {config} {backend}: median {ms}; losses {losses}"
 
 
 def summarize(result: dict) -> list[dict]:

@@ -10,9 +10,11 @@ from bench import distributed
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")
 
 
-def test_smoke_rows_for_every_wrapping(tmp_path):
+def test_smoke_rows_for_every_wrapping(tmp_path, capfd):
     result = distributed.main(["--smoke", "--steps", "2", "--warmup", "1", "--backends", "eager", "kernelpytorch",
                                "--out", str(tmp_path), "--stem", "smoke"])
+    printed = capfd.readouterr().out  # each row as it finished (rank 0), before the table
+    assert printed.index("row ddp eager: median ") < printed.index("row tp kernelpytorch: ") < printed.index("| config")
     rows = {(r["config"], r["backend"]): r for r in result["summary"]}
     assert set(rows) == {(c, b) for c in distributed.CONFIGS for b in ("eager", "kernelpytorch")}
     assert not [r for r in rows.values() if "failed" in r]
@@ -27,6 +29,12 @@ def test_smoke_rows_for_every_wrapping(tmp_path):
     for config in distributed.CONFIGS:  # each rank's own report, the same rewrites on both here
         kp = rows[config, "kernelpytorch"]
         assert len(kp["fired_per_rank"]) == 2 and kp["fired_per_rank"][0] == kp["fired_per_rank"][1] == kp["fired"]
+
+
+def test_progress_lines():
+    line = distributed.progress("fsdp2", "eager", {"median_ms": 12.5, "losses": [4.25, 4.0]})
+    assert line == "row fsdp2 eager: median 12.500 ms; losses 4.2500 4.0000"
+    assert distributed.progress("tp", "kernelpytorch", {"failed": "RuntimeError: x"}).endswith("failed: RuntimeError: x")
 
 
 def test_per_rank_reports_name_the_ranks_that_differ():
