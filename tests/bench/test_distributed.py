@@ -34,7 +34,8 @@ def test_smoke_rows_for_every_wrapping(tmp_path, capfd):
 def test_progress_lines():
     line = distributed.progress("fsdp2", "eager", {"median_ms": 12.5, "losses": [4.25, 4.0]})
     assert line == "row fsdp2 eager: median 12.500 ms; losses 4.2500 4.0000"
-    assert distributed.progress("tp", "kernelpytorch", {"failed": "RuntimeError: x"}).endswith("failed: RuntimeError: x")
+    failed = distributed.progress("tp", "kernelpytorch", {"failed": "RuntimeError: x"})
+    assert failed == "row tp kernelpytorch: failed: RuntimeError: x"
 
 
 def test_per_rank_reports_name_the_ranks_that_differ():
