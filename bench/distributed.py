@@ -24,7 +24,7 @@ same per-rank batches (one batch for all ranks under TP), on ``--world`` process
 every step (rank 0), the median step time after ``--warmup`` steps (synchronized per step), tokens per second
 (over the ranks' batches; under TP the ranks share one batch), the peak memory of each rank, and the rewrites
 that fired on each rank (one entry where the ranks agree). The loss ratio to eager is the mean over steps of
-``loss / eager loss``.
+``loss / eager loss``. Rank 0 prints each row as it finishes (``progress``), before the table.
 
     python -m bench.distributed --steps 50 --out bench/results --stem 2026-12-03-h200x2-distributed
 
