@@ -33,7 +33,6 @@ from . import regions
 from .graph import erase_dead, val
 
 LIMIT = 64
-PREFIX = "kp_mask_constant_"
 
 
 def _cone(arg: fx.Node) -> Optional[tuple[list, list]]:
@@ -133,7 +132,7 @@ def inline(body: fx.GraphModule, found: dict) -> tuple[set, list, dict]:
             with body.graph.inserting_before(first):
                 env[n] = body.graph.node_copy(n, lambda a: env[a])
             if n.op == "get_attr":  # the constant goes with its copy (dropped by ``sweep`` once unread)
-                name = regions._free_name(body, PREFIX + str(n.target).replace(".", "_"))
+                name = regions._free_name(body, "kp_mask_constant_" + str(n.target).replace(".", "_"))
                 setattr(body, name, _attribute(n))
                 env[n].target = name
             copied.add(env[n])
@@ -154,9 +153,7 @@ def sweep(body: fx.GraphModule, copied: set) -> None:
     for n in [n for n in body.graph.nodes if n in copied and n.op == "get_attr" and not n.users]:
         body.graph.erase_node(n)
     read = {str(n.target) for n in body.graph.nodes if n.op == "get_attr"}
-    for name in [k for k in vars(body) if k.startswith(PREFIX) and k not in read]:
-        delattr(body, name)
-    for name in [k for k in dict(body.named_buffers(recurse=False)) if k.startswith(PREFIX) and k not in read]:
+    for name in {str(n.target) for n in copied if n.op == "get_attr"} - read:
         delattr(body, name)
 
 
